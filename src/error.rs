@@ -1,0 +1,123 @@
+//! The crate's error type.
+
+use thiserror::Error;
+
+/// Every failure a caller can cause, as a typed value that says what and why.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum FipsError {
+    /// A parameter is outside its valid range.
+    #[error("invalid parameter `{name}`: {reason}")]
+    InvalidParameter {
+        /// The parameter's name, as in the builder method.
+        name: &'static str,
+        /// Why the value is rejected, with the value itself.
+        reason: String,
+    },
+
+    /// An array does not have the shape its role requires.
+    #[error("shape mismatch for {what}: expected {expected:?}, got {got:?}")]
+    ShapeMismatch {
+        /// Which array.
+        what: String,
+        /// The shape it must have.
+        expected: Vec<usize>,
+        /// The shape it has.
+        got: Vec<usize>,
+    },
+
+    /// The blocks of one group do not all have the same structure.
+    #[error("block {block} of the group does not match block 0: {reason}")]
+    GroupMismatch {
+        /// Index of the offending block within the group.
+        block: usize,
+        /// What differs.
+        reason: String,
+    },
+
+    /// A group has no blocks.
+    #[error("a group needs at least one block")]
+    EmptyGroup,
+
+    /// An array holds NaN or infinite values.
+    #[error("{what} contains a non-finite value (NaN or infinity) at index {index:?}")]
+    NonFinite {
+        /// Which array.
+        what: String,
+        /// Index of the first non-finite entry.
+        index: Vec<usize>,
+    },
+
+    /// Calibration data holds no tokens (or no blocks).
+    #[error("calibration data is empty: {reason}")]
+    EmptyCalibration {
+        /// What is empty.
+        reason: String,
+    },
+
+    /// The budget and sparsity leave no room for a single rank.
+    #[error(
+        "the budget gives rank 0: p = {budget} with sparsity {sparsity} cannot pay for one column of U plus one row of V \
+         (d = {d}, I = {intermediate}, {matrices} matrices)"
+    )]
+    ZeroRank {
+        /// The budget fraction p.
+        budget: f64,
+        /// The V sparsity s.
+        sparsity: f64,
+        /// Model width.
+        d: usize,
+        /// MLP width.
+        intermediate: usize,
+        /// Number of matrices in the group (f * n).
+        matrices: usize,
+    },
+
+    /// The mini-batch asks for more tokens than the calibration set holds.
+    #[error("batch of {batch} tokens is larger than the calibration set ({tokens} tokens)")]
+    BatchTooLarge {
+        /// Requested batch size.
+        batch: usize,
+        /// Tokens available.
+        tokens: usize,
+    },
+
+    /// The training loss became NaN or infinite.
+    #[error("training diverged: loss is {loss} at step {step} (lower the learning rate)")]
+    NonFiniteLoss {
+        /// The 1-based training step.
+        step: usize,
+        /// The offending loss value.
+        loss: f64,
+    },
+
+    /// An index (block, matrix) is out of range.
+    #[error("{what} index {index} is out of range (there are {len})")]
+    IndexOutOfRange {
+        /// What was indexed.
+        what: &'static str,
+        /// The index given.
+        index: usize,
+        /// The number of items.
+        len: usize,
+    },
+
+    /// A numerical routine could not produce a result.
+    #[error("numerical failure: {0}")]
+    Numerical(String),
+
+    /// LAPACK failed (for example an SVD that did not converge).
+    #[error("linear algebra failure: {0}")]
+    Linalg(#[from] ndarray_linalg::error::LinalgError),
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T> = std::result::Result<T, FipsError>;
+
+/// Builds an [`FipsError::InvalidParameter`].
+pub(crate) fn invalid(name: &'static str, reason: impl Into<String>) -> FipsError {
+    FipsError::InvalidParameter {
+        name,
+        reason: reason.into(),
+    }
+}

@@ -1,0 +1,115 @@
+//! Helpers shared by the integration tests: synthetic groups with known structure.
+#![allow(dead_code)]
+
+use fips::{Activation, Calibration, DenseMlp, Float, Linear, MlpKind};
+use ndarray::{Array1, Array2};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+
+pub fn randn<F: Float>(rng: &mut ChaCha8Rng, rows: usize, cols: usize, scale: f64) -> Array2<F> {
+    Array2::from_shape_simple_fn((rows, cols), || {
+        let z: f64 = StandardNormal.sample(rng);
+        F::cast(scale * z)
+    })
+}
+
+/// Shape of a synthetic group built on a shared dictionary.
+#[derive(Debug, Clone, Copy)]
+pub struct Dictionary {
+    pub kind: MlpKind,
+    pub activation: Activation,
+    pub d: usize,
+    pub i: usize,
+    pub n: usize,
+    pub atoms: usize,
+    pub density: f64,
+    pub seed: u64,
+}
+
+/// A group whose matrices share an over-complete dictionary: every column of every oriented
+/// weight `W_j` (`d × I`) is a sparse combination (`density`) of `atoms` shared atoms, plus a little
+/// noise. This is the structure FiPS is built to find.
+pub fn shared_dictionary_group<F: Float>(spec: Dictionary) -> Vec<DenseMlp<F>> {
+    let Dictionary {
+        kind,
+        activation,
+        d,
+        i,
+        n,
+        atoms,
+        density,
+        seed,
+    } = spec;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let dictionary: Array2<f64> = randn(&mut rng, d, atoms, 1.0 / (d as f64).sqrt());
+    let matrix = |rng: &mut ChaCha8Rng| -> Array2<F> {
+        let codes = Array2::from_shape_simple_fn((atoms, i), || {
+            if rng.random_bool(density) {
+                let z: f64 = StandardNormal.sample(rng);
+                z / (atoms as f64 * density).sqrt()
+            } else {
+                0.0
+            }
+        });
+        let noise: Array2<f64> = randn(rng, d, i, 0.01 / (d as f64).sqrt());
+        (dictionary.dot(&codes) + noise).mapv(F::cast)
+    };
+    (0..n)
+        .map(|_| {
+            let layers: Vec<Linear<F>> = kind
+                .matrix_roles()
+                .iter()
+                .map(|role| {
+                    let w = matrix(&mut rng);
+                    let (w, bias_len) = match role {
+                        fips::MatrixRole::Up => {
+                            (w.reversed_axes().as_standard_layout().into_owned(), i)
+                        }
+                        fips::MatrixRole::Down => (w, d),
+                    };
+                    let bias = (kind == MlpKind::Standard).then(|| {
+                        Array1::from_shape_simple_fn(bias_len, || {
+                            let z: f64 = StandardNormal.sample(&mut rng);
+                            F::cast(0.1 * z)
+                        })
+                    });
+                    Linear::new(w, bias).expect("valid layer")
+                })
+                .collect();
+            DenseMlp::from_layers(kind, layers, activation).expect("valid block")
+        })
+        .collect()
+}
+
+/// Gaussian calibration for `n` blocks (the i.i.d. draw differs per block).
+pub fn gaussian_calibration<F: Float>(
+    n: usize,
+    tokens: usize,
+    d: usize,
+    seed: u64,
+) -> Calibration<F> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    Calibration::new((0..n).map(|_| randn(&mut rng, tokens, d, 1.0)).collect())
+        .expect("valid calibration")
+}
+
+/// `‖Ŷ − Y‖ / ‖Y‖` summed over blocks, for blocks rebuilt by `rebuild`.
+pub fn relative_error<F: Float>(
+    originals: &[DenseMlp<F>],
+    rebuilt: &[DenseMlp<F>],
+    calibration: &Calibration<F>,
+) -> f64 {
+    let (mut e, mut n) = (0.0, 0.0);
+    for (b, (orig, new)) in originals.iter().zip(rebuilt).enumerate() {
+        let z = calibration.input(b).unwrap();
+        let y = orig.forward(z).unwrap();
+        let yhat = new.forward(z).unwrap();
+        for (p, t) in yhat.iter().zip(y.iter()) {
+            let (p, t) = (p.as_f64(), t.as_f64());
+            e += (p - t) * (p - t);
+            n += t * t;
+        }
+    }
+    (e / n).sqrt()
+}
