@@ -102,6 +102,56 @@ pub enum FipsError {
         len: usize,
     },
 
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+
+    /// A file is not what it claims to be: corrupted, truncated, or of the wrong format.
+    #[error("{path}: {reason}")]
+    Format {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A tensor the operation needs is not in the file.
+    #[error("{path}: no tensor named {name:?}")]
+    MissingTensor {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The missing tensor.
+        name: String,
+    },
+
+    /// A tensor has a dtype the operation cannot use.
+    #[error("tensor {name:?} has dtype {dtype}, expected {expected}")]
+    UnsupportedDtype {
+        /// The tensor.
+        name: String,
+        /// Its dtype.
+        dtype: String,
+        /// What would have worked.
+        expected: &'static str,
+    },
+
+    /// No known MLP naming scheme matches a checkpoint.
+    #[error(
+        "{path}: no supported MLP layout found (timm ViT/DeiT, Hugging Face BERT or ViT, Llama-style gated); \
+         tensors seen: {seen}"
+    )]
+    UnknownLayout {
+        /// The checkpoint.
+        path: std::path::PathBuf,
+        /// A summary of the tensor names that were seen.
+        seen: String,
+    },
+
     /// A numerical routine could not produce a result.
     #[error("numerical failure: {0}")]
     Numerical(String),

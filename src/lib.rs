@@ -38,18 +38,24 @@
 pub mod activation;
 pub mod budget;
 pub mod calibration;
+pub mod checkpoint;
 pub mod compressor;
 pub mod error;
+pub mod eval;
 pub mod factors;
 pub mod float;
 pub mod group;
+#[cfg(feature = "images")]
+pub mod imagenet;
 pub mod init;
 mod kernels;
+pub mod layout;
 pub mod mlp;
 pub mod objective;
 pub mod optim;
 pub mod params;
 pub mod sparsity;
+pub mod vit;
 
 pub use activation::Activation;
 pub use budget::{Budget, GroupShape, ParameterCount, nonzeros_for_sparsity, rank_for_budget};

@@ -113,3 +113,20 @@ pub fn relative_error<F: Float>(
     }
     (e / n).sqrt()
 }
+
+/// The shared data directory: `$FIPS_DATA_DIR`, else `../shared/data` beside the crate. `None`
+/// (with a message on stderr naming the test) when it is absent, so the caller can skip loudly.
+pub fn data_dir(test: &str) -> Option<std::path::PathBuf> {
+    let dir = std::env::var_os("FIPS_DATA_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"));
+    if dir.join("deit-tiny/model.safetensors").is_file() {
+        Some(dir)
+    } else {
+        eprintln!(
+            "SKIPPED {test}: no DeiT-tiny data at {} (set FIPS_DATA_DIR to the shared data directory)",
+            dir.display()
+        );
+        None
+    }
+}
