@@ -152,6 +152,15 @@ pub enum FipsError {
         seen: String,
     },
 
+    /// An image could not be decoded or has an unusable size.
+    #[error("image {path}: {reason}")]
+    Image {
+        /// The image file.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+
     /// A numerical routine could not produce a result.
     #[error("numerical failure: {0}")]
     Numerical(String),
