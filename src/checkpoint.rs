@@ -6,9 +6,9 @@
 //! crate has no `unsafe` code. Positioned reads give the same memory profile.) `f32`, `f16`,
 //! `bf16` and `f64` tensors convert to either float type on reading.
 //!
-//! [`write_safetensors`] serialises to a temporary file in the destination's directory, syncs it,
-//! and renames it over the destination: a crash leaves the old file or the new one, never half of
-//! one.
+//! [`write_safetensors`] and [`write_safetensors_from`] stream to a temporary file in the
+//! destination's directory, sync it, and rename it over the destination: a crash leaves the old file
+//! or the new one, never half of one.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -16,7 +16,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use ndarray::{Array1, Array2, ArrayD, IxDyn};
-use safetensors::tensor::{Dtype, Metadata, View};
+use safetensors::tensor::{Dtype, Metadata};
 
 use crate::error::{FipsError, Result};
 use crate::float::Float;
@@ -316,18 +316,24 @@ impl TensorData {
     }
 }
 
-impl View for &TensorData {
-    fn dtype(&self) -> Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Borrowed(&self.bytes)
-    }
-    fn data_len(&self) -> usize {
-        self.bytes.len()
+/// Where the bytes of a tensor to write come from.
+#[derive(Debug, Clone, Copy)]
+pub enum TensorSource<'a> {
+    /// Bytes in memory.
+    Data(&'a TensorData),
+    /// A tensor of an open checkpoint, copied unchanged (read only when it is written).
+    Copy(&'a Checkpoint, &'a str),
+}
+
+impl TensorSource<'_> {
+    fn dtype_and_shape(&self) -> Result<(Dtype, Vec<usize>)> {
+        match self {
+            Self::Data(t) => Ok((t.dtype, t.shape.clone())),
+            Self::Copy(ck, name) => {
+                let info = ck.info(name)?;
+                Ok((info.dtype, info.shape.clone()))
+            }
+        }
     }
 }
 
@@ -337,19 +343,95 @@ pub fn write_safetensors(
     tensors: &BTreeMap<String, TensorData>,
     metadata: HashMap<String, String>,
 ) -> Result<()> {
+    let sources = tensors
+        .iter()
+        .map(|(k, v)| (k.clone(), TensorSource::Data(v)))
+        .collect();
+    write_safetensors_from(path, sources, metadata)
+}
+
+/// Writes a safetensors file whose tensors come from memory or are copied from open checkpoints,
+/// streaming one tensor at a time (memory stays bounded by the largest tensor), atomically.
+///
+/// Tensors are laid out by decreasing element size, then name, after a header padded to a
+/// multiple of 8 bytes, so every tensor is aligned to its element size (as the safetensors crate
+/// does).
+pub fn write_safetensors_from(
+    path: impl AsRef<Path>,
+    tensors: BTreeMap<String, TensorSource<'_>>,
+    metadata: HashMap<String, String>,
+) -> Result<()> {
     let path = path.as_ref();
+    let format = |reason: String| FipsError::Format {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut entries = tensors
+        .into_iter()
+        .map(|(name, src)| src.dtype_and_shape().map(|(dtype, shape)| (name, dtype, shape, src)))
+        .collect::<Result<Vec<_>>>()?;
+    entries.sort_by(|a, b| b.1.bitsize().cmp(&a.1.bitsize()).then_with(|| a.0.cmp(&b.0)));
+    let mut offset = 0;
+    let mut infos = Vec::with_capacity(entries.len());
+    for (name, dtype, shape, _) in &entries {
+        let len = shape.iter().product::<usize>() * dtype.bitsize() / 8;
+        infos.push((
+            name.clone(),
+            safetensors::tensor::TensorInfo {
+                dtype: *dtype,
+                shape: shape.clone(),
+                data_offsets: (offset, offset + len),
+            },
+        ));
+        offset += len;
+    }
     let metadata = (!metadata.is_empty()).then_some(metadata);
-    let bytes = safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), metadata).map_err(|e| {
-        FipsError::Format {
-            path: path.to_path_buf(),
-            reason: format!("cannot serialise: {e}"),
+    let header = Metadata::new(metadata, infos).map_err(|e| format(format!("cannot describe tensors: {e}")))?;
+    let mut header = serde_json::to_vec(&header).map_err(|e| format(format!("cannot serialise header: {e}")))?;
+    header.resize(header.len().next_multiple_of(8), b' ');
+    write_atomically_with(path, |out| {
+        out.write_all(&(header.len() as u64).to_le_bytes())
+            .and_then(|_| out.write_all(&header))
+            .map_err(|source| FipsError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        for (name, dtype, shape, src) in &entries {
+            let expected = shape.iter().product::<usize>() * dtype.bitsize() / 8;
+            let copied;
+            let bytes: &[u8] = match src {
+                TensorSource::Data(t) => &t.bytes,
+                TensorSource::Copy(ck, n) => {
+                    copied = ck.read_bytes(n)?;
+                    &copied
+                }
+            };
+            if bytes.len() != expected {
+                return Err(format(format!("tensor {name:?} has {} bytes, expected {expected}", bytes.len())));
+            }
+            out.write_all(bytes).map_err(|source| FipsError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
         }
-    })?;
-    write_atomically(path, &bytes)
+        Ok(())
+    })
 }
 
 /// Writes `bytes` to a temporary file beside `path`, syncs it, and renames it into place.
 pub fn write_atomically(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
+    let path = path.as_ref();
+    write_atomically_with(path, |out| {
+        out.write_all(bytes).map_err(|source| FipsError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    })
+}
+
+/// Runs `write` on a buffered temporary file beside `path`; on success syncs it and renames it over
+/// `path`, on failure removes it. A crash at any point leaves either the old file or the new one.
+pub fn write_atomically_with(path: impl AsRef<Path>, write: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {
     let path = path.as_ref();
     let io = |source| FipsError::Io {
         path: path.to_path_buf(),
@@ -359,29 +441,27 @@ pub fn write_atomically(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| FipsError::Format {
-            path: path.to_path_buf(),
-            reason: "not a file path".into(),
-        })?
-        .to_string_lossy();
-    let tmp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
-    let result = (|| -> std::io::Result<()> {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        // Persist the rename itself where the platform allows syncing a directory.
+    let file_name = path.file_name().ok_or_else(|| FipsError::Format {
+        path: path.to_path_buf(),
+        reason: "not a file path".into(),
+    })?;
+    let tmp = dir.join(format!(".{}.{}.tmp", file_name.to_string_lossy(), std::process::id()));
+    let result = File::create(&tmp).map_err(io).and_then(|file| {
+        let mut out = std::io::BufWriter::new(file);
+        write(&mut out)?;
+        let file = out.into_inner().map_err(|e| io(e.into_error()))?;
+        file.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)?;
+        // Persist the rename where the platform allows syncing a directory.
         if let Ok(d) = File::open(&dir) {
             let _ = d.sync_all();
         }
         Ok(())
-    })();
+    });
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    result.map_err(io)
+    result
 }
 
 #[cfg(test)]
@@ -421,6 +501,39 @@ mod tests {
         assert!(matches!(ck.read::<f32>("nope"), Err(FipsError::MissingTensor { .. })));
         assert!(matches!(ck.read::<f32>("idx"), Err(FipsError::UnsupportedDtype { .. })));
         assert!(matches!(ck.read_vector::<f32>("F32"), Err(FipsError::ShapeMismatch { .. })));
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn streamed_copies_match_and_the_safetensors_crate_reads_them() {
+        let dir = temp_dir("stream");
+        let src = dir.join("src.safetensors");
+        let mut tensors = BTreeMap::new();
+        tensors.insert("a".into(), TensorData::from_floats([1.0f32, 2.0], vec![2], Dtype::BF16).unwrap());
+        tensors.insert("b".into(), TensorData::from_floats([3.0f32; 6], vec![2, 3], Dtype::F32).unwrap());
+        write_safetensors(&src, &tensors, HashMap::new()).unwrap();
+        let ck = Checkpoint::open(&src).unwrap();
+        let replacement = TensorData::from_floats([9.0f32; 6], vec![2, 3], Dtype::F32).unwrap();
+        let dst = dir.join("dst.safetensors");
+        let sources = BTreeMap::from([
+            ("a".to_string(), TensorSource::Copy(&ck, "a")),
+            ("b".to_string(), TensorSource::Data(&replacement)),
+        ]);
+        write_safetensors_from(&dst, sources, HashMap::from([("m".into(), "1".into())])).unwrap();
+        let bytes = std::fs::read(&dst).unwrap();
+        let parsed = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(parsed.tensor("a").unwrap().data(), ck.read_bytes("a").unwrap().as_slice());
+        assert_eq!(parsed.tensor("b").unwrap().data(), replacement.bytes.as_slice());
+        // Bad sources are errors and leave no file behind.
+        let wrong = TensorData {
+            dtype: Dtype::F32,
+            shape: vec![5],
+            bytes: vec![0; 4],
+        };
+        let bad = dir.join("bad.safetensors");
+        let sources = BTreeMap::from([("w".to_string(), TensorSource::Data(&wrong))]);
+        assert!(write_safetensors_from(&bad, sources, HashMap::new()).is_err());
+        assert!(!bad.exists());
         std::fs::remove_dir_all(dir).ok();
     }
 

@@ -36,15 +36,18 @@
 #![warn(missing_docs)]
 
 pub mod activation;
+pub mod activations;
 pub mod budget;
 pub mod calibration;
 pub mod checkpoint;
 pub mod compressor;
 pub mod error;
 pub mod eval;
+pub mod export;
 pub mod factors;
 pub mod float;
 pub mod group;
+pub mod groups;
 #[cfg(feature = "images")]
 pub mod imagenet;
 pub mod init;
@@ -55,6 +58,7 @@ pub mod objective;
 pub mod optim;
 pub mod params;
 pub mod sparsity;
+pub mod svg;
 pub mod vit;
 
 pub use activation::Activation;

@@ -1,0 +1,31 @@
+# The two commands of the README, and a few more for developers.
+#   make demo   compress the bundled DeiT-tiny on real ImageNet images and evaluate it
+#   make test   run the test suite (what CI runs)
+# Both install the system LAPACK (libopenblas-dev) first if it is missing.
+
+DATA ?= ../shared/data
+OUT ?= out/deit-tiny
+CARGO ?= cargo
+FIPS = $(CARGO) run --release --quiet --features cli --bin fips --
+
+.PHONY: demo test lapack check bench sweep
+
+lapack:
+	@sh scripts/ensure-lapack.sh
+
+demo: lapack
+	$(FIPS) compress --checkpoint $(DATA)/deit-tiny/model.safetensors \
+		--images $(DATA)/imagenet-sample --out-dir $(OUT)
+
+test: lapack
+	FIPS_DATA_DIR=$(DATA) $(CARGO) test --features cli
+
+# Formatting, lints and docs, as reviewers run them.
+check: lapack
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets --features cli -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps --features cli
+
+# Criterion benchmarks of the training step, the initialisation and a plain sgemm.
+bench: lapack
+	$(CARGO) bench --bench step

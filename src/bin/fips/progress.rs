@@ -1,0 +1,150 @@
+//! Progress bars for the long phases: decoding, calibration, training, evaluation.
+
+use std::ops::ControlFlow;
+
+use fips::pipeline::Observer;
+use fips::{GroupReport, Progress};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// Creates progress bars on stderr (hidden when stderr is not a terminal).
+pub struct Bars;
+
+fn style(template: &str) -> ProgressStyle {
+    ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar())
+}
+
+impl Bars {
+    pub fn new() -> Self {
+        Self
+    }
+
+    /// A bar of `len` items labelled `message`.
+    pub fn bar(&self, len: usize, message: &str) -> ProgressBar {
+        let bar = ProgressBar::with_draw_target(Some(len as u64), ProgressDrawTarget::stderr());
+        bar.set_style(style("{msg:>18} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}"));
+        bar.set_message(message.to_string());
+        bar
+    }
+
+    /// The observer of a compression run over `groups` groups.
+    pub fn observer(&self, groups: usize) -> CompressionBars {
+        CompressionBars {
+            groups,
+            bar: None,
+        }
+    }
+
+    /// The observer of a classification pass.
+    pub fn classify_observer(&self, label: &str) -> ClassifyBar {
+        ClassifyBar {
+            label: label.to_string(),
+            bar: None,
+        }
+    }
+}
+
+/// Shows calibration and training progress of each group.
+pub struct CompressionBars {
+    groups: usize,
+    bar: Option<ProgressBar>,
+}
+
+impl CompressionBars {
+    fn replace(&mut self, len: usize, template: &str, message: String) -> &ProgressBar {
+        if let Some(old) = self.bar.take() {
+            old.finish_and_clear();
+        }
+        let bar = ProgressBar::with_draw_target(Some(len as u64), ProgressDrawTarget::stderr());
+        bar.set_style(style(template));
+        bar.set_message(message);
+        self.bar.insert(bar)
+    }
+}
+
+impl Observer for CompressionBars {
+    fn calibration(&mut self, group: usize, done: usize, total: usize) {
+        if done == 0 {
+            self.replace(
+                total,
+                "{msg:>18} [{bar:30}] {pos}/{len} {elapsed_precise}",
+                format!("calib group {}/{}", group + 1, self.groups),
+            );
+        } else if let Some(bar) = &self.bar {
+            bar.set_position(done as u64);
+        }
+    }
+
+    fn group_started(&mut self, group: usize, blocks: &[usize], rank: usize, steps: usize) {
+        self.replace(
+            steps,
+            "{prefix:>18} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta} {msg}",
+            String::new(),
+        )
+        .set_prefix(format!(
+            "train {}/{} r={rank}",
+            group + 1,
+            self.groups
+        ));
+        if let Some(bar) = &self.bar {
+            bar.set_message(format!("blocks {:?}", blocks));
+        }
+    }
+
+    fn step(&mut self, _group: usize, p: &Progress) -> ControlFlow<()> {
+        if let Some(bar) = &self.bar {
+            bar.set_position(p.step as u64);
+            if p.step % 10 == 0 || p.step == p.total_steps {
+                bar.set_message(format!(
+                    "loss {:.3e} lr {:.1e} sparsity {:.3}",
+                    p.loss, p.learning_rate, p.sparsity
+                ));
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn group_finished(&mut self, group: usize, report: &GroupReport) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+        eprintln!(
+            "group {}/{}: rank {}, sparsity {:.4}, rel. error {:.4} -> {:.4} in {:.1?}",
+            group + 1,
+            self.groups,
+            report.rank,
+            report.sparsity,
+            report.rel_error_init,
+            report.rel_error_final,
+            report.wall_time
+        );
+    }
+}
+
+impl Drop for CompressionBars {
+    fn drop(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// Shows a classification pass.
+pub struct ClassifyBar {
+    label: String,
+    bar: Option<ProgressBar>,
+}
+
+impl Observer for ClassifyBar {
+    fn classification(&mut self, done: usize, total: usize) {
+        let bar = self.bar.get_or_insert_with(|| {
+            let bar = ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr());
+            bar.set_style(style("{msg:>18} [{bar:30}] {pos}/{len} {elapsed_precise}"));
+            bar.set_message(self.label.clone());
+            bar
+        });
+        bar.set_position(done as u64);
+        if done == total {
+            bar.finish_and_clear();
+        }
+    }
+}
