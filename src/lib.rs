@@ -70,6 +70,7 @@ pub use factors::{SharedBasis, SparseFactor};
 pub use float::Float;
 pub use group::CompressedGroup;
 pub use init::{InitMethod, SharedInit, shared_init};
+pub use layout::{BlockTensors, MlpLayout, NamingScheme};
 pub use mlp::{DenseMlp, Linear, MatrixRole, MlpKind};
 pub use objective::{ContractionOrder, StepShape};
 pub use optim::AdamW;
