@@ -80,7 +80,10 @@ impl MlpInputs {
                     ))
                 })?;
             let &[tokens, d] = info.shape.as_slice() else {
-                return Err(format(format!("tensor {:?} has shape {:?}, expected [tokens, d]", info.name, info.shape)));
+                return Err(format(format!(
+                    "tensor {:?} has shape {:?}, expected [tokens, d]",
+                    info.name, info.shape
+                )));
             };
             shapes.insert(block, (tokens, d));
         }
@@ -90,7 +93,9 @@ impl MlpInputs {
         if let Some(f) = file.metadata().get("format")
             && f != MLP_INPUTS_FORMAT
         {
-            return Err(format(format!("format is {f:?}, expected {MLP_INPUTS_FORMAT:?}")));
+            return Err(format(format!(
+                "format is {f:?}, expected {MLP_INPUTS_FORMAT:?}"
+            )));
         }
         Ok(Self { file, shapes })
     }
@@ -118,7 +123,10 @@ impl MlpInputs {
     /// The calibration of a group: the inputs of `blocks`, which must all be present with one
     /// token count.
     pub fn calibration<F: Float>(&self, blocks: &[usize]) -> Result<Calibration<F>> {
-        let inputs = blocks.iter().map(|&b| self.read(b)).collect::<Result<Vec<_>>>()?;
+        let inputs = blocks
+            .iter()
+            .map(|&b| self.read(b))
+            .collect::<Result<Vec<_>>>()?;
         Calibration::new(inputs)
     }
 }
@@ -134,16 +142,31 @@ mod tests {
         let path = dir.join("acts.safetensors");
         let z0 = Array2::from_shape_fn((5, 3), |(i, j)| (i * 3 + j) as f32 * 0.5);
         let z2 = z0.mapv(|x| -x);
-        write_mlp_inputs(&path, &[(0, z0.view()), (2, z2.view())], Dtype::F32, HashMap::new()).unwrap();
+        write_mlp_inputs(
+            &path,
+            &[(0, z0.view()), (2, z2.view())],
+            Dtype::F32,
+            HashMap::new(),
+        )
+        .unwrap();
         let file = MlpInputs::open(&path).unwrap();
         assert_eq!(file.blocks(), vec![0, 2]);
         assert_eq!(file.shape(2), Some((5, 3)));
         assert_eq!(file.read::<f32>(2).unwrap(), z2);
         let calib = file.calibration::<f64>(&[0, 2]).unwrap();
         assert_eq!(calib.blocks(), 2);
-        assert!(matches!(file.calibration::<f32>(&[1]), Err(FipsError::MissingTensor { .. })));
+        assert!(matches!(
+            file.calibration::<f32>(&[1]),
+            Err(FipsError::MissingTensor { .. })
+        ));
         assert!(
-            write_mlp_inputs(&path, &[(0, z0.view()), (0, z0.view())], Dtype::F32, HashMap::new()).is_err()
+            write_mlp_inputs(
+                &path,
+                &[(0, z0.view()), (0, z0.view())],
+                Dtype::F32,
+                HashMap::new()
+            )
+            .is_err()
         );
         // A file with other tensors is not an MLP-input file.
         let other = dir.join("other.safetensors");
@@ -152,7 +175,10 @@ mod tests {
             TensorData::from_floats([1.0f32], vec![1, 1], Dtype::F32).unwrap(),
         )]);
         write_safetensors(&other, &t, HashMap::new()).unwrap();
-        assert!(matches!(MlpInputs::open(&other), Err(FipsError::Format { .. })));
+        assert!(matches!(
+            MlpInputs::open(&other),
+            Err(FipsError::Format { .. })
+        ));
         std::fs::remove_dir_all(dir).ok();
     }
 }

@@ -153,10 +153,13 @@ impl Checkpoint {
 
     /// The raw little-endian bytes of one tensor.
     pub fn read_bytes(&self, name: &str) -> Result<Vec<u8>> {
-        let (_, (begin, end)) = self.tensors.get(name).ok_or_else(|| FipsError::MissingTensor {
-            path: self.path.clone(),
-            name: name.into(),
-        })?;
+        let (_, (begin, end)) = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| FipsError::MissingTensor {
+                path: self.path.clone(),
+                name: name.into(),
+            })?;
         let mut bytes = vec![0u8; end - begin];
         let mut file = &self.file;
         file.seek(SeekFrom::Start(self.data_start + *begin as u64))
@@ -183,22 +186,24 @@ impl Checkpoint {
     pub fn read_matrix<F: Float>(&self, name: &str) -> Result<Array2<F>> {
         let a = self.read::<F>(name)?;
         let shape = a.shape().to_vec();
-        a.into_dimensionality().map_err(|_| FipsError::ShapeMismatch {
-            what: format!("tensor {name:?} (a matrix)"),
-            expected: vec![0, 0],
-            got: shape,
-        })
+        a.into_dimensionality()
+            .map_err(|_| FipsError::ShapeMismatch {
+                what: format!("tensor {name:?} (a matrix)"),
+                expected: vec![0, 0],
+                got: shape,
+            })
     }
 
     /// A floating-point vector, checked to be 1-D.
     pub fn read_vector<F: Float>(&self, name: &str) -> Result<Array1<F>> {
         let a = self.read::<F>(name)?;
         let shape = a.shape().to_vec();
-        a.into_dimensionality().map_err(|_| FipsError::ShapeMismatch {
-            what: format!("tensor {name:?} (a vector)"),
-            expected: vec![0],
-            got: shape,
-        })
+        a.into_dimensionality()
+            .map_err(|_| FipsError::ShapeMismatch {
+                what: format!("tensor {name:?} (a vector)"),
+                expected: vec![0],
+                got: shape,
+            })
     }
 
     /// An integer tensor (`U8`, `I32`, `I64`, `U32`) as `i64`.
@@ -243,7 +248,11 @@ fn decode_floats<F: Float>(info: &TensorInfo, bytes: &[u8]) -> Result<Vec<F>> {
             .collect(),
         Dtype::F64 => bytes
             .chunks_exact(8)
-            .map(|c| F::cast(f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])))
+            .map(|c| {
+                F::cast(f64::from_le_bytes([
+                    c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7],
+                ]))
+            })
             .collect(),
         Dtype::F16 => bytes
             .chunks_exact(2)
@@ -276,7 +285,11 @@ pub struct TensorData {
 
 impl TensorData {
     /// Encodes floats into `dtype` (`F32`, `F16`, `BF16` or `F64`), rounding to nearest.
-    pub fn from_floats<F: Float>(values: impl IntoIterator<Item = F>, shape: Vec<usize>, dtype: Dtype) -> Result<Self> {
+    pub fn from_floats<F: Float>(
+        values: impl IntoIterator<Item = F>,
+        shape: Vec<usize>,
+        dtype: Dtype,
+    ) -> Result<Self> {
         let mut bytes = Vec::new();
         for v in values {
             let x = v.as_f64();
@@ -299,7 +312,11 @@ impl TensorData {
 
     /// A `U32` tensor (CSR indices).
     pub fn from_u32(values: &[u32], shape: Vec<usize>) -> Result<Self> {
-        Self::new(Dtype::U32, shape, values.iter().flat_map(|v| v.to_le_bytes()).collect())
+        Self::new(
+            Dtype::U32,
+            shape,
+            values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        )
     }
 
     /// Raw bytes, checked against the shape and dtype.
@@ -312,7 +329,11 @@ impl TensorData {
                 got: vec![bytes.len()],
             });
         }
-        Ok(Self { dtype, shape, bytes })
+        Ok(Self {
+            dtype,
+            shape,
+            bytes,
+        })
     }
 }
 
@@ -368,9 +389,16 @@ pub fn write_safetensors_from(
     };
     let mut entries = tensors
         .into_iter()
-        .map(|(name, src)| src.dtype_and_shape().map(|(dtype, shape)| (name, dtype, shape, src)))
+        .map(|(name, src)| {
+            src.dtype_and_shape()
+                .map(|(dtype, shape)| (name, dtype, shape, src))
+        })
         .collect::<Result<Vec<_>>>()?;
-    entries.sort_by(|a, b| b.1.bitsize().cmp(&a.1.bitsize()).then_with(|| a.0.cmp(&b.0)));
+    entries.sort_by(|a, b| {
+        b.1.bitsize()
+            .cmp(&a.1.bitsize())
+            .then_with(|| a.0.cmp(&b.0))
+    });
     let mut offset = 0;
     let mut infos = Vec::with_capacity(entries.len());
     for (name, dtype, shape, _) in &entries {
@@ -386,8 +414,10 @@ pub fn write_safetensors_from(
         offset += len;
     }
     let metadata = (!metadata.is_empty()).then_some(metadata);
-    let header = Metadata::new(metadata, infos).map_err(|e| format(format!("cannot describe tensors: {e}")))?;
-    let mut header = serde_json::to_vec(&header).map_err(|e| format(format!("cannot serialise header: {e}")))?;
+    let header = Metadata::new(metadata, infos)
+        .map_err(|e| format(format!("cannot describe tensors: {e}")))?;
+    let mut header =
+        serde_json::to_vec(&header).map_err(|e| format(format!("cannot serialise header: {e}")))?;
     header.resize(header.len().next_multiple_of(8), b' ');
     write_atomically_with(path, |out| {
         out.write_all(&(header.len() as u64).to_le_bytes())
@@ -407,7 +437,10 @@ pub fn write_safetensors_from(
                 }
             };
             if bytes.len() != expected {
-                return Err(format(format!("tensor {name:?} has {} bytes, expected {expected}", bytes.len())));
+                return Err(format(format!(
+                    "tensor {name:?} has {} bytes, expected {expected}",
+                    bytes.len()
+                )));
             }
             out.write_all(bytes).map_err(|source| FipsError::Io {
                 path: path.to_path_buf(),
@@ -431,7 +464,10 @@ pub fn write_atomically(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
 
 /// Runs `write` on a buffered temporary file beside `path`; on success syncs it and renames it over
 /// `path`, on failure removes it. A crash at any point leaves either the old file or the new one.
-pub fn write_atomically_with(path: impl AsRef<Path>, write: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {
+pub fn write_atomically_with(
+    path: impl AsRef<Path>,
+    write: impl FnOnce(&mut dyn Write) -> Result<()>,
+) -> Result<()> {
     let path = path.as_ref();
     let io = |source| FipsError::Io {
         path: path.to_path_buf(),
@@ -445,7 +481,11 @@ pub fn write_atomically_with(path: impl AsRef<Path>, write: impl FnOnce(&mut dyn
         path: path.to_path_buf(),
         reason: "not a file path".into(),
     })?;
-    let tmp = dir.join(format!(".{}.{}.tmp", file_name.to_string_lossy(), std::process::id()));
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
     let result = File::create(&tmp).map_err(io).and_then(|file| {
         let mut out = std::io::BufWriter::new(file);
         write(&mut out)?;
@@ -486,21 +526,41 @@ mod tests {
                 TensorData::from_floats(values.iter().copied(), vec![2, 3], dtype).unwrap(),
             );
         }
-        tensors.insert("idx".into(), TensorData::from_u32(&[1, 2, 3], vec![3]).unwrap());
+        tensors.insert(
+            "idx".into(),
+            TensorData::from_u32(&[1, 2, 3], vec![3]).unwrap(),
+        );
         let meta = HashMap::from([("k".to_string(), "v".to_string())]);
         write_safetensors(&path, &tensors, meta).unwrap();
         let ck = Checkpoint::open(&path).unwrap();
         assert_eq!(ck.metadata().get("k").map(String::as_str), Some("v"));
-        for (dtype, tol) in [(Dtype::F32, 1e-7), (Dtype::F16, 1e-3), (Dtype::BF16, 1e-2), (Dtype::F64, 0.0)] {
+        for (dtype, tol) in [
+            (Dtype::F32, 1e-7),
+            (Dtype::F16, 1e-3),
+            (Dtype::BF16, 1e-2),
+            (Dtype::F64, 0.0),
+        ] {
             let a: Array2<f64> = ck.read_matrix(&format!("{dtype:?}")).unwrap();
             for (x, y) in a.iter().zip(values) {
                 assert!((x - y).abs() <= tol * y.abs(), "{dtype:?}: {x} vs {y}");
             }
         }
-        assert_eq!(ck.read_integers("idx").unwrap().into_raw_vec_and_offset().0, vec![1, 2, 3]);
-        assert!(matches!(ck.read::<f32>("nope"), Err(FipsError::MissingTensor { .. })));
-        assert!(matches!(ck.read::<f32>("idx"), Err(FipsError::UnsupportedDtype { .. })));
-        assert!(matches!(ck.read_vector::<f32>("F32"), Err(FipsError::ShapeMismatch { .. })));
+        assert_eq!(
+            ck.read_integers("idx").unwrap().into_raw_vec_and_offset().0,
+            vec![1, 2, 3]
+        );
+        assert!(matches!(
+            ck.read::<f32>("nope"),
+            Err(FipsError::MissingTensor { .. })
+        ));
+        assert!(matches!(
+            ck.read::<f32>("idx"),
+            Err(FipsError::UnsupportedDtype { .. })
+        ));
+        assert!(matches!(
+            ck.read_vector::<f32>("F32"),
+            Err(FipsError::ShapeMismatch { .. })
+        ));
         std::fs::remove_dir_all(dir).ok();
     }
 
@@ -509,8 +569,14 @@ mod tests {
         let dir = temp_dir("stream");
         let src = dir.join("src.safetensors");
         let mut tensors = BTreeMap::new();
-        tensors.insert("a".into(), TensorData::from_floats([1.0f32, 2.0], vec![2], Dtype::BF16).unwrap());
-        tensors.insert("b".into(), TensorData::from_floats([3.0f32; 6], vec![2, 3], Dtype::F32).unwrap());
+        tensors.insert(
+            "a".into(),
+            TensorData::from_floats([1.0f32, 2.0], vec![2], Dtype::BF16).unwrap(),
+        );
+        tensors.insert(
+            "b".into(),
+            TensorData::from_floats([3.0f32; 6], vec![2, 3], Dtype::F32).unwrap(),
+        );
         write_safetensors(&src, &tensors, HashMap::new()).unwrap();
         let ck = Checkpoint::open(&src).unwrap();
         let replacement = TensorData::from_floats([9.0f32; 6], vec![2, 3], Dtype::F32).unwrap();
@@ -522,8 +588,14 @@ mod tests {
         write_safetensors_from(&dst, sources, HashMap::from([("m".into(), "1".into())])).unwrap();
         let bytes = std::fs::read(&dst).unwrap();
         let parsed = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        assert_eq!(parsed.tensor("a").unwrap().data(), ck.read_bytes("a").unwrap().as_slice());
-        assert_eq!(parsed.tensor("b").unwrap().data(), replacement.bytes.as_slice());
+        assert_eq!(
+            parsed.tensor("a").unwrap().data(),
+            ck.read_bytes("a").unwrap().as_slice()
+        );
+        assert_eq!(
+            parsed.tensor("b").unwrap().data(),
+            replacement.bytes.as_slice()
+        );
         // Bad sources are errors and leave no file behind.
         let wrong = TensorData {
             dtype: Dtype::F32,
@@ -551,23 +623,38 @@ mod tests {
 
         let truncated = dir.join("truncated.safetensors");
         std::fs::write(&truncated, &bytes[..bytes.len() - 5]).unwrap();
-        assert!(matches!(Checkpoint::open(&truncated), Err(FipsError::Format { .. })));
+        assert!(matches!(
+            Checkpoint::open(&truncated),
+            Err(FipsError::Format { .. })
+        ));
 
         let mut corrupt = bytes.clone();
         corrupt[8] = b'#'; // the header's opening brace
         let corrupted = dir.join("corrupted.safetensors");
         std::fs::write(&corrupted, &corrupt).unwrap();
-        assert!(matches!(Checkpoint::open(&corrupted), Err(FipsError::Format { .. })));
+        assert!(matches!(
+            Checkpoint::open(&corrupted),
+            Err(FipsError::Format { .. })
+        ));
 
         let tiny = dir.join("tiny.safetensors");
         std::fs::write(&tiny, b"abc").unwrap();
-        assert!(matches!(Checkpoint::open(&tiny), Err(FipsError::Format { .. })));
+        assert!(matches!(
+            Checkpoint::open(&tiny),
+            Err(FipsError::Format { .. })
+        ));
 
         let huge_header = dir.join("huge.safetensors");
         std::fs::write(&huge_header, u64::MAX.to_le_bytes()).unwrap();
-        assert!(matches!(Checkpoint::open(&huge_header), Err(FipsError::Format { .. })));
+        assert!(matches!(
+            Checkpoint::open(&huge_header),
+            Err(FipsError::Format { .. })
+        ));
 
-        assert!(matches!(Checkpoint::open(dir.join("missing")), Err(FipsError::Io { .. })));
+        assert!(matches!(
+            Checkpoint::open(dir.join("missing")),
+            Err(FipsError::Io { .. })
+        ));
         std::fs::remove_dir_all(dir).ok();
     }
 

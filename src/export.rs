@@ -20,7 +20,9 @@ use serde::{Deserialize, Serialize};
 use sprs::CsMat;
 
 use crate::activation::Activation;
-use crate::checkpoint::{Checkpoint, TensorData, TensorSource, write_safetensors, write_safetensors_from};
+use crate::checkpoint::{
+    Checkpoint, TensorData, TensorSource, write_safetensors, write_safetensors_from,
+};
 use crate::error::{FipsError, Result};
 use crate::factors::{SharedBasis, SparseFactor};
 use crate::group::CompressedGroup;
@@ -192,7 +194,9 @@ impl CompressedModel {
                 || m.kind != group.kind().name()
                 || m.activation != group.activation().name()
             {
-                return Err(mismatch(format!("group {g}'s description does not match its factors")));
+                return Err(mismatch(format!(
+                    "group {g}'s description does not match its factors"
+                )));
             }
         }
         Ok(())
@@ -215,7 +219,11 @@ impl CompressedModel {
                 let offsets = to_u32(&offsets.to_proper());
                 tensors.insert(
                     matrix_name(g, j, "values"),
-                    TensorData::from_floats(values.iter().copied(), vec![values.len()], Dtype::F32)?,
+                    TensorData::from_floats(
+                        values.iter().copied(),
+                        vec![values.len()],
+                        Dtype::F32,
+                    )?,
                 );
                 tensors.insert(
                     matrix_name(g, j, "columns"),
@@ -237,7 +245,11 @@ impl CompressedModel {
             path: path.as_ref().to_path_buf(),
             reason: format!("cannot serialise the manifest: {e}"),
         })?;
-        write_safetensors(path, &tensors, HashMap::from([(MANIFEST_KEY.to_string(), manifest)]))
+        write_safetensors(
+            path,
+            &tensors,
+            HashMap::from([(MANIFEST_KEY.to_string(), manifest)]),
+        )
     }
 
     /// Reads a compressed checkpoint written by [`CompressedModel::write`].
@@ -247,10 +259,11 @@ impl CompressedModel {
             path: file.path().to_path_buf(),
             reason,
         };
-        let text = file
-            .metadata()
-            .get(MANIFEST_KEY)
-            .ok_or_else(|| format(format!("no {MANIFEST_KEY} metadata: not a fips compressed checkpoint")))?;
+        let text = file.metadata().get(MANIFEST_KEY).ok_or_else(|| {
+            format(format!(
+                "no {MANIFEST_KEY} metadata: not a fips compressed checkpoint"
+            ))
+        })?;
         let manifest: Manifest =
             serde_json::from_str(text).map_err(|e| format(format!("unreadable manifest: {e}")))?;
         if manifest.format != COMPRESSED_FORMAT || manifest.format_version != FORMAT_VERSION {
@@ -358,11 +371,19 @@ fn read_group(file: &Checkpoint, g: usize, m: &GroupManifest) -> Result<Compress
         let index = |part: &str| -> Result<Vec<usize>> {
             let raw = file.read_integers(&matrix_name(g, j, part))?;
             raw.iter()
-                .map(|&x| usize::try_from(x).map_err(|_| format(format!("negative index in group {g} matrix {j}"))))
+                .map(|&x| {
+                    usize::try_from(x)
+                        .map_err(|_| format(format!("negative index in group {g} matrix {j}")))
+                })
                 .collect()
         };
-        let csr = CsMat::try_new((rank, cols), index("row_offsets")?, index("columns")?, values.to_vec())
-            .map_err(|(.., e)| format(format!("group {g} matrix {j}: invalid CSR structure ({e})")))?;
+        let csr = CsMat::try_new(
+            (rank, cols),
+            index("row_offsets")?,
+            index("columns")?,
+            values.to_vec(),
+        )
+        .map_err(|(.., e)| format(format!("group {g} matrix {j}: invalid CSR structure ({e})")))?;
         factors.push(SparseFactor::from_csr(&csr)?);
         let bias_name = matrix_name(g, j, "bias");
         biases.push(if file.contains(&bias_name) {

@@ -42,7 +42,12 @@ impl BlockGroups {
     pub fn parse(spec: &str, shapes: &[(usize, usize)]) -> Result<Self> {
         let mut groups = Vec::new();
         for item in spec.split(',').map(str::trim) {
-            let bad = || invalid("groups", format!("{item:?} is not a block index or an inclusive range a-b"));
+            let bad = || {
+                invalid(
+                    "groups",
+                    format!("{item:?} is not a block index or an inclusive range a-b"),
+                )
+            };
             let (first, last) = match item.split_once('-') {
                 Some((a, b)) => (
                     a.trim().parse::<usize>().map_err(|_| bad())?,
@@ -54,7 +59,10 @@ impl BlockGroups {
                 }
             };
             if last < first {
-                return Err(invalid("groups", format!("range {item:?} is empty (ends before it starts)")));
+                return Err(invalid(
+                    "groups",
+                    format!("range {item:?} is empty (ends before it starts)"),
+                ));
             }
             groups.push((first..=last).collect());
         }
@@ -77,7 +85,10 @@ impl BlockGroups {
                     len: shapes.len(),
                 })?;
                 if let Some(other) = *slot {
-                    return Err(invalid("groups", format!("block {b} is in group {other} and in group {g}")));
+                    return Err(invalid(
+                        "groups",
+                        format!("block {b} is in group {other} and in group {g}"),
+                    ));
                 }
                 *slot = Some(g);
                 if shapes[b] != shapes[blocks[0]] {
@@ -134,7 +145,12 @@ mod tests {
         let deit = vec![(192, 768); 12];
         let g = BlockGroups::consecutive(&deit, 4).unwrap();
         assert_eq!(g.to_string(), "0-3,4-7,8-11");
-        let swin = [vec![(192, 768); 2], vec![(384, 1536); 2], vec![(768, 3072); 6]].concat();
+        let swin = [
+            vec![(192, 768); 2],
+            vec![(384, 1536); 2],
+            vec![(768, 3072); 6],
+        ]
+        .concat();
         let g = BlockGroups::consecutive(&swin, 4).unwrap();
         assert_eq!(g.to_string(), "0-1,2-3,4-7,8-9");
         assert!(BlockGroups::consecutive(&swin, 0).is_err());
@@ -149,7 +165,10 @@ mod tests {
         // Blocks may be left out.
         assert_eq!(BlockGroups::parse("8-11", &shapes).unwrap().len(), 1);
         for bad in ["0-3,3-5", "0-12", "a-b", "3-1", "", "0-3,,4"] {
-            assert!(BlockGroups::parse(bad, &shapes).is_err(), "{bad:?} must be rejected");
+            assert!(
+                BlockGroups::parse(bad, &shapes).is_err(),
+                "{bad:?} must be rejected"
+            );
         }
         let mixed = [vec![(8, 16); 2], vec![(8, 32); 2]].concat();
         assert!(matches!(

@@ -16,7 +16,7 @@
 //! - *factors first*: never form `W`; evaluate `(X U) V_j` and `(A V_dᵀ) Uᵀ`:
 //!   `T r (5 d + 3 f I)` multiply-adds per block.
 //!
-//! Every product is one BLAS GEMM into a buffer of the preallocated [`Workspace`].
+//! Every product is one BLAS GEMM into a buffer allocated once per training run.
 
 use std::fmt;
 use std::str::FromStr;

@@ -39,7 +39,9 @@ const COLOURS: [&str; 8] = [
 ];
 
 fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// About five round tick values covering `[lo, hi]`.
@@ -89,7 +91,12 @@ impl LineChart {
             })
             .collect();
         let all = points.iter().flatten();
-        let (mut x0, mut x1, mut y0, mut y1) = (f64::INFINITY, f64::NEG_INFINITY, f64::INFINITY, f64::NEG_INFINITY);
+        let (mut x0, mut x1, mut y0, mut y1) = (
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+        );
         for &(x, y) in all {
             x0 = x0.min(x);
             x1 = x1.max(x);
@@ -132,13 +139,19 @@ impl LineChart {
             );
         }
         let y_ticks = if self.log_y {
-            (y0.ceil() as i32..=y1.floor() as i32).map(f64::from).collect()
+            (y0.ceil() as i32..=y1.floor() as i32)
+                .map(f64::from)
+                .collect()
         } else {
             ticks(y0, y1)
         };
         for t in y_ticks {
             let y = sy(t);
-            let label = if self.log_y { format_tick(10f64.powf(t)) } else { format_tick(t) };
+            let label = if self.log_y {
+                format_tick(10f64.powf(t))
+            } else {
+                format_tick(t)
+            };
             let _ = writeln!(
                 svg,
                 r##"<line x1="{LEFT}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#e5e5e5"/><text x="{:.1}" y="{:.1}" text-anchor="end">{label}</text>"##,
@@ -169,7 +182,10 @@ impl LineChart {
         // Lines, markers and legend.
         for (k, (series, pts)) in self.series.iter().zip(&points).enumerate() {
             let colour = COLOURS[k % COLOURS.len()];
-            let path: Vec<String> = pts.iter().map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y))).collect();
+            let path: Vec<String> = pts
+                .iter()
+                .map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y)))
+                .collect();
             let _ = writeln!(
                 svg,
                 r#"<polyline fill="none" stroke="{colour}" stroke-width="1.8" points="{}"/>"#,
@@ -177,7 +193,12 @@ impl LineChart {
             );
             if self.markers {
                 for &(x, y) in pts {
-                    let _ = writeln!(svg, r#"<circle cx="{:.1}" cy="{:.1}" r="3.5" fill="{colour}"/>"#, sx(x), sy(y));
+                    let _ = writeln!(
+                        svg,
+                        r#"<circle cx="{:.1}" cy="{:.1}" r="3.5" fill="{colour}"/>"#,
+                        sx(x),
+                        sy(y)
+                    );
                 }
             }
             let ly = TOP + 10.0 + 20.0 * k as f64;
@@ -231,6 +252,9 @@ mod tests {
         let t = ticks(0.13, 0.87);
         assert!(t.len() >= 3 && t.len() <= 7, "{t:?}");
         assert!(t.iter().all(|&v| (0.13..=0.87).contains(&v)));
-        assert_eq!(ticks(0.0, 1000.0), vec![0.0, 200.0, 400.0, 600.0, 800.0, 1000.0]);
+        assert_eq!(
+            ticks(0.0, 1000.0),
+            vec![0.0, 200.0, 400.0, 600.0, 800.0, 1000.0]
+        );
     }
 }

@@ -51,7 +51,12 @@ fn write_model(path: &PathBuf, blocks: &[DenseMlp<f32>], dtype: Dtype) {
         "head.weight".into(),
         TensorData::from_floats((0..6).map(|x| x as f32), vec![2, 3], Dtype::F32).unwrap(),
     );
-    write_safetensors(path, &t, HashMap::from([("origin".to_string(), "test".to_string())])).unwrap();
+    write_safetensors(
+        path,
+        &t,
+        HashMap::from([("origin".to_string(), "test".to_string())]),
+    )
+    .unwrap();
 }
 
 fn compressed(blocks: &[DenseMlp<f32>], dtype: Dtype) -> CompressedModel {
@@ -65,19 +70,25 @@ fn compressed(blocks: &[DenseMlp<f32>], dtype: Dtype) -> CompressedModel {
         .unwrap();
     let originals = (0..blocks.len())
         .flat_map(|b| {
-            blocks[b].layers().iter().zip(["fc1", "fc2"]).map(move |(l, role)| {
-                (
-                    format!("blocks.{b}.mlp.{role}.weight"),
-                    Some(format!("blocks.{b}.mlp.{role}.bias")),
-                    l.weight().shape().to_vec(),
-                    dtype,
-                )
-            })
+            blocks[b]
+                .layers()
+                .iter()
+                .zip(["fc1", "fc2"])
+                .map(move |(l, role)| {
+                    (
+                        format!("blocks.{b}.mlp.{role}.weight"),
+                        Some(format!("blocks.{b}.mlp.{role}.bias")),
+                        l.weight().shape().to_vec(),
+                        dtype,
+                    )
+                })
         })
         .collect();
     let blocks_idx: Vec<usize> = (0..blocks.len()).collect();
     let mut manifest = Manifest::new("fips", serde_json::json!({"p": 0.5, "s": 0.75}));
-    manifest.groups.push(GroupManifest::describe(&out.group, &blocks_idx, originals).unwrap());
+    manifest
+        .groups
+        .push(GroupManifest::describe(&out.group, &blocks_idx, originals).unwrap());
     CompressedModel {
         manifest,
         groups: vec![out.group],
@@ -105,7 +116,10 @@ fn compressed_checkpoint_round_trips_exactly() {
     model.write(&path).unwrap();
     let back = CompressedModel::read(&path).unwrap();
     assert_eq!(back, model, "groups and manifest must survive bit for bit");
-    assert_eq!(back.manifest.groups[0].matrices[1].weight, "blocks.0.mlp.fc2.weight");
+    assert_eq!(
+        back.manifest.groups[0].matrices[1].weight,
+        "blocks.0.mlp.fc2.weight"
+    );
     // The factors are stored as CSR: U, then per matrix nnz values, nnz column indices, r + 1 row
     // offsets, and the bias; nothing else.
     let g = &model.groups[0];
@@ -127,9 +141,18 @@ fn densified_checkpoint_replaces_only_mlp_tensors_in_their_dtype() {
         let out = dir.join("dense.safetensors");
         model.densify(&original, &out).unwrap();
         let dense = Checkpoint::open(&out).unwrap();
-        assert_eq!(dense.names().collect::<Vec<_>>(), original.names().collect::<Vec<_>>());
-        assert_eq!(dense.read_bytes("head.weight").unwrap(), original.read_bytes("head.weight").unwrap());
-        assert_eq!(dense.metadata().get("origin").map(String::as_str), Some("test"));
+        assert_eq!(
+            dense.names().collect::<Vec<_>>(),
+            original.names().collect::<Vec<_>>()
+        );
+        assert_eq!(
+            dense.read_bytes("head.weight").unwrap(),
+            original.read_bytes("head.weight").unwrap()
+        );
+        assert_eq!(
+            dense.metadata().get("origin").map(String::as_str),
+            Some("test")
+        );
         let tol = if dtype == Dtype::F32 { 1e-6 } else { 1e-2 };
         for b in 0..2 {
             for (m, role) in ["fc1", "fc2"].iter().enumerate() {
@@ -162,7 +185,12 @@ fn mismatched_and_corrupted_files_are_typed_errors() {
     for info in plain_ck.tensors() {
         t.insert(
             info.name.clone(),
-            TensorData::new(info.dtype, info.shape.clone(), plain_ck.read_bytes(&info.name).unwrap()).unwrap(),
+            TensorData::new(
+                info.dtype,
+                info.shape.clone(),
+                plain_ck.read_bytes(&info.name).unwrap(),
+            )
+            .unwrap(),
         );
     }
     t.insert(
@@ -172,16 +200,25 @@ fn mismatched_and_corrupted_files_are_typed_errors() {
     let reshaped = dir.join("reshaped.safetensors");
     write_safetensors(&reshaped, &t, HashMap::new()).unwrap();
     let reshaped = Checkpoint::open(&reshaped).unwrap();
-    assert!(matches!(model.densify(&reshaped, &out), Err(FipsError::ShapeMismatch { .. })));
+    assert!(matches!(
+        model.densify(&reshaped, &out),
+        Err(FipsError::ShapeMismatch { .. })
+    ));
     t.remove("blocks.1.mlp.fc2.weight");
     let missing = dir.join("missing.safetensors");
     write_safetensors(&missing, &t, HashMap::new()).unwrap();
     let missing = Checkpoint::open(&missing).unwrap();
-    assert!(matches!(model.densify(&missing, &out), Err(FipsError::MissingTensor { .. })));
+    assert!(matches!(
+        model.densify(&missing, &out),
+        Err(FipsError::MissingTensor { .. })
+    ));
     assert!(!out.exists(), "a failed write leaves no file");
 
     // A plain checkpoint is not a compressed one.
-    assert!(matches!(CompressedModel::read(&plain), Err(FipsError::Format { .. })));
+    assert!(matches!(
+        CompressedModel::read(&plain),
+        Err(FipsError::Format { .. })
+    ));
 
     // A manifest that does not match the factors.
     let mut wrong = model.clone();
@@ -198,16 +235,30 @@ fn mismatched_and_corrupted_files_are_typed_errors() {
         if info.name == "group.0.matrix.0.columns" {
             bytes[..4].copy_from_slice(&9999u32.to_le_bytes());
         }
-        tensors.insert(info.name.clone(), TensorData::new(info.dtype, info.shape.clone(), bytes).unwrap());
+        tensors.insert(
+            info.name.clone(),
+            TensorData::new(info.dtype, info.shape.clone(), bytes).unwrap(),
+        );
     }
     let manifest = ck.metadata().get(MANIFEST_KEY).unwrap().clone();
     let broken = dir.join("broken.safetensors");
-    write_safetensors(&broken, &tensors, HashMap::from([(MANIFEST_KEY.to_string(), manifest)])).unwrap();
-    assert!(matches!(CompressedModel::read(&broken), Err(FipsError::Format { .. })));
+    write_safetensors(
+        &broken,
+        &tensors,
+        HashMap::from([(MANIFEST_KEY.to_string(), manifest)]),
+    )
+    .unwrap();
+    assert!(matches!(
+        CompressedModel::read(&broken),
+        Err(FipsError::Format { .. })
+    ));
 
     // A truncated compressed file.
     let bytes = std::fs::read(&path).unwrap();
     let truncated = dir.join("truncated.safetensors");
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
-    assert!(matches!(CompressedModel::read(&truncated), Err(FipsError::Format { .. })));
+    assert!(matches!(
+        CompressedModel::read(&truncated),
+        Err(FipsError::Format { .. })
+    ));
 }

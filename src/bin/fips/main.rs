@@ -19,8 +19,8 @@ use fips::pipeline::{self, CalibrationData, ModelCompression};
 use fips::svg::{LineChart, Series};
 use fips::vit::VisionTransformer;
 use fips::{
-    Activation, Budget, ContractionOrder, FipsError, FipsParams, GmpSchedule, GroupReport, InitMethod,
-    RiglSchedule, Sparsifier,
+    Activation, Budget, ContractionOrder, FipsError, FipsParams, GmpSchedule, GroupReport,
+    InitMethod, RiglSchedule, Sparsifier,
 };
 use ndarray::{Array4, Axis};
 
@@ -250,7 +250,9 @@ fn reexec_with_blas_threads(cli: &Cli) -> Option<ExitCode> {
         .env("OPENBLAS_NUM_THREADS", &wanted)
         .status()
         .ok()?;
-    Some(ExitCode::from(status.code().unwrap_or(1).clamp(0, 255) as u8))
+    Some(ExitCode::from(
+        status.code().unwrap_or(1).clamp(0, 255) as u8
+    ))
 }
 
 fn fips_params(args: &CompressArgs) -> FipsParams {
@@ -265,7 +267,9 @@ fn fips_params(args: &CompressArgs) -> FipsParams {
         }),
         SparsifierArg::None => Sparsifier::None,
     };
-    let budget = args.rank.map_or(Budget::Fraction(args.budget), Budget::Rank);
+    let budget = args
+        .rank
+        .map_or(Budget::Fraction(args.budget), Budget::Rank);
     let mut params = FipsParams::new()
         .budget(budget)
         .sparsity(args.sparsity)
@@ -285,7 +289,12 @@ fn fips_params(args: &CompressArgs) -> FipsParams {
 }
 
 /// Decodes the images of one split (optionally only the first `limit`), with a progress bar.
-fn decode_split(dir: &Path, split_name: &str, limit: Option<usize>, bars: &Bars) -> Result<(Array4<u8>, Vec<usize>), FipsError> {
+fn decode_split(
+    dir: &Path,
+    split_name: &str,
+    limit: Option<usize>,
+    bars: &Bars,
+) -> Result<(Array4<u8>, Vec<usize>), FipsError> {
     let all = read_labels(dir)?;
     let mut items: Vec<LabeledImage> = split(&all, split_name);
     if items.is_empty() {
@@ -337,7 +346,8 @@ fn compress(args: CompressArgs) -> Result<(), FipsError> {
     let activation = args.activation.unwrap_or(layout.default_activation());
     println!(
         "groups {groups}; p = {}, s = {}, {} steps of {} tokens, lr {} -> {}, {}",
-        args.rank.map_or(args.budget.to_string(), |r| format!("rank {r}")),
+        args.rank
+            .map_or(args.budget.to_string(), |r| format!("rank {r}")),
         args.sparsity,
         args.steps,
         args.batch_tokens,
@@ -353,7 +363,12 @@ fn compress(args: CompressArgs) -> Result<(), FipsError> {
         None
     };
     let calib_pixels = match &args.images.images {
-        Some(dir) => Some(decode_split(dir, &args.images.calib_split, args.images.calib_images, &bars)?),
+        Some(dir) => Some(decode_split(
+            dir,
+            &args.images.calib_split,
+            args.images.calib_images,
+            &bars,
+        )?),
         None => None,
     };
     let inputs_file = args.activations.as_ref().map(MlpInputs::open).transpose()?;
@@ -414,8 +429,16 @@ fn compress(args: CompressArgs) -> Result<(), FipsError> {
         let compressed_total = total - mlp_dense + mlp_kept;
         let (pixels, labels) = decode_split(dir, &args.eval_split, None, &bars)?;
         let compressed_vit = pipeline::with_compressed_mlps(vit, &result.model)?;
-        let dense_logits = pipeline::classify(vit, pixels.view(), &mut bars.classify_observer("eval dense"))?;
-        let logits = pipeline::classify(&compressed_vit, pixels.view(), &mut bars.classify_observer("eval compressed"))?;
+        let dense_logits = pipeline::classify(
+            vit,
+            pixels.view(),
+            &mut bars.classify_observer("eval dense"),
+        )?;
+        let logits = pipeline::classify(
+            &compressed_vit,
+            pixels.view(),
+            &mut bars.classify_observer("eval compressed"),
+        )?;
         let dense = Accuracy::new(dense_logits.view(), &labels)?;
         let comp = Accuracy::new(logits.view(), &labels)?;
         let agree = agreement(dense_logits.view(), logits.view())?;
@@ -433,7 +456,11 @@ fn compress(args: CompressArgs) -> Result<(), FipsError> {
             100.0 * compressed_total as f64 / total as f64
         );
     }
-    let calib_note = if result.model.manifest.data_free { " [data-free calibration]" } else { "" };
+    let calib_note = if result.model.manifest.data_free {
+        " [data-free calibration]"
+    } else {
+        ""
+    };
     println!("{line} | wall {:.1?}{calib_note}", start.elapsed());
     Ok(())
 }
@@ -445,7 +472,19 @@ fn millions(n: usize) -> String {
 fn print_group_table(reports: &[GroupReport]) {
     println!(
         "{:>5} {:>6} {:>5} {:>6} {:>8} {:>9} {:>11} {:>11} {:>7} {:>9} {:>9} {:>6} {:>8}",
-        "group", "blocks", "d", "I", "rank", "sparsity", "nnz", "params", "kept", "err init", "err final", "steps", "time"
+        "group",
+        "blocks",
+        "d",
+        "I",
+        "rank",
+        "sparsity",
+        "nnz",
+        "params",
+        "kept",
+        "err init",
+        "err final",
+        "steps",
+        "time"
     );
     for (g, r) in reports.iter().enumerate() {
         let p = &r.parameters;
@@ -469,7 +508,12 @@ fn print_group_table(reports: &[GroupReport]) {
 }
 
 fn write_loss_plots(dir: &Path, result: &ModelCompression) -> Result<(), FipsError> {
-    for (g, (report, m)) in result.reports.iter().zip(&result.model.manifest.groups).enumerate() {
+    for (g, (report, m)) in result
+        .reports
+        .iter()
+        .zip(&result.model.manifest.groups)
+        .enumerate()
+    {
         if report.loss_curve.is_empty() {
             continue;
         }
@@ -507,7 +551,8 @@ fn eval(args: EvalArgs) -> Result<(), FipsError> {
     let checkpoint = Checkpoint::open(&args.checkpoint)?;
     let vit = VisionTransformer::from_checkpoint(&checkpoint, args.heads)?;
     let (pixels, labels) = decode_split(&args.images, &args.split, None, &bars)?;
-    let dense_logits = pipeline::classify(&vit, pixels.view(), &mut bars.classify_observer("dense"))?;
+    let dense_logits =
+        pipeline::classify(&vit, pixels.view(), &mut bars.classify_observer("dense"))?;
     let dense = Accuracy::new(dense_logits.view(), &labels)?;
     println!(
         "dense: top-1 {:.2}%  top-5 {:.2}%  ({} images of {:?})",
@@ -519,7 +564,11 @@ fn eval(args: EvalArgs) -> Result<(), FipsError> {
     if let Some(path) = &args.compressed {
         let model = CompressedModel::read(path)?;
         let compressed_vit = pipeline::with_compressed_mlps(&vit, &model)?;
-        let logits = pipeline::classify(&compressed_vit, pixels.view(), &mut bars.classify_observer("compressed"))?;
+        let logits = pipeline::classify(
+            &compressed_vit,
+            pixels.view(),
+            &mut bars.classify_observer("compressed"),
+        )?;
         let acc = Accuracy::new(logits.view(), &labels)?;
         println!(
             "compressed: top-1 {:.2}%  top-5 {:.2}%  agreement with dense {:.2}%",
@@ -538,7 +587,10 @@ fn inspect(file: &Path) -> Result<(), FipsError> {
     for t in ck.tensors() {
         *dtypes.entry(format!("{:?}", t.dtype)).or_default() += 1;
     }
-    let mut dtypes: Vec<_> = dtypes.into_iter().map(|(k, v)| format!("{v} {k}")).collect();
+    let mut dtypes: Vec<_> = dtypes
+        .into_iter()
+        .map(|(k, v)| format!("{v} {k}"))
+        .collect();
     dtypes.sort();
     println!(
         "{}: {} tensors ({}), {} elements",
@@ -556,7 +608,11 @@ fn inspect(file: &Path) -> Result<(), FipsError> {
             m.method,
             m.source.as_deref().unwrap_or("?"),
             m.scheme.as_deref().unwrap_or("?"),
-            if m.data_free { ", data-free calibration" } else { "" }
+            if m.data_free {
+                ", data-free calibration"
+            } else {
+                ""
+            }
         );
         println!("parameters: {}", m.parameters);
         for (g, (gm, group)) in m.groups.iter().zip(&model.groups).enumerate() {
@@ -597,20 +653,31 @@ fn densify(compressed: &Path, original: &Path, out: &Path) -> Result<(), FipsErr
     Ok(())
 }
 
-fn capture(checkpoint: &Path, images: &ImageArgs, blocks: Option<&str>, out: &Path) -> Result<(), FipsError> {
+fn capture(
+    checkpoint: &Path,
+    images: &ImageArgs,
+    blocks: Option<&str>,
+    out: &Path,
+) -> Result<(), FipsError> {
     let bars = Bars::new();
     let ck = Checkpoint::open(checkpoint)?;
     let layout = MlpLayout::detect(&ck)?;
     let vit = VisionTransformer::from_checkpoint(&ck, None)?;
-    let dir = images.images.as_ref().ok_or_else(|| FipsError::InvalidParameter {
-        name: "images",
-        reason: "capture needs --images DIR".into(),
-    })?;
+    let dir = images
+        .images
+        .as_ref()
+        .ok_or_else(|| FipsError::InvalidParameter {
+            name: "images",
+            reason: "capture needs --images DIR".into(),
+        })?;
     let (pixels, _) = decode_split(dir, &images.calib_split, images.calib_images, &bars)?;
     let shapes: Vec<(usize, usize)> = (0..layout.blocks())
         .map(|b| layout.block(b).map(|t| (t.width, t.intermediate)))
         .collect::<Result<_, _>>()?;
-    let spec = blocks.map_or_else(|| format!("0-{}", layout.blocks().saturating_sub(1)), str::to_string);
+    let spec = blocks.map_or_else(
+        || format!("0-{}", layout.blocks().saturating_sub(1)),
+        str::to_string,
+    );
     let groups = BlockGroups::parse(&spec, &shapes)?;
     let calibration = CalibrationData::Images {
         vit: &vit,
@@ -619,14 +686,23 @@ fn capture(checkpoint: &Path, images: &ImageArgs, blocks: Option<&str>, out: &Pa
     let mut observer = bars.observer(groups.len());
     let mut captured = Vec::new();
     for (g, blocks) in groups.groups().iter().enumerate() {
-        let calib = pipeline::group_calibration(&calibration, g, blocks, vit.config().width, &mut observer)?;
+        let calib = pipeline::group_calibration(
+            &calibration,
+            g,
+            blocks,
+            vit.config().width,
+            &mut observer,
+        )?;
         captured.extend(blocks.iter().copied().zip(calib.inputs().to_vec()));
     }
     drop(observer);
     let views: Vec<_> = captured.iter().map(|(b, z)| (*b, z.view())).collect();
     let metadata = HashMap::from([
         ("source".to_string(), checkpoint.display().to_string()),
-        ("images".to_string(), format!("{} ({})", dir.display(), images.calib_split)),
+        (
+            "images".to_string(),
+            format!("{} ({})", dir.display(), images.calib_split),
+        ),
     ]);
     write_mlp_inputs(out, &views, safetensors::Dtype::F32, metadata)?;
     println!("wrote {} ({} blocks)", out.display(), views.len());

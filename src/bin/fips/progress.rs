@@ -21,17 +21,16 @@ impl Bars {
     /// A bar of `len` items labelled `message`.
     pub fn bar(&self, len: usize, message: &str) -> ProgressBar {
         let bar = ProgressBar::with_draw_target(Some(len as u64), ProgressDrawTarget::stderr());
-        bar.set_style(style("{msg:>18} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}"));
+        bar.set_style(style(
+            "{msg:>18} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}",
+        ));
         bar.set_message(message.to_string());
         bar
     }
 
     /// The observer of a compression run over `groups` groups.
     pub fn observer(&self, groups: usize) -> CompressionBars {
-        CompressionBars {
-            groups,
-            bar: None,
-        }
+        CompressionBars { groups, bar: None }
     }
 
     /// The observer of a classification pass.
@@ -80,11 +79,7 @@ impl Observer for CompressionBars {
             "{prefix:>18} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta} {msg}",
             String::new(),
         )
-        .set_prefix(format!(
-            "train {}/{} r={rank}",
-            group + 1,
-            self.groups
-        ));
+        .set_prefix(format!("train {}/{} r={rank}", group + 1, self.groups));
         if let Some(bar) = &self.bar {
             bar.set_message(format!("blocks {:?}", blocks));
         }
@@ -137,7 +132,8 @@ pub struct ClassifyBar {
 impl Observer for ClassifyBar {
     fn classification(&mut self, done: usize, total: usize) {
         let bar = self.bar.get_or_insert_with(|| {
-            let bar = ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr());
+            let bar =
+                ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr());
             bar.set_style(style("{msg:>18} [{bar:30}] {pos}/{len} {elapsed_precise}"));
             bar.set_message(self.label.clone());
             bar
