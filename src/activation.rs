@@ -73,6 +73,36 @@ impl Activation {
         }
     }
 
+    /// Replaces every `x` by `act(x)` (value only: the derivative's extra work is optimised away).
+    pub(crate) fn apply_slice<F: Float>(self, xs: &mut [F]) {
+        fn run<F: Float>(xs: &mut [F], k: impl Fn(F) -> (F, F)) {
+            for x in xs.iter_mut() {
+                *x = k(*x).0;
+            }
+        }
+        match self {
+            Self::Gelu => run(xs, |x| Self::Gelu.apply_with_derivative(x)),
+            Self::GeluTanh => run(xs, |x| Self::GeluTanh.apply_with_derivative(x)),
+            Self::Relu => run(xs, |x| Self::Relu.apply_with_derivative(x)),
+            Self::Silu => run(xs, |x| Self::Silu.apply_with_derivative(x)),
+        }
+    }
+
+    /// Gated hidden state: `gate ← act(gate) ⊙ up` (value only).
+    pub(crate) fn apply_gated_slice<F: Float>(self, gate: &mut [F], up: &[F]) {
+        fn run<F: Float>(gate: &mut [F], up: &[F], k: impl Fn(F) -> (F, F)) {
+            for (g, &u) in gate.iter_mut().zip(up) {
+                *g = k(*g).0 * u;
+            }
+        }
+        match self {
+            Self::Gelu => run(gate, up, |x| Self::Gelu.apply_with_derivative(x)),
+            Self::GeluTanh => run(gate, up, |x| Self::GeluTanh.apply_with_derivative(x)),
+            Self::Relu => run(gate, up, |x| Self::Relu.apply_with_derivative(x)),
+            Self::Silu => run(gate, up, |x| Self::Silu.apply_with_derivative(x)),
+        }
+    }
+
     /// Replaces every pre-activation `h` by `act(h)` and writes `act'(h)` into `slope`.
     pub(crate) fn forward_slices<F: Float>(self, h: &mut [F], slope: &mut [F]) {
         // One monomorphised loop per activation, so the loop body is branch-free and vectorises.

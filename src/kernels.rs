@@ -47,6 +47,46 @@ impl RowSplit {
         });
     }
 
+    /// Splits over the available cores.
+    pub(crate) fn available() -> Self {
+        Self::new(std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+
+    /// `h ← act(h)` (value only).
+    pub(crate) fn activate_values<F: Float>(&self, act: Activation, h: &mut [F], width: usize) {
+        let n = self.chunk(h.len(), width);
+        Self::run(h.chunks_mut(n).collect(), |h| act.apply_slice(h));
+    }
+
+    /// `gate ← act(gate) ⊙ up` (value only).
+    pub(crate) fn activate_gated_values<F: Float>(
+        &self,
+        act: Activation,
+        gate: &mut [F],
+        up: &[F],
+        width: usize,
+    ) {
+        let n = self.chunk(gate.len(), width);
+        Self::run(gate.chunks_mut(n).zip(up.chunks(n)).collect(), |(g, u)| {
+            act.apply_gated_slice(g, u)
+        });
+    }
+
+    /// Numerically stable softmax of every row of width `width`, in place.
+    pub(crate) fn softmax_rows<F: Float>(&self, a: &mut [F], width: usize) {
+        let n = self.chunk(a.len(), width);
+        Self::run(a.chunks_mut(n).collect(), |chunk| {
+            for row in chunk.chunks_exact_mut(width) {
+                let max = row
+                    .iter()
+                    .fold(F::cast(f64::NEG_INFINITY), |m, &v| m.max_(v));
+                row.iter_mut().for_each(|v| *v = (*v - max).exp_act());
+                let inv = F::one() / row.iter().fold(F::zero(), |s, &v| s + v);
+                row.iter_mut().for_each(|v| *v *= inv);
+            }
+        });
+    }
+
     /// `h ← act(h)`, `slope ← act'(h)`.
     pub(crate) fn activate<F: Float>(
         &self,

@@ -57,6 +57,7 @@ pub mod mlp;
 pub mod objective;
 pub mod optim;
 pub mod params;
+pub mod pipeline;
 pub mod sparsity;
 pub mod svg;
 pub mod vit;

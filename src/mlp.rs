@@ -7,6 +7,7 @@ use ndarray::{Array1, Array2, ArrayView2, Zip, linalg::general_mat_mul};
 use crate::activation::Activation;
 use crate::error::{FipsError, Result};
 use crate::float::{Float, ensure_finite};
+use crate::kernels::RowSplit;
 
 /// A linear layer `y = x Wᵀ + b` with the weight in PyTorch `nn.Linear` layout `[out, in]`.
 #[derive(Debug, Clone, PartialEq)]
@@ -264,14 +265,22 @@ impl<F: Float> DenseMlp<F> {
         let mut h = Array2::zeros((x.nrows(), self.intermediate()));
         self.layers[0].forward_into(x, &mut h);
         let act = self.activation;
+        let split = RowSplit::available();
+        let width = self.intermediate();
         match self.kind {
-            MlpKind::Standard => h.mapv_inplace(|v| act.apply(v)),
+            MlpKind::Standard => match h.as_slice_mut() {
+                Some(hs) => split.activate_values(act, hs, width),
+                None => h.mapv_inplace(|v| act.apply(v)),
+            },
             MlpKind::Gated => {
                 let mut up = Array2::zeros(h.raw_dim());
                 self.layers[1].forward_into(x, &mut up);
-                Zip::from(&mut h)
-                    .and(&up)
-                    .for_each(|g, &u| *g = act.apply(*g) * u);
+                match (h.as_slice_mut(), up.as_slice()) {
+                    (Some(hs), Some(us)) => split.activate_gated_values(act, hs, us, width),
+                    _ => Zip::from(&mut h)
+                        .and(&up)
+                        .for_each(|g, &u| *g = act.apply(*g) * u),
+                }
             }
         }
         h

@@ -18,9 +18,43 @@ use crate::error::{FipsError, Result};
 use crate::export::{CompressedModel, GroupManifest, Manifest};
 use crate::groups::BlockGroups;
 use crate::layout::MlpLayout;
-use crate::params::FipsValidParams;
+use crate::params::{FipsParams, FipsValidParams};
 use crate::sparsity::Sparsifier;
 use crate::vit::{VisionTransformer, preprocess};
+
+/// Training settings of a compression run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TrainingDefaults {
+    /// Steps per group.
+    pub steps: usize,
+    /// Tokens per mini-batch.
+    pub batch_tokens: usize,
+    /// Peak learning rate.
+    pub learning_rate: f64,
+    /// Final learning rate of the cosine decay.
+    pub min_learning_rate: f64,
+}
+
+/// Settings for small ViTs calibrated on a few hundred images (~50k tokens per block), tuned on
+/// DeiT-tiny so that a whole model compresses in a few minutes on two cores: the `fips` command's
+/// defaults. (The library's own defaults are the reference code's DeiT-B settings.)
+pub const VIT_DEFAULTS: TrainingDefaults = TrainingDefaults {
+    steps: 900,
+    batch_tokens: 1024,
+    learning_rate: 1e-3,
+    min_learning_rate: 1e-5,
+};
+
+impl TrainingDefaults {
+    /// `params` with these settings.
+    pub fn apply(&self, params: FipsParams) -> FipsParams {
+        params
+            .steps(self.steps)
+            .batch_tokens(self.batch_tokens)
+            .learning_rate(self.learning_rate)
+            .min_learning_rate(self.min_learning_rate)
+    }
+}
 
 /// Images per forward pass when running a ViT over a set of images.
 pub const IMAGE_BATCH: usize = 25;
@@ -141,10 +175,16 @@ pub fn group_calibration(
                 (Some(&a), Some(&b)) => (a, b),
                 _ => return Err(FipsError::EmptyGroup),
             };
-            if blocks.iter().zip(first..).any(|(&b, expected)| b != expected) {
+            if blocks
+                .iter()
+                .zip(first..)
+                .any(|(&b, expected)| b != expected)
+            {
                 return Err(FipsError::InvalidParameter {
                     name: "groups",
-                    reason: format!("capturing from images needs consecutive blocks, got {blocks:?}"),
+                    reason: format!(
+                        "capturing from images needs consecutive blocks, got {blocks:?}"
+                    ),
                 });
             }
             let total = pixels.len_of(Axis(0));
@@ -234,7 +274,9 @@ pub fn compress_checkpoint(
                     .map(|(w, bias)| (w.clone(), bias.clone(), dtype))
                     .collect::<Vec<_>>()
             })
-            .map(|(w, bias, dtype)| Ok((w.clone(), bias, checkpoint.info(&w)?.shape.clone(), dtype)))
+            .map(|(w, bias, dtype)| {
+                Ok((w.clone(), bias, checkpoint.info(&w)?.shape.clone(), dtype))
+            })
             .collect::<Result<Vec<_>>>()?;
         manifest
             .groups
@@ -254,7 +296,10 @@ pub fn compress_checkpoint(
 }
 
 /// `vit` with the MLPs of every compressed group replaced by their dense rebuilds.
-pub fn with_compressed_mlps(vit: &VisionTransformer, model: &CompressedModel) -> Result<VisionTransformer> {
+pub fn with_compressed_mlps(
+    vit: &VisionTransformer,
+    model: &CompressedModel,
+) -> Result<VisionTransformer> {
     let mut out = vit.clone();
     for (m, group) in model.manifest.groups.iter().zip(&model.groups) {
         for (position, &block) in m.blocks.iter().enumerate() {
@@ -265,7 +310,11 @@ pub fn with_compressed_mlps(vit: &VisionTransformer, model: &CompressedModel) ->
 }
 
 /// The logits of `vit` on `pixels` (`[images, H, W, 3]`), in batches of [`IMAGE_BATCH`].
-pub fn classify(vit: &VisionTransformer, pixels: ArrayView4<'_, u8>, observer: &mut dyn Observer) -> Result<Array2<f32>> {
+pub fn classify(
+    vit: &VisionTransformer,
+    pixels: ArrayView4<'_, u8>,
+    observer: &mut dyn Observer,
+) -> Result<Array2<f32>> {
     let total = pixels.len_of(Axis(0));
     let mut parts = Vec::new();
     let mut done = 0;
@@ -278,6 +327,38 @@ pub fn classify(vit: &VisionTransformer, pixels: ArrayView4<'_, u8>, observer: &
     }
     let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
     concatenate(Axis(0), &views).map_err(|e| FipsError::Numerical(e.to_string()))
+}
+
+/// A report as JSON: shape, rank, sparsity, parameters, errors, timings and the loss curve.
+pub fn report_json(report: &GroupReport, blocks: &[usize]) -> serde_json::Value {
+    let p = &report.parameters;
+    serde_json::json!({
+        "blocks": blocks,
+        "kind": report.kind.name(),
+        "width": report.shape.width,
+        "intermediate": report.shape.intermediate,
+        "rank": report.rank,
+        "sparsity": report.sparsity,
+        "target_sparsity": report.target_sparsity,
+        "nnz": report.nnz,
+        "sparsifier": report.sparsifier.to_string(),
+        "contraction": report.contraction.to_string(),
+        "dense_weights": p.dense_weights,
+        "compressed_weights": p.compressed_weights(),
+        "biases": p.biases,
+        "rel_error_init": report.rel_error_init,
+        "rel_error_final": report.rel_error_final,
+        "block_rel_error_init": report.block_rel_error_init,
+        "block_rel_error_final": report.block_rel_error_final,
+        "steps_planned": report.steps_planned,
+        "steps_run": report.steps_run,
+        "calibration_tokens": report.calibration_tokens,
+        "data_free": report.data_free,
+        "init_seconds": report.init_time.as_secs_f64(),
+        "train_seconds": report.train_time.as_secs_f64(),
+        "wall_seconds": report.wall_time.as_secs_f64(),
+        "loss_curve": report.loss_curve,
+    })
 }
 
 /// MLP weight parameters before and after: `(dense, compressed)` over every block of the layout

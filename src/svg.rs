@@ -63,11 +63,30 @@ fn ticks(lo: f64, hi: f64) -> Vec<f64> {
     out
 }
 
+/// Tick positions (log10 of the value) for a log axis over `[lo, hi]` (also log10): the 1-2-5
+/// multiples of each decade, or every digit when that leaves fewer than three.
+fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    let decades = lo.floor() as i32..=hi.ceil() as i32;
+    let at = |mantissas: &[f64]| -> Vec<f64> {
+        decades
+            .clone()
+            .flat_map(|k| mantissas.iter().map(move |m| (m * 10f64.powi(k)).log10()))
+            .filter(|t| (lo..=hi).contains(t))
+            .collect()
+    };
+    let coarse = at(&[1.0, 2.0, 5.0]);
+    if coarse.len() >= 3 {
+        coarse
+    } else {
+        at(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0])
+    }
+}
+
 fn format_tick(v: f64) -> String {
     if v == 0.0 {
         "0".into()
     } else if v.abs() >= 1e4 || v.abs() < 1e-2 {
-        format!("{v:.1e}")
+        format!("{v:.0e}")
     } else if v.fract().abs() < 1e-9 {
         format!("{v:.0}")
     } else {
@@ -139,16 +158,14 @@ impl LineChart {
             );
         }
         let y_ticks = if self.log_y {
-            (y0.ceil() as i32..=y1.floor() as i32)
-                .map(f64::from)
-                .collect()
+            log_ticks(y0, y1)
         } else {
             ticks(y0, y1)
         };
         for t in y_ticks {
             let y = sy(t);
             let label = if self.log_y {
-                format_tick(10f64.powf(t))
+                format_tick((10f64.powf(t) * 1e6).round() / 1e6)
             } else {
                 format_tick(t)
             };

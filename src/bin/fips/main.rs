@@ -15,7 +15,7 @@ use fips::export::{COMPRESSED_FORMAT, CompressedModel, MANIFEST_KEY};
 use fips::groups::{BlockGroups, DEFAULT_GROUP_SIZE};
 use fips::imagenet::{LabeledImage, load_image, read_labels, split};
 use fips::layout::MlpLayout;
-use fips::pipeline::{self, CalibrationData, ModelCompression};
+use fips::pipeline::{self, CalibrationData, ModelCompression, VIT_DEFAULTS};
 use fips::svg::{LineChart, Series};
 use fips::vit::VisionTransformer;
 use fips::{
@@ -135,16 +135,16 @@ struct CompressArgs {
     #[arg(long)]
     groups: Option<String>,
     /// Training steps per group.
-    #[arg(long, default_value_t = 900)]
+    #[arg(long, default_value_t = VIT_DEFAULTS.steps)]
     steps: usize,
     /// Calibration tokens per mini-batch.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = VIT_DEFAULTS.batch_tokens)]
     batch_tokens: usize,
     /// Peak learning rate of AdamW (cosine decay to --min-lr).
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = VIT_DEFAULTS.learning_rate)]
     lr: f64,
     /// Final learning rate of the cosine decay.
-    #[arg(long, default_value_t = 1e-5)]
+    #[arg(long, default_value_t = VIT_DEFAULTS.min_learning_rate)]
     min_lr: f64,
     /// Decoupled weight decay.
     #[arg(long, default_value_t = 0.05)]
@@ -418,6 +418,17 @@ fn compress(args: CompressArgs) -> Result<(), FipsError> {
     write_loss_plots(&args.out_dir, &result)?;
 
     let (mlp_dense, mlp_kept) = pipeline::mlp_parameters(&layout, &result.model);
+    let mut summary = serde_json::json!({
+        "checkpoint": args.checkpoint.display().to_string(),
+        "scheme": layout.scheme().to_string(),
+        "parameters": pipeline::describe_params(&params),
+        "data_free": result.model.manifest.data_free,
+        "calibration_seconds": result.calibration_time.as_secs_f64(),
+        "groups": result.reports.iter().zip(&result.model.manifest.groups)
+            .map(|(r, m)| pipeline::report_json(r, &m.blocks)).collect::<Vec<_>>(),
+        "mlp_weights_dense": mlp_dense,
+        "mlp_weights_compressed": mlp_kept,
+    });
     let mut line = format!(
         "MLP params {} -> {} ({:.1}%)",
         millions(mlp_dense),
@@ -442,6 +453,17 @@ fn compress(args: CompressArgs) -> Result<(), FipsError> {
         let dense = Accuracy::new(dense_logits.view(), &labels)?;
         let comp = Accuracy::new(logits.view(), &labels)?;
         let agree = agreement(dense_logits.view(), logits.view())?;
+        summary["eval"] = serde_json::json!({
+            "split": args.eval_split,
+            "images": labels.len(),
+            "dense_top1": dense.top1,
+            "dense_top5": dense.top5,
+            "compressed_top1": comp.top1,
+            "compressed_top5": comp.top5,
+            "agreement": agree,
+            "model_params_dense": total,
+            "model_params_compressed": compressed_total,
+        });
         line = format!(
             "{} eval images: dense top-1 {:.1}% top-5 {:.1}% | compressed top-1 {:.1}% ({:+.1}) top-5 {:.1}% | agreement {:.1}% | {line} | model params {} -> {} ({:.1}%)",
             labels.len(),
@@ -461,6 +483,12 @@ fn compress(args: CompressArgs) -> Result<(), FipsError> {
     } else {
         ""
     };
+    summary["wall_seconds"] = serde_json::json!(start.elapsed().as_secs_f64());
+    let report_path = args.out_dir.join("report.json");
+    let text =
+        serde_json::to_string_pretty(&summary).map_err(|e| FipsError::Numerical(e.to_string()))?;
+    fips::checkpoint::write_atomically(&report_path, text.as_bytes())?;
+    println!("wrote {}", report_path.display());
     println!("{line} | wall {:.1?}{calib_note}", start.elapsed());
     Ok(())
 }

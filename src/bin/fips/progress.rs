@@ -74,15 +74,13 @@ impl Observer for CompressionBars {
     }
 
     fn group_started(&mut self, group: usize, blocks: &[usize], rank: usize, steps: usize) {
-        self.replace(
+        let prefix = format!("train {}/{} r={rank}", group + 1, self.groups);
+        let bar = self.replace(
             steps,
             "{prefix:>18} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta} {msg}",
-            String::new(),
-        )
-        .set_prefix(format!("train {}/{} r={rank}", group + 1, self.groups));
-        if let Some(bar) = &self.bar {
-            bar.set_message(format!("blocks {:?}", blocks));
-        }
+            format!("blocks {blocks:?}"),
+        );
+        bar.set_prefix(prefix);
     }
 
     fn step(&mut self, _group: usize, p: &Progress) -> ControlFlow<()> {

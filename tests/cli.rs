@@ -1,0 +1,320 @@
+//! The `fips` binary end to end on a tiny random ViT and synthetic JPEG images.
+#![cfg(feature = "cli")]
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use fips::checkpoint::{TensorData, write_safetensors};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use safetensors::Dtype;
+
+const WIDTH: usize = 16;
+const HIDDEN: usize = 32;
+const PATCH: usize = 56; // 224 / 56 = 4 × 4 patches
+const TOKENS: usize = 17;
+const CLASSES: usize = 5;
+const BLOCKS: usize = 4;
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn random(rng: &mut ChaCha8Rng, shape: &[usize], scale: f32) -> TensorData {
+    let n: usize = shape.iter().product();
+    TensorData::from_floats(
+        (0..n).map(|_| scale * (rng.random::<f32>() - 0.5)),
+        shape.to_vec(),
+        Dtype::F32,
+    )
+    .unwrap()
+}
+
+/// A timm-named ViT with random weights.
+fn write_tiny_vit(path: &Path) {
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let mut t = BTreeMap::new();
+    t.insert(
+        "patch_embed.proj.weight".into(),
+        random(&mut rng, &[WIDTH, 3, PATCH, PATCH], 0.02),
+    );
+    t.insert(
+        "patch_embed.proj.bias".into(),
+        random(&mut rng, &[WIDTH], 0.1),
+    );
+    t.insert("cls_token".into(), random(&mut rng, &[1, 1, WIDTH], 0.5));
+    t.insert(
+        "pos_embed".into(),
+        random(&mut rng, &[1, TOKENS, WIDTH], 0.5),
+    );
+    for b in 0..BLOCKS {
+        let p = format!("blocks.{b}");
+        for norm in ["norm1", "norm2"] {
+            t.insert(
+                format!("{p}.{norm}.weight"),
+                TensorData::from_floats([1.0f32; WIDTH], vec![WIDTH], Dtype::F32).unwrap(),
+            );
+            t.insert(format!("{p}.{norm}.bias"), random(&mut rng, &[WIDTH], 0.1));
+        }
+        for (name, out, inp) in [
+            ("attn.qkv", 3 * WIDTH, WIDTH),
+            ("attn.proj", WIDTH, WIDTH),
+            ("mlp.fc1", HIDDEN, WIDTH),
+            ("mlp.fc2", WIDTH, HIDDEN),
+        ] {
+            t.insert(
+                format!("{p}.{name}.weight"),
+                random(&mut rng, &[out, inp], 1.0 / (inp as f32).sqrt()),
+            );
+            t.insert(format!("{p}.{name}.bias"), random(&mut rng, &[out], 0.1));
+        }
+    }
+    t.insert(
+        "norm.weight".into(),
+        TensorData::from_floats([1.0f32; WIDTH], vec![WIDTH], Dtype::F32).unwrap(),
+    );
+    t.insert("norm.bias".into(), random(&mut rng, &[WIDTH], 0.1));
+    t.insert(
+        "head.weight".into(),
+        random(&mut rng, &[CLASSES, WIDTH], 1.0),
+    );
+    t.insert("head.bias".into(), random(&mut rng, &[CLASSES], 0.1));
+    write_safetensors(path, &t, HashMap::new()).unwrap();
+}
+
+/// An image set with `calib` and `eval` splits of smooth random 224 × 224 JPEGs.
+fn write_images(dir: &Path) {
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let mut tsv = String::from("file\tlabel\tsynset\tsplit\n");
+    for split in ["calib", "eval"] {
+        std::fs::create_dir_all(dir.join(split)).unwrap();
+        for k in 0..6 {
+            let (a, b, c): (f32, f32, f32) = (rng.random(), rng.random(), rng.random());
+            let img = image::RgbImage::from_fn(224, 224, |x, y| {
+                let v = |s: f32| {
+                    ((s * (x as f32 / 20.0 + y as f32 / 31.0)).sin() * 120.0 + 128.0) as u8
+                };
+                image::Rgb([v(a), v(b), v(c)])
+            });
+            let file = format!("{split}/img{k}.jpg");
+            img.save(dir.join(&file)).unwrap();
+            tsv.push_str(&format!("{file}\t{}\tn0\t{split}\n", k % CLASSES));
+        }
+    }
+    std::fs::write(dir.join("labels.tsv"), tsv).unwrap();
+}
+
+fn fips(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fips"))
+        .args(args)
+        .env("OPENBLAS_NUM_THREADS", "1")
+        .output()
+        .expect("the fips binary runs")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn compress_inspect_densify_and_eval_a_tiny_vit() {
+    let dir = TempDir(std::env::temp_dir().join(format!("fips-cli-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let model = dir.0.join("model.safetensors");
+    write_tiny_vit(&model);
+    let images = dir.0.join("images");
+    write_images(&images);
+    let out_dir = dir.0.join("out");
+    let s = |p: &Path| p.to_string_lossy().into_owned();
+
+    let out = fips(&[
+        "compress",
+        "--checkpoint",
+        &s(&model),
+        "--images",
+        &s(&images),
+        "--heads",
+        "1",
+        "--steps",
+        "30",
+        "--batch-tokens",
+        "32",
+        "--groups",
+        "0-1,2-3",
+        "--budget",
+        "0.5",
+        "--sparsity",
+        "0.5",
+        "--out-dir",
+        &s(&out_dir),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let log = text(&out);
+    assert!(log.contains("timm ViT/DeiT"), "{log}");
+    assert!(log.contains("6 eval images"), "{log}");
+    for f in [
+        "compressed.safetensors",
+        "densified.safetensors",
+        "loss_group0.svg",
+        "loss_group1.svg",
+        "report.json",
+    ] {
+        assert!(out_dir.join(f).is_file(), "{f} missing");
+    }
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("report.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["groups"].as_array().unwrap().len(), 2);
+    assert_eq!(report["groups"][1]["blocks"], serde_json::json!([2, 3]));
+    assert!(report["eval"]["agreement"].as_f64().unwrap() >= 0.0);
+    assert_eq!(
+        report["groups"][0]["loss_curve"].as_array().unwrap().len(),
+        30
+    );
+
+    let out = fips(&["inspect", &s(&out_dir.join("compressed.safetensors"))]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("fips-compressed") && text(&out).contains("group 1: blocks [2, 3]"),
+        "{}",
+        text(&out)
+    );
+    let out = fips(&["inspect", &s(&model)]);
+    assert!(
+        text(&out).contains("4 blocks of standard MLPs"),
+        "{}",
+        text(&out)
+    );
+
+    let again = dir.0.join("again.safetensors");
+    let out = fips(&[
+        "densify",
+        "--compressed",
+        &s(&out_dir.join("compressed.safetensors")),
+        "--original",
+        &s(&model),
+        "--out",
+        &s(&again),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        std::fs::read(&again).unwrap(),
+        std::fs::read(out_dir.join("densified.safetensors")).unwrap(),
+        "densify reproduces the densified checkpoint byte for byte"
+    );
+
+    let out = fips(&[
+        "eval",
+        "--checkpoint",
+        &s(&model),
+        "--images",
+        &s(&images),
+        "--heads",
+        "1",
+        "--compressed",
+        &s(&out_dir.join("compressed.safetensors")),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("agreement with dense"),
+        "{}",
+        text(&out)
+    );
+
+    let acts = dir.0.join("acts.safetensors");
+    let out = fips(&[
+        "capture",
+        "--checkpoint",
+        &s(&model),
+        "--images",
+        &s(&images),
+        "--blocks",
+        "0-3",
+        "--out",
+        &s(&acts),
+    ]);
+    // `capture` uses the default head count (width / 64 = 0 → 1 head here).
+    assert!(out.status.success(), "{}", text(&out));
+    let out = fips(&[
+        "compress",
+        "--checkpoint",
+        &s(&model),
+        "--activations",
+        &s(&acts),
+        "--steps",
+        "5",
+        "--batch-tokens",
+        "16",
+        "--group-size",
+        "2",
+        "--out-dir",
+        &s(&dir.0.join("from-file")),
+        "--threads",
+        "1",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+#[test]
+fn bad_input_gives_an_error_message_not_a_panic() {
+    let dir = TempDir(std::env::temp_dir().join(format!("fips-cli-bad-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let missing = dir.0.join("missing.safetensors");
+    let out = fips(&[
+        "compress",
+        "--checkpoint",
+        &missing.to_string_lossy(),
+        "--data-free",
+    ]);
+    assert!(!out.status.success());
+    let log = text(&out);
+    assert!(log.contains("error:") && !log.contains("panicked"), "{log}");
+
+    let garbage = dir.0.join("garbage.safetensors");
+    std::fs::write(&garbage, b"definitely not a safetensors file").unwrap();
+    let out = fips(&["inspect", &garbage.to_string_lossy()]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("error:") && !text(&out).contains("panicked"),
+        "{}",
+        text(&out)
+    );
+
+    let model = dir.0.join("model.safetensors");
+    write_tiny_vit(&model);
+    let out = fips(&[
+        "compress",
+        "--checkpoint",
+        &model.to_string_lossy(),
+        "--data-free",
+        "--budget",
+        "1.5",
+    ]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("budget"), "{}", text(&out));
+    let out = fips(&[
+        "compress",
+        "--checkpoint",
+        &model.to_string_lossy(),
+        "--data-free",
+        "--groups",
+        "0-1,1-2",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("block 1 is in group 0 and in group 1"),
+        "{}",
+        text(&out)
+    );
+}
