@@ -91,15 +91,11 @@ fn main() -> fips::Result<()> {
             let acc = Accuracy::new(logits.view(), &eval_labels)?;
             let agree = agreement(dense_logits.view(), logits.view())?;
             let (mlp_dense, mlp_kept) = pipeline::mlp_parameters(&layout, &result.model);
-            let mean_error = result
-                .reports
-                .iter()
-                .map(|r| r.rel_error_final)
-                .sum::<f64>()
+            let mean_error = result.reports.iter().map(|r| r.rel_error).sum::<f64>()
                 / result.reports.len() as f64;
             let row = format!(
                 "| {p} | {s} | {} | {} ({:.1} %) | {} ({:.1} %) | {:.4} | {:.1} % | {:+.1} | {:.1} % | {:.0} s |\n",
-                result.reports[0].rank,
+                result.reports[0].details["rank"],
                 mlp_kept,
                 100.0 * mlp_kept as f64 / mlp_dense as f64,
                 total - mlp_dense + mlp_kept,

@@ -90,6 +90,23 @@ pub fn rank_for_budget(shape: GroupShape, p: f64, sparsity: f64) -> Result<usize
     Ok(r)
 }
 
+/// The rank of a per-matrix factorisation `[m, n] ≈ [m, r] · [r, n]` keeping the fraction `p` of
+/// its `m n` weights: `r = ⌊p m n / (m + n)⌋` (an error if that is 0).
+pub fn rank_for_matrix(m: usize, n: usize, p: f64) -> Result<usize> {
+    Budget::Fraction(p).check()?;
+    let r = (p * m as f64 * n as f64 / (m + n) as f64 * (1.0 + 1e-12)).floor() as usize;
+    if r == 0 {
+        return Err(FipsError::ZeroRank {
+            budget: p,
+            sparsity: 0.0,
+            d: m.min(n),
+            intermediate: m.max(n),
+            matrices: 1,
+        });
+    }
+    Ok(r)
+}
+
 /// The number of nonzeros kept out of `total` entries at sparsity `s`: `⌊(1 − s) total⌋`.
 ///
 /// The achieved sparsity `1 − nnz/total` is then in `[s, s + 1/total)`.
@@ -209,6 +226,18 @@ mod tests {
         assert!(rank_for_budget(tiny, f64::NAN, 0.0).is_err());
         assert!(rank_for_budget(tiny, 0.5, 1.0).is_err());
         assert!(rank_for_budget(tiny, 0.5, -0.1).is_err());
+    }
+
+    #[test]
+    fn per_matrix_rank() {
+        // DeiT-B fc1, p = 0.5: ⌊0.5 · 768 · 3072 / 3840⌋ = 307.
+        assert_eq!(rank_for_matrix(3072, 768, 0.5).unwrap(), 307);
+        assert_eq!(rank_for_matrix(768, 192, 0.25).unwrap(), 38);
+        assert!(matches!(
+            rank_for_matrix(4, 4, 0.1),
+            Err(FipsError::ZeroRank { .. })
+        ));
+        assert!(rank_for_matrix(4, 4, 0.0).is_err());
     }
 
     #[test]

@@ -17,7 +17,8 @@ use crate::factors::{SharedBasis, SparseFactor};
 use crate::float::Float;
 use crate::group::CompressedGroup;
 use crate::init::shared_init;
-use crate::mlp::{DenseMlp, MlpKind};
+use crate::methods::LowRankGroup;
+use crate::mlp::{DenseMlp, MatrixRole, MlpKind};
 use crate::objective::{ContractionOrder, GroupParams, Objective, StepShape};
 use crate::optim::{AdamWStep, Moments};
 use crate::params::FipsValidParams;
@@ -224,7 +225,17 @@ impl FipsCompressor {
         blocks: &'a [DenseMlp<F>],
         calibration: &'a Calibration<F>,
     ) -> Result<FipsTrainer<'a, F>> {
-        FipsTrainer::new(self.params.clone(), blocks, calibration)
+        FipsTrainer::new(self.params.clone(), blocks, calibration, false)
+    }
+
+    /// A trainer in which every matrix has its own basis (the per-layer low-rank baseline trained
+    /// with FiPS's loss); finish it with `finish_low_rank`. Requires sparsity 0.
+    pub(crate) fn per_matrix_trainer<'a, F: Float>(
+        &self,
+        blocks: &'a [DenseMlp<F>],
+        calibration: &'a Calibration<F>,
+    ) -> Result<FipsTrainer<'a, F>> {
+        FipsTrainer::new(self.params.clone(), blocks, calibration, true)
     }
 }
 
@@ -238,6 +249,8 @@ impl FipsCompressor {
 pub struct FipsTrainer<'a, F: Float> {
     config: FipsValidParams,
     spec: GroupSpec,
+    /// One basis per matrix instead of one per group (the per-layer baseline, crate-internal).
+    per_matrix: bool,
     rank: usize,
     calibration: &'a Calibration<F>,
     targets: Vec<Array2<F>>,
@@ -271,6 +284,7 @@ impl<'a, F: Float> FipsTrainer<'a, F> {
         config: FipsValidParams,
         blocks: &[DenseMlp<F>],
         calibration: &'a Calibration<F>,
+        per_matrix: bool,
     ) -> Result<Self> {
         let start = Instant::now();
         let spec = validate_group(blocks)?;
@@ -289,8 +303,24 @@ impl<'a, F: Float> FipsTrainer<'a, F> {
                 got: vec![calibration.tokens(), calibration.width()],
             });
         }
+        if per_matrix && config.sparsity() > 0.0 {
+            return Err(invalid(
+                "sparsity",
+                "per-matrix bases are the dense low-rank baseline: the sparsity must be 0",
+            ));
+        }
+        // With per-matrix bases the budget applies to each matrix alone (f = n = 1).
+        let rank_shape = if per_matrix {
+            GroupShape {
+                blocks: 1,
+                matrices_per_block: 1,
+                ..shape
+            }
+        } else {
+            shape
+        };
         let rank = match config.budget() {
-            Budget::Fraction(p) => rank_for_budget(shape, p, config.sparsity())?,
+            Budget::Fraction(p) => rank_for_budget(rank_shape, p, config.sparsity())?,
             Budget::Rank(r) => r,
         };
         let batch = config.batch_tokens();
@@ -325,11 +355,29 @@ impl<'a, F: Float> FipsTrainer<'a, F> {
             .iter()
             .flat_map(|b| (0..shape.matrices_per_block).map(move |j| b.oriented(j)))
             .collect();
-        let init = shared_init(&oriented, rank, config.tau(), config.init())?;
+        let (u, v) = if per_matrix {
+            // U = [U_1 | … | U_fn], V = [V_1 | … | V_fn], each pair the SVD of one matrix.
+            let inits = oriented
+                .iter()
+                .map(|w| shared_init(std::slice::from_ref(w), rank, config.tau(), config.init()))
+                .collect::<Result<Vec<_>>>()?;
+            let us: Vec<_> = inits.iter().map(|i| i.basis.view()).collect();
+            let vs: Vec<_> = inits.iter().map(|i| i.factors.view()).collect();
+            // (Concatenating along columns yields a column-major array: the trainer needs row-major.)
+            let cat = |parts: &[ndarray::ArrayView2<'_, F>]| {
+                ndarray::concatenate(Axis(1), parts)
+                    .map(|a| a.as_standard_layout().into_owned())
+                    .map_err(|e| FipsError::Numerical(e.to_string()))
+            };
+            (cat(&us)?, cat(&vs)?)
+        } else {
+            let init = shared_init(&oriented, rank, config.tau(), config.init())?;
+            (init.basis, init.factors)
+        };
         let init_time = init_start.elapsed();
         let mut params = GroupParams {
-            u: init.basis,
-            v: init.factors,
+            u,
+            v,
             biases: blocks
                 .iter()
                 .flat_map(|b| b.layers().iter().map(|l| l.bias().cloned()))
@@ -346,8 +394,13 @@ impl<'a, F: Float> FipsTrainer<'a, F> {
             let mut m = mask.clone();
             MaskSchedule::new(config.sparsifier(), target, entries, 0)
                 .prepare(contiguous(&mut v)?, contiguous(&mut m)?);
-            let group = assemble(&spec, &params.u, &v, &m, &params.biases)?;
-            block_errors(&group, calibration, &targets)?
+            let rebuilt =
+                Representation::build(&spec, rank, per_matrix, &params.u, &v, &m, &params.biases)?;
+            block_errors(
+                &rebuilt.dense_blocks(spec.shape.blocks)?,
+                calibration,
+                &targets,
+            )?
         };
         schedule.prepare(contiguous(&mut params.v)?, contiguous(&mut mask)?);
 
@@ -361,14 +414,19 @@ impl<'a, F: Float> FipsTrainer<'a, F> {
                 matrices_per_block: shape.matrices_per_block,
             };
             let xs = vec![Array2::<F>::zeros((batch, shape.width)); shape.blocks];
+            let objective = Objective::new(
+                spec.kind,
+                spec.activation,
+                step_shape,
+                config.contraction(),
+                config.threads(),
+            );
             TrainingState {
-                objective: Objective::new(
-                    spec.kind,
-                    spec.activation,
-                    step_shape,
-                    config.contraction(),
-                    config.threads(),
-                ),
+                objective: if per_matrix {
+                    objective.with_per_matrix_bases()
+                } else {
+                    objective
+                },
                 grads: params.zeros_like(),
                 moments_u: Moments::zeros(params.u.raw_dim()),
                 moments_v: Moments::zeros(params.v.raw_dim()),
@@ -384,6 +442,7 @@ impl<'a, F: Float> FipsTrainer<'a, F> {
         });
         Ok(Self {
             spec,
+            per_matrix,
             rank,
             calibration,
             targets,
@@ -503,7 +562,26 @@ impl<'a, F: Float> FipsTrainer<'a, F> {
 
     /// Prunes to the target sparsity (if the schedule has not yet), evaluates the trained group on
     /// the whole calibration set and returns it with its report.
-    pub fn finish(mut self) -> Result<FipsOutput<F>> {
+    pub fn finish(self) -> Result<FipsOutput<F>> {
+        match self.finish_inner()? {
+            (Representation::Shared(group), report) => Ok(FipsOutput { group, report }),
+            (Representation::PerMatrix(_), _) => Err(FipsError::Numerical(
+                "a per-matrix run has no shared basis: use finish_low_rank".into(),
+            )),
+        }
+    }
+
+    /// The result of a per-matrix run, as low-rank factors `A_j B_j`.
+    pub(crate) fn finish_low_rank(self) -> Result<(LowRankGroup<F>, GroupReport)> {
+        match self.finish_inner()? {
+            (Representation::PerMatrix(group), report) => Ok((group, report)),
+            (Representation::Shared(_), _) => Err(FipsError::Numerical(
+                "a shared-basis run has no per-matrix factors: use finish".into(),
+            )),
+        }
+    }
+
+    fn finish_inner(mut self) -> Result<(Representation<F>, GroupReport)> {
         if let Some(bad) = first_non_finite(&self.params) {
             return Err(FipsError::NonFiniteLoss {
                 step: self.step,
@@ -513,16 +591,31 @@ impl<'a, F: Float> FipsTrainer<'a, F> {
         self.schedule
             .finish(contiguous(&mut self.params.v)?, contiguous(&mut self.mask)?);
         let p = &self.params;
-        let group = assemble(&self.spec, &p.u, &p.v, &self.mask, &p.biases)?;
-        let final_errors = block_errors(&group, self.calibration, &self.targets)?;
+        let built = Representation::build(
+            &self.spec,
+            self.rank,
+            self.per_matrix,
+            &p.u,
+            &p.v,
+            &self.mask,
+            &p.biases,
+        )?;
+        let final_errors = block_errors(
+            &built.dense_blocks(self.spec.shape.blocks)?,
+            self.calibration,
+            &self.targets,
+        )?;
+        let parameters = built.parameter_count();
+        let nnz = self.mask.iter().filter(|&&m| m).count();
+        let entries = self.mask.len();
         let report = GroupReport {
             kind: self.spec.kind,
             shape: self.spec.shape,
             rank: self.rank,
             target_sparsity: self.config.sparsity(),
-            sparsity: group.sparsity(),
-            nnz: group.nnz(),
-            parameters: group.parameter_count(),
+            sparsity: 1.0 - nnz as f64 / entries as f64,
+            nnz,
+            parameters,
             sparsifier: self.config.sparsifier(),
             contraction: self.contraction(),
             rel_error_init: self.init_errors.overall(),
@@ -538,7 +631,61 @@ impl<'a, F: Float> FipsTrainer<'a, F> {
             train_time: self.train_time,
             wall_time: self.start.elapsed(),
         };
-        Ok(FipsOutput { group, report })
+        Ok((built, report))
+    }
+}
+
+/// The trained factors in their public form.
+enum Representation<F> {
+    Shared(CompressedGroup<F>),
+    PerMatrix(LowRankGroup<F>),
+}
+
+impl<F: Float> Representation<F> {
+    /// Splits the concatenated factors into the group's matrices.
+    fn build(
+        spec: &GroupSpec,
+        rank: usize,
+        per_matrix: bool,
+        u: &Array2<F>,
+        v: &Array2<F>,
+        mask: &Array2<bool>,
+        biases: &[Option<ndarray::Array1<F>>],
+    ) -> Result<Self> {
+        if !per_matrix {
+            return assemble(spec, u, v, mask, biases).map(Self::Shared);
+        }
+        let (i, f) = (spec.shape.intermediate, spec.shape.matrices_per_block);
+        let factors = (0..spec.shape.matrices())
+            .map(|j| {
+                let uj = u.slice(s![.., j * rank..(j + 1) * rank]);
+                let vj = v.slice(s![.., j * i..(j + 1) * i]);
+                // W̃_j = U_j V_j is d × I; up projections store its transpose.
+                let (left, right) = match spec.kind.matrix_roles()[j % f] {
+                    MatrixRole::Up => (vj.t().to_owned(), uj.t().to_owned()),
+                    MatrixRole::Down => (uj.to_owned(), vj.to_owned()),
+                };
+                (left, right, biases[j].clone())
+            })
+            .collect();
+        LowRankGroup::independent(spec.kind, spec.activation, (spec.shape.width, i), factors)
+            .map(Self::PerMatrix)
+    }
+
+    fn dense_blocks(&self, blocks: usize) -> Result<Vec<DenseMlp<F>>> {
+        (0..blocks)
+            .map(|b| match self {
+                Self::Shared(g) => g.to_dense_mlp(b),
+                Self::PerMatrix(g) => g.to_dense_mlp(b),
+            })
+            .collect()
+    }
+
+    fn parameter_count(&self) -> ParameterCount {
+        match self {
+            Self::Shared(g) => g.parameter_count(),
+            Self::PerMatrix(g) => g.parameter_count(),
+        }
     }
 }
 
@@ -655,21 +802,22 @@ fn relative(error2: f64, norm2: f64) -> f64 {
     }
 }
 
-/// `‖Ŷ_b − Y_b‖²` and `‖Y_b‖²` of every block over the whole calibration set, in chunks.
+/// `‖Ŷ_b − Y_b‖²` and `‖Y_b‖²` of every block over the whole calibration set, in chunks, with the
+/// blocks rebuilt dense (each weight is formed once, not once per chunk).
 fn block_errors<F: Float>(
-    group: &CompressedGroup<F>,
+    blocks: &[DenseMlp<F>],
     calibration: &Calibration<F>,
     targets: &[Array2<F>],
 ) -> Result<BlockErrors> {
     let mut error2 = Vec::with_capacity(targets.len());
     let mut norm2 = Vec::with_capacity(targets.len());
-    for (b, (z, y)) in calibration.inputs().iter().zip(targets).enumerate() {
+    for (mlp, (z, y)) in blocks.iter().zip(calibration.inputs().iter().zip(targets)) {
         let (mut e, mut n) = (0.0f64, 0.0f64);
         for (zc, yc) in z
             .axis_chunks_iter(Axis(0), CHUNK_TOKENS)
             .zip(y.axis_chunks_iter(Axis(0), CHUNK_TOKENS))
         {
-            let yhat = group.forward(b, zc)?;
+            let yhat = mlp.forward(zc)?;
             ndarray::Zip::from(&yhat).and(&yc).for_each(|&p, &t| {
                 let (p, t) = (p.as_f64(), t.as_f64());
                 e += (p - t) * (p - t);

@@ -1,15 +1,24 @@
 //! Outputs: the compressed checkpoint (factors plus a manifest) and the densified checkpoint.
 //!
-//! **Compressed checkpoint.** A safetensors file holding, for every group `g`:
-//! `group.{g}.basis` (`U`, `[d, r]`, F32), for every matrix `j` of the group in module order the
-//! CSR arrays of `V_j` — `group.{g}.matrix.{j}.values` (`[nnz]`, F32), `.columns` (`[nnz]`, U32)
-//! and `.row_offsets` (`[r + 1]`, U32) — and its bias `group.{g}.matrix.{j}.bias` (F32) if it has
-//! one. The header metadata `fips.manifest` is a JSON [`Manifest`]: method and parameters, the
-//! groups' blocks, ranks and sparsity, and each matrix's original tensor names, shape and dtype.
+//! **Compressed checkpoint.** A safetensors file (all tensors F32, indices U32) holding for every
+//! group `g`, by representation:
+//! - `shared-basis` (FiPS): `group.{g}.basis` (`U`, `[d, r]`) and for every matrix `j` of the
+//!   group in module order the CSR arrays of `V_j`: `group.{g}.matrix.{j}.values` (`[nnz]`),
+//!   `.columns` (`[nnz]`) and `.row_offsets` (`[r + 1]`);
+//! - `low-rank` (SVD, SVD-LLM, basis sharing, mixed rank): right factors `group.{g}.basis.{u}`
+//!   (`[k, in]`, shared or not) and per matrix `group.{g}.matrix.{j}.left` (`[out, k]`, or the
+//!   whole `[out, in]` weight of a matrix kept dense); which basis each matrix uses is in the
+//!   manifest's `structure.bases`;
+//! - `collapsed` (LayerCollapse): per block `group.{g}.block.{b}.weight` (`[d, d]`), or
+//!   `.left`/`.right` when kept factored, and `.bias`;
 //!
-//! **Densified checkpoint.** The original file with every compressed MLP weight (and its trained
-//! bias) replaced by the rebuilt dense tensor, same name, shape and dtype, and every other tensor
-//! copied byte for byte, so any loader of the original architecture reads it.
+//! and the biases `group.{g}.matrix.{j}.bias`. The header metadata `fips.manifest` is a JSON
+//! [`Manifest`]: method and parameters, each group's blocks, representation and structure, and
+//! every matrix's original tensor names, shape and dtype.
+//!
+//! **Densified checkpoint.** The original file with every compressed MLP tensor replaced by the
+//! exact dense equivalent of its block (same name, shape and dtype) and every other tensor copied
+//! byte for byte, so any loader of the original architecture reads it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -26,6 +35,9 @@ use crate::checkpoint::{
 use crate::error::{FipsError, Result};
 use crate::factors::{SharedBasis, SparseFactor};
 use crate::group::CompressedGroup;
+use crate::methods::CompressedBlocks;
+use crate::methods::layer_collapse::{CollapsedBlock, CollapsedGroup, CollapsedMap};
+use crate::methods::lowrank::{LowRankGroup, LowRankMatrix};
 use crate::mlp::MlpKind;
 
 /// The `format` field of a compressed checkpoint's manifest.
@@ -62,7 +74,9 @@ pub struct Manifest {
 pub struct GroupManifest {
     /// The blocks of the group, in order.
     pub blocks: Vec<usize>,
-    /// `standard` or `gated`.
+    /// `shared-basis`, `low-rank` or `collapsed`.
+    pub representation: String,
+    /// `standard` or `gated` (of the original blocks).
     pub kind: String,
     /// The activation's name.
     pub activation: String,
@@ -70,12 +84,17 @@ pub struct GroupManifest {
     pub width: usize,
     /// MLP width I.
     pub intermediate: usize,
-    /// Rank r.
+    /// Rank of the shared basis (`shared-basis` only, else 0).
     pub rank: usize,
-    /// Nonzeros of the factors.
+    /// Nonzeros of the sparse factors (`shared-basis` only, else 0).
     pub nnz: usize,
-    /// Achieved sparsity of the factors.
+    /// Achieved sparsity of the factors (`shared-basis` only, else 0).
     pub sparsity: f64,
+    /// Weight parameters kept by the group.
+    pub kept_weights: usize,
+    /// Representation details: `{"bases": [u | null per matrix]}` for `low-rank`,
+    /// `{"slopes": [..], "converged": [..]}` for `collapsed`.
+    pub structure: serde_json::Value,
     /// Every matrix of the group, module order.
     pub matrices: Vec<MatrixManifest>,
 }
@@ -118,15 +137,16 @@ impl GroupManifest {
     /// Describes `group` covering `blocks`, given the original tensors of each matrix (module
     /// order: `(weight name, bias name, shape, dtype)`).
     pub fn describe(
-        group: &CompressedGroup<f32>,
+        group: &CompressedBlocks<f32>,
         blocks: &[usize],
+        kind: MlpKind,
         originals: Vec<(String, Option<String>, Vec<usize>, Dtype)>,
     ) -> Result<Self> {
-        let f = group.kind().matrices_per_block();
-        if blocks.len() != group.blocks() || originals.len() != group.factors().len() {
+        let f = kind.matrices_per_block();
+        if blocks.len() != group.blocks() || originals.len() != f * group.blocks() {
             return Err(FipsError::ShapeMismatch {
                 what: "blocks and original tensors of a compressed group".into(),
-                expected: vec![group.blocks(), group.factors().len()],
+                expected: vec![group.blocks(), f * group.blocks()],
                 got: vec![blocks.len(), originals.len()],
             });
         }
@@ -135,24 +155,73 @@ impl GroupManifest {
             .enumerate()
             .map(|(j, (weight, bias, shape, dtype))| MatrixManifest {
                 block: blocks[j / f],
-                role: group.kind().matrix_names()[j % f].into(),
+                role: kind.matrix_names()[j % f].into(),
                 weight,
                 bias,
                 shape,
                 dtype: format!("{dtype:?}"),
             })
             .collect();
+        let (activation, width, intermediate, rank, nnz, sparsity, structure) = match group {
+            CompressedBlocks::SharedBasis(g) => (
+                g.activation(),
+                g.width(),
+                g.intermediate(),
+                g.rank(),
+                g.nnz(),
+                g.sparsity(),
+                serde_json::Value::Null,
+            ),
+            CompressedBlocks::LowRank(g) => (
+                g.activation(),
+                g.width(),
+                g.intermediate(),
+                0,
+                0,
+                0.0,
+                serde_json::json!({ "bases": g.matrices().iter().map(|m| m.basis).collect::<Vec<_>>() }),
+            ),
+            CompressedBlocks::Collapsed(g) => {
+                let blocks: Vec<_> = (0..g.blocks()).filter_map(|b| g.block(b).ok()).collect();
+                (
+                    g.activation(),
+                    g.width(),
+                    g.intermediate(),
+                    0,
+                    0,
+                    0.0,
+                    serde_json::json!({
+                        "slopes": blocks.iter().map(|b| b.slope).collect::<Vec<_>>(),
+                        "converged": blocks.iter().map(|b| b.converged).collect::<Vec<_>>(),
+                    }),
+                )
+            }
+        };
         Ok(Self {
             blocks: blocks.to_vec(),
-            kind: group.kind().name().into(),
-            activation: group.activation().name().into(),
-            width: group.width(),
-            intermediate: group.intermediate(),
-            rank: group.rank(),
-            nnz: group.nnz(),
-            sparsity: group.sparsity(),
+            representation: group.representation().into(),
+            kind: kind.name().into(),
+            activation: activation.name().into(),
+            width,
+            intermediate,
+            rank,
+            nnz,
+            sparsity,
+            kept_weights: group.parameter_count().compressed_weights(),
+            structure,
             matrices,
         })
+    }
+
+    fn kind(&self) -> Result<MlpKind> {
+        match self.kind.as_str() {
+            "standard" => Ok(MlpKind::Standard),
+            "gated" => Ok(MlpKind::Gated),
+            other => Err(FipsError::InvalidParameter {
+                name: "manifest",
+                reason: format!("unknown block kind {other:?}"),
+            }),
+        }
     }
 }
 
@@ -162,7 +231,7 @@ pub struct CompressedModel {
     /// What the file holds.
     pub manifest: Manifest,
     /// The groups, in manifest order.
-    pub groups: Vec<CompressedGroup<f32>>,
+    pub groups: Vec<CompressedBlocks<f32>>,
 }
 
 fn name(g: usize, part: &str) -> String {
@@ -171,6 +240,10 @@ fn name(g: usize, part: &str) -> String {
 
 fn matrix_name(g: usize, j: usize, part: &str) -> String {
     format!("group.{g}.matrix.{j}.{part}")
+}
+
+fn block_name(g: usize, b: usize, part: &str) -> String {
+    format!("group.{g}.block.{b}.{part}")
 }
 
 impl CompressedModel {
@@ -188,11 +261,15 @@ impl CompressedModel {
             )));
         }
         for (g, (m, group)) in self.manifest.groups.iter().zip(&self.groups).enumerate() {
-            if m.rank != group.rank()
+            let f = m.kind()?.matrices_per_block();
+            let rank_ok = match group {
+                CompressedBlocks::SharedBasis(s) => s.rank() == m.rank,
+                _ => true,
+            };
+            if !rank_ok
+                || m.representation != group.representation()
                 || m.blocks.len() != group.blocks()
-                || m.matrices.len() != group.factors().len()
-                || m.kind != group.kind().name()
-                || m.activation != group.activation().name()
+                || m.matrices.len() != f * group.blocks()
             {
                 return Err(mismatch(format!(
                     "group {g}'s description does not match its factors"
@@ -206,34 +283,72 @@ impl CompressedModel {
     pub fn write(&self, path: impl AsRef<Path>) -> Result<()> {
         self.check()?;
         let mut tensors = BTreeMap::new();
+        let floats = |a: &ndarray::ArrayView2<'_, f32>| {
+            TensorData::from_floats(a.iter().copied(), a.shape().to_vec(), Dtype::F32)
+        };
         for (g, group) in self.groups.iter().enumerate() {
-            let u = group.basis().view();
-            tensors.insert(
-                name(g, "basis"),
-                TensorData::from_floats(u.iter().copied(), u.shape().to_vec(), Dtype::F32)?,
-            );
-            for (j, v) in group.factors().iter().enumerate() {
-                let csr = v.to_csr();
-                let (offsets, columns, values) = (csr.indptr(), csr.indices(), csr.data());
-                let to_u32 = |x: &[usize]| x.iter().map(|&i| i as u32).collect::<Vec<_>>();
-                let offsets = to_u32(&offsets.to_proper());
-                tensors.insert(
-                    matrix_name(g, j, "values"),
-                    TensorData::from_floats(
-                        values.iter().copied(),
-                        vec![values.len()],
-                        Dtype::F32,
-                    )?,
-                );
-                tensors.insert(
-                    matrix_name(g, j, "columns"),
-                    TensorData::from_u32(&to_u32(columns), vec![columns.len()])?,
-                );
-                tensors.insert(
-                    matrix_name(g, j, "row_offsets"),
-                    TensorData::from_u32(&offsets, vec![offsets.len()])?,
-                );
-                if let Some(b) = &group.biases()[j] {
+            let biases: Vec<Option<Array1<f32>>> = match group {
+                CompressedBlocks::SharedBasis(sb) => {
+                    tensors.insert(name(g, "basis"), floats(&sb.basis().view())?);
+                    for (j, v) in sb.factors().iter().enumerate() {
+                        let csr = v.to_csr();
+                        let to_u32 = |x: &[usize]| x.iter().map(|&i| i as u32).collect::<Vec<_>>();
+                        let offsets = to_u32(&csr.indptr().to_proper());
+                        let (columns, values) = (to_u32(csr.indices()), csr.data());
+                        tensors.insert(
+                            matrix_name(g, j, "values"),
+                            TensorData::from_floats(
+                                values.iter().copied(),
+                                vec![values.len()],
+                                Dtype::F32,
+                            )?,
+                        );
+                        tensors.insert(
+                            matrix_name(g, j, "columns"),
+                            TensorData::from_u32(&columns, vec![columns.len()])?,
+                        );
+                        tensors.insert(
+                            matrix_name(g, j, "row_offsets"),
+                            TensorData::from_u32(&offsets, vec![offsets.len()])?,
+                        );
+                    }
+                    sb.biases().to_vec()
+                }
+                CompressedBlocks::LowRank(lr) => {
+                    for (u, b) in lr.bases().iter().enumerate() {
+                        tensors.insert(name(g, &format!("basis.{u}")), floats(&b.view())?);
+                    }
+                    for (j, m) in lr.matrices().iter().enumerate() {
+                        tensors.insert(matrix_name(g, j, "left"), floats(&m.left.view())?);
+                    }
+                    lr.matrices().iter().map(|m| m.bias.clone()).collect()
+                }
+                CompressedBlocks::Collapsed(c) => {
+                    for b in 0..c.blocks() {
+                        let block = c.block(b)?;
+                        match &block.map {
+                            CollapsedMap::Full(w) => {
+                                tensors.insert(block_name(g, b, "weight"), floats(&w.view())?);
+                            }
+                            CollapsedMap::Factored { left, right } => {
+                                tensors.insert(block_name(g, b, "left"), floats(&left.view())?);
+                                tensors.insert(block_name(g, b, "right"), floats(&right.view())?);
+                            }
+                        }
+                        tensors.insert(
+                            block_name(g, b, "bias"),
+                            TensorData::from_floats(
+                                block.bias.iter().copied(),
+                                vec![block.bias.len()],
+                                Dtype::F32,
+                            )?,
+                        );
+                    }
+                    Vec::new()
+                }
+            };
+            for (j, b) in biases.iter().enumerate() {
+                if let Some(b) = b {
                     tensors.insert(
                         matrix_name(g, j, "bias"),
                         TensorData::from_floats(b.iter().copied(), vec![b.len()], Dtype::F32)?,
@@ -283,25 +398,40 @@ impl CompressedModel {
         Ok(model)
     }
 
-    /// The dense tensors that replace the originals: every compressed weight in its original layout
-    /// and every bias, keyed by original tensor name.
+    /// The dense tensors that replace the originals, keyed by original tensor name: every
+    /// compressed block's exact dense equivalent (weights in their original layout, and biases).
     pub fn dense_tensors(&self) -> Result<BTreeMap<String, ArrayD<f32>>> {
         self.check()?;
         let mut out = BTreeMap::new();
         for (m, group) in self.manifest.groups.iter().zip(&self.groups) {
-            let f = group.kind().matrices_per_block();
-            for (j, matrix) in m.matrices.iter().enumerate() {
-                let w = group.dense_weight(j / f, j % f)?;
-                if w.shape() != matrix.shape.as_slice() {
-                    return Err(FipsError::ShapeMismatch {
-                        what: format!("rebuilt {}", matrix.weight),
-                        expected: matrix.shape.clone(),
-                        got: w.shape().to_vec(),
-                    });
-                }
-                out.insert(matrix.weight.clone(), w.into_dyn());
-                if let (Some(name), Some(b)) = (&matrix.bias, &group.biases()[j]) {
-                    out.insert(name.clone(), b.clone().into_dyn());
+            let f = m.kind()?.matrices_per_block();
+            for position in 0..group.blocks() {
+                let mlp = group.to_dense_mlp(position)?;
+                for (k, layer) in mlp.layers().iter().enumerate() {
+                    let matrix = &m.matrices[position * f + k];
+                    if layer.weight().shape() != matrix.shape.as_slice() {
+                        return Err(FipsError::ShapeMismatch {
+                            what: format!("rebuilt {}", matrix.weight),
+                            expected: matrix.shape.clone(),
+                            got: layer.weight().shape().to_vec(),
+                        });
+                    }
+                    out.insert(matrix.weight.clone(), layer.weight().clone().into_dyn());
+                    match (&matrix.bias, layer.bias()) {
+                        (Some(name), Some(b)) => {
+                            out.insert(name.clone(), b.clone().into_dyn());
+                        }
+                        (None, Some(b)) if b.iter().any(|&x| x != 0.0) => {
+                            return Err(FipsError::InvalidParameter {
+                                name: "densify",
+                                reason: format!(
+                                    "{} needs a bias the original checkpoint does not have",
+                                    matrix.weight
+                                ),
+                            });
+                        }
+                        _ => {}
+                    }
                 }
             }
         }
@@ -351,46 +481,120 @@ impl CompressedModel {
     }
 }
 
-fn read_group(file: &Checkpoint, g: usize, m: &GroupManifest) -> Result<CompressedGroup<f32>> {
+fn read_group(file: &Checkpoint, g: usize, m: &GroupManifest) -> Result<CompressedBlocks<f32>> {
     let format = |reason: String| FipsError::Format {
         path: file.path().to_path_buf(),
         reason,
     };
-    let kind = match m.kind.as_str() {
-        "standard" => MlpKind::Standard,
-        "gated" => MlpKind::Gated,
-        other => return Err(format(format!("group {g}: unknown block kind {other:?}"))),
-    };
+    let kind = m.kind().map_err(|e| format(e.to_string()))?;
     let activation: Activation = m.activation.parse()?;
-    let basis = SharedBasis::new(file.read_matrix(&name(g, "basis"))?)?;
-    let (rank, cols) = (basis.rank(), m.intermediate);
-    let mut factors = Vec::with_capacity(m.matrices.len());
-    let mut biases = Vec::with_capacity(m.matrices.len());
-    for j in 0..m.matrices.len() {
-        let values: Array1<f32> = file.read_vector(&matrix_name(g, j, "values"))?;
-        let index = |part: &str| -> Result<Vec<usize>> {
-            let raw = file.read_integers(&matrix_name(g, j, part))?;
-            raw.iter()
-                .map(|&x| {
-                    usize::try_from(x)
-                        .map_err(|_| format(format!("negative index in group {g} matrix {j}")))
-                })
-                .collect()
-        };
-        let csr = CsMat::try_new(
-            (rank, cols),
-            index("row_offsets")?,
-            index("columns")?,
-            values.to_vec(),
-        )
-        .map_err(|(.., e)| format(format!("group {g} matrix {j}: invalid CSR structure ({e})")))?;
-        factors.push(SparseFactor::from_csr(&csr)?);
+    let bias = |j: usize| -> Result<Option<Array1<f32>>> {
         let bias_name = matrix_name(g, j, "bias");
-        biases.push(if file.contains(&bias_name) {
-            Some(file.read_vector(&bias_name)?)
+        if file.contains(&bias_name) {
+            Ok(Some(file.read_vector(&bias_name)?))
         } else {
-            None
-        });
+            Ok(None)
+        }
+    };
+    match m.representation.as_str() {
+        "shared-basis" => {
+            let basis = SharedBasis::new(file.read_matrix(&name(g, "basis"))?)?;
+            let (rank, cols) = (basis.rank(), m.intermediate);
+            let mut factors = Vec::with_capacity(m.matrices.len());
+            let mut biases = Vec::with_capacity(m.matrices.len());
+            for j in 0..m.matrices.len() {
+                let values: Array1<f32> = file.read_vector(&matrix_name(g, j, "values"))?;
+                let index = |part: &str| -> Result<Vec<usize>> {
+                    let raw = file.read_integers(&matrix_name(g, j, part))?;
+                    raw.iter()
+                        .map(|&x| {
+                            usize::try_from(x).map_err(|_| {
+                                format(format!("negative index in group {g} matrix {j}"))
+                            })
+                        })
+                        .collect()
+                };
+                let csr = CsMat::try_new(
+                    (rank, cols),
+                    index("row_offsets")?,
+                    index("columns")?,
+                    values.to_vec(),
+                )
+                .map_err(|(.., e)| {
+                    format(format!("group {g} matrix {j}: invalid CSR structure ({e})"))
+                })?;
+                factors.push(SparseFactor::from_csr(&csr)?);
+                biases.push(bias(j)?);
+            }
+            Ok(CompressedBlocks::SharedBasis(CompressedGroup::new(
+                kind, activation, basis, factors, biases,
+            )?))
+        }
+        "low-rank" => {
+            let uses: Vec<Option<usize>> = serde_json::from_value(m.structure["bases"].clone())
+                .map_err(|e| format(format!("group {g}: unreadable low-rank structure: {e}")))?;
+            if uses.len() != m.matrices.len() {
+                return Err(format(format!(
+                    "group {g}: {} basis entries for {} matrices",
+                    uses.len(),
+                    m.matrices.len()
+                )));
+            }
+            let count = uses.iter().flatten().map(|u| u + 1).max().unwrap_or(0);
+            let bases = (0..count)
+                .map(|u| file.read_matrix(&name(g, &format!("basis.{u}"))))
+                .collect::<Result<Vec<_>>>()?;
+            let matrices = uses
+                .iter()
+                .enumerate()
+                .map(|(j, &basis)| {
+                    Ok(LowRankMatrix {
+                        left: file.read_matrix(&matrix_name(g, j, "left"))?,
+                        basis,
+                        bias: bias(j)?,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(CompressedBlocks::LowRank(LowRankGroup::new(
+                kind,
+                activation,
+                (m.width, m.intermediate),
+                bases,
+                matrices,
+            )?))
+        }
+        "collapsed" => {
+            let slopes: Vec<f64> =
+                serde_json::from_value(m.structure["slopes"].clone()).unwrap_or_default();
+            let converged: Vec<bool> =
+                serde_json::from_value(m.structure["converged"].clone()).unwrap_or_default();
+            let blocks = (0..m.blocks.len())
+                .map(|b| {
+                    let map = if file.contains(&block_name(g, b, "weight")) {
+                        CollapsedMap::Full(file.read_matrix(&block_name(g, b, "weight"))?)
+                    } else {
+                        CollapsedMap::Factored {
+                            left: file.read_matrix(&block_name(g, b, "left"))?,
+                            right: file.read_matrix(&block_name(g, b, "right"))?,
+                        }
+                    };
+                    Ok(CollapsedBlock {
+                        map,
+                        bias: file.read_vector(&block_name(g, b, "bias"))?,
+                        slope: slopes.get(b).copied().unwrap_or(f64::NAN),
+                        converged: converged.get(b).copied().unwrap_or(false),
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(CompressedBlocks::Collapsed(CollapsedGroup::new(
+                m.width,
+                m.intermediate,
+                activation,
+                blocks,
+            )?))
+        }
+        other => Err(format(format!(
+            "group {g}: unknown representation {other:?}"
+        ))),
     }
-    CompressedGroup::new(kind, activation, basis, factors, biases)
 }

@@ -53,6 +53,7 @@ pub mod imagenet;
 pub mod init;
 mod kernels;
 pub mod layout;
+pub mod methods;
 pub mod mlp;
 pub mod objective;
 pub mod optim;
@@ -63,7 +64,9 @@ pub mod svg;
 pub mod vit;
 
 pub use activation::Activation;
-pub use budget::{Budget, GroupShape, ParameterCount, nonzeros_for_sparsity, rank_for_budget};
+pub use budget::{
+    Budget, GroupShape, ParameterCount, nonzeros_for_sparsity, rank_for_budget, rank_for_matrix,
+};
 pub use calibration::Calibration;
 pub use compressor::{FipsCompressor, FipsOutput, FipsTrainer, GroupReport, Progress};
 pub use error::{FipsError, Result};

@@ -216,6 +216,9 @@ pub(crate) struct Objective<F> {
     activation: Activation,
     shape: StepShape,
     order: ContractionOrder,
+    /// Every matrix has its own basis (`U` is `[U_1 | … | U_fn]`, `d × r f n`): the per-layer
+    /// low-rank baseline; weights-first order only.
+    per_matrix_bases: bool,
     split: RowSplit,
     ws: Workspace<F>,
 }
@@ -268,9 +271,21 @@ impl<F: Float> Objective<F> {
             activation,
             shape,
             order,
+            per_matrix_bases: false,
             split: RowSplit::new(threads),
             ws: Workspace::new(&shape, kind, order),
         }
+    }
+
+    /// The same objective with one basis per matrix (`U` is `d × r f n`); forces the weights-first
+    /// order.
+    pub(crate) fn with_per_matrix_bases(mut self) -> Self {
+        self.per_matrix_bases = true;
+        if self.order != ContractionOrder::WeightsFirst {
+            self.order = ContractionOrder::WeightsFirst;
+            self.ws = Workspace::new(&self.shape, self.kind, self.order);
+        }
+        self
     }
 
     /// The contraction order in use (never `Auto`).
@@ -288,7 +303,16 @@ impl<F: Float> Objective<F> {
     ) -> Result<f64> {
         let weights_first = self.order == ContractionOrder::WeightsFirst;
         if weights_first {
-            general_mat_mul(F::one(), &p.u, &p.v, F::zero(), &mut self.ws.w);
+            // W = U V, one GEMM per basis over the columns of the matrices it serves.
+            for (u_cols, v_cols) in self.basis_blocks() {
+                general_mat_mul(
+                    F::one(),
+                    &p.u.slice(s![.., u_cols]),
+                    &p.v.slice(s![.., v_cols.clone()]),
+                    F::zero(),
+                    &mut self.ws.w.slice_mut(s![.., v_cols]),
+                );
+            }
         } else {
             grads.u.fill(F::zero());
         }
@@ -299,11 +323,45 @@ impl<F: Float> Objective<F> {
             self.backward_block(b, p, x.view(), grads)?;
         }
         if weights_first {
+            // ∂U_k = ∂W_k V_kᵀ, ∂V_k = U_kᵀ ∂W_k for every basis k.
             let ws = &self.ws;
-            general_mat_mul(F::one(), &ws.dw, &p.v.t(), F::zero(), &mut grads.u);
-            general_mat_mul(F::one(), &p.u.t(), &ws.dw, F::zero(), &mut grads.v);
+            for (u_cols, v_cols) in self.basis_blocks() {
+                let dw = ws.dw.slice(s![.., v_cols.clone()]);
+                let (u, v) = (
+                    p.u.slice(s![.., u_cols.clone()]),
+                    p.v.slice(s![.., v_cols.clone()]),
+                );
+                general_mat_mul(
+                    F::one(),
+                    &dw,
+                    &v.t(),
+                    F::zero(),
+                    &mut grads.u.slice_mut(s![.., u_cols]),
+                );
+                general_mat_mul(
+                    F::one(),
+                    &u.t(),
+                    &dw,
+                    F::zero(),
+                    &mut grads.v.slice_mut(s![.., v_cols]),
+                );
+            }
         }
         Ok(loss)
+    }
+
+    /// For every basis, its columns in `U` and the columns in `V` (and `W`) of the matrices it
+    /// serves: one basis for the whole group, or one per matrix.
+    fn basis_blocks(&self) -> Vec<(std::ops::Range<usize>, std::ops::Range<usize>)> {
+        let (r, i) = (self.shape.rank, self.shape.intermediate);
+        let matrices = self.shape.blocks * self.shape.matrices_per_block;
+        if self.per_matrix_bases {
+            (0..matrices)
+                .map(|j| (j * r..(j + 1) * r, j * i..(j + 1) * i))
+                .collect()
+        } else {
+            vec![(0..r, 0..matrices * i)]
+        }
     }
 
     /// Columns of matrix `j` in the concatenated layout.
@@ -557,8 +615,6 @@ impl<F: Float> Objective<F> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::factors::{SharedBasis, SparseFactor};
-    use crate::group::CompressedGroup;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
     use rand_distr::{Distribution, StandardNormal};
@@ -567,6 +623,7 @@ mod tests {
         kind: MlpKind,
         activation: Activation,
         shape: StepShape,
+        per_matrix: bool,
         params: GroupParams<f64>,
         xs: Vec<Array2<f64>>,
         ys: Vec<Array2<f64>>,
@@ -585,6 +642,7 @@ mod tests {
         masked: bool,
         with_bias: bool,
         seed: u64,
+        per_matrix: bool,
     ) -> Problem {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let f = kind.matrices_per_block();
@@ -603,7 +661,8 @@ mod tests {
             shape.rank,
             shape.blocks,
         );
-        let u = randn(&mut rng, d, r, 0.5);
+        let bases = if per_matrix { f * n } else { 1 };
+        let u = randn(&mut rng, d, r * bases, 0.5);
         let mut v = randn(&mut rng, r, f * n * i, 0.5);
         if masked {
             v.mapv_inplace(|x| if rng.random_bool(0.5) { x } else { 0.0 });
@@ -630,29 +689,39 @@ mod tests {
             kind,
             activation,
             shape,
+            per_matrix,
             params: GroupParams { u, v, biases },
             xs,
             ys,
         }
     }
 
-    /// The loss through an independent path: rebuild every dense weight and run `DenseMlp`.
+    /// The loss through an independent path: rebuild every dense weight `U_k V_j` in its original
+    /// layout and run `DenseMlp`.
     fn reference_loss(pb: &Problem, p: &GroupParams<f64>) -> f64 {
-        let i = pb.shape.intermediate;
-        let factors = (0..pb.shape.blocks * pb.shape.matrices_per_block)
-            .map(|j| SparseFactor::dense(p.v.slice(s![.., j * i..(j + 1) * i]).to_owned()).unwrap())
-            .collect();
-        let group = CompressedGroup::new(
-            pb.kind,
-            pb.activation,
-            SharedBasis::new(p.u.clone()).unwrap(),
-            factors,
-            p.biases.clone(),
-        )
-        .unwrap();
+        let (i, r, f) = (
+            pb.shape.intermediate,
+            pb.shape.rank,
+            pb.shape.matrices_per_block,
+        );
         (0..pb.shape.blocks)
             .map(|b| {
-                let mlp = group.to_dense_mlp(b).unwrap();
+                let layers = (0..f)
+                    .map(|m| {
+                        let j = b * f + m;
+                        let k = if pb.per_matrix { j } else { 0 };
+                        let w =
+                            p.u.slice(s![.., k * r..(k + 1) * r])
+                                .dot(&p.v.slice(s![.., j * i..(j + 1) * i]));
+                        let w = match pb.kind.matrix_roles()[m] {
+                            crate::mlp::MatrixRole::Up => w.t().to_owned(),
+                            crate::mlp::MatrixRole::Down => w,
+                        };
+                        crate::mlp::Linear::new(w, p.biases[j].clone()).unwrap()
+                    })
+                    .collect();
+                let mlp =
+                    crate::mlp::DenseMlp::from_layers(pb.kind, layers, pb.activation).unwrap();
                 let yhat = mlp.forward(pb.xs[b].view()).unwrap();
                 (&yhat - &pb.ys[b]).mapv(|e| e * e).mean().unwrap()
             })
@@ -696,9 +765,25 @@ mod tests {
         masked: bool,
         with_bias: bool,
     ) {
-        let pb = problem(kind, activation, masked, with_bias, 11);
+        check_gradients_with_bases(kind, activation, order, masked, with_bias, false);
+    }
+
+    fn check_gradients_with_bases(
+        kind: MlpKind,
+        activation: Activation,
+        order: ContractionOrder,
+        masked: bool,
+        with_bias: bool,
+        per_matrix: bool,
+    ) {
+        let pb = problem(kind, activation, masked, with_bias, 11, per_matrix);
         let mut objective = Objective::new(kind, activation, pb.shape, order, 2);
-        assert_eq!(objective.order(), order);
+        if per_matrix {
+            objective = objective.with_per_matrix_bases();
+            assert_eq!(objective.order(), ContractionOrder::WeightsFirst);
+        } else {
+            assert_eq!(objective.order(), order);
+        }
         let mut grads = pb.params.zeros_like();
         let loss = objective
             .loss_and_gradients(&pb.params, &pb.xs, &pb.ys, &mut grads)
@@ -767,6 +852,19 @@ mod tests {
             false,
             true,
         );
+    }
+
+    #[test]
+    fn gradients_match_finite_differences_with_a_basis_per_matrix() {
+        for act in [Activation::Gelu, Activation::Silu] {
+            for order in [
+                ContractionOrder::WeightsFirst,
+                ContractionOrder::FactorsFirst,
+            ] {
+                check_gradients_with_bases(MlpKind::Standard, act, order, false, true, true);
+                check_gradients_with_bases(MlpKind::Gated, act, order, true, false, true);
+            }
+        }
     }
 
     #[test]

@@ -13,11 +13,12 @@ use crate::activation::Activation;
 use crate::activations::MlpInputs;
 use crate::calibration::Calibration;
 use crate::checkpoint::Checkpoint;
-use crate::compressor::{FipsCompressor, GroupReport, Progress};
+use crate::compressor::Progress;
 use crate::error::{FipsError, Result};
 use crate::export::{CompressedModel, GroupManifest, Manifest};
 use crate::groups::BlockGroups;
 use crate::layout::MlpLayout;
+use crate::methods::{Compressor, MethodReport};
 use crate::params::{FipsParams, FipsValidParams};
 use crate::sparsity::Sparsifier;
 use crate::vit::{VisionTransformer, preprocess};
@@ -85,14 +86,14 @@ pub enum CalibrationData<'a> {
 pub trait Observer {
     /// Calibration of group `group`: `done` of `total` images (or blocks) processed.
     fn calibration(&mut self, _group: usize, _done: usize, _total: usize) {}
-    /// Training of group `group` (blocks `blocks`, rank `rank`) starts for `steps` steps.
-    fn group_started(&mut self, _group: usize, _blocks: &[usize], _rank: usize, _steps: usize) {}
+    /// Compression of group `group` (blocks `blocks`) starts; `steps` training steps at most.
+    fn group_started(&mut self, _group: usize, _blocks: &[usize], _steps: usize) {}
     /// A training step of group `group` finished; `Break` stops that group's training early.
     fn step(&mut self, _group: usize, _progress: &Progress) -> ControlFlow<()> {
         ControlFlow::Continue(())
     }
     /// Group `group` is done.
-    fn group_finished(&mut self, _group: usize, _report: &GroupReport) {}
+    fn group_finished(&mut self, _group: usize, _report: &MethodReport) {}
     /// Classification: `done` of `total` images.
     fn classification(&mut self, _done: usize, _total: usize) {}
 }
@@ -109,7 +110,7 @@ pub struct ModelCompression {
     /// The compressed groups and their manifest (ready to write or densify).
     pub model: CompressedModel,
     /// One report per group.
-    pub reports: Vec<GroupReport>,
+    pub reports: Vec<MethodReport>,
     /// Time spent capturing or reading calibration activations.
     pub calibration_time: Duration,
     /// Wall time of the whole compression.
@@ -222,18 +223,18 @@ pub fn group_calibration(
     }
 }
 
-/// Compresses every group of `checkpoint` with `compressor`, one group at a time.
+/// Compresses every group of `checkpoint` with `compressor` (any method), one group at a time.
 pub fn compress_checkpoint(
     checkpoint: &Checkpoint,
     layout: &MlpLayout,
     groups: &BlockGroups,
-    compressor: &FipsCompressor,
+    compressor: &dyn Compressor<f32>,
     activation: Activation,
     calibration: &CalibrationData<'_>,
     observer: &mut dyn Observer,
 ) -> Result<ModelCompression> {
     let start = Instant::now();
-    let mut manifest = Manifest::new("fips", describe_params(compressor.params()));
+    let mut manifest = Manifest::new(compressor.method(), compressor.parameters());
     manifest.source = checkpoint
         .path()
         .file_name()
@@ -252,14 +253,8 @@ pub fn compress_checkpoint(
         let calibration_start = Instant::now();
         let calib = group_calibration(calibration, g, blocks, width, observer)?;
         calibration_time += calibration_start.elapsed();
-        let mut trainer = compressor.trainer(&dense, &calib)?;
-        observer.group_started(g, blocks, trainer.rank(), compressor.params().steps());
-        while let Some(progress) = trainer.step()? {
-            if observer.step(g, &progress).is_break() {
-                break;
-            }
-        }
-        let out = trainer.finish()?;
+        observer.group_started(g, blocks, compressor.steps());
+        let out = compressor.compress(&dense, &calib, &mut |p| observer.step(g, p))?;
         observer.group_finished(g, &out.report);
         let originals = blocks
             .iter()
@@ -278,10 +273,13 @@ pub fn compress_checkpoint(
                 Ok((w.clone(), bias, checkpoint.info(&w)?.shape.clone(), dtype))
             })
             .collect::<Result<Vec<_>>>()?;
-        manifest
-            .groups
-            .push(GroupManifest::describe(&out.group, blocks, originals)?);
-        compressed.push(out.group);
+        manifest.groups.push(GroupManifest::describe(
+            &out.blocks,
+            blocks,
+            layout.kind(),
+            originals,
+        )?);
+        compressed.push(out.blocks);
         reports.push(out.report);
     }
     Ok(ModelCompression {
@@ -329,34 +327,20 @@ pub fn classify(
     concatenate(Axis(0), &views).map_err(|e| FipsError::Numerical(e.to_string()))
 }
 
-/// A report as JSON: shape, rank, sparsity, parameters, errors, timings and the loss curve.
-pub fn report_json(report: &GroupReport, blocks: &[usize]) -> serde_json::Value {
+/// A report as JSON: parameters, errors, timings, method details and the loss curve.
+pub fn report_json(report: &MethodReport, blocks: &[usize]) -> serde_json::Value {
     let p = &report.parameters;
     serde_json::json!({
         "blocks": blocks,
-        "kind": report.kind.name(),
-        "width": report.shape.width,
-        "intermediate": report.shape.intermediate,
-        "rank": report.rank,
-        "sparsity": report.sparsity,
-        "target_sparsity": report.target_sparsity,
-        "nnz": report.nnz,
-        "sparsifier": report.sparsifier.to_string(),
-        "contraction": report.contraction.to_string(),
+        "method": report.method,
         "dense_weights": p.dense_weights,
         "compressed_weights": p.compressed_weights(),
         "biases": p.biases,
-        "rel_error_init": report.rel_error_init,
-        "rel_error_final": report.rel_error_final,
-        "block_rel_error_init": report.block_rel_error_init,
-        "block_rel_error_final": report.block_rel_error_final,
-        "steps_planned": report.steps_planned,
-        "steps_run": report.steps_run,
-        "calibration_tokens": report.calibration_tokens,
-        "data_free": report.data_free,
-        "init_seconds": report.init_time.as_secs_f64(),
-        "train_seconds": report.train_time.as_secs_f64(),
+        "rel_error": report.rel_error,
+        "block_rel_error": report.block_rel_error,
+        "steps": report.steps,
         "wall_seconds": report.wall_time.as_secs_f64(),
+        "details": report.details,
         "loss_curve": report.loss_curve,
     })
 }
@@ -365,7 +349,11 @@ pub fn report_json(report: &GroupReport, blocks: &[usize]) -> serde_json::Value 
 /// (uncompressed blocks count at their dense size).
 pub fn mlp_parameters(layout: &MlpLayout, model: &CompressedModel) -> (usize, usize) {
     let dense = layout.mlp_weight_count();
-    let replaced: usize = model.groups.iter().map(|g| g.shape().dense_weights()).sum();
+    let replaced: usize = model
+        .groups
+        .iter()
+        .map(|g| g.parameter_count().dense_weights)
+        .sum();
     let kept: usize = model
         .groups
         .iter()

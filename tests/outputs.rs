@@ -8,6 +8,14 @@ use std::path::PathBuf;
 use common::{Dictionary, gaussian_calibration, shared_dictionary_group};
 use fips::checkpoint::{Checkpoint, TensorData, write_safetensors};
 use fips::export::{CompressedModel, GroupManifest, MANIFEST_KEY, Manifest};
+use std::ops::ControlFlow;
+
+use fips::methods::basis_sharing::BasisSharingParams;
+use fips::methods::layer_collapse::LayerCollapseParams;
+use fips::methods::mixed_rank::MixedRankParams;
+use fips::methods::svd::SvdParams;
+use fips::methods::svd_llm::SvdLlmParams;
+use fips::methods::{CompressedBlocks, Compressor};
 use fips::{Activation, DenseMlp, FipsError, FipsParams, MlpKind};
 use safetensors::Dtype;
 
@@ -59,14 +67,15 @@ fn write_model(path: &PathBuf, blocks: &[DenseMlp<f32>], dtype: Dtype) {
     .unwrap();
 }
 
-fn compressed(blocks: &[DenseMlp<f32>], dtype: Dtype) -> CompressedModel {
+/// The group's blocks compressed by `method`, with a manifest naming the original tensors.
+fn compressed_with(
+    method: &dyn Compressor<f32>,
+    blocks: &[DenseMlp<f32>],
+    dtype: Dtype,
+) -> CompressedModel {
     let calib = gaussian_calibration::<f32>(blocks.len(), 256, 16, 3);
-    let out = FipsParams::new()
-        .steps(20)
-        .batch_tokens(64)
-        .build()
-        .unwrap()
-        .compress(blocks, &calib)
+    let out = method
+        .compress(blocks, &calib, &mut |_| ControlFlow::Continue(()))
         .unwrap();
     let originals = (0..blocks.len())
         .flat_map(|b| {
@@ -85,14 +94,56 @@ fn compressed(blocks: &[DenseMlp<f32>], dtype: Dtype) -> CompressedModel {
         })
         .collect();
     let blocks_idx: Vec<usize> = (0..blocks.len()).collect();
-    let mut manifest = Manifest::new("fips", serde_json::json!({"p": 0.5, "s": 0.75}));
-    manifest
-        .groups
-        .push(GroupManifest::describe(&out.group, &blocks_idx, originals).unwrap());
+    let mut manifest = Manifest::new(method.method(), method.parameters());
+    manifest.groups.push(
+        GroupManifest::describe(&out.blocks, &blocks_idx, MlpKind::Standard, originals).unwrap(),
+    );
     CompressedModel {
         manifest,
-        groups: vec![out.group],
+        groups: vec![out.blocks],
     }
+}
+
+fn compressed(blocks: &[DenseMlp<f32>], dtype: Dtype) -> CompressedModel {
+    let fips = FipsParams::new()
+        .steps(20)
+        .batch_tokens(64)
+        .build()
+        .unwrap();
+    compressed_with(&fips, blocks, dtype)
+}
+
+/// One compressor per representation (and with shared, owned and dense low-rank matrices).
+fn every_method() -> Vec<Box<dyn Compressor<f32>>> {
+    vec![
+        Box::new(
+            FipsParams::new()
+                .steps(10)
+                .batch_tokens(64)
+                .build()
+                .unwrap(),
+        ),
+        Box::new(SvdParams::new().build().unwrap()),
+        Box::new(SvdLlmParams::new().build().unwrap()),
+        Box::new(BasisSharingParams::new().build().unwrap()),
+        Box::new(
+            MixedRankParams::new()
+                .budget(0.7)
+                .residual_rank(2)
+                .grid(1)
+                .steps(5)
+                .batch_tokens(64)
+                .build()
+                .unwrap(),
+        ),
+        Box::new(
+            LayerCollapseParams::new()
+                .max_steps(20)
+                .batch_tokens(64)
+                .build()
+                .unwrap(),
+        ),
+    ]
 }
 
 fn blocks() -> Vec<DenseMlp<f32>> {
@@ -122,11 +173,62 @@ fn compressed_checkpoint_round_trips_exactly() {
     );
     // The factors are stored as CSR: U, then per matrix nnz values, nnz column indices, r + 1 row
     // offsets, and the bias; nothing else.
-    let g = &model.groups[0];
+    let CompressedBlocks::SharedBasis(g) = &model.groups[0] else {
+        panic!("FiPS gives a shared basis");
+    };
     let expected = 16 * g.rank() + 2 * g.nnz() + 4 * (g.rank() + 1) + 2 * (32 + 16);
     let ck = Checkpoint::open(&path).unwrap();
     let elements: usize = ck.tensors().map(|t| t.len()).sum();
     assert_eq!(elements, expected);
+}
+
+#[test]
+fn every_method_round_trips_and_densifies_to_the_same_model() {
+    let dir = TempDir::new("methods");
+    let blocks = blocks();
+    let original_path = dir.join("model.safetensors");
+    write_model(&original_path, &blocks, Dtype::F32);
+    let original = Checkpoint::open(&original_path).unwrap();
+    let x = common::randn::<f32>(
+        &mut <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(9),
+        32,
+        16,
+        1.0,
+    );
+    for method in every_method() {
+        let name = method.method();
+        let model = compressed_with(method.as_ref(), &blocks, Dtype::F32);
+        let path = dir.join(&format!("{name}.safetensors"));
+        model.write(&path).unwrap();
+        let back = CompressedModel::read(&path).unwrap();
+        assert_eq!(back.manifest.method, name);
+        assert_eq!(
+            back.groups, model.groups,
+            "{name}: factors must survive bit for bit"
+        );
+        assert_eq!(back.manifest, model.manifest, "{name}");
+        // The densified checkpoint computes what the compressed blocks compute.
+        let dense_path = dir.join(&format!("{name}-dense.safetensors"));
+        back.densify(&original, &dense_path).unwrap();
+        let dense = Checkpoint::open(&dense_path).unwrap();
+        let layout = fips::layout::MlpLayout::detect(&dense).unwrap();
+        for b in 0..blocks.len() {
+            let rebuilt = layout
+                .load_block::<f32>(&dense, b, Activation::Gelu)
+                .unwrap();
+            let want = model.groups[0]
+                .to_dense_mlp(b)
+                .unwrap()
+                .forward(x.view())
+                .unwrap();
+            let got = rebuilt.forward(x.view()).unwrap();
+            let err = (&got - &want).mapv(f32::abs).fold(0.0f32, |a, &v| a.max(v));
+            assert!(
+                err < 1e-4,
+                "{name} block {b}: densified output differs by {err}"
+            );
+        }
+    }
 }
 
 #[test]
@@ -161,7 +263,9 @@ fn densified_checkpoint_replaces_only_mlp_tensors_in_their_dtype() {
                 assert_eq!(info.dtype, dtype);
                 assert_eq!(&info.shape, original.info(&name).unwrap().shape.as_slice());
                 let got: ndarray::Array2<f32> = dense.read_matrix(&name).unwrap();
-                let want = model.groups[0].dense_weight(b, m).unwrap();
+                let want = model.groups[0].to_dense_mlp(b).unwrap().layers()[m]
+                    .weight()
+                    .clone();
                 let err = (&got - &want).mapv(f32::abs).fold(0.0f32, |a, &x| a.max(x));
                 let scale = want.mapv(f32::abs).fold(0.0f32, |a, &x| a.max(x));
                 assert!(err <= tol * scale, "{name}: {err} vs scale {scale}");

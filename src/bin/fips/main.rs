@@ -15,12 +15,18 @@ use fips::export::{COMPRESSED_FORMAT, CompressedModel, MANIFEST_KEY};
 use fips::groups::{BlockGroups, DEFAULT_GROUP_SIZE};
 use fips::imagenet::{LabeledImage, load_image, read_labels, split};
 use fips::layout::MlpLayout;
+use fips::methods::Compressor;
+use fips::methods::basis_sharing::BasisSharingParams;
+use fips::methods::layer_collapse::LayerCollapseParams;
+use fips::methods::mixed_rank::MixedRankParams;
+use fips::methods::svd::SvdParams;
+use fips::methods::svd_llm::SvdLlmParams;
 use fips::pipeline::{self, CalibrationData, ModelCompression, VIT_DEFAULTS};
 use fips::svg::{LineChart, Series};
 use fips::vit::VisionTransformer;
 use fips::{
-    Activation, Budget, ContractionOrder, FipsError, FipsParams, GmpSchedule, GroupReport,
-    InitMethod, RiglSchedule, Sparsifier,
+    Activation, Budget, ContractionOrder, FipsError, FipsParams, GmpSchedule, InitMethod,
+    RiglSchedule, Sparsifier,
 };
 use ndarray::{Array4, Axis};
 
@@ -38,7 +44,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Compress a checkpoint's MLPs; write the compressed and densified checkpoints; evaluate.
-    Compress(CompressArgs),
+    Compress(Box<CompressArgs>),
     /// Evaluate a ViT/DeiT checkpoint (and optionally a compressed one) on labelled images.
     Eval(EvalArgs),
     /// Describe a checkpoint, a compressed checkpoint or an MLP-input file.
@@ -72,6 +78,22 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum MethodArg {
+    /// Fine-grained Parameter Sharing: shared basis + sparse factors per group.
+    Fips,
+    /// Per-layer truncated SVD (add --svd-train to train it with FiPS's loss).
+    Svd,
+    /// SVD-LLM-style whitened SVD per layer.
+    SvdLlm,
+    /// Basis sharing: one whitened input basis per matrix type and group.
+    BasisSharing,
+    /// Activation-aware mixed ranks (greedy over the group) with trained residuals.
+    MixedRank,
+    /// LayerCollapse: linearise every block of the groups and merge fc2 · fc1.
+    LayerCollapse,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -113,7 +135,10 @@ struct CompressArgs {
     /// Tokens per block for --data-free.
     #[arg(long, default_value_t = 16384)]
     data_free_tokens: usize,
-    /// Fraction p of each group's dense MLP weights to keep.
+    /// Compression method.
+    #[arg(long, value_enum, default_value_t = MethodArg::Fips)]
+    method: MethodArg,
+    /// Fraction p of the dense MLP weights to keep (per group; per matrix for svd and svd-llm).
     #[arg(long, default_value_t = 0.5)]
     budget: f64,
     /// Use this rank instead of deriving it from --budget.
@@ -134,9 +159,27 @@ struct CompressArgs {
     /// Explicit groups, e.g. `0-3,4-7,8-11` (blocks not listed stay dense).
     #[arg(long)]
     groups: Option<String>,
-    /// Training steps per group.
+    /// Training steps per group (fips; svd with --svd-train).
     #[arg(long, default_value_t = VIT_DEFAULTS.steps)]
     steps: usize,
+    /// svd: train the factors with FiPS's loss and optimiser (--steps, --lr, …).
+    #[arg(long)]
+    svd_train: bool,
+    /// mixed-rank: rank q of each trained residual.
+    #[arg(long, default_value_t = 8)]
+    residual_rank: usize,
+    /// mixed-rank: step of the candidate ranks.
+    #[arg(long, default_value_t = 8)]
+    rank_grid: usize,
+    /// mixed-rank: Adam steps per residual.
+    #[arg(long, default_value_t = 200)]
+    residual_steps: usize,
+    /// layer-collapse: weight λ of (α − 1)².
+    #[arg(long, default_value_t = 0.2)]
+    collapse_lambda: f64,
+    /// layer-collapse: step limit per block.
+    #[arg(long, default_value_t = 2000)]
+    collapse_steps: usize,
     /// Calibration tokens per mini-batch.
     #[arg(long, default_value_t = VIT_DEFAULTS.batch_tokens)]
     batch_tokens: usize,
@@ -206,7 +249,7 @@ fn main() -> ExitCode {
         return code;
     }
     let result = match cli.command {
-        Command::Compress(args) => compress(args),
+        Command::Compress(args) => compress(*args),
         Command::Eval(args) => eval(args),
         Command::Inspect { file } => inspect(&file),
         Command::Densify {
@@ -234,12 +277,10 @@ fn main() -> ExitCode {
 /// unsafe code to call `openblas_set_num_threads`; so `--threads N` re-runs this program with
 /// `OPENBLAS_NUM_THREADS=N` when it is not already set to N.
 fn reexec_with_blas_threads(cli: &Cli) -> Option<ExitCode> {
-    let Command::Compress(CompressArgs {
-        threads: Some(n), ..
-    }) = &cli.command
-    else {
+    let Command::Compress(args) = &cli.command else {
         return None;
     };
+    let n = args.threads?;
     let wanted = n.to_string();
     if std::env::var("OPENBLAS_NUM_THREADS").ok().as_deref() == Some(wanted.as_str()) {
         return None;
@@ -328,11 +369,60 @@ fn decode_split(
     Ok((pixels, items.iter().map(|i| i.label).collect()))
 }
 
+/// The chosen method, with its settings validated.
+fn compressor(args: &CompressArgs) -> Result<Box<dyn Compressor<f32>>, FipsError> {
+    let budget = args
+        .rank
+        .map_or(Budget::Fraction(args.budget), Budget::Rank);
+    let optimizer = fips::AdamW {
+        learning_rate: args.lr,
+        min_learning_rate: args.min_lr,
+        weight_decay: args.weight_decay,
+        ..fips::AdamW::default()
+    };
+    Ok(match args.method {
+        MethodArg::Fips => Box::new(fips_params(args).build()?),
+        MethodArg::Svd => {
+            let mut p = SvdParams::new()
+                .budget(budget)
+                .steps(if args.svd_train { args.steps } else { 0 })
+                .batch_tokens(args.batch_tokens)
+                .optimizer(optimizer)
+                .seed(args.seed);
+            if let Some(t) = args.threads {
+                p = p.threads(t);
+            }
+            Box::new(p.build()?)
+        }
+        MethodArg::SvdLlm => Box::new(SvdLlmParams::new().budget(budget).build()?),
+        MethodArg::BasisSharing => Box::new(BasisSharingParams::new().budget(budget).build()?),
+        MethodArg::MixedRank => Box::new(
+            MixedRankParams::new()
+                .budget(args.budget)
+                .residual_rank(args.residual_rank)
+                .grid(args.rank_grid)
+                .steps(args.residual_steps)
+                .batch_tokens(args.batch_tokens)
+                .learning_rate(args.lr)
+                .seed(args.seed)
+                .build()?,
+        ),
+        MethodArg::LayerCollapse => Box::new(
+            LayerCollapseParams::new()
+                .lambda(args.collapse_lambda)
+                .max_steps(args.collapse_steps)
+                .batch_tokens(args.batch_tokens)
+                .learning_rate(args.lr)
+                .seed(args.seed)
+                .build()?,
+        ),
+    })
+}
+
 fn compress(args: CompressArgs) -> Result<(), FipsError> {
     let start = Instant::now();
     let bars = Bars::new();
-    let params = fips_params(&args).check()?;
-    let compressor = fips::FipsCompressor::new(params.clone());
+    let compressor = compressor(&args)?;
     let checkpoint = Checkpoint::open(&args.checkpoint)?;
     let layout = MlpLayout::detect(&checkpoint)?;
     println!("{}: {layout}", args.checkpoint.display());
@@ -345,15 +435,9 @@ fn compress(args: CompressArgs) -> Result<(), FipsError> {
     };
     let activation = args.activation.unwrap_or(layout.default_activation());
     println!(
-        "groups {groups}; p = {}, s = {}, {} steps of {} tokens, lr {} -> {}, {}",
-        args.rank
-            .map_or(args.budget.to_string(), |r| format!("rank {r}")),
-        args.sparsity,
-        args.steps,
-        args.batch_tokens,
-        args.lr,
-        args.min_lr,
-        params.sparsifier()
+        "method {}, groups {groups}: {}",
+        compressor.method(),
+        compressor.parameters()
     );
 
     let needs_vit = args.images.images.is_some();
@@ -395,13 +479,13 @@ fn compress(args: CompressArgs) -> Result<(), FipsError> {
         &checkpoint,
         &layout,
         &groups,
-        &compressor,
+        compressor.as_ref(),
         activation,
         &calibration,
         &mut observer,
     )?;
     drop(observer);
-    print_group_table(&result.reports);
+    print_group_table(&result);
 
     std::fs::create_dir_all(&args.out_dir).map_err(|source| FipsError::Io {
         path: args.out_dir.clone(),
@@ -421,7 +505,8 @@ fn compress(args: CompressArgs) -> Result<(), FipsError> {
     let mut summary = serde_json::json!({
         "checkpoint": args.checkpoint.display().to_string(),
         "scheme": layout.scheme().to_string(),
-        "parameters": pipeline::describe_params(&params),
+        "method": compressor.method(),
+        "parameters": compressor.parameters(),
         "data_free": result.model.manifest.data_free,
         "calibration_seconds": result.calibration_time.as_secs_f64(),
         "groups": result.reports.iter().zip(&result.model.manifest.groups)
@@ -497,42 +582,53 @@ fn millions(n: usize) -> String {
     format!("{:.3}M", n as f64 / 1e6)
 }
 
-fn print_group_table(reports: &[GroupReport]) {
+fn print_group_table(result: &ModelCompression) {
     println!(
-        "{:>5} {:>6} {:>5} {:>6} {:>8} {:>9} {:>11} {:>11} {:>7} {:>9} {:>9} {:>6} {:>8}",
-        "group",
-        "blocks",
-        "d",
-        "I",
-        "rank",
-        "sparsity",
-        "nnz",
-        "params",
-        "kept",
-        "err init",
-        "err final",
-        "steps",
-        "time"
+        "{:>5} {:>8} {:>11} {:>11} {:>7} {:>9} {:>7} {:>8}  details",
+        "group", "blocks", "dense", "kept", "kept%", "rel.err", "steps", "time"
     );
-    for (g, r) in reports.iter().enumerate() {
+    for (g, (r, m)) in result
+        .reports
+        .iter()
+        .zip(&result.model.manifest.groups)
+        .enumerate()
+    {
         let p = &r.parameters;
+        let blocks = match (m.blocks.first(), m.blocks.last()) {
+            (Some(a), Some(b)) => format!("{a}-{b}"),
+            _ => String::new(),
+        };
         println!(
-            "{:>5} {:>6} {:>5} {:>6} {:>8} {:>9.4} {:>11} {:>11} {:>6.2}% {:>9.4} {:>9.4} {:>6} {:>7.1}s",
+            "{:>5} {:>8} {:>11} {:>11} {:>6.2}% {:>9.4} {:>7} {:>7.1}s  {}",
             g,
-            r.shape.blocks,
-            r.shape.width,
-            r.shape.intermediate,
-            r.rank,
-            r.sparsity,
-            r.nnz,
+            blocks,
+            p.dense_weights,
             p.compressed_weights(),
             100.0 * p.kept_fraction(),
-            r.rel_error_init,
-            r.rel_error_final,
-            r.steps_run,
-            r.wall_time.as_secs_f64()
+            r.rel_error,
+            r.steps,
+            r.wall_time.as_secs_f64(),
+            summarise_details(&r.details)
         );
     }
+}
+
+/// The scalar entries of a report's details, `key=value` (lists and objects omitted).
+fn summarise_details(details: &serde_json::Value) -> String {
+    let Some(map) = details.as_object() else {
+        return String::new();
+    };
+    map.iter()
+        .filter_map(|(k, v)| match v {
+            serde_json::Value::Number(n) => Some(match n.as_f64() {
+                Some(x) if x.fract() != 0.0 => format!("{k}={x:.4}"),
+                _ => format!("{k}={n}"),
+            }),
+            serde_json::Value::String(s) => Some(format!("{k}={s}")),
+            _ => None,
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn write_loss_plots(dir: &Path, result: &ModelCompression) -> Result<(), FipsError> {
@@ -547,11 +643,11 @@ fn write_loss_plots(dir: &Path, result: &ModelCompression) -> Result<(), FipsErr
         }
         let chart = LineChart {
             title: format!(
-                "FiPS group {g} (blocks {}-{}), rank {}, sparsity {:.2}",
+                "{} group {g} (blocks {}-{}): {}",
+                report.method,
                 m.blocks.first().copied().unwrap_or(0),
                 m.blocks.last().copied().unwrap_or(0),
-                report.rank,
-                report.sparsity
+                summarise_details(&report.details)
             ),
             x_label: "training step".into(),
             y_label: "mini-batch loss".into(),

@@ -2,8 +2,9 @@
 
 use std::ops::ControlFlow;
 
+use fips::Progress;
+use fips::methods::MethodReport;
 use fips::pipeline::Observer;
-use fips::{GroupReport, Progress};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// Creates progress bars on stderr (hidden when stderr is not a terminal).
@@ -73,8 +74,8 @@ impl Observer for CompressionBars {
         }
     }
 
-    fn group_started(&mut self, group: usize, blocks: &[usize], rank: usize, steps: usize) {
-        let prefix = format!("train {}/{} r={rank}", group + 1, self.groups);
+    fn group_started(&mut self, group: usize, blocks: &[usize], steps: usize) {
+        let prefix = format!("group {}/{}", group + 1, self.groups);
         let bar = self.replace(
             steps,
             "{prefix:>18} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta} {msg}",
@@ -86,7 +87,7 @@ impl Observer for CompressionBars {
     fn step(&mut self, _group: usize, p: &Progress) -> ControlFlow<()> {
         if let Some(bar) = &self.bar {
             bar.set_position(p.step as u64);
-            if p.step % 10 == 0 || p.step == p.total_steps {
+            if p.step.is_multiple_of(10) || p.step == p.total_steps {
                 bar.set_message(format!(
                     "loss {:.3e} lr {:.1e} sparsity {:.3}",
                     p.loss, p.learning_rate, p.sparsity
@@ -96,18 +97,17 @@ impl Observer for CompressionBars {
         ControlFlow::Continue(())
     }
 
-    fn group_finished(&mut self, group: usize, report: &GroupReport) {
+    fn group_finished(&mut self, group: usize, report: &MethodReport) {
         if let Some(bar) = self.bar.take() {
             bar.finish_and_clear();
         }
         eprintln!(
-            "group {}/{}: rank {}, sparsity {:.4}, rel. error {:.4} -> {:.4} in {:.1?}",
+            "group {}/{} ({}): kept {:.2}% of the weights, rel. error {:.4} in {:.1?}",
             group + 1,
             self.groups,
-            report.rank,
-            report.sparsity,
-            report.rel_error_init,
-            report.rel_error_final,
+            report.method,
+            100.0 * report.parameters.kept_fraction(),
+            report.rel_error,
             report.wall_time
         );
     }

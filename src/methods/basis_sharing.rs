@@ -1,0 +1,167 @@
+//! Basis sharing across layers (Basis Sharing style): the matrices of one type (fc1, fc2; or gate,
+//! up, down) in a group of `g` consecutive blocks share one whitened input basis.
+//!
+//! For a type with weights `W_i` (`[m, n]`, `i = 1..g`), stack `W = [W_1; …; W_g]` (`[g m, n]`),
+//! pool the input statistics `G = Σ_i X_iᵀ X_i = L Lᵀ`, and take the whitened SVD
+//! `W L = U Σ Vᵀ`. With `k = ⌊n m g p / (n + m g)⌋` the shared basis is `B = Σ_k^{1/2} V_kᵀ L⁻¹`
+//! (`[k, n]`) and layer `i`'s coefficients are its rows of `U_k Σ_k^{1/2}` (`[m, k]`), so the type
+//! costs `k n + g k m` parameters. The stacked output error is `Σ_{j>k} σ_j²` for the pooled inputs.
+
+use std::ops::ControlFlow;
+use std::time::Instant;
+
+use ndarray::{Axis, concatenate, s};
+
+use crate::budget::Budget;
+use crate::calibration::Calibration;
+use crate::compressor::Progress;
+use crate::error::{FipsError, Result};
+use crate::float::Float;
+use crate::methods::lowrank::{LowRankGroup, LowRankMatrix};
+use crate::methods::whitening::{Gram, WhitenedSvd, block_input_grams, cholesky_with_jitter};
+use crate::methods::{
+    CompressedBlocks, Compressor, MethodOutput, MethodReport, check_group, reconstruction_errors,
+};
+use crate::mlp::{DenseMlp, MatrixRole};
+
+/// Settings of basis sharing.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BasisSharingParams {
+    budget: Budget,
+}
+
+/// Checked settings of basis sharing.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BasisSharingCompressor(BasisSharingParams);
+
+impl Default for BasisSharingParams {
+    fn default() -> Self {
+        Self {
+            budget: Budget::Fraction(0.5),
+        }
+    }
+}
+
+impl BasisSharingParams {
+    /// Default: p = 0.5.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Fraction `p` of each type's weights to keep over the group (or an explicit shared rank).
+    pub fn budget(mut self, budget: Budget) -> Self {
+        self.budget = budget;
+        self
+    }
+
+    /// Validates the settings.
+    pub fn build(&self) -> Result<BasisSharingCompressor> {
+        self.budget.check()?;
+        Ok(BasisSharingCompressor(*self))
+    }
+}
+
+/// The shared rank `k = ⌊n m g p / (n + m g)⌋` of `g` matrices `[m, n]` sharing an input basis.
+pub fn shared_rank(m: usize, n: usize, g: usize, p: f64) -> Result<usize> {
+    Budget::Fraction(p).check()?;
+    let k =
+        (n as f64 * m as f64 * g as f64 * p / (n + m * g) as f64 * (1.0 + 1e-12)).floor() as usize;
+    if k == 0 {
+        return Err(FipsError::ZeroRank {
+            budget: p,
+            sparsity: 0.0,
+            d: n,
+            intermediate: m,
+            matrices: g,
+        });
+    }
+    Ok(k)
+}
+
+impl<F: Float> Compressor<F> for BasisSharingCompressor {
+    fn method(&self) -> &'static str {
+        "basis-sharing"
+    }
+
+    fn parameters(&self) -> serde_json::Value {
+        match self.0.budget {
+            Budget::Fraction(p) => serde_json::json!({"budget": {"fraction": p}}),
+            Budget::Rank(r) => serde_json::json!({"budget": {"rank": r}}),
+        }
+    }
+
+    fn compress(
+        &self,
+        blocks: &[DenseMlp<F>],
+        calibration: &Calibration<F>,
+        _on_step: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
+    ) -> Result<MethodOutput<F>> {
+        let start = Instant::now();
+        check_group(blocks, calibration)?;
+        let first = &blocks[0];
+        let (d, i, g) = (first.width(), first.intermediate(), blocks.len());
+        let kind = first.kind();
+        let f = kind.matrices_per_block();
+        // Pooled input statistics of the up-type inputs (d × d) and the down inputs (I × I).
+        let (mut up_gram, mut down_gram) = (Gram::new(d), Gram::new(i));
+        for (mlp, z) in blocks.iter().zip(calibration.inputs()) {
+            let (up, down) = block_input_grams(mlp, z.view())?;
+            up_gram.merge(&up)?;
+            down_gram.merge(&down)?;
+        }
+        let up_l = cholesky_with_jitter(up_gram.matrix())?;
+        let down_l = cholesky_with_jitter(down_gram.matrix())?;
+
+        let mut bases = Vec::with_capacity(f);
+        let mut lefts: Vec<Option<LowRankMatrix<F>>> = vec![None; f * g];
+        let mut ranks = Vec::with_capacity(f);
+        for (m, role) in kind.matrix_roles().iter().enumerate() {
+            let (out, input, (l, jitter)) = match role {
+                MatrixRole::Up => (i, d, &up_l),
+                MatrixRole::Down => (d, i, &down_l),
+            };
+            let k = match self.0.budget {
+                Budget::Fraction(p) => shared_rank(out, input, g, p)?,
+                Budget::Rank(r) => r,
+            };
+            let stacked_parts: Vec<_> = blocks
+                .iter()
+                .map(|b| b.layers()[m].weight().view())
+                .collect();
+            let stacked = concatenate(Axis(0), &stacked_parts)
+                .map_err(|e| FipsError::Numerical(e.to_string()))?;
+            let svd = WhitenedSvd::with_cholesky(stacked.view(), l.clone(), *jitter)?;
+            let (a, basis) = svd.factors::<F>(k)?;
+            for (b, mlp) in blocks.iter().enumerate() {
+                lefts[b * f + m] = Some(LowRankMatrix {
+                    left: a.slice(s![b * out..(b + 1) * out, ..]).to_owned(),
+                    basis: Some(bases.len()),
+                    bias: mlp.layers()[m].bias().cloned(),
+                });
+            }
+            bases.push(basis);
+            ranks.push(k);
+        }
+        let matrices = lefts
+            .into_iter()
+            .map(|m| m.ok_or_else(|| FipsError::Numerical("a matrix was not factorised".into())))
+            .collect::<Result<Vec<_>>>()?;
+        let group = LowRankGroup::new(kind, first.activation(), (d, i), bases, matrices)?;
+        let compressed = CompressedBlocks::LowRank(group);
+        let (rel_error, block_rel_error) = reconstruction_errors(blocks, &compressed, calibration)?;
+        let report = MethodReport {
+            method: "basis-sharing",
+            parameters: compressed.parameter_count(),
+            rel_error,
+            block_rel_error,
+            steps: 0,
+            loss_curve: Vec::new(),
+            wall_time: start.elapsed(),
+            details: serde_json::json!({ "shared_ranks": ranks, "group_size": g }),
+        };
+        Ok(MethodOutput {
+            blocks: compressed,
+            report,
+        })
+    }
+}

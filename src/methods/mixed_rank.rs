@@ -1,0 +1,605 @@
+//! Activation-aware mixed-rank compression with error compensation (the ViT mixed-rank paper's
+//! method, reconstructed from its description).
+//!
+//! 1. Every matrix gets its whitened SVD (the activation-aware optimum, see
+//!    [`whitening`](super::whitening)); its normalised lost energy at rank `r` is
+//!    `e(r) = Σ_{i>r} σ_i² / Σ_i σ_i²` (= `‖Y − Ŷ_r‖² / ‖Y‖²`).
+//! 2. Greedy allocation over all matrices of the group: start dense; repeatedly lower the rank of the
+//!    matrix whose next step on the rank grid loses the least energy per parameter saved, until the
+//!    total fits the budget. A factorised matrix costs `(r + q)(m + n)` (the residual included), a
+//!    dense one `m n`; candidate ranks are multiples of the grid below break-even.
+//! 3. Error compensation: per factorised matrix a rank-`q` residual `P Q` (`P` zero, `Q` random,
+//!    LoRA style) is trained with Adam on the matrix's own normalised output error
+//!    `‖X Wᵀ − X (A B + P Q)ᵀ‖² / ‖X Wᵀ‖²` with `A B` frozen, then merged exactly:
+//!    `A' = [A | P]`, `B' = [B; Q]` (rank `r + q`).
+//!
+//! The allocation spans the matrices of the blocks given: pass all blocks as one group for a
+//! model-wide allocation.
+
+use std::ops::ControlFlow;
+use std::time::Instant;
+
+use ndarray::{Array2, ArrayView2, Axis, concatenate, linalg::general_mat_mul};
+use rand::SeedableRng;
+use rand::seq::index::sample;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+
+use crate::calibration::{Calibration, gather_rows};
+use crate::compressor::Progress;
+use crate::error::{FipsError, Result, invalid};
+use crate::float::Float;
+use crate::methods::lowrank::{LowRankGroup, LowRankMatrix};
+use crate::methods::whitening::{WhitenedSvd, block_input_grams};
+use crate::methods::{
+    CompressedBlocks, Compressor, MethodOutput, MethodReport, check_group, reconstruction_errors,
+};
+use crate::mlp::{DenseMlp, MatrixRole};
+use crate::optim::{AdamW, AdamWStep, Moments};
+
+/// Settings of the mixed-rank method.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MixedRankParams {
+    budget: f64,
+    residual_rank: usize,
+    grid: usize,
+    steps: usize,
+    batch_tokens: usize,
+    learning_rate: f64,
+    seed: u64,
+}
+
+/// Checked settings of the mixed-rank method.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MixedRankCompressor(MixedRankParams);
+
+impl Default for MixedRankParams {
+    fn default() -> Self {
+        Self {
+            budget: 0.5,
+            residual_rank: 8,
+            grid: 8,
+            steps: 200,
+            batch_tokens: 1024,
+            learning_rate: 1e-3,
+            seed: 0,
+        }
+    }
+}
+
+impl MixedRankParams {
+    /// Defaults: p = 0.5, residual rank q = 8, rank grid 8, 200 Adam steps of 1024 tokens at
+    /// lr 1e-3 per matrix.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Fraction `p` of the group's dense MLP weights to keep (residuals included).
+    pub fn budget(mut self, p: f64) -> Self {
+        self.budget = p;
+        self
+    }
+
+    /// Rank `q` of each residual (0: no error compensation).
+    pub fn residual_rank(mut self, q: usize) -> Self {
+        self.residual_rank = q;
+        self
+    }
+
+    /// Step of the candidate ranks.
+    pub fn grid(mut self, grid: usize) -> Self {
+        self.grid = grid;
+        self
+    }
+
+    /// Adam steps per residual.
+    pub fn steps(mut self, steps: usize) -> Self {
+        self.steps = steps;
+        self
+    }
+
+    /// Tokens per residual mini-batch.
+    pub fn batch_tokens(mut self, batch_tokens: usize) -> Self {
+        self.batch_tokens = batch_tokens;
+        self
+    }
+
+    /// Peak learning rate of the residual training (cosine decay to a tenth of it).
+    pub fn learning_rate(mut self, lr: f64) -> Self {
+        self.learning_rate = lr;
+        self
+    }
+
+    /// Seed of the residual initialisation and batches.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    /// Validates the settings.
+    pub fn build(&self) -> Result<MixedRankCompressor> {
+        crate::budget::Budget::Fraction(self.budget).check()?;
+        if self.grid == 0 {
+            return Err(invalid("grid", "must be at least 1"));
+        }
+        if self.batch_tokens == 0 {
+            return Err(invalid("batch_tokens", "must be at least 1"));
+        }
+        self.optimizer().check()?;
+        Ok(MixedRankCompressor(*self))
+    }
+
+    fn optimizer(&self) -> AdamW {
+        AdamW {
+            learning_rate: self.learning_rate,
+            min_learning_rate: self.learning_rate / 10.0,
+            weight_decay: 0.0,
+            ..AdamW::default()
+        }
+    }
+}
+
+/// One matrix's options for the greedy allocation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RankCandidate {
+    /// Rows m.
+    pub rows: usize,
+    /// Columns n.
+    pub cols: usize,
+    /// `lost[r]`: normalised output energy lost at rank `r` (`lost[0] = 1`, non-increasing).
+    pub lost: Vec<f64>,
+}
+
+/// A matrix's allocated form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allocation {
+    /// Kept dense.
+    Dense,
+    /// Factorised at this rank (plus the residual).
+    Rank(usize),
+}
+
+/// Greedy rank allocation: from all-dense, lower the rank of the matrix that loses the least
+/// energy per parameter saved, one grid step at a time, until `Σ cost ≤ budget`, where a rank-`r`
+/// matrix costs `(r + residual)(m + n)` and a dense one `m n`. Returns each matrix's allocation and
+/// the total cost, or an error if even the smallest ranks do not fit.
+pub fn allocate_ranks(
+    candidates: &[RankCandidate],
+    budget: usize,
+    grid: usize,
+    residual: usize,
+) -> Result<(Vec<Allocation>, usize)> {
+    if grid == 0 {
+        return Err(invalid("grid", "must be at least 1"));
+    }
+    let cost = |c: &RankCandidate, a: Allocation| match a {
+        Allocation::Dense => c.rows * c.cols,
+        Allocation::Rank(r) => (r + residual) * (c.rows + c.cols),
+    };
+    let lost = |c: &RankCandidate, a: Allocation| match a {
+        Allocation::Dense => 0.0,
+        Allocation::Rank(r) => c.lost.get(r).copied().unwrap_or(0.0),
+    };
+    // The next lower allocation on the grid, if any.
+    let next = |c: &RankCandidate, a: Allocation| -> Option<Allocation> {
+        let max_rank = c.lost.len().saturating_sub(1);
+        let r = match a {
+            Allocation::Dense => {
+                let break_even = (c.rows * c.cols)
+                    .div_ceil(c.rows + c.cols)
+                    .saturating_sub(residual + 1);
+                (break_even.min(max_rank) / grid) * grid
+            }
+            Allocation::Rank(r) => r.checked_sub(grid)?,
+        };
+        (r >= grid.min(max_rank).max(1) && cost(c, Allocation::Rank(r)) < cost(c, a))
+            .then_some(Allocation::Rank(r))
+    };
+    let mut state = vec![Allocation::Dense; candidates.len()];
+    let mut total: usize = candidates.iter().map(|c| cost(c, Allocation::Dense)).sum();
+    while total > budget {
+        let mut best: Option<(usize, Allocation, f64, usize)> = None;
+        for (l, (c, &a)) in candidates.iter().zip(&state).enumerate() {
+            let Some(n) = next(c, a) else { continue };
+            let saved = cost(c, a) - cost(c, n);
+            let ratio = (lost(c, n) - lost(c, a)) / saved as f64;
+            let better = match best {
+                None => true,
+                Some((_, _, r, s)) => ratio < r || (ratio == r && saved > s),
+            };
+            if better {
+                best = Some((l, n, ratio, saved));
+            }
+        }
+        let (l, n, _, saved) = best.ok_or_else(|| {
+            invalid(
+                "budget",
+                format!("{budget} parameters cannot hold the matrices even at rank {grid} with residual rank {residual}"),
+            )
+        })?;
+        state[l] = n;
+        total -= saved;
+    }
+    Ok((state, total))
+}
+
+impl<F: Float> Compressor<F> for MixedRankCompressor {
+    fn method(&self) -> &'static str {
+        "mixed-rank"
+    }
+
+    fn parameters(&self) -> serde_json::Value {
+        let p = &self.0;
+        serde_json::json!({
+            "budget": {"fraction": p.budget},
+            "residual_rank": p.residual_rank,
+            "grid": p.grid,
+            "steps": p.steps,
+            "batch_tokens": p.batch_tokens,
+            "learning_rate": p.learning_rate,
+            "seed": p.seed,
+        })
+    }
+
+    fn compress(
+        &self,
+        blocks: &[DenseMlp<F>],
+        calibration: &Calibration<F>,
+        _on_step: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
+    ) -> Result<MethodOutput<F>> {
+        let start = Instant::now();
+        check_group(blocks, calibration)?;
+        let p = &self.0;
+        if p.steps > 0 && p.residual_rank > 0 && p.batch_tokens > calibration.tokens() {
+            return Err(FipsError::BatchTooLarge {
+                batch: p.batch_tokens,
+                tokens: calibration.tokens(),
+            });
+        }
+        let first = &blocks[0];
+        let (d, i) = (first.width(), first.intermediate());
+        // Stage 1: whitened SVD of every matrix.
+        let mut svds = Vec::new();
+        for (mlp, z) in blocks.iter().zip(calibration.inputs()) {
+            let (up, down) = block_input_grams(mlp, z.view())?;
+            for (layer, role) in mlp.layers().iter().zip(mlp.kind().matrix_roles()) {
+                let gram = if *role == MatrixRole::Up { &up } else { &down };
+                svds.push(WhitenedSvd::new(layer.weight().view(), gram)?);
+            }
+        }
+        // Stage 2: greedy allocation.
+        let weights: Vec<&Array2<F>> = blocks
+            .iter()
+            .flat_map(|b| b.layers().iter().map(|l| l.weight()))
+            .collect();
+        let candidates: Vec<RankCandidate> = svds
+            .iter()
+            .zip(&weights)
+            .map(|(svd, w)| {
+                let energy = svd.energy().max(f64::MIN_POSITIVE);
+                RankCandidate {
+                    rows: w.nrows(),
+                    cols: w.ncols(),
+                    lost: (0..=svd.sigma.len())
+                        .map(|r| svd.tail_energy(r) / energy)
+                        .collect(),
+                }
+            })
+            .collect();
+        let dense_total: usize = weights.iter().map(|w| w.len()).sum();
+        let budget = (p.budget * dense_total as f64).floor() as usize;
+        let (allocation, _) = allocate_ranks(&candidates, budget, p.grid, p.residual_rank)?;
+        // Stage 3: factors, residuals, merge.
+        let f = first.kind().matrices_per_block();
+        let mut bases = Vec::new();
+        let mut matrices = Vec::new();
+        let mut residual_errors = Vec::new();
+        for (j, (svd, alloc)) in svds.iter().zip(&allocation).enumerate() {
+            let (b, m) = (j / f, j % f);
+            let layer = &blocks[b].layers()[m];
+            let bias = layer.bias().cloned();
+            let Allocation::Rank(r) = *alloc else {
+                matrices.push(LowRankMatrix {
+                    left: layer.weight().clone(),
+                    basis: None,
+                    bias,
+                });
+                continue;
+            };
+            let (a, basis) = svd.factors::<F>(r)?;
+            let (a, basis) = if p.residual_rank > 0 {
+                let inputs = LayerInputs {
+                    mlp: &blocks[b],
+                    z: calibration.inputs()[b].view(),
+                    down: m + 1 == f,
+                };
+                let mut residual = Residual::new(
+                    a.view(),
+                    basis.view(),
+                    p.residual_rank,
+                    p.seed.wrapping_add(j as u64),
+                );
+                let (before, after) = residual.train(layer.weight().view(), &inputs, p)?;
+                residual_errors
+                    .push(serde_json::json!({ "matrix": j, "before": before, "after": after }));
+                residual.merged(a.view(), basis.view())?
+            } else {
+                (a, basis)
+            };
+            matrices.push(LowRankMatrix {
+                left: a,
+                basis: Some(bases.len()),
+                bias,
+            });
+            bases.push(basis);
+        }
+        let group = LowRankGroup::new(first.kind(), first.activation(), (d, i), bases, matrices)?;
+        let compressed = CompressedBlocks::LowRank(group);
+        let (rel_error, block_rel_error) = reconstruction_errors(blocks, &compressed, calibration)?;
+        let ranks: Vec<serde_json::Value> = allocation
+            .iter()
+            .map(|a| match a {
+                Allocation::Dense => serde_json::json!("dense"),
+                Allocation::Rank(r) => serde_json::json!(r + p.residual_rank),
+            })
+            .collect();
+        let report = MethodReport {
+            method: "mixed-rank",
+            parameters: compressed.parameter_count(),
+            rel_error,
+            block_rel_error,
+            steps: p.steps,
+            loss_curve: Vec::new(),
+            wall_time: start.elapsed(),
+            details: serde_json::json!({ "ranks": ranks, "residual_rank": p.residual_rank, "residual_errors": residual_errors }),
+        };
+        Ok(MethodOutput {
+            blocks: compressed,
+            report,
+        })
+    }
+}
+
+/// Where a matrix's inputs come from: the block's MLP inputs, or its hidden activations.
+struct LayerInputs<'a, F> {
+    mlp: &'a DenseMlp<F>,
+    z: ArrayView2<'a, F>,
+    down: bool,
+}
+
+impl<F: Float> LayerInputs<'_, F> {
+    fn tokens(&self) -> usize {
+        self.z.nrows()
+    }
+
+    /// The layer inputs of the tokens `rows`.
+    fn batch(&self, rows: &[usize], buffer: &mut Array2<F>) -> Result<Array2<F>> {
+        gather_rows(self.z, rows, buffer);
+        if self.down {
+            self.mlp.hidden_activations(buffer.view())
+        } else {
+            Ok(buffer.clone())
+        }
+    }
+}
+
+/// A rank-`q` residual `P Q` on top of frozen factors `A B`.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Residual<F> {
+    /// `P`, `[m, q]`, starts at zero.
+    pub p: Array2<F>,
+    /// `Q`, `[q, n]`, starts random.
+    pub q: Array2<F>,
+    /// `A B` of the frozen base, `[m, n]`.
+    base: Array2<F>,
+}
+
+impl<F: Float> Residual<F> {
+    pub(crate) fn new(a: ArrayView2<'_, F>, b: ArrayView2<'_, F>, q: usize, seed: u64) -> Self {
+        let (m, n) = (a.nrows(), b.ncols());
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let scale = 1.0 / (n as f64).sqrt();
+        Self {
+            p: Array2::zeros((m, q)),
+            q: Array2::from_shape_simple_fn((q, n), || {
+                let z: f64 = StandardNormal.sample(&mut rng);
+                F::cast(scale * z)
+            }),
+            base: a.dot(&b),
+        }
+    }
+
+    /// Normalised loss `‖X Wᵀ − X (A B + P Q)ᵀ‖² / ‖X Wᵀ‖²` on a batch and its gradients.
+    pub(crate) fn loss_and_gradients(
+        &self,
+        x: ArrayView2<'_, F>,
+        w: ArrayView2<'_, F>,
+    ) -> (f64, Array2<F>, Array2<F>) {
+        let y = x.dot(&w.t());
+        let xq = x.dot(&self.q.t());
+        let mut e = x.dot(&self.base.t());
+        general_mat_mul(F::one(), &xq, &self.p.t(), F::one(), &mut e);
+        e -= &y;
+        let norm: f64 = y
+            .iter()
+            .map(|v| v.as_f64() * v.as_f64())
+            .sum::<f64>()
+            .max(f64::MIN_POSITIVE);
+        let loss = e.iter().map(|v| v.as_f64() * v.as_f64()).sum::<f64>() / norm;
+        // ∂L/∂Ŷ = 2 E / ‖Y‖²; ∂P = Gᵀ (X Qᵀ), ∂Q = (G P)ᵀ X.
+        let g = e.mapv(|v| v * F::cast(2.0 / norm));
+        let dp = g.t().dot(&xq);
+        let dq = g.dot(&self.p).t().dot(&x);
+        (loss, dp, dq)
+    }
+
+    /// Trains `P` and `Q` with Adam on batches of the layer's calibration inputs; returns the
+    /// normalised error on the first and the last batch.
+    fn train(
+        &mut self,
+        w: ArrayView2<'_, F>,
+        inputs: &LayerInputs<'_, F>,
+        params: &MixedRankParams,
+    ) -> Result<(f64, f64)> {
+        let batch = params.batch_tokens.min(inputs.tokens());
+        let mut rng = ChaCha8Rng::seed_from_u64(params.seed);
+        let mut buffer = Array2::zeros((batch, inputs.z.ncols()));
+        let (mut mp, mut mq) = (
+            Moments::zeros(self.p.raw_dim()),
+            Moments::zeros(self.q.raw_dim()),
+        );
+        let adam = params.optimizer();
+        let (mut first, mut last) = (f64::NAN, f64::NAN);
+        for step in 1..=params.steps {
+            let rows = sample(&mut rng, inputs.tokens(), batch).into_vec();
+            let x = inputs.batch(&rows, &mut buffer)?;
+            let (loss, dp, dq) = self.loss_and_gradients(x.view(), w);
+            if !loss.is_finite() {
+                return Err(FipsError::NonFiniteLoss { step, loss });
+            }
+            if step == 1 {
+                first = loss;
+            }
+            last = loss;
+            let update = AdamWStep::new(&adam, adam.learning_rate_at(step, params.steps), step);
+            update.apply(self.p.view_mut(), dp.view(), &mut mp);
+            update.apply(self.q.view_mut(), dq.view(), &mut mq);
+        }
+        Ok((first, last))
+    }
+
+    /// `A' = [A | P]`, `B' = [B; Q]`: one factorisation of rank `r + q` with `A' B' = A B + P Q`.
+    pub(crate) fn merged(
+        &self,
+        a: ArrayView2<'_, F>,
+        b: ArrayView2<'_, F>,
+    ) -> Result<(Array2<F>, Array2<F>)> {
+        let left = concatenate(Axis(1), &[a, self.p.view()])
+            .map(|l| l.as_standard_layout().into_owned())
+            .map_err(|e| FipsError::Numerical(e.to_string()))?;
+        let right = concatenate(Axis(0), &[b, self.q.view()])
+            .map_err(|e| FipsError::Numerical(e.to_string()))?;
+        Ok((left, right))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use approx::assert_abs_diff_eq;
+
+    fn spectrum(rows: usize, cols: usize, decay: f64) -> RankCandidate {
+        let k = rows.min(cols);
+        let s2: Vec<f64> = (0..k).map(|i| decay.powi(i as i32)).collect();
+        let total: f64 = s2.iter().sum();
+        RankCandidate {
+            rows,
+            cols,
+            lost: (0..=k)
+                .map(|r| s2[r..].iter().sum::<f64>() / total)
+                .collect(),
+        }
+    }
+
+    fn total_lost(c: &[RankCandidate], a: &[Allocation]) -> f64 {
+        c.iter()
+            .zip(a)
+            .map(|(c, a)| match a {
+                Allocation::Dense => 0.0,
+                Allocation::Rank(r) => c.lost[*r],
+            })
+            .sum()
+    }
+
+    #[test]
+    fn greedy_meets_the_budget_tightly_and_more_budget_never_hurts() {
+        let candidates = vec![
+            spectrum(64, 32, 0.9),
+            spectrum(32, 64, 0.6),
+            spectrum(48, 48, 0.97),
+        ];
+        let dense: usize = candidates.iter().map(|c| c.rows * c.cols).sum();
+        let mut last_error = f64::INFINITY;
+        for budget in (dense / 5..=dense).step_by(97) {
+            let (alloc, total) = allocate_ranks(&candidates, budget, 1, 2).unwrap();
+            let cost: usize = candidates
+                .iter()
+                .zip(&alloc)
+                .map(|(c, a)| match a {
+                    Allocation::Dense => c.rows * c.cols,
+                    Allocation::Rank(r) => (r + 2) * (c.rows + c.cols),
+                })
+                .sum();
+            assert_eq!(cost, total);
+            assert!(total <= budget, "over budget: {total} > {budget}");
+            // Tight: at grid 1 the slack is below the largest single step.
+            let max_step = candidates.iter().map(|c| c.rows * c.cols).max().unwrap();
+            assert!(
+                budget - total < max_step,
+                "slack {} at budget {budget}",
+                budget - total
+            );
+            let error = total_lost(&candidates, &alloc);
+            assert!(
+                error <= last_error + 1e-12,
+                "error rose from {last_error} to {error} with more budget"
+            );
+            last_error = error;
+        }
+        let (alloc, total) = allocate_ranks(&candidates, dense, 1, 2).unwrap();
+        assert_eq!(total, dense);
+        assert!(
+            alloc.iter().all(|a| *a == Allocation::Dense),
+            "the full budget keeps everything dense"
+        );
+        // The faster-decaying spectrum gets the lower rank.
+        let (alloc, _) = allocate_ranks(&candidates, dense / 3, 1, 0).unwrap();
+        let rank = |a: Allocation| match a {
+            Allocation::Rank(r) => r,
+            Allocation::Dense => usize::MAX,
+        };
+        assert!(rank(alloc[1]) < rank(alloc[2]));
+        assert!(allocate_ranks(&candidates, 10, 8, 0).is_err());
+    }
+
+    #[test]
+    fn residual_gradients_match_finite_differences_and_merge_is_exact() {
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let mut randn = |r: usize, c: usize| {
+            Array2::from_shape_simple_fn((r, c), || StandardNormal.sample(&mut rng))
+        };
+        let (a, b, w, x): (Array2<f64>, Array2<f64>, Array2<f64>, Array2<f64>) =
+            (randn(5, 2), randn(2, 6), randn(5, 6), randn(9, 6));
+        let mut res = Residual::new(a.view(), b.view(), 3, 1);
+        res.p = randn(5, 3);
+        let (_, dp, dq) = res.loss_and_gradients(x.view(), w.view());
+        let h = 1e-6;
+        for (which, grad) in [(0, &dp), (1, &dq)] {
+            for idx in 0..grad.len() {
+                let mut plus = res.clone();
+                let mut minus = res.clone();
+                let (r, c) = (idx / grad.ncols(), idx % grad.ncols());
+                fn target(s: &mut Residual<f64>, which: usize, r: usize, c: usize) -> &mut f64 {
+                    if which == 0 {
+                        &mut s.p[[r, c]]
+                    } else {
+                        &mut s.q[[r, c]]
+                    }
+                }
+                *target(&mut plus, which, r, c) += h;
+                *target(&mut minus, which, r, c) -= h;
+                let fd = (plus.loss_and_gradients(x.view(), w.view()).0
+                    - minus.loss_and_gradients(x.view(), w.view()).0)
+                    / (2.0 * h);
+                assert!(
+                    (grad[[r, c]] - fd).abs() < 1e-6 * fd.abs().max(1e-3),
+                    "{which} [{r},{c}]: {} vs {fd}",
+                    grad[[r, c]]
+                );
+            }
+        }
+        let (a2, b2) = res.merged(a.view(), b.view()).unwrap();
+        assert_eq!(a2.dim(), (5, 5));
+        assert_abs_diff_eq!(a2.dot(&b2), a.dot(&b) + res.p.dot(&res.q), epsilon = 1e-12);
+    }
+}
