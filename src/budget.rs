@@ -23,6 +23,14 @@ pub enum Budget {
 }
 
 impl Budget {
+    /// The budget as JSON (`{"fraction": p}` or `{"rank": r}`), for manifests.
+    pub fn to_json(self) -> serde_json::Value {
+        match self {
+            Self::Fraction(p) => serde_json::json!({ "fraction": p }),
+            Self::Rank(r) => serde_json::json!({ "rank": r }),
+        }
+    }
+
     pub(crate) fn check(self) -> Result<Self> {
         match self {
             Self::Fraction(p) if !(p > 0.0 && p <= 1.0) => Err(invalid(

@@ -119,10 +119,6 @@ pub struct ModelCompression {
 
 /// The settings as JSON, for manifests and reports.
 pub fn describe_params(params: &FipsValidParams) -> serde_json::Value {
-    let budget = match params.budget() {
-        crate::budget::Budget::Fraction(p) => serde_json::json!({ "fraction": p }),
-        crate::budget::Budget::Rank(r) => serde_json::json!({ "rank": r }),
-    };
     let sparsifier = match params.sparsifier() {
         Sparsifier::None => serde_json::json!({ "kind": "none" }),
         Sparsifier::Gmp(g) => serde_json::json!({
@@ -142,7 +138,7 @@ pub fn describe_params(params: &FipsValidParams) -> serde_json::Value {
     };
     let opt = params.optimizer();
     serde_json::json!({
-        "budget": budget,
+        "budget": params.budget().to_json(),
         "sparsity": params.sparsity(),
         "sparsifier": sparsifier,
         "steps": params.steps(),

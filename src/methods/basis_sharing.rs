@@ -19,9 +19,7 @@ use crate::error::{FipsError, Result};
 use crate::float::Float;
 use crate::methods::lowrank::{LowRankGroup, LowRankMatrix};
 use crate::methods::whitening::{Gram, WhitenedSvd, block_input_grams, cholesky_with_jitter};
-use crate::methods::{
-    CompressedBlocks, Compressor, MethodOutput, MethodReport, check_group, reconstruction_errors,
-};
+use crate::methods::{CompressedBlocks, Compressor, MethodOutput, check_group};
 use crate::mlp::{DenseMlp, MatrixRole};
 
 /// Settings of basis sharing.
@@ -84,10 +82,7 @@ impl<F: Float> Compressor<F> for BasisSharingCompressor {
     }
 
     fn parameters(&self) -> serde_json::Value {
-        match self.0.budget {
-            Budget::Fraction(p) => serde_json::json!({"budget": {"fraction": p}}),
-            Budget::Rank(r) => serde_json::json!({"budget": {"rank": r}}),
-        }
+        serde_json::json!({ "budget": self.0.budget.to_json() })
     }
 
     fn compress(
@@ -147,21 +142,14 @@ impl<F: Float> Compressor<F> for BasisSharingCompressor {
             .map(|m| m.ok_or_else(|| FipsError::Numerical("a matrix was not factorised".into())))
             .collect::<Result<Vec<_>>>()?;
         let group = LowRankGroup::new(kind, first.activation(), (d, i), bases, matrices)?;
-        let compressed = CompressedBlocks::LowRank(group);
-        let (rel_error, block_rel_error) = reconstruction_errors(blocks, &compressed, calibration)?;
-        let report = MethodReport {
-            method: "basis-sharing",
-            parameters: compressed.parameter_count(),
-            rel_error,
-            block_rel_error,
-            steps: 0,
-            loss_curve: Vec::new(),
-            wall_time: start.elapsed(),
-            details: serde_json::json!({ "shared_ranks": ranks, "group_size": g }),
-        };
-        Ok(MethodOutput {
-            blocks: compressed,
-            report,
-        })
+        MethodOutput::measured(
+            "basis-sharing",
+            blocks,
+            CompressedBlocks::LowRank(group),
+            calibration,
+            start,
+            (0, Vec::new()),
+            serde_json::json!({ "shared_ranks": ranks, "group_size": g }),
+        )
     }
 }

@@ -30,9 +30,7 @@ use crate::calibration::{Calibration, forward_chunked, gather_rows};
 use crate::compressor::Progress;
 use crate::error::{FipsError, Result, invalid};
 use crate::float::{Float, ensure_finite};
-use crate::methods::{
-    CompressedBlocks, Compressor, MethodOutput, MethodReport, check_group, reconstruction_errors,
-};
+use crate::methods::{CompressedBlocks, Compressor, MethodOutput, check_group};
 use crate::mlp::{DenseMlp, Linear, MlpKind};
 use crate::optim::{AdamW, AdamWStep, Moments};
 
@@ -560,22 +558,15 @@ impl<F: Float> Compressor<F> for LayerCollapseCompressor {
         }
         let (d, i) = (blocks[0].width(), blocks[0].intermediate());
         let group = CollapsedGroup::new(d, i, blocks[0].activation(), collapsed)?;
-        let compressed = CompressedBlocks::Collapsed(group);
-        let (rel_error, block_rel_error) = reconstruction_errors(blocks, &compressed, calibration)?;
-        let report = MethodReport {
-            method: "layer-collapse",
-            parameters: compressed.parameter_count(),
-            rel_error,
-            block_rel_error,
-            steps,
-            loss_curve,
-            wall_time: start.elapsed(),
-            details: serde_json::json!({ "blocks": details }),
-        };
-        Ok(MethodOutput {
-            blocks: compressed,
-            report,
-        })
+        MethodOutput::measured(
+            "layer-collapse",
+            blocks,
+            CompressedBlocks::Collapsed(group),
+            calibration,
+            start,
+            (steps, loss_curve),
+            serde_json::json!({ "blocks": details }),
+        )
     }
 }
 

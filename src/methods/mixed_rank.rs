@@ -31,9 +31,7 @@ use crate::error::{FipsError, Result, invalid};
 use crate::float::Float;
 use crate::methods::lowrank::{LowRankGroup, LowRankMatrix};
 use crate::methods::whitening::{WhitenedSvd, block_input_grams};
-use crate::methods::{
-    CompressedBlocks, Compressor, MethodOutput, MethodReport, check_group, reconstruction_errors,
-};
+use crate::methods::{CompressedBlocks, Compressor, MethodOutput, check_group};
 use crate::mlp::{DenseMlp, MatrixRole};
 use crate::optim::{AdamW, AdamWStep, Moments};
 
@@ -334,8 +332,6 @@ impl<F: Float> Compressor<F> for MixedRankCompressor {
             bases.push(basis);
         }
         let group = LowRankGroup::new(first.kind(), first.activation(), (d, i), bases, matrices)?;
-        let compressed = CompressedBlocks::LowRank(group);
-        let (rel_error, block_rel_error) = reconstruction_errors(blocks, &compressed, calibration)?;
         let ranks: Vec<serde_json::Value> = allocation
             .iter()
             .map(|a| match a {
@@ -343,20 +339,15 @@ impl<F: Float> Compressor<F> for MixedRankCompressor {
                 Allocation::Rank(r) => serde_json::json!(r + p.residual_rank),
             })
             .collect();
-        let report = MethodReport {
-            method: "mixed-rank",
-            parameters: compressed.parameter_count(),
-            rel_error,
-            block_rel_error,
-            steps: p.steps,
-            loss_curve: Vec::new(),
-            wall_time: start.elapsed(),
-            details: serde_json::json!({ "ranks": ranks, "residual_rank": p.residual_rank, "residual_errors": residual_errors }),
-        };
-        Ok(MethodOutput {
-            blocks: compressed,
-            report,
-        })
+        MethodOutput::measured(
+            "mixed-rank",
+            blocks,
+            CompressedBlocks::LowRank(group),
+            calibration,
+            start,
+            (p.steps, Vec::new()),
+            serde_json::json!({ "ranks": ranks, "residual_rank": p.residual_rank, "residual_errors": residual_errors }),
+        )
     }
 }
 

@@ -187,6 +187,34 @@ impl<F: Float> Compressor<F> for FipsCompressor {
     }
 }
 
+impl<F: Float> MethodOutput<F> {
+    /// Measures `blocks` against the `originals` on the calibration inputs and wraps them with
+    /// their report (for methods that compute their own factors; `start` is when the method began).
+    pub(crate) fn measured(
+        method: &'static str,
+        originals: &[DenseMlp<F>],
+        blocks: CompressedBlocks<F>,
+        calibration: &Calibration<F>,
+        start: std::time::Instant,
+        training: (usize, Vec<f64>),
+        details: serde_json::Value,
+    ) -> Result<Self> {
+        let (rel_error, block_rel_error) = reconstruction_errors(originals, &blocks, calibration)?;
+        let (steps, loss_curve) = training;
+        let report = MethodReport {
+            method,
+            parameters: blocks.parameter_count(),
+            rel_error,
+            block_rel_error,
+            steps,
+            loss_curve,
+            wall_time: start.elapsed(),
+            details,
+        };
+        Ok(Self { blocks, report })
+    }
+}
+
 /// Checks that a group is non-empty, uniform, and matches its calibration.
 pub(crate) fn check_group<F: Float>(
     blocks: &[DenseMlp<F>],

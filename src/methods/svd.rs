@@ -137,7 +137,7 @@ impl<F: Float> Compressor<F> for SvdCompressor {
     fn parameters(&self) -> serde_json::Value {
         let p = &self.0;
         serde_json::json!({
-            "budget": match p.budget { Budget::Fraction(f) => serde_json::json!({"fraction": f}), Budget::Rank(r) => serde_json::json!({"rank": r}) },
+            "budget": p.budget.to_json(),
             "steps": p.steps,
             "batch_tokens": p.batch_tokens,
             "learning_rate": p.optimizer.learning_rate,

@@ -13,9 +13,7 @@ use crate::error::Result;
 use crate::float::Float;
 use crate::methods::lowrank::LowRankGroup;
 use crate::methods::whitening::{WhitenedSvd, block_input_grams};
-use crate::methods::{
-    CompressedBlocks, Compressor, MethodOutput, MethodReport, check_group, reconstruction_errors,
-};
+use crate::methods::{CompressedBlocks, Compressor, MethodOutput, check_group};
 use crate::mlp::{DenseMlp, MatrixRole};
 
 /// Settings of SVD-LLM-style whitened SVD.
@@ -70,10 +68,7 @@ impl<F: Float> Compressor<F> for SvdLlmCompressor {
     }
 
     fn parameters(&self) -> serde_json::Value {
-        match self.0.budget {
-            Budget::Fraction(p) => serde_json::json!({"budget": {"fraction": p}}),
-            Budget::Rank(r) => serde_json::json!({"budget": {"rank": r}}),
-        }
+        serde_json::json!({ "budget": self.0.budget.to_json() })
     }
 
     fn compress(
@@ -103,21 +98,14 @@ impl<F: Float> Compressor<F> for SvdLlmCompressor {
         }
         let group =
             LowRankGroup::independent(blocks[0].kind(), blocks[0].activation(), (d, i), factors)?;
-        let compressed = CompressedBlocks::LowRank(group);
-        let (rel_error, block_rel_error) = reconstruction_errors(blocks, &compressed, calibration)?;
-        let report = MethodReport {
-            method: "svd-llm",
-            parameters: compressed.parameter_count(),
-            rel_error,
-            block_rel_error,
-            steps: 0,
-            loss_curve: Vec::new(),
-            wall_time: start.elapsed(),
-            details: serde_json::json!({ "rank": rank, "jitter": jitters }),
-        };
-        Ok(MethodOutput {
-            blocks: compressed,
-            report,
-        })
+        MethodOutput::measured(
+            "svd-llm",
+            blocks,
+            CompressedBlocks::LowRank(group),
+            calibration,
+            start,
+            (0, Vec::new()),
+            serde_json::json!({ "rank": rank, "jitter": jitters }),
+        )
     }
 }
