@@ -5,9 +5,9 @@
 //! ```
 //!
 //! Calibrates on `imagenet-sample/calib` and evaluates on `imagenet-sample/eval`. For each budget
-//! p ∈ {0.75, 0.5, 0.35} it runs FiPS (s = 0.75, RigL, groups of 4 blocks), per-layer SVD (plain and
-//! trained with FiPS's loss), SVD-LLM whitening, basis sharing (groups of 4) and the mixed-rank
-//! method (one allocation over all 12 blocks); LayerCollapse runs at the budgets its block counts
+//! p ∈ {0.75, 0.5, 0.35} it runs FiPS (s = 0.75, RigL, groups of 4 blocks), shared low rank (FiPS
+//! with s = 0), per-layer SVD (plain and trained with FiPS's loss), SVD-LLM whitening, basis sharing
+//! (groups of 4) and the mixed-rank method (one allocation over all 12 blocks); LayerCollapse runs at the budgets its block counts
 //! give (the last k blocks collapsed, k = 1…9). Writes `comparison.md` (the table),
 //! `comparison_top1.svg` and `comparison_agreement.svg` (Pareto plots) to OUT_DIR (default
 //! `docs`). Takes about half an hour on two cores.
@@ -252,7 +252,7 @@ fn main() -> fips::Result<()> {
          Calibration on the 250 `calib/` images, evaluation on the 250 `eval/` images (dense model: top-1 \
          {:.1} %, {total} parameters, {mlp_dense} of them MLP weights). Budgets are fractions p of the MLP \
          weights; LayerCollapse collapses the last k blocks. FiPS: s = 0.75, RigL, groups of 4, {} steps of \
-         {} tokens, lr {} → {}; SVD+train: the same training; basis sharing: groups of 4; mixed rank: one \
+         {} tokens, lr {} → {}; shared low rank: FiPS with s = 0; SVD+train: the same training; basis sharing: groups of 4; mixed rank: one \
          greedy allocation over all 12 blocks, residual rank 8. \"rel. error\" is the mean over blocks of \
          ‖Ŷ − Y‖/‖Y‖ on the calibration set; \"time\" is the wall time of calibration capture and \
          compression on 2 cores. With 250 images a top-1 difference below ~3 points is within sampling noise; \

@@ -2,12 +2,16 @@
 //! method, reconstructed from its description).
 //!
 //! 1. Every matrix gets its whitened SVD (the activation-aware optimum, see
-//!    [`whitening`](super::whitening)); its normalised lost energy at rank `r` is
-//!    `e(r) = Σ_{i>r} σ_i² / Σ_i σ_i²` (= `‖Y − Ŷ_r‖² / ‖Y‖²`).
+//!    [`whitening`](super::whitening)); its lost output energy at rank `r` is
+//!    `e(r) = Σ_{i>r} σ_i²` (= `‖Y − Ŷ_r‖²`), or that relative to `Σ_i σ_i²` with
+//!    [`EnergyMeasure::Relative`].
 //! 2. Greedy allocation over all matrices of the group: start dense; repeatedly lower the rank of the
-//!    matrix whose next step on the rank grid loses the least energy per parameter saved, until the
-//!    total fits the budget. A factorised matrix costs `(r + q)(m + n)` (the residual included), a
-//!    dense one `m n`; candidate ranks are multiples of the grid below break-even.
+//!    matrix whose next move loses the least energy per parameter saved, until the total fits the
+//!    budget. A factorised matrix costs `(r + q)(m + n)` (the residual included), a dense one
+//!    `m n`; ranks are multiples of the grid below break-even. Leaving dense is a jump to the best
+//!    rank by that ratio (the cost falls discontinuously at break-even, where one step ahead would
+//!    make the greedy strand some matrices dense and crush others); later moves are one grid step.
+//!    Slack left by the last move is spent on the best moves back up.
 //! 3. Error compensation: per factorised matrix a rank-`q` residual `P Q` (`P` zero, `Q` random,
 //!    LoRA style) is trained with Adam on the matrix's own normalised output error
 //!    `‖X Wᵀ − X (A B + P Q)ᵀ‖² / ‖X Wᵀ‖²` with `A B` frozen, then merged exactly:
@@ -32,13 +36,31 @@ use crate::float::Float;
 use crate::methods::lowrank::{LowRankGroup, LowRankMatrix};
 use crate::methods::whitening::{WhitenedSvd, block_input_grams};
 use crate::methods::{CompressedBlocks, Compressor, MethodOutput, check_group};
-use crate::mlp::{DenseMlp, MatrixRole};
+use crate::mlp::{DenseMlp, MatrixRole, MlpKind};
 use crate::optim::{AdamW, AdamWStep, Moments};
+
+/// How the greedy allocation weighs the output energy a matrix loses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EnergyMeasure {
+    /// The loss carried to the block's output (the default): exact for down projections; for an
+    /// up projection, `s Σ_{i>r} σ_i²` with `s = (1/I) Σ_k E[c_k²] ‖W_down[:, k]‖²`, where
+    /// `c = ∂A/∂H` (`act'(h)`; gated: `act'(g) ⊙ u` for gate, `act(g)` for up), the linearised
+    /// gain from an isotropic hidden-state error to the block output. Comparable across all
+    /// matrices of all blocks.
+    #[default]
+    BlockOutput,
+    /// `Σ_{i>r} σ_i²`: each matrix's own output error.
+    Absolute,
+    /// `Σ_{i>r} σ_i² / Σ_i σ_i²`: every matrix's loss relative to its own output (the reference
+    /// notes' reconstruction).
+    Relative,
+}
 
 /// Settings of the mixed-rank method.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MixedRankParams {
     budget: f64,
+    energy: EnergyMeasure,
     residual_rank: usize,
     grid: usize,
     steps: usize,
@@ -55,6 +77,7 @@ impl Default for MixedRankParams {
     fn default() -> Self {
         Self {
             budget: 0.5,
+            energy: EnergyMeasure::BlockOutput,
             residual_rank: 8,
             grid: 8,
             steps: 200,
@@ -75,6 +98,12 @@ impl MixedRankParams {
     /// Fraction `p` of the group's dense MLP weights to keep (residuals included).
     pub fn budget(mut self, p: f64) -> Self {
         self.budget = p;
+        self
+    }
+
+    /// How lost energy is compared across matrices.
+    pub fn energy(mut self, energy: EnergyMeasure) -> Self {
+        self.energy = energy;
         self
     }
 
@@ -144,7 +173,7 @@ pub struct RankCandidate {
     pub rows: usize,
     /// Columns n.
     pub cols: usize,
-    /// `lost[r]`: normalised output energy lost at rank `r` (`lost[0] = 1`, non-increasing).
+    /// `lost[r]`: output energy lost at rank `r` (non-increasing in `r`).
     pub lost: Vec<f64>,
 }
 
@@ -158,9 +187,10 @@ pub enum Allocation {
 }
 
 /// Greedy rank allocation: from all-dense, lower the rank of the matrix that loses the least
-/// energy per parameter saved, one grid step at a time, until `Σ cost ≤ budget`, where a rank-`r`
-/// matrix costs `(r + residual)(m + n)` and a dense one `m n`. Returns each matrix's allocation and
-/// the total cost, or an error if even the smallest ranks do not fit.
+/// energy per parameter saved (leaving dense by the best jump, then one grid step at a time) until
+/// `Σ cost ≤ budget`, then spend any slack on the moves back up that regain the most energy per
+/// parameter. A rank-`r` matrix costs `(r + residual)(m + n)`, a dense one `m n`. Returns each
+/// matrix's allocation and the total cost, or an error if even the smallest ranks do not fit.
 pub fn allocate_ranks(
     candidates: &[RankCandidate],
     budget: usize,
@@ -178,20 +208,24 @@ pub fn allocate_ranks(
         Allocation::Dense => 0.0,
         Allocation::Rank(r) => c.lost.get(r).copied().unwrap_or(0.0),
     };
-    // The next lower allocation on the grid, if any.
+    // The next lower allocation: from dense, the jump to the grid rank with the best loss per
+    // parameter saved (the cost drops discontinuously at break-even, so one step ahead is not
+    // enough); afterwards one grid step (the lost energy is convex in the rank).
     let next = |c: &RankCandidate, a: Allocation| -> Option<Allocation> {
-        let max_rank = c.lost.len().saturating_sub(1);
-        let r = match a {
+        match a {
             Allocation::Dense => {
-                let break_even = (c.rows * c.cols)
-                    .div_ceil(c.rows + c.cols)
-                    .saturating_sub(residual + 1);
-                (break_even.min(max_rank) / grid) * grid
+                let max_rank = c.lost.len().saturating_sub(1);
+                let ratio = |n| (lost(c, n) - lost(c, a)) / (cost(c, a) - cost(c, n)) as f64;
+                (1..=max_rank / grid)
+                    .map(|k| Allocation::Rank(k * grid))
+                    .filter(|&n| cost(c, n) < cost(c, a))
+                    .min_by(|&x, &y| ratio(x).total_cmp(&ratio(y)))
             }
-            Allocation::Rank(r) => r.checked_sub(grid)?,
-        };
-        (r >= grid.min(max_rank).max(1) && cost(c, Allocation::Rank(r)) < cost(c, a))
-            .then_some(Allocation::Rank(r))
+            Allocation::Rank(r) => r
+                .checked_sub(grid)
+                .filter(|&r| r >= grid)
+                .map(Allocation::Rank),
+        }
     };
     let mut state = vec![Allocation::Dense; candidates.len()];
     let mut total: usize = candidates.iter().map(|c| cost(c, Allocation::Dense)).sum();
@@ -218,6 +252,36 @@ pub fn allocate_ranks(
         state[l] = n;
         total -= saved;
     }
+    // The last move may overshoot: spend the slack on the moves back up (one grid step, or back to
+    // dense) that regain the most energy per parameter.
+    loop {
+        let slack = budget - total;
+        let mut best: Option<(usize, Allocation, f64, usize)> = None;
+        for (l, (c, &a)) in candidates.iter().zip(&state).enumerate() {
+            let Allocation::Rank(r) = a else { continue };
+            let up = Allocation::Rank(r + grid);
+            let n = if r + grid < c.lost.len() && cost(c, up) < cost(c, Allocation::Dense) {
+                up
+            } else {
+                Allocation::Dense
+            };
+            let extra = cost(c, n) - cost(c, a);
+            if extra > slack {
+                continue;
+            }
+            let ratio = (lost(c, a) - lost(c, n)) / extra.max(1) as f64;
+            if best.is_none_or(|(_, _, b, _)| ratio > b) {
+                best = Some((l, n, ratio, extra));
+            }
+        }
+        match best {
+            Some((l, n, ratio, extra)) if ratio > 0.0 => {
+                state[l] = n;
+                total += extra;
+            }
+            _ => break,
+        }
+    }
     Ok((state, total))
 }
 
@@ -230,6 +294,7 @@ impl<F: Float> Compressor<F> for MixedRankCompressor {
         let p = &self.0;
         serde_json::json!({
             "budget": {"fraction": p.budget},
+            "energy": format!("{:?}", p.energy).to_lowercase(),
             "residual_rank": p.residual_rank,
             "grid": p.grid,
             "steps": p.steps,
@@ -256,9 +321,11 @@ impl<F: Float> Compressor<F> for MixedRankCompressor {
         }
         let first = &blocks[0];
         let (d, i) = (first.width(), first.intermediate());
-        // Stage 1: whitened SVD of every matrix.
+        // Stage 1: whitened SVD of every matrix (and, per matrix, the gain to the block output).
         let mut svds = Vec::new();
+        let mut gains = Vec::new();
         for (mlp, z) in blocks.iter().zip(calibration.inputs()) {
+            gains.extend(output_gains(mlp, z.view(), p.energy)?);
             let (up, down) = block_input_grams(mlp, z.view())?;
             for (layer, role) in mlp.layers().iter().zip(mlp.kind().matrix_roles()) {
                 let gram = if *role == MatrixRole::Up { &up } else { &down };
@@ -273,13 +340,17 @@ impl<F: Float> Compressor<F> for MixedRankCompressor {
         let candidates: Vec<RankCandidate> = svds
             .iter()
             .zip(&weights)
-            .map(|(svd, w)| {
-                let energy = svd.energy().max(f64::MIN_POSITIVE);
+            .zip(&gains)
+            .map(|((svd, w), &gain)| {
+                let scale = match p.energy {
+                    EnergyMeasure::Relative => 1.0 / svd.energy().max(f64::MIN_POSITIVE),
+                    EnergyMeasure::Absolute | EnergyMeasure::BlockOutput => gain,
+                };
                 RankCandidate {
                     rows: w.nrows(),
                     cols: w.ncols(),
                     lost: (0..=svd.sigma.len())
-                        .map(|r| svd.tail_energy(r) / energy)
+                        .map(|r| scale * svd.tail_energy(r))
                         .collect(),
                 }
             })
@@ -349,6 +420,63 @@ impl<F: Float> Compressor<F> for MixedRankCompressor {
             serde_json::json!({ "ranks": ranks, "residual_rank": p.residual_rank, "residual_errors": residual_errors }),
         )
     }
+}
+
+/// Per matrix of `mlp` (module order), the factor from its own output energy to the block's output
+/// energy under `measure` (1 for down projections and for the per-matrix measures).
+fn output_gains<F: Float>(
+    mlp: &DenseMlp<F>,
+    z: ArrayView2<'_, F>,
+    measure: EnergyMeasure,
+) -> Result<Vec<f64>> {
+    let f = mlp.kind().matrices_per_block();
+    let mut gains = vec![1.0; f];
+    if measure != EnergyMeasure::BlockOutput {
+        return Ok(gains);
+    }
+    let layers = mlp.layers();
+    let i = mlp.intermediate();
+    let act = mlp.activation();
+    // E[c_k²] per hidden unit k, for each up projection.
+    let mut mean_sq = vec![vec![0.0f64; i]; f - 1];
+    for chunk in z.axis_chunks_iter(Axis(0), 4096) {
+        let h0 = layers[0].forward(chunk)?;
+        match mlp.kind() {
+            MlpKind::Standard => {
+                for row in h0.rows() {
+                    for (acc, &h) in mean_sq[0].iter_mut().zip(row) {
+                        *acc += act.derivative(h).as_f64().powi(2);
+                    }
+                }
+            }
+            MlpKind::Gated => {
+                let up = layers[1].forward(chunk)?;
+                for (g_row, u_row) in h0.rows().into_iter().zip(up.rows()) {
+                    for (k, (&g, &u)) in g_row.iter().zip(u_row).enumerate() {
+                        let (value, slope) = act.apply_with_derivative(g);
+                        mean_sq[0][k] += (slope * u).as_f64().powi(2);
+                        mean_sq[1][k] += value.as_f64().powi(2);
+                    }
+                }
+            }
+        }
+    }
+    let tokens = z.nrows().max(1) as f64;
+    let down = layers[f - 1].weight();
+    let column_norms: Vec<f64> = down
+        .columns()
+        .into_iter()
+        .map(|c| c.iter().map(|w| w.as_f64().powi(2)).sum())
+        .collect();
+    for (gain, sq) in gains.iter_mut().zip(&mean_sq) {
+        *gain = sq
+            .iter()
+            .zip(&column_norms)
+            .map(|(s, n)| s / tokens * n)
+            .sum::<f64>()
+            / i as f64;
+    }
+    Ok(gains)
 }
 
 /// Where a matrix's inputs come from: the block's MLP inputs, or its hidden activations.
@@ -543,13 +671,27 @@ mod tests {
             alloc.iter().all(|a| *a == Allocation::Dense),
             "the full budget keeps everything dense"
         );
-        // The faster-decaying spectrum gets the lower rank.
-        let (alloc, _) = allocate_ranks(&candidates, dense / 3, 1, 0).unwrap();
-        let rank = |a: Allocation| match a {
-            Allocation::Rank(r) => r,
-            Allocation::Dense => usize::MAX,
-        };
-        assert!(rank(alloc[1]) < rank(alloc[2]));
+        // Local optimality (the problem is a knapsack, so not global): with equal cost per rank,
+        // no swap of one rank between two factorised matrices lowers the lost energy.
+        for budget in [dense / 4, dense / 3, dense / 2, 2 * dense / 3] {
+            let (alloc, _) = allocate_ranks(&candidates, budget, 1, 0).unwrap();
+            for (i, (a, ca)) in alloc.iter().zip(&candidates).enumerate() {
+                for (j, (b, cb)) in alloc.iter().zip(&candidates).enumerate() {
+                    if let (Allocation::Rank(ra), Allocation::Rank(rb)) = (*a, *b)
+                        && ra > 1
+                        && rb + 1 < cb.lost.len()
+                        && i != j
+                    {
+                        let give = ca.lost[ra - 1] - ca.lost[ra];
+                        let gain = cb.lost[rb] - cb.lost[rb + 1];
+                        assert!(
+                            gain <= give + 1e-12,
+                            "budget {budget}: moving a rank would help ({alloc:?})"
+                        );
+                    }
+                }
+            }
+        }
         assert!(allocate_ranks(&candidates, 10, 8, 0).is_err());
     }
 
