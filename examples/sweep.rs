@@ -48,7 +48,7 @@ fn main() -> fips::Result<()> {
         "# FiPS sweep on DeiT-tiny\n\nCalibration: 250 `calib/` images; evaluation: 250 `eval/` images \
          (dense top-1 {:.1} %, {} parameters, {} of them MLP weights). Groups {groups}, {} steps of {} \
          tokens, AdamW lr {} → {}, RigL for s > 0. Command: `cargo run --release --features images \
-         --example sweep`.\n\n| p | s | rank | MLP params | model params | rel. error (mean) | top-1 | Δ top-1 | \
+         --example sweep`.\n\n| p | s | rank | MLP params | model params | rel. error (mean of groups) | top-1 | Δ top-1 | \
          agreement | wall time |\n|---|---|---|---|---|---|---|---|---|---|\n",
         100.0 * dense.top1,
         total,

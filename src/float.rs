@@ -35,12 +35,6 @@ pub trait Float:
     fn cast(x: f64) -> Self;
     /// The value widened (or kept) as `f64`.
     fn as_f64(self) -> f64;
-    /// The error function erf(x).
-    fn erf(self) -> Self;
-    /// e^x.
-    fn exp_(self) -> Self;
-    /// tanh(x).
-    fn tanh_(self) -> Self;
     /// |x|.
     fn abs_(self) -> Self;
     /// √x.
@@ -67,7 +61,7 @@ mod sealed {
 }
 
 macro_rules! impl_float {
-    ($t:ty, $erf:path, $exp:path, $gelu:path) => {
+    ($t:ty, $exp:path, $gelu:path) => {
         impl Float for $t {
             #[inline]
             fn cast(x: f64) -> Self {
@@ -76,18 +70,6 @@ macro_rules! impl_float {
             #[inline]
             fn as_f64(self) -> f64 {
                 self as f64
-            }
-            #[inline]
-            fn erf(self) -> Self {
-                $erf(self)
-            }
-            #[inline]
-            fn exp_(self) -> Self {
-                self.exp()
-            }
-            #[inline]
-            fn tanh_(self) -> Self {
-                self.tanh()
             }
             #[inline]
             fn abs_(self) -> Self {
@@ -121,8 +103,8 @@ macro_rules! impl_float {
     };
 }
 
-impl_float!(f32, libm::erff, exp_f32, gelu_f32);
-impl_float!(f64, libm::erf, f64::exp, gelu_f64);
+impl_float!(f32, exp_f32, gelu_f32);
+impl_float!(f64, f64::exp, gelu_f64);
 
 const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
 

@@ -80,3 +80,8 @@ pub use objective::{ContractionOrder, StepShape};
 pub use optim::AdamW;
 pub use params::{FipsParams, FipsValidParams};
 pub use sparsity::{GmpSchedule, RiglSchedule, Sparsifier};
+
+/// The README's examples, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

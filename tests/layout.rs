@@ -268,20 +268,24 @@ fn timm_summary_reports_what_was_found() {
     assert_eq!(layout.to_string(), layout.summary());
 }
 
-#[test]
-fn bert_with_prefix_skips_attention_output_dense() {
-    let dir = TempDir::new("bert");
-    let s = hf_encoder(Dtype::F32, "bert.", 2);
-    let ck = s.write(&dir, "bert.safetensors");
-    let layout = MlpLayout::detect(&ck).expect("detect");
-    assert_eq!(layout.scheme(), NamingScheme::HfBert);
-    assert_eq!(layout.prefix(), "bert.");
+/// Checks what every Hugging Face encoder layout (BERT-style, ViT) must find in `hf_encoder`'s
+/// file: `blocks` standard GELU MLPs under `{prefix}encoder.layer.{b}`, the attention's
+/// `output.dense` left alone, every tensor in `dtype`.
+fn assert_hf_encoder_layout(
+    layout: &MlpLayout,
+    scheme: NamingScheme,
+    prefix: &str,
+    blocks: usize,
+    dtype: Dtype,
+) {
+    assert_eq!(layout.scheme(), scheme);
+    assert_eq!(layout.prefix(), prefix);
     assert_eq!(layout.kind(), MlpKind::Standard);
     assert_eq!(layout.default_activation(), Activation::Gelu);
-    assert_eq!(layout.blocks(), 2);
-    for b in 0..2 {
+    assert_eq!(layout.blocks(), blocks);
+    for b in 0..blocks {
         let block = layout.block(b).expect("block");
-        let p = format!("bert.encoder.layer.{b}");
+        let p = format!("{prefix}encoder.layer.{b}");
         assert_eq!(
             names(&block.weights),
             [
@@ -299,10 +303,19 @@ fn bert_with_prefix_skips_attention_output_dense() {
         assert!(block.weights.iter().all(|w| !w.contains("attention")));
         assert_eq!(
             (block.width, block.intermediate, block.dtype),
-            (D, I, Dtype::F32)
+            (D, I, dtype)
         );
     }
-    assert_eq!(layout.mlp_weight_count(), 2 * 2 * D * I);
+    assert_eq!(layout.mlp_weight_count(), blocks * 2 * D * I);
+}
+
+#[test]
+fn bert_with_prefix_skips_attention_output_dense() {
+    let dir = TempDir::new("bert");
+    let s = hf_encoder(Dtype::F32, "bert.", 2);
+    let ck = s.write(&dir, "bert.safetensors");
+    let layout = MlpLayout::detect(&ck).expect("detect");
+    assert_hf_encoder_layout(&layout, NamingScheme::HfBert, "bert.", 2, Dtype::F32);
     assert_blocks_load(&layout, &ck, &s, Activation::Gelu, 1e-6);
 }
 
@@ -346,33 +359,7 @@ fn hf_vit_f16() {
     let s = hf_encoder(Dtype::F16, "vit.", 2);
     let ck = s.write(&dir, "vit.safetensors");
     let layout = MlpLayout::detect(&ck).expect("detect");
-    assert_eq!(layout.scheme(), NamingScheme::HfVit);
-    assert_eq!(layout.prefix(), "vit.");
-    assert_eq!(layout.kind(), MlpKind::Standard);
-    assert_eq!(layout.default_activation(), Activation::Gelu);
-    assert_eq!(layout.blocks(), 2);
-    for b in 0..2 {
-        let block = layout.block(b).expect("block");
-        let p = format!("vit.encoder.layer.{b}");
-        assert_eq!(
-            names(&block.weights),
-            [
-                format!("{p}.intermediate.dense.weight"),
-                format!("{p}.output.dense.weight")
-            ]
-        );
-        assert_eq!(
-            block.biases,
-            [
-                Some(format!("{p}.intermediate.dense.bias")),
-                Some(format!("{p}.output.dense.bias"))
-            ]
-        );
-        assert_eq!(
-            (block.width, block.intermediate, block.dtype),
-            (D, I, Dtype::F16)
-        );
-    }
+    assert_hf_encoder_layout(&layout, NamingScheme::HfVit, "vit.", 2, Dtype::F16);
     assert!(layout.summary().contains("F16"));
     assert_blocks_load(&layout, &ck, &s, Activation::Gelu, 1e-3);
 }
