@@ -159,6 +159,17 @@ fn names(list: &[String]) -> Vec<&str> {
     list.iter().map(String::as_str).collect()
 }
 
+/// Writes `s` to a fresh file and returns the reason of the `FipsError::Format` its detection
+/// must give.
+fn format_error_of(s: &Synthetic, name: &str) -> String {
+    let dir = TempDir::new(name);
+    let ck = s.write(&dir, &format!("{name}.safetensors"));
+    match MlpLayout::detect(&ck) {
+        Err(FipsError::Format { reason, .. }) => reason,
+        other => panic!("expected Format, got {other:?}"),
+    }
+}
+
 /// Checks every block's loaded layers against the values written, within `rel` relative error.
 fn assert_blocks_load(
     layout: &MlpLayout,
@@ -523,72 +534,48 @@ fn empty_file_is_unknown_layout() {
 
 #[test]
 fn missing_fc2_is_a_format_error_naming_it() {
-    let dir = TempDir::new("missing");
     let mut s = timm(Dtype::F32, "", 3);
     s.remove("blocks.1.mlp.fc2.weight");
     s.remove("blocks.1.mlp.fc2.bias");
-    let ck = s.write(&dir, "missing.safetensors");
-    match MlpLayout::detect(&ck) {
-        Err(FipsError::Format { reason, .. }) => {
-            assert!(reason.contains("block 1"), "{reason}");
-            assert!(reason.contains("\"blocks.1.mlp.fc2.weight\""), "{reason}");
-        }
-        other => panic!("expected Format, got {other:?}"),
-    }
+    let reason = format_error_of(&s, "missing");
+    assert!(reason.contains("block 1"), "{reason}");
+    assert!(reason.contains("\"blocks.1.mlp.fc2.weight\""), "{reason}");
 }
 
 #[test]
 fn missing_weight_with_its_bias_present_is_an_error() {
-    let dir = TempDir::new("bias-only");
     let mut s = hf_encoder(Dtype::F32, "bert.", 2);
     s.remove("bert.encoder.layer.0.intermediate.dense.weight");
-    let ck = s.write(&dir, "bias-only.safetensors");
-    match MlpLayout::detect(&ck) {
-        Err(FipsError::Format { reason, .. }) => {
-            assert!(reason.contains("block 0"), "{reason}");
-            assert!(
-                reason.contains("bert.encoder.layer.0.intermediate.dense.weight"),
-                "{reason}"
-            );
-        }
-        other => panic!("expected Format, got {other:?}"),
-    }
+    let reason = format_error_of(&s, "bias-only");
+    assert!(reason.contains("block 0"), "{reason}");
+    assert!(
+        reason.contains("bert.encoder.layer.0.intermediate.dense.weight"),
+        "{reason}"
+    );
 }
 
 #[test]
 fn block_gap_is_a_format_error() {
-    let dir = TempDir::new("gap");
     let mut s = llama(Dtype::F32, 2);
     s.gated("model.layers.3.mlp");
-    let ck = s.write(&dir, "gap.safetensors");
-    match MlpLayout::detect(&ck) {
-        Err(FipsError::Format { reason, .. }) => {
-            assert!(reason.contains("block 2 is missing"), "{reason}");
-            assert!(
-                reason.contains("model.layers.2.mlp.gate_proj.weight"),
-                "{reason}"
-            );
-            assert!(reason.contains("blocks found: 0, 1, 3"), "{reason}");
-        }
-        other => panic!("expected Format, got {other:?}"),
-    }
+    let reason = format_error_of(&s, "gap");
+    assert!(reason.contains("block 2 is missing"), "{reason}");
+    assert!(
+        reason.contains("model.layers.2.mlp.gate_proj.weight"),
+        "{reason}"
+    );
+    assert!(reason.contains("blocks found: 0, 1, 3"), "{reason}");
 }
 
 #[test]
 fn huge_block_number_is_a_gap_not_a_panic() {
-    let dir = TempDir::new("huge");
     let mut s = timm(Dtype::F32, "", 2);
     s.standard(
         &format!("blocks.{}.mlp.fc1", usize::MAX),
         &format!("blocks.{}.mlp.fc2", usize::MAX),
     );
-    let ck = s.write(&dir, "huge.safetensors");
-    match MlpLayout::detect(&ck) {
-        Err(FipsError::Format { reason, .. }) => {
-            assert!(reason.contains("block 2 is missing"), "{reason}")
-        }
-        other => panic!("expected Format, got {other:?}"),
-    }
+    let reason = format_error_of(&s, "huge");
+    assert!(reason.contains("block 2 is missing"), "{reason}");
 }
 
 #[test]
@@ -659,33 +646,21 @@ fn integer_weights_are_unsupported() {
 
 #[test]
 fn two_prefixes_are_an_error() {
-    let dir = TempDir::new("prefixes");
     let mut s = timm(Dtype::F32, "", 2);
     s.standard("model.blocks.2.mlp.fc1", "model.blocks.2.mlp.fc2");
-    let ck = s.write(&dir, "prefixes.safetensors");
-    match MlpLayout::detect(&ck) {
-        Err(FipsError::Format { reason, .. }) => {
-            assert!(reason.contains("several prefixes"), "{reason}");
-            assert!(reason.contains("\"model.\""), "{reason}");
-        }
-        other => panic!("expected Format, got {other:?}"),
-    }
+    let reason = format_error_of(&s, "prefixes");
+    assert!(reason.contains("several prefixes"), "{reason}");
+    assert!(reason.contains("\"model.\""), "{reason}");
 }
 
 #[test]
 fn two_schemes_are_an_error() {
-    let dir = TempDir::new("schemes");
     let mut s = timm(Dtype::F32, "", 2);
     s.gated("model.layers.0.mlp");
-    let ck = s.write(&dir, "schemes.safetensors");
-    match MlpLayout::detect(&ck) {
-        Err(FipsError::Format { reason, .. }) => {
-            assert!(reason.contains("several MLP layouts"), "{reason}");
-            assert!(reason.contains("timm ViT/DeiT"), "{reason}");
-            assert!(reason.contains("Llama-style gated"), "{reason}");
-        }
-        other => panic!("expected Format, got {other:?}"),
-    }
+    let reason = format_error_of(&s, "schemes");
+    assert!(reason.contains("several MLP layouts"), "{reason}");
+    assert!(reason.contains("timm ViT/DeiT"), "{reason}");
+    assert!(reason.contains("Llama-style gated"), "{reason}");
 }
 
 #[test]
