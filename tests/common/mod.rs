@@ -115,7 +115,8 @@ pub fn relative_error<F: Float>(
 }
 
 /// The shared data directory: `$FIPS_DATA_DIR`, else `../shared/data` beside the crate. `None`
-/// (with a message on stderr naming the test) when it is absent, so the caller can skip loudly.
+/// (with a message on stderr naming the test, shown even when the harness captures output) when
+/// it is absent, so the caller can skip loudly.
 pub fn data_dir(test: &str) -> Option<std::path::PathBuf> {
     let dir = std::env::var_os("FIPS_DATA_DIR")
         .map(std::path::PathBuf::from)
@@ -123,7 +124,11 @@ pub fn data_dir(test: &str) -> Option<std::path::PathBuf> {
     if dir.join("deit-tiny/model.safetensors").is_file() {
         Some(dir)
     } else {
-        eprintln!(
+        // Straight to the process's stderr: `eprintln!` would be captured by the test harness
+        // and the skip would pass unseen.
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
             "SKIPPED {test}: no DeiT-tiny data at {} (set FIPS_DATA_DIR to the shared data directory)",
             dir.display()
         );
