@@ -68,11 +68,12 @@ impl MlpInputs {
         };
         let mut shapes = BTreeMap::new();
         for info in file.tensors() {
+            // Only the canonical spelling: `blocks.01.mlp_input` would shadow `blocks.1.mlp_input`.
             let block = info
                 .name
                 .strip_prefix("blocks.")
                 .and_then(|rest| rest.strip_suffix(".mlp_input"))
-                .and_then(|b| b.parse::<usize>().ok())
+                .and_then(|b| b.parse::<usize>().ok().filter(|n| n.to_string() == b))
                 .ok_or_else(|| {
                     format(format!(
                         "unexpected tensor {:?}: an MLP-input file holds only blocks.{{b}}.mlp_input",
@@ -85,6 +86,21 @@ impl MlpInputs {
                     info.name, info.shape
                 )));
             };
+            if !matches!(
+                info.dtype,
+                Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64
+            ) {
+                return Err(format(format!(
+                    "tensor {:?} has dtype {:?}, expected F32, F16, BF16 or F64",
+                    info.name, info.dtype
+                )));
+            }
+            if tokens == 0 || d == 0 {
+                return Err(format(format!(
+                    "tensor {:?} is empty: shape {:?}",
+                    info.name, info.shape
+                )));
+            }
             shapes.insert(block, (tokens, d));
         }
         if shapes.is_empty() {
@@ -108,6 +124,47 @@ impl MlpInputs {
     /// `(tokens, d)` of a block, if present.
     pub fn shape(&self, block: usize) -> Option<(usize, usize)> {
         self.shapes.get(&block).copied()
+    }
+
+    /// Checks, before any work, that every block of `groups` is in the file with the model's width
+    /// (`shapes[b].0`, as `(d, I)` per block) and that all of them have the same number of tokens
+    /// (row `t` of every block is the same calibration token). Nothing is read but the header.
+    pub fn check_groups(&self, groups: &[Vec<usize>], shapes: &[(usize, usize)]) -> Result<()> {
+        let mut tokens: Option<(usize, usize)> = None;
+        for &b in groups.iter().flatten() {
+            let (t, d) = self.shape(b).ok_or_else(|| FipsError::MissingTensor {
+                path: self.file.path().to_path_buf(),
+                name: mlp_input_name(b),
+            })?;
+            let width = shapes
+                .get(b)
+                .map(|s| s.0)
+                .ok_or(FipsError::IndexOutOfRange {
+                    what: "block",
+                    index: b,
+                    len: shapes.len(),
+                })?;
+            if d != width {
+                return Err(FipsError::ShapeMismatch {
+                    what: format!("{} in {}", mlp_input_name(b), self.file.path().display()),
+                    expected: vec![t, width],
+                    got: vec![t, d],
+                });
+            }
+            match tokens {
+                Some((first, t0)) if t0 != t => {
+                    return Err(FipsError::Format {
+                        path: self.file.path().to_path_buf(),
+                        reason: format!(
+                            "block {b} has {t} tokens, block {first} has {t0}: every block must hold the same calibration tokens"
+                        ),
+                    });
+                }
+                None => tokens = Some((b, t)),
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// The file's metadata.

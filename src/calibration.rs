@@ -61,6 +61,7 @@ impl<F: Float> Calibration<F> {
                 reason: format!("asked for {blocks} blocks of {tokens} tokens of width {width}"),
             });
         }
+        crate::limits::check_generated(blocks, tokens, width)?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let z = Array2::from_shape_simple_fn((tokens, width), || {
             let x: f64 = StandardNormal.sample(&mut rng);

@@ -83,6 +83,7 @@ impl Checkpoint {
         }
         let mut header = vec![0u8; header_len as usize];
         file.read_exact(&mut header).map_err(io)?;
+        crate::limits::check_header_entries(&header, &path)?;
         let parsed: Metadata = serde_json::from_slice(&header)
             .map_err(|e| format(format!("corrupted safetensors header: {e}")))?;
         let data_start = 8 + header_len;
@@ -105,7 +106,14 @@ impl Checkpoint {
                 };
                 (name, (entry, info.data_offsets))
             })
-            .collect();
+            .collect::<BTreeMap<_, _>>();
+        crate::limits::check_extents(
+            tensors
+                .iter()
+                .map(|(name, (info, _))| (name.as_str(), info.shape.as_slice())),
+            data_len,
+            &path,
+        )?;
         Ok(Self {
             metadata: parsed.metadata().clone().unwrap_or_default(),
             path,
@@ -413,11 +421,13 @@ pub fn write_safetensors_from(
         ));
         offset += len;
     }
-    let metadata = (!metadata.is_empty()).then_some(metadata);
-    let header = Metadata::new(metadata, infos)
+    // Validated by the safetensors crate, serialised here with sorted metadata keys: its own
+    // serialiser writes the metadata `HashMap` in a random order, so identical runs gave files
+    // differing by a few bytes.
+    Metadata::new(None, infos.clone())
         .map_err(|e| format(format!("cannot describe tensors: {e}")))?;
-    let mut header =
-        serde_json::to_vec(&header).map_err(|e| format(format!("cannot serialise header: {e}")))?;
+    let mut header = header_json(&metadata.into_iter().collect(), &infos)
+        .map_err(|e| format(format!("cannot serialise header: {e}")))?;
     header.resize(header.len().next_multiple_of(8), b' ');
     write_atomically_with(path, |out| {
         out.write_all(&(header.len() as u64).to_le_bytes())
@@ -451,57 +461,47 @@ pub fn write_safetensors_from(
     })
 }
 
-/// Writes `bytes` to a temporary file beside `path`, syncs it, and renames it into place.
+/// The header JSON: `__metadata__` first with its keys sorted, then the tensors in data order,
+/// so equal inputs give byte-identical files.
+fn header_json(
+    metadata: &BTreeMap<String, String>,
+    infos: &[(String, safetensors::tensor::TensorInfo)],
+) -> serde_json::Result<Vec<u8>> {
+    let mut out = b"{".to_vec();
+    let mut first = true;
+    if !metadata.is_empty() {
+        out.extend_from_slice(b"\"__metadata__\":");
+        serde_json::to_writer(&mut out, metadata)?;
+        first = false;
+    }
+    for (name, info) in infos {
+        if !first {
+            out.push(b',');
+        }
+        first = false;
+        serde_json::to_writer(&mut out, name)?;
+        out.push(b':');
+        serde_json::to_writer(&mut out, info)?;
+    }
+    out.push(b'}');
+    Ok(out)
+}
+
+/// Writes `bytes` to a temporary file beside `path`, syncs it, and renames it into place (see
+/// [`crate::safe_io`]).
 pub fn write_atomically(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
-    let path = path.as_ref();
-    write_atomically_with(path, |out| {
-        out.write_all(bytes).map_err(|source| FipsError::Io {
-            path: path.to_path_buf(),
-            source,
-        })
-    })
+    crate::safe_io::write_atomically(path, bytes)
 }
 
 /// Runs `write` on a buffered temporary file beside `path`; on success syncs it and renames it over
 /// `path`, on failure removes it. A crash at any point leaves either the old file or the new one.
+/// The temporary is created exclusively under an unpredictable name, and a destination that is a
+/// symbolic link is refused: see [`crate::safe_io::write_atomically_with`].
 pub fn write_atomically_with(
     path: impl AsRef<Path>,
     write: impl FnOnce(&mut dyn Write) -> Result<()>,
 ) -> Result<()> {
-    let path = path.as_ref();
-    let io = |source| FipsError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let file_name = path.file_name().ok_or_else(|| FipsError::Format {
-        path: path.to_path_buf(),
-        reason: "not a file path".into(),
-    })?;
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        file_name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = File::create(&tmp).map_err(io).and_then(|file| {
-        let mut out = std::io::BufWriter::new(file);
-        write(&mut out)?;
-        let file = out.into_inner().map_err(|e| io(e.into_error()))?;
-        file.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)?;
-        // Persist the rename where the platform allows syncing a directory.
-        if let Ok(d) = File::open(&dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    });
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    crate::safe_io::write_atomically_with(path, write)
 }
 
 #[cfg(test)]

@@ -182,7 +182,9 @@ impl FipsCompressor {
     pub fn rank_for(&self, shape: GroupShape) -> Result<usize> {
         match self.params.budget() {
             Budget::Fraction(p) => rank_for_budget(shape, p, self.params.sparsity()),
-            Budget::Rank(r) => Ok(r),
+            Budget::Rank(r) => {
+                crate::limits::check_shared_rank(r, shape, self.params.sparsity()).map(|()| r)
+            }
         }
     }
 
@@ -321,7 +323,14 @@ impl<'a, F: Float> FipsTrainer<'a, F> {
         };
         let rank = match config.budget() {
             Budget::Fraction(p) => rank_for_budget(rank_shape, p, config.sparsity())?,
-            Budget::Rank(r) => r,
+            Budget::Rank(r) if per_matrix => {
+                crate::limits::check_low_rank("rank", r, shape.width, shape.intermediate)?;
+                r
+            }
+            Budget::Rank(r) => {
+                crate::limits::check_shared_rank(r, rank_shape, config.sparsity())?;
+                r
+            }
         };
         let batch = config.batch_tokens();
         let steps = config.steps();

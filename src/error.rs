@@ -161,6 +161,17 @@ pub enum FipsError {
         reason: String,
     },
 
+    /// An output path would replace or write through a file that must not change: an input of
+    /// the same command (same file after resolving links, or a hard link to it), another output,
+    /// a symbolic link, or something that is not a regular file.
+    #[error("refusing to write {path}: {reason}")]
+    UnsafeOutput {
+        /// The output path.
+        path: std::path::PathBuf,
+        /// Why it is refused.
+        reason: String,
+    },
+
     /// A numerical routine could not produce a result.
     #[error("numerical failure: {0}")]
     Numerical(String),

@@ -64,6 +64,15 @@ impl BlockGroups {
                     format!("range {item:?} is empty (ends before it starts)"),
                 ));
             }
+            // Bounded by the model before anything is allocated: `0-4000000000` is an error,
+            // not four billion block indices.
+            if last >= shapes.len() {
+                return Err(FipsError::IndexOutOfRange {
+                    what: "block",
+                    index: last,
+                    len: shapes.len(),
+                });
+            }
             groups.push((first..=last).collect());
         }
         let out = Self { groups };

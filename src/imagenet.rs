@@ -83,19 +83,58 @@ pub fn split(items: &[LabeledImage], name: &str) -> Vec<LabeledImage> {
     items.iter().filter(|i| i.split == name).cloned().collect()
 }
 
-/// Decodes an image to `[224, 224, 3]` RGB pixels.
+/// Reads a JPEG file and checks it before decoding: at most
+/// [`MAX_IMAGE_FILE_BYTES`](crate::limits::MAX_IMAGE_FILE_BYTES), complete (see
+/// [`inspect_jpeg`](crate::jpeg::inspect_jpeg): a truncated file is an error, not a grey
+/// picture) and of a size within [`check_image_size`](crate::limits::check_image_size). Returns
+/// the bytes and the declared frame.
+pub fn read_checked_jpeg(path: impl AsRef<Path>) -> Result<(Vec<u8>, crate::jpeg::JpegFrame)> {
+    use std::io::Read;
+    let path = path.as_ref();
+    let error = |reason: String| FipsError::Image {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let file = std::fs::File::open(path).map_err(|e| error(e.to_string()))?;
+    let limit = crate::limits::MAX_IMAGE_FILE_BYTES;
+    let mut bytes = Vec::new();
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| error(e.to_string()))?;
+    if bytes.len() as u64 > limit {
+        return Err(error(format!(
+            "larger than {limit} bytes (MAX_IMAGE_FILE_BYTES)"
+        )));
+    }
+    let frame = crate::jpeg::inspect_jpeg(&bytes).map_err(&error)?;
+    crate::limits::check_image_size(frame.width, frame.height).map_err(&error)?;
+    Ok((bytes, frame))
+}
+
+/// Decodes an image to `[224, 224, 3]` RGB pixels (after [`read_checked_jpeg`]).
 pub fn load_image(path: impl AsRef<Path>) -> Result<Array3<u8>> {
     let path = path.as_ref();
     let error = |reason: String| FipsError::Image {
         path: path.to_path_buf(),
         reason,
     };
-    let decoded = image::ImageReader::open(path)
-        .map_err(|e| error(e.to_string()))?
-        .with_guessed_format()
-        .map_err(|e| error(e.to_string()))?
-        .decode()
-        .map_err(|e| error(e.to_string()))?;
+    let (bytes, frame) = read_checked_jpeg(path)?;
+    let mut reader =
+        image::ImageReader::with_format(std::io::Cursor::new(bytes), image::ImageFormat::Jpeg);
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(crate::limits::MAX_IMAGE_SIDE);
+    limits.max_image_height = Some(crate::limits::MAX_IMAGE_SIDE);
+    reader.limits(limits);
+    let decoded = reader.decode().map_err(|e| error(e.to_string()))?;
+    if (decoded.width(), decoded.height()) != (frame.width, frame.height) {
+        return Err(error(format!(
+            "decoded {} × {} pixels, the header declares {} × {}",
+            decoded.width(),
+            decoded.height(),
+            frame.width,
+            frame.height
+        )));
+    }
     let mut rgb = decoded.to_rgb8();
     let (w, h) = rgb.dimensions();
     if w == 0 || h == 0 {

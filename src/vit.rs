@@ -167,6 +167,7 @@ impl VisionTransformer {
                 });
             }
         };
+        crate::limits::check_vit_tokens(tokens, p)?;
         let grid = ((tokens - 1) as f64).sqrt().round() as usize;
         if grid * grid != tokens - 1 {
             return Err(invalid(

@@ -117,7 +117,11 @@ impl<F: Float> Compressor<F> for BasisSharingCompressor {
             };
             let k = match self.0.budget {
                 Budget::Fraction(p) => shared_rank(out, input, g, p)?,
-                Budget::Rank(r) => r,
+                Budget::Rank(r) => {
+                    // The shared basis spans the rows of the g stacked [out, in] matrices.
+                    crate::limits::check_low_rank("rank", r, g * out, input)?;
+                    r
+                }
             };
             let stacked_parts: Vec<_> = blocks
                 .iter()

@@ -321,6 +321,7 @@ impl<F: Float> Compressor<F> for MixedRankCompressor {
         }
         let first = &blocks[0];
         let (d, i) = (first.width(), first.intermediate());
+        crate::limits::check_low_rank("residual_rank", p.residual_rank, d, i)?;
         // Stage 1: whitened SVD of every matrix (and, per matrix, the gain to the block output).
         let mut svds = Vec::new();
         let mut gains = Vec::new();

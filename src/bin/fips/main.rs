@@ -347,6 +347,12 @@ fn decode_split(
     if let Some(n) = limit {
         items.truncate(n);
     }
+    if items.is_empty() {
+        return Err(FipsError::InvalidParameter {
+            name: "calib_images",
+            reason: "must be at least 1".into(),
+        });
+    }
     let bar = bars.bar(items.len(), &format!("decoding {split_name}"));
     let mut images = Vec::with_capacity(items.len());
     for item in &items {
@@ -434,6 +440,19 @@ fn compress(args: CompressArgs) -> Result<(), FipsError> {
         None => BlockGroups::consecutive(&shapes, args.group_size)?,
     };
     let activation = args.activation.unwrap_or(layout.default_activation());
+    // No output may be an input (checked before any work).
+    let mut outputs = vec![
+        args.out_dir.join("compressed.safetensors"),
+        args.out_dir.join("report.json"),
+    ];
+    if !args.no_densified {
+        outputs.push(args.out_dir.join("densified.safetensors"));
+    }
+    outputs.extend((0..groups.len()).map(|g| args.out_dir.join(format!("loss_group{g}.svg"))));
+    let mut inputs = vec![args.checkpoint.clone()];
+    inputs.extend(args.activations.clone());
+    inputs.extend(args.images.images.as_ref().map(|d| d.join("labels.tsv")));
+    fips::safe_io::check_outputs(&inputs, &outputs)?;
     println!(
         "method {}, groups {groups}: {}",
         compressor.method(),
@@ -456,6 +475,9 @@ fn compress(args: CompressArgs) -> Result<(), FipsError> {
         None => None,
     };
     let inputs_file = args.activations.as_ref().map(MlpInputs::open).transpose()?;
+    if let Some(file) = &inputs_file {
+        file.check_groups(groups.groups(), &shapes)?;
+    }
     let calibration = match (&vit, &calib_pixels, &inputs_file) {
         (Some(vit), Some((pixels, _)), _) => CalibrationData::Images {
             vit,
@@ -513,6 +535,9 @@ fn compress(args: CompressArgs) -> Result<(), FipsError> {
             .map(|(r, m)| pipeline::report_json(r, &m.blocks)).collect::<Vec<_>>(),
         "mlp_weights_dense": mlp_dense,
         "mlp_weights_compressed": mlp_kept,
+        "fips_version": env!("CARGO_PKG_VERSION"),
+        "threads": args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        "blas_threads": std::env::var("OPENBLAS_NUM_THREADS").ok(),
     });
     let mut line = format!(
         "MLP params {} -> {} ({:.1}%)",
@@ -686,6 +711,7 @@ fn eval(args: EvalArgs) -> Result<(), FipsError> {
         args.split
     );
     if let Some(path) = &args.compressed {
+        fips::compressed_check::check_against_original(&Checkpoint::open(path)?, &checkpoint)?;
         let model = CompressedModel::read(path)?;
         let compressed_vit = pipeline::with_compressed_mlps(&vit, &model)?;
         let logits = pipeline::classify(
@@ -770,8 +796,10 @@ fn inspect(file: &Path) -> Result<(), FipsError> {
 }
 
 fn densify(compressed: &Path, original: &Path, out: &Path) -> Result<(), FipsError> {
-    let model = CompressedModel::read(compressed)?;
+    fips::safe_io::check_outputs([compressed, original], [out])?;
     let original = Checkpoint::open(original)?;
+    fips::compressed_check::check_against_original(&Checkpoint::open(compressed)?, &original)?;
+    let model = CompressedModel::read(compressed)?;
     model.densify(&original, out)?;
     println!("wrote {}", out.display());
     Ok(())
@@ -784,6 +812,9 @@ fn capture(
     out: &Path,
 ) -> Result<(), FipsError> {
     let bars = Bars::new();
+    let mut inputs = vec![checkpoint.to_path_buf()];
+    inputs.extend(images.images.as_ref().map(|d| d.join("labels.tsv")));
+    fips::safe_io::check_outputs(&inputs, [out])?;
     let ck = Checkpoint::open(checkpoint)?;
     let layout = MlpLayout::detect(&ck)?;
     let vit = VisionTransformer::from_checkpoint(&ck, None)?;
@@ -826,6 +857,14 @@ fn capture(
         (
             "images".to_string(),
             format!("{} ({})", dir.display(), images.calib_split),
+        ),
+        (
+            "fips_version".to_string(),
+            env!("CARGO_PKG_VERSION").to_string(),
+        ),
+        (
+            "blas_threads".to_string(),
+            std::env::var("OPENBLAS_NUM_THREADS").unwrap_or_else(|_| "default".into()),
         ),
     ]);
     write_mlp_inputs(out, &views, safetensors::Dtype::F32, metadata)?;
