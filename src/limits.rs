@@ -47,7 +47,7 @@ pub const MAX_VIT_TOKENS: usize = 1025;
 pub const MAX_GENERATED_ELEMENTS: usize = 1 << 30;
 
 /// Counts the entries of a safetensors header (tensors plus the entries of `__metadata__`)
-/// without building them, and refuses more than [`MAX_TENSORS`] + 1, so a header of a million
+/// without building them, and refuses more than [`MAX_TENSORS`], so a header of a million
 /// empty tensors (or metadata strings) is rejected before any of them is allocated. Syntax errors
 /// are left to the real parse.
 pub(crate) fn check_header_entries(header: &[u8], path: &Path) -> Result<()> {
@@ -90,7 +90,7 @@ impl<'de> Deserialize<'de> for IsMetadata {
 }
 
 /// Counts the entries of a JSON object (and of its `__metadata__` object at the top level) into
-/// `count`, failing once there are more than [`MAX_TENSORS`] + 1.
+/// `count`, failing once there are more than [`MAX_TENSORS`].
 struct EntryCounter<'a> {
     count: &'a Cell<usize>,
     top: bool,
@@ -115,15 +115,16 @@ impl<'de> Visitor<'de> for EntryCounter<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<(), A::Error> {
         while let Some(IsMetadata(meta)) = map.next_key()? {
             if meta && self.top {
+                // Its entries count, the key itself does not.
                 map.next_value_seed(EntryCounter {
                     count: self.count,
                     top: false,
                 })?;
-            } else {
-                map.next_value::<IgnoredAny>()?;
+                continue;
             }
+            map.next_value::<IgnoredAny>()?;
             self.count.set(self.count.get() + 1);
-            if self.count.get() > MAX_TENSORS + 1 {
+            if self.count.get() > MAX_TENSORS {
                 return Err(serde::de::Error::custom("fips: too many header entries"));
             }
         }
@@ -281,7 +282,7 @@ mod tests {
         let small = br#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"__metadata__":{}}"#;
         check_header_entries(small, path).unwrap();
         let mut big = String::from("{");
-        for i in 0..=MAX_TENSORS + 1 {
+        for i in 0..=MAX_TENSORS {
             big.push_str(&format!("\"{i}\":0,"));
         }
         big.pop();

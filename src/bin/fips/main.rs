@@ -428,6 +428,15 @@ fn compressor(args: &CompressArgs) -> Result<Box<dyn Compressor<f32>>, FipsError
 fn compress(args: CompressArgs) -> Result<(), FipsError> {
     let start = Instant::now();
     let bars = Bars::new();
+    if args.images.images.is_some() && !args.no_eval && args.eval_split == args.images.calib_split {
+        return Err(FipsError::InvalidParameter {
+            name: "eval_split",
+            reason: format!(
+                "{:?} is also the calibration split: evaluate on images not used for calibration",
+                args.eval_split
+            ),
+        });
+    }
     let compressor = compressor(&args)?;
     let checkpoint = Checkpoint::open(&args.checkpoint)?;
     let layout = MlpLayout::detect(&checkpoint)?;
