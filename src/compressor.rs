@@ -324,8 +324,7 @@ impl<'a, F: Float> FipsTrainer<'a, F> {
         let rank = match config.budget() {
             Budget::Fraction(p) => rank_for_budget(rank_shape, p, config.sparsity())?,
             Budget::Rank(r) if per_matrix => {
-                crate::limits::check_low_rank("rank", r, shape.width, shape.intermediate)?;
-                r
+                crate::limits::low_rank("rank", r, shape.width, shape.intermediate)?
             }
             Budget::Rank(r) => {
                 crate::limits::check_shared_rank(r, rank_shape, config.sparsity())?;

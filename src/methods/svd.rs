@@ -107,7 +107,7 @@ impl SvdCompressor {
     pub fn rank(&self, m: usize, n: usize) -> Result<usize> {
         match self.0.budget {
             Budget::Fraction(p) => rank_for_matrix(m, n, p),
-            Budget::Rank(r) => crate::limits::check_low_rank("rank", r, m, n).map(|()| r),
+            Budget::Rank(r) => crate::limits::low_rank("rank", r, m, n),
         }
     }
 
