@@ -52,6 +52,7 @@ fn read_st(path: &Path) -> (serde_json::Value, Vec<u8>) {
 
 /// A baseline greyscale JPEG of uniform grey, written by hand (every 8 × 8 block codes DC
 /// difference 0 and end-of-block with one-symbol Huffman tables), of any declared size.
+#[cfg(feature = "images")]
 fn grey_jpeg(width: u16, height: u16) -> Vec<u8> {
     let seg = |marker: u8, body: &[u8]| {
         let mut v = vec![0xFF, marker];
@@ -467,7 +468,7 @@ fn defect_manifest_not_matching_the_original_is_refused_before_reading_factors()
 /// A FiPS compression of DeiT-tiny's blocks 0-1 on Gaussian inputs, two steps.
 fn small_compressed(original: &Checkpoint, path: &Path) {
     let layout = fips::layout::MlpLayout::detect(original).unwrap();
-    let groups = BlockGroups::parse("0-1", &vec![(192, 768); 12]).unwrap();
+    let groups = BlockGroups::parse("0-1", &[(192, 768); 12]).unwrap();
     let compressor = FipsParams::new().steps(2).batch_tokens(64).build().unwrap();
     let result = fips::pipeline::compress_checkpoint(
         original,

@@ -375,7 +375,7 @@ fn make_bases(data: &Path, dir: &Path) -> Bases {
     // Compressed checkpoints of blocks 0-1 from those inputs, one per representation.
     let inputs = fips::activations::MlpInputs::open(&mlp_path).unwrap();
     let layout = MlpLayout::detect(&deit).unwrap();
-    let groups = BlockGroups::parse("0-1", &vec![DEIT_SHAPE; DEIT_BLOCKS]).unwrap();
+    let groups = BlockGroups::parse("0-1", &[DEIT_SHAPE; DEIT_BLOCKS]).unwrap();
     let compressors: Vec<(&str, Box<dyn Compressor<f32>>)> = vec![
         (
             "fips",
@@ -660,7 +660,7 @@ fn rewrite_jpeg_size(rng: &mut ChaCha8Rng, bytes: &[u8]) -> Vec<u8> {
         (1, 1),
     ];
     if let Some(i) = (0..out.len().saturating_sub(9))
-        .find(|&i| out[i] == 0xFF && matches!(out[i + 1], 0xC0 | 0xC1 | 0xC2))
+        .find(|&i| out[i] == 0xFF && matches!(out[i + 1], 0xC0..=0xC2))
     {
         let (w, h) = if rng.random_bool(0.7) {
             sizes[rng.random_range(0..sizes.len())]
