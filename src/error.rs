@@ -165,6 +165,10 @@ pub enum FipsError {
     #[error("numerical failure: {0}")]
     Numerical(String),
 
+    /// A model folder or the text for a language model is unusable (see [`crate::hf::ModelError`]).
+    #[error(transparent)]
+    Model(#[from] crate::hf::ModelError),
+
     /// LAPACK failed (for example an SVD that did not converge).
     #[error("linear algebra failure: {0}")]
     Linalg(#[from] ndarray_linalg::error::LinalgError),

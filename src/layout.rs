@@ -23,7 +23,8 @@ use std::fmt;
 use safetensors::Dtype;
 
 use crate::activation::Activation;
-use crate::checkpoint::{Checkpoint, TensorInfo};
+use crate::checkpoint::TensorInfo;
+use crate::hf::store::TensorStore;
 use crate::error::{FipsError, Result};
 use crate::float::Float;
 use crate::mlp::{DenseMlp, Linear, MatrixRole, MlpKind};
@@ -220,7 +221,7 @@ pub struct MlpLayout {
 impl MlpLayout {
     /// Finds the MLP blocks of `ck`: exactly one scheme must match, under one prefix, with blocks
     /// `0..n` all present and consistently shaped.
-    pub fn detect(ck: &Checkpoint) -> Result<Self> {
+    pub fn detect(ck: &impl TensorStore) -> Result<Self> {
         let mut matched: Vec<(NamingScheme, Vec<Hit<'_>>)> = NamingScheme::ALL
             .iter()
             .map(|&scheme| {
@@ -250,7 +251,7 @@ impl MlpLayout {
     }
 
     /// Builds the layout of `scheme` from the names it matched.
-    fn from_hits(ck: &Checkpoint, scheme: NamingScheme, hits: &[Hit<'_>]) -> Result<Self> {
+    fn from_hits(ck: &impl TensorStore, scheme: NamingScheme, hits: &[Hit<'_>]) -> Result<Self> {
         let prefix = single_prefix(ck, scheme, hits)?;
         let indices: BTreeSet<usize> = hits.iter().map(|h| h.index).collect();
         // `indices` holds `len` distinct numbers: they are 0..len exactly unless one is missing.
@@ -318,7 +319,7 @@ impl MlpLayout {
     /// Reads block `b` from `ck` (the checkpoint it was detected in) as a dense MLP.
     pub fn load_block<F: Float>(
         &self,
-        ck: &Checkpoint,
+        ck: &impl TensorStore,
         b: usize,
         activation: Activation,
     ) -> Result<DenseMlp<F>> {
@@ -384,7 +385,7 @@ fn distinct<T: PartialEq + fmt::Display>(values: impl Iterator<Item = T>) -> Str
 }
 
 /// The one prefix all hits share, or a `Format` error listing the prefixes.
-fn single_prefix<'a>(ck: &Checkpoint, scheme: NamingScheme, hits: &[Hit<'a>]) -> Result<&'a str> {
+fn single_prefix<'a>(ck: &impl TensorStore, scheme: NamingScheme, hits: &[Hit<'a>]) -> Result<&'a str> {
     let prefixes: BTreeSet<&str> = hits.iter().map(|h| h.prefix).collect();
     match prefixes.first() {
         Some(&p) if prefixes.len() == 1 => Ok(p),
@@ -403,7 +404,7 @@ fn single_prefix<'a>(ck: &Checkpoint, scheme: NamingScheme, hits: &[Hit<'a>]) ->
 
 /// Looks up and validates the tensors of one block.
 fn resolve_block(
-    ck: &Checkpoint,
+    ck: &impl TensorStore,
     scheme: NamingScheme,
     prefix: &str,
     index: usize,
@@ -466,7 +467,7 @@ fn resolve_block(
 }
 
 /// The `(rows, cols)` of the block's first weight, which must be a non-empty matrix.
-fn matrix_dims(ck: &Checkpoint, info: &TensorInfo) -> Result<(usize, usize)> {
+fn matrix_dims(ck: &impl TensorStore, info: &TensorInfo) -> Result<(usize, usize)> {
     match *info.shape.as_slice() {
         [rows, cols] if rows > 0 && cols > 0 => Ok((rows, cols)),
         [_, _] => Err(format_error(
@@ -507,7 +508,7 @@ fn expect_float(info: &TensorInfo) -> Result<()> {
 
 /// Reads one layer, checking the weight against the shape recorded at detection.
 fn load_linear<F: Float>(
-    ck: &Checkpoint,
+    ck: &impl TensorStore,
     weight: &str,
     bias: Option<&str>,
     shape: [usize; 2],
@@ -525,7 +526,7 @@ fn load_linear<F: Float>(
 }
 
 /// The activation a checkpoint of `scheme` most likely uses.
-fn default_activation(ck: &Checkpoint, scheme: NamingScheme, prefix: &str) -> Activation {
+fn default_activation(ck: &impl TensorStore, scheme: NamingScheme, prefix: &str) -> Activation {
     match scheme.kind() {
         MlpKind::Standard => Activation::Gelu,
         MlpKind::Gated if looks_like_gemma(ck, scheme, prefix) => Activation::GeluTanh,
@@ -535,7 +536,7 @@ fn default_activation(ck: &Checkpoint, scheme: NamingScheme, prefix: &str) -> Ac
 
 /// Whether the checkpoint is evidently Gemma: a `pre_feedforward_layernorm` tensor (Gemma 2 and
 /// 3) or "gemma" in a metadata value.
-fn looks_like_gemma(ck: &Checkpoint, scheme: NamingScheme, prefix: &str) -> bool {
+fn looks_like_gemma(ck: &impl TensorStore, scheme: NamingScheme, prefix: &str) -> bool {
     let layers = format!("{prefix}{}", scheme.marker());
     let has_norm = ck.names().any(|n| {
         n.strip_prefix(layers.as_str())
@@ -552,7 +553,7 @@ fn looks_like_gemma(ck: &Checkpoint, scheme: NamingScheme, prefix: &str) -> bool
 }
 
 /// A `Format` error about `ck`.
-fn format_error(ck: &Checkpoint, reason: String) -> FipsError {
+fn format_error(ck: &impl TensorStore, reason: String) -> FipsError {
     FipsError::Format {
         path: ck.path().to_path_buf(),
         reason,

@@ -48,6 +48,7 @@ pub mod factors;
 pub mod float;
 pub mod group;
 pub mod groups;
+pub mod hf;
 #[cfg(feature = "images")]
 pub mod imagenet;
 pub mod init;
@@ -55,12 +56,15 @@ mod kernels;
 pub mod layout;
 pub mod methods;
 pub mod mlp;
+pub mod mlp_input_writer;
 pub mod objective;
 pub mod optim;
 pub mod params;
 pub mod pipeline;
 pub mod sparsity;
 pub mod svg;
+#[cfg(feature = "text")]
+pub mod text;
 pub mod vit;
 
 pub use activation::Activation;
