@@ -462,7 +462,7 @@ impl LlamaModel {
 fn rope_tables(base: f64, head_dim: usize, positions: usize, device: &Device) -> Result<(Tensor, Tensor)> {
     let half = head_dim / 2;
     let inv: Vec<f64> = (0..half)
-        .map(|i| base.powf(-(2 * i) as f64 / head_dim as f64))
+        .map(|i| 1.0 / base.powf((2 * i) as f64 / head_dim as f64))
         .collect();
     let mut cos = Vec::with_capacity(positions * half);
     let mut sin = Vec::with_capacity(positions * half);

@@ -1,6 +1,7 @@
 //! `fips`: compress, evaluate, inspect and densify transformer checkpoints from the command line.
 
 mod progress;
+mod text_cmd;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -64,11 +65,14 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Capture the MLP inputs of a ViT/DeiT on images and write them as an MLP-input file.
+    /// Capture the MLP inputs of a ViT/DeiT on images (or of a language model on text, with
+    /// --model and --text) and write them as an MLP-input file.
     Capture {
         /// The ViT/DeiT checkpoint (timm names).
-        #[arg(long)]
-        checkpoint: PathBuf,
+        #[arg(long, required_unless_present = "model")]
+        checkpoint: Option<PathBuf>,
+        #[command(flatten)]
+        text: text_cmd::TextCaptureArgs,
         #[command(flatten)]
         images: ImageArgs,
         /// Blocks to capture, e.g. `0-3` or `0-11` (default: all).
@@ -227,14 +231,16 @@ struct CompressArgs {
 #[derive(Debug, Args)]
 struct EvalArgs {
     /// The ViT/DeiT checkpoint (timm names): the dense model.
-    #[arg(long)]
-    checkpoint: PathBuf,
+    #[arg(long, required_unless_present = "model")]
+    checkpoint: Option<PathBuf>,
+    #[command(flatten)]
+    text: text_cmd::TextEvalArgs,
     /// A compressed checkpoint of it to evaluate too.
     #[arg(long)]
     compressed: Option<PathBuf>,
     /// Image set directory (with labels.tsv).
-    #[arg(long)]
-    images: PathBuf,
+    #[arg(long, required_unless_present = "model")]
+    images: Option<PathBuf>,
     /// Split to evaluate on.
     #[arg(long, default_value = "eval")]
     split: String,
@@ -259,10 +265,18 @@ fn main() -> ExitCode {
         } => densify(&compressed, &original, &out),
         Command::Capture {
             checkpoint,
+            text,
             images,
             blocks,
             out,
-        } => capture(&checkpoint, &images, blocks.as_deref(), &out),
+        } => match (&text.model, checkpoint) {
+            (Some(model), _) => text_cmd::capture(model, &text, &out),
+            (None, Some(checkpoint)) => capture(&checkpoint, &images, blocks.as_deref(), &out),
+            (None, None) => Err(FipsError::InvalidParameter {
+                name: "checkpoint",
+                reason: "capture needs --checkpoint (images) or --model and --text".into(),
+            }),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -671,10 +685,19 @@ fn write_loss_plots(dir: &Path, result: &ModelCompression) -> Result<(), FipsErr
 }
 
 fn eval(args: EvalArgs) -> Result<(), FipsError> {
+    if let Some(model) = &args.text.model {
+        return text_cmd::eval(model, &args.text, args.compressed.as_deref());
+    }
+    let (Some(checkpoint), Some(images)) = (&args.checkpoint, &args.images) else {
+        return Err(FipsError::InvalidParameter {
+            name: "checkpoint",
+            reason: "eval needs --checkpoint and --images (or --model and --text)".into(),
+        });
+    };
     let bars = Bars::new();
-    let checkpoint = Checkpoint::open(&args.checkpoint)?;
+    let checkpoint = Checkpoint::open(checkpoint)?;
     let vit = VisionTransformer::from_checkpoint(&checkpoint, args.heads)?;
-    let (pixels, labels) = decode_split(&args.images, &args.split, None, &bars)?;
+    let (pixels, labels) = decode_split(images, &args.split, None, &bars)?;
     let dense_logits =
         pipeline::classify(&vit, pixels.view(), &mut bars.classify_observer("dense"))?;
     let dense = Accuracy::new(dense_logits.view(), &labels)?;
