@@ -196,7 +196,11 @@ fn captured_mlp_inputs_match_an_independent_forward() {
     // The same seed gives the same file; another seed other paragraphs.
     let again = tmp.join("again.safetensors");
     capture_text(&dir, dir.join("calib.txt"), &CaptureOptions::new(budget, 11), &again, &mut |_, _| {}).unwrap();
-    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&again).unwrap());
+    let again = MlpInputs::open(&again).unwrap();
+    assert_eq!(again.metadata()["paragraphs"], file.metadata()["paragraphs"]);
+    for b in 0..5 {
+        assert!(again.read::<f32>(b).unwrap() == file.read::<f32>(b).unwrap(), "block {b} differs");
+    }
     let other = tmp.join("other.safetensors");
     capture_text(&dir, dir.join("calib.txt"), &CaptureOptions::new(budget, 12), &other, &mut |_, _| {}).unwrap();
     let other_plan: Vec<(usize, usize)> =
