@@ -24,9 +24,9 @@ use safetensors::Dtype;
 
 use crate::activation::Activation;
 use crate::checkpoint::TensorInfo;
-use crate::hf::store::TensorStore;
 use crate::error::{FipsError, Result};
 use crate::float::Float;
+use crate::hf::store::TensorStore;
 use crate::mlp::{DenseMlp, Linear, MatrixRole, MlpKind};
 
 /// How many distinct name patterns an [`FipsError::UnknownLayout`] lists.
@@ -385,7 +385,11 @@ fn distinct<T: PartialEq + fmt::Display>(values: impl Iterator<Item = T>) -> Str
 }
 
 /// The one prefix all hits share, or a `Format` error listing the prefixes.
-fn single_prefix<'a>(ck: &impl TensorStore, scheme: NamingScheme, hits: &[Hit<'a>]) -> Result<&'a str> {
+fn single_prefix<'a>(
+    ck: &impl TensorStore,
+    scheme: NamingScheme,
+    hits: &[Hit<'a>],
+) -> Result<&'a str> {
     let prefixes: BTreeSet<&str> = hits.iter().map(|h| h.prefix).collect();
     match prefixes.first() {
         Some(&p) if prefixes.len() == 1 => Ok(p),

@@ -102,7 +102,9 @@ impl MlpInputWriter {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        let file_name = path.file_name().ok_or_else(|| format("not a file path".into()))?;
+        let file_name = path
+            .file_name()
+            .ok_or_else(|| format("not a file path".into()))?;
         let tmp = dir.join(format!(
             ".{}.{}.tmp",
             file_name.to_string_lossy(),
@@ -145,10 +147,7 @@ impl MlpInputWriter {
 
     /// Rows written so far for `block`.
     pub fn written(&self, block: usize) -> Option<usize> {
-        self.regions
-            .iter()
-            .find(|r| r.0 == block)
-            .map(|r| r.2)
+        self.regions.iter().find(|r| r.0 == block).map(|r| r.2)
     }
 
     /// Appends rows (`rows.len()` a multiple of d, row-major) to `block`'s region.
@@ -164,15 +163,15 @@ impl MlpInputWriter {
         let count = rows.len() / d;
         let element = self.dtype.bitsize() / 8;
         let tokens = self.tokens;
-        let region = self
-            .regions
-            .iter_mut()
-            .find(|r| r.0 == block)
-            .ok_or(FipsError::IndexOutOfRange {
-                what: "block of the MLP-input file",
-                index: block,
-                len: self.tokens,
-            })?;
+        let region =
+            self.regions
+                .iter_mut()
+                .find(|r| r.0 == block)
+                .ok_or(FipsError::IndexOutOfRange {
+                    what: "block of the MLP-input file",
+                    index: block,
+                    len: self.tokens,
+                })?;
         if region.2 + count > tokens {
             return Err(FipsError::InvalidParameter {
                 name: "rows",
@@ -261,8 +260,11 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("inputs.safetensors");
         let (tokens, d) = (7, 3);
-        let z = |b: usize| Array2::from_shape_fn((tokens, d), |(t, j)| (b * 100 + t * d + j) as f32 * 0.25);
-        let mut w = MlpInputWriter::create(&path, &[0, 2], tokens, d, Dtype::F32, HashMap::new()).unwrap();
+        let z = |b: usize| {
+            Array2::from_shape_fn((tokens, d), |(t, j)| (b * 100 + t * d + j) as f32 * 0.25)
+        };
+        let mut w =
+            MlpInputWriter::create(&path, &[0, 2], tokens, d, Dtype::F32, HashMap::new()).unwrap();
         // Interleaved batches of uneven sizes, as a capture produces them.
         for (start, end) in [(0, 2), (2, 3), (3, 7)] {
             for b in [2, 0] {
@@ -284,12 +286,17 @@ mod tests {
 
         // Half precision rounds; an unfinished writer leaves nothing behind.
         let half_path = dir.join("half.safetensors");
-        let mut w = MlpInputWriter::create(&half_path, &[0], 2, 2, Dtype::BF16, HashMap::new()).unwrap();
+        let mut w =
+            MlpInputWriter::create(&half_path, &[0], 2, 2, Dtype::BF16, HashMap::new()).unwrap();
         w.append(0, &[1.0, 2.0, 3.0, 4.0]).unwrap();
         w.finish().unwrap();
-        assert_eq!(MlpInputs::open(&half_path).unwrap().read::<f32>(0).unwrap()[[1, 1]], 4.0);
+        assert_eq!(
+            MlpInputs::open(&half_path).unwrap().read::<f32>(0).unwrap()[[1, 1]],
+            4.0
+        );
         let partial = dir.join("partial.safetensors");
-        let mut w = MlpInputWriter::create(&partial, &[0], 2, 2, Dtype::F32, HashMap::new()).unwrap();
+        let mut w =
+            MlpInputWriter::create(&partial, &[0], 2, 2, Dtype::F32, HashMap::new()).unwrap();
         w.append(0, &[1.0, 2.0]).unwrap();
         assert!(w.finish().is_err());
         assert!(!partial.exists());

@@ -37,7 +37,9 @@ fn config_json(arch: &str) -> String {
 
 /// Deterministic values for a tensor named `name`.
 fn values(name: &str, len: usize) -> Vec<f32> {
-    let seed = name.bytes().fold(7u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+    let seed = name
+        .bytes()
+        .fold(7u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
     (0..len)
         .map(|k| ((seed.wrapping_add(k as u32 * 2_654_435_761) >> 8) % 1000) as f32 / 500.0 - 1.0)
         .collect()
@@ -80,7 +82,11 @@ fn shard_for(name: &str, k: usize, shards: usize) -> usize {
 fn make_folder(dir: &Path, shards: usize) -> BTreeMap<String, ArrayD<f32>> {
     std::fs::write(dir.join("config.json"), config_json("LlamaForCausalLM")).unwrap();
     std::fs::write(dir.join("tokenizer.json"), b"{\"version\": \"1.0\"}").unwrap();
-    std::fs::write(dir.join("tokenizer_config.json"), b"{\"bos_token\": \"<s>\"}").unwrap();
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        b"{\"bos_token\": \"<s>\"}",
+    )
+    .unwrap();
     std::fs::write(dir.join("generation_config.json"), b"{}").unwrap();
     std::fs::write(dir.join("pytorch_model.bin"), b"stale pickle").unwrap();
     let mut all = BTreeMap::new();
@@ -99,7 +105,10 @@ fn make_folder(dir: &Path, shards: usize) -> BTreeMap<String, ArrayD<f32>> {
         let len = shape.iter().product();
         let v = values(&name, len);
         // Round through bf16 so the expected values are exactly what the file holds.
-        let v: Vec<f32> = v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect();
+        let v: Vec<f32> = v
+            .iter()
+            .map(|&x| half::bf16::from_f32(x).to_f32())
+            .collect();
         let s = shard_for(&name, k, shards);
         per_shard[s].insert(
             name.clone(),
@@ -138,7 +147,10 @@ fn sharded_folder_reads_config_and_blocks_across_shards() {
     let config = folder.config();
     assert_eq!(folder.family(), ModelFamily::Llama);
     assert_eq!((config.hidden_size, config.intermediate_size), (D, I));
-    assert_eq!((config.num_attention_heads, config.key_value_heads()), (2, 1));
+    assert_eq!(
+        (config.num_attention_heads, config.key_value_heads()),
+        (2, 1)
+    );
     assert_eq!(config.rope_base(), 500_000.0);
     assert_eq!(config.norm_eps(folder.family()), 1e-5);
     assert!(!config.tied_embeddings(folder.family()));
@@ -151,13 +163,21 @@ fn sharded_folder_reads_config_and_blocks_across_shards() {
     assert_eq!(layout.blocks(), LAYERS);
     assert_eq!(layout.kind(), MlpKind::Gated);
     // Block 1's matrices are spread over several shards; each is read from its own.
-    let shards_of_block: std::collections::BTreeSet<usize> = layout.block(1).unwrap().weights
+    let shards_of_block: std::collections::BTreeSet<usize> = layout
+        .block(1)
+        .unwrap()
+        .weights
         .iter()
         .map(|w| folder.tensors().shard_of(w).unwrap())
         .collect();
-    assert!(shards_of_block.len() > 1, "the test folder should split a block over shards");
+    assert!(
+        shards_of_block.len() > 1,
+        "the test folder should split a block over shards"
+    );
     for b in 0..LAYERS {
-        let mlp = layout.load_block::<f32>(folder.tensors(), b, Activation::Silu).unwrap();
+        let mlp = layout
+            .load_block::<f32>(folder.tensors(), b, Activation::Silu)
+            .unwrap();
         for (layer, name) in mlp.layers().iter().zip(&layout.block(b).unwrap().weights) {
             assert_eq!(layer.weight().clone().into_dyn(), tensors[name], "{name}");
         }
@@ -165,7 +185,10 @@ fn sharded_folder_reads_config_and_blocks_across_shards() {
     // The same lookups as a single checkpoint: names, info, bytes.
     assert_eq!(folder.tensors().names().count(), tensors.len());
     let info = folder.tensors().info("lm_head.weight").unwrap();
-    assert_eq!((info.dtype, info.shape.clone()), (Dtype::BF16, vec![VOCAB, D]));
+    assert_eq!(
+        (info.dtype, info.shape.clone()),
+        (Dtype::BF16, vec![VOCAB, D])
+    );
     assert!(matches!(
         folder.tensors().read::<f32>("nope"),
         Err(FipsError::MissingTensor { .. })
@@ -194,7 +217,10 @@ fn broken_folders_are_typed_errors() {
     let dir = scratch("noconfig");
     make_folder(&dir, 2);
     std::fs::remove_file(dir.join("config.json")).unwrap();
-    assert!(matches!(model_error(HfFolder::open(&dir)), ModelError::MissingConfig { .. }));
+    assert!(matches!(
+        model_error(HfFolder::open(&dir)),
+        ModelError::MissingConfig { .. }
+    ));
 
     // Unknown architecture.
     std::fs::write(dir.join("config.json"), config_json("MambaForCausalLM")).unwrap();
@@ -206,14 +232,22 @@ fn broken_folders_are_typed_errors() {
     // A shard listed in the index is missing.
     std::fs::write(dir.join("config.json"), config_json("MistralForCausalLM")).unwrap();
     assert_eq!(HfFolder::open(&dir).unwrap().family(), ModelFamily::Mistral);
-    std::fs::rename(dir.join("model-00002-of-00002.safetensors"), dir.join("moved")).unwrap();
+    std::fs::rename(
+        dir.join("model-00002-of-00002.safetensors"),
+        dir.join("moved"),
+    )
+    .unwrap();
     match model_error(HfFolder::open(&dir)) {
         ModelError::MissingShard { shard, .. } => {
             assert_eq!(shard, "model-00002-of-00002.safetensors")
         }
         other => panic!("{other:?}"),
     }
-    std::fs::rename(dir.join("moved"), dir.join("model-00002-of-00002.safetensors")).unwrap();
+    std::fs::rename(
+        dir.join("moved"),
+        dir.join("model-00002-of-00002.safetensors"),
+    )
+    .unwrap();
 
     // The index points a tensor at a shard that does not hold it.
     let index_path = dir.join("model.safetensors.index.json");
@@ -232,7 +266,10 @@ fn broken_folders_are_typed_errors() {
     // A shard name that leaves the folder is refused.
     index["weight_map"]["model.layers.9.mlp.up_proj.weight"] = "../elsewhere.safetensors".into();
     std::fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
-    assert!(matches!(HfFolder::open(&dir), Err(FipsError::Format { .. })));
+    assert!(matches!(
+        HfFolder::open(&dir),
+        Err(FipsError::Format { .. })
+    ));
 
     // No weights at all, with a hint about PyTorch files.
     std::fs::remove_file(&index_path).unwrap();
@@ -244,7 +281,8 @@ fn broken_folders_are_typed_errors() {
     // config.json disagreeing with the weights.
     let dir2 = scratch("mismatch");
     make_folder(&dir2, 1);
-    let wrong = config_json("LlamaForCausalLM").replace("\"num_hidden_layers\": 3", "\"num_hidden_layers\": 4");
+    let wrong = config_json("LlamaForCausalLM")
+        .replace("\"num_hidden_layers\": 3", "\"num_hidden_layers\": 4");
     std::fs::write(dir2.join("config.json"), wrong).unwrap();
     assert!(matches!(
         HfFolder::open(&dir2).unwrap().mlp_layout(),
@@ -252,13 +290,21 @@ fn broken_folders_are_typed_errors() {
     ));
     // Unreadable config.json is a format error.
     std::fs::write(dir2.join("config.json"), b"{ not json").unwrap();
-    assert!(matches!(HfFolder::open(&dir2), Err(FipsError::Format { .. })));
+    assert!(matches!(
+        HfFolder::open(&dir2),
+        Err(FipsError::Format { .. })
+    ));
     std::fs::remove_dir_all(dir).ok();
     std::fs::remove_dir_all(dir2).ok();
 }
 
 /// The tensors and metadata of one safetensors file, as the `safetensors` crate reads them.
-fn raw_tensors(path: &Path) -> (BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>, HashMap<String, String>) {
+fn raw_tensors(
+    path: &Path,
+) -> (
+    BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>,
+    HashMap<String, String>,
+) {
     let bytes = std::fs::read(path).unwrap();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let parsed = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -294,8 +340,17 @@ fn densified_folder_keeps_shards_index_dtypes_and_side_files() {
     assert_eq!(report.replaced, replacements.len());
     assert_eq!(report.shards, folder.tensors().shard_names());
     assert!(report.skipped.contains(&"pytorch_model.bin".to_string()));
-    for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
-        assert_eq!(std::fs::read(src.join(f)).unwrap(), std::fs::read(dest.join(f)).unwrap(), "{f}");
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        assert_eq!(
+            std::fs::read(src.join(f)).unwrap(),
+            std::fs::read(dest.join(f)).unwrap(),
+            "{f}"
+        );
     }
     // The index is copied byte for byte; no stale weights and no temporaries.
     assert_eq!(
@@ -315,7 +370,10 @@ fn densified_folder_keeps_shards_index_dtypes_and_side_files() {
     for shard in folder.tensors().shard_names() {
         let (before, meta_before) = raw_tensors(&src.join(shard));
         let (after, meta_after) = raw_tensors(&dest.join(shard));
-        assert_eq!(before.keys().collect::<Vec<_>>(), after.keys().collect::<Vec<_>>());
+        assert_eq!(
+            before.keys().collect::<Vec<_>>(),
+            after.keys().collect::<Vec<_>>()
+        );
         assert_eq!(meta_after.get("format").map(String::as_str), Some("pt"));
         assert_eq!(meta_before.get("format"), meta_after.get("format"));
         for (name, (dtype, shape, bytes)) in &before {
@@ -342,7 +400,9 @@ fn densified_folder_keeps_shards_index_dtypes_and_side_files() {
         folder.write_densified(&replacements, "", &dest, false),
         Err(FipsError::Model(ModelError::DestinationExists { .. }))
     ));
-    folder.write_densified(&BTreeMap::new(), "", &dest, true).unwrap();
+    folder
+        .write_densified(&BTreeMap::new(), "", &dest, true)
+        .unwrap();
     let (after, _) = raw_tensors(&dest.join(&folder.tensors().shard_names()[0]));
     let (before, _) = raw_tensors(&src.join(&folder.tensors().shard_names()[0]));
     assert_eq!(after, before);
@@ -364,7 +424,11 @@ fn densified_folder_keeps_shards_index_dtypes_and_side_files() {
     ));
     assert!(!bad_dest.exists());
     // Writing over the source folder is refused.
-    assert!(folder.write_densified(&BTreeMap::new(), "", &src, true).is_err());
+    assert!(
+        folder
+            .write_densified(&BTreeMap::new(), "", &src, true)
+            .is_err()
+    );
     assert!(src.join("config.json").is_file());
     std::fs::remove_dir_all(root).ok();
 }
@@ -397,10 +461,21 @@ fn stories260k_folder_opens_and_densifies_to_identical_bytes() {
     let config = folder.config();
     assert_eq!(folder.family(), ModelFamily::Llama);
     assert_eq!(
-        (config.hidden_size, config.intermediate_size, config.num_hidden_layers),
+        (
+            config.hidden_size,
+            config.intermediate_size,
+            config.num_hidden_layers
+        ),
         (64, 172, 5)
     );
-    assert_eq!((config.num_attention_heads, config.key_value_heads(), config.head_width()), (8, 4, 8));
+    assert_eq!(
+        (
+            config.num_attention_heads,
+            config.key_value_heads(),
+            config.head_width()
+        ),
+        (8, 4, 8)
+    );
     assert!(config.tied_embeddings(folder.family()));
     assert_eq!(config.norm_eps(folder.family()), 1e-5);
     assert_eq!(folder.activation().unwrap(), Activation::Silu);
@@ -416,7 +491,9 @@ fn stories260k_folder_opens_and_densifies_to_identical_bytes() {
     }
     let root = scratch("stories");
     let dest = root.join("stories-densified");
-    let report = folder.write_densified(&same, "identity", &dest, false).unwrap();
+    let report = folder
+        .write_densified(&same, "identity", &dest, false)
+        .unwrap();
     assert_eq!(report.replaced, 15);
     let (before, _) = raw_tensors(&dir.join("model.safetensors"));
     let (after, meta) = raw_tensors(&dest.join("model.safetensors"));

@@ -5,13 +5,13 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use fips::FipsError;
 use fips::activations::MlpInputs;
 use fips::hf::{HfFolder, ModelError, TensorStore};
 use fips::text::capture::{CaptureOptions, capture_text};
 use fips::text::model::LlamaModel;
 use fips::text::perplexity::perplexity;
 use fips::text::tokenize::{TextTokenizer, read_paragraph_tokens};
-use fips::FipsError;
 use ndarray::{Array1, Array2, ArrayD, Axis, s};
 
 /// PyTorch/transformers float32 figures on `eval.txt` (shared data README).
@@ -132,7 +132,8 @@ fn reference_mlp_inputs(folder: &HfFolder, ids: &[u32]) -> Vec<Array2<f64>> {
                     scores[[i, j]] = if j <= i { e[j] / z } else { 0.0 };
                 }
             }
-            att.slice_mut(s![.., head * hd..(head + 1) * hd]).assign(&scores.dot(&vh));
+            att.slice_mut(s![.., head * hd..(head + 1) * hd])
+                .assign(&scores.dot(&vh));
         }
         h = h + att.dot(&m(&format!("{p}.self_attn.o_proj.weight")).t());
         let z = rms_norm(&h, &v(&format!("{p}.post_attention_layernorm.weight")), eps);
@@ -165,12 +166,14 @@ fn captured_mlp_inputs_match_an_independent_forward() {
         },
     )
     .unwrap();
-    assert_eq!((report.tokens, report.blocks, report.width), (budget, 5, 64));
+    assert_eq!(
+        (report.tokens, report.blocks, report.width),
+        (budget, 5, 64)
+    );
     assert_eq!(calls, report.paragraphs_used);
     let file = MlpInputs::open(&out).unwrap();
     assert_eq!(file.blocks(), vec![0, 1, 2, 3, 4]);
-    let plan: Vec<(usize, usize)> =
-        serde_json::from_str(&file.metadata()["paragraphs"]).unwrap();
+    let plan: Vec<(usize, usize)> = serde_json::from_str(&file.metadata()["paragraphs"]).unwrap();
     assert_eq!(plan.iter().map(|p| p.1).sum::<usize>(), budget);
     assert_eq!(plan.len(), report.paragraphs_used);
 
@@ -195,14 +198,34 @@ fn captured_mlp_inputs_match_an_independent_forward() {
 
     // The same seed gives the same file; another seed other paragraphs.
     let again = tmp.join("again.safetensors");
-    capture_text(&dir, dir.join("calib.txt"), &CaptureOptions::new(budget, 11), &again, &mut |_, _| {}).unwrap();
+    capture_text(
+        &dir,
+        dir.join("calib.txt"),
+        &CaptureOptions::new(budget, 11),
+        &again,
+        &mut |_, _| {},
+    )
+    .unwrap();
     let again = MlpInputs::open(&again).unwrap();
-    assert_eq!(again.metadata()["paragraphs"], file.metadata()["paragraphs"]);
+    assert_eq!(
+        again.metadata()["paragraphs"],
+        file.metadata()["paragraphs"]
+    );
     for b in 0..5 {
-        assert!(again.read::<f32>(b).unwrap() == file.read::<f32>(b).unwrap(), "block {b} differs");
+        assert!(
+            again.read::<f32>(b).unwrap() == file.read::<f32>(b).unwrap(),
+            "block {b} differs"
+        );
     }
     let other = tmp.join("other.safetensors");
-    capture_text(&dir, dir.join("calib.txt"), &CaptureOptions::new(budget, 12), &other, &mut |_, _| {}).unwrap();
+    capture_text(
+        &dir,
+        dir.join("calib.txt"),
+        &CaptureOptions::new(budget, 12),
+        &other,
+        &mut |_, _| {},
+    )
+    .unwrap();
     let other_plan: Vec<(usize, usize)> =
         serde_json::from_str(&MlpInputs::open(&other).unwrap().metadata()["paragraphs"]).unwrap();
     assert_ne!(other_plan, plan);
@@ -231,7 +254,10 @@ fn our_forward_matches_candle_transformers_llama() {
         .map(|n| {
             let a: ArrayD<f32> = folder.tensors().read(n).unwrap();
             let shape = a.shape().to_vec();
-            (n.to_string(), Tensor::from_vec(a.into_raw_vec_and_offset().0, shape, &device).unwrap())
+            (
+                n.to_string(),
+                Tensor::from_vec(a.into_raw_vec_and_offset().0, shape, &device).unwrap(),
+            )
         })
         .collect();
     let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &device);
@@ -243,8 +269,12 @@ fn our_forward_matches_candle_transformers_llama() {
     for ids in paragraphs.iter().take(6) {
         let t = ids.len().min(60);
         let mut cache =
-            candle_transformers::models::llama::Cache::new(false, DType::F32, &config, &device).unwrap();
-        let input = Tensor::new(&ids[..t], &device).unwrap().unsqueeze(0).unwrap();
+            candle_transformers::models::llama::Cache::new(false, DType::F32, &config, &device)
+                .unwrap();
+        let input = Tensor::new(&ids[..t], &device)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         let reference: Vec<f32> = theirs
             .forward(&input, 0, &mut cache)
             .unwrap()
@@ -272,10 +302,11 @@ fn replaced_mlps_and_densified_folders_are_scored() {
     };
     // A short text keeps this test quick: the first 40 paragraphs of eval.txt.
     let tmp = scratch("replaced");
-    let text: Vec<String> = fips::text::paragraphs(&std::fs::read_to_string(dir.join("eval.txt")).unwrap())
-        .into_iter()
-        .take(40)
-        .collect();
+    let text: Vec<String> =
+        fips::text::paragraphs(&std::fs::read_to_string(dir.join("eval.txt")).unwrap())
+            .into_iter()
+            .take(40)
+            .collect();
     let short = tmp.join("short.txt");
     std::fs::write(&short, text.join("\n\n")).unwrap();
     let dense = perplexity(&dir, &short, &BTreeMap::new(), &mut |_, _| {}).unwrap();
@@ -294,13 +325,23 @@ fn replaced_mlps_and_densified_folders_are_scored() {
     // Zeroing block 2's MLP changes the model: the perplexity rises.
     let down = &layout.block(2).unwrap().weights[2];
     let mut broken = BTreeMap::new();
-    broken.insert(down.clone(), folder.tensors().read::<f32>(down).unwrap().mapv(|_| 0.0));
+    broken.insert(
+        down.clone(),
+        folder.tensors().read::<f32>(down).unwrap().mapv(|_| 0.0),
+    );
     let worse = perplexity(&dir, &short, &broken, &mut |_, _| {}).unwrap();
-    assert!(worse.perplexity() > dense.perplexity() * 1.01, "{} vs {}", worse.perplexity(), dense.perplexity());
+    assert!(
+        worse.perplexity() > dense.perplexity() * 1.01,
+        "{} vs {}",
+        worse.perplexity(),
+        dense.perplexity()
+    );
 
     // A densified folder with the same replacement scores the same as the replacement in memory.
     let densified = tmp.join("densified");
-    folder.write_densified(&broken, "test", &densified, false).unwrap();
+    folder
+        .write_densified(&broken, "test", &densified, false)
+        .unwrap();
     let from_folder = perplexity(&densified, &short, &BTreeMap::new(), &mut |_, _| {}).unwrap();
     assert_eq!(from_folder.total_nll, worse.total_nll);
     assert_eq!(from_folder.predicted_tokens, dense.predicted_tokens);
@@ -336,7 +377,9 @@ fn bad_text_and_tokenizers_are_typed_errors_and_write_nothing() {
     let short = tmp.join("short.txt");
     std::fs::write(&short, "Once upon a time.\n\nThe end.").unwrap();
     match model_error(capture_text(&dir, &short, &opts, &out, &mut |_, _| {})) {
-        ModelError::TextTooShort { available, budget, .. } => {
+        ModelError::TextTooShort {
+            available, budget, ..
+        } => {
             assert!(available < 100);
             assert_eq!(budget, 100);
         }
@@ -345,26 +388,61 @@ fn bad_text_and_tokenizers_are_typed_errors_and_write_nothing() {
     // A copy of the model whose vocabulary is smaller than its tokenizer's.
     let model = tmp.join("model");
     std::fs::create_dir_all(&model).unwrap();
-    for f in ["model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+    for f in [
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
         std::fs::copy(dir.join(f), model.join(f)).unwrap();
     }
     let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
-    std::fs::write(model.join("config.json"), config.replace("\"vocab_size\": 512", "\"vocab_size\": 300")).unwrap();
+    std::fs::write(
+        model.join("config.json"),
+        config.replace("\"vocab_size\": 512", "\"vocab_size\": 300"),
+    )
+    .unwrap();
     assert!(matches!(
-        model_error(capture_text(&model, dir.join("calib.txt"), &opts, &out, &mut |_, _| {})),
-        ModelError::VocabularyMismatch { tokenizer_vocab: 512, model_vocab: 300, .. }
+        model_error(capture_text(
+            &model,
+            dir.join("calib.txt"),
+            &opts,
+            &out,
+            &mut |_, _| {}
+        )),
+        ModelError::VocabularyMismatch {
+            tokenizer_vocab: 512,
+            model_vocab: 300,
+            ..
+        }
     ));
     // No tokenizer at all.
     std::fs::write(model.join("config.json"), &config).unwrap();
     std::fs::remove_file(model.join("tokenizer.json")).unwrap();
     assert!(matches!(
-        model_error(perplexity(&model, dir.join("eval.txt"), &BTreeMap::new(), &mut |_, _| {})),
+        model_error(perplexity(
+            &model,
+            dir.join("eval.txt"),
+            &BTreeMap::new(),
+            &mut |_, _| {}
+        )),
         ModelError::Tokenizer { .. }
     ));
     // An architecture without a text forward pass.
-    std::fs::write(model.join("config.json"), config.replace("LlamaForCausalLM", "GemmaForCausalLM").replace("\"llama\"", "\"gemma\"")).unwrap();
+    std::fs::write(
+        model.join("config.json"),
+        config
+            .replace("LlamaForCausalLM", "GemmaForCausalLM")
+            .replace("\"llama\"", "\"gemma\""),
+    )
+    .unwrap();
     assert!(matches!(
-        model_error(capture_text(&model, dir.join("calib.txt"), &opts, &out, &mut |_, _| {})),
+        model_error(capture_text(
+            &model,
+            dir.join("calib.txt"),
+            &opts,
+            &out,
+            &mut |_, _| {}
+        )),
         ModelError::Unsupported { .. }
     ));
     assert!(!out.exists());

@@ -34,7 +34,8 @@ pub enum ModelFamily {
 }
 
 /// The architectures [`ModelFamily::detect`] accepts, for error messages.
-pub const SUPPORTED_ARCHITECTURES: &str = "Llama, Mistral, Qwen2, Gemma (1/2/3), BERT/RoBERTa, ViT/DeiT";
+pub const SUPPORTED_ARCHITECTURES: &str =
+    "Llama, Mistral, Qwen2, Gemma (1/2/3), BERT/RoBERTa, ViT/DeiT";
 
 impl ModelFamily {
     /// The family of an architecture class name (`LlamaForCausalLM`) or `model_type` (`llama`).
@@ -45,13 +46,19 @@ impl ModelFamily {
             Some(Self::Llama)
         } else if starts("mistral") {
             Some(Self::Mistral)
-        } else if starts("qwen2") && !starts("qwen2moe") && !starts("qwen2_moe") && !starts("qwen2vl")
+        } else if starts("qwen2")
+            && !starts("qwen2moe")
+            && !starts("qwen2_moe")
+            && !starts("qwen2vl")
             && !starts("qwen2_vl")
         {
             Some(Self::Qwen2)
         } else if starts("gemma") {
             Some(Self::Gemma)
-        } else if starts("bert") || starts("roberta") || starts("xlmroberta") || starts("xlm-roberta")
+        } else if starts("bert")
+            || starts("roberta")
+            || starts("xlmroberta")
+            || starts("xlm-roberta")
         {
             Some(Self::Bert)
         } else if starts("vit") || starts("deit") {
@@ -76,7 +83,10 @@ impl ModelFamily {
 
     /// Whether the family's MLP is gated (`down(act(gate x) ⊙ up x)`).
     pub fn is_gated(self) -> bool {
-        matches!(self, Self::Llama | Self::Mistral | Self::Qwen2 | Self::Gemma)
+        matches!(
+            self,
+            Self::Llama | Self::Mistral | Self::Qwen2 | Self::Gemma
+        )
     }
 
     /// Whether this crate has a text forward pass (capture, perplexity) for the family.

@@ -55,7 +55,9 @@ pub enum ModelError {
     },
 
     /// The shard index maps a tensor to a shard whose header does not hold it.
-    #[error("{index}: the weight map puts tensor {tensor:?} in {shard:?}, which has no such tensor")]
+    #[error(
+        "{index}: the weight map puts tensor {tensor:?} in {shard:?}, which has no such tensor"
+    )]
     IndexMissingTensor {
         /// The index file.
         index: PathBuf,
@@ -112,7 +114,9 @@ pub enum ModelError {
     },
 
     /// The text has fewer tokens than the budget asks for.
-    #[error("{path}: the text has {available} tokens (BOS included), fewer than the budget of {budget}")]
+    #[error(
+        "{path}: the text has {available} tokens (BOS included), fewer than the budget of {budget}"
+    )]
     TextTooShort {
         /// The text file.
         path: PathBuf,

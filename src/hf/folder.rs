@@ -37,7 +37,15 @@ pub const TOKENIZER_FILE: &str = "tokenizer.json";
 /// Weight files of other formats, never copied into a densified folder (they would hold the
 /// original weights, and a loader could pick them instead of the densified safetensors).
 const OTHER_WEIGHT_EXTENSIONS: [&str; 9] = [
-    "bin", "pt", "pth", "ckpt", "h5", "msgpack", "onnx", "gguf", "safetensors",
+    "bin",
+    "pt",
+    "pth",
+    "ckpt",
+    "h5",
+    "msgpack",
+    "onnx",
+    "gguf",
+    "safetensors",
 ];
 
 /// An open model folder whose configuration and weight headers have been validated.
@@ -70,7 +78,8 @@ impl HfFolder {
             return Err(ModelError::MissingConfig { dir }.into());
         }
         let config = HfConfig::read(&config_path)?;
-        let family = ModelFamily::detect(&config).map_err(|found| unknown_architecture(&dir, found))?;
+        let family =
+            ModelFamily::detect(&config).map_err(|found| unknown_architecture(&dir, found))?;
         let index = dir.join(INDEX_FILE);
         let single = dir.join(SINGLE_WEIGHTS_FILE);
         let weights = if index.is_file() {
@@ -79,7 +88,10 @@ impl HfFolder {
             ShardedCheckpoint::single(&single)?
         } else {
             let seen = list_files(&dir);
-            let hint = if seen.iter().any(|f| f.ends_with(".bin") || f.ends_with(".pth")) {
+            let hint = if seen
+                .iter()
+                .any(|f| f.ends_with(".bin") || f.ends_with(".pth"))
+            {
                 ": the weights are PyTorch pickles; save them as safetensors first \
                  (`model.save_pretrained(dir, safe_serialization=True)`)"
             } else {
@@ -244,7 +256,10 @@ impl HfFolder {
             let _ = std::fs::remove_dir_all(&tmp);
             return Err(e);
         }
-        Ok(DensifiedFolder { dir: dest, ..report })
+        Ok(DensifiedFolder {
+            dir: dest,
+            ..report
+        })
     }
 
     /// Writes the shards and copies the other files into `tmp`.
@@ -265,13 +280,17 @@ impl HfFolder {
             let mut encoded = BTreeMap::new();
             for name in shard.names() {
                 if let Some(values) = replacements.get(name)
-                    && self.weights.shard_of(name).is_some_and(|at| {
-                        self.weights.shard_names().get(at) == Some(shard_name)
-                    })
+                    && self
+                        .weights
+                        .shard_of(name)
+                        .is_some_and(|at| self.weights.shard_names().get(at) == Some(shard_name))
                 {
                     let info = shard.info(name)?;
-                    let data =
-                        TensorData::from_floats(values.iter().copied(), info.shape.clone(), info.dtype)?;
+                    let data = TensorData::from_floats(
+                        values.iter().copied(),
+                        info.shape.clone(),
+                        info.dtype,
+                    )?;
                     encoded.insert(name.to_string(), data);
                 }
             }
@@ -311,10 +330,9 @@ impl HfFolder {
             if self.weights.shard_names().contains(&file_name) {
                 continue;
             }
-            let is_index = self
-                .weights
-                .index_file()
-                .is_some_and(|i| i.file_name().map(|f| f.to_string_lossy()) == Some((&file_name).into()));
+            let is_index = self.weights.index_file().is_some_and(|i| {
+                i.file_name().map(|f| f.to_string_lossy()) == Some((&file_name).into())
+            });
             let extension = Path::new(&file_name)
                 .extension()
                 .map(|e| e.to_string_lossy().to_ascii_lowercase())

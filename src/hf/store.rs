@@ -46,22 +46,24 @@ pub trait TensorStore {
     fn read_matrix<F: Float>(&self, name: &str) -> Result<Array2<F>> {
         let a = self.read::<F>(name)?;
         let shape = a.shape().to_vec();
-        a.into_dimensionality().map_err(|_| FipsError::ShapeMismatch {
-            what: format!("tensor {name:?} (a matrix)"),
-            expected: vec![0, 0],
-            got: shape,
-        })
+        a.into_dimensionality()
+            .map_err(|_| FipsError::ShapeMismatch {
+                what: format!("tensor {name:?} (a matrix)"),
+                expected: vec![0, 0],
+                got: shape,
+            })
     }
 
     /// A floating-point vector, checked to be 1-D.
     fn read_vector<F: Float>(&self, name: &str) -> Result<Array1<F>> {
         let a = self.read::<F>(name)?;
         let shape = a.shape().to_vec();
-        a.into_dimensionality().map_err(|_| FipsError::ShapeMismatch {
-            what: format!("tensor {name:?} (a vector)"),
-            expected: vec![0],
-            got: shape,
-        })
+        a.into_dimensionality()
+            .map_err(|_| FipsError::ShapeMismatch {
+                what: format!("tensor {name:?} (a vector)"),
+                expected: vec![0],
+                got: shape,
+            })
     }
 }
 
@@ -116,7 +118,9 @@ impl ShardedCheckpoint {
     pub fn single(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let shard = Checkpoint::open(&path)?;
-        let location = Checkpoint::names(&shard).map(|n| (n.to_string(), 0)).collect();
+        let location = Checkpoint::names(&shard)
+            .map(|n| (n.to_string(), 0))
+            .collect();
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -181,9 +185,9 @@ impl ShardedCheckpoint {
             .collect::<Result<Vec<_>>>()?;
         let mut location = BTreeMap::new();
         for (tensor, shard) in &parsed.weight_map {
-            let at = shard_names.binary_search(shard).map_err(|_| {
-                format(format!("internal: shard {shard:?} not in the shard list"))
-            })?;
+            let at = shard_names
+                .binary_search(shard)
+                .map_err(|_| format(format!("internal: shard {shard:?} not in the shard list")))?;
             if !shards[at].contains(tensor) {
                 return Err(ModelError::IndexMissingTensor {
                     index: index.clone(),

@@ -192,7 +192,12 @@ pub fn capture_with_model(
 
 /// `(paragraph index, tokens taken from its start)` in capture order: the paragraphs shuffled by
 /// `seed`, each cut to `context`, the last one cut to fill `budget` exactly.
-pub fn plan(paragraphs: &[Vec<u32>], budget: usize, context: usize, seed: u64) -> Vec<(usize, usize)> {
+pub fn plan(
+    paragraphs: &[Vec<u32>],
+    budget: usize,
+    context: usize,
+    seed: u64,
+) -> Vec<(usize, usize)> {
     let mut order: Vec<usize> = (0..paragraphs.len()).collect();
     order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
     let mut out = Vec::new();

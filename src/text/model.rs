@@ -169,7 +169,10 @@ pub fn check_supported(folder: &HfFolder) -> Result<()> {
         }
     }
     if config.head_width() % 2 != 0 {
-        return Err(unsupported(format!("odd head width {}", config.head_width())));
+        return Err(unsupported(format!(
+            "odd head width {}",
+            config.head_width()
+        )));
     }
     folder.activation()?;
     Ok(())
@@ -334,7 +337,9 @@ impl LlamaModel {
         let mask = self.mask(t, device)?;
         let cos = self.cos.narrow(0, 0, t).map_err(rt)?;
         let sin = self.sin.narrow(0, 0, t).map_err(rt)?;
-        let last = last_block.unwrap_or(self.blocks.len() - 1).min(self.blocks.len() - 1);
+        let last = last_block
+            .unwrap_or(self.blocks.len() - 1)
+            .min(self.blocks.len() - 1);
         for (l, block) in self.blocks.iter().enumerate().take(last + 1) {
             let a = candle_nn::ops::rms_norm(&h, &block.input_norm, self.eps).map_err(rt)?;
             let attended = self.attention(block, &a, &mask, &cos, &sin, t)?;
@@ -370,8 +375,9 @@ impl LlamaModel {
         }
         let logits = self.forward_logits(ids, &mut |_, _| Ok(()))?;
         let t = ids.len();
-        let log_probs = candle_nn::ops::log_softmax(&logits.narrow(0, 0, t - 1).map_err(rt)?, D::Minus1)
-            .map_err(rt)?;
+        let log_probs =
+            candle_nn::ops::log_softmax(&logits.narrow(0, 0, t - 1).map_err(rt)?, D::Minus1)
+                .map_err(rt)?;
         let targets = Tensor::new(&ids[1..], logits.device())
             .and_then(|x| x.unsqueeze(1))
             .map_err(rt)?;
@@ -459,7 +465,12 @@ impl LlamaModel {
 }
 
 /// `cos` and `sin` tables `[positions, h_d/2]` of θ_i = base^(−2i/h_d).
-fn rope_tables(base: f64, head_dim: usize, positions: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+fn rope_tables(
+    base: f64,
+    head_dim: usize,
+    positions: usize,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
     let half = head_dim / 2;
     let inv: Vec<f64> = (0..half)
         .map(|i| 1.0 / base.powf((2 * i) as f64 / head_dim as f64))

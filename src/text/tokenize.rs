@@ -49,7 +49,8 @@ impl TextTokenizer {
             .tokenizer_file()
             .ok_or_else(|| ModelError::Tokenizer {
                 path: folder.dir().join("tokenizer.json"),
-                reason: "missing: text models need a fast tokenizer (tokenizer.json) in the folder".into(),
+                reason: "missing: text models need a fast tokenizer (tokenizer.json) in the folder"
+                    .into(),
             })?;
         let bad = |reason: String| -> FipsError {
             ModelError::Tokenizer {
@@ -76,9 +77,9 @@ impl TextTokenizer {
             Some(id) => id,
             None => {
                 let token = bos_from_tokenizer_config(folder.dir()).unwrap_or_else(|| "<s>".into());
-                inner
-                    .token_to_id(&token)
-                    .ok_or_else(|| bad(format!("no BOS token: {token:?} is not in the vocabulary")))?
+                inner.token_to_id(&token).ok_or_else(|| {
+                    bad(format!("no BOS token: {token:?} is not in the vocabulary"))
+                })?
             }
         };
         if bos as usize >= model_vocab {
@@ -106,13 +107,12 @@ impl TextTokenizer {
 
     /// The token ids of one paragraph, BOS first.
     pub fn encode_paragraph(&self, paragraph: &str) -> Result<Vec<u32>> {
-        let encoding = self
-            .inner
-            .encode(paragraph, false)
-            .map_err(|e| FipsError::from(ModelError::Tokenizer {
+        let encoding = self.inner.encode(paragraph, false).map_err(|e| {
+            FipsError::from(ModelError::Tokenizer {
                 path: self.path.clone(),
                 reason: format!("cannot encode: {e}"),
-            }))?;
+            })
+        })?;
         let mut ids = Vec::with_capacity(encoding.len() + 1);
         ids.push(self.bos);
         ids.extend_from_slice(encoding.get_ids());

@@ -76,7 +76,10 @@ pub fn capture(model: &Path, args: &TextCaptureArgs, out: &Path) -> Result<(), F
         args.seed,
         report.seconds,
         if report.paragraphs_truncated > 0 {
-            format!(", {} paragraphs cut to the context length", report.paragraphs_truncated)
+            format!(
+                ", {} paragraphs cut to the context length",
+                report.paragraphs_truncated
+            )
         } else {
             String::new()
         }
@@ -120,7 +123,12 @@ pub fn eval(model: &Path, args: &TextEvalArgs, compressed: Option<&Path>) -> Res
     };
     let line = |label: &str, p: &Perplexity, dense: Option<&Perplexity>| {
         let change = dense
-            .map(|d| format!("  ({:+.2}% vs dense)", 100.0 * (p.perplexity() / d.perplexity() - 1.0)))
+            .map(|d| {
+                format!(
+                    "  ({:+.2}% vs dense)",
+                    100.0 * (p.perplexity() / d.perplexity() - 1.0)
+                )
+            })
             .unwrap_or_default();
         println!(
             "{label:>10}: perplexity {:.4}  mean NLL {:.5} nats over {} tokens, {} paragraphs, {:.1} s{change}",
@@ -147,6 +155,10 @@ pub fn eval(model: &Path, args: &TextEvalArgs, compressed: Option<&Path>) -> Res
 
 /// Prints perplexities (unavailable: built without `text`).
 #[cfg(not(feature = "text"))]
-pub fn eval(_model: &Path, _args: &TextEvalArgs, _compressed: Option<&Path>) -> Result<(), FipsError> {
+pub fn eval(
+    _model: &Path,
+    _args: &TextEvalArgs,
+    _compressed: Option<&Path>,
+) -> Result<(), FipsError> {
     Err(no_text_feature())
 }
