@@ -171,6 +171,8 @@ fn captured_mlp_inputs_match_an_independent_forward() {
         (budget, 5, 64)
     );
     assert_eq!(calls, report.paragraphs_used);
+    // The README's count of calib.txt paragraphs.
+    assert_eq!(report.paragraphs_available, 1500);
     let file = MlpInputs::open(&out).unwrap();
     assert_eq!(file.blocks(), vec![0, 1, 2, 3, 4]);
     let plan: Vec<(usize, usize)> = serde_json::from_str(&file.metadata()["paragraphs"]).unwrap();

@@ -20,6 +20,7 @@ use ndarray::ArrayD;
 use crate::activation::Activation;
 use crate::checkpoint::{TensorData, TensorSource, write_safetensors_from};
 use crate::error::{FipsError, Result};
+use crate::export::CompressedModel;
 use crate::hf::config::{HfConfig, ModelFamily, unknown_architecture};
 use crate::hf::error::ModelError;
 use crate::hf::store::{ShardedCheckpoint, TensorStore};
@@ -260,6 +261,20 @@ impl HfFolder {
             dir: dest,
             ..report
         })
+    }
+
+    /// Writes the densified copy of this folder for a compressed model of it: every compressed MLP
+    /// tensor replaced by its exact dense rebuild ([`CompressedModel::dense_tensors`]), as
+    /// [`Self::write_densified`] describes.
+    pub fn densify_compressed(
+        &self,
+        model: &CompressedModel,
+        dest: impl AsRef<Path>,
+        overwrite: bool,
+    ) -> Result<DensifiedFolder> {
+        let replacements = model.dense_tensors()?;
+        let note = format!("{} compression", model.manifest.method);
+        self.write_densified(&replacements, &note, dest, overwrite)
     }
 
     /// Writes the shards and copies the other files into `tmp`.

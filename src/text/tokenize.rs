@@ -1,7 +1,7 @@
 //! Paragraphs of a text file and their token ids.
 //!
-//! A text is split into paragraphs at blank lines (lines holding only whitespace); the lines of
-//! one paragraph keep their line breaks, and leading and trailing whitespace is removed. Each paragraph is tokenised on its own, without the
+//! A text is split into paragraphs at empty lines; the lines of one paragraph keep their line
+//! breaks, and leading and trailing whitespace is removed. Each paragraph is tokenised on its own, without the
 //! tokenizer's post-processing, and the model's BOS token is prepended — the convention under
 //! which the perplexities of `../shared/data/README.md` are measured.
 
@@ -10,23 +10,29 @@ use std::path::{Path, PathBuf};
 use crate::error::{FipsError, Result};
 use crate::hf::{HfFolder, ModelError};
 
-/// The paragraphs of `text`: maximal runs of non-blank lines, joined with `\n`.
+/// The paragraphs of `text`: the runs of lines between empty lines, joined with `\n`, with
+/// leading and trailing whitespace removed; paragraphs left empty are dropped. (This is Python's
+/// `[p.strip() for p in text.split("\n\n") if p.strip()]` for text with `\n` line ends; a line
+/// holding only spaces does not separate paragraphs.)
 pub fn paragraphs(text: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut current: Vec<&str> = Vec::new();
+    let mut flush = |current: &mut Vec<&str>| {
+        let joined = current.join("\n");
+        let trimmed = joined.trim();
+        if !trimmed.is_empty() {
+            out.push(trimmed.to_string());
+        }
+        current.clear();
+    };
     for line in text.lines() {
-        if line.trim().is_empty() {
-            if !current.is_empty() {
-                out.push(current.join("\n").trim().to_string());
-                current.clear();
-            }
+        if line.is_empty() {
+            flush(&mut current);
         } else {
             current.push(line);
         }
     }
-    if !current.is_empty() {
-        out.push(current.join("\n").trim().to_string());
-    }
+    flush(&mut current);
     out
 }
 
@@ -184,8 +190,8 @@ mod tests {
 
     #[test]
     fn paragraphs_split_at_blank_lines_and_keep_inner_breaks() {
-        let text = "a b\nc\n\n\n  \nd\n\ne \n";
-        assert_eq!(paragraphs(text), vec!["a b\nc", "d", "e"]);
-        assert!(paragraphs("\n \n").is_empty());
+        let text = "a b\nc\n\n\n  \n\nd\n \nd2\n\ne \n";
+        assert_eq!(paragraphs(text), vec!["a b\nc", "d\n \nd2", "e"]);
+        assert!(paragraphs("\n \n\n").is_empty());
     }
 }

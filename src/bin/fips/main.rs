@@ -794,6 +794,9 @@ fn inspect(file: &Path) -> Result<(), FipsError> {
 
 fn densify(compressed: &Path, original: &Path, out: &Path) -> Result<(), FipsError> {
     let model = CompressedModel::read(compressed)?;
+    if original.is_dir() {
+        return text_cmd::densify_folder(&model, original, out);
+    }
     let original = Checkpoint::open(original)?;
     model.densify(&original, out)?;
     println!("wrote {}", out.display());

@@ -162,3 +162,27 @@ pub fn eval(
 ) -> Result<(), FipsError> {
     Err(no_text_feature())
 }
+
+/// Writes the densified copy of a Hugging Face model folder (same shards, index, dtypes and side
+/// files) for a compressed model of it.
+pub fn densify_folder(
+    model: &fips::export::CompressedModel,
+    original: &Path,
+    out: &Path,
+) -> Result<(), FipsError> {
+    let folder = fips::hf::HfFolder::open(original)?;
+    let report = folder.densify_compressed(model, out, false)?;
+    println!(
+        "wrote {}: {} tensors rebuilt in {} shard file(s); copied {}{}",
+        report.dir.display(),
+        report.replaced,
+        report.shards.len(),
+        report.copied.join(", "),
+        if report.skipped.is_empty() {
+            String::new()
+        } else {
+            format!("; not copied: {}", report.skipped.join(", "))
+        }
+    );
+    Ok(())
+}
