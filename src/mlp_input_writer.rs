@@ -153,7 +153,7 @@ impl MlpInputWriter {
     /// Appends rows (`rows.len()` a multiple of d, row-major) to `block`'s region.
     pub fn append(&mut self, block: usize, rows: &[f32]) -> Result<()> {
         let d = self.width;
-        if rows.len() % d != 0 {
+        if !rows.len().is_multiple_of(d) {
             return Err(FipsError::ShapeMismatch {
                 what: format!("rows for block {block}"),
                 expected: vec![rows.len() / d, d],

@@ -12,11 +12,11 @@ use ndarray::{Array2, ArrayView4, Axis, concatenate, s};
 use crate::activation::Activation;
 use crate::activations::MlpInputs;
 use crate::calibration::Calibration;
-use crate::checkpoint::Checkpoint;
 use crate::compressor::Progress;
 use crate::error::{FipsError, Result};
 use crate::export::{CompressedModel, GroupManifest, Manifest};
 use crate::groups::BlockGroups;
+use crate::hf::TensorStore;
 use crate::layout::MlpLayout;
 use crate::methods::{Compressor, MethodReport};
 use crate::params::{FipsParams, FipsValidParams};
@@ -221,7 +221,7 @@ pub fn group_calibration(
 
 /// Compresses every group of `checkpoint` with `compressor` (any method), one group at a time.
 pub fn compress_checkpoint(
-    checkpoint: &Checkpoint,
+    checkpoint: &impl TensorStore,
     layout: &MlpLayout,
     groups: &BlockGroups,
     compressor: &dyn Compressor<f32>,

@@ -298,13 +298,11 @@ fn broken_folders_are_typed_errors() {
     std::fs::remove_dir_all(dir2).ok();
 }
 
+/// Each tensor of a file: dtype, shape and bytes.
+type RawTensors = BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>;
+
 /// The tensors and metadata of one safetensors file, as the `safetensors` crate reads them.
-fn raw_tensors(
-    path: &Path,
-) -> (
-    BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>,
-    HashMap<String, String>,
-) {
+fn raw_tensors(path: &Path) -> (RawTensors, HashMap<String, String>) {
     let bytes = std::fs::read(path).unwrap();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let parsed = safetensors::SafeTensors::deserialize(&bytes).unwrap();

@@ -226,12 +226,12 @@ impl HfConfig {
         }
         let heads = config.num_attention_heads;
         let kv = config.key_value_heads();
-        if heads == 0 || kv == 0 || heads % kv != 0 {
+        if heads == 0 || kv == 0 || !heads.is_multiple_of(kv) {
             return Err(bad(format!(
                 "num_attention_heads {heads} must be a positive multiple of num_key_value_heads {kv}"
             )));
         }
-        if config.head_dim.is_none() && config.hidden_size % heads != 0 {
+        if config.head_dim.is_none() && !config.hidden_size.is_multiple_of(heads) {
             return Err(bad(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {heads} and head_dim is absent",
                 config.hidden_size

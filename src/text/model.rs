@@ -168,7 +168,7 @@ pub fn check_supported(folder: &HfFolder) -> Result<()> {
             return Err(unsupported(format!("rope_scaling of type {kind:?}")));
         }
     }
-    if config.head_width() % 2 != 0 {
+    if !config.head_width().is_multiple_of(2) {
         return Err(unsupported(format!(
             "odd head width {}",
             config.head_width()
