@@ -533,3 +533,68 @@ fn text_capture_compression_and_scoring_end_to_end() {
     assert_eq!(from_folder.total_nll, replaced.total_nll);
     std::fs::remove_dir_all(tmp).ok();
 }
+
+#[test]
+fn a_sharded_copy_of_the_model_scores_and_captures_identically() {
+    use fips::checkpoint::{Checkpoint, TensorSource, write_safetensors_from};
+    let Some(dir) = stories("a_sharded_copy_of_the_model_scores_and_captures_identically") else {
+        return;
+    };
+    let tmp = scratch("sharded");
+    let sharded = tmp.join("model");
+    std::fs::create_dir_all(&sharded).unwrap();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(dir.join(f), sharded.join(f)).unwrap();
+    }
+    // Three shards, tensors dealt round-robin (so one block's matrices land in different shards).
+    let ck = Checkpoint::open(dir.join("model.safetensors")).unwrap();
+    let names: Vec<String> = ck.names().map(str::to_string).collect();
+    let shard_name = |s: usize| format!("model-{:05}-of-00003.safetensors", s + 1);
+    let mut weight_map = serde_json::Map::new();
+    for s in 0..3 {
+        let sources = names
+            .iter()
+            .enumerate()
+            .filter(|(k, _)| k % 3 == s)
+            .map(|(_, n)| {
+                weight_map.insert(n.clone(), shard_name(s).into());
+                (n.clone(), TensorSource::Copy(&ck, n))
+            })
+            .collect();
+        write_safetensors_from(sharded.join(shard_name(s)), sources, Default::default()).unwrap();
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(
+        sharded.join("model.safetensors.index.json"),
+        serde_json::to_vec(&index).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        HfFolder::open(&sharded)
+            .unwrap()
+            .tensors()
+            .shard_names()
+            .len(),
+        3
+    );
+    let text: Vec<String> =
+        fips::text::paragraphs(&std::fs::read_to_string(dir.join("eval.txt")).unwrap())
+            .into_iter()
+            .take(25)
+            .collect();
+    let short = tmp.join("short.txt");
+    std::fs::write(&short, text.join("\n\n")).unwrap();
+    let single = perplexity(&dir, &short, &BTreeMap::new(), &mut |_, _| {}).unwrap();
+    let split = perplexity(&sharded, &short, &BTreeMap::new(), &mut |_, _| {}).unwrap();
+    assert_eq!(single.total_nll, split.total_nll);
+    let a = tmp.join("a.safetensors");
+    let b = tmp.join("b.safetensors");
+    let opts = CaptureOptions::new(300, 5);
+    capture_text(&dir, &short, &opts, &a, &mut |_, _| {}).unwrap();
+    capture_text(&sharded, &short, &opts, &b, &mut |_, _| {}).unwrap();
+    let (a, b) = (MlpInputs::open(&a).unwrap(), MlpInputs::open(&b).unwrap());
+    for block in 0..5 {
+        assert!(a.read::<f32>(block).unwrap() == b.read::<f32>(block).unwrap());
+    }
+    std::fs::remove_dir_all(tmp).ok();
+}
