@@ -6,16 +6,18 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
 use common::{Dictionary, gaussian_calibration, shared_dictionary_group};
-use fips::checkpoint::{Checkpoint, TensorData, write_safetensors};
-use fips::export::{CompressedModel, GroupManifest, MANIFEST_KEY, Manifest};
+use fips::ParamGuard;
+use fips::format::checkpoint::{Checkpoint, TensorData, write_safetensors};
+use fips::format::compressed::{CompressedModel, GroupManifest, MANIFEST_KEY, Manifest};
 use std::ops::ControlFlow;
 
-use fips::methods::basis_sharing::BasisSharingParams;
-use fips::methods::layer_collapse::LayerCollapseParams;
-use fips::methods::mixed_rank::MixedRankParams;
-use fips::methods::svd::SvdParams;
-use fips::methods::svd_llm::SvdLlmParams;
-use fips::methods::{CompressedBlocks, Compressor};
+use fips::CompressedBlocks;
+use fips::methods::BasisSharingParams;
+use fips::methods::Compressor;
+use fips::methods::LayerCollapseParams;
+use fips::methods::MixedRankParams;
+use fips::methods::SvdLlmParams;
+use fips::methods::SvdParams;
 use fips::{Activation, DenseMlp, FipsError, FipsParams, MlpKind};
 use safetensors::Dtype;
 
@@ -94,7 +96,7 @@ fn compressed_with(
         })
         .collect();
     let blocks_idx: Vec<usize> = (0..blocks.len()).collect();
-    let mut manifest = Manifest::new(method.method(), method.parameters());
+    let mut manifest = Manifest::new(method.method().name(), &method.parameters()).unwrap();
     manifest.groups.push(
         GroupManifest::describe(&out.blocks, &blocks_idx, MlpKind::Standard, originals).unwrap(),
     );
@@ -108,7 +110,7 @@ fn compressed(blocks: &[DenseMlp<f32>], dtype: Dtype) -> CompressedModel {
     let fips = FipsParams::new()
         .steps(20)
         .batch_tokens(64)
-        .build()
+        .check()
         .unwrap();
     compressed_with(&fips, blocks, dtype)
 }
@@ -120,12 +122,12 @@ fn every_method() -> Vec<Box<dyn Compressor<f32>>> {
             FipsParams::new()
                 .steps(10)
                 .batch_tokens(64)
-                .build()
+                .check()
                 .unwrap(),
         ),
-        Box::new(SvdParams::new().build().unwrap()),
-        Box::new(SvdLlmParams::new().build().unwrap()),
-        Box::new(BasisSharingParams::new().build().unwrap()),
+        Box::new(SvdParams::new().check().unwrap()),
+        Box::new(SvdLlmParams::new().check().unwrap()),
+        Box::new(BasisSharingParams::new().check().unwrap()),
         Box::new(
             MixedRankParams::new()
                 .budget(0.7)
@@ -133,14 +135,14 @@ fn every_method() -> Vec<Box<dyn Compressor<f32>>> {
                 .grid(1)
                 .steps(5)
                 .batch_tokens(64)
-                .build()
+                .check()
                 .unwrap(),
         ),
         Box::new(
             LayerCollapseParams::new()
                 .max_steps(20)
                 .batch_tokens(64)
-                .build()
+                .check()
                 .unwrap(),
         ),
     ]
@@ -201,7 +203,7 @@ fn every_method_round_trips_and_densifies_to_the_same_model() {
         let path = dir.join(&format!("{name}.safetensors"));
         model.write(&path).unwrap();
         let back = CompressedModel::read(&path).unwrap();
-        assert_eq!(back.manifest.method, name);
+        assert_eq!(back.manifest.method, name.name());
         assert_eq!(
             back.groups, model.groups,
             "{name}: factors must survive bit for bit"
@@ -211,7 +213,7 @@ fn every_method_round_trips_and_densifies_to_the_same_model() {
         let dense_path = dir.join(&format!("{name}-dense.safetensors"));
         back.densify(&original, &dense_path).unwrap();
         let dense = Checkpoint::open(&dense_path).unwrap();
-        let layout = fips::layout::MlpLayout::detect(&dense).unwrap();
+        let layout = fips::format::layout::MlpLayout::detect(&dense).unwrap();
         for b in 0..blocks.len() {
             let rebuilt = layout
                 .load_block::<f32>(&dense, b, Activation::Gelu)
@@ -326,7 +328,7 @@ fn mismatched_and_corrupted_files_are_typed_errors() {
 
     // A manifest that does not match the factors.
     let mut wrong = model.clone();
-    wrong.manifest.groups[0].rank += 1;
+    wrong.manifest.groups[0].rank = wrong.manifest.groups[0].rank.map(|r| r + 1);
     assert!(wrong.write(dir.join("wrong.safetensors")).is_err());
 
     // Corrupted CSR structure: column indices out of range.
