@@ -39,7 +39,7 @@
 //! |---|---|
 //! | [`app`] (feature `app`) | pipeline over a checkpoint, ViT forward, image sets, metrics, plots, run reports |
 //! | [`methods`] | how each compressed form is made: [`Compressor`], [`ParamGuard`], reports, the training engine |
-//! | [`format`] | files: checkpoints, layouts, block groups, MLP-input files, the compressed-model file |
+//! | [`format`](mod@format) | files: checkpoints, layouts, block groups, MLP-input files, the compressed-model file |
 //! | [`repr`] | what a compressed group is: [`CompressedBlocks`] and its three forms |
 //! | [`math`] | objective and gradients, AdamW, sparsity schedules, initialisation, budgets, whitening |
 //! | [`foundation`] | float trait, errors, activations, dense MLP blocks, BLAS threads |

@@ -137,6 +137,15 @@ struct BlockTraining<F> {
     losses: Vec<f64>,
 }
 
+/// Adam moments of `W₁`, `b₁`, `W₂`, `b₂` and `α`.
+type PreluMoments<F> = (
+    Moments<F, Ix2>,
+    Moments<F, Ix1>,
+    Moments<F, Ix2>,
+    Moments<F, Ix1>,
+    Moments<F, Ix1>,
+);
+
 /// One block's slope training, stepped by the engine.
 struct SlopeProblem<'a, F: Float> {
     params: &'a LayerCollapseParams,
@@ -148,13 +157,7 @@ struct SlopeProblem<'a, F: Float> {
     xb: Array2<F>,
     yb: Array2<F>,
     grads: Option<PreluMlp<F>>,
-    moments: (
-        Moments<F, Ix2>,
-        Moments<F, Ix1>,
-        Moments<F, Ix2>,
-        Moments<F, Ix1>,
-        Moments<F, Ix1>,
-    ),
+    moments: PreluMoments<F>,
     adam: AdamW,
 }
 

@@ -2,7 +2,7 @@
 //! method, reconstructed from its description).
 //!
 //! 1. Every matrix gets its whitened SVD (the activation-aware optimum, see
-//!    [`whitening`](super::whitening)); its lost output energy at rank `r` is
+//!    [`whitening`](crate::math::whitening)); its lost output energy at rank `r` is
 //!    `e(r) = Σ_{i>r} σ_i²` (= `‖Y − Ŷ_r‖²`), or that relative to `Σ_i σ_i²` with
 //!    [`EnergyMeasure::Relative`].
 //! 2. Greedy allocation over all matrices of the group: start dense; repeatedly lower the rank of the

@@ -15,7 +15,7 @@
 //! | `layer-collapse` | [`LayerCollapseParams`] | one linear map per block | PReLU slope to 1, then exact merge |
 //!
 //! Methods that need no training never run a training loop; those that train share
-//! [`engine`]'s loop.
+//! one training loop (the crate-internal `engine` module).
 
 pub mod basis_sharing;
 pub mod compressor;

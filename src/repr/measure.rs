@@ -131,7 +131,7 @@ fn relative(error2: f64, norm2: f64) -> f64 {
 }
 
 /// The errors of `rebuilt` (one dense block per calibration block) against `targets` over the
-/// whole calibration set, in chunks of [`CHUNK_TOKENS`] tokens.
+/// whole calibration set, in chunks of 4096 tokens.
 pub fn block_errors<F: Float>(
     rebuilt: &[DenseMlp<F>],
     calibration: &Calibration<F>,

@@ -1,7 +1,7 @@
 //! FiPS: one shared basis and sparse factors per group, trained on the blocks' outputs.
 //!
 //! [`FipsParams`](params::FipsParams) → [`ParamGuard::check`](crate::methods::ParamGuard::check)
-//! → [`FipsValidParams`](params::FipsValidParams), which compresses a group in one call
+//! → [`FipsValidParams`], which compresses a group in one call
 //! ([`FipsValidParams::compress`]) or step by step ([`FipsValidParams::trainer`]).
 
 pub mod params;

@@ -1,9 +1,9 @@
 //! The FiPS trainer: validate, initialise by SVD, train by AdamW under a sparsity schedule.
 //!
-//! [`FactorTrainer`] trains factors `W̃_j = U_j V_j` of a group under a
-//! [`BasisLayout`](crate::math::bases::BasisLayout) (one shared basis, or one per matrix) with
+//! The crate-internal `FactorTrainer` trains factors `W̃_j = U_j V_j` of a group under a
+//! [`BasisLayout`] (one shared basis, or one per matrix) with
 //! FiPS's block-wise loss, optimiser and sparsifier, stepped by the shared
-//! [`engine`](crate::methods::engine). It hands its factors to an assembler supplied by the
+//! training engine (`methods::engine`). It hands its factors to an assembler supplied by the
 //! caller, which turns them into a compressed form: FiPS assembles a shared-basis group
 //! ([`FipsTrainer`]); the trained per-layer SVD assembles low-rank factors in its own module. The
 //! trainer knows no method but its caller.
