@@ -368,3 +368,87 @@ fn mismatched_and_corrupted_files_are_typed_errors() {
         Err(FipsError::Format { .. })
     ));
 }
+
+/// `path` rewritten with its manifest as version 1 wrote it: 0 for "not applicable".
+fn as_version_1(path: &PathBuf, out: &PathBuf) {
+    let ck = Checkpoint::open(path).unwrap();
+    let mut tensors = BTreeMap::new();
+    for info in ck.tensors() {
+        let bytes = ck.read_bytes(&info.name).unwrap();
+        tensors.insert(
+            info.name.clone(),
+            TensorData::new(info.dtype, info.shape.clone(), bytes).unwrap(),
+        );
+    }
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(ck.metadata().get(MANIFEST_KEY).unwrap()).unwrap();
+    manifest["format_version"] = serde_json::json!(1);
+    for group in manifest["groups"].as_array_mut().unwrap() {
+        for field in ["rank", "nnz"] {
+            if group[field].is_null() {
+                group[field] = serde_json::json!(0);
+            }
+        }
+        if group["sparsity"].is_null() {
+            group["sparsity"] = serde_json::json!(0.0);
+        }
+    }
+    write_safetensors(
+        out,
+        &tensors,
+        HashMap::from([(MANIFEST_KEY.to_string(), manifest.to_string())]),
+    )
+    .unwrap();
+}
+
+#[test]
+fn files_of_format_version_1_are_still_read() {
+    let dir = TempDir::new("v1");
+    let blocks = blocks();
+    for method in every_method() {
+        let name = method.method();
+        let model = compressed_with(method.as_ref(), &blocks, Dtype::F32);
+        let (path, old) = (
+            dir.join(&format!("{name}.safetensors")),
+            dir.join(&format!("{name}-v1.safetensors")),
+        );
+        model.write(&path).unwrap();
+        as_version_1(&path, &old);
+        let back = CompressedModel::read(&old).unwrap();
+        assert_eq!(back.groups, model.groups, "{name}");
+        assert_eq!(
+            back.manifest, model.manifest,
+            "{name}: zeros read as absent"
+        );
+        let shared =
+            back.manifest.groups[0].representation == fips::repr::Representation::SharedBasis;
+        assert_eq!(back.manifest.groups[0].rank.is_some(), shared, "{name}");
+    }
+    // A version this crate does not know is a typed error.
+    let path = dir.join("fips.safetensors");
+    let ck = Checkpoint::open(&path).unwrap();
+    let text = ck
+        .metadata()
+        .get(MANIFEST_KEY)
+        .unwrap()
+        .replace("\"format_version\":2", "\"format_version\":99");
+    let mut tensors = BTreeMap::new();
+    for info in ck.tensors() {
+        let bytes = ck.read_bytes(&info.name).unwrap();
+        tensors.insert(
+            info.name.clone(),
+            TensorData::new(info.dtype, info.shape.clone(), bytes).unwrap(),
+        );
+    }
+    let future = dir.join("future.safetensors");
+    write_safetensors(
+        &future,
+        &tensors,
+        HashMap::from([(MANIFEST_KEY.to_string(), text)]),
+    )
+    .unwrap();
+    assert!(matches!(
+        CompressedModel::read(&future),
+        Err(FipsError::Format { .. })
+    ));
+}

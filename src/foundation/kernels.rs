@@ -72,7 +72,8 @@ impl RowSplit {
         });
     }
 
-    /// Numerically stable softmax of every row of width `width`, in place.
+    /// Numerically stable softmax of every row of width `width`, in place (the ViT's attention).
+    #[cfg(feature = "app")]
     pub(crate) fn softmax_rows<F: Float>(&self, a: &mut [F], width: usize) {
         let n = self.chunk(a.len(), width);
         Self::run(a.chunks_mut(n).collect(), |chunk| {
