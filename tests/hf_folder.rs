@@ -4,9 +4,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use fips::checkpoint::{Checkpoint, TensorData, write_safetensors};
-use fips::hf::{HfFolder, ModelError, ModelFamily, TensorStore};
-use fips::layout::MlpLayout;
+use fips::format::checkpoint::{Checkpoint, TensorData, write_safetensors};
+use fips::format::hf::{HfFolder, ModelError, ModelFamily, TensorStore};
+use fips::format::layout::MlpLayout;
 use fips::{Activation, FipsError, MlpKind};
 use ndarray::{ArrayD, IxDyn};
 use safetensors::Dtype;

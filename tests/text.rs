@@ -6,12 +6,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use fips::FipsError;
-use fips::activations::MlpInputs;
-use fips::hf::{HfFolder, ModelError, TensorStore};
-use fips::text::capture::{CaptureOptions, capture_text};
-use fips::text::model::LlamaModel;
-use fips::text::perplexity::perplexity;
-use fips::text::tokenize::{TextTokenizer, read_paragraph_tokens};
+use fips::app::text::capture::{CaptureOptions, capture_text};
+use fips::app::text::model::LlamaModel;
+use fips::app::text::perplexity::perplexity;
+use fips::app::text::tokenize::{TextTokenizer, read_paragraph_tokens};
+use fips::format::hf::{HfFolder, ModelError, TensorStore};
+use fips::format::mlp_inputs::MlpInputs;
 use ndarray::{Array1, Array2, ArrayD, Axis, s};
 
 /// PyTorch/transformers float32 figures on `eval.txt` (shared data README).
@@ -305,7 +305,7 @@ fn replaced_mlps_and_densified_folders_are_scored() {
     // A short text keeps this test quick: the first 40 paragraphs of eval.txt.
     let tmp = scratch("replaced");
     let text: Vec<String> =
-        fips::text::paragraphs(&std::fs::read_to_string(dir.join("eval.txt")).unwrap())
+        fips::app::text::paragraphs(&std::fs::read_to_string(dir.join("eval.txt")).unwrap())
             .into_iter()
             .take(40)
             .collect();
@@ -459,9 +459,9 @@ fn bad_text_and_tokenizers_are_typed_errors_and_write_nothing() {
 
 #[test]
 fn text_capture_compression_and_scoring_end_to_end() {
-    use fips::groups::BlockGroups;
-    use fips::pipeline::{CalibrationData, Silent, compress_checkpoint};
-    use fips::{Budget, FipsParams};
+    use fips::app::pipeline::{CalibrationSource, Silent, compress_checkpoint};
+    use fips::format::block_groups::BlockGroups;
+    use fips::{Budget, FipsParams, ParamGuard};
     let Some(dir) = stories("text_capture_compression_and_scoring_end_to_end") else {
         return;
     };
@@ -490,7 +490,7 @@ fn text_capture_compression_and_scoring_end_to_end() {
         .sparsity(0.75)
         .steps(60)
         .batch_tokens(512)
-        .build()
+        .check()
         .unwrap();
     let result = compress_checkpoint(
         folder.tensors(),
@@ -498,17 +498,17 @@ fn text_capture_compression_and_scoring_end_to_end() {
         &groups,
         &compressor,
         folder.activation().unwrap(),
-        &CalibrationData::File(&file),
+        &CalibrationSource::File(&file),
         &mut Silent,
     )
     .unwrap();
     let compressed_path = tmp.join("compressed.safetensors");
     result.model.write(&compressed_path).unwrap();
-    let model = fips::export::CompressedModel::read(&compressed_path).unwrap();
+    let model = fips::format::compressed::CompressedModel::read(&compressed_path).unwrap();
 
     let text = tmp.join("eval-short.txt");
     let eval: Vec<String> =
-        fips::text::paragraphs(&std::fs::read_to_string(dir.join("eval.txt")).unwrap())
+        fips::app::text::paragraphs(&std::fs::read_to_string(dir.join("eval.txt")).unwrap())
             .into_iter()
             .take(30)
             .collect();
@@ -536,7 +536,7 @@ fn text_capture_compression_and_scoring_end_to_end() {
 
 #[test]
 fn a_sharded_copy_of_the_model_scores_and_captures_identically() {
-    use fips::checkpoint::{Checkpoint, TensorSource, write_safetensors_from};
+    use fips::format::checkpoint::{Checkpoint, TensorSource, write_safetensors_from};
     let Some(dir) = stories("a_sharded_copy_of_the_model_scores_and_captures_identically") else {
         return;
     };
@@ -578,7 +578,7 @@ fn a_sharded_copy_of_the_model_scores_and_captures_identically() {
         3
     );
     let text: Vec<String> =
-        fips::text::paragraphs(&std::fs::read_to_string(dir.join("eval.txt")).unwrap())
+        fips::app::text::paragraphs(&std::fs::read_to_string(dir.join("eval.txt")).unwrap())
             .into_iter()
             .take(25)
             .collect();

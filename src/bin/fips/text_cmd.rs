@@ -54,7 +54,7 @@ fn no_text_feature() -> FipsError {
 /// Captures MLP inputs from text.
 #[cfg(feature = "text")]
 pub fn capture(model: &Path, args: &TextCaptureArgs, out: &Path) -> Result<(), FipsError> {
-    use fips::text::capture::{CaptureOptions, capture_text};
+    use fips::app::text::capture::{CaptureOptions, capture_text};
     let text = args.text.as_deref().ok_or_else(no_text)?;
     let mut options = CaptureOptions::new(args.tokens, args.seed);
     if args.bf16 {
@@ -106,8 +106,8 @@ fn no_text() -> FipsError {
 pub fn eval(model: &Path, args: &TextEvalArgs, compressed: Option<&Path>) -> Result<(), FipsError> {
     use std::collections::BTreeMap;
 
-    use fips::export::CompressedModel;
-    use fips::text::perplexity::{Perplexity, perplexity};
+    use fips::app::text::perplexity::{Perplexity, perplexity};
+    use fips::format::compressed::CompressedModel;
     let text = args.text.as_deref().ok_or_else(no_text)?;
     // Read the compressed model first: a bad file fails before the long dense pass.
     let compressed = compressed.map(CompressedModel::read).transpose()?;
@@ -166,11 +166,11 @@ pub fn eval(
 /// Writes the densified copy of a Hugging Face model folder (same shards, index, dtypes and side
 /// files) for a compressed model of it.
 pub fn densify_folder(
-    model: &fips::export::CompressedModel,
+    model: &fips::format::compressed::CompressedModel,
     original: &Path,
     out: &Path,
 ) -> Result<(), FipsError> {
-    let folder = fips::hf::HfFolder::open(original)?;
+    let folder = fips::format::hf::HfFolder::open(original)?;
     let report = folder.densify_compressed(model, out, false)?;
     println!(
         "wrote {}: {} tensors rebuilt in {} shard file(s); copied {}{}",
