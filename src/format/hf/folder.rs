@@ -2,8 +2,8 @@
 //! an index), and the tokenizer files; and the densified copy of such a folder.
 //!
 //! ```no_run
-//! use fips::hf::HfFolder;
-//! use fips::layout::MlpLayout;
+//! use fips::format::hf::HfFolder;
+//! use fips::format::layout::MlpLayout;
 //! # fn main() -> fips::Result<()> {
 //! let folder = HfFolder::open("models/llama")?;
 //! let layout = folder.mlp_layout()?;          // blocks found across all shards
