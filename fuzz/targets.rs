@@ -9,11 +9,11 @@
 use std::path::{Path, PathBuf};
 
 use fips::FipsError;
-use fips::activations::MlpInputs;
-use fips::checkpoint::Checkpoint;
-use fips::export::CompressedModel;
-use fips::layout::MlpLayout;
-use fips::vit::VisionTransformer;
+use fips::app::vit::VisionTransformer;
+use fips::format::checkpoint::Checkpoint;
+use fips::format::compressed::CompressedModel;
+use fips::format::layout::MlpLayout;
+use fips::format::mlp_inputs::MlpInputs;
 use safetensors::Dtype;
 
 /// A safetensors checkpoint: header, every tensor decoded, the MLP layout, and (when it has the
@@ -63,7 +63,7 @@ pub fn mlp_inputs(
 /// A compressed checkpoint as `densify` and `eval` read it: the manifest checked against the
 /// original, the factors read, every dense tensor rebuilt.
 pub fn compressed(path: &Path, original: &Checkpoint) -> Result<(), FipsError> {
-    fips::compressed_check::check_against_original(&Checkpoint::open(path)?, original)?;
+    fips::format::compressed_check::check_against_original(&Checkpoint::open(path)?, original)?;
     let model = CompressedModel::read(path)?;
     model.dense_tensors()?;
     Ok(())
@@ -71,14 +71,14 @@ pub fn compressed(path: &Path, original: &Checkpoint) -> Result<(), FipsError> {
 
 /// A compressed checkpoint as `inspect` reads it: the header and the manifest only.
 pub fn compressed_manifest(path: &Path) -> Result<(), FipsError> {
-    fips::compressed_check::read_manifest(&Checkpoint::open(path)?)?;
+    fips::format::compressed_check::read_manifest(&Checkpoint::open(path)?)?;
     Ok(())
 }
 
 /// One image: its structure and size checked, then decoded and cropped to 224 × 224.
 #[cfg(feature = "images")]
 pub fn image(path: &Path) -> Result<(), FipsError> {
-    let pixels = fips::imagenet::load_image(path)?;
+    let pixels = fips::app::images::load_image(path)?;
     assert_eq!(
         pixels.dim(),
         (224, 224, 3),
@@ -90,9 +90,9 @@ pub fn image(path: &Path) -> Result<(), FipsError> {
 /// An image set directory: `labels.tsv` parsed, every image of every split loaded.
 #[cfg(feature = "images")]
 pub fn image_set(dir: &Path) -> Result<(), FipsError> {
-    let items = fips::imagenet::read_labels(dir)?;
+    let items = fips::app::images::read_labels(dir)?;
     for item in items.iter().take(64) {
-        fips::imagenet::load_image(&item.path)?;
+        fips::app::images::load_image(&item.path)?;
     }
     Ok(())
 }

@@ -1,15 +1,16 @@
 //! One regression test per defect of issue 13's "Why" that the hardening covers, named after the
 //! defect. Library-level tests run in every build; the command-line ones need the `cli` feature;
 //! tests on the real DeiT-tiny data skip with a visible message when it is absent.
+#![cfg(feature = "app")]
 
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use fips::checkpoint::{Checkpoint, TensorData, write_safetensors};
-use fips::groups::BlockGroups;
-use fips::{FipsError, FipsParams};
+use fips::format::block_groups::BlockGroups;
+use fips::format::checkpoint::{Checkpoint, TensorData, write_safetensors};
+use fips::{FipsError, FipsParams, ParamGuard};
 use safetensors::Dtype;
 
 struct TempDir(PathBuf);
@@ -144,7 +145,7 @@ fn defect_huge_group_ranges_are_typed_errors() {
 #[test]
 fn defect_header_of_many_empty_tensors_is_refused_before_parsing() {
     let dir = TempDir::new("empty-tensors");
-    let n = fips::limits::MAX_TENSORS + 1;
+    let n = fips::math::limits::MAX_TENSORS + 1;
     let mut header = serde_json::Map::new();
     for i in 0..n {
         header.insert(
@@ -181,7 +182,7 @@ fn defect_empty_tensor_with_huge_extent_is_refused() {
 #[test]
 fn defect_rank_above_its_bound_is_refused() {
     use fips::methods::Compressor;
-    use fips::methods::svd::SvdParams;
+    use fips::methods::params::SvdParams;
     let blocks = common::shared_dictionary_group::<f32>(common::Dictionary {
         kind: fips::MlpKind::Standard,
         activation: fips::Activation::Gelu,
@@ -197,7 +198,7 @@ fn defect_rank_above_its_bound_is_refused() {
         .budget(fips::Budget::Rank(100_000))
         .steps(1)
         .batch_tokens(16)
-        .build()
+        .check()
         .unwrap();
     assert!(matches!(
         fips.compress(&blocks, &calib),
@@ -205,7 +206,7 @@ fn defect_rank_above_its_bound_is_refused() {
     ));
     let svd = SvdParams::new()
         .budget(fips::Budget::Rank(100_000))
-        .build()
+        .check()
         .unwrap();
     assert!(matches!(
         Compressor::<f32>::compress(&svd, &blocks, &calib, &mut |_| {
@@ -216,7 +217,7 @@ fn defect_rank_above_its_bound_is_refused() {
     // The bounds themselves are usable ranks.
     let ok = SvdParams::new()
         .budget(fips::Budget::Rank(8))
-        .build()
+        .check()
         .unwrap();
     assert!(
         Compressor::<f32>::compress(&ok, &blocks, &calib, &mut |_| {
@@ -276,7 +277,7 @@ fn defect_vit_with_patch_size_one_is_refused() {
     let path = dir.join("vit.safetensors");
     write_vit(&path, 4, 1);
     let ck = Checkpoint::open(&path).unwrap();
-    match fips::vit::VisionTransformer::from_checkpoint(&ck, Some(1)) {
+    match fips::app::vit::VisionTransformer::from_checkpoint(&ck, Some(1)) {
         Err(FipsError::InvalidParameter {
             name: "pos_embed",
             reason,
@@ -288,8 +289,11 @@ fn defect_vit_with_patch_size_one_is_refused() {
     // Patch 16 (197 tokens) is fine.
     write_vit(&path, 4, 16);
     assert!(
-        fips::vit::VisionTransformer::from_checkpoint(&Checkpoint::open(&path).unwrap(), Some(1))
-            .is_ok()
+        fips::app::vit::VisionTransformer::from_checkpoint(
+            &Checkpoint::open(&path).unwrap(),
+            Some(1)
+        )
+        .is_ok()
     );
 }
 
@@ -305,7 +309,7 @@ fn defect_truncated_jpeg_is_an_error() {
     let first = labels.lines().nth(1).unwrap().split('\t').next().unwrap();
     let bytes = std::fs::read(data.join("imagenet-sample").join(first)).unwrap();
     assert_eq!(
-        fips::imagenet::load_image(data.join("imagenet-sample").join(first))
+        fips::app::images::load_image(data.join("imagenet-sample").join(first))
             .unwrap()
             .dim(),
         (224, 224, 3)
@@ -313,7 +317,7 @@ fn defect_truncated_jpeg_is_an_error() {
     for fraction in [0.1, 0.5, 0.9, 0.999] {
         let cut = dir.join("cut.jpg");
         std::fs::write(&cut, &bytes[..(bytes.len() as f64 * fraction) as usize]).unwrap();
-        match fips::imagenet::load_image(&cut) {
+        match fips::app::images::load_image(&cut) {
             Err(FipsError::Image { reason, .. }) => {
                 assert!(reason.contains("truncated"), "{reason}")
             }
@@ -333,13 +337,13 @@ fn defect_extreme_jpeg_sizes_are_refused_before_decoding() {
     let path = dir.join("w.jpg");
     // The hand-written encoder is right: a normal size decodes.
     std::fs::write(&path, grey_jpeg(300, 250)).unwrap();
-    let px = fips::imagenet::load_image(&path).unwrap();
+    let px = fips::app::images::load_image(&path).unwrap();
     assert!(px.iter().all(|&p| (120..=136).contains(&p)), "uniform grey");
     for (w, h) in [(1, 30000), (30000, 1), (17, 1), (1000, 40), (20000, 20000)] {
         std::fs::write(&path, grey_jpeg(w, h)).unwrap();
         assert!(
             matches!(
-                fips::imagenet::load_image(&path),
+                fips::app::images::load_image(&path),
                 Err(FipsError::Image { .. })
             ),
             "{w} × {h}"
@@ -353,14 +357,14 @@ fn defect_missing_block_of_mlp_input_file_is_found_before_work() {
     let dir = TempDir::new("mlp-inputs");
     let path = dir.join("acts.safetensors");
     let z = ndarray::Array2::<f32>::from_shape_fn((6, 4), |(i, j)| (i + j) as f32);
-    fips::activations::write_mlp_inputs(
+    fips::format::mlp_inputs::write_mlp_inputs(
         &path,
         &[(0, z.view()), (1, z.view()), (3, z.view())],
         Dtype::F32,
         HashMap::new(),
     )
     .unwrap();
-    let file = fips::activations::MlpInputs::open(&path).unwrap();
+    let file = fips::format::mlp_inputs::MlpInputs::open(&path).unwrap();
     let shapes = vec![(4, 16); 4];
     file.check_groups(&[vec![0, 1]], &shapes).unwrap();
     match file.check_groups(&[vec![0, 1], vec![2, 3]], &shapes) {
@@ -373,14 +377,14 @@ fn defect_missing_block_of_mlp_input_file_is_found_before_work() {
         Err(FipsError::ShapeMismatch { .. })
     ));
     let short = ndarray::Array2::<f32>::zeros((5, 4));
-    fips::activations::write_mlp_inputs(
+    fips::format::mlp_inputs::write_mlp_inputs(
         &path,
         &[(0, z.view()), (1, short.view())],
         Dtype::F32,
         HashMap::new(),
     )
     .unwrap();
-    let file = fips::activations::MlpInputs::open(&path).unwrap();
+    let file = fips::format::mlp_inputs::MlpInputs::open(&path).unwrap();
     assert!(file.check_groups(&[vec![0, 1]], &shapes).is_err());
 }
 
@@ -428,7 +432,7 @@ fn defect_manifest_not_matching_the_original_is_refused_before_reading_factors()
     let original = Checkpoint::open(data.join("deit-tiny/model.safetensors")).unwrap();
     let compressed = dir.join("c.safetensors");
     small_compressed(&original, &compressed);
-    fips::compressed_check::check_against_original(
+    fips::format::compressed_check::check_against_original(
         &Checkpoint::open(&compressed).unwrap(),
         &original,
     )
@@ -442,7 +446,10 @@ fn defect_manifest_not_matching_the_original_is_refused_before_reading_factors()
         h["__metadata__"]["fips.manifest"] = serde_json::Value::String(m.to_string());
         let path = dir.join("bad.safetensors");
         std::fs::write(&path, st_bytes(&h, &raw)).unwrap();
-        fips::compressed_check::check_against_original(&Checkpoint::open(&path).unwrap(), &original)
+        fips::format::compressed_check::check_against_original(
+            &Checkpoint::open(&path).unwrap(),
+            &original,
+        )
     };
     let other_block = rewrite(&|m| {
         for x in m["groups"][0]["matrices"].as_array_mut().unwrap() {
@@ -467,20 +474,20 @@ fn defect_manifest_not_matching_the_original_is_refused_before_reading_factors()
 
 /// A FiPS compression of DeiT-tiny's blocks 0-1 on Gaussian inputs, two steps.
 fn small_compressed(original: &Checkpoint, path: &Path) {
-    let layout = fips::layout::MlpLayout::detect(original).unwrap();
+    let layout = fips::format::layout::MlpLayout::detect(original).unwrap();
     let groups = BlockGroups::parse("0-1", &[(192, 768); 12]).unwrap();
-    let compressor = FipsParams::new().steps(2).batch_tokens(64).build().unwrap();
-    let result = fips::pipeline::compress_checkpoint(
+    let compressor = FipsParams::new().steps(2).batch_tokens(64).check().unwrap();
+    let result = fips::app::pipeline::compress_checkpoint(
         original,
         &layout,
         &groups,
         &compressor,
         layout.default_activation(),
-        &fips::pipeline::CalibrationData::Gaussian {
+        &fips::app::pipeline::CalibrationSource::Gaussian {
             tokens: 256,
             seed: 1,
         },
-        &mut fips::pipeline::Silent,
+        &mut fips::app::pipeline::Silent,
     )
     .unwrap();
     result.model.write(path).unwrap();
@@ -507,7 +514,7 @@ fn defect_bare_compressed_reader_trusts_manifest_intermediate() {
     m["groups"][0]["intermediate"] = (1u64 << 40).into();
     header["__metadata__"]["fips.manifest"] = serde_json::Value::String(m.to_string());
     std::fs::write(&compressed, st_bytes(&header, &raw)).unwrap();
-    assert!(fips::export::CompressedModel::read(&compressed).is_err());
+    assert!(fips::format::compressed::CompressedModel::read(&compressed).is_err());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -673,8 +680,8 @@ mod cli {
         let report: serde_json::Value =
             serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
         assert_eq!(report["fips_version"], env!("CARGO_PKG_VERSION"));
-        assert!(report["threads"].as_u64().is_some_and(|t| t >= 1));
-        assert_eq!(report["blas_threads"], "1");
+        assert!(report["cores"].as_u64().is_some_and(|t| t >= 1));
+        assert_eq!(report["blas_threads"], 1);
     }
 
     /// "`--groups 0-4000000000` aborts, `0-18446744073709551615` panics"; "`--rank 100000` runs on
@@ -826,7 +833,8 @@ mod cli {
             .filter(|&b| b != 8)
             .map(|b| (b, if b == 0 { z0.view() } else { z.view() }))
             .collect();
-        fips::activations::write_mlp_inputs(&acts, &views, Dtype::F32, HashMap::new()).unwrap();
+        fips::format::mlp_inputs::write_mlp_inputs(&acts, &views, Dtype::F32, HashMap::new())
+            .unwrap();
         let o = fips(&[
             &"compress",
             &"--checkpoint",

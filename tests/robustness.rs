@@ -25,6 +25,7 @@
 //! The same reader functions are the `cargo fuzz` targets (`fuzz/targets.rs`).
 //! `FIPS_ROBUSTNESS_CASES=n` sets the mutations per base file (default 150); setting
 //! `FIPS_ROBUSTNESS_CORPUS=dir` also writes the base files there as a seed corpus for `cargo fuzz`.
+#![cfg(feature = "app")]
 
 mod common;
 #[path = "../fuzz/targets.rs"]
@@ -35,16 +36,16 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use fips::activations::write_mlp_inputs;
-use fips::checkpoint::{Checkpoint, TensorData, write_safetensors};
-use fips::groups::BlockGroups;
-use fips::layout::MlpLayout;
+use fips::app::pipeline::{CalibrationSource, Silent, compress_checkpoint};
+use fips::app::vit::{VisionTransformer, preprocess};
+use fips::format::block_groups::BlockGroups;
+use fips::format::checkpoint::{Checkpoint, TensorData, write_safetensors};
+use fips::format::layout::MlpLayout;
+use fips::format::mlp_inputs::write_mlp_inputs;
 use fips::methods::Compressor;
-use fips::methods::layer_collapse::LayerCollapseParams;
-use fips::methods::svd::SvdParams;
-use fips::pipeline::{CalibrationData, Silent, compress_checkpoint};
-use fips::vit::{VisionTransformer, preprocess};
-use fips::{Budget, FipsParams};
+use fips::methods::params::LayerCollapseParams;
+use fips::methods::params::SvdParams;
+use fips::{Budget, FipsParams, ParamGuard};
 use ndarray::{Array4, Ix4, s};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -373,7 +374,7 @@ fn make_bases(data: &Path, dir: &Path) -> Bases {
     write_mlp_inputs(&mlp_path, &views, Dtype::F32, Default::default()).unwrap();
 
     // Compressed checkpoints of blocks 0-1 from those inputs, one per representation.
-    let inputs = fips::activations::MlpInputs::open(&mlp_path).unwrap();
+    let inputs = fips::format::mlp_inputs::MlpInputs::open(&mlp_path).unwrap();
     let layout = MlpLayout::detect(&deit).unwrap();
     let groups = BlockGroups::parse("0-1", &[DEIT_SHAPE; DEIT_BLOCKS]).unwrap();
     let compressors: Vec<(&str, Box<dyn Compressor<f32>>)> = vec![
@@ -384,7 +385,7 @@ fn make_bases(data: &Path, dir: &Path) -> Bases {
                     .budget(Budget::Fraction(0.5))
                     .steps(4)
                     .batch_tokens(128)
-                    .build()
+                    .check()
                     .unwrap(),
             ),
         ),
@@ -393,7 +394,7 @@ fn make_bases(data: &Path, dir: &Path) -> Bases {
             Box::new(
                 SvdParams::new()
                     .budget(Budget::Fraction(0.5))
-                    .build()
+                    .check()
                     .unwrap(),
             ),
         ),
@@ -403,7 +404,7 @@ fn make_bases(data: &Path, dir: &Path) -> Bases {
                 LayerCollapseParams::new()
                     .max_steps(4)
                     .batch_tokens(128)
-                    .build()
+                    .check()
                     .unwrap(),
             ),
         ),
@@ -416,7 +417,7 @@ fn make_bases(data: &Path, dir: &Path) -> Bases {
             &groups,
             c.as_ref(),
             layout.default_activation(),
-            &CalibrationData::File(&inputs),
+            &CalibrationSource::File(&inputs),
             &mut Silent,
         )
         .unwrap();
@@ -780,7 +781,7 @@ fn mutate(
 /// Hand-written hostile cases: a header of more than `MAX_TENSORS` empty tensors, and garbled
 /// `labels.tsv` files.
 fn special_cases(bases: &Bases, dir: &Path, cases: &mut Vec<Case>) {
-    let n = fips::limits::MAX_TENSORS + 1;
+    let n = fips::math::limits::MAX_TENSORS + 1;
     let mut header = String::from("{");
     for i in 0..n {
         if i > 0 {

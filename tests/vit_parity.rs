@@ -1,9 +1,10 @@
 //! The built-in DeiT forward pass against PyTorch/timm logits on exactly the same pixels.
+#![cfg(feature = "app")]
 
 mod common;
 
-use fips::checkpoint::Checkpoint;
-use fips::vit::{VisionTransformer, preprocess};
+use fips::app::vit::{VisionTransformer, preprocess};
+use fips::format::checkpoint::Checkpoint;
 use ndarray::{Array4, Axis, Ix4, s};
 
 fn parity_inputs(dir: &std::path::Path) -> (Array4<u8>, ndarray::Array2<f32>) {

@@ -9,7 +9,7 @@ mod targets;
 
 use std::sync::OnceLock;
 
-use fips::checkpoint::Checkpoint;
+use fips::format::checkpoint::Checkpoint;
 
 fn original() -> Option<&'static Checkpoint> {
     static ORIGINAL: OnceLock<Option<Checkpoint>> = OnceLock::new();

@@ -6,7 +6,7 @@
 mod targets;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    let _ = fips::jpeg::inspect_jpeg(data);
+    let _ = fips::app::jpeg::inspect_jpeg(data);
     let path = targets::with_file("image", data);
     let _ = targets::image(&path);
 });
