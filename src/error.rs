@@ -165,6 +165,28 @@ pub enum FipsError {
     #[error("numerical failure: {0}")]
     Numerical(String),
 
+    /// Encoded data (a byte buffer or a tensor of a file) contradicts its own declared sizes.
+    #[error("corrupt {what}: {reason}")]
+    Corrupt {
+        /// What was being decoded.
+        what: String,
+        /// Which count, length or index is inconsistent.
+        reason: String,
+    },
+
+    /// A file declares a format version this build does not read.
+    #[error("{path}: {format} version {found} is not supported (this build reads version {supported})")]
+    UnsupportedVersion {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The format's name.
+        format: String,
+        /// The version the file declares.
+        found: u32,
+        /// The version this build reads.
+        supported: u32,
+    },
+
     /// LAPACK failed (for example an SVD that did not converge).
     #[error("linear algebra failure: {0}")]
     Linalg(#[from] ndarray_linalg::error::LinalgError),
