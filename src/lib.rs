@@ -41,6 +41,7 @@ pub mod budget;
 pub mod calibration;
 pub mod checkpoint;
 pub mod compact;
+pub mod compact_file;
 pub mod compressor;
 pub mod error;
 pub mod eval;
