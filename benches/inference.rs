@@ -17,7 +17,8 @@
 //! - `machine/sgemm`: one f32 GEMM of the 7B block's up shape (197 × 4096 by 4096 × 11008),
 //!   throughput in floating-point operations.
 //!
-//! `FIPS_BENCH_SMALL=1` skips the 7B shapes.
+//! `FIPS_BENCH_SMALL=1` skips the 7B shapes. `FIPS_BENCH_THREADS=n` sets the sparse kernels'
+//! threads (default: all cores); give BLAS the same with `OPENBLAS_NUM_THREADS=n`.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use fips::compact::{CompactMatrix, SparsePattern, StorageFloat};
@@ -206,8 +207,14 @@ fn bench_shape(c: &mut Criterion, s: &Shape, threads: usize) {
 }
 
 fn inference(c: &mut Criterion) {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    eprintln!("threads: {threads} (sparse kernels; BLAS uses its own default)");
+    let threads = std::env::var("FIPS_BENCH_THREADS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    eprintln!(
+        "threads: {threads} for the sparse kernels; BLAS: OPENBLAS_NUM_THREADS={}",
+        std::env::var("OPENBLAS_NUM_THREADS").unwrap_or_else(|_| "unset (all cores)".into())
+    );
     machine(c, threads);
     bench_shape(
         c,

@@ -21,12 +21,14 @@
 //!
 //! The sparse kernel walks each output row's kept entries in storage order (values streamed, the
 //! pattern decoded on the fly) and, for every entry, adds `value × (input row)` over a tile of 16
-//! or 8 tokens held in registers: `nnz · T` multiply-adds and no scatter. Output rows are split into
+//! tokens held in registers: `nnz · T` multiply-adds and no scatter. Output rows are split into
 //! contiguous ranges of equal `nnz` over at most the configured number of threads (each range its
 //! own slice of the output, so the result does not depend on the thread count). The loops are
 //! compiled for the processor's vector extensions chosen at run time (`pulp`). Values stored as
 //! `f16`/`bf16` are widened to `f32` a row at a time; all accumulation is in `f32`. With `f16`/`bf16`
 //! storage the basis is widened in panels of a few rows, each multiplied by BLAS.
+
+use std::ops::Range;
 
 use ndarray::{
     Array2, ArrayView1, ArrayView2, ArrayViewMut2, linalg::general_mat_mul,
@@ -365,9 +367,9 @@ impl<S: StorageFloat> CompactGroup<S> {
         if t == 0 {
             return Ok(Array2::zeros((0, d)));
         }
-        // Token-minor buffers; more than one token is padded to a multiple of 8 (padding
+        // Token-minor buffers; more than one token is padded to a multiple of 16 (padding
         // columns are computed and ignored, token columns never mix).
-        let tp = if t == 1 { 1 } else { t.next_multiple_of(8) };
+        let tp = if t == 1 { 1 } else { t.next_multiple_of(16) };
         let f = self.kind.matrices_per_block();
         let base = block * f;
 
@@ -483,7 +485,7 @@ impl<S: StorageFloat> CompactGroup<S> {
 }
 
 /// `out[i, :] = bias[i] + Σ_k m[i, k] x[k, :]` for token-minor `x` (`cols × tp`) and `out`
-/// (`rows × tp`), `tp` = 1 or a multiple of 8; rows split over at most `threads` threads.
+/// (`rows × tp`), `tp` = 1 or a multiple of 16; rows split over at most `threads` threads.
 pub(crate) fn spmm<S: StorageFloat>(
     m: &CompactMatrix<S>,
     x: &[f32],
@@ -513,8 +515,15 @@ pub(crate) fn spmm<S: StorageFloat>(
         chunks.push((w[0]..w[1], head));
         rest = tail;
     }
-    let run = |(range, out): (std::ops::Range<usize>, &mut [f32])| {
-        pulp::Arch::new().dispatch(|| rows_kernel(m, x, tp, out, bias, range));
+    let run = |(range, out): (Range<usize>, &mut [f32])| {
+        pulp::Arch::new().dispatch(Rows {
+            m,
+            x,
+            tp,
+            out,
+            bias,
+            range,
+        });
     };
     let mut chunks = chunks.into_iter();
     let Some(first) = chunks.next() else {
@@ -528,16 +537,48 @@ pub(crate) fn spmm<S: StorageFloat>(
     });
 }
 
-#[inline(always)]
-fn rows_kernel<S: StorageFloat>(
-    m: &CompactMatrix<S>,
-    x: &[f32],
+/// One thread's share of [`spmm`], compiled for the vector extensions `pulp` detects.
+struct Rows<'a, S> {
+    m: &'a CompactMatrix<S>,
+    x: &'a [f32],
     tp: usize,
-    out: &mut [f32],
-    bias: Option<&[S]>,
-    range: std::ops::Range<usize>,
-) {
+    out: &'a mut [f32],
+    bias: Option<&'a [S]>,
+    range: Range<usize>,
+}
+
+impl<S: StorageFloat> pulp::WithSimd for Rows<'_, S> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<V: pulp::Simd>(self, _simd: V) {
+        // Fused multiply-adds wherever the dispatch found vector FMA; plain ones otherwise.
+        if std::any::TypeId::of::<V>() == std::any::TypeId::of::<pulp::Scalar>() {
+            rows_kernel::<S, false>(self);
+        } else {
+            rows_kernel::<S, true>(self);
+        }
+    }
+}
+
+/// `a b + c`, fused when `FUSED`.
+#[inline(always)]
+fn madd<const FUSED: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FUSED { a.mul_add(b, c) } else { a * b + c }
+}
+
+#[inline(always)]
+fn rows_kernel<S: StorageFloat, const FUSED: bool>(k: Rows<'_, S>) {
+    let Rows {
+        m,
+        x,
+        tp,
+        out,
+        bias,
+        range,
+    } = k;
     let start = range.start;
+    let pattern = m.pattern();
     let mut columns: Vec<u32> = Vec::new();
     let mut widened: Vec<f32> = Vec::new();
     for i in range {
@@ -553,30 +594,71 @@ fn rows_kernel<S: StorageFloat>(
         };
         let o = &mut out[(i - start) * tp..(i - start + 1) * tp];
         if tp == 1 {
-            o[0] = b + match m.pattern().bitmask_row(i) {
-                Some(bits) => bitmask_dot(bits, values, x),
+            // One token: walk the bits directly (decoding first costs as much as the product).
+            o[0] = b + match pattern.bitmask_row(i) {
+                Some(bits) => bitmask_dot::<FUSED>(bits, values, x),
                 None => {
-                    m.pattern().row_columns(i, &mut columns);
-                    gather_dot(&columns, values, x)
+                    pattern.row_columns(i, &mut columns);
+                    gather_dot::<FUSED>(&columns, values, x)
                 }
             };
-        } else {
-            m.pattern().row_columns(i, &mut columns);
-            let mut t0 = 0;
-            while t0 + 16 <= tp {
-                tile::<16>(&columns, values, x, tp, t0, &mut o[t0..t0 + 16], b);
-                t0 += 16;
+            continue;
+        }
+        let n = values.len();
+        match pattern.bitmask_row(i) {
+            Some(bits) => {
+                columns.resize(n + 8, 0);
+                fill_set_bits(bits, &mut columns);
             }
-            if t0 < tp {
-                tile::<8>(&columns, values, x, tp, t0, &mut o[t0..t0 + 8], b);
+            None => pattern.row_columns(i, &mut columns),
+        }
+        let columns = &columns[..n];
+        for (t, o) in o.chunks_exact_mut(16).enumerate() {
+            tile::<16, FUSED>(columns, values, x, tp, t * 16, o, b);
+        }
+    }
+}
+
+/// For every byte value, the positions of its set bits (least significant first), padded with 0.
+const BIT_POSITIONS: [[u8; 8]; 256] = {
+    let mut table = [[0u8; 8]; 256];
+    let mut b = 0;
+    while b < 256 {
+        let mut n = 0;
+        let mut bit = 0;
+        while bit < 8 {
+            if b & (1 << bit) != 0 {
+                table[b][n] = bit as u8;
+                n += 1;
+            }
+            bit += 1;
+        }
+        b += 1;
+    }
+    table
+};
+
+/// Writes the indices of the set bits of a bitmask row into `out`, increasing; `out` must have
+/// room for the set bits plus 8 (a byte's 8 candidate slots are written before advancing by its
+/// popcount). Branch-free: one table look-up and 8 stores per byte.
+#[inline(always)]
+fn fill_set_bits(row: &[u8], out: &mut [u32]) {
+    let mut p = 0usize;
+    for (k, &byte) in row.iter().enumerate() {
+        let base = (k * 8) as u32;
+        let positions = &BIT_POSITIONS[byte as usize];
+        if let Some(slots) = out.get_mut(p..p + 8) {
+            for (slot, &pos) in slots.iter_mut().zip(positions) {
+                *slot = base + u32::from(pos);
             }
         }
+        p += byte.count_ones() as usize;
     }
 }
 
 /// `Σ_p values[p] x[c_p]` over the set bits `c_p` of a bitmask row, in order.
 #[inline(always)]
-fn bitmask_dot(bits: &[u8], values: &[f32], x: &[f32]) -> f32 {
+fn bitmask_dot<const FUSED: bool>(bits: &[u8], values: &[f32], x: &[f32]) -> f32 {
     let mut acc = [0.0f32; 4];
     let mut p = 0usize;
     let mut words = bits.chunks_exact(8);
@@ -585,7 +667,7 @@ fn bitmask_dot(bits: &[u8], values: &[f32], x: &[f32]) -> f32 {
         while w != 0 {
             let c = base + w.trailing_zeros() as usize;
             w &= w - 1;
-            acc[p & 3] += values[p] * x[c];
+            acc[p & 3] = madd::<FUSED>(values[p], x[c], acc[p & 3]);
             p += 1;
         }
     };
@@ -607,16 +689,16 @@ fn bitmask_dot(bits: &[u8], values: &[f32], x: &[f32]) -> f32 {
 
 /// `Σ_p values[p] x[columns[p]]`.
 #[inline(always)]
-fn gather_dot(columns: &[u32], values: &[f32], x: &[f32]) -> f32 {
+fn gather_dot<const FUSED: bool>(columns: &[u32], values: &[f32], x: &[f32]) -> f32 {
     let mut acc = [0.0f32; 4];
     let n4 = columns.len() / 4 * 4;
     for (c, v) in columns[..n4].chunks_exact(4).zip(values[..n4].chunks_exact(4)) {
         for l in 0..4 {
-            acc[l] += v[l] * x[c[l] as usize];
+            acc[l] = madd::<FUSED>(v[l], x[c[l] as usize], acc[l]);
         }
     }
     for (c, v) in columns[n4..].iter().zip(&values[n4..]) {
-        acc[0] += v * x[*c as usize];
+        acc[0] = madd::<FUSED>(*v, x[*c as usize], acc[0]);
     }
     (acc[0] + acc[1]) + (acc[2] + acc[3])
 }
@@ -624,7 +706,7 @@ fn gather_dot(columns: &[u32], values: &[f32], x: &[f32]) -> f32 {
 /// `out[l] = b + Σ_p values[p] x[columns[p] tp + t0 + l]` for `l < L`, four entries at a time
 /// into independent accumulators.
 #[inline(always)]
-fn tile<const L: usize>(
+fn tile<const L: usize, const FUSED: bool>(
     columns: &[u32],
     values: &[f32],
     x: &[f32],
@@ -645,16 +727,16 @@ fn tile<const L: usize>(
     for (c, v) in columns[..n4].chunks_exact(4).zip(values[..n4].chunks_exact(4)) {
         let (x0, x1, x2, x3) = (row(c[0]), row(c[1]), row(c[2]), row(c[3]));
         for l in 0..L {
-            a0[l] += v[0] * x0[l];
-            a1[l] += v[1] * x1[l];
-            a2[l] += v[2] * x2[l];
-            a3[l] += v[3] * x3[l];
+            a0[l] = madd::<FUSED>(v[0], x0[l], a0[l]);
+            a1[l] = madd::<FUSED>(v[1], x1[l], a1[l]);
+            a2[l] = madd::<FUSED>(v[2], x2[l], a2[l]);
+            a3[l] = madd::<FUSED>(v[3], x3[l], a3[l]);
         }
     }
     for (&c, &v) in columns[n4..].iter().zip(&values[n4..]) {
         let x0 = row(c);
         for l in 0..L {
-            a0[l] += v * x0[l];
+            a0[l] = madd::<FUSED>(v, x0[l], a0[l]);
         }
     }
     for (l, o) in out.iter_mut().enumerate().take(L) {
