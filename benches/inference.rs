@@ -42,7 +42,9 @@ struct Shape {
 }
 
 fn randn_vec(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n).map(|_| scale * rng.random_range(-1.0f32..1.0)).collect()
+    (0..n)
+        .map(|_| scale * rng.random_range(-1.0f32..1.0))
+        .collect()
 }
 
 /// A `rows × cols` matrix keeping each entry with probability 1/4 (two random words ANDed).
@@ -54,7 +56,7 @@ fn random_quarter(rng: &mut ChaCha8Rng, rows: usize, cols: usize) -> CompactMatr
             let w = (rng.next_u64() & rng.next_u64()).to_le_bytes();
             chunk.copy_from_slice(&w[..chunk.len()]);
         }
-        if cols % 8 != 0 {
+        if !cols.is_multiple_of(8) {
             row[row_bytes - 1] &= (1u8 << (cols % 8)) - 1;
         }
     }
@@ -66,8 +68,8 @@ fn random_quarter(rng: &mut ChaCha8Rng, rows: usize, cols: usize) -> CompactMatr
 fn dense_block(rng: &mut ChaCha8Rng, s: &Shape) -> DenseMlp<f32> {
     let (d, i) = (s.width, s.intermediate);
     let mut lin = |rows: usize, cols: usize| {
-        let w = Array2::from_shape_vec((rows, cols), randn_vec(rng, rows * cols, 0.02))
-            .expect("shape");
+        let w =
+            Array2::from_shape_vec((rows, cols), randn_vec(rng, rows * cols, 0.02)).expect("shape");
         Linear::new(w, Some(Array1::zeros(rows))).expect("finite")
     };
     match s.kind {

@@ -329,8 +329,12 @@ fn check_dims(rows: usize, cols: usize) -> Result<usize> {
             got: vec![rows, cols],
         });
     }
-    rows.checked_mul(cols)
-        .ok_or_else(|| corrupt("sparse pattern", format!("{rows} × {cols} entries overflow")))
+    rows.checked_mul(cols).ok_or_else(|| {
+        corrupt(
+            "sparse pattern",
+            format!("{rows} × {cols} entries overflow"),
+        )
+    })
 }
 
 impl SparsePattern {
@@ -365,10 +369,14 @@ impl SparsePattern {
         for i in 0..rows {
             let (a, b) = (offsets[i], offsets[i + 1]);
             if a > b {
-                return Err(corrupt("CSR pattern", format!("row {i} ends before it starts")));
+                return Err(corrupt(
+                    "CSR pattern",
+                    format!("row {i} ends before it starts"),
+                ));
             }
             let row = &columns[a..b];
-            if row.windows(2).any(|w| w[0] >= w[1]) || row.last().is_some_and(|&c| c as usize >= cols)
+            if row.windows(2).any(|w| w[0] >= w[1])
+                || row.last().is_some_and(|&c| c as usize >= cols)
             {
                 return Err(corrupt(
                     "CSR pattern",
@@ -451,7 +459,7 @@ impl SparsePattern {
                 ),
             ));
         }
-        let pad_mask: u8 = if cols % 8 == 0 {
+        let pad_mask: u8 = if cols.is_multiple_of(8) {
             0
         } else {
             !((1u8 << (cols % 8)) - 1)
@@ -479,16 +487,27 @@ impl SparsePattern {
 
     /// Decodes row-gaps from little-endian bytes: `counts` (`4 rows` bytes) and `gaps`
     /// (`2 nnz` bytes), checking every length, count and column before allocating.
-    pub fn from_row_gaps_bytes(rows: usize, cols: usize, counts: &[u8], gaps: &[u8]) -> Result<Self> {
+    pub fn from_row_gaps_bytes(
+        rows: usize,
+        cols: usize,
+        counts: &[u8],
+        gaps: &[u8],
+    ) -> Result<Self> {
         check_dims(rows, cols)?;
         if Some(counts.len()) != rows.checked_mul(4) {
             return Err(corrupt(
                 "row-gaps counts",
-                format!("{} bytes for {rows} rows (expected 4 per row)", counts.len()),
+                format!(
+                    "{} bytes for {rows} rows (expected 4 per row)",
+                    counts.len()
+                ),
             ));
         }
-        if gaps.len() % 2 != 0 {
-            return Err(corrupt("row-gaps gaps", format!("odd length {}", gaps.len())));
+        if !gaps.len().is_multiple_of(2) {
+            return Err(corrupt(
+                "row-gaps gaps",
+                format!("odd length {}", gaps.len()),
+            ));
         }
         let counts: Vec<u32> = counts
             .chunks_exact(4)
@@ -503,7 +522,12 @@ impl SparsePattern {
 
     /// Row-gaps from decoded counts and gaps, checked: counts sum to the number of gaps and every
     /// column lands below `cols`.
-    pub fn from_row_gaps(rows: usize, cols: usize, counts: Vec<u32>, gaps: Vec<u16>) -> Result<Self> {
+    pub fn from_row_gaps(
+        rows: usize,
+        cols: usize,
+        counts: Vec<u32>,
+        gaps: Vec<u16>,
+    ) -> Result<Self> {
         check_dims(rows, cols)?;
         if counts.len() != rows {
             return Err(corrupt(
@@ -665,7 +689,13 @@ impl SparsePattern {
 
     /// The same pattern in another encoding.
     pub fn reencode(&self, encoding: PatternEncoding) -> Result<Self> {
-        Self::from_csr(self.rows, self.cols, &self.offsets, &self.columns(), Some(encoding))
+        Self::from_csr(
+            self.rows,
+            self.cols,
+            &self.offsets,
+            &self.columns(),
+            Some(encoding),
+        )
     }
 }
 
@@ -940,7 +970,16 @@ mod tests {
     #[test]
     fn randomized_round_trips_are_bit_exact() {
         let mut rng = ChaCha8Rng::seed_from_u64(11);
-        let shapes = [(1, 1), (1, 37), (37, 1), (5, 8), (9, 64), (13, 100), (64, 65), (3, 700)];
+        let shapes = [
+            (1, 1),
+            (1, 37),
+            (37, 1),
+            (5, 8),
+            (9, 64),
+            (13, 100),
+            (64, 65),
+            (3, 700),
+        ];
         for &(rows, cols) in &shapes {
             for density in [0.0, 0.01, 0.05, 0.25, 0.5, 0.9, 1.0] {
                 let mask = random_mask(&mut rng, rows, cols, density);
@@ -968,17 +1007,41 @@ mod tests {
     #[test]
     fn encoding_choice_follows_density() {
         // Density 1: no pattern bytes at all; 25 %: bitmask; 1 %: row gaps; 0: row gaps (counts only).
-        assert_eq!(PatternEncoding::smallest(10, 800, 8000), PatternEncoding::Full);
-        assert_eq!(PatternEncoding::smallest(10, 800, 2000), PatternEncoding::Bitmask);
-        assert_eq!(PatternEncoding::smallest(10, 800, 80), PatternEncoding::RowGaps);
-        assert_eq!(PatternEncoding::smallest(10, 800, 0), PatternEncoding::RowGaps);
-        assert_eq!(PatternEncoding::smallest(10, 8, 0), PatternEncoding::Bitmask);
+        assert_eq!(
+            PatternEncoding::smallest(10, 800, 8000),
+            PatternEncoding::Full
+        );
+        assert_eq!(
+            PatternEncoding::smallest(10, 800, 2000),
+            PatternEncoding::Bitmask
+        );
+        assert_eq!(
+            PatternEncoding::smallest(10, 800, 80),
+            PatternEncoding::RowGaps
+        );
+        assert_eq!(
+            PatternEncoding::smallest(10, 800, 0),
+            PatternEncoding::RowGaps
+        );
+        assert_eq!(
+            PatternEncoding::smallest(10, 8, 0),
+            PatternEncoding::Bitmask
+        );
         // More than 65 536 columns: gaps may not fit in 16 bits.
         assert_eq!(PatternEncoding::RowGaps.encoded_bytes(1, 65_537, 1), None);
-        assert_eq!(PatternEncoding::smallest(1, 1 << 20, 1), PatternEncoding::Bitmask);
+        assert_eq!(
+            PatternEncoding::smallest(1, 1 << 20, 1),
+            PatternEncoding::Bitmask
+        );
         // A gap of exactly 65 535 still fits.
-        let p = SparsePattern::from_csr(1, 65_536, &[0, 1], &[65_535], Some(PatternEncoding::RowGaps))
-            .unwrap();
+        let p = SparsePattern::from_csr(
+            1,
+            65_536,
+            &[0, 1],
+            &[65_535],
+            Some(PatternEncoding::RowGaps),
+        )
+        .unwrap();
         assert_eq!(p.columns(), vec![65_535]);
     }
 
@@ -988,21 +1051,68 @@ mod tests {
         // Bitmask too short, too long, padding bits set.
         assert!(is_corrupt(SparsePattern::from_bitmask(3, 10, vec![0; 5])));
         assert!(is_corrupt(SparsePattern::from_bitmask(3, 10, vec![0; 7])));
-        assert!(is_corrupt(SparsePattern::from_bitmask(1, 10, vec![0, 0b0000_0100])));
+        assert!(is_corrupt(SparsePattern::from_bitmask(
+            1,
+            10,
+            vec![0, 0b0000_0100]
+        )));
         assert!(SparsePattern::from_bitmask(1, 10, vec![0xff, 0b0000_0011]).is_ok());
         // Huge declared shapes with few bytes: rejected before any allocation.
-        assert!(is_corrupt(SparsePattern::from_bitmask(1 << 40, 1 << 40, vec![0; 8])));
-        assert!(is_corrupt(SparsePattern::from_bitmask(1 << 40, 8, vec![0; 8])));
-        assert!(is_corrupt(SparsePattern::from_row_gaps_bytes(1 << 40, 8, &[0; 8], &[])));
+        assert!(is_corrupt(SparsePattern::from_bitmask(
+            1 << 40,
+            1 << 40,
+            vec![0; 8]
+        )));
+        assert!(is_corrupt(SparsePattern::from_bitmask(
+            1 << 40,
+            8,
+            vec![0; 8]
+        )));
+        assert!(is_corrupt(SparsePattern::from_row_gaps_bytes(
+            1 << 40,
+            8,
+            &[0; 8],
+            &[]
+        )));
         // Row gaps: counts too short, count beyond the gaps, column out of range, leftover gaps.
         let le32 = |v: &[u32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
         let le16 = |v: &[u16]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-        assert!(is_corrupt(SparsePattern::from_row_gaps_bytes(2, 8, &le32(&[1]), &le16(&[0]))));
-        assert!(is_corrupt(SparsePattern::from_row_gaps_bytes(2, 8, &le32(&[1, 2]), &le16(&[0, 1]))));
-        assert!(is_corrupt(SparsePattern::from_row_gaps_bytes(1, 8, &le32(&[2]), &le16(&[3, 4]))));
-        assert!(is_corrupt(SparsePattern::from_row_gaps_bytes(1, 8, &le32(&[1]), &le16(&[0, 0]))));
-        assert!(is_corrupt(SparsePattern::from_row_gaps_bytes(1, 8, &le32(&[9]), &le16(&[0; 9]))));
-        assert!(is_corrupt(SparsePattern::from_row_gaps_bytes(1, 8, &le32(&[1]), &[0])));
+        assert!(is_corrupt(SparsePattern::from_row_gaps_bytes(
+            2,
+            8,
+            &le32(&[1]),
+            &le16(&[0])
+        )));
+        assert!(is_corrupt(SparsePattern::from_row_gaps_bytes(
+            2,
+            8,
+            &le32(&[1, 2]),
+            &le16(&[0, 1])
+        )));
+        assert!(is_corrupt(SparsePattern::from_row_gaps_bytes(
+            1,
+            8,
+            &le32(&[2]),
+            &le16(&[3, 4])
+        )));
+        assert!(is_corrupt(SparsePattern::from_row_gaps_bytes(
+            1,
+            8,
+            &le32(&[1]),
+            &le16(&[0, 0])
+        )));
+        assert!(is_corrupt(SparsePattern::from_row_gaps_bytes(
+            1,
+            8,
+            &le32(&[9]),
+            &le16(&[0; 9])
+        )));
+        assert!(is_corrupt(SparsePattern::from_row_gaps_bytes(
+            1,
+            8,
+            &le32(&[1]),
+            &[0]
+        )));
         assert!(
             SparsePattern::from_row_gaps_bytes(1, 8, &le32(&[2]), &le16(&[3, 3])).is_ok(),
             "columns 3 and 7"

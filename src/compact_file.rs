@@ -221,9 +221,12 @@ pub enum CompactBlocks {
     Other(CompressedBlocks<f32>),
 }
 
+/// A dense layer: weight `[out, in]` and optional bias.
+pub type DenseLayer = (Array2<f32>, Option<Array1<f32>>);
+
 impl CompactBlocks {
-    /// Block `block` rebuilt as dense layers `(weight [out, in], bias)` in module order.
-    pub fn dense_layers(&self, block: usize) -> Result<Vec<(Array2<f32>, Option<Array1<f32>>)>> {
+    /// Block `block` rebuilt as dense layers in module order.
+    pub fn dense_layers(&self, block: usize) -> Result<Vec<DenseLayer>> {
         let mlp = match self {
             Self::SharedBasis(g) => g.to_group()?.to_dense_mlp(block)?,
             Self::Other(g) => g.to_dense_mlp(block)?,
@@ -300,7 +303,10 @@ fn rounded_array<D: ndarray::Dimension>(
 }
 
 /// Low-rank or collapsed blocks with every value rounded to `dtype`.
-fn round_blocks(blocks: &CompressedBlocks<f32>, dtype: StorageDtype) -> Result<CompressedBlocks<f32>> {
+fn round_blocks(
+    blocks: &CompressedBlocks<f32>,
+    dtype: StorageDtype,
+) -> Result<CompressedBlocks<f32>> {
     Ok(match blocks {
         CompressedBlocks::SharedBasis(g) => CompressedBlocks::SharedBasis(g.clone()),
         CompressedBlocks::LowRank(g) => CompressedBlocks::LowRank(LowRankGroup::new(
@@ -440,7 +446,9 @@ impl CompactModel {
                     if name.starts_with(INTERNAL_PREFIX) {
                         return Err(crate::compact::corrupt(
                             "manifest",
-                            format!("group {g} matrix {j}: original name {name:?} uses the reserved prefix"),
+                            format!(
+                                "group {g} matrix {j}: original name {name:?} uses the reserved prefix"
+                            ),
                         ));
                     }
                     if !seen.insert(name.clone()) {
@@ -489,10 +497,16 @@ impl CompactModel {
                         );
                     }
                     for (j, m) in lr.matrices().iter().enumerate() {
-                        out.insert(matrix_name(g, j, "left"), array(&m.left.clone().into_dyn())?);
+                        out.insert(
+                            matrix_name(g, j, "left"),
+                            array(&m.left.clone().into_dyn())?,
+                        );
                         if let (Some(b), "stored") = (&m.bias, gm.matrices[j].bias_source.as_str())
                         {
-                            out.insert(matrix_name(g, j, "bias"), float(&b.to_vec(), vec![b.len()])?);
+                            out.insert(
+                                matrix_name(g, j, "bias"),
+                                float(&b.to_vec(), vec![b.len()])?,
+                            );
                         }
                     }
                 }
@@ -501,11 +515,20 @@ impl CompactModel {
                         let block = c.block(b)?;
                         match &block.map {
                             CollapsedMap::Full(w) => {
-                                out.insert(block_name(g, b, "weight"), array(&w.clone().into_dyn())?);
+                                out.insert(
+                                    block_name(g, b, "weight"),
+                                    array(&w.clone().into_dyn())?,
+                                );
                             }
                             CollapsedMap::Factored { left, right } => {
-                                out.insert(block_name(g, b, "left"), array(&left.clone().into_dyn())?);
-                                out.insert(block_name(g, b, "right"), array(&right.clone().into_dyn())?);
+                                out.insert(
+                                    block_name(g, b, "left"),
+                                    array(&left.clone().into_dyn())?,
+                                );
+                                out.insert(
+                                    block_name(g, b, "right"),
+                                    array(&right.clone().into_dyn())?,
+                                );
                             }
                         }
                         out.insert(
@@ -533,7 +556,11 @@ impl CompactModel {
     /// Writes a self-contained file: the compressed groups plus every tensor of `original` the
     /// compressed model still uses (all but the compressed weights and the biases it replaces),
     /// copied byte for byte, atomically.
-    pub fn write_self_contained(&self, path: impl AsRef<Path>, original: &Checkpoint) -> Result<()> {
+    pub fn write_self_contained(
+        &self,
+        path: impl AsRef<Path>,
+        original: &Checkpoint,
+    ) -> Result<()> {
         self.write_with(path.as_ref(), Some(original))
     }
 
@@ -908,9 +935,10 @@ fn read_manifest(file: &Checkpoint) -> Result<ManifestV2> {
         ))
     })?;
     let version = match file.metadata().get(FORMAT_VERSION_KEY) {
-        Some(v) => v.trim().parse::<u32>().map_err(|_| {
-            format(format!("unreadable {FORMAT_VERSION_KEY} {v:?}"))
-        })?,
+        Some(v) => v
+            .trim()
+            .parse::<u32>()
+            .map_err(|_| format(format!("unreadable {FORMAT_VERSION_KEY} {v:?}")))?,
         // Files of version 1 carry the version only inside the manifest.
         None => serde_json::from_str::<serde_json::Value>(text)
             .ok()
@@ -972,7 +1000,8 @@ impl Reader<'_> {
         expected: &mut BTreeSet<String>,
     ) -> Result<CompactBlocks> {
         let bad = |reason: String| self.format(format!("group {g}: {reason}"));
-        let kind = parse_kind(&gm.kind).ok_or_else(|| bad(format!("unknown kind {:?}", gm.kind)))?;
+        let kind =
+            parse_kind(&gm.kind).ok_or_else(|| bad(format!("unknown kind {:?}", gm.kind)))?;
         let activation: Activation = gm.activation.parse()?;
         let dtype =
             parse_dtype(&gm.dtype).ok_or_else(|| bad(format!("unknown dtype {:?}", gm.dtype)))?;

@@ -175,7 +175,9 @@ pub enum FipsError {
     },
 
     /// A file declares a format version this build does not read.
-    #[error("{path}: {format} version {found} is not supported (this build reads version {supported})")]
+    #[error(
+        "{path}: {format} version {found} is not supported (this build reads version {supported})"
+    )]
     UnsupportedVersion {
         /// The file.
         path: std::path::PathBuf,

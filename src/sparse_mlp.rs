@@ -45,6 +45,8 @@ use crate::mlp::{MatrixRole, MlpKind};
 
 /// Below this many multiply-adds per thread a sparse product stays on one thread.
 const MIN_WORK_PER_THREAD: usize = 1 << 17;
+/// Kept entries decoded at a time by the several-token kernel (indices and values: 4 MiB).
+const BLOCK_ENTRIES: usize = if cfg!(test) { 1000 } else { 1 << 19 };
 /// Elements of `f32` scratch per panel when widening a half-precision basis.
 const PANEL_ELEMENTS: usize = 1 << 16;
 
@@ -162,7 +164,12 @@ impl<S: StorageFloat> CompactGroup<S> {
 
     /// The compact form of a trained group, values rounded to `S` (exact for `f32`).
     pub fn from_group(group: &CompressedGroup<f32>) -> Result<Self> {
-        let basis = group.basis().view().iter().map(|&v| S::from_f32(v)).collect();
+        let basis = group
+            .basis()
+            .view()
+            .iter()
+            .map(|&v| S::from_f32(v))
+            .collect();
         let roles = group.kind().matrix_roles();
         let f = roles.len();
         let factors = group
@@ -177,7 +184,10 @@ impl<S: StorageFloat> CompactGroup<S> {
         let biases = group
             .biases()
             .iter()
-            .map(|b| b.as_ref().map(|b| b.iter().map(|&v| S::from_f32(v)).collect()))
+            .map(|b| {
+                b.as_ref()
+                    .map(|b| b.iter().map(|&v| S::from_f32(v)).collect())
+            })
             .collect();
         Self::new(
             group.kind(),
@@ -254,7 +264,12 @@ impl<S: StorageFloat> CompactGroup<S> {
                 .iter()
                 .map(CompactMatrix::stored_bytes)
                 .sum::<usize>()
-            + self.biases.iter().flatten().map(|b| b.len() * size).sum::<usize>()
+            + self
+                .biases
+                .iter()
+                .flatten()
+                .map(|b| b.len() * size)
+                .sum::<usize>()
     }
 
     /// Bytes one block's forward pass reads: the basis twice (`Uᵀ x` and `C Uᵀ`), the block's
@@ -267,7 +282,11 @@ impl<S: StorageFloat> CompactGroup<S> {
                 .iter()
                 .map(CompactMatrix::stored_bytes)
                 .sum::<usize>()
-            + self.biases[..f].iter().flatten().map(|b| b.len() * size).sum::<usize>()
+            + self.biases[..f]
+                .iter()
+                .flatten()
+                .map(|b| b.len() * size)
+                .sum::<usize>()
     }
 
     fn index(&self, block: usize, matrix: usize) -> Result<usize> {
@@ -581,41 +600,72 @@ fn rows_kernel<S: StorageFloat, const FUSED: bool>(k: Rows<'_, S>) {
     let pattern = m.pattern();
     let mut columns: Vec<u32> = Vec::new();
     let mut widened: Vec<f32> = Vec::new();
-    for i in range {
-        let b = bias.map_or(0.0, |b| b[i].to_f32());
-        let stored = m.row_values(i);
-        let values: &[f32] = match S::as_f32_slice(stored) {
-            Some(v) => v,
-            None => {
-                widened.resize(stored.len(), 0.0);
-                S::widen(stored, &mut widened);
-                &widened
-            }
-        };
-        let o = &mut out[(i - start) * tp..(i - start + 1) * tp];
-        if tp == 1 {
+    if tp == 1 {
+        for i in range {
+            let b = bias.map_or(0.0, |b| b[i].to_f32());
+            let stored = m.row_values(i);
+            let values: &[f32] = match S::as_f32_slice(stored) {
+                Some(v) => v,
+                None => {
+                    widened.resize(stored.len(), 0.0);
+                    S::widen(stored, &mut widened);
+                    &widened
+                }
+            };
             // One token: walk the bits directly (decoding first costs as much as the product).
-            o[0] = b + match pattern.bitmask_row(i) {
+            out[i - start] = b + match pattern.bitmask_row(i) {
                 Some(bits) => bitmask_dot::<FUSED>(bits, values, x),
                 None => {
                     pattern.row_columns(i, &mut columns);
                     gather_dot::<FUSED>(&columns, values, x)
                 }
             };
-            continue;
         }
-        let n = values.len();
-        match pattern.bitmask_row(i) {
-            Some(bits) => {
-                columns.resize(n + 8, 0);
-                fill_set_bits(bits, &mut columns);
+        return;
+    }
+    // Several tokens: decode a block of rows once, then sweep it once per tile of 16 tokens, so
+    // the tile's inputs (`cols` rows of 64 bytes) stay in the core's cache while the block's
+    // indices and values come from the shared cache.
+    let offsets = pattern.offsets();
+    let mut row = range.start;
+    let mut row_columns = Vec::new();
+    while row < range.end {
+        let first = offsets[row];
+        let mut last_row = row + 1;
+        while last_row < range.end && offsets[last_row + 1] - first <= BLOCK_ENTRIES {
+            last_row += 1;
+        }
+        let block = row..last_row;
+        let entries = offsets[last_row] - first;
+        columns.resize(entries + 8, 0);
+        for i in block.clone() {
+            let (a, z) = (offsets[i] - first, offsets[i + 1] - first);
+            match pattern.bitmask_row(i) {
+                Some(bits) => fill_set_bits(bits, &mut columns[a..z + 8]),
+                None => {
+                    pattern.row_columns(i, &mut row_columns);
+                    columns[a..z].copy_from_slice(&row_columns);
+                }
             }
-            None => pattern.row_columns(i, &mut columns),
         }
-        let columns = &columns[..n];
-        for (t, o) in o.chunks_exact_mut(16).enumerate() {
-            tile::<16, FUSED>(columns, values, x, tp, t * 16, o, b);
+        let stored = &m.values()[first..first + entries];
+        let values: &[f32] = match S::as_f32_slice(stored) {
+            Some(v) => v,
+            None => {
+                widened.resize(entries, 0.0);
+                S::widen(stored, &mut widened);
+                &widened
+            }
+        };
+        for t in 0..tp / 16 {
+            for i in block.clone() {
+                let b = bias.map_or(0.0, |b| b[i].to_f32());
+                let (a, z) = (offsets[i] - first, offsets[i + 1] - first);
+                let o = &mut out[(i - start) * tp + t * 16..(i - start) * tp + t * 16 + 16];
+                tile::<16, FUSED>(&columns[a..z], &values[a..z], x, tp, t * 16, o, b);
+            }
         }
+        row = last_row;
     }
 }
 
@@ -692,7 +742,10 @@ fn bitmask_dot<const FUSED: bool>(bits: &[u8], values: &[f32], x: &[f32]) -> f32
 fn gather_dot<const FUSED: bool>(columns: &[u32], values: &[f32], x: &[f32]) -> f32 {
     let mut acc = [0.0f32; 4];
     let n4 = columns.len() / 4 * 4;
-    for (c, v) in columns[..n4].chunks_exact(4).zip(values[..n4].chunks_exact(4)) {
+    for (c, v) in columns[..n4]
+        .chunks_exact(4)
+        .zip(values[..n4].chunks_exact(4))
+    {
         for l in 0..4 {
             acc[l] = madd::<FUSED>(v[l], x[c[l] as usize], acc[l]);
         }
@@ -724,7 +777,10 @@ fn tile<const L: usize, const FUSED: bool>(
         &x[s..s + L]
     };
     let n4 = columns.len() / 4 * 4;
-    for (c, v) in columns[..n4].chunks_exact(4).zip(values[..n4].chunks_exact(4)) {
+    for (c, v) in columns[..n4]
+        .chunks_exact(4)
+        .zip(values[..n4].chunks_exact(4))
+    {
         let (x0, x1, x2, x3) = (row(c[0]), row(c[1]), row(c[2]), row(c[3]));
         for l in 0..L {
             a0[l] = madd::<FUSED>(v[0], x0[l], a0[l]);
@@ -770,8 +826,7 @@ mod tests {
         let factors: Vec<_> = (0..f * n)
             .map(|_| {
                 let v = randn(r, i, 1.0);
-                let mut mask =
-                    Array2::from_shape_simple_fn((r, i), || rng2.random_bool(density));
+                let mut mask = Array2::from_shape_simple_fn((r, i), || rng2.random_bool(density));
                 if r > 2 && i > 2 {
                     mask.row_mut(1).fill(false);
                     mask.column_mut(2).fill(false);
@@ -808,9 +863,8 @@ mod tests {
         for threads in [1, 3] {
             let compact = compact.clone().with_threads(threads);
             for t in [1, 3, 17] {
-                let x = Array2::from_shape_simple_fn((t, g.width()), || {
-                    rng.random_range(-1.0f32..1.0)
-                });
+                let x =
+                    Array2::from_shape_simple_fn((t, g.width()), || rng.random_range(-1.0f32..1.0));
                 for b in 0..g.blocks() {
                     let dense = reference.to_dense_mlp(b).unwrap();
                     let want = dense.forward(x.view()).unwrap();
@@ -859,7 +913,13 @@ mod tests {
 
     #[test]
     fn round_trip_to_group_is_exact_and_dense_weights_agree() {
-        let g = random_group(MlpKind::Standard, Activation::Gelu, (24, 37, 50, 2), 0.25, 9);
+        let g = random_group(
+            MlpKind::Standard,
+            Activation::Gelu,
+            (24, 37, 50, 2),
+            0.25,
+            9,
+        );
         let c = CompactGroup::<f32>::from_group(&g).unwrap();
         assert_eq!(c.to_group().unwrap(), g);
         for b in 0..2 {

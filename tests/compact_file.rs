@@ -244,18 +244,27 @@ fn round_trips_are_bit_exact_for_every_dtype_and_representation() {
         // Writing what was read gives the same tensors and manifest.
         let again = dir.join(format!("{dtype:?}-again.safetensors"));
         back.write(&again).unwrap();
-        let (p, q) = (Checkpoint::open(&path).unwrap(), Checkpoint::open(&again).unwrap());
+        let (p, q) = (
+            Checkpoint::open(&path).unwrap(),
+            Checkpoint::open(&again).unwrap(),
+        );
         assert_eq!(p.metadata(), q.metadata());
         let names: Vec<&str> = p.names().collect();
         assert_eq!(names, q.names().collect::<Vec<_>>());
         for n in names {
-            assert!(p.read_bytes(n).unwrap() == q.read_bytes(n).unwrap(), "{n} differs");
+            assert!(
+                p.read_bytes(n).unwrap() == q.read_bytes(n).unwrap(),
+                "{n} differs"
+            );
         }
         // Inference from the file's groups equals inference from memory, bit for bit.
         let x = random(&mut ChaCha8Rng::seed_from_u64(9), 5, 24, 1.0);
         for (a, b) in back.groups.iter().zip(&compact.groups) {
             if let (CompactBlocks::SharedBasis(a), CompactBlocks::SharedBasis(b)) = (a, b) {
-                let (ya, yb) = (a.forward(0, x.view()).unwrap(), b.forward(0, x.view()).unwrap());
+                let (ya, yb) = (
+                    a.forward(0, x.view()).unwrap(),
+                    b.forward(0, x.view()).unwrap(),
+                );
                 assert!(ya.iter().zip(&yb).all(|(p, q)| p.to_bits() == q.to_bits()));
             }
         }
@@ -344,7 +353,11 @@ fn self_contained_and_mlp_only_files_densify_identically() {
         assert!(whole_ck.contains("cls_token") && whole_ck.contains("blocks.0.mlp.fc1.bias"));
         assert!(!whole_ck.contains("blocks.0.mlp.fc1.weight"));
         assert!(!whole_ck.contains("blocks.2.mlp.fc1.bias"));
-        assert!(std::fs::metadata(&whole).unwrap().len() < std::fs::metadata(&original_path).unwrap().len() + std::fs::metadata(&mlp_only).unwrap().len());
+        assert!(
+            std::fs::metadata(&whole).unwrap().len()
+                < std::fs::metadata(&original_path).unwrap().len()
+                    + std::fs::metadata(&mlp_only).unwrap().len()
+        );
 
         let from_original = dir.join("dense-a.safetensors");
         let from_whole = dir.join("dense-b.safetensors");
@@ -356,7 +369,10 @@ fn self_contained_and_mlp_only_files_densify_identically() {
         );
         let names: Vec<_> = x.names().map(String::from).collect();
         assert_eq!(names, y.names().map(String::from).collect::<Vec<_>>());
-        assert_eq!(names, original.names().map(String::from).collect::<Vec<_>>());
+        assert_eq!(
+            names,
+            original.names().map(String::from).collect::<Vec<_>>()
+        );
         for n in &names {
             assert_eq!(x.read_bytes(n).unwrap(), y.read_bytes(n).unwrap(), "{n}");
             assert_eq!(x.info(n).unwrap().dtype, dtype);
@@ -385,13 +401,18 @@ fn files_of_other_versions_get_a_version_error() {
     let v1 = dir.join("v1.safetensors");
     m.write(&v1).unwrap();
     match CompactModel::read(&v1, None) {
-        Err(FipsError::UnsupportedVersion { found, supported, .. }) => {
+        Err(FipsError::UnsupportedVersion {
+            found, supported, ..
+        }) => {
             assert_eq!((found, supported), (1, 2));
         }
         other => panic!("expected a version error, got {other:?}"),
     }
     let v2 = dir.join("v2.safetensors");
-    CompactModel::from_model(&m, None).unwrap().write(&v2).unwrap();
+    CompactModel::from_model(&m, None)
+        .unwrap()
+        .write(&v2)
+        .unwrap();
     let v3 = dir.join("v3.safetensors");
     rewrite(&v2, &v3, |meta, _, _| {
         meta.insert(FORMAT_VERSION_KEY.into(), "3".into());
@@ -421,8 +442,7 @@ fn rewrite(
         .map(|t| {
             (
                 t.name.clone(),
-                TensorData::new(t.dtype, t.shape.clone(), ck.read_bytes(&t.name).unwrap())
-                    .unwrap(),
+                TensorData::new(t.dtype, t.shape.clone(), ck.read_bytes(&t.name).unwrap()).unwrap(),
             )
         })
         .collect();
@@ -438,7 +458,10 @@ fn crafted_files_are_typed_errors_before_any_allocation() {
     let dir = temp_dir("crafted");
     let m = mixed_model(Dtype::F32);
     let good = dir.join("good.safetensors");
-    CompactModel::from_model(&m, None).unwrap().write(&good).unwrap();
+    CompactModel::from_model(&m, None)
+        .unwrap()
+        .write(&good)
+        .unwrap();
     assert!(CompactModel::read(&good, None).is_ok());
     fn huge() -> serde_json::Value {
         serde_json::json!(1u64 << 40)
@@ -451,9 +474,18 @@ fn crafted_files_are_typed_errors_before_any_allocation() {
         ),
     >;
     let cases: Vec<(&str, Edit)> = vec![
-        ("rank 2^40", Box::new(|_, j, _| j["groups"][0]["rank"] = huge())),
-        ("intermediate 2^40", Box::new(|_, j, _| j["groups"][0]["intermediate"] = huge())),
-        ("width 2^40", Box::new(|_, j, _| j["groups"][0]["width"] = huge())),
+        (
+            "rank 2^40",
+            Box::new(|_, j, _| j["groups"][0]["rank"] = huge()),
+        ),
+        (
+            "intermediate 2^40",
+            Box::new(|_, j, _| j["groups"][0]["intermediate"] = huge()),
+        ),
+        (
+            "width 2^40",
+            Box::new(|_, j, _| j["groups"][0]["width"] = huge()),
+        ),
         (
             "factor rows 2^40",
             Box::new(|_, j, _| j["groups"][0]["matrices"][0]["factor"]["rows"] = huge()),
@@ -573,7 +605,13 @@ fn crafted_files_are_typed_errors_before_any_allocation() {
 }
 
 /// FiPS groups of the given shape at p = 0.5, s = 0.75, with the budget's exact rank and nnz.
-fn budget_model(kind: MlpKind, (d, i): (usize, usize), groups: usize, dtype: Dtype, biases: bool) -> CompressedModel {
+fn budget_model(
+    kind: MlpKind,
+    (d, i): (usize, usize),
+    groups: usize,
+    dtype: Dtype,
+    biases: bool,
+) -> CompressedModel {
     let n = 4;
     let f = kind.matrices_per_block();
     let shape = GroupShape {
@@ -590,7 +628,13 @@ fn budget_model(kind: MlpKind, (d, i): (usize, usize), groups: usize, dtype: Dty
         (0..groups)
             .map(|g| {
                 (
-                    CompressedBlocks::SharedBasis(exact_group(kind, (d, i, n, r), &nnz, biases, g as u64)),
+                    CompressedBlocks::SharedBasis(exact_group(
+                        kind,
+                        (d, i, n, r),
+                        &nnz,
+                        biases,
+                        g as u64,
+                    )),
                     (g * n..(g + 1) * n).collect(),
                 )
             })
@@ -623,7 +667,10 @@ fn file_sizes_meet_the_targets() {
     // Llama-style, bf16: one group of 4 gated blocks, d = 128, I = 344, no biases.
     let llama = budget_model(MlpKind::Gated, (128, 344), 1, Dtype::BF16, false);
     let path = dir.join("llama.safetensors");
-    CompactModel::from_model(&llama, None).unwrap().write(&path).unwrap();
+    CompactModel::from_model(&llama, None)
+        .unwrap()
+        .write(&path)
+        .unwrap();
     let size = std::fs::metadata(&path).unwrap().len() as f64;
     let dense = (12 * 128 * 344 * 2) as f64;
     let v1 = dir.join("llama-v1.safetensors");
@@ -651,7 +698,8 @@ fn the_documented_python_reader_rebuilds_every_dense_weight() {
         eprintln!("SKIPPED: python3 with numpy is not installed");
         return;
     }
-    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/format.md")).unwrap();
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/format.md")).unwrap();
     let start = doc.find("<!-- reader:start -->").unwrap();
     let end = doc.find("<!-- reader:end -->").unwrap();
     let reader = doc[start..end]
@@ -715,7 +763,10 @@ fn the_documented_python_reader_rebuilds_every_dense_weight() {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(out.status.success(), "the Python reader disagrees ({dtype:?})");
+        assert!(
+            out.status.success(),
+            "the Python reader disagrees ({dtype:?})"
+        );
     }
     std::fs::remove_dir_all(dir).ok();
 }
