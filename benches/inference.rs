@@ -100,10 +100,11 @@ fn compact_block(rng: &mut ChaCha8Rng, s: &Shape, rank: usize) -> CompactGroup<f
 
 fn to_storage<S: StorageFloat>(g: &CompactGroup<f32>) -> CompactGroup<S> {
     let conv = |v: &[f32]| v.iter().map(|&x| S::from_f32(x)).collect::<Vec<S>>();
-    let factors = g
-        .factors()
-        .iter()
-        .map(|m| CompactMatrix::new(m.pattern().clone(), conv(m.values())).expect("finite"))
+    let factors = (0..g.factor_count())
+        .map(|j| {
+            let m = g.compact_factor(j).expect("factor");
+            CompactMatrix::new(m.pattern().clone(), conv(m.values())).expect("finite")
+        })
         .collect();
     let biases = g.biases().iter().map(|b| b.as_deref().map(conv)).collect();
     CompactGroup::new(

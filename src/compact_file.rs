@@ -788,15 +788,16 @@ fn describe(
     original: Option<&Checkpoint>,
 ) -> Result<GroupV2> {
     let factors: Vec<Option<FactorV2>> = match blocks {
-        CompactBlocks::SharedBasis(c) => each!(c, c => c
-            .factors()
-            .iter()
-            .map(|m| Some(FactorV2 {
-                rows: m.rows(),
-                cols: m.cols(),
-                nnz: m.nnz(),
-                encoding: m.pattern().encoding().name().into(),
-            }))
+        CompactBlocks::SharedBasis(c) => each!(c, c => (0..c.factor_count())
+            .map(|j| {
+                let encoding = c.factor_encoding(j).unwrap_or(PatternEncoding::Bitmask);
+                c.factor_shape(j).map(|(rows, cols, nnz)| FactorV2 {
+                    rows,
+                    cols,
+                    nnz,
+                    encoding: encoding.name().into(),
+                })
+            })
             .collect()),
         CompactBlocks::Other(_) => vec![None; gm.matrices.len()],
     };
@@ -884,7 +885,8 @@ fn write_shared<S: StorageFloat>(
         group_name(g, "basis"),
         TensorData::new(dtype, vec![c.width(), c.rank()], bytes(c.basis()))?,
     );
-    for (j, m) in c.factors().iter().enumerate() {
+    for j in 0..c.factor_count() {
+        let m = c.compact_factor(j)?;
         out.insert(
             matrix_name(g, j, "values"),
             TensorData::new(dtype, vec![m.nnz()], m.value_bytes())?,

@@ -61,6 +61,7 @@ pub mod objective;
 pub mod optim;
 pub mod params;
 pub mod pipeline;
+pub mod sparse_blocked;
 pub mod sparse_mlp;
 pub mod sparsity;
 pub mod svg;

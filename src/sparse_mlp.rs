@@ -36,12 +36,13 @@ use ndarray::{
 };
 
 use crate::activation::Activation;
-use crate::compact::{CompactMatrix, StorageFloat};
+use crate::compact::{CompactMatrix, PatternEncoding, StorageFloat};
 use crate::error::{FipsError, Result};
 use crate::factors::{SharedBasis, SparseFactor};
 use crate::group::CompressedGroup;
 use crate::kernels::RowSplit;
 use crate::mlp::{MatrixRole, MlpKind};
+use crate::sparse_blocked::{BLOCK_ROWS, BlockedMatrix, blocked_rows, tile_major};
 
 /// Below this many multiply-adds per thread a sparse product stays on one thread.
 const MIN_WORK_PER_THREAD: usize = 1 << 17;
@@ -60,9 +61,49 @@ pub struct CompactGroup<S> {
     rank: usize,
     intermediate: usize,
     basis: Vec<S>,
-    factors: Vec<CompactMatrix<S>>,
+    factors: Vec<Factor<S>>,
     biases: Vec<Option<Vec<S>>>,
     threads: usize,
+}
+
+/// A factor in the layout inference reads: bitmask-encoded factors in the blocked column-major
+/// layout ([`crate::sparse_blocked`]), the others (row gaps, full) as they are.
+#[derive(Debug, Clone, PartialEq)]
+enum Factor<S> {
+    Rows(CompactMatrix<S>),
+    Blocked(BlockedMatrix<S>, usize),
+}
+
+impl<S: StorageFloat> Factor<S> {
+    fn new(m: CompactMatrix<S>) -> Self {
+        if m.pattern().encoding() == PatternEncoding::Bitmask {
+            Self::Blocked(BlockedMatrix::from_compact(&m), m.stored_bytes())
+        } else {
+            Self::Rows(m)
+        }
+    }
+
+    fn compact(&self) -> Result<std::borrow::Cow<'_, CompactMatrix<S>>> {
+        Ok(match self {
+            Self::Rows(m) => std::borrow::Cow::Borrowed(m),
+            Self::Blocked(b, _) => std::borrow::Cow::Owned(b.to_compact()?),
+        })
+    }
+
+    fn nnz(&self) -> usize {
+        match self {
+            Self::Rows(m) => m.nnz(),
+            Self::Blocked(b, _) => b.block_nnz(0..b.blocks()),
+        }
+    }
+
+    /// Bytes of the compact (file) form.
+    fn stored_bytes(&self) -> usize {
+        match self {
+            Self::Rows(m) => m.stored_bytes(),
+            Self::Blocked(_, bytes) => *bytes,
+        }
+    }
 }
 
 fn shape_error(what: impl Into<String>, expected: Vec<usize>, got: Vec<usize>) -> FipsError {
@@ -156,7 +197,7 @@ impl<S: StorageFloat> CompactGroup<S> {
             rank,
             intermediate,
             basis,
-            factors,
+            factors: factors.into_iter().map(Factor::new).collect(),
             biases,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         })
@@ -240,9 +281,46 @@ impl<S: StorageFloat> CompactGroup<S> {
         &self.basis
     }
 
-    /// The sparse factors in module order (`Vᵀ` for up projections, `V` for down projections).
-    pub fn factors(&self) -> &[CompactMatrix<S>] {
-        &self.factors
+    /// Sparse factor `j` (module order: `Vᵀ` for up projections, `V` for down projections) in
+    /// compact form; bitmask-encoded factors are held in the blocked inference layout and
+    /// converted back (exactly) here.
+    pub fn compact_factor(&self, j: usize) -> Result<std::borrow::Cow<'_, CompactMatrix<S>>> {
+        self.factors
+            .get(j)
+            .ok_or(FipsError::IndexOutOfRange {
+                what: "factor",
+                index: j,
+                len: self.factors.len(),
+            })?
+            .compact()
+    }
+
+    /// The pattern encoding factor `j` has in compact form (what [`CompactGroup::compact_factor`]
+    /// returns).
+    pub fn factor_encoding(&self, j: usize) -> Option<PatternEncoding> {
+        let (rows, cols, nnz) = self.factor_shape(j)?;
+        Some(match &self.factors[j] {
+            Factor::Rows(m) => m.pattern().encoding(),
+            Factor::Blocked(..) => PatternEncoding::smallest(rows, cols, nnz),
+        })
+    }
+
+    /// Number of sparse factors.
+    pub fn factor_count(&self) -> usize {
+        self.factors.len()
+    }
+
+    /// `(rows, cols, nnz)` of factor `j`.
+    pub fn factor_shape(&self, j: usize) -> Option<(usize, usize, usize)> {
+        let f = self.kind.matrices_per_block();
+        let (i, r) = (self.intermediate, self.rank);
+        self.factors.get(j).map(|m| {
+            let (rows, cols) = match self.kind.matrix_roles()[j % f] {
+                MatrixRole::Up => (i, r),
+                MatrixRole::Down => (r, i),
+            };
+            (rows, cols, m.nnz())
+        })
     }
 
     /// The bias slots in module order.
@@ -252,18 +330,14 @@ impl<S: StorageFloat> CompactGroup<S> {
 
     /// Total kept entries of the factors.
     pub fn nnz(&self) -> usize {
-        self.factors.iter().map(CompactMatrix::nnz).sum()
+        self.factors.iter().map(Factor::nnz).sum()
     }
 
     /// Bytes of the stored form: basis, values, patterns and biases.
     pub fn stored_bytes(&self) -> usize {
         let size = S::DTYPE.size();
         self.basis.len() * size
-            + self
-                .factors
-                .iter()
-                .map(CompactMatrix::stored_bytes)
-                .sum::<usize>()
+            + self.factors.iter().map(Factor::stored_bytes).sum::<usize>()
             + self
                 .biases
                 .iter()
@@ -280,7 +354,7 @@ impl<S: StorageFloat> CompactGroup<S> {
         2 * self.basis.len() * size
             + self.factors[..f]
                 .iter()
-                .map(CompactMatrix::stored_bytes)
+                .map(Factor::stored_bytes)
                 .sum::<usize>()
             + self.biases[..f]
                 .iter()
@@ -315,12 +389,14 @@ impl<S: StorageFloat> CompactGroup<S> {
     }
 
     /// `V_j` (`r × I`) of factor `j` as a dense `f32` array (exact).
-    fn factor_dense(&self, j: usize) -> Array2<f32> {
-        let m = self.factors[j].to_dense();
-        match self.kind.matrix_roles()[j % self.kind.matrices_per_block()] {
-            MatrixRole::Up => m.reversed_axes().as_standard_layout().into_owned(),
-            MatrixRole::Down => m,
-        }
+    fn factor_dense(&self, j: usize) -> Result<Array2<f32>> {
+        let m = self.compact_factor(j)?.to_dense();
+        Ok(
+            match self.kind.matrix_roles()[j % self.kind.matrices_per_block()] {
+                MatrixRole::Up => m.reversed_axes().as_standard_layout().into_owned(),
+                MatrixRole::Down => m,
+            },
+        )
     }
 
     /// The group with every value widened to `f32` (exact), in the training representation.
@@ -329,12 +405,12 @@ impl<S: StorageFloat> CompactGroup<S> {
         let f = roles.len();
         let factors = (0..self.factors.len())
             .map(|j| {
-                let mask = self.factors[j].pattern().to_mask();
+                let mask = self.compact_factor(j)?.pattern().to_mask();
                 let mask = match roles[j % f] {
                     MatrixRole::Up => mask.reversed_axes().as_standard_layout().into_owned(),
                     MatrixRole::Down => mask,
                 };
-                SparseFactor::new(self.factor_dense(j), mask)
+                SparseFactor::new(self.factor_dense(j)?, mask)
             })
             .collect::<Result<Vec<_>>>()?;
         let biases = self
@@ -356,7 +432,7 @@ impl<S: StorageFloat> CompactGroup<S> {
     /// does (bit-identical to it on [`CompactGroup::to_group`]).
     pub fn dense_weight(&self, block: usize, matrix: usize) -> Result<Array2<f32>> {
         let j = self.index(block, matrix)?;
-        let w = self.basis_f32().dot(&self.factor_dense(j));
+        let w = self.basis_f32().dot(&self.factor_dense(j)?);
         Ok(match self.kind.matrix_roles()[matrix] {
             MatrixRole::Up => w.reversed_axes().as_standard_layout().into_owned(),
             MatrixRole::Down => w,
@@ -399,7 +475,7 @@ impl<S: StorageFloat> CompactGroup<S> {
         let up = |j: usize| -> Vec<f32> {
             let mut h = vec![0.0f32; i * tp];
             let bias = self.biases[j].as_deref();
-            spmm(&self.factors[j], &zt, tp, &mut h, bias, self.threads);
+            self.product(j, &zt, tp, &mut h, bias);
             h
         };
         let split = RowSplit::new(self.threads);
@@ -420,7 +496,7 @@ impl<S: StorageFloat> CompactGroup<S> {
         drop(zt);
         let jd = base + f - 1;
         let mut ct = vec![0.0f32; r * tp];
-        spmm(&self.factors[jd], &hidden, tp, &mut ct, None, self.threads);
+        self.product(jd, &hidden, tp, &mut ct, None);
         drop(hidden);
         let ct = Array2::from_shape_vec((r, tp), ct)
             .map_err(|e| FipsError::Numerical(format!("token-minor buffer: {e}")))?;
@@ -434,6 +510,14 @@ impl<S: StorageFloat> CompactGroup<S> {
             }
         }
         Ok(y)
+    }
+
+    /// `out = S_j x (+ bias)` in the best layout available.
+    fn product(&self, j: usize, x: &[f32], tp: usize, out: &mut [f32], bias: Option<&[S]>) {
+        match &self.factors[j] {
+            Factor::Blocked(b, _) => spmm_blocked(b, x, tp, out, bias, self.threads),
+            Factor::Rows(m) => spmm(m, x, tp, out, bias, self.threads),
+        }
     }
 
     /// `out = Uᵀ xᵀ` (`r × T`, any strides).
@@ -554,6 +638,96 @@ pub(crate) fn spmm<S: StorageFloat>(
         }
         run(first);
     });
+}
+
+/// [`spmm`] for the blocked layout: row blocks split over at most `threads` threads.
+pub(crate) fn spmm_blocked<S: StorageFloat>(
+    m: &BlockedMatrix<S>,
+    x: &[f32],
+    tp: usize,
+    out: &mut [f32],
+    bias: Option<&[S]>,
+    threads: usize,
+) {
+    let blocks = m.blocks();
+    let nnz = m.block_nnz(0..blocks);
+    let work = nnz.saturating_mul(tp).max(m.rows() * tp);
+    let parts = threads.min(work / MIN_WORK_PER_THREAD).clamp(1, blocks);
+    let mut bounds = vec![0usize];
+    for p in 1..parts {
+        let target = nnz / parts * p;
+        let mut k = *bounds.last().unwrap_or(&0);
+        while k < blocks && m.block_nnz(0..k) < target {
+            k += 1;
+        }
+        bounds.push(k);
+    }
+    bounds.push(blocks);
+    let mut chunks = Vec::with_capacity(parts);
+    let mut rest = out;
+    for w in bounds.windows(2) {
+        let rows = (w[1] * BLOCK_ROWS).min(m.rows()) - (w[0] * BLOCK_ROWS).min(m.rows());
+        let (head, tail) = rest.split_at_mut(rows * tp);
+        chunks.push((w[0]..w[1], head));
+        rest = tail;
+    }
+    let tiled;
+    let x = if tp > 16 {
+        tiled = tile_major(x, m.cols(), tp);
+        &tiled[..]
+    } else {
+        x
+    };
+    let run = |(blocks, out): (Range<usize>, &mut [f32])| {
+        pulp::Arch::new().dispatch(Blocks {
+            m,
+            x,
+            tp,
+            out,
+            bias,
+            blocks,
+        });
+    };
+    let mut chunks = chunks.into_iter();
+    let Some(first) = chunks.next() else {
+        return;
+    };
+    std::thread::scope(|scope| {
+        for chunk in chunks {
+            scope.spawn(move || run(chunk));
+        }
+        run(first);
+    });
+}
+
+struct Blocks<'a, S> {
+    m: &'a BlockedMatrix<S>,
+    x: &'a [f32],
+    tp: usize,
+    out: &'a mut [f32],
+    bias: Option<&'a [S]>,
+    blocks: Range<usize>,
+}
+
+impl<S: StorageFloat> pulp::WithSimd for Blocks<'_, S> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<V: pulp::Simd>(self, _simd: V) {
+        let Blocks {
+            m,
+            x,
+            tp,
+            out,
+            bias,
+            blocks,
+        } = self;
+        if std::any::TypeId::of::<V>() == std::any::TypeId::of::<pulp::Scalar>() {
+            blocked_rows::<S, false>(m, x, tp, out, bias, blocks);
+        } else {
+            blocked_rows::<S, true>(m, x, tp, out, bias, blocks);
+        }
+    }
 }
 
 /// One thread's share of [`spmm`], compiled for the vector extensions `pulp` detects.
