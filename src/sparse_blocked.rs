@@ -188,12 +188,18 @@ pub(crate) fn blocked_rows<S: StorageFloat, const FUSED: bool>(
         let nr = BLOCK_ROWS.min(m.rows - r0);
         let masks = &m.masks[k * cols * WORDS..(k + 1) * cols * WORDS];
         let stored = &m.values[m.block_offsets[k]..m.block_offsets[k + 1]];
-        let values: &[f32] = match S::as_f32_slice(stored) {
-            Some(v) => v,
-            None => {
-                widened.resize(stored.len(), 0.0);
-                S::widen(stored, &mut widened);
-                &widened
+        // f16 is widened a block at a time (bulk conversion instructions); bf16 and f32 convert
+        // per value in the loop (a shift, or nothing).
+        let widen = S::DTYPE == crate::compact::StorageDtype::F16;
+        if widen {
+            widened.resize(stored.len(), 0.0);
+            S::widen(stored, &mut widened);
+        }
+        let value = |p: usize| {
+            if widen {
+                widened[p]
+            } else {
+                stored[p].to_f32()
             }
         };
         let b = |i: usize| bias.map_or(0.0, |b| b[r0 + i].to_f32());
@@ -210,7 +216,7 @@ pub(crate) fn blocked_rows<S: StorageFloat, const FUSED: bool>(
                     while bits != 0 {
                         let i = (w * 64 + bits.trailing_zeros() as usize) % BLOCK_ROWS;
                         bits &= bits - 1;
-                        acc[i] = madd(values[p], xc, acc[i]);
+                        acc[i] = madd(value(p), xc, acc[i]);
                         p += 1;
                     }
                 }
@@ -237,7 +243,7 @@ pub(crate) fn blocked_rows<S: StorageFloat, const FUSED: bool>(
                     while bits != 0 {
                         let i = (w * 64 + bits.trailing_zeros() as usize) % BLOCK_ROWS;
                         bits &= bits - 1;
-                        let v = values[p];
+                        let v = value(p);
                         p += 1;
                         let a = &mut acc[i];
                         for l in 0..16 {

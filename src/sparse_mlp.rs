@@ -36,7 +36,7 @@ use ndarray::{
 };
 
 use crate::activation::Activation;
-use crate::compact::{CompactMatrix, PatternEncoding, StorageFloat};
+use crate::compact::{CompactMatrix, PatternEncoding, StorageDtype, StorageFloat};
 use crate::error::{FipsError, Result};
 use crate::factors::{SharedBasis, SparseFactor};
 use crate::group::CompressedGroup;
@@ -537,6 +537,14 @@ impl<S: StorageFloat> CompactGroup<S> {
                     product(u, x, 0.0);
                 }
             }
+            None if single && S::DTYPE == StorageDtype::Bf16 => {
+                let xs: Vec<f32> = x.row(0).to_vec();
+                let mut z = vec![0.0f32; r];
+                basis_t_vec(&self.basis, (d, r), &xs, &mut z, self.threads);
+                for (o, z) in out.column_mut(0).iter_mut().zip(z) {
+                    *o = z;
+                }
+            }
             None => {
                 let rows = (PANEL_ELEMENTS / r).max(1);
                 let mut panel = vec![0.0f32; rows * r];
@@ -569,6 +577,14 @@ impl<S: StorageFloat> CompactGroup<S> {
             Some(u) => {
                 if let Ok(u) = ArrayView2::from_shape((d, r), u) {
                     product(u, y);
+                }
+            }
+            None if single && S::DTYPE == StorageDtype::Bf16 => {
+                let c: Vec<f32> = ct.column(0).to_vec();
+                let mut out = vec![0.0f32; d];
+                basis_vec(&self.basis, (d, r), &c, &mut out, self.threads);
+                for (y, o) in y.row_mut(0).iter_mut().zip(out) {
+                    *y = o;
                 }
             }
             None => {
@@ -638,6 +654,148 @@ pub(crate) fn spmm<S: StorageFloat>(
         }
         run(first);
     });
+}
+
+/// Splits `0..len` into at most `parts` contiguous ranges of whole multiples of 16.
+fn split_ranges(len: usize, parts: usize) -> Vec<Range<usize>> {
+    let step = len.div_ceil(parts.max(1)).next_multiple_of(16).max(16);
+    (0..len)
+        .step_by(step)
+        .map(|a| a..(a + step).min(len))
+        .collect()
+}
+
+/// `z = Uᵀ x` for a half-precision `U` (`d × r`, row-major) and one token: every row of `U`
+/// streamed once, widened on the fly; columns of `z` split over threads.
+fn basis_t_vec<S: StorageFloat>(
+    u: &[S],
+    (d, r): (usize, usize),
+    x: &[f32],
+    z: &mut [f32],
+    threads: usize,
+) {
+    let parts = threads.min(d * r / MIN_WORK_PER_THREAD).max(1);
+    let ranges = split_ranges(r, parts);
+    let mut chunks = Vec::with_capacity(ranges.len());
+    let mut rest = z;
+    for range in ranges {
+        let (head, tail) = rest.split_at_mut(range.len());
+        chunks.push((range, head));
+        rest = tail;
+    }
+    std::thread::scope(|scope| {
+        for (range, z) in chunks {
+            scope.spawn(move || {
+                pulp::Arch::new().dispatch(AxpyRows {
+                    u,
+                    r,
+                    rows: d,
+                    x,
+                    z,
+                    cols: range,
+                })
+            });
+        }
+    });
+}
+
+struct AxpyRows<'a, S> {
+    u: &'a [S],
+    r: usize,
+    rows: usize,
+    x: &'a [f32],
+    z: &'a mut [f32],
+    cols: Range<usize>,
+}
+
+impl<S: StorageFloat> pulp::WithSimd for AxpyRows<'_, S> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<V: pulp::Simd>(self, _simd: V) {
+        let AxpyRows {
+            u,
+            r,
+            rows,
+            x,
+            z,
+            cols,
+        } = self;
+        for (i, &xi) in x.iter().enumerate().take(rows) {
+            let row = &u[i * r + cols.start..i * r + cols.end];
+            for (zk, uk) in z.iter_mut().zip(row) {
+                *zk += xi * uk.to_f32();
+            }
+        }
+    }
+}
+
+/// `y = U c` for a half-precision `U` (`d × r`, row-major) and one token: rows split over
+/// threads, each a dot product widened on the fly.
+fn basis_vec<S: StorageFloat>(
+    u: &[S],
+    (d, r): (usize, usize),
+    c: &[f32],
+    y: &mut [f32],
+    threads: usize,
+) {
+    let parts = threads.min(d * r / MIN_WORK_PER_THREAD).max(1);
+    let ranges = split_ranges(d, parts);
+    let mut chunks = Vec::with_capacity(ranges.len());
+    let mut rest = y;
+    for range in ranges {
+        let (head, tail) = rest.split_at_mut(range.len());
+        chunks.push((range, head));
+        rest = tail;
+    }
+    std::thread::scope(|scope| {
+        for (range, y) in chunks {
+            scope.spawn(move || {
+                pulp::Arch::new().dispatch(DotRows {
+                    u,
+                    r,
+                    c,
+                    y,
+                    rows: range,
+                })
+            });
+        }
+    });
+}
+
+struct DotRows<'a, S> {
+    u: &'a [S],
+    r: usize,
+    c: &'a [f32],
+    y: &'a mut [f32],
+    rows: Range<usize>,
+}
+
+impl<S: StorageFloat> pulp::WithSimd for DotRows<'_, S> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<V: pulp::Simd>(self, _simd: V) {
+        let DotRows { u, r, c, y, rows } = self;
+        for (yi, i) in y.iter_mut().zip(rows) {
+            let row = &u[i * r..(i + 1) * r];
+            let mut acc = [0.0f32; 16];
+            let mut row16 = row.chunks_exact(16);
+            let mut c16 = c.chunks_exact(16);
+            for (a, b) in (&mut row16).zip(&mut c16) {
+                for l in 0..16 {
+                    acc[l] += a[l].to_f32() * b[l];
+                }
+            }
+            let tail: f32 = row16
+                .remainder()
+                .iter()
+                .zip(c16.remainder())
+                .map(|(a, b)| a.to_f32() * b)
+                .sum();
+            *yi = acc.iter().sum::<f32>() + tail;
+        }
+    }
 }
 
 /// [`spmm`] for the blocked layout: row blocks split over at most `threads` threads.
