@@ -1,15 +1,15 @@
 //! The inference layout of a bitmask-encoded sparse matrix: rows in blocks of [`BLOCK_ROWS`], each
 //! block stored column by column.
 //!
-//! For block `k` (rows `[256 k, 256 k + 256)`) and column `c`, four 64-bit words say which of the
-//! block's rows keep an entry in column `c` (bit `i mod 64` of word `i / 64` for row `256 k + i`),
+//! For block `k` (rows `[128 k, 128 k + 128)`) and column `c`, two 64-bit words say which of the
+//! block's rows keep an entry in column `c` (bit `i mod 64` of word `i / 64` for row `128 k + i`),
 //! and the block's values follow in that order: column by column, rows increasing within a column.
 //! It holds exactly the bits and values of the row-major bitmask form (one bit per entry, the last
-//! block padded to 256 rows), in another order.
+//! block padded to 128 rows), in another order.
 //!
 //! Why: a product `out[i, :] += S[i, c] · x[c, :]` over a tile of 16 tokens then reads the inputs
 //! `x[c, :]` once per block in increasing `c` (a stream the prefetchers follow) and keeps the
-//! block's 256 accumulators of 16 lanes (16 KiB) in the first-level cache, instead of fetching a
+//! block's 128 accumulators of 32 lanes (16 KiB) in the first-level cache, instead of fetching a
 //! random input row for every kept entry.
 
 use std::ops::Range;
@@ -18,7 +18,7 @@ use crate::compact::{CompactMatrix, SparsePattern, StorageFloat};
 use crate::error::Result;
 
 /// Rows per block.
-pub const BLOCK_ROWS: usize = 256;
+pub const BLOCK_ROWS: usize = 128;
 const WORDS: usize = BLOCK_ROWS / 64;
 
 /// A sparse matrix in the blocked column-major inference layout.
@@ -225,37 +225,67 @@ pub(crate) fn blocked_rows<S: StorageFloat, const FUSED: bool>(
             o.copy_from_slice(&acc[..nr]);
             continue;
         }
-        for t in 0..tp / 16 {
-            let mut acc = [[0.0f32; 16]; BLOCK_ROWS];
-            for (i, a) in acc.iter_mut().enumerate().take(nr) {
-                *a = [b(i); 16];
+        // Tiles of 32 tokens (two 16-token slabs), then one of 16 if the count is odd.
+        let slabs = tp / 16;
+        let mut t = 0;
+        while t + 2 <= slabs {
+            block_tile::<32, FUSED>(masks, &value, x, cols, t, nr, &b, out, r0 - first_row, tp);
+            t += 2;
+        }
+        if t < slabs {
+            block_tile::<16, FUSED>(masks, &value, x, cols, t, nr, &b, out, r0 - first_row, tp);
+        }
+    }
+}
+
+/// One block's product for the `L` tokens of the 16-token slabs `t, t + L/16 − 1`: the block's
+/// `L`-lane accumulators live in the first-level cache while the inputs stream by column.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn block_tile<const L: usize, const FUSED: bool>(
+    masks: &[u64],
+    value: &impl Fn(usize) -> f32,
+    x: &[f32],
+    cols: usize,
+    t: usize,
+    nr: usize,
+    bias: &impl Fn(usize) -> f32,
+    out: &mut [f32],
+    out_row: usize,
+    tp: usize,
+) {
+    let madd = |a: f32, b: f32, c: f32| if FUSED { a.mul_add(b, c) } else { a * b + c };
+    let mut acc = [[0.0f32; L]; BLOCK_ROWS];
+    for (i, a) in acc.iter_mut().enumerate().take(nr) {
+        *a = [bias(i); L];
+    }
+    let mut p = 0usize;
+    for (c, words) in masks.chunks_exact(WORDS).enumerate() {
+        let mut xr = [0.0f32; L];
+        for (h, part) in xr.chunks_exact_mut(16).enumerate() {
+            let s = ((t + h) * cols + c) * 16;
+            if let Some(xs) = x.get(s..s + 16) {
+                part.copy_from_slice(xs);
             }
-            let mut p = 0usize;
-            for (c, words) in masks.chunks_exact(WORDS).enumerate() {
-                let s = (t * cols + c) * 16;
-                let Some(xs) = x.get(s..s + 16) else {
-                    break;
-                };
-                let mut xr = [0.0f32; 16];
-                xr.copy_from_slice(xs);
-                for (w, &word) in words.iter().enumerate() {
-                    let mut bits = word;
-                    while bits != 0 {
-                        let i = (w * 64 + bits.trailing_zeros() as usize) % BLOCK_ROWS;
-                        bits &= bits - 1;
-                        let v = value(p);
-                        p += 1;
-                        let a = &mut acc[i];
-                        for l in 0..16 {
-                            a[l] = madd(v, xr[l], a[l]);
-                        }
-                    }
+        }
+        for (w, &word) in words.iter().enumerate() {
+            let mut bits = word;
+            while bits != 0 {
+                let i = (w * 64 + bits.trailing_zeros() as usize) % BLOCK_ROWS;
+                bits &= bits - 1;
+                let v = value(p);
+                p += 1;
+                let a = &mut acc[i];
+                for l in 0..L {
+                    a[l] = madd(v, xr[l], a[l]);
                 }
             }
-            for (i, a) in acc.iter().enumerate().take(nr) {
-                let o = (r0 - first_row + i) * tp + t * 16;
-                out[o..o + 16].copy_from_slice(a);
-            }
+        }
+    }
+    for (i, a) in acc.iter().enumerate().take(nr) {
+        let o = (out_row + i) * tp + t * 16;
+        if let Some(dst) = out.get_mut(o..o + L) {
+            dst.copy_from_slice(a);
         }
     }
 }

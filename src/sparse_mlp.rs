@@ -1194,7 +1194,7 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(7);
         for threads in [1, 3] {
             let compact = compact.clone().with_threads(threads);
-            for t in [1, 3, 17] {
+            for t in [1, 3, 17, 40] {
                 let x =
                     Array2::from_shape_simple_fn((t, g.width()), || rng.random_range(-1.0f32..1.0));
                 for b in 0..g.blocks() {
