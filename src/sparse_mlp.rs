@@ -49,7 +49,7 @@ const MIN_WORK_PER_THREAD: usize = 1 << 17;
 /// Kept entries decoded at a time by the several-token kernel (indices and values: 4 MiB).
 const BLOCK_ENTRIES: usize = if cfg!(test) { 1000 } else { 1 << 19 };
 /// Elements of `f32` scratch per panel when widening a half-precision basis.
-const PANEL_ELEMENTS: usize = 1 << 16;
+const PANEL_ELEMENTS: usize = 1 << 20;
 
 /// A compressed group in compact form, ready for inference: `U` and the sparse `S_j` stored in
 /// `S` (`f32`, `f16` or `bf16`), biases in `S`.
