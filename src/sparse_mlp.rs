@@ -19,14 +19,17 @@
 //! y  = C Uᵀ + b_down         (T × d)   BLAS
 //! ```
 //!
-//! The sparse kernel walks each output row's kept entries in storage order (values streamed, the
-//! pattern decoded on the fly) and, for every entry, adds `value × (input row)` over a tile of 16
-//! tokens held in registers: `nnz · T` multiply-adds and no scatter. Output rows are split into
-//! contiguous ranges of equal `nnz` over at most the configured number of threads (each range its
-//! own slice of the output, so the result does not depend on the thread count). The loops are
-//! compiled for the processor's vector extensions chosen at run time (`pulp`). Values stored as
-//! `f16`/`bf16` are widened to `f32` a row at a time; all accumulation is in `f32`. With `f16`/`bf16`
-//! storage the basis is widened in panels of a few rows, each multiplied by BLAS.
+//! The sparse products do `nnz · T` multiply-adds. Bitmask-encoded factors are held in the
+//! blocked column-major layout of [`crate::sparse_blocked`] (same bits and values, another order):
+//! a block of 128 output rows keeps its accumulators for 32 (or 16) tokens in the first-level
+//! cache while the inputs stream by column. Row-gap and full factors keep the row-major form and a
+//! kernel that decodes a batch of rows and accumulates 16-token tiles in registers. Output rows are
+//! split into contiguous ranges of equal `nnz` over at most the configured number of threads (each
+//! range its own slice of the output, so the result does not depend on the thread count). The
+//! loops are compiled for the processor's vector extensions chosen at run time (`pulp`). `bf16`
+//! values are widened per entry, `f16` a block at a time; all accumulation is in `f32`. With
+//! `f16`/`bf16` storage the basis is widened in panels multiplied by BLAS (one `bf16` token:
+//! streamed and widened on the fly). See `docs/inference.md`.
 
 use std::ops::Range;
 
