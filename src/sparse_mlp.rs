@@ -647,15 +647,25 @@ pub(crate) fn spmm<S: StorageFloat>(
             range,
         });
     };
-    let mut chunks = chunks.into_iter();
-    let Some(first) = chunks.next() else {
+    run_parts(chunks, run);
+}
+
+/// Runs `work` on every part: the first on the calling thread, the others on scoped threads.
+fn run_parts<T: Send>(parts: Vec<T>, work: impl Fn(T) + Sync) {
+    let mut parts = parts.into_iter();
+    let Some(first) = parts.next() else {
         return;
     };
+    if parts.len() == 0 {
+        work(first);
+        return;
+    }
+    let work = &work;
     std::thread::scope(|scope| {
-        for chunk in chunks {
-            scope.spawn(move || run(chunk));
+        for part in parts {
+            scope.spawn(move || work(part));
         }
-        run(first);
+        work(first);
     });
 }
 
@@ -686,20 +696,17 @@ fn basis_t_vec<S: StorageFloat>(
         chunks.push((range, head));
         rest = tail;
     }
-    std::thread::scope(|scope| {
-        for (range, z) in chunks {
-            scope.spawn(move || {
-                pulp::Arch::new().dispatch(AxpyRows {
-                    u,
-                    r,
-                    rows: d,
-                    x,
-                    z,
-                    cols: range,
-                })
-            });
-        }
-    });
+    let run = |(range, z): (Range<usize>, &mut [f32])| {
+        pulp::Arch::new().dispatch(AxpyRows {
+            u,
+            r,
+            rows: d,
+            x,
+            z,
+            cols: range,
+        })
+    };
+    run_parts(chunks, run);
 }
 
 struct AxpyRows<'a, S> {
@@ -751,19 +758,16 @@ fn basis_vec<S: StorageFloat>(
         chunks.push((range, head));
         rest = tail;
     }
-    std::thread::scope(|scope| {
-        for (range, y) in chunks {
-            scope.spawn(move || {
-                pulp::Arch::new().dispatch(DotRows {
-                    u,
-                    r,
-                    c,
-                    y,
-                    rows: range,
-                })
-            });
-        }
-    });
+    let run = |(range, y): (Range<usize>, &mut [f32])| {
+        pulp::Arch::new().dispatch(DotRows {
+            u,
+            r,
+            c,
+            y,
+            rows: range,
+        })
+    };
+    run_parts(chunks, run);
 }
 
 struct DotRows<'a, S> {
@@ -849,16 +853,7 @@ pub(crate) fn spmm_blocked<S: StorageFloat>(
             blocks,
         });
     };
-    let mut chunks = chunks.into_iter();
-    let Some(first) = chunks.next() else {
-        return;
-    };
-    std::thread::scope(|scope| {
-        for chunk in chunks {
-            scope.spawn(move || run(chunk));
-        }
-        run(first);
-    });
+    run_parts(chunks, run);
 }
 
 struct Blocks<'a, S> {
