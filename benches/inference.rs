@@ -21,8 +21,8 @@
 //! threads (default: all cores); give BLAS the same with `OPENBLAS_NUM_THREADS=n`.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use fips::compact::{CompactMatrix, SparsePattern, StorageFloat};
-use fips::sparse_mlp::CompactGroup;
+use fips::repr::compact::{CompactMatrix, SparsePattern, StorageFloat};
+use fips::repr::sparse_mlp::CompactGroup;
 use fips::{
     Activation, DenseMlp, GroupShape, Linear, MlpKind, nonzeros_for_sparsity, rank_for_budget,
 };

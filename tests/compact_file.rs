@@ -1,15 +1,15 @@
-//! The compact file format (version 2): exact round trips, self-contained files, version errors,
+//! The compact file format (version 3): exact round trips, self-contained files, version errors,
 //! crafted files, size targets and the Python reader of `docs/format.md`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use fips::checkpoint::{Checkpoint, TensorData, write_safetensors};
-use fips::compact_file::{CompactBlocks, CompactModel, FORMAT_VERSION_KEY};
-use fips::export::{CompressedModel, GroupManifest, MANIFEST_KEY, Manifest};
-use fips::methods::CompressedBlocks;
-use fips::methods::layer_collapse::{CollapsedBlock, CollapsedGroup, CollapsedMap};
-use fips::methods::lowrank::{LowRankGroup, LowRankMatrix};
+use fips::format::checkpoint::{Checkpoint, TensorData, write_safetensors};
+use fips::format::compact_file::{CompactBlocks, CompactModel, FORMAT_VERSION_KEY};
+use fips::format::compressed::{CompressedModel, GroupManifest, MANIFEST_KEY, Manifest};
+use fips::repr::CompressedBlocks;
+use fips::repr::collapsed::{CollapsedBlock, CollapsedGroup, CollapsedMap};
+use fips::repr::low_rank::{LowRankGroup, LowRankMatrix};
 use fips::{
     Activation, CompressedGroup, FipsError, GroupShape, MatrixRole, MlpKind, SharedBasis,
     SparseFactor, nonzeros_for_sparsity, rank_for_budget,
@@ -85,7 +85,7 @@ fn original_names(kind: MlpKind, block: usize, m: usize, bias: bool) -> (String,
 
 /// A v1 compressed model of `groups` (each with its blocks), originals in `dtype`.
 fn model(groups: Vec<(CompressedBlocks<f32>, Vec<usize>)>, dtype: Dtype) -> CompressedModel {
-    let mut manifest = Manifest::new("fips", serde_json::json!({"p": 0.5}));
+    let mut manifest = Manifest::new("fips", &serde_json::json!({"p": 0.5})).unwrap();
     manifest.scheme = Some("test".into());
     let mut out = Vec::new();
     for (group, blocks) in groups {
@@ -398,13 +398,17 @@ fn self_contained_and_mlp_only_files_densify_identically() {
 fn files_of_other_versions_get_a_version_error() {
     let dir = temp_dir("version");
     let m = mixed_model(Dtype::F32);
+    // The previous compressed format (version 2, and version 1 before it).
     let v1 = dir.join("v1.safetensors");
     m.write(&v1).unwrap();
     match CompactModel::read(&v1, None) {
         Err(FipsError::UnsupportedVersion {
             found, supported, ..
         }) => {
-            assert_eq!((found, supported), (1, 2));
+            assert_eq!(
+                (found, supported),
+                (fips::format::compressed::FORMAT_VERSION, 3)
+            );
         }
         other => panic!("expected a version error, got {other:?}"),
     }
@@ -415,13 +419,13 @@ fn files_of_other_versions_get_a_version_error() {
         .unwrap();
     let v3 = dir.join("v3.safetensors");
     rewrite(&v2, &v3, |meta, _, _| {
-        meta.insert(FORMAT_VERSION_KEY.into(), "3".into());
+        meta.insert(FORMAT_VERSION_KEY.into(), "4".into());
     });
     assert!(matches!(
         CompactModel::read(&v3, None),
-        Err(FipsError::UnsupportedVersion { found: 3, .. })
+        Err(FipsError::UnsupportedVersion { found: 4, .. })
     ));
-    // And the version-1 reader refuses version 2 rather than misreading it.
+    // And the version-2 reader refuses version 3 rather than misreading it.
     assert!(CompressedModel::read(&v2).is_err());
     std::fs::remove_dir_all(dir).ok();
 }
@@ -659,7 +663,7 @@ fn file_sizes_meet_the_targets() {
     eprintln!(
         "DeiT-tiny shapes, f32, p = 0.5, s = 0.75 (r = {}): format 2 {size} B = {:.4} of the dense MLP \
          ({dense} B); format 1 {v1_size} B = {:.4}",
-        deit.manifest.groups[0].rank,
+        deit.manifest.groups[0].rank.unwrap_or(0),
         size / dense,
         v1_size / dense
     );
@@ -679,7 +683,7 @@ fn file_sizes_meet_the_targets() {
     eprintln!(
         "Llama-style shapes, bf16 (r = {}): format 2 {size} B = {:.4} of the dense bf16 MLP ({dense} B); \
          format 1 {v1_size} B = {:.4}",
-        llama.manifest.groups[0].rank,
+        llama.manifest.groups[0].rank.unwrap_or(0),
         size / dense,
         v1_size / dense
     );
