@@ -518,25 +518,21 @@ impl<'a, F: Float> FipsTrainer<'a, F> {
         let adam = self.config.optimizer();
         let lr = adam.learning_rate_at(step, total);
         let update = AdamWStep::<F>::new(adam, lr, step);
-        update.apply(
+        let split = state.objective.split();
+        update.apply_split(
+            &split,
             self.params.u.view_mut(),
             state.grads.u.view(),
             &mut state.moments_u,
+            None,
         );
-        if self.schedule.is_sparse() {
-            update.apply_masked(
-                self.params.v.view_mut(),
-                state.grads.v.view(),
-                &mut state.moments_v,
-                self.mask.view(),
-            );
-        } else {
-            update.apply(
-                self.params.v.view_mut(),
-                state.grads.v.view(),
-                &mut state.moments_v,
-            );
-        }
+        update.apply_split(
+            &split,
+            self.params.v.view_mut(),
+            state.grads.v.view(),
+            &mut state.moments_v,
+            self.schedule.is_sparse().then(|| self.mask.view()),
+        );
         for ((b, g), m) in self
             .params
             .biases

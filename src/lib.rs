@@ -61,6 +61,7 @@ pub mod params;
 pub mod pipeline;
 pub mod sparsity;
 pub mod svg;
+pub mod thread_plan;
 pub mod vit;
 
 pub use activation::Activation;

@@ -257,7 +257,8 @@ fn bias_slice<F: Float>(b: Option<&mut Array1<F>>) -> Result<Option<&mut [F]>> {
 
 impl<F: Float> Objective<F> {
     /// An objective for mini-batches of `shape.tokens` tokens; `order` resolves `Auto`; elementwise
-    /// passes use `threads` threads.
+    /// passes use at most `threads` threads, one for small shapes
+    /// ([`crate::thread_plan::step_threads`]).
     pub(crate) fn new(
         kind: MlpKind,
         activation: Activation,
@@ -272,7 +273,7 @@ impl<F: Float> Objective<F> {
             shape,
             order,
             per_matrix_bases: false,
-            split: RowSplit::new(threads),
+            split: RowSplit::new(crate::thread_plan::step_threads(&shape, threads)),
             ws: Workspace::new(&shape, kind, order),
         }
     }
@@ -286,6 +287,11 @@ impl<F: Float> Objective<F> {
             self.ws = Workspace::new(&self.shape, self.kind, self.order);
         }
         self
+    }
+
+    /// The thread split of the elementwise passes (the optimiser uses it too).
+    pub(crate) fn split(&self) -> RowSplit {
+        self.split
     }
 
     /// The contraction order in use (never `Auto`).

@@ -4,6 +4,7 @@ use ndarray::{Array, ArrayView, ArrayViewMut, Dimension, Zip};
 
 use crate::error::{Result, invalid};
 use crate::float::Float;
+use crate::kernels::RowSplit;
 
 /// AdamW hyper-parameters (PyTorch semantics) and the cosine schedule's floor.
 ///
@@ -138,7 +139,7 @@ impl<F: Float> AdamWStep<F> {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn update(&self, p: &mut F, g: F, m: &mut F, v: &mut F) {
         *m = self.beta1 * *m + self.one_minus_beta1 * g;
         *v = self.beta2 * *v + self.one_minus_beta2 * g * g;
@@ -157,6 +158,77 @@ impl<F: Float> AdamWStep<F> {
             .and(&mut moments.m)
             .and(&mut moments.v)
             .for_each(|p, &g, m, v| self.update(p, g, m, v));
+    }
+
+    /// [`Self::apply`] (no mask) or [`Self::apply_masked`], split over `split`'s threads and
+    /// vectorised when every array is contiguous (the trainer's case); the same values either way.
+    pub(crate) fn apply_split<D: Dimension>(
+        &self,
+        split: &RowSplit,
+        mut param: ArrayViewMut<'_, F, D>,
+        grad: ArrayView<'_, F, D>,
+        moments: &mut Moments<F, D>,
+        mask: Option<ArrayView<'_, bool, D>>,
+    ) {
+        let flat_mask = mask.as_ref().map(|m| m.as_slice());
+        let all_flat = param.as_slice().is_some()
+            && grad.as_slice().is_some()
+            && moments.m.as_slice().is_some()
+            && moments.v.as_slice().is_some()
+            && !matches!(flat_mask, Some(None));
+        if !all_flat {
+            match mask {
+                Some(mask) => self.apply_masked(param, grad, moments, mask),
+                None => self.apply(param, grad, moments),
+            }
+            return;
+        }
+        let (Some(p), Some(g), Some(m), Some(v)) = (
+            param.as_slice_mut(),
+            grad.as_slice(),
+            moments.m.as_slice_mut(),
+            moments.v.as_slice_mut(),
+        ) else {
+            return;
+        };
+        let keep = flat_mask.flatten();
+        let n = split.chunk(p.len(), 1);
+        let parts: Vec<_> = p
+            .chunks_mut(n)
+            .zip(g.chunks(n))
+            .zip(m.chunks_mut(n))
+            .zip(v.chunks_mut(n))
+            .enumerate()
+            .map(|(k, (((p, g), m), v))| (p, g, m, v, keep.map(|keep| &keep[k * n..])))
+            .collect();
+        RowSplit::run(
+            parts,
+            #[inline(always)]
+            |(p, g, m, v, keep)| match keep {
+                Some(keep) => {
+                    for ((((p, &g), m), v), &keep) in p
+                        .iter_mut()
+                        .zip(g)
+                        .zip(m.iter_mut())
+                        .zip(v.iter_mut())
+                        .zip(keep)
+                    {
+                        // Branch-free select, so the loop vectorises.
+                        let (mut p2, mut m2, mut v2) = (*p, *m, *v);
+                        self.update(&mut p2, g, &mut m2, &mut v2);
+                        *p = if keep { p2 } else { F::zero() };
+                        *m = if keep { m2 } else { F::zero() };
+                        *v = if keep { v2 } else { F::zero() };
+                    }
+                }
+                None => {
+                    for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut())
+                    {
+                        self.update(p, g, m, v);
+                    }
+                }
+            },
+        );
     }
 
     /// Updates a masked parameter: entries outside `mask` stay zero and their moments are reset
