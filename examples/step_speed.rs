@@ -2,14 +2,15 @@
 //! time (so that the ratio survives a machine shared with other work).
 //!
 //! ```sh
-//! cargo run --release --example step_speed -- CASE [STEPS] [THREADS] [TOKENS]
+//! cargo run --release --example step_speed -- CASE [STEPS] [THREADS|auto] [TOKENS]
 //! OPENBLAS_NUM_THREADS=1 cargo run --release --example step_speed -- stories 200 1
 //! ```
 //!
 //! `CASE` is `tiny` (DeiT-tiny group: d 192, I 768, GELU, 4 blocks, 2048 tokens), `base` (DeiT-B
 //! group: d 768, I 3072, 4 blocks, 1024 tokens) or `stories` (stories260k: d 64, I 172, gated SiLU,
 //! 5 blocks, 1024 tokens); all at p = 0.5, s = 0.75 (RigL). `THREADS` is the step's thread setting
-//! ([`fips::FipsParams::threads`]); BLAS threads come from `OPENBLAS_NUM_THREADS`.
+//! ([`fips::FipsParams::threads`]); BLAS threads come from `OPENBLAS_NUM_THREADS`; `auto` applies
+//! [`fips::thread_plan::step_threads`] to both (re-running itself with the variable set).
 //!
 //! It prints, for the step and for one plain sgemm of the dominant shape (T × d by d × I), the
 //! median wall time and the process CPU time per call, the GFLOP/s of both, and the step/sgemm
@@ -65,7 +66,7 @@ fn main() -> fips::Result<()> {
     let mut args = std::env::args().skip(1);
     let case = args.next().unwrap_or_else(|| "tiny".into());
     let steps: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(40);
-    let threads: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(2);
+    let threads_arg = args.next().unwrap_or_else(|| "2".into());
     let (d, i, n, kind, act, default_tokens) = match case.as_str() {
         "tiny" => (192, 768, 4, MlpKind::Standard, Activation::Gelu, 2048),
         "base" => (768, 3072, 4, MlpKind::Standard, Activation::Gelu, 1024),
@@ -79,6 +80,32 @@ fn main() -> fips::Result<()> {
         .next()
         .and_then(|s| s.parse().ok())
         .unwrap_or(default_tokens);
+    // `auto`: the thread plan for this shape on this machine, OpenBLAS included (re-runs itself
+    // with OPENBLAS_NUM_THREADS set).
+    let threads = match threads_arg.as_str() {
+        "auto" => {
+            let planned = fips::thread_plan::step_threads(
+                &StepShape {
+                    tokens,
+                    width: d,
+                    intermediate: i,
+                    rank: 0,
+                    blocks: n,
+                    matrices_per_block: kind.matrices_per_block(),
+                },
+                fips::thread_plan::available_threads(),
+            );
+            match fips::thread_plan::run_with_blas_threads(planned) {
+                Ok(Some(code)) => std::process::exit(code),
+                Ok(None) => planned,
+                Err(e) => {
+                    eprintln!("cannot re-run with OPENBLAS_NUM_THREADS={planned}: {e}");
+                    std::process::exit(1);
+                }
+            }
+        }
+        t => t.parse().unwrap_or(2),
+    };
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     let blocks = (0..n)
         .map(|_| match kind {
