@@ -556,6 +556,21 @@ impl<'a, F: Float> FipsTrainer<'a, F> {
         }))
     }
 
+    /// The group as it stands after the steps run so far, pruned to the target sparsity if the
+    /// schedule is not there yet (a copy: training goes on undisturbed). For validation during
+    /// training (see [`crate::validation`]); shared-basis runs only.
+    pub fn snapshot(&self) -> Result<CompressedGroup<F>> {
+        if self.per_matrix {
+            return Err(FipsError::Numerical(
+                "a per-matrix run has no shared basis to snapshot".into(),
+            ));
+        }
+        let (mut v, mut mask) = (self.params.v.clone(), self.mask.clone());
+        MaskSchedule::new(self.config.sparsifier(), self.config.sparsity(), v.len(), 1)
+            .finish(contiguous(&mut v)?, contiguous(&mut mask)?);
+        assemble(&self.spec, &self.params.u, &v, &mask, &self.params.biases)
+    }
+
     /// Prunes to the target sparsity (if the schedule has not yet), evaluates the trained group on
     /// the whole calibration set and returns it with its report.
     pub fn finish(self) -> Result<FipsOutput<F>> {

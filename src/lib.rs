@@ -37,6 +37,8 @@
 
 pub mod activation;
 pub mod activations;
+#[cfg(feature = "images")]
+pub mod augment;
 pub mod budget;
 pub mod calibration;
 pub mod checkpoint;
@@ -62,6 +64,7 @@ pub mod pipeline;
 pub mod sparsity;
 pub mod svg;
 pub mod thread_plan;
+pub mod validation;
 pub mod vit;
 
 pub use activation::Activation;
