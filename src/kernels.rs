@@ -295,15 +295,12 @@ impl RowSplit {
 
 /// Runs `f` compiled for the best instruction set of this CPU: AVX-512 (x86-64-v4) or AVX2 with FMA
 /// (x86-64-v3) where present, detected at run time; the baseline instruction set otherwise. The
-/// closure is inlined into the dispatched copy, so its loops are auto-vectorised with those
-/// instructions. Results are bitwise the same on every path for the elementwise loops here (no
+/// closure (which callers mark `#[inline(always)]`) is inlined into the dispatched copy, so its
+/// loops are auto-vectorised with those instructions. Results are bitwise the same on every path for the elementwise loops here (no
 /// reassociation; FMA contraction is not enabled by Rust).
 #[inline(always)]
 pub(crate) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
-    pulp::Arch::new().dispatch(
-        #[inline(always)]
-        || f(),
-    )
+    pulp::Arch::new().dispatch(f)
 }
 
 /// Adds the column sums of the row-major `[rows, width]` buffer `a` to `col_sums`.
