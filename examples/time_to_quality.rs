@@ -50,6 +50,8 @@ struct Setting {
     sparsifier: Sparsifier,
     /// Extra random views per training image (0: the images alone).
     views: usize,
+    /// Adam's second-moment decay.
+    beta2: f64,
 }
 
 const RIGL: Sparsifier = Sparsifier::Rigl(RiglSchedule {
@@ -67,6 +69,7 @@ fn settings() -> Vec<Setting> {
         min_lr: VIT_DEFAULTS.min_learning_rate,
         sparsifier: RIGL,
         views: 0,
+        beta2: 0.999,
     };
     let rigl_fast = Sparsifier::Rigl(RiglSchedule {
         interval: 25,
@@ -119,6 +122,44 @@ fn settings() -> Vec<Setting> {
             steps: 300,
             lr: 2e-3,
             views: 1,
+            ..base
+        },
+        Setting {
+            name: "s600-b512-lr2e-3",
+            steps: 600,
+            batch: 512,
+            lr: 2e-3,
+            ..base
+        },
+        Setting {
+            name: "s900-b512-lr2e-3",
+            batch: 512,
+            lr: 2e-3,
+            ..base
+        },
+        Setting {
+            name: "s900-b256-lr2e-3",
+            batch: 256,
+            lr: 2e-3,
+            ..base
+        },
+        Setting {
+            name: "s1200-b256-lr2e-3",
+            steps: 1200,
+            batch: 256,
+            lr: 2e-3,
+            ..base
+        },
+        Setting {
+            name: "s300-lr2e-3-beta2",
+            steps: 300,
+            lr: 2e-3,
+            beta2: 0.99,
+            ..base
+        },
+        Setting {
+            name: "s900-lr2e-3",
+            lr: 2e-3,
             ..base
         },
         Setting {
@@ -180,6 +221,7 @@ fn main() -> fips::Result<()> {
     let mut groups_wanted: Option<Vec<usize>> = None;
     let mut every = 25usize;
     let mut eval_setting: Option<String> = None;
+    let mut fixed_target: Option<f64> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || args.next().unwrap_or_default();
@@ -196,6 +238,8 @@ fn main() -> fips::Result<()> {
             }
             "--every" => every = value().parse().unwrap_or(25).max(1),
             "--eval" => eval_setting = Some(value()),
+            // Skip the defaults' run and take this validation error as the target (one group).
+            "--target" => fixed_target = value().parse().ok(),
             other => {
                 eprintln!("unknown argument {other:?}");
                 std::process::exit(2);
@@ -308,6 +352,9 @@ fn main() -> fips::Result<()> {
             let Some(cal) = calibrations.get(&s.views) else {
                 continue;
             };
+            if k == 0 && fixed_target.is_some() {
+                continue;
+            }
             let compressor = FipsParams::new()
                 .budget(Budget::Fraction(0.5))
                 .sparsity(0.75)
@@ -316,6 +363,12 @@ fn main() -> fips::Result<()> {
                 .batch_tokens(s.batch)
                 .learning_rate(s.lr)
                 .min_learning_rate(s.min_lr)
+                .optimizer(fips::AdamW {
+                    learning_rate: s.lr,
+                    min_learning_rate: s.min_lr,
+                    beta2: s.beta2,
+                    ..fips::AdamW::default()
+                })
                 .build()?;
             let start = Instant::now();
             let mut trainer = compressor.trainer(&dense, cal)?;
@@ -350,6 +403,20 @@ fn main() -> fips::Result<()> {
                 trained.as_secs_f64(),
                 run.final_error()
             );
+            println!(
+                "  curve: {}",
+                run.curve
+                    .iter()
+                    .filter(|p| p.step % 100 == 0 || p.step == s.steps)
+                    .map(|p| format!(
+                        "{}:{:.4}@{:.0}s",
+                        p.step,
+                        p.error,
+                        (run.setup + p.time).as_secs_f64()
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
             runs[k].insert(g, run);
         }
     }
@@ -368,17 +435,33 @@ fn main() -> fips::Result<()> {
     for (k, s) in chosen.iter().enumerate() {
         let mut row = format!("| {} |", s.name);
         for g in &group_ids {
-            let (Some(run), Some(base)) = (runs[k].get(g), runs[0].get(g)) else {
+            let Some(run) = runs[k].get(g) else {
                 row.push_str(" – | – | – |");
                 continue;
             };
-            let target = base.final_error();
-            let base_time = base.time_to(target).map_or(base.total(), |(_, t)| t);
+            let (target, base_time) = match (runs[0].get(g), fixed_target) {
+                (Some(base), _) => {
+                    let target = base.final_error();
+                    (
+                        target,
+                        base.time_to(target).map_or(base.total(), |(_, t)| t),
+                    )
+                }
+                (None, Some(target)) => (target, Duration::MAX),
+                (None, None) => {
+                    row.push_str(" – | – | – |");
+                    continue;
+                }
+            };
             match run.time_to(target) {
                 Some((step, t)) => row.push_str(&format!(
                     " {:.1} s ({step}) | {:.2} | {:.4} |",
                     t.as_secs_f64(),
-                    base_time.as_secs_f64() / t.as_secs_f64(),
+                    if base_time == Duration::MAX {
+                        f64::NAN
+                    } else {
+                        base_time.as_secs_f64() / t.as_secs_f64()
+                    },
                     run.final_error()
                 )),
                 None => row.push_str(&format!(
