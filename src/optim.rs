@@ -313,6 +313,38 @@ mod tests {
     }
 
     #[test]
+    fn split_vectorised_update_equals_the_plain_one_bitwise() {
+        // Large enough that two threads each take a part.
+        let (rows, cols) = (700, 600);
+        let f = |k: usize, m: usize| ((k * m) % 1009) as f32 / 500.0 - 1.0;
+        let p0 = ndarray::Array2::from_shape_fn((rows, cols), |(a, b)| f(a * cols + b, 7));
+        let g = ndarray::Array2::from_shape_fn((rows, cols), |(a, b)| f(a * cols + b, 13));
+        let mask =
+            ndarray::Array2::from_shape_fn((rows, cols), |(a, b)| (a * 31 + b * 17) % 4 == 0);
+        let step = AdamWStep::<f32>::new(&AdamW::default(), 1e-3, 3);
+        for masked in [false, true] {
+            let (mut p1, mut p2) = (p0.clone(), p0.clone());
+            let (mut m1, mut m2) = (Moments::zeros(p0.raw_dim()), Moments::zeros(p0.raw_dim()));
+            for _ in 0..2 {
+                if masked {
+                    step.apply_masked(p1.view_mut(), g.view(), &mut m1, mask.view());
+                } else {
+                    step.apply(p1.view_mut(), g.view(), &mut m1);
+                }
+                step.apply_split(
+                    &RowSplit::new(2),
+                    p2.view_mut(),
+                    g.view(),
+                    &mut m2,
+                    masked.then(|| mask.view()),
+                );
+            }
+            assert_eq!(p1, p2);
+            assert_eq!((m1.m, m1.v), (m2.m, m2.v));
+        }
+    }
+
+    #[test]
     fn cosine_schedule_endpoints() {
         let cfg = AdamW::default();
         assert_abs_diff_eq!(cfg.learning_rate_at(1, 100), 1e-4, epsilon = 1e-18);
