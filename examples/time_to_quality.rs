@@ -5,8 +5,16 @@
 //! ```sh
 //! cargo run --release --features images --example time_to_quality -- \
 //!     [--data ../shared/data] [--configs defaults,s300,...] [--groups 0,1,2] [--every 25] \
-//!     [--eval NAME|auto]
+//!     [--eval NAME|auto] [--target ERROR]
 //! ```
+//!
+//! The defaults (900 steps of 1024 tokens, lr 1e-3 → 1e-5, RigL) always run first, unless
+//! `--target ERROR` (one group) gives their validation error directly. The settings: `s300`,
+//! `s300-lr2e-3`, `s300-lr3e-3`, `s300-lr2e-3-rigl25`, `s300-lr2e-3-gmp`, `s450-lr2e-3`,
+//! `s600-b512-lr2e-3`, `s900-b512-lr2e-3`, `s900-b256-lr2e-3`, `s1200-b256-lr2e-3`,
+//! `s300-lr2e-3-beta2` (Adam β₂ 0.99), `s900-lr2e-3`, `s900-views2`, `s300-lr2e-3-views1`,
+//! `s450-lr2e-3-views2` (`sN`: steps, `bN`: tokens per step, `viewsN`: extra random views per
+//! image). Results of these runs are in `docs/results.md`.
 //!
 //! Validation: a seeded 5 % of the 250 `calib/` images (13 images, 2561 tokens per block) is held
 //! out ([`fips::validation::holdout`]); every setting trains on the other 237 (and, for the
@@ -481,6 +489,9 @@ fn main() -> fips::Result<()> {
     );
     println!("|---|---|---|---|---|---|---|---|");
     for (k, s) in chosen.iter().enumerate() {
+        if runs[k].is_empty() {
+            continue;
+        }
         let errors: Vec<f64> = group_ids
             .iter()
             .filter_map(|g| runs[k].get(g).map(Run::final_error))
@@ -518,8 +529,8 @@ fn main() -> fips::Result<()> {
             runs[k]
                 .iter()
                 .map(|(g, r)| {
-                    r.time_to(runs[0][g].final_error())
-                        .map(|(_, t)| t.as_secs_f64())
+                    let target = runs[0].get(g).map(Run::final_error).or(fixed_target)?;
+                    r.time_to(target).map(|(_, t)| t.as_secs_f64())
                 })
                 .sum()
         };
@@ -565,6 +576,9 @@ fn main() -> fips::Result<()> {
         println!("| dense | {:.1} % | – | – |", 100.0 * dense.top1);
         for idx in picks {
             let label = chosen[idx].name;
+            if runs[idx].len() != group_ids.len() {
+                continue;
+            }
             let mut model = vit.clone();
             for &g in &group_ids {
                 for (pos, &block) in groups.groups()[g].iter().enumerate() {
