@@ -5,11 +5,13 @@
 //! ```sh
 //! cargo run --release --features images --example time_to_quality -- \
 //!     [--data ../shared/data] [--configs defaults,s300,...] [--groups 0,1,2] [--every 25] \
-//!     [--eval NAME|auto] [--target ERROR]
+//!     [--eval NAME|auto] [--target ERROR] [--early-stop PATIENCE,TOLERANCE]
 //! ```
 //!
 //! The defaults (900 steps of 1024 tokens, lr 1e-3 → 1e-5, RigL) always run first, unless
-//! `--target ERROR` (one group) gives their validation error directly. The settings: `s300`,
+//! `--target ERROR` (one group) gives their validation error directly. `--early-stop` stops every
+//! other setting by [`fips::validation::EarlyStop`]. The settings: `defaults-es` (the defaults,
+//! as a candidate), `s300`,
 //! `s300-lr2e-3`, `s300-lr3e-3`, `s300-lr2e-3-rigl25`, `s300-lr2e-3-gmp`, `s450-lr2e-3`,
 //! `s600-b512-lr2e-3`, `s900-b512-lr2e-3`, `s900-b256-lr2e-3`, `s1200-b256-lr2e-3`,
 //! `s300-lr2e-3-beta2` (Adam β₂ 0.99), `s900-lr2e-3`, `s900-views2`, `s300-lr2e-3-views1`,
@@ -85,6 +87,10 @@ fn settings() -> Vec<Setting> {
     });
     vec![
         base,
+        Setting {
+            name: "defaults-es",
+            ..base
+        },
         Setting {
             name: "s300",
             steps: 300,
@@ -230,6 +236,7 @@ fn main() -> fips::Result<()> {
     let mut every = 25usize;
     let mut eval_setting: Option<String> = None;
     let mut fixed_target: Option<f64> = None;
+    let mut early: Option<(usize, f64)> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || args.next().unwrap_or_default();
@@ -248,6 +255,21 @@ fn main() -> fips::Result<()> {
             "--eval" => eval_setting = Some(value()),
             // Skip the defaults' run and take this validation error as the target (one group).
             "--target" => fixed_target = value().parse().ok(),
+            // Early stopping of every setting but the defaults: PATIENCE_STEPS,TOLERANCE.
+            "--early-stop" => {
+                let v = value();
+                let mut it = v.split(',');
+                early = match (
+                    it.next().and_then(|p| p.parse().ok()),
+                    it.next().and_then(|t| t.parse().ok()),
+                ) {
+                    (Some(p), Some(t)) => Some((p, t)),
+                    _ => {
+                        eprintln!("--early-stop PATIENCE,TOLERANCE (e.g. 100,0.003)");
+                        std::process::exit(2);
+                    }
+                };
+            }
             other => {
                 eprintln!("unknown argument {other:?}");
                 std::process::exit(2);
@@ -383,6 +405,12 @@ fn main() -> fips::Result<()> {
             let setup = start.elapsed();
             let mut curve = Vec::new();
             let mut trained = Duration::ZERO;
+            let mut stopper = match early {
+                Some((patience, tolerance)) if k > 0 => {
+                    Some(fips::validation::EarlyStop::new(patience, tolerance)?)
+                }
+                _ => None,
+            };
             loop {
                 let t = Instant::now();
                 let Some(progress) = trainer.step()? else {
@@ -390,11 +418,19 @@ fn main() -> fips::Result<()> {
                 };
                 trained += t.elapsed();
                 if progress.step % every == 0 || progress.step == s.steps {
+                    let error = validation.relative_error(&trainer.snapshot()?)?;
                     curve.push(Point {
                         step: progress.step,
                         time: trained,
-                        error: validation.relative_error(&trainer.snapshot()?)?,
+                        error,
                     });
+                    if stopper
+                        .as_mut()
+                        .is_some_and(|e| e.observe(progress.step, error))
+                    {
+                        println!("  early stop at step {}", progress.step);
+                        break;
+                    }
                 }
             }
             let group = trainer.finish()?.group;

@@ -124,6 +124,61 @@ impl<F: Float> ValidationSet<F> {
     }
 }
 
+/// Early stopping on the validation error: stop once the best error has improved by less than
+/// the relative `tolerance` over the last `patience` steps (scored steps need not be evenly
+/// spaced; a decision needs a score at least `patience` steps old).
+#[derive(Debug, Clone)]
+pub struct EarlyStop {
+    patience: usize,
+    tolerance: f64,
+    /// `(step, best error up to and including that step)`, in step order.
+    best: Vec<(usize, f64)>,
+}
+
+impl EarlyStop {
+    /// Stops when `best(now) > (1 − tolerance) · best(now − patience)`.
+    ///
+    /// Errors: `patience` 0 or `tolerance` outside `[0, 1)`.
+    pub fn new(patience: usize, tolerance: f64) -> Result<Self> {
+        if patience == 0 {
+            return Err(invalid("early stop patience", "must be at least 1 step"));
+        }
+        if !(0.0..1.0).contains(&tolerance) {
+            return Err(invalid(
+                "early stop tolerance",
+                format!("must be in [0, 1), got {tolerance}"),
+            ));
+        }
+        Ok(Self {
+            patience,
+            tolerance,
+            best: Vec::new(),
+        })
+    }
+
+    /// Records the validation error after `step` steps; `true` means stop now.
+    pub fn observe(&mut self, step: usize, error: f64) -> bool {
+        let best = self
+            .best
+            .last()
+            .map_or(error, |&(_, b)| if error < b { error } else { b });
+        self.best.push((step, best));
+        let Some(horizon) = step.checked_sub(self.patience) else {
+            return false;
+        };
+        // The best error as of `patience` steps ago (the latest score at or before it).
+        match self.best.iter().rev().find(|&&(s, _)| s <= horizon) {
+            Some(&(_, then)) => best > (1.0 - self.tolerance) * then,
+            None => false,
+        }
+    }
+
+    /// The lowest error observed so far.
+    pub fn best(&self) -> Option<f64> {
+        self.best.last().map(|&(_, b)| b)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,6 +250,41 @@ mod tests {
                 report.rel_error_final
             );
         }
+    }
+
+    #[test]
+    fn early_stop_waits_for_patience_and_compares_bests() {
+        // The defaults' group-0 validation curve (docs/results.md), every 100 steps.
+        let curve = [
+            (100, 0.1587),
+            (200, 0.1446),
+            (300, 0.1357),
+            (400, 0.1287),
+            (500, 0.1242),
+            (600, 0.1222),
+            (700, 0.1215),
+            (800, 0.1212),
+            (900, 0.1212),
+        ];
+        let mut stop = EarlyStop::new(100, 0.003).unwrap();
+        let first = curve
+            .iter()
+            .find(|&&(s, e)| stop.observe(s, e))
+            .map(|&(s, _)| s);
+        // 0.1212 > 0.997 · 0.1215 at step 800: the first step with < 0.3 % gain in 100 steps.
+        assert_eq!(first, Some(800));
+        assert_eq!(stop.best(), Some(0.1212));
+        // A worse score does not reset the best; no decision before `patience` steps of history.
+        let mut stop = EarlyStop::new(50, 0.01).unwrap();
+        assert!(!stop.observe(25, 1.0));
+        assert!(!stop.observe(50, 0.5));
+        assert!(
+            !stop.observe(75, 2.0),
+            "best 0.5 vs 1.0 at step 25: improving"
+        );
+        assert!(stop.observe(100, 0.499), "0.499 vs 0.5 at step 50: < 1 %");
+        assert!(EarlyStop::new(0, 0.1).is_err());
+        assert!(EarlyStop::new(10, 1.0).is_err());
     }
 
     #[test]
