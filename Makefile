@@ -8,7 +8,7 @@ OUT ?= out/deit-tiny
 CARGO ?= cargo
 FIPS = $(CARGO) run --release --quiet --features cli --bin fips --
 
-.PHONY: demo test lapack check bench sweep
+.PHONY: demo test lapack check layers lean bench sweep
 
 lapack:
 	@sh scripts/ensure-lapack.sh
@@ -18,13 +18,22 @@ demo: lapack
 		--images $(DATA)/imagenet-sample --out-dir $(OUT)
 
 test: lapack
-	FIPS_DATA_DIR=$(DATA) $(CARGO) test --features cli
+	FIPS_DATA_DIR=$(DATA) $(CARGO) test --features cli,text
 
-# Formatting, lints and docs, as reviewers run them.
+# Formatting, lints, docs, the layering and the lean library, as reviewers (and CI) run them.
 check: lapack
 	$(CARGO) fmt --check
-	$(CARGO) clippy --all-targets --features cli -- -D warnings
-	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps --features cli
+	$(CARGO) clippy --all-targets --features cli,text -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps --features cli,text
+	$(MAKE) layers lean
+
+# No module imports from a higher room, no import loop (docs/design.md §0).
+layers:
+	$(CARGO) test --features cli,text --test layers
+
+# The library without optional features compiles no application code.
+lean:
+	CARGO=$(CARGO) sh scripts/check-lean.sh
 
 # Criterion benchmarks of the training step, the initialisation and a plain sgemm.
 bench: lapack

@@ -12,6 +12,7 @@
 //! speed. The dense-equivalent rate is `3 · 2 · T d I f n / time` (printed at start for scaling).
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use fips::ParamGuard;
 use fips::{
     Activation, Budget, Calibration, DenseMlp, FipsParams, InitMethod, Linear, MatrixRole, MlpKind,
     StepShape, shared_init,
@@ -93,7 +94,7 @@ fn bench_step(c: &mut Criterion) {
         let compressor = params()
             .steps(1 << 30)
             .batch_tokens(case.tokens)
-            .build()
+            .check()
             .unwrap();
         let mut trainer = compressor.trainer(&blocks, &calibration).unwrap();
         let shape = StepShape {

@@ -15,21 +15,23 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use fips::checkpoint::{Checkpoint, write_atomically};
-use fips::eval::{Accuracy, agreement};
-use fips::export::CompressedModel;
-use fips::groups::BlockGroups;
-use fips::imagenet::{load_pixels, read_labels, split};
-use fips::layout::MlpLayout;
+use fips::ParamGuard;
+use fips::app::images::{load_pixels, read_labels, split};
+use fips::app::metrics::{Accuracy, agreement};
+use fips::app::pipeline::{self, CalibrationSource, ModelCompression, Silent};
+use fips::app::svg::{LineChart, Series};
+use fips::app::vit::VisionTransformer;
+use fips::format::block_groups::BlockGroups;
+use fips::format::checkpoint::{Checkpoint, write_atomically};
+use fips::format::compressed::CompressedModel;
+use fips::format::layout::MlpLayout;
+use fips::methods::BasisSharingParams;
 use fips::methods::Compressor;
-use fips::methods::basis_sharing::BasisSharingParams;
-use fips::methods::layer_collapse::LayerCollapseParams;
-use fips::methods::mixed_rank::MixedRankParams;
-use fips::methods::svd::SvdParams;
-use fips::methods::svd_llm::SvdLlmParams;
-use fips::pipeline::{self, CalibrationData, ModelCompression, Silent, VIT_DEFAULTS};
-use fips::svg::{LineChart, Series};
-use fips::vit::VisionTransformer;
+use fips::methods::LayerCollapseParams;
+use fips::methods::MixedRankParams;
+use fips::methods::SvdLlmParams;
+use fips::methods::SvdParams;
+use fips::methods::options::VIT_DEFAULTS;
 use fips::{AdamW, Budget, FipsParams};
 use ndarray::{Array2, Array4};
 
@@ -66,7 +68,7 @@ impl Setup {
         groups: &BlockGroups,
     ) -> fips::Result<(ModelCompression, f64)> {
         let start = Instant::now();
-        let calibration = CalibrationData::Images {
+        let calibration = CalibrationSource::Images {
             vit: &self.vit,
             pixels: self.calib.view(),
         };
@@ -132,9 +134,7 @@ fn main() -> fips::Result<()> {
     let labels: Vec<usize> = eval_items.iter().map(|i| i.label).collect();
     let eval = load_pixels(&eval_items)?;
     let dense_logits = pipeline::classify(&vit, eval.view(), &mut Silent)?;
-    let shapes = (0..layout.blocks())
-        .map(|b| layout.block(b).map(|t| (t.width, t.intermediate)))
-        .collect::<fips::Result<Vec<_>>>()?;
+    let shapes = layout.block_shapes()?;
     let setup = Setup {
         calib: load_pixels(&split(&items, "calib"))?,
         eval,
@@ -163,7 +163,7 @@ fn main() -> fips::Result<()> {
                 Box::new(
                     VIT_DEFAULTS
                         .apply(FipsParams::new().budget(budget).sparsity(0.75))
-                        .build()?,
+                        .check()?,
                 ),
                 &groups4,
             ),
@@ -177,13 +177,13 @@ fn main() -> fips::Result<()> {
                                 .sparsity(0.0)
                                 .sparsifier(fips::Sparsifier::None),
                         )
-                        .build()?,
+                        .check()?,
                 ),
                 &groups4,
             ),
             (
                 "svd",
-                Box::new(SvdParams::new().budget(budget).build()?),
+                Box::new(SvdParams::new().budget(budget).check()?),
                 &groups4,
             ),
             (
@@ -194,23 +194,23 @@ fn main() -> fips::Result<()> {
                         .steps(VIT_DEFAULTS.steps)
                         .batch_tokens(VIT_DEFAULTS.batch_tokens)
                         .optimizer(trained)
-                        .build()?,
+                        .check()?,
                 ),
                 &groups4,
             ),
             (
                 "svd-llm",
-                Box::new(SvdLlmParams::new().budget(budget).build()?),
+                Box::new(SvdLlmParams::new().budget(budget).check()?),
                 &groups4,
             ),
             (
                 "basis-sharing",
-                Box::new(BasisSharingParams::new().budget(budget).build()?),
+                Box::new(BasisSharingParams::new().budget(budget).check()?),
                 &groups4,
             ),
             (
                 "mixed-rank",
-                Box::new(MixedRankParams::new().budget(p).build()?),
+                Box::new(MixedRankParams::new().budget(p).check()?),
                 &all_blocks,
             ),
         ];
@@ -237,7 +237,7 @@ fn main() -> fips::Result<()> {
             .join(","),
         &setup.shapes,
     )?;
-    let collapse = LayerCollapseParams::new().build()?;
+    let collapse = LayerCollapseParams::new().check()?;
     let (collapsed, seconds) = setup.run(&collapse, &per_block)?;
     let per_block_seconds = seconds / kmax as f64;
     for k in COLLAPSED {

@@ -10,9 +10,10 @@
 
 use std::ops::ControlFlow;
 
-use fips::checkpoint::Checkpoint;
-use fips::groups::BlockGroups;
-use fips::layout::MlpLayout;
+use fips::ParamGuard;
+use fips::format::block_groups::BlockGroups;
+use fips::format::checkpoint::Checkpoint;
+use fips::format::layout::MlpLayout;
 use fips::{Budget, Calibration, FipsParams};
 
 fn main() -> fips::Result<()> {
@@ -22,9 +23,7 @@ fn main() -> fips::Result<()> {
     let checkpoint = Checkpoint::open(&path)?;
     let layout = MlpLayout::detect(&checkpoint)?;
     println!("{path}: {layout}");
-    let shapes: Vec<_> = (0..layout.blocks())
-        .map(|b| layout.block(b).map(|t| (t.width, t.intermediate)))
-        .collect::<fips::Result<_>>()?;
+    let shapes = layout.block_shapes()?;
     let groups = BlockGroups::consecutive(&shapes, 4)?;
     let compressor = FipsParams::new()
         .budget(Budget::Fraction(0.5))
@@ -32,7 +31,7 @@ fn main() -> fips::Result<()> {
         .steps(300)
         .batch_tokens(2048)
         .learning_rate(1e-3)
-        .build()?;
+        .check()?;
     for (g, blocks) in groups.groups().iter().enumerate() {
         let dense = blocks
             .iter()

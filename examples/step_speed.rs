@@ -10,7 +10,7 @@
 //! group: d 768, I 3072, 4 blocks, 1024 tokens) or `stories` (stories260k: d 64, I 172, gated SiLU,
 //! 5 blocks, 1024 tokens); all at p = 0.5, s = 0.75 (RigL). `THREADS` is the step's thread setting
 //! ([`fips::FipsParams::threads`]); BLAS threads come from `OPENBLAS_NUM_THREADS`; `auto` applies
-//! [`fips::thread_plan::step_threads`] to both (re-running itself with the variable set).
+//! [`fips::foundation::thread_plan::step_threads`] to both (re-running itself with the variable set).
 //!
 //! It prints, for the step and for one plain sgemm of the dominant shape (T × d by d × I), the
 //! median wall time and the process CPU time per call, the GFLOP/s of both, and the step/sgemm
@@ -19,7 +19,9 @@
 
 use std::time::Instant;
 
-use fips::{Activation, Budget, Calibration, DenseMlp, FipsParams, Linear, MlpKind, StepShape};
+use fips::{
+    Activation, Budget, Calibration, DenseMlp, FipsParams, Linear, MlpKind, ParamGuard, StepShape,
+};
 use ndarray::{Array1, Array2, linalg::general_mat_mul};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -84,18 +86,13 @@ fn main() -> fips::Result<()> {
     // with OPENBLAS_NUM_THREADS set).
     let threads = match threads_arg.as_str() {
         "auto" => {
-            let planned = fips::thread_plan::step_threads(
-                &StepShape {
-                    tokens,
-                    width: d,
-                    intermediate: i,
-                    rank: 0,
-                    blocks: n,
-                    matrices_per_block: kind.matrices_per_block(),
-                },
-                fips::thread_plan::available_threads(),
+            let planned = fips::foundation::thread_plan::step_threads(
+                tokens,
+                d,
+                i,
+                fips::foundation::thread_plan::available_threads(),
             );
-            match fips::thread_plan::run_with_blas_threads(planned) {
+            match fips::foundation::thread_plan::run_with_blas_threads(planned) {
                 Ok(Some(code)) => std::process::exit(code),
                 Ok(None) => planned,
                 Err(e) => {
@@ -131,7 +128,7 @@ fn main() -> fips::Result<()> {
         .steps(1 << 30)
         .batch_tokens(tokens)
         .threads(threads)
-        .build()?;
+        .check()?;
     let mut trainer = compressor.trainer(&blocks, &calibration)?;
     let shape = StepShape {
         tokens,

@@ -11,13 +11,15 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use fips::checkpoint::{Checkpoint, write_atomically};
-use fips::eval::{Accuracy, agreement};
-use fips::groups::BlockGroups;
-use fips::imagenet::{load_pixels, read_labels, split};
-use fips::layout::MlpLayout;
-use fips::pipeline::{self, CalibrationData, Silent, VIT_DEFAULTS};
-use fips::vit::VisionTransformer;
+use fips::ParamGuard;
+use fips::app::images::{load_pixels, read_labels, split};
+use fips::app::metrics::{Accuracy, agreement};
+use fips::app::pipeline::{self, CalibrationSource, Silent};
+use fips::app::vit::VisionTransformer;
+use fips::format::block_groups::BlockGroups;
+use fips::format::checkpoint::{Checkpoint, write_atomically};
+use fips::format::layout::MlpLayout;
+use fips::methods::options::VIT_DEFAULTS;
 use fips::{Budget, FipsParams, RiglSchedule, Sparsifier};
 
 const BUDGETS: [f64; 4] = [0.75, 0.5, 0.35, 0.25];
@@ -36,9 +38,7 @@ fn main() -> fips::Result<()> {
     let eval_items = split(&labels, "eval");
     let eval = load_pixels(&eval_items)?;
     let eval_labels: Vec<usize> = eval_items.iter().map(|i| i.label).collect();
-    let shapes: Vec<_> = (0..layout.blocks())
-        .map(|b| layout.block(b).map(|t| (t.width, t.intermediate)))
-        .collect::<fips::Result<_>>()?;
+    let shapes = layout.block_shapes()?;
     let groups = BlockGroups::consecutive(&shapes, 4)?;
     let dense_logits = pipeline::classify(&vit, eval.view(), &mut Silent)?;
     let dense = Accuracy::new(dense_logits.view(), &eval_labels)?;
@@ -72,8 +72,8 @@ fn main() -> fips::Result<()> {
                     .sparsity(s)
                     .sparsifier(sparsifier),
             );
-            let compressor = params.build()?;
-            let calibration = CalibrationData::Images {
+            let compressor = params.check()?;
+            let calibration = CalibrationSource::Images {
                 vit: &vit,
                 pixels: calib.view(),
             };
@@ -95,7 +95,7 @@ fn main() -> fips::Result<()> {
                 / result.reports.len() as f64;
             let row = format!(
                 "| {p} | {s} | {} | {} ({:.1} %) | {} ({:.1} %) | {:.4} | {:.1} % | {:+.1} | {:.1} % | {:.0} s |\n",
-                result.reports[0].details["rank"],
+                result.reports[0].fips().map_or(0, |d| d.rank),
                 mlp_kept,
                 100.0 * mlp_kept as f64 / mlp_dense as f64,
                 total - mlp_dense + mlp_kept,

@@ -10,7 +10,7 @@
 //!
 //! The defaults (900 steps of 1024 tokens, lr 1e-3 → 1e-5, RigL) always run first, unless
 //! `--target ERROR` (one group) gives their validation error directly. `--early-stop` stops every
-//! other setting by [`fips::validation::EarlyStop`]. The settings: `defaults-es` (the defaults,
+//! other setting by [`fips::math::validation::EarlyStop`]. The settings: `defaults-es` (the defaults,
 //! as a candidate), `s300`,
 //! `s300-lr2e-3`, `s300-lr3e-3`, `s300-lr2e-3-rigl25`, `s300-lr2e-3-gmp`, `s450-lr2e-3`,
 //! `s600-b512-lr2e-3`, `s900-b512-lr2e-3`, `s900-b256-lr2e-3`, `s1200-b256-lr2e-3`,
@@ -19,7 +19,7 @@
 //! image). Results of these runs are in `docs/results.md`.
 //!
 //! Validation: a seeded 5 % of the 250 `calib/` images (13 images, 2561 tokens per block) is held
-//! out ([`fips::validation::holdout`]); every setting trains on the other 237 (and, for the
+//! out ([`fips::math::validation::holdout`]); every setting trains on the other 237 (and, for the
 //! augmented settings, on seeded random-resized-crop + flip views of them as well). Every
 //! `--every` steps the trainer's current group ([`fips::FipsTrainer::snapshot`]) is scored on the
 //! held-out tokens; scoring is not timed. `eval/` is touched only with `--eval NAME`, once, at the
@@ -37,16 +37,19 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use fips::augment::random_views;
-use fips::checkpoint::Checkpoint;
-use fips::eval::{Accuracy, agreement};
-use fips::groups::BlockGroups;
-use fips::imagenet::{load_pixels, read_labels, split};
-use fips::layout::MlpLayout;
-use fips::pipeline::{self, CalibrationData, Silent, VIT_DEFAULTS};
-use fips::validation::{ValidationSet, holdout};
-use fips::vit::VisionTransformer;
-use fips::{Budget, CompressedGroup, FipsParams, GmpSchedule, RiglSchedule, Sparsifier};
+use fips::BlockGroups;
+use fips::Checkpoint;
+use fips::MlpLayout;
+use fips::app::augment::random_views;
+use fips::app::images::{load_pixels, read_labels, split};
+use fips::app::metrics::{Accuracy, agreement};
+use fips::app::pipeline::{self, CalibrationSource, Silent};
+use fips::app::vit::VisionTransformer;
+use fips::math::validation::{ValidationSet, holdout};
+use fips::methods::options::VIT_DEFAULTS;
+use fips::{
+    Budget, CompressedGroup, FipsParams, GmpSchedule, ParamGuard, RiglSchedule, Sparsifier,
+};
 use ndarray::{Array4, Axis, concatenate};
 
 /// One training setting.
@@ -229,6 +232,11 @@ fn list(arg: &str) -> Vec<String> {
         .collect()
 }
 
+/// Every block of `group` rebuilt dense.
+fn dense_blocks(group: &CompressedGroup<f32>) -> fips::Result<Vec<fips::DenseMlp<f32>>> {
+    (0..group.blocks()).map(|b| group.to_dense_mlp(b)).collect()
+}
+
 fn main() -> fips::Result<()> {
     let mut data = PathBuf::from("../shared/data");
     let mut wanted: Option<Vec<String>> = None;
@@ -347,7 +355,7 @@ fn main() -> fips::Result<()> {
             .collect::<fips::Result<Vec<_>>>()?;
         let width = dense[0].width();
         let val_cal = pipeline::group_calibration(
-            &CalibrationData::Images {
+            &CalibrationSource::Images {
                 vit: &vit,
                 pixels: val.view(),
             },
@@ -361,7 +369,7 @@ fn main() -> fips::Result<()> {
         for (&views, pixels) in &pixel_sets {
             let start = Instant::now();
             let cal = pipeline::group_calibration(
-                &CalibrationData::Images {
+                &CalibrationSource::Images {
                     vit: &vit,
                     pixels: pixels.view(),
                 },
@@ -399,7 +407,7 @@ fn main() -> fips::Result<()> {
                     beta2: s.beta2,
                     ..fips::AdamW::default()
                 })
-                .build()?;
+                .check()?;
             let start = Instant::now();
             let mut trainer = compressor.trainer(&dense, cal)?;
             let setup = start.elapsed();
@@ -407,7 +415,7 @@ fn main() -> fips::Result<()> {
             let mut trained = Duration::ZERO;
             let mut stopper = match early {
                 Some((patience, tolerance)) if k > 0 => {
-                    Some(fips::validation::EarlyStop::new(patience, tolerance)?)
+                    Some(fips::math::validation::EarlyStop::new(patience, tolerance)?)
                 }
                 _ => None,
             };
@@ -418,7 +426,7 @@ fn main() -> fips::Result<()> {
                 };
                 trained += t.elapsed();
                 if progress.step % every == 0 || progress.step == s.steps {
-                    let error = validation.relative_error(&trainer.snapshot()?)?;
+                    let error = validation.relative_error(&dense_blocks(&trainer.snapshot()?)?)?;
                     curve.push(Point {
                         step: progress.step,
                         time: trained,

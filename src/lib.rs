@@ -7,9 +7,11 @@
 //! from a truncated SVD of `M` and are trained with AdamW to reproduce every block's MLP output on
 //! calibration activations, while GMP or RigL sparsifies `V` to the target.
 //!
+//! The package is `fips-compress` on crates.io (`cargo add fips-compress`); the library is `fips`.
+//!
 //! ```no_run
-//! use fips::{Activation, Calibration, DenseMlp, FipsParams, Linear};
-//! use ndarray::Array2;
+//! use fips::{Activation, Calibration, DenseMlp, FipsParams, Linear, ParamGuard};
+//! use fips::ndarray::Array2;
 //! # fn main() -> Result<(), fips::FipsError> {
 //! # let (d, i) = (192, 768);
 //! // The original blocks (weights in PyTorch [out, in] layout) and their MLP inputs.
@@ -21,69 +23,85 @@
 //!     ))
 //!     .collect::<Result<_, _>>()?;
 //! let calibration = Calibration::gaussian(4, 8192, d, 0)?;
-//! let compressor = FipsParams::new().sparsity(0.75).steps(300).build()?;
+//! let compressor = FipsParams::new().sparsity(0.75).steps(300).check()?;
 //! let out = compressor.compress(&blocks, &calibration)?;
 //! println!("{}", out.report);
 //! let fc1 = out.group.dense_weight(0, 0)?; // [I, d], ready to write back
 //! # Ok(()) }
 //! ```
 //!
+//! ## Rooms
+//!
+//! The modules are layered; a module imports only from its own room or the rooms below it
+//! (`docs/design.md` §0, checked by `tests/layers.rs`):
+//!
+//! | room | what |
+//! |---|---|
+//! | [`app`] (feature `app`) | pipeline over a checkpoint, ViT forward, image sets, metrics, plots, run reports |
+//! | [`methods`] | how each compressed form is made: [`Compressor`], [`ParamGuard`], reports, the training engine |
+//! | [`format`](mod@format) | files: checkpoints, layouts, block groups, MLP-input files, the compressed-model file |
+//! | [`repr`] | what a compressed group is: [`CompressedBlocks`] and its three forms |
+//! | [`math`] | objective and gradients, AdamW, sparsity schedules, initialisation, budgets, whitening |
+//! | [`foundation`] | float trait, errors, activations, dense MLP blocks, BLAS threads |
+//!
 //! The numerical work runs through BLAS/LAPACK (`ndarray` with its `blas` feature and
 //! `ndarray-linalg`); choose the backend with this crate's features (`openblas-system` by default).
 //! See `docs/design.md` for the math.
 
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
-pub mod activation;
-pub mod activations;
-#[cfg(feature = "images")]
-pub mod augment;
-pub mod budget;
-pub mod calibration;
-pub mod checkpoint;
-pub mod compressor;
-pub mod error;
-pub mod eval;
-pub mod export;
-pub mod factors;
-pub mod float;
-pub mod group;
-pub mod groups;
-#[cfg(feature = "images")]
-pub mod imagenet;
-pub mod init;
-mod kernels;
-pub mod layout;
+#[cfg(not(any(
+    feature = "openblas-system",
+    feature = "openblas-static",
+    feature = "netlib-system",
+    feature = "netlib-static",
+    feature = "intel-mkl-system",
+    feature = "intel-mkl-static",
+    docsrs
+)))]
+compile_error!(
+    "fips needs a LAPACK/BLAS backend: enable exactly one of the features openblas-system \
+     (the default), openblas-static, netlib-system, netlib-static, intel-mkl-system or \
+     intel-mkl-static"
+);
+
+#[cfg(feature = "app")]
+#[cfg_attr(docsrs, doc(cfg(feature = "app")))]
+pub mod app;
+pub mod format;
+pub mod foundation;
+pub mod math;
 pub mod methods;
-pub mod mlp;
-pub mod objective;
-pub mod optim;
-pub mod params;
-pub mod pipeline;
-pub mod sparsity;
-pub mod svg;
-pub mod thread_plan;
-pub mod validation;
-pub mod vit;
+pub mod repr;
 
-pub use activation::Activation;
-pub use budget::{
+pub use ndarray;
+pub use safetensors;
+pub use serde_json;
+pub use sprs;
+
+pub use format::block_groups::BlockGroups;
+pub use format::checkpoint::Checkpoint;
+pub use format::compressed::{CompressedModel, Manifest};
+pub use format::layout::{BlockTensors, MlpLayout, NamingScheme};
+pub use foundation::activation::Activation;
+pub use foundation::error::{FipsError, Result};
+pub use foundation::float::Float;
+pub use foundation::mlp::{DenseMlp, Linear, MatrixRole, MlpKind};
+pub use math::budget::{
     Budget, GroupShape, ParameterCount, nonzeros_for_sparsity, rank_for_budget, rank_for_matrix,
 };
-pub use calibration::Calibration;
-pub use compressor::{FipsCompressor, FipsOutput, FipsTrainer, GroupReport, Progress};
-pub use error::{FipsError, Result};
-pub use factors::{SharedBasis, SparseFactor};
-pub use float::Float;
-pub use group::CompressedGroup;
-pub use init::{InitMethod, SharedInit, shared_init};
-pub use layout::{BlockTensors, MlpLayout, NamingScheme};
-pub use mlp::{DenseMlp, Linear, MatrixRole, MlpKind};
-pub use objective::{ContractionOrder, StepShape};
-pub use optim::AdamW;
-pub use params::{FipsParams, FipsValidParams};
-pub use sparsity::{GmpSchedule, RiglSchedule, Sparsifier};
+pub use math::calibration::Calibration;
+pub use math::init::{InitMethod, SharedInit, shared_init};
+pub use math::objective::{ContractionOrder, StepShape};
+pub use math::optim::AdamW;
+pub use math::sparsity::{GmpSchedule, RiglSchedule, Sparsifier};
+pub use methods::fips::params::{FipsParams, FipsValidParams};
+pub use methods::fips::trainer::{FipsOutput, FipsTrainer};
+pub use methods::{Compressor, Method, MethodParams, MethodReport, ParamGuard, Progress};
+pub use repr::shared_basis::CompressedGroup;
+pub use repr::{CompressedBlocks, SharedBasis, SharedBasisGroup, SparseFactor};
 
 /// The README's examples, compiled as doctests.
 #[cfg(doctest)]

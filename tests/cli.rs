@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use fips::checkpoint::{TensorData, write_safetensors};
+use fips::format::checkpoint::{TensorData, write_safetensors};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use safetensors::Dtype;
@@ -317,4 +317,31 @@ fn bad_input_gives_an_error_message_not_a_panic() {
         "{}",
         text(&out)
     );
+
+    // A flag the chosen method does not use is an error that names it, not silently ignored.
+    for (method, flag, value) in [
+        ("svd", "--sparsity", "0.5"),
+        ("mixed-rank", "--rank", "8"),
+        ("layer-collapse", "--budget", "0.5"),
+    ] {
+        let out = fips(&[
+            "compress",
+            "--checkpoint",
+            &model.to_string_lossy(),
+            "--data-free",
+            "--method",
+            method,
+            flag,
+            value,
+        ]);
+        assert!(!out.status.success(), "{method} {flag}");
+        let log = text(&out);
+        assert!(
+            log.contains(&format!(
+                "`{}` is not a setting of method {method}",
+                &flag[2..]
+            )),
+            "{log}"
+        );
+    }
 }

@@ -1,10 +1,11 @@
-//! End-to-end behaviour of `FipsCompressor` on synthetic groups with known structure.
+//! End-to-end behaviour of `FipsValidParams` on synthetic groups with known structure.
 
 mod common;
 
 use std::ops::ControlFlow;
 
 use common::{Dictionary, gaussian_calibration, relative_error, shared_dictionary_group};
+use fips::ParamGuard;
 use fips::{
     Activation, Budget, Calibration, ContractionOrder, DenseMlp, FipsError, FipsParams,
     GmpSchedule, InitMethod, Linear, MlpKind, RiglSchedule, Sparsifier, nonzeros_for_sparsity,
@@ -65,7 +66,7 @@ fn training_beats_svd_init_and_per_matrix_svd() {
             .batch_tokens(512)
             .learning_rate(2e-3)
             .min_learning_rate(1e-4)
-            .build()
+            .check()
             .unwrap()
             .compress(&blocks, &calib)
             .unwrap();
@@ -75,23 +76,23 @@ fn training_beats_svd_init_and_per_matrix_svd() {
             r.parameters.compressed_weights() as f64 <= 0.5 * r.parameters.dense_weights as f64
         );
         assert!(
-            r.rel_error_final < 0.5 * r.rel_error_init,
+            r.rel_error < 0.5 * r.fips().unwrap().rel_error_init,
             "{sparsifier}: training should at least halve the budget-matched SVD error ({} -> {})",
-            r.rel_error_init,
-            r.rel_error_final
+            r.fips().unwrap().rel_error_init,
+            r.rel_error
         );
         assert!(
-            r.rel_error_final < 0.8 * baseline,
+            r.rel_error < 0.8 * baseline,
             "{sparsifier}: FiPS {} should beat per-matrix SVD {baseline} at the same budget",
-            r.rel_error_final
+            r.rel_error
         );
         // The report's error is the error of the returned group.
         let rebuilt: Vec<_> = (0..N).map(|b| out.group.to_dense_mlp(b).unwrap()).collect();
         let direct = relative_error(&blocks, &rebuilt, &calib);
         assert!(
-            (direct - r.rel_error_final).abs() < 1e-9,
+            (direct - r.rel_error).abs() < 1e-9,
             "{direct} vs {}",
-            r.rel_error_final
+            r.rel_error
         );
         // RigL trains at the target sparsity from the start, so its loss must go down (GMP's rises
         // while it prunes from 5 % to 75 %).
@@ -125,7 +126,7 @@ fn sparsity_and_parameter_count_are_exact() {
                     .steps(steps)
                     .batch_tokens(64)
                     .learning_rate(1e-3)
-                    .build()
+                    .check()
                     .unwrap()
                     .compress(&blocks, &calib)
                     .unwrap();
@@ -154,8 +155,8 @@ fn sparsity_and_parameter_count_are_exact() {
                     assert_eq!(outside, 0, "masked entries must be zero");
                     assert_eq!(v.to_csr().nnz(), v.nnz());
                 }
-                assert_eq!(out.report.sparsity, g.sparsity());
-                assert_eq!(out.report.nnz, g.nnz());
+                assert_eq!(out.report.fips().unwrap().sparsity, g.sparsity());
+                assert_eq!(out.report.fips().unwrap().nnz, g.nnz());
             }
         }
     }
@@ -170,15 +171,15 @@ fn dense_full_rank_reproduces_the_blocks() {
             .budget(Budget::Rank(rank))
             .sparsity(0.0)
             .steps(0)
-            .build()
+            .check()
             .unwrap()
             .compress(&blocks, &calib)
             .unwrap();
         assert_eq!(out.group.rank(), rank);
         assert!(
-            out.report.rel_error_final < 1e-12,
+            out.report.rel_error < 1e-12,
             "rank {rank}: {}",
-            out.report.rel_error_final
+            out.report.rel_error
         );
         for (b, mlp) in blocks.iter().enumerate() {
             for (m, layer) in mlp.layers().iter().enumerate() {
@@ -210,19 +211,19 @@ fn same_seed_same_result_in_f32() {
         .batch_tokens(128)
         .learning_rate(1e-3)
         .seed(42);
-    let a = params.build().unwrap().compress(&blocks, &calib).unwrap();
-    let b = params.build().unwrap().compress(&blocks, &calib).unwrap();
+    let a = params.check().unwrap().compress(&blocks, &calib).unwrap();
+    let b = params.check().unwrap().compress(&blocks, &calib).unwrap();
     assert_eq!(a.group, b.group);
     assert_eq!(a.report.loss_curve, b.report.loss_curve);
     let c = params
         .clone()
         .seed(43)
-        .build()
+        .check()
         .unwrap()
         .compress(&blocks, &calib)
         .unwrap();
     assert_ne!(a.report.loss_curve, c.report.loss_curve);
-    assert!(a.report.rel_error_final < a.report.rel_error_init);
+    assert!(a.report.rel_error < a.report.fips().unwrap().rel_error_init);
 }
 
 #[test]
@@ -234,15 +235,21 @@ fn contraction_orders_train_identically() {
             .steps(30)
             .batch_tokens(64)
             .contraction(order)
-            .build()
+            .check()
             .unwrap()
             .compress(&blocks, &calib)
             .unwrap()
     };
     let a = run(ContractionOrder::WeightsFirst);
     let b = run(ContractionOrder::FactorsFirst);
-    assert_eq!(a.report.contraction, ContractionOrder::WeightsFirst);
-    assert_eq!(b.report.contraction, ContractionOrder::FactorsFirst);
+    assert_eq!(
+        a.report.fips().unwrap().contraction,
+        ContractionOrder::WeightsFirst
+    );
+    assert_eq!(
+        b.report.fips().unwrap().contraction,
+        ContractionOrder::FactorsFirst
+    );
     for (x, y) in a.report.loss_curve.iter().zip(&b.report.loss_curve) {
         assert!((x - y).abs() <= 1e-9 * x.abs(), "{x} vs {y}");
     }
@@ -276,16 +283,16 @@ fn f32_and_f64_agree() {
         .batch_tokens(64)
         .learning_rate(1e-3);
     let a = params
-        .build()
+        .check()
         .unwrap()
         .compress(&blocks64, &calib64)
         .unwrap();
     let b = params
-        .build()
+        .check()
         .unwrap()
         .compress(&blocks32, &calib32)
         .unwrap();
-    assert!((a.report.rel_error_final - b.report.rel_error_final).abs() < 1e-3);
+    assert!((a.report.rel_error - b.report.rel_error).abs() < 1e-3);
 }
 
 #[test]
@@ -297,7 +304,7 @@ fn progress_reports_every_step_and_can_stop_early() {
         .sparsifier(Sparsifier::Gmp(GmpSchedule::default()))
         .steps(100)
         .batch_tokens(64)
-        .build()
+        .check()
         .unwrap()
         .compress_with_progress(&blocks, &calib, |p| {
             seen.push(*p);
@@ -318,11 +325,11 @@ fn progress_reports_every_step_and_can_stop_early() {
             .all(|p| p.total_steps == 100 && p.loss.is_finite())
     );
     assert!(
-        (seen[0].sparsity - 0.05).abs() < 1e-3,
+        (seen[0].sparsity.unwrap() - 0.05).abs() < 1e-3,
         "GMP starts at its initial sparsity"
     );
     assert!(seen[0].learning_rate > seen[6].learning_rate);
-    assert_eq!(out.report.steps_run, 7);
+    assert_eq!(out.report.steps, 7);
     assert_eq!(out.report.loss_curve.len(), 7);
     // Stopped early, still at the target sparsity.
     assert!((out.group.sparsity() - 0.75).abs() < 1e-4);
@@ -340,7 +347,7 @@ fn standard_block(d: usize, i: usize, act: Activation) -> DenseMlp<f64> {
 
 #[test]
 fn bad_inputs_are_typed_errors() {
-    let compressor = FipsParams::new().steps(5).batch_tokens(16).build().unwrap();
+    let compressor = FipsParams::new().steps(5).batch_tokens(16).check().unwrap();
     let calib = gaussian_calibration::<f64>(2, 64, 8, 0);
 
     let empty: Vec<DenseMlp<f64>> = vec![];
@@ -401,7 +408,7 @@ fn bad_inputs_are_typed_errors() {
         .budget(Budget::Fraction(0.01))
         .steps(5)
         .batch_tokens(16)
-        .build()
+        .check()
         .unwrap();
     assert!(matches!(
         zero_rank.compress(&ok, &calib),
@@ -439,7 +446,7 @@ fn bad_inputs_are_typed_errors() {
         .weight_decay(0.0)
         .steps(50)
         .batch_tokens(16)
-        .build()
+        .check()
         .unwrap();
     match diverging.compress(&ok32, &calib32) {
         Err(FipsError::NonFiniteLoss { step, .. }) => assert!((1..=50).contains(&step)),
@@ -464,13 +471,13 @@ fn gated_groups_compress() {
         .steps(300)
         .batch_tokens(256)
         .learning_rate(2e-3)
-        .build()
+        .check()
         .unwrap()
         .compress(&blocks, &calib)
         .unwrap();
     println!("{}", out.report);
     assert_eq!(out.group.factors().len(), 9);
-    assert!(out.report.rel_error_final < 0.7 * out.report.rel_error_init);
+    assert!(out.report.rel_error < 0.7 * out.report.fips().unwrap().rel_error_init);
     let y = out.group.forward(2, calib.input(2).unwrap()).unwrap();
     let y_dense = out
         .group

@@ -5,11 +5,11 @@ mod common;
 
 use std::time::Instant;
 
-use fips::checkpoint::Checkpoint;
-use fips::eval::{Accuracy, agreement};
-use fips::imagenet::{load_pixels, read_labels, split};
-use fips::pipeline::{Silent, classify};
-use fips::vit::VisionTransformer;
+use fips::app::images::{load_pixels, read_labels, split};
+use fips::app::metrics::{Accuracy, agreement};
+use fips::app::pipeline::{Silent, classify};
+use fips::app::vit::VisionTransformer;
+use fips::format::checkpoint::Checkpoint;
 use ndarray::Array2;
 
 #[test]

@@ -6,7 +6,7 @@ mod common;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
-use fips::checkpoint::{Checkpoint, TensorData, write_safetensors};
+use fips::format::checkpoint::{Checkpoint, TensorData, write_safetensors};
 use fips::{Activation, DenseMlp, FipsError, MlpKind, MlpLayout, NamingScheme};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;

@@ -5,12 +5,14 @@ mod common;
 use std::ops::ControlFlow;
 
 use common::{Dictionary, gaussian_calibration, relative_error, shared_dictionary_group};
-use fips::methods::basis_sharing::{BasisSharingParams, shared_rank};
-use fips::methods::layer_collapse::LayerCollapseParams;
-use fips::methods::mixed_rank::MixedRankParams;
-use fips::methods::svd::SvdParams;
-use fips::methods::svd_llm::SvdLlmParams;
-use fips::methods::{CompressedBlocks, Compressor, MethodOutput};
+use fips::CompressedBlocks;
+use fips::ParamGuard;
+use fips::methods::basis_sharing::shared_rank;
+use fips::methods::report::MethodDetails;
+use fips::methods::{
+    BasisSharingParams, Compressor, LayerCollapseParams, MethodOutput, MixedRankParams,
+    SvdLlmParams, SvdParams,
+};
 use fips::{Activation, Budget, Calibration, DenseMlp, FipsError, MlpKind, rank_for_matrix};
 
 const D: usize = 16;
@@ -58,9 +60,9 @@ fn full_rank_reproduces_every_layer_exactly() {
         // (min(g m, n) ≤ I).
         let full = Budget::Rank(I);
         let methods: Vec<Box<dyn Compressor<f64>>> = vec![
-            Box::new(SvdParams::new().budget(full).build().unwrap()),
-            Box::new(SvdLlmParams::new().budget(full).build().unwrap()),
-            Box::new(BasisSharingParams::new().budget(full).build().unwrap()),
+            Box::new(SvdParams::new().budget(full).check().unwrap()),
+            Box::new(SvdLlmParams::new().budget(full).check().unwrap()),
+            Box::new(BasisSharingParams::new().budget(full).check().unwrap()),
         ];
         for m in methods {
             let out = run(m.as_ref(), &blocks, &calib);
@@ -89,8 +91,8 @@ fn per_layer_methods_use_the_rank_formula_and_count_parameters_exactly() {
     let r = rank_for_matrix(I, D, 0.5).unwrap();
     assert_eq!(r, 6);
     for m in [
-        Box::new(SvdParams::new().build().unwrap()) as Box<dyn Compressor<f64>>,
-        Box::new(SvdLlmParams::new().build().unwrap()),
+        Box::new(SvdParams::new().check().unwrap()) as Box<dyn Compressor<f64>>,
+        Box::new(SvdLlmParams::new().check().unwrap()),
     ] {
         let out = run(m.as_ref(), &blocks, &calib);
         let p = out.report.parameters;
@@ -116,8 +118,8 @@ fn whitening_beats_plain_svd_and_training_improves_svd() {
         }
     }
     let calib = Calibration::new(calib_inputs).unwrap();
-    let svd = run(&SvdParams::new().build().unwrap(), &blocks, &calib);
-    let llm = run(&SvdLlmParams::new().build().unwrap(), &blocks, &calib);
+    let svd = run(&SvdParams::new().check().unwrap(), &blocks, &calib);
+    let llm = run(&SvdLlmParams::new().check().unwrap(), &blocks, &calib);
     assert!(
         llm.report.rel_error < svd.report.rel_error,
         "{} vs {}",
@@ -132,7 +134,7 @@ fn whitening_beats_plain_svd_and_training_improves_svd() {
                 learning_rate: 3e-3,
                 ..fips::AdamW::default()
             })
-            .build()
+            .check()
             .unwrap(),
         &blocks,
         &calib,
@@ -154,7 +156,7 @@ fn whitening_beats_plain_svd_and_training_improves_svd() {
 fn basis_sharing_shares_one_basis_per_type() {
     let blocks = group(MlpKind::Gated, 3);
     let calib = gaussian_calibration(3, 500, D, 4);
-    let out = run(&BasisSharingParams::new().build().unwrap(), &blocks, &calib);
+    let out = run(&BasisSharingParams::new().check().unwrap(), &blocks, &calib);
     let CompressedBlocks::LowRank(g) = &out.blocks else {
         panic!("basis sharing is low rank");
     };
@@ -185,7 +187,7 @@ fn mixed_rank_meets_its_budget_and_more_budget_never_hurts() {
             .budget(p)
             .residual_rank(0)
             .grid(1)
-            .build()
+            .check()
             .unwrap();
         let out = run(&method, &blocks, &calib);
         let kept = out.report.parameters.compressed_weights();
@@ -212,17 +214,16 @@ fn mixed_rank_meets_its_budget_and_more_budget_never_hurts() {
         .grid(2)
         .steps(150)
         .batch_tokens(128)
-        .build()
+        .check()
         .unwrap();
     let out = run(&method, &blocks, &calib);
     assert!(out.report.parameters.compressed_weights() as f64 <= 0.5 * dense as f64);
-    let residuals = out.report.details["residual_errors"].as_array().unwrap();
-    assert!(!residuals.is_empty());
-    for r in residuals {
-        assert!(
-            r["after"].as_f64().unwrap() < r["before"].as_f64().unwrap(),
-            "{r}"
-        );
+    let MethodDetails::MixedRank(details) = &out.report.details else {
+        panic!("mixed-rank reports its details");
+    };
+    assert!(!details.residual_errors.is_empty());
+    for r in &details.residual_errors {
+        assert!(r.after < r.before, "{r:?}");
     }
 }
 
@@ -234,7 +235,7 @@ fn layer_collapse_merges_linearised_blocks() {
         &LayerCollapseParams::new()
             .learning_rate(1e-2)
             .batch_tokens(256)
-            .build()
+            .check()
             .unwrap(),
         &blocks,
         &calib,
@@ -265,49 +266,49 @@ fn bad_inputs_are_typed_errors() {
     assert!(
         SvdParams::new()
             .budget(Budget::Fraction(0.0))
-            .build()
+            .check()
             .is_err()
     );
-    assert!(SvdParams::new().budget(Budget::Rank(0)).build().is_err());
-    assert!(SvdParams::new().batch_tokens(0).build().is_err());
+    assert!(SvdParams::new().budget(Budget::Rank(0)).check().is_err());
+    assert!(SvdParams::new().batch_tokens(0).check().is_err());
     assert!(
         SvdLlmParams::new()
             .budget(Budget::Fraction(1.5))
-            .build()
+            .check()
             .is_err()
     );
     assert!(
         BasisSharingParams::new()
             .budget(Budget::Fraction(f64::NAN))
-            .build()
+            .check()
             .is_err()
     );
-    assert!(MixedRankParams::new().grid(0).build().is_err());
-    assert!(MixedRankParams::new().budget(0.0).build().is_err());
-    assert!(MixedRankParams::new().learning_rate(-1.0).build().is_err());
-    assert!(LayerCollapseParams::new().lambda(-1.0).build().is_err());
-    assert!(LayerCollapseParams::new().tolerance(0.0).build().is_err());
+    assert!(MixedRankParams::new().grid(0).check().is_err());
+    assert!(MixedRankParams::new().budget(0.0).check().is_err());
+    assert!(MixedRankParams::new().learning_rate(-1.0).check().is_err());
+    assert!(LayerCollapseParams::new().lambda(-1.0).check().is_err());
+    assert!(LayerCollapseParams::new().tolerance(0.0).check().is_err());
 
     let blocks = group(MlpKind::Standard, 2);
     let calib = gaussian_calibration(2, 100, D, 7);
     let wrong_blocks = gaussian_calibration(3, 100, D, 7);
     let wrong_width = gaussian_calibration(2, 100, D + 1, 7);
     let methods: Vec<Box<dyn Compressor<f64>>> = vec![
-        Box::new(SvdParams::new().build().unwrap()),
-        Box::new(SvdLlmParams::new().build().unwrap()),
-        Box::new(BasisSharingParams::new().build().unwrap()),
+        Box::new(SvdParams::new().check().unwrap()),
+        Box::new(SvdLlmParams::new().check().unwrap()),
+        Box::new(BasisSharingParams::new().check().unwrap()),
         Box::new(
             MixedRankParams::new()
                 .steps(2)
                 .batch_tokens(50)
-                .build()
+                .check()
                 .unwrap(),
         ),
         Box::new(
             LayerCollapseParams::new()
                 .max_steps(2)
                 .batch_tokens(50)
-                .build()
+                .check()
                 .unwrap(),
         ),
     ];
@@ -335,7 +336,7 @@ fn bad_inputs_are_typed_errors() {
     // A budget too small for one rank.
     let tiny = SvdParams::new()
         .budget(Budget::Fraction(0.01))
-        .build()
+        .check()
         .unwrap();
     assert!(matches!(
         Compressor::<f64>::compress(&tiny, &blocks, &calib, cont),
@@ -343,13 +344,13 @@ fn bad_inputs_are_typed_errors() {
     ));
     // LayerCollapse refuses gated MLPs.
     let gated = group(MlpKind::Gated, 2);
-    let collapse = LayerCollapseParams::new().build().unwrap();
+    let collapse = LayerCollapseParams::new().check().unwrap();
     assert!(matches!(
         Compressor::<f64>::compress(&collapse, &gated, &calib, cont),
         Err(FipsError::InvalidParameter { .. })
     ));
     // Mixed rank with a batch larger than the calibration set.
-    let big = MixedRankParams::new().batch_tokens(10_000).build().unwrap();
+    let big = MixedRankParams::new().batch_tokens(10_000).check().unwrap();
     assert!(matches!(
         Compressor::<f64>::compress(&big, &blocks, &calib, cont),
         Err(FipsError::BatchTooLarge { .. })

@@ -6,16 +6,18 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
 use common::{Dictionary, gaussian_calibration, shared_dictionary_group};
-use fips::checkpoint::{Checkpoint, TensorData, write_safetensors};
-use fips::export::{CompressedModel, GroupManifest, MANIFEST_KEY, Manifest};
+use fips::ParamGuard;
+use fips::format::checkpoint::{Checkpoint, TensorData, write_safetensors};
+use fips::format::compressed::{CompressedModel, GroupManifest, MANIFEST_KEY, Manifest};
 use std::ops::ControlFlow;
 
-use fips::methods::basis_sharing::BasisSharingParams;
-use fips::methods::layer_collapse::LayerCollapseParams;
-use fips::methods::mixed_rank::MixedRankParams;
-use fips::methods::svd::SvdParams;
-use fips::methods::svd_llm::SvdLlmParams;
-use fips::methods::{CompressedBlocks, Compressor};
+use fips::CompressedBlocks;
+use fips::methods::BasisSharingParams;
+use fips::methods::Compressor;
+use fips::methods::LayerCollapseParams;
+use fips::methods::MixedRankParams;
+use fips::methods::SvdLlmParams;
+use fips::methods::SvdParams;
 use fips::{Activation, DenseMlp, FipsError, FipsParams, MlpKind};
 use safetensors::Dtype;
 
@@ -94,7 +96,7 @@ fn compressed_with(
         })
         .collect();
     let blocks_idx: Vec<usize> = (0..blocks.len()).collect();
-    let mut manifest = Manifest::new(method.method(), method.parameters());
+    let mut manifest = Manifest::new(method.method().name(), &method.parameters()).unwrap();
     manifest.groups.push(
         GroupManifest::describe(&out.blocks, &blocks_idx, MlpKind::Standard, originals).unwrap(),
     );
@@ -108,7 +110,7 @@ fn compressed(blocks: &[DenseMlp<f32>], dtype: Dtype) -> CompressedModel {
     let fips = FipsParams::new()
         .steps(20)
         .batch_tokens(64)
-        .build()
+        .check()
         .unwrap();
     compressed_with(&fips, blocks, dtype)
 }
@@ -120,12 +122,12 @@ fn every_method() -> Vec<Box<dyn Compressor<f32>>> {
             FipsParams::new()
                 .steps(10)
                 .batch_tokens(64)
-                .build()
+                .check()
                 .unwrap(),
         ),
-        Box::new(SvdParams::new().build().unwrap()),
-        Box::new(SvdLlmParams::new().build().unwrap()),
-        Box::new(BasisSharingParams::new().build().unwrap()),
+        Box::new(SvdParams::new().check().unwrap()),
+        Box::new(SvdLlmParams::new().check().unwrap()),
+        Box::new(BasisSharingParams::new().check().unwrap()),
         Box::new(
             MixedRankParams::new()
                 .budget(0.7)
@@ -133,14 +135,14 @@ fn every_method() -> Vec<Box<dyn Compressor<f32>>> {
                 .grid(1)
                 .steps(5)
                 .batch_tokens(64)
-                .build()
+                .check()
                 .unwrap(),
         ),
         Box::new(
             LayerCollapseParams::new()
                 .max_steps(20)
                 .batch_tokens(64)
-                .build()
+                .check()
                 .unwrap(),
         ),
     ]
@@ -201,7 +203,7 @@ fn every_method_round_trips_and_densifies_to_the_same_model() {
         let path = dir.join(&format!("{name}.safetensors"));
         model.write(&path).unwrap();
         let back = CompressedModel::read(&path).unwrap();
-        assert_eq!(back.manifest.method, name);
+        assert_eq!(back.manifest.method, name.name());
         assert_eq!(
             back.groups, model.groups,
             "{name}: factors must survive bit for bit"
@@ -211,7 +213,7 @@ fn every_method_round_trips_and_densifies_to_the_same_model() {
         let dense_path = dir.join(&format!("{name}-dense.safetensors"));
         back.densify(&original, &dense_path).unwrap();
         let dense = Checkpoint::open(&dense_path).unwrap();
-        let layout = fips::layout::MlpLayout::detect(&dense).unwrap();
+        let layout = fips::format::layout::MlpLayout::detect(&dense).unwrap();
         for b in 0..blocks.len() {
             let rebuilt = layout
                 .load_block::<f32>(&dense, b, Activation::Gelu)
@@ -326,7 +328,7 @@ fn mismatched_and_corrupted_files_are_typed_errors() {
 
     // A manifest that does not match the factors.
     let mut wrong = model.clone();
-    wrong.manifest.groups[0].rank += 1;
+    wrong.manifest.groups[0].rank = wrong.manifest.groups[0].rank.map(|r| r + 1);
     assert!(wrong.write(dir.join("wrong.safetensors")).is_err());
 
     // Corrupted CSR structure: column indices out of range.
@@ -363,6 +365,90 @@ fn mismatched_and_corrupted_files_are_typed_errors() {
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
     assert!(matches!(
         CompressedModel::read(&truncated),
+        Err(FipsError::Format { .. })
+    ));
+}
+
+/// `path` rewritten with its manifest as version 1 wrote it: 0 for "not applicable".
+fn as_version_1(path: &PathBuf, out: &PathBuf) {
+    let ck = Checkpoint::open(path).unwrap();
+    let mut tensors = BTreeMap::new();
+    for info in ck.tensors() {
+        let bytes = ck.read_bytes(&info.name).unwrap();
+        tensors.insert(
+            info.name.clone(),
+            TensorData::new(info.dtype, info.shape.clone(), bytes).unwrap(),
+        );
+    }
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(ck.metadata().get(MANIFEST_KEY).unwrap()).unwrap();
+    manifest["format_version"] = serde_json::json!(1);
+    for group in manifest["groups"].as_array_mut().unwrap() {
+        for field in ["rank", "nnz"] {
+            if group[field].is_null() {
+                group[field] = serde_json::json!(0);
+            }
+        }
+        if group["sparsity"].is_null() {
+            group["sparsity"] = serde_json::json!(0.0);
+        }
+    }
+    write_safetensors(
+        out,
+        &tensors,
+        HashMap::from([(MANIFEST_KEY.to_string(), manifest.to_string())]),
+    )
+    .unwrap();
+}
+
+#[test]
+fn files_of_format_version_1_are_still_read() {
+    let dir = TempDir::new("v1");
+    let blocks = blocks();
+    for method in every_method() {
+        let name = method.method();
+        let model = compressed_with(method.as_ref(), &blocks, Dtype::F32);
+        let (path, old) = (
+            dir.join(&format!("{name}.safetensors")),
+            dir.join(&format!("{name}-v1.safetensors")),
+        );
+        model.write(&path).unwrap();
+        as_version_1(&path, &old);
+        let back = CompressedModel::read(&old).unwrap();
+        assert_eq!(back.groups, model.groups, "{name}");
+        assert_eq!(
+            back.manifest, model.manifest,
+            "{name}: zeros read as absent"
+        );
+        let shared =
+            back.manifest.groups[0].representation == fips::repr::Representation::SharedBasis;
+        assert_eq!(back.manifest.groups[0].rank.is_some(), shared, "{name}");
+    }
+    // A version this crate does not know is a typed error.
+    let path = dir.join("fips.safetensors");
+    let ck = Checkpoint::open(&path).unwrap();
+    let text = ck
+        .metadata()
+        .get(MANIFEST_KEY)
+        .unwrap()
+        .replace("\"format_version\":2", "\"format_version\":99");
+    let mut tensors = BTreeMap::new();
+    for info in ck.tensors() {
+        let bytes = ck.read_bytes(&info.name).unwrap();
+        tensors.insert(
+            info.name.clone(),
+            TensorData::new(info.dtype, info.shape.clone(), bytes).unwrap(),
+        );
+    }
+    let future = dir.join("future.safetensors");
+    write_safetensors(
+        &future,
+        &tensors,
+        HashMap::from([(MANIFEST_KEY.to_string(), text)]),
+    )
+    .unwrap();
+    assert!(matches!(
+        CompressedModel::read(&future),
         Err(FipsError::Format { .. })
     ));
 }

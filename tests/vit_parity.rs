@@ -2,8 +2,8 @@
 
 mod common;
 
-use fips::checkpoint::Checkpoint;
-use fips::vit::{VisionTransformer, preprocess};
+use fips::app::vit::{VisionTransformer, preprocess};
+use fips::format::checkpoint::Checkpoint;
 use ndarray::{Array4, Axis, Ix4, s};
 
 fn parity_inputs(dir: &std::path::Path) -> (Array4<u8>, ndarray::Array2<f32>) {

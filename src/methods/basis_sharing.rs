@@ -10,54 +10,19 @@
 use std::ops::ControlFlow;
 use std::time::Instant;
 
-use ndarray::{Axis, concatenate, s};
+use ndarray::{Axis, concatenate};
 
-use crate::budget::Budget;
-use crate::calibration::Calibration;
-use crate::compressor::Progress;
-use crate::error::{FipsError, Result};
-use crate::float::Float;
-use crate::methods::lowrank::{LowRankGroup, LowRankMatrix};
-use crate::methods::whitening::{Gram, WhitenedSvd, block_input_grams, cholesky_with_jitter};
-use crate::methods::{CompressedBlocks, Compressor, MethodOutput, check_group};
-use crate::mlp::{DenseMlp, MatrixRole};
-
-/// Settings of basis sharing.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct BasisSharingParams {
-    budget: Budget,
-}
-
-/// Checked settings of basis sharing.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct BasisSharingCompressor(BasisSharingParams);
-
-impl Default for BasisSharingParams {
-    fn default() -> Self {
-        Self {
-            budget: Budget::Fraction(0.5),
-        }
-    }
-}
-
-impl BasisSharingParams {
-    /// Default: p = 0.5.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Fraction `p` of each type's weights to keep over the group (or an explicit shared rank).
-    pub fn budget(mut self, budget: Budget) -> Self {
-        self.budget = budget;
-        self
-    }
-
-    /// Validates the settings.
-    pub fn build(&self) -> Result<BasisSharingCompressor> {
-        self.budget.check()?;
-        Ok(BasisSharingCompressor(*self))
-    }
-}
+use crate::foundation::error::{FipsError, Result};
+use crate::foundation::float::Float;
+use crate::foundation::mlp::{DenseMlp, MatrixRole};
+use crate::foundation::slicing::s;
+use crate::math::budget::Budget;
+use crate::math::calibration::Calibration;
+use crate::math::whitening::{Gram, WhitenedSvd, block_input_grams, cholesky_with_jitter};
+use crate::methods::compressor::{Compressor, MethodOutput, Run};
+use crate::methods::params::{BasisSharingValidParams, MethodParams};
+use crate::methods::report::{BasisSharingDetails, Method, MethodDetails, Progress};
+use crate::repr::{CompressedBlocks, LowRankGroup, LowRankMatrix, validate_group};
 
 /// The shared rank `k = ⌊n m g p / (n + m g)⌋` of `g` matrices `[m, n]` sharing an input basis.
 pub fn shared_rank(m: usize, n: usize, g: usize, p: f64) -> Result<usize> {
@@ -76,13 +41,13 @@ pub fn shared_rank(m: usize, n: usize, g: usize, p: f64) -> Result<usize> {
     Ok(k)
 }
 
-impl<F: Float> Compressor<F> for BasisSharingCompressor {
-    fn method(&self) -> &'static str {
-        "basis-sharing"
+impl<F: Float> Compressor<F> for BasisSharingValidParams {
+    fn method(&self) -> Method {
+        Method::BasisSharing
     }
 
-    fn parameters(&self) -> serde_json::Value {
-        serde_json::json!({ "budget": self.0.budget.to_json() })
+    fn parameters(&self) -> MethodParams {
+        MethodParams::BasisSharing(*self.params())
     }
 
     fn compress(
@@ -92,7 +57,7 @@ impl<F: Float> Compressor<F> for BasisSharingCompressor {
         _on_step: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
     ) -> Result<MethodOutput<F>> {
         let start = Instant::now();
-        check_group(blocks, calibration)?;
+        let spec = validate_group(blocks, Some(calibration))?;
         let first = &blocks[0];
         let (d, i, g) = (first.width(), first.intermediate(), blocks.len());
         let kind = first.kind();
@@ -104,8 +69,8 @@ impl<F: Float> Compressor<F> for BasisSharingCompressor {
             up_gram.merge(&up)?;
             down_gram.merge(&down)?;
         }
-        let up_l = cholesky_with_jitter(up_gram.matrix())?;
-        let down_l = cholesky_with_jitter(down_gram.matrix())?;
+        let up_l = cholesky_with_jitter(up_gram.matrix().view())?;
+        let down_l = cholesky_with_jitter(down_gram.matrix().view())?;
 
         let mut bases = Vec::with_capacity(f);
         let mut lefts: Vec<Option<LowRankMatrix<F>>> = vec![None; f * g];
@@ -115,7 +80,7 @@ impl<F: Float> Compressor<F> for BasisSharingCompressor {
                 MatrixRole::Up => (i, d, &up_l),
                 MatrixRole::Down => (d, i, &down_l),
             };
-            let k = match self.0.budget {
+            let k = match self.budget() {
                 Budget::Fraction(p) => shared_rank(out, input, g, p)?,
                 Budget::Rank(r) => r,
             };
@@ -142,14 +107,17 @@ impl<F: Float> Compressor<F> for BasisSharingCompressor {
             .map(|m| m.ok_or_else(|| FipsError::Numerical("a matrix was not factorised".into())))
             .collect::<Result<Vec<_>>>()?;
         let group = LowRankGroup::new(kind, first.activation(), (d, i), bases, matrices)?;
-        MethodOutput::measured(
-            "basis-sharing",
-            blocks,
-            CompressedBlocks::LowRank(group),
-            calibration,
+        let run = Run {
+            method: Method::BasisSharing,
+            spec,
             start,
-            (0, Vec::new()),
-            serde_json::json!({ "shared_ranks": ranks, "group_size": g }),
-        )
+            steps: 0,
+            loss_curve: Vec::new(),
+            details: MethodDetails::BasisSharing(BasisSharingDetails {
+                shared_ranks: ranks,
+                group_size: g,
+            }),
+        };
+        MethodOutput::measured(run, blocks, CompressedBlocks::LowRank(group), calibration)
     }
 }

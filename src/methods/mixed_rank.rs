@@ -2,7 +2,7 @@
 //! method, reconstructed from its description).
 //!
 //! 1. Every matrix gets its whitened SVD (the activation-aware optimum, see
-//!    [`whitening`](super::whitening)); its lost output energy at rank `r` is
+//!    [`whitening`](crate::math::whitening)); its lost output energy at rank `r` is
 //!    `e(r) = Σ_{i>r} σ_i²` (= `‖Y − Ŷ_r‖²`), or that relative to `Σ_i σ_i²` with
 //!    [`EnergyMeasure::Relative`].
 //! 2. Greedy allocation over all matrices of the group: start dense; repeatedly lower the rank of the
@@ -29,142 +29,17 @@ use rand::seq::index::sample;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 
-use crate::calibration::{Calibration, gather_rows};
-use crate::compressor::Progress;
-use crate::error::{FipsError, Result, invalid};
-use crate::float::Float;
-use crate::methods::lowrank::{LowRankGroup, LowRankMatrix};
-use crate::methods::whitening::{WhitenedSvd, block_input_grams};
-use crate::methods::{CompressedBlocks, Compressor, MethodOutput, check_group};
-use crate::mlp::{DenseMlp, MatrixRole, MlpKind};
-use crate::optim::{AdamW, AdamWStep, Moments};
-
-/// How the greedy allocation weighs the output energy a matrix loses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum EnergyMeasure {
-    /// The loss carried to the block's output (the default): exact for down projections; for an
-    /// up projection, `s Σ_{i>r} σ_i²` with `s = (1/I) Σ_k E[c_k²] ‖W_down[:, k]‖²`, where
-    /// `c = ∂A/∂H` (`act'(h)`; gated: `act'(g) ⊙ u` for gate, `act(g)` for up), the linearised
-    /// gain from an isotropic hidden-state error to the block output. Comparable across all
-    /// matrices of all blocks.
-    #[default]
-    BlockOutput,
-    /// `Σ_{i>r} σ_i²`: each matrix's own output error.
-    Absolute,
-    /// `Σ_{i>r} σ_i² / Σ_i σ_i²`: every matrix's loss relative to its own output (the reference
-    /// notes' reconstruction).
-    Relative,
-}
-
-/// Settings of the mixed-rank method.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct MixedRankParams {
-    budget: f64,
-    energy: EnergyMeasure,
-    residual_rank: usize,
-    grid: usize,
-    steps: usize,
-    batch_tokens: usize,
-    learning_rate: f64,
-    seed: u64,
-}
-
-/// Checked settings of the mixed-rank method.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct MixedRankCompressor(MixedRankParams);
-
-impl Default for MixedRankParams {
-    fn default() -> Self {
-        Self {
-            budget: 0.5,
-            energy: EnergyMeasure::BlockOutput,
-            residual_rank: 8,
-            grid: 8,
-            steps: 200,
-            batch_tokens: 1024,
-            learning_rate: 1e-3,
-            seed: 0,
-        }
-    }
-}
-
-impl MixedRankParams {
-    /// Defaults: p = 0.5, residual rank q = 8, rank grid 8, 200 Adam steps of 1024 tokens at
-    /// lr 1e-3 per matrix.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Fraction `p` of the group's dense MLP weights to keep (residuals included).
-    pub fn budget(mut self, p: f64) -> Self {
-        self.budget = p;
-        self
-    }
-
-    /// How lost energy is compared across matrices.
-    pub fn energy(mut self, energy: EnergyMeasure) -> Self {
-        self.energy = energy;
-        self
-    }
-
-    /// Rank `q` of each residual (0: no error compensation).
-    pub fn residual_rank(mut self, q: usize) -> Self {
-        self.residual_rank = q;
-        self
-    }
-
-    /// Step of the candidate ranks.
-    pub fn grid(mut self, grid: usize) -> Self {
-        self.grid = grid;
-        self
-    }
-
-    /// Adam steps per residual.
-    pub fn steps(mut self, steps: usize) -> Self {
-        self.steps = steps;
-        self
-    }
-
-    /// Tokens per residual mini-batch.
-    pub fn batch_tokens(mut self, batch_tokens: usize) -> Self {
-        self.batch_tokens = batch_tokens;
-        self
-    }
-
-    /// Peak learning rate of the residual training (cosine decay to a tenth of it).
-    pub fn learning_rate(mut self, lr: f64) -> Self {
-        self.learning_rate = lr;
-        self
-    }
-
-    /// Seed of the residual initialisation and batches.
-    pub fn seed(mut self, seed: u64) -> Self {
-        self.seed = seed;
-        self
-    }
-
-    /// Validates the settings.
-    pub fn build(&self) -> Result<MixedRankCompressor> {
-        crate::budget::Budget::Fraction(self.budget).check()?;
-        if self.grid == 0 {
-            return Err(invalid("grid", "must be at least 1"));
-        }
-        if self.batch_tokens == 0 {
-            return Err(invalid("batch_tokens", "must be at least 1"));
-        }
-        self.optimizer().check()?;
-        Ok(MixedRankCompressor(*self))
-    }
-
-    fn optimizer(&self) -> AdamW {
-        AdamW {
-            learning_rate: self.learning_rate,
-            min_learning_rate: self.learning_rate / 10.0,
-            weight_decay: 0.0,
-            ..AdamW::default()
-        }
-    }
-}
+use crate::foundation::error::{FipsError, Result, invalid};
+use crate::foundation::float::Float;
+use crate::foundation::mlp::{DenseMlp, MatrixRole, MlpKind};
+use crate::math::calibration::{Calibration, gather_rows};
+use crate::math::optim::{AdamW, AdamWStep, Moments};
+use crate::math::whitening::{WhitenedSvd, block_input_grams};
+use crate::methods::compressor::{Compressor, MethodOutput, Run};
+use crate::methods::engine::{Schedule, Trainable, TrainingLoop};
+use crate::methods::params::{EnergyMeasure, MethodParams, MixedRankParams, MixedRankValidParams};
+use crate::methods::report::{Method, MethodDetails, MixedRankDetails, Progress, ResidualError};
+use crate::repr::{CompressedBlocks, LowRankGroup, LowRankMatrix, validate_group};
 
 /// One matrix's options for the greedy allocation.
 #[derive(Debug, Clone, PartialEq)]
@@ -285,33 +160,28 @@ pub fn allocate_ranks(
     Ok((state, total))
 }
 
-impl<F: Float> Compressor<F> for MixedRankCompressor {
-    fn method(&self) -> &'static str {
-        "mixed-rank"
+impl<F: Float> Compressor<F> for MixedRankValidParams {
+    fn method(&self) -> Method {
+        Method::MixedRank
     }
 
-    fn parameters(&self) -> serde_json::Value {
-        let p = &self.0;
-        serde_json::json!({
-            "budget": {"fraction": p.budget},
-            "energy": format!("{:?}", p.energy).to_lowercase(),
-            "residual_rank": p.residual_rank,
-            "grid": p.grid,
-            "steps": p.steps,
-            "batch_tokens": p.batch_tokens,
-            "learning_rate": p.learning_rate,
-            "seed": p.seed,
-        })
+    fn parameters(&self) -> MethodParams {
+        MethodParams::MixedRank(*self.params())
+    }
+
+    fn steps(&self) -> usize {
+        let p = self.params();
+        if p.residual_rank > 0 { p.steps } else { 0 }
     }
 
     fn compress(
         &self,
         blocks: &[DenseMlp<F>],
         calibration: &Calibration<F>,
-        _on_step: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
+        on_step: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
     ) -> Result<MethodOutput<F>> {
         let start = Instant::now();
-        check_group(blocks, calibration)?;
+        let spec = validate_group(blocks, Some(calibration))?;
         let p = &self.0;
         if p.steps > 0 && p.residual_rank > 0 && p.batch_tokens > calibration.tokens() {
             return Err(FipsError::BatchTooLarge {
@@ -388,9 +258,12 @@ impl<F: Float> Compressor<F> for MixedRankCompressor {
                     p.residual_rank,
                     p.seed.wrapping_add(j as u64),
                 );
-                let (before, after) = residual.train(layer.weight().view(), &inputs, p)?;
-                residual_errors
-                    .push(serde_json::json!({ "matrix": j, "before": before, "after": after }));
+                let (before, after) = residual.train(layer.weight().view(), &inputs, p, on_step)?;
+                residual_errors.push(ResidualError {
+                    matrix: j,
+                    before,
+                    after,
+                });
                 residual.merged(a.view(), basis.view())?
             } else {
                 (a, basis)
@@ -403,22 +276,26 @@ impl<F: Float> Compressor<F> for MixedRankCompressor {
             bases.push(basis);
         }
         let group = LowRankGroup::new(first.kind(), first.activation(), (d, i), bases, matrices)?;
-        let ranks: Vec<serde_json::Value> = allocation
+        let ranks = allocation
             .iter()
             .map(|a| match a {
-                Allocation::Dense => serde_json::json!("dense"),
-                Allocation::Rank(r) => serde_json::json!(r + p.residual_rank),
+                Allocation::Dense => None,
+                Allocation::Rank(r) => Some(r + p.residual_rank),
             })
             .collect();
-        MethodOutput::measured(
-            "mixed-rank",
-            blocks,
-            CompressedBlocks::LowRank(group),
-            calibration,
+        let run = Run {
+            method: Method::MixedRank,
+            spec,
             start,
-            (p.steps, Vec::new()),
-            serde_json::json!({ "ranks": ranks, "residual_rank": p.residual_rank, "residual_errors": residual_errors }),
-        )
+            steps: p.steps,
+            loss_curve: Vec::new(),
+            details: MethodDetails::MixedRank(MixedRankDetails {
+                ranks,
+                residual_rank: p.residual_rank,
+                residual_errors,
+            }),
+        };
+        MethodOutput::measured(run, blocks, CompressedBlocks::LowRank(group), calibration)
     }
 }
 
@@ -502,6 +379,48 @@ impl<F: Float> LayerInputs<'_, F> {
     }
 }
 
+/// One residual's training, stepped by the engine.
+struct ResidualProblem<'r, 'a, F: Float> {
+    residual: &'r mut Residual<F>,
+    w: ArrayView2<'a, F>,
+    inputs: &'r LayerInputs<'a, F>,
+    batch: usize,
+    rng: ChaCha8Rng,
+    buffer: Array2<F>,
+    grads: Option<(Array2<F>, Array2<F>)>,
+    moments: (Moments<F, ndarray::Ix2>, Moments<F, ndarray::Ix2>),
+    adam: AdamW,
+    first: f64,
+    last: f64,
+}
+
+impl<F: Float> Trainable for ResidualProblem<'_, '_, F> {
+    fn loss_and_gradients(&mut self, step: usize) -> Result<f64> {
+        let rows = sample(&mut self.rng, self.inputs.tokens(), self.batch).into_vec();
+        let x = self.inputs.batch(&rows, &mut self.buffer)?;
+        let (loss, dp, dq) = self.residual.loss_and_gradients(x.view(), self.w);
+        if loss.is_finite() {
+            if step == 1 {
+                self.first = loss;
+            }
+            self.last = loss;
+        }
+        self.grads = Some((dp, dq));
+        Ok(loss)
+    }
+
+    fn update(&mut self, step: usize, lr: f64) -> Result<()> {
+        let (dp, dq) = self
+            .grads
+            .take()
+            .ok_or_else(|| FipsError::Numerical("residual update before its gradients".into()))?;
+        let update = AdamWStep::new(&self.adam, lr, step);
+        update.apply(self.residual.p.view_mut(), dp.view(), &mut self.moments.0);
+        update.apply(self.residual.q.view_mut(), dq.view(), &mut self.moments.1);
+        Ok(())
+    }
+}
+
 /// A rank-`q` residual `P Q` on top of frozen factors `A B`.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Residual<F> {
@@ -552,39 +471,37 @@ impl<F: Float> Residual<F> {
         (loss, dp, dq)
     }
 
-    /// Trains `P` and `Q` with Adam on batches of the layer's calibration inputs; returns the
+    /// Trains `P` and `Q` with Adam on batches of the layer's calibration inputs (through the
+    /// training engine; `on_step` sees every step and may end the training); returns the
     /// normalised error on the first and the last batch.
-    fn train(
+    fn train<'a>(
         &mut self,
-        w: ArrayView2<'_, F>,
-        inputs: &LayerInputs<'_, F>,
+        w: ArrayView2<'a, F>,
+        inputs: &LayerInputs<'a, F>,
         params: &MixedRankParams,
+        on_step: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
     ) -> Result<(f64, f64)> {
         let batch = params.batch_tokens.min(inputs.tokens());
-        let mut rng = ChaCha8Rng::seed_from_u64(params.seed);
-        let mut buffer = Array2::zeros((batch, inputs.z.ncols()));
-        let (mut mp, mut mq) = (
-            Moments::zeros(self.p.raw_dim()),
-            Moments::zeros(self.q.raw_dim()),
-        );
         let adam = params.optimizer();
-        let (mut first, mut last) = (f64::NAN, f64::NAN);
-        for step in 1..=params.steps {
-            let rows = sample(&mut rng, inputs.tokens(), batch).into_vec();
-            let x = inputs.batch(&rows, &mut buffer)?;
-            let (loss, dp, dq) = self.loss_and_gradients(x.view(), w);
-            if !loss.is_finite() {
-                return Err(FipsError::NonFiniteLoss { step, loss });
-            }
-            if step == 1 {
-                first = loss;
-            }
-            last = loss;
-            let update = AdamWStep::new(&adam, adam.learning_rate_at(step, params.steps), step);
-            update.apply(self.p.view_mut(), dp.view(), &mut mp);
-            update.apply(self.q.view_mut(), dq.view(), &mut mq);
-        }
-        Ok((first, last))
+        let mut problem = ResidualProblem {
+            moments: (
+                Moments::zeros(self.p.raw_dim()),
+                Moments::zeros(self.q.raw_dim()),
+            ),
+            residual: self,
+            w,
+            inputs,
+            batch,
+            rng: ChaCha8Rng::seed_from_u64(params.seed),
+            buffer: Array2::zeros((batch, inputs.z.ncols())),
+            grads: None,
+            adam,
+            first: f64::NAN,
+            last: f64::NAN,
+        };
+        let mut run = TrainingLoop::new(params.steps, Schedule::Cosine(adam));
+        run.run(&mut problem, on_step)?;
+        Ok((problem.first, problem.last))
     }
 
     /// `A' = [A | P]`, `B' = [B; Q]`: one factorisation of rank `r + q` with `A' B' = A B + P Q`.

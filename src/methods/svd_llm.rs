@@ -1,74 +1,28 @@
 //! SVD-LLM-style activation-aware SVD by whitening: each matrix gets the rank-`r` factors that
-//! minimise its output error on the calibration inputs (see [`whitening`](super::whitening)),
+//! minimise its output error on the calibration inputs (see [`whitening`](crate::math::whitening)),
 //! `r = ⌊p m n / (m + n)⌋`. Closed form, no training. The down projection's inputs are the
 //! activated hidden states of the original block, computed from the captured MLP inputs.
 
 use std::ops::ControlFlow;
 use std::time::Instant;
 
-use crate::budget::{Budget, rank_for_matrix};
-use crate::calibration::Calibration;
-use crate::compressor::Progress;
-use crate::error::Result;
-use crate::float::Float;
-use crate::methods::lowrank::LowRankGroup;
-use crate::methods::whitening::{WhitenedSvd, block_input_grams};
-use crate::methods::{CompressedBlocks, Compressor, MethodOutput, check_group};
-use crate::mlp::{DenseMlp, MatrixRole};
+use crate::foundation::error::Result;
+use crate::foundation::float::Float;
+use crate::foundation::mlp::{DenseMlp, MatrixRole};
+use crate::math::calibration::Calibration;
+use crate::math::whitening::{WhitenedSvd, block_input_grams};
+use crate::methods::compressor::{Compressor, MethodOutput, Run};
+use crate::methods::params::{MethodParams, SvdLlmValidParams};
+use crate::methods::report::{Method, MethodDetails, Progress, SvdLlmDetails};
+use crate::repr::{CompressedBlocks, LowRankGroup, validate_group};
 
-/// Settings of SVD-LLM-style whitened SVD.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct SvdLlmParams {
-    budget: Budget,
-}
-
-/// Checked settings of SVD-LLM-style whitened SVD.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct SvdLlmCompressor(SvdLlmParams);
-
-impl Default for SvdLlmParams {
-    fn default() -> Self {
-        Self {
-            budget: Budget::Fraction(0.5),
-        }
-    }
-}
-
-impl SvdLlmParams {
-    /// Default: p = 0.5.
-    pub fn new() -> Self {
-        Self::default()
+impl<F: Float> Compressor<F> for SvdLlmValidParams {
+    fn method(&self) -> Method {
+        Method::SvdLlm
     }
 
-    /// Fraction `p` of each matrix's weights to keep (or an explicit rank).
-    pub fn budget(mut self, budget: Budget) -> Self {
-        self.budget = budget;
-        self
-    }
-
-    /// Validates the settings.
-    pub fn build(&self) -> Result<SvdLlmCompressor> {
-        self.budget.check()?;
-        Ok(SvdLlmCompressor(*self))
-    }
-}
-
-impl SvdLlmCompressor {
-    fn rank(&self, m: usize, n: usize) -> Result<usize> {
-        match self.0.budget {
-            Budget::Fraction(p) => rank_for_matrix(m, n, p),
-            Budget::Rank(r) => Ok(r),
-        }
-    }
-}
-
-impl<F: Float> Compressor<F> for SvdLlmCompressor {
-    fn method(&self) -> &'static str {
-        "svd-llm"
-    }
-
-    fn parameters(&self) -> serde_json::Value {
-        serde_json::json!({ "budget": self.0.budget.to_json() })
+    fn parameters(&self) -> MethodParams {
+        MethodParams::SvdLlm(*self.params())
     }
 
     fn compress(
@@ -78,7 +32,7 @@ impl<F: Float> Compressor<F> for SvdLlmCompressor {
         _on_step: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
     ) -> Result<MethodOutput<F>> {
         let start = Instant::now();
-        check_group(blocks, calibration)?;
+        let spec = validate_group(blocks, Some(calibration))?;
         let (d, i) = (blocks[0].width(), blocks[0].intermediate());
         let rank = self.rank(i, d)?;
         let mut factors = Vec::new();
@@ -98,14 +52,17 @@ impl<F: Float> Compressor<F> for SvdLlmCompressor {
         }
         let group =
             LowRankGroup::independent(blocks[0].kind(), blocks[0].activation(), (d, i), factors)?;
-        MethodOutput::measured(
-            "svd-llm",
-            blocks,
-            CompressedBlocks::LowRank(group),
-            calibration,
+        let run = Run {
+            method: Method::SvdLlm,
+            spec,
             start,
-            (0, Vec::new()),
-            serde_json::json!({ "rank": rank, "jitter": jitters }),
-        )
+            steps: 0,
+            loss_curve: Vec::new(),
+            details: MethodDetails::SvdLlm(SvdLlmDetails {
+                rank,
+                jitter: jitters,
+            }),
+        };
+        MethodOutput::measured(run, blocks, CompressedBlocks::LowRank(group), calibration)
     }
 }

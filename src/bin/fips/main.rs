@@ -1,34 +1,38 @@
 //! `fips`: compress, evaluate, inspect and densify transformer checkpoints from the command line.
 
 mod progress;
+mod text_cmd;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
-use fips::activations::{MlpInputs, write_mlp_inputs};
-use fips::checkpoint::Checkpoint;
-use fips::eval::{Accuracy, agreement};
-use fips::export::{COMPRESSED_FORMAT, CompressedModel, MANIFEST_KEY};
-use fips::groups::{BlockGroups, DEFAULT_GROUP_SIZE};
-use fips::imagenet::{LabeledImage, load_image, read_labels, split};
-use fips::layout::MlpLayout;
-use fips::methods::Compressor;
-use fips::methods::basis_sharing::BasisSharingParams;
-use fips::methods::layer_collapse::LayerCollapseParams;
-use fips::methods::mixed_rank::MixedRankParams;
-use fips::methods::svd::SvdParams;
-use fips::methods::svd_llm::SvdLlmParams;
-use fips::pipeline::{self, CalibrationData, ModelCompression, VIT_DEFAULTS};
-use fips::svg::{LineChart, Series};
-use fips::vit::VisionTransformer;
-use fips::{
-    Activation, Budget, ContractionOrder, FipsError, FipsParams, GmpSchedule, InitMethod,
-    RiglSchedule, Sparsifier,
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use fips::app::images::decode_split;
+use fips::app::metrics::{Accuracy, agreement};
+use fips::app::pipeline::{
+    self, CALIB_SPLIT, CalibrationSource, DATA_FREE_TOKENS, EVAL_SPLIT, OUT_DIR,
 };
-use ndarray::{Array4, Axis};
+use fips::app::report::{Evaluation, RunReport};
+use fips::app::vit::VisionTransformer;
+use fips::format::block_groups::DEFAULT_GROUP_SIZE;
+use fips::format::compressed::{COMPRESSED_FORMAT, MANIFEST_KEY};
+use fips::format::mlp_inputs::{MlpInputs, write_mlp_inputs};
+use fips::math::budget::{DEFAULT_BUDGET_FRACTION, DEFAULT_SPARSITY};
+use fips::methods::options::{
+    DEFAULT_SEED, DEFAULT_SPARSIFIER_INTERVAL, MethodOptions, SparsifierKind, VIT_DEFAULTS,
+};
+use fips::methods::params::{
+    DEFAULT_COLLAPSE_LAMBDA, DEFAULT_COLLAPSE_STEPS, DEFAULT_RANK_GRID, DEFAULT_RESIDUAL_RANK,
+    DEFAULT_RESIDUAL_STEPS,
+};
+use fips::{
+    Activation, AdamW, BlockGroups, Checkpoint, CompressedModel, ContractionOrder, FipsError,
+    InitMethod, Method, MlpLayout,
+};
+use ndarray::Array4;
 
 use progress::Bars;
 
@@ -64,11 +68,14 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Capture the MLP inputs of a ViT/DeiT on images and write them as an MLP-input file.
+    /// Capture the MLP inputs of a ViT/DeiT on images (or of a language model on text, with
+    /// --model and --text) and write them as an MLP-input file.
     Capture {
         /// The ViT/DeiT checkpoint (timm names).
-        #[arg(long)]
-        checkpoint: PathBuf,
+        #[arg(long, required_unless_present = "model")]
+        checkpoint: Option<PathBuf>,
+        #[command(flatten)]
+        text: text_cmd::TextCaptureArgs,
         #[command(flatten)]
         images: ImageArgs,
         /// Blocks to capture, e.g. `0-3` or `0-11` (default: all).
@@ -96,6 +103,19 @@ enum MethodArg {
     LayerCollapse,
 }
 
+impl From<MethodArg> for Method {
+    fn from(m: MethodArg) -> Self {
+        match m {
+            MethodArg::Fips => Method::Fips,
+            MethodArg::Svd => Method::Svd,
+            MethodArg::SvdLlm => Method::SvdLlm,
+            MethodArg::BasisSharing => Method::BasisSharing,
+            MethodArg::MixedRank => Method::MixedRank,
+            MethodArg::LayerCollapse => Method::LayerCollapse,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum SparsifierArg {
     /// RigL dynamic sparse training (reference DeiT setting).
@@ -106,13 +126,23 @@ enum SparsifierArg {
     None,
 }
 
+impl From<SparsifierArg> for SparsifierKind {
+    fn from(s: SparsifierArg) -> Self {
+        match s {
+            SparsifierArg::Rigl => SparsifierKind::Rigl,
+            SparsifierArg::Gmp => SparsifierKind::Gmp,
+            SparsifierArg::None => SparsifierKind::None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Args)]
 struct ImageArgs {
     /// Image set: a directory with `labels.tsv` and the split folders (e.g. ../shared/data/imagenet-sample).
     #[arg(long)]
     images: Option<PathBuf>,
     /// Split of the image set used for calibration.
-    #[arg(long, default_value = "calib")]
+    #[arg(long, default_value = CALIB_SPLIT)]
     calib_split: String,
     /// Use only the first N calibration images (default: all).
     #[arg(long)]
@@ -133,25 +163,25 @@ struct CompressArgs {
     #[arg(long, conflicts_with_all = ["images", "activations"])]
     data_free: bool,
     /// Tokens per block for --data-free.
-    #[arg(long, default_value_t = 16384)]
+    #[arg(long, default_value_t = DATA_FREE_TOKENS)]
     data_free_tokens: usize,
     /// Compression method.
     #[arg(long, value_enum, default_value_t = MethodArg::Fips)]
     method: MethodArg,
     /// Fraction p of the dense MLP weights to keep (per group; per matrix for svd and svd-llm).
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = DEFAULT_BUDGET_FRACTION)]
     budget: f64,
     /// Use this rank instead of deriving it from --budget.
     #[arg(long)]
     rank: Option<usize>,
     /// Target sparsity s of the factors V.
-    #[arg(long, default_value_t = 0.75)]
+    #[arg(long, default_value_t = DEFAULT_SPARSITY)]
     sparsity: f64,
     /// How V reaches its sparsity.
     #[arg(long, value_enum, default_value_t = SparsifierArg::Rigl)]
     sparsifier: SparsifierArg,
     /// Steps between sparsifier updates (GMP pruning events, RigL drop/grow).
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = DEFAULT_SPARSIFIER_INTERVAL)]
     sparsifier_interval: usize,
     /// Consecutive blocks per group (groups never mix shapes).
     #[arg(long, default_value_t = DEFAULT_GROUP_SIZE, conflicts_with = "groups")]
@@ -166,19 +196,19 @@ struct CompressArgs {
     #[arg(long)]
     svd_train: bool,
     /// mixed-rank: rank q of each trained residual.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = DEFAULT_RESIDUAL_RANK)]
     residual_rank: usize,
     /// mixed-rank: step of the candidate ranks.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = DEFAULT_RANK_GRID)]
     rank_grid: usize,
     /// mixed-rank: Adam steps per residual.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = DEFAULT_RESIDUAL_STEPS)]
     residual_steps: usize,
     /// layer-collapse: weight λ of (α − 1)².
-    #[arg(long, default_value_t = 0.2)]
+    #[arg(long, default_value_t = DEFAULT_COLLAPSE_LAMBDA)]
     collapse_lambda: f64,
     /// layer-collapse: step limit per block.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = DEFAULT_COLLAPSE_STEPS)]
     collapse_steps: usize,
     /// Calibration tokens per mini-batch.
     #[arg(long, default_value_t = VIT_DEFAULTS.batch_tokens)]
@@ -190,25 +220,26 @@ struct CompressArgs {
     #[arg(long, default_value_t = VIT_DEFAULTS.min_learning_rate)]
     min_lr: f64,
     /// Decoupled weight decay.
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = AdamW::default().weight_decay)]
     weight_decay: f64,
     /// Seed of the mini-batch sampler (and of --data-free inputs).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = DEFAULT_SEED)]
     seed: u64,
-    /// Threads (elementwise passes and OpenBLAS); default: all cores.
+    /// Threads of the elementwise passes (fips, trained svd); default: all cores. BLAS threads
+    /// follow OPENBLAS_NUM_THREADS in the environment.
     #[arg(long)]
     threads: Option<usize>,
     /// Initialisation route.
-    #[arg(long, default_value = "gram")]
+    #[arg(long, default_value_t = InitMethod::default())]
     init: InitMethod,
     /// Contraction order of the training step: auto, factors-first or weights-first.
-    #[arg(long, default_value = "auto")]
+    #[arg(long, default_value_t = ContractionOrder::default())]
     contraction: ContractionOrder,
     /// Override the MLP activation (default: the naming scheme's).
     #[arg(long)]
     activation: Option<Activation>,
     /// Directory for the outputs.
-    #[arg(long, default_value = "out")]
+    #[arg(long, default_value = OUT_DIR)]
     out_dir: PathBuf,
     /// Skip writing the densified checkpoint.
     #[arg(long)]
@@ -217,7 +248,7 @@ struct CompressArgs {
     #[arg(long)]
     no_eval: bool,
     /// Split of the image set used for evaluation (never the calibration split).
-    #[arg(long, default_value = "eval")]
+    #[arg(long, default_value = EVAL_SPLIT)]
     eval_split: String,
     /// ViT attention heads (default: width / 64).
     #[arg(long)]
@@ -227,16 +258,18 @@ struct CompressArgs {
 #[derive(Debug, Args)]
 struct EvalArgs {
     /// The ViT/DeiT checkpoint (timm names): the dense model.
-    #[arg(long)]
-    checkpoint: PathBuf,
+    #[arg(long, required_unless_present = "model")]
+    checkpoint: Option<PathBuf>,
+    #[command(flatten)]
+    text: text_cmd::TextEvalArgs,
     /// A compressed checkpoint of it to evaluate too.
     #[arg(long)]
     compressed: Option<PathBuf>,
     /// Image set directory (with labels.tsv).
-    #[arg(long)]
-    images: PathBuf,
+    #[arg(long, required_unless_present = "model")]
+    images: Option<PathBuf>,
     /// Split to evaluate on.
-    #[arg(long, default_value = "eval")]
+    #[arg(long, default_value = EVAL_SPLIT)]
     split: String,
     /// ViT attention heads (default: width / 64).
     #[arg(long)]
@@ -244,12 +277,19 @@ struct EvalArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    if let Some(code) = reexec_with_blas_threads(&cli) {
-        return code;
-    }
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let result = match cli.command {
-        Command::Compress(args) => compress(*args),
+        Command::Compress(args) => {
+            let given = matches
+                .subcommand_matches("compress")
+                .map(explicit_options)
+                .unwrap_or_default();
+            compress(*args, &given)
+        }
         Command::Eval(args) => eval(args),
         Command::Inspect { file } => inspect(&file),
         Command::Densify {
@@ -259,10 +299,18 @@ fn main() -> ExitCode {
         } => densify(&compressed, &original, &out),
         Command::Capture {
             checkpoint,
+            text,
             images,
             blocks,
             out,
-        } => capture(&checkpoint, &images, blocks.as_deref(), &out),
+        } => match (&text.model, checkpoint) {
+            (Some(model), _) => text_cmd::capture(model, &text, &out),
+            (None, Some(checkpoint)) => capture(&checkpoint, &images, blocks.as_deref(), &out),
+            (None, None) => Err(FipsError::InvalidParameter {
+                name: "checkpoint",
+                reason: "capture needs --checkpoint (images) or --model and --text".into(),
+            }),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -273,181 +321,99 @@ fn main() -> ExitCode {
     }
 }
 
-/// OpenBLAS reads its thread count from the environment once, at start-up, and the crate has no
-/// unsafe code to call `openblas_set_num_threads`; so `--threads N` re-runs this program with
-/// `OPENBLAS_NUM_THREADS=N` when it is not already set to N.
-fn reexec_with_blas_threads(cli: &Cli) -> Option<ExitCode> {
-    let Command::Compress(args) = &cli.command else {
-        return None;
-    };
-    let n = args.threads?;
-    let wanted = n.to_string();
-    if std::env::var("OPENBLAS_NUM_THREADS").ok().as_deref() == Some(wanted.as_str()) {
-        return None;
-    }
-    let exe = std::env::current_exe().ok()?;
-    let status = std::process::Command::new(exe)
-        .args(std::env::args_os().skip(1))
-        .env("OPENBLAS_NUM_THREADS", &wanted)
-        .status()
-        .ok()?;
-    Some(ExitCode::from(
-        status.code().unwrap_or(1).clamp(0, 255) as u8
-    ))
+/// The ids of the compress flags given on the command line (not defaulted).
+fn explicit_options(matches: &ArgMatches) -> Vec<String> {
+    matches
+        .ids()
+        .filter(|id| matches.value_source(id.as_str()) == Some(ValueSource::CommandLine))
+        .map(|id| id.as_str().to_string())
+        .collect()
 }
 
-fn fips_params(args: &CompressArgs) -> FipsParams {
-    let sparsifier = match args.sparsifier {
-        SparsifierArg::Rigl => Sparsifier::Rigl(RiglSchedule {
-            interval: args.sparsifier_interval,
-            ..RiglSchedule::default()
-        }),
-        SparsifierArg::Gmp => Sparsifier::Gmp(GmpSchedule {
-            interval: args.sparsifier_interval,
-            ..GmpSchedule::default()
-        }),
-        SparsifierArg::None => Sparsifier::None,
-    };
-    let budget = args
-        .rank
-        .map_or(Budget::Fraction(args.budget), Budget::Rank);
-    let mut params = FipsParams::new()
-        .budget(budget)
-        .sparsity(args.sparsity)
-        .sparsifier(sparsifier)
-        .steps(args.steps)
-        .batch_tokens(args.batch_tokens)
-        .learning_rate(args.lr)
-        .min_learning_rate(args.min_lr)
-        .weight_decay(args.weight_decay)
-        .seed(args.seed)
-        .init(args.init)
-        .contraction(args.contraction);
-    if let Some(t) = args.threads {
-        params = params.threads(t);
+/// The method options given on the command line; flags left at their defaults stay `None`, so the
+/// library applies its defaults and rejects only what was asked for.
+fn method_options(args: &CompressArgs, given: &[String]) -> MethodOptions {
+    let set = |id: &str| given.iter().any(|g| g == id);
+    MethodOptions {
+        budget: pick(given, "budget", args.budget),
+        rank: args.rank,
+        sparsity: pick(given, "sparsity", args.sparsity),
+        sparsifier: set("sparsifier").then_some(args.sparsifier.into()),
+        sparsifier_interval: pick(given, "sparsifier_interval", args.sparsifier_interval),
+        steps: pick(given, "steps", args.steps),
+        svd_train: args.svd_train,
+        residual_rank: pick(given, "residual_rank", args.residual_rank),
+        rank_grid: pick(given, "rank_grid", args.rank_grid),
+        residual_steps: pick(given, "residual_steps", args.residual_steps),
+        collapse_lambda: pick(given, "collapse_lambda", args.collapse_lambda),
+        collapse_steps: pick(given, "collapse_steps", args.collapse_steps),
+        batch_tokens: pick(given, "batch_tokens", args.batch_tokens),
+        learning_rate: pick(given, "lr", args.lr),
+        min_learning_rate: pick(given, "min_lr", args.min_lr),
+        weight_decay: pick(given, "weight_decay", args.weight_decay),
+        seed: pick(given, "seed", args.seed),
+        threads: args.threads,
+        init: set("init").then_some(args.init),
+        contraction: set("contraction").then_some(args.contraction),
     }
-    params
 }
 
-/// Decodes the images of one split (optionally only the first `limit`), with a progress bar.
-fn decode_split(
+/// `value` if flag `id` was given on the command line.
+fn pick<T>(given: &[String], id: &str, value: T) -> Option<T> {
+    given.iter().any(|g| g == id).then_some(value)
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> FipsError + '_ {
+    move |source| FipsError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Decodes one split with a progress bar.
+fn decode(
     dir: &Path,
-    split_name: &str,
+    split: &str,
     limit: Option<usize>,
     bars: &Bars,
 ) -> Result<(Array4<u8>, Vec<usize>), FipsError> {
-    let all = read_labels(dir)?;
-    let mut items: Vec<LabeledImage> = split(&all, split_name);
-    if items.is_empty() {
-        return Err(FipsError::InvalidParameter {
-            name: "split",
-            reason: format!("no images of split {split_name:?} in {}", dir.display()),
-        });
+    let mut bar = None;
+    let decoded = decode_split(dir, split, limit, &mut |done, total| {
+        let bar = bar.get_or_insert_with(|| bars.bar(total, &format!("decoding {split}")));
+        bar.set_position(done as u64);
+    });
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
     }
-    if let Some(n) = limit {
-        items.truncate(n);
-    }
-    let bar = bars.bar(items.len(), &format!("decoding {split_name}"));
-    let mut images = Vec::with_capacity(items.len());
-    for item in &items {
-        images.push(load_image(&item.path)?);
-        bar.inc(1);
-    }
-    bar.finish_and_clear();
-    let (h, w, c) = images[0].dim();
-    let mut pixels = Array4::zeros((images.len(), h, w, c));
-    for (mut dst, img) in pixels.axis_iter_mut(Axis(0)).zip(&images) {
-        if img.dim() != (h, w, c) {
-            return Err(FipsError::ShapeMismatch {
-                what: "decoded image".into(),
-                expected: vec![h, w, c],
-                got: img.shape().to_vec(),
-            });
-        }
-        dst.assign(img);
-    }
-    Ok((pixels, items.iter().map(|i| i.label).collect()))
+    decoded
 }
 
-/// The chosen method, with its settings validated.
-fn compressor(args: &CompressArgs) -> Result<Box<dyn Compressor<f32>>, FipsError> {
-    let budget = args
-        .rank
-        .map_or(Budget::Fraction(args.budget), Budget::Rank);
-    let optimizer = fips::AdamW {
-        learning_rate: args.lr,
-        min_learning_rate: args.min_lr,
-        weight_decay: args.weight_decay,
-        ..fips::AdamW::default()
-    };
-    Ok(match args.method {
-        MethodArg::Fips => Box::new(fips_params(args).build()?),
-        MethodArg::Svd => {
-            let mut p = SvdParams::new()
-                .budget(budget)
-                .steps(if args.svd_train { args.steps } else { 0 })
-                .batch_tokens(args.batch_tokens)
-                .optimizer(optimizer)
-                .seed(args.seed);
-            if let Some(t) = args.threads {
-                p = p.threads(t);
-            }
-            Box::new(p.build()?)
-        }
-        MethodArg::SvdLlm => Box::new(SvdLlmParams::new().budget(budget).build()?),
-        MethodArg::BasisSharing => Box::new(BasisSharingParams::new().budget(budget).build()?),
-        MethodArg::MixedRank => Box::new(
-            MixedRankParams::new()
-                .budget(args.budget)
-                .residual_rank(args.residual_rank)
-                .grid(args.rank_grid)
-                .steps(args.residual_steps)
-                .batch_tokens(args.batch_tokens)
-                .learning_rate(args.lr)
-                .seed(args.seed)
-                .build()?,
-        ),
-        MethodArg::LayerCollapse => Box::new(
-            LayerCollapseParams::new()
-                .lambda(args.collapse_lambda)
-                .max_steps(args.collapse_steps)
-                .batch_tokens(args.batch_tokens)
-                .learning_rate(args.lr)
-                .seed(args.seed)
-                .build()?,
-        ),
-    })
-}
-
-fn compress(args: CompressArgs) -> Result<(), FipsError> {
+fn compress(args: CompressArgs, given: &[String]) -> Result<(), FipsError> {
     let start = Instant::now();
     let bars = Bars::new();
-    let compressor = compressor(&args)?;
+    let compressor = method_options(&args, given).compressor(args.method.into(), &VIT_DEFAULTS)?;
     let checkpoint = Checkpoint::open(&args.checkpoint)?;
     let layout = MlpLayout::detect(&checkpoint)?;
     println!("{}: {layout}", args.checkpoint.display());
-    let shapes: Vec<(usize, usize)> = (0..layout.blocks())
-        .map(|b| layout.block(b).map(|t| (t.width, t.intermediate)))
-        .collect::<Result<_, _>>()?;
+    let shapes = layout.block_shapes()?;
     let groups = match &args.groups {
         Some(spec) => BlockGroups::parse(spec, &shapes)?,
         None => BlockGroups::consecutive(&shapes, args.group_size)?,
     };
     let activation = args.activation.unwrap_or(layout.default_activation());
+    let parameters = serde_json::to_string(&compressor.parameters())
+        .map_err(|e| FipsError::Numerical(e.to_string()))?;
     println!(
-        "method {}, groups {groups}: {}",
-        compressor.method(),
-        compressor.parameters()
+        "method {}, groups {groups}: {parameters}",
+        compressor.method()
     );
 
-    let needs_vit = args.images.images.is_some();
-    let vit = if needs_vit {
-        Some(VisionTransformer::from_checkpoint(&checkpoint, args.heads)?)
-    } else {
-        None
+    let vit = match args.images.images {
+        Some(_) => Some(VisionTransformer::from_checkpoint(&checkpoint, args.heads)?),
+        None => None,
     };
     let calib_pixels = match &args.images.images {
-        Some(dir) => Some(decode_split(
+        Some(dir) => Some(decode(
             dir,
             &args.images.calib_split,
             args.images.calib_images,
@@ -457,12 +423,12 @@ fn compress(args: CompressArgs) -> Result<(), FipsError> {
     };
     let inputs_file = args.activations.as_ref().map(MlpInputs::open).transpose()?;
     let calibration = match (&vit, &calib_pixels, &inputs_file) {
-        (Some(vit), Some((pixels, _)), _) => CalibrationData::Images {
+        (Some(vit), Some((pixels, _)), _) => CalibrationSource::Images {
             vit,
             pixels: pixels.view(),
         },
-        (_, _, Some(file)) => CalibrationData::File(file),
-        _ if args.data_free => CalibrationData::Gaussian {
+        (_, _, Some(file)) => CalibrationSource::File(file),
+        _ if args.data_free => CalibrationSource::Gaussian {
             tokens: args.data_free_tokens,
             seed: args.seed,
         },
@@ -475,7 +441,7 @@ fn compress(args: CompressArgs) -> Result<(), FipsError> {
     };
 
     let mut observer = bars.observer(groups.len());
-    let result = pipeline::compress_checkpoint(
+    let run = pipeline::compress_checkpoint(
         &checkpoint,
         &layout,
         &groups,
@@ -485,196 +451,55 @@ fn compress(args: CompressArgs) -> Result<(), FipsError> {
         &mut observer,
     )?;
     drop(observer);
-    print_group_table(&result);
+    let mut report = RunReport::new(&args.checkpoint, &layout, compressor.as_ref(), &run);
+    println!("{}", report.group_table());
 
-    std::fs::create_dir_all(&args.out_dir).map_err(|source| FipsError::Io {
-        path: args.out_dir.clone(),
-        source,
-    })?;
+    std::fs::create_dir_all(&args.out_dir).map_err(io_error(&args.out_dir))?;
     let compressed_path = args.out_dir.join("compressed.safetensors");
-    result.model.write(&compressed_path)?;
+    run.model.write(&compressed_path)?;
     println!("wrote {}", compressed_path.display());
     if !args.no_densified {
         let densified_path = args.out_dir.join("densified.safetensors");
-        result.model.densify(&checkpoint, &densified_path)?;
+        run.model.densify(&checkpoint, &densified_path)?;
         println!("wrote {}", densified_path.display());
     }
-    write_loss_plots(&args.out_dir, &result)?;
-
-    let (mlp_dense, mlp_kept) = pipeline::mlp_parameters(&layout, &result.model);
-    let mut summary = serde_json::json!({
-        "checkpoint": args.checkpoint.display().to_string(),
-        "scheme": layout.scheme().to_string(),
-        "method": compressor.method(),
-        "parameters": compressor.parameters(),
-        "data_free": result.model.manifest.data_free,
-        "calibration_seconds": result.calibration_time.as_secs_f64(),
-        "groups": result.reports.iter().zip(&result.model.manifest.groups)
-            .map(|(r, m)| pipeline::report_json(r, &m.blocks)).collect::<Vec<_>>(),
-        "mlp_weights_dense": mlp_dense,
-        "mlp_weights_compressed": mlp_kept,
-    });
-    let mut line = format!(
-        "MLP params {} -> {} ({:.1}%)",
-        millions(mlp_dense),
-        millions(mlp_kept),
-        100.0 * mlp_kept as f64 / mlp_dense as f64
-    );
-    if let (Some(vit), Some(dir), false) = (&vit, &args.images.images, args.no_eval) {
-        let total = vit.parameter_count();
-        let compressed_total = total - mlp_dense + mlp_kept;
-        let (pixels, labels) = decode_split(dir, &args.eval_split, None, &bars)?;
-        let compressed_vit = pipeline::with_compressed_mlps(vit, &result.model)?;
-        let dense_logits = pipeline::classify(
-            vit,
-            pixels.view(),
-            &mut bars.classify_observer("eval dense"),
-        )?;
-        let logits = pipeline::classify(
-            &compressed_vit,
-            pixels.view(),
-            &mut bars.classify_observer("eval compressed"),
-        )?;
-        let dense = Accuracy::new(dense_logits.view(), &labels)?;
-        let comp = Accuracy::new(logits.view(), &labels)?;
-        let agree = agreement(dense_logits.view(), logits.view())?;
-        summary["eval"] = serde_json::json!({
-            "split": args.eval_split,
-            "images": labels.len(),
-            "dense_top1": dense.top1,
-            "dense_top5": dense.top5,
-            "compressed_top1": comp.top1,
-            "compressed_top5": comp.top5,
-            "agreement": agree,
-            "model_params_dense": total,
-            "model_params_compressed": compressed_total,
-        });
-        line = format!(
-            "{} eval images: dense top-1 {:.1}% top-5 {:.1}% | compressed top-1 {:.1}% ({:+.1}) top-5 {:.1}% | agreement {:.1}% | {line} | model params {} -> {} ({:.1}%)",
-            labels.len(),
-            100.0 * dense.top1,
-            100.0 * dense.top5,
-            100.0 * comp.top1,
-            100.0 * (comp.top1 - dense.top1),
-            100.0 * comp.top5,
-            100.0 * agree,
-            millions(total),
-            millions(compressed_total),
-            100.0 * compressed_total as f64 / total as f64
-        );
-    }
-    let calib_note = if result.model.manifest.data_free {
-        " [data-free calibration]"
-    } else {
-        ""
-    };
-    summary["wall_seconds"] = serde_json::json!(start.elapsed().as_secs_f64());
-    let report_path = args.out_dir.join("report.json");
-    let text =
-        serde_json::to_string_pretty(&summary).map_err(|e| FipsError::Numerical(e.to_string()))?;
-    fips::checkpoint::write_atomically(&report_path, text.as_bytes())?;
-    println!("wrote {}", report_path.display());
-    println!("{line} | wall {:.1?}{calib_note}", start.elapsed());
-    Ok(())
-}
-
-fn millions(n: usize) -> String {
-    format!("{:.3}M", n as f64 / 1e6)
-}
-
-fn print_group_table(result: &ModelCompression) {
-    println!(
-        "{:>5} {:>8} {:>11} {:>11} {:>7} {:>9} {:>7} {:>8}  details",
-        "group", "blocks", "dense", "kept", "kept%", "rel.err", "steps", "time"
-    );
-    for (g, (r, m)) in result
-        .reports
-        .iter()
-        .zip(&result.model.manifest.groups)
-        .enumerate()
-    {
-        let p = &r.parameters;
-        let blocks = match (m.blocks.first(), m.blocks.last()) {
-            (Some(a), Some(b)) => format!("{a}-{b}"),
-            _ => String::new(),
-        };
-        println!(
-            "{:>5} {:>8} {:>11} {:>11} {:>6.2}% {:>9.4} {:>7} {:>7.1}s  {}",
-            g,
-            blocks,
-            p.dense_weights,
-            p.compressed_weights(),
-            100.0 * p.kept_fraction(),
-            r.rel_error,
-            r.steps,
-            r.wall_time.as_secs_f64(),
-            summarise_details(&r.details)
-        );
-    }
-}
-
-/// The scalar entries of a report's details, `key=value` (lists and objects omitted).
-fn summarise_details(details: &serde_json::Value) -> String {
-    let Some(map) = details.as_object() else {
-        return String::new();
-    };
-    map.iter()
-        .filter_map(|(k, v)| match v {
-            serde_json::Value::Number(n) => Some(match n.as_f64() {
-                Some(x) if x.fract() != 0.0 => format!("{k}={x:.4}"),
-                _ => format!("{k}={n}"),
-            }),
-            serde_json::Value::String(s) => Some(format!("{k}={s}")),
-            _ => None,
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-fn write_loss_plots(dir: &Path, result: &ModelCompression) -> Result<(), FipsError> {
-    for (g, (report, m)) in result
-        .reports
-        .iter()
-        .zip(&result.model.manifest.groups)
-        .enumerate()
-    {
-        if report.loss_curve.is_empty() {
-            continue;
-        }
-        let chart = LineChart {
-            title: format!(
-                "{} group {g} (blocks {}-{}): {}",
-                report.method,
-                m.blocks.first().copied().unwrap_or(0),
-                m.blocks.last().copied().unwrap_or(0),
-                summarise_details(&report.details)
-            ),
-            x_label: "training step".into(),
-            y_label: "mini-batch loss".into(),
-            log_y: true,
-            markers: false,
-            series: vec![Series {
-                label: format!("group {g}"),
-                points: report
-                    .loss_curve
-                    .iter()
-                    .enumerate()
-                    .map(|(t, &l)| ((t + 1) as f64, l))
-                    .collect(),
-            }],
-        };
-        let path = dir.join(format!("loss_group{g}.svg"));
-        fips::checkpoint::write_atomically(&path, chart.to_svg().as_bytes())?;
+    for path in report.write_loss_plots(&args.out_dir)? {
         println!("wrote {}", path.display());
     }
+    if let (Some(vit), Some(dir), false) = (&vit, &args.images.images, args.no_eval) {
+        let (pixels, labels) = decode(dir, &args.eval_split, None, &bars)?;
+        report.eval = Some(Evaluation::measure(
+            vit,
+            &run,
+            &layout,
+            (pixels.view(), &labels, &args.eval_split),
+            &mut bars.classify_observer("eval dense"),
+            &mut bars.classify_observer("eval compressed"),
+        )?);
+    }
+    report.wall_time = start.elapsed();
+    let report_path = args.out_dir.join("report.json");
+    report.write(&report_path)?;
+    println!("wrote {}", report_path.display());
+    report.wall_time = start.elapsed();
+    println!("{}", report.summary_line());
     Ok(())
 }
 
 fn eval(args: EvalArgs) -> Result<(), FipsError> {
+    if let Some(model) = &args.text.model {
+        return text_cmd::eval(model, &args.text, args.compressed.as_deref());
+    }
+    let (Some(checkpoint), Some(images)) = (&args.checkpoint, &args.images) else {
+        return Err(FipsError::InvalidParameter {
+            name: "checkpoint",
+            reason: "eval needs --checkpoint and --images (or --model and --text)".into(),
+        });
+    };
     let bars = Bars::new();
-    let checkpoint = Checkpoint::open(&args.checkpoint)?;
+    let checkpoint = Checkpoint::open(checkpoint)?;
     let vit = VisionTransformer::from_checkpoint(&checkpoint, args.heads)?;
-    let (pixels, labels) = decode_split(&args.images, &args.split, None, &bars)?;
+    let (pixels, labels) = decode(images, &args.split, None, &bars)?;
     let dense_logits =
         pipeline::classify(&vit, pixels.view(), &mut bars.classify_observer("dense"))?;
     let dense = Accuracy::new(dense_logits.view(), &labels)?;
@@ -741,16 +566,18 @@ fn inspect(file: &Path) -> Result<(), FipsError> {
         println!("parameters: {}", m.parameters);
         for (g, (gm, group)) in m.groups.iter().zip(&model.groups).enumerate() {
             let p = group.parameter_count();
+            let shared = match (gm.rank, gm.sparsity, gm.nnz) {
+                (Some(r), Some(s), Some(n)) => format!(" rank {r} sparsity {s:.4} nnz {n},"),
+                _ => String::new(),
+            };
             println!(
-                "group {g}: blocks {:?}, {} {}, d={} I={} rank {} sparsity {:.4} nnz {}, weights {} -> {} ({:.2}%)",
+                "group {g}: blocks {:?}, {} {} {}, d={} I={}{shared} weights {} -> {} ({:.2}%)",
                 gm.blocks,
+                gm.representation,
                 gm.kind,
                 gm.activation,
                 gm.width,
                 gm.intermediate,
-                gm.rank,
-                gm.sparsity,
-                gm.nnz,
                 p.dense_weights,
                 p.compressed_weights(),
                 100.0 * p.kept_fraction()
@@ -771,6 +598,9 @@ fn inspect(file: &Path) -> Result<(), FipsError> {
 
 fn densify(compressed: &Path, original: &Path, out: &Path) -> Result<(), FipsError> {
     let model = CompressedModel::read(compressed)?;
+    if original.is_dir() {
+        return text_cmd::densify_folder(&model, original, out);
+    }
     let original = Checkpoint::open(original)?;
     model.densify(&original, out)?;
     println!("wrote {}", out.display());
@@ -794,16 +624,13 @@ fn capture(
             name: "images",
             reason: "capture needs --images DIR".into(),
         })?;
-    let (pixels, _) = decode_split(dir, &images.calib_split, images.calib_images, &bars)?;
-    let shapes: Vec<(usize, usize)> = (0..layout.blocks())
-        .map(|b| layout.block(b).map(|t| (t.width, t.intermediate)))
-        .collect::<Result<_, _>>()?;
-    let spec = blocks.map_or_else(
-        || format!("0-{}", layout.blocks().saturating_sub(1)),
-        str::to_string,
-    );
-    let groups = BlockGroups::parse(&spec, &shapes)?;
-    let calibration = CalibrationData::Images {
+    let (pixels, _) = decode(dir, &images.calib_split, images.calib_images, &bars)?;
+    let shapes = layout.block_shapes()?;
+    let groups = match blocks {
+        Some(spec) => BlockGroups::parse(spec, &shapes)?,
+        None => BlockGroups::consecutive(&shapes, shapes.len().max(1))?,
+    };
+    let calibration = CalibrationSource::Images {
         vit: &vit,
         pixels: pixels.view(),
     };
@@ -828,7 +655,7 @@ fn capture(
             format!("{} ({})", dir.display(), images.calib_split),
         ),
     ]);
-    write_mlp_inputs(out, &views, safetensors::Dtype::F32, metadata)?;
+    write_mlp_inputs(out, &views, fips::safetensors::Dtype::F32, metadata)?;
     println!("wrote {} ({} blocks)", out.display(), views.len());
     Ok(())
 }

@@ -2,9 +2,8 @@
 
 use std::ops::ControlFlow;
 
-use fips::Progress;
-use fips::methods::MethodReport;
-use fips::pipeline::Observer;
+use fips::app::pipeline::Observer;
+use fips::{MethodReport, Progress};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// Creates progress bars on stderr (hidden when stderr is not a terminal).
@@ -88,10 +87,14 @@ impl Observer for CompressionBars {
         if let Some(bar) = &self.bar {
             bar.set_position(p.step as u64);
             if p.step.is_multiple_of(10) || p.step == p.total_steps {
-                bar.set_message(format!(
-                    "loss {:.3e} lr {:.1e} sparsity {:.3}",
-                    p.loss, p.learning_rate, p.sparsity
-                ));
+                let mut message = format!("loss {:.3e} lr {:.1e}", p.loss, p.learning_rate);
+                if let Some(s) = p.sparsity {
+                    message.push_str(&format!(" sparsity {s:.3}"));
+                }
+                if let Some(a) = p.slope {
+                    message.push_str(&format!(" slope {a:.3}"));
+                }
+                bar.set_message(message);
             }
         }
         ControlFlow::Continue(())

@@ -1,0 +1,273 @@
+//! End to end: calibrate each group of a checkpoint, compress it, write the outputs, evaluate.
+//!
+//! Memory stays bounded by one group: calibration activations are captured (or read) for the
+//! blocks of one group, used, and dropped before the next group. With images, the model's forward
+//! pass stops after the group's last block.
+
+use std::ops::ControlFlow;
+use std::time::{Duration, Instant};
+
+use ndarray::{Array2, ArrayView4, Axis, concatenate};
+
+use crate::app::vit::{VisionTransformer, preprocess};
+use crate::format::block_groups::BlockGroups;
+use crate::format::compressed::{CompressedModel, GroupManifest, Manifest};
+use crate::format::hf::store::TensorStore;
+use crate::format::layout::MlpLayout;
+use crate::format::mlp_inputs::MlpInputs;
+use crate::foundation::activation::Activation;
+use crate::foundation::error::{FipsError, Result};
+use crate::foundation::slicing::s;
+use crate::math::calibration::Calibration;
+use crate::methods::{Compressor, MethodReport, Progress};
+
+/// Tokens per block of data-free (Gaussian) calibration by default.
+pub const DATA_FREE_TOKENS: usize = 16384;
+/// The split of an image set used for calibration by default.
+pub const CALIB_SPLIT: &str = "calib";
+/// The split of an image set used for evaluation by default (never the calibration split).
+pub const EVAL_SPLIT: &str = "eval";
+/// The output directory of a run by default.
+pub const OUT_DIR: &str = "out";
+
+/// Images per forward pass when running a ViT over a set of images.
+pub const IMAGE_BATCH: usize = 25;
+
+/// Where each group's calibration activations come from.
+#[derive(Debug, Clone, Copy)]
+pub enum CalibrationSource<'a> {
+    /// Run `vit` over `pixels` (`[images, H, W, 3]`, RGB) and capture each block's MLP input.
+    Images {
+        /// The model to run (the original, dense one).
+        vit: &'a VisionTransformer,
+        /// The calibration images.
+        pixels: ArrayView4<'a, u8>,
+    },
+    /// MLP inputs read from a file.
+    File(&'a MlpInputs),
+    /// Data-free: standard Gaussian inputs with this many tokens per block.
+    Gaussian {
+        /// Tokens per block.
+        tokens: usize,
+        /// Seed of the draw.
+        seed: u64,
+    },
+}
+
+/// Receives progress from [`compress_checkpoint`] and [`classify`]; every method has a no-op
+/// default.
+pub trait Observer {
+    /// Calibration of group `group`: `done` of `total` images (or blocks) processed.
+    fn calibration(&mut self, _group: usize, _done: usize, _total: usize) {}
+    /// Compression of group `group` (blocks `blocks`) starts; `steps` training steps at most.
+    fn group_started(&mut self, _group: usize, _blocks: &[usize], _steps: usize) {}
+    /// A training step of group `group` finished; `Break` stops that group's training early.
+    fn step(&mut self, _group: usize, _progress: &Progress) -> ControlFlow<()> {
+        ControlFlow::Continue(())
+    }
+    /// Group `group` is done.
+    fn group_finished(&mut self, _group: usize, _report: &MethodReport) {}
+    /// Classification: `done` of `total` images.
+    fn classification(&mut self, _done: usize, _total: usize) {}
+}
+
+/// An [`Observer`] that ignores everything.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Silent;
+
+impl Observer for Silent {}
+
+/// The result of compressing a checkpoint.
+#[derive(Debug, Clone)]
+pub struct ModelCompression {
+    /// The compressed groups and their manifest (ready to write or densify).
+    pub model: CompressedModel,
+    /// One report per group.
+    pub reports: Vec<MethodReport>,
+    /// Time spent capturing or reading calibration activations.
+    pub calibration_time: Duration,
+    /// Wall time of the whole compression.
+    pub wall_time: Duration,
+}
+
+/// The calibration activations of one group.
+pub fn group_calibration(
+    data: &CalibrationSource<'_>,
+    group: usize,
+    blocks: &[usize],
+    width: usize,
+    observer: &mut dyn Observer,
+) -> Result<Calibration<f32>> {
+    match *data {
+        CalibrationSource::Images { vit, pixels } => {
+            let (first, last) = match (blocks.first(), blocks.last()) {
+                (Some(&a), Some(&b)) => (a, b),
+                _ => return Err(FipsError::EmptyGroup),
+            };
+            if blocks
+                .iter()
+                .zip(first..)
+                .any(|(&b, expected)| b != expected)
+            {
+                return Err(FipsError::InvalidParameter {
+                    name: "groups",
+                    reason: format!(
+                        "capturing from images needs consecutive blocks, got {blocks:?}"
+                    ),
+                });
+            }
+            let total = pixels.len_of(Axis(0));
+            let mut chunks: Vec<Vec<Array2<f32>>> = vec![Vec::new(); blocks.len()];
+            let mut done = 0;
+            observer.calibration(group, 0, total);
+            while done < total {
+                let end = (done + IMAGE_BATCH).min(total);
+                let batch = preprocess(pixels.slice(s![done..end, .., .., ..]));
+                let captured = vit.forward_capture(batch.view(), first..last + 1)?;
+                for (dst, z) in chunks.iter_mut().zip(captured) {
+                    dst.push(z);
+                }
+                done = end;
+                observer.calibration(group, done, total);
+            }
+            let inputs = chunks
+                .iter()
+                .map(|parts| {
+                    let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
+                    concatenate(Axis(0), &views).map_err(|e| FipsError::Numerical(e.to_string()))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Calibration::new(inputs)
+        }
+        CalibrationSource::File(file) => {
+            observer.calibration(group, 0, blocks.len());
+            let calibration = file.calibration(blocks)?;
+            observer.calibration(group, blocks.len(), blocks.len());
+            Ok(calibration)
+        }
+        CalibrationSource::Gaussian { tokens, seed } => {
+            Calibration::gaussian(blocks.len(), tokens, width, seed.wrapping_add(group as u64))
+        }
+    }
+}
+
+/// Compresses every group of `checkpoint` with `compressor` (any method), one group at a time.
+pub fn compress_checkpoint(
+    checkpoint: &impl TensorStore,
+    layout: &MlpLayout,
+    groups: &BlockGroups,
+    compressor: &dyn Compressor<f32>,
+    activation: Activation,
+    calibration: &CalibrationSource<'_>,
+    observer: &mut dyn Observer,
+) -> Result<ModelCompression> {
+    let start = Instant::now();
+    let mut manifest = Manifest::new(compressor.method().name(), &compressor.parameters())?;
+    manifest.source = checkpoint
+        .path()
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned());
+    manifest.scheme = Some(layout.scheme().to_string());
+    manifest.data_free = matches!(calibration, CalibrationSource::Gaussian { .. });
+    let mut compressed = Vec::with_capacity(groups.len());
+    let mut reports = Vec::with_capacity(groups.len());
+    let mut calibration_time = Duration::ZERO;
+    for (g, blocks) in groups.groups().iter().enumerate() {
+        let dense = blocks
+            .iter()
+            .map(|&b| layout.load_block::<f32>(checkpoint, b, activation))
+            .collect::<Result<Vec<_>>>()?;
+        let width = dense.first().map_or(0, |m| m.width());
+        let calibration_start = Instant::now();
+        let calib = group_calibration(calibration, g, blocks, width, observer)?;
+        calibration_time += calibration_start.elapsed();
+        observer.group_started(g, blocks, compressor.steps());
+        let out = compressor.compress(&dense, &calib, &mut |p| observer.step(g, p))?;
+        observer.group_finished(g, &out.report);
+        let originals = blocks
+            .iter()
+            .map(|&b| layout.block(b))
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .flat_map(|t| {
+                let dtype = t.dtype;
+                t.weights
+                    .iter()
+                    .zip(&t.biases)
+                    .map(|(w, bias)| (w.clone(), bias.clone(), dtype))
+                    .collect::<Vec<_>>()
+            })
+            .map(|(w, bias, dtype)| {
+                Ok((w.clone(), bias, checkpoint.info(&w)?.shape.clone(), dtype))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        manifest.groups.push(GroupManifest::describe(
+            &out.blocks,
+            blocks,
+            layout.kind(),
+            originals,
+        )?);
+        compressed.push(out.blocks);
+        reports.push(out.report);
+    }
+    Ok(ModelCompression {
+        model: CompressedModel {
+            manifest,
+            groups: compressed,
+        },
+        reports,
+        calibration_time,
+        wall_time: start.elapsed(),
+    })
+}
+
+/// `vit` with the MLPs of every compressed group replaced by their dense rebuilds.
+pub fn with_compressed_mlps(
+    vit: &VisionTransformer,
+    model: &CompressedModel,
+) -> Result<VisionTransformer> {
+    let mut out = vit.clone();
+    for (m, group) in model.manifest.groups.iter().zip(&model.groups) {
+        for (position, &block) in m.blocks.iter().enumerate() {
+            out.set_mlp(block, group.to_dense_mlp(position)?)?;
+        }
+    }
+    Ok(out)
+}
+
+/// The logits of `vit` on `pixels` (`[images, H, W, 3]`), in batches of [`IMAGE_BATCH`].
+pub fn classify(
+    vit: &VisionTransformer,
+    pixels: ArrayView4<'_, u8>,
+    observer: &mut dyn Observer,
+) -> Result<Array2<f32>> {
+    let total = pixels.len_of(Axis(0));
+    let mut parts = Vec::new();
+    let mut done = 0;
+    observer.classification(0, total);
+    while done < total {
+        let end = (done + IMAGE_BATCH).min(total);
+        parts.push(vit.forward(preprocess(pixels.slice(s![done..end, .., .., ..])).view())?);
+        done = end;
+        observer.classification(done, total);
+    }
+    let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
+    concatenate(Axis(0), &views).map_err(|e| FipsError::Numerical(e.to_string()))
+}
+
+/// MLP weight parameters before and after: `(dense, compressed)` over every block of the layout
+/// (uncompressed blocks count at their dense size).
+pub fn mlp_parameters(layout: &MlpLayout, model: &CompressedModel) -> (usize, usize) {
+    let dense = layout.mlp_weight_count();
+    let replaced: usize = model
+        .groups
+        .iter()
+        .map(|g| g.parameter_count().dense_weights)
+        .sum();
+    let kept: usize = model
+        .groups
+        .iter()
+        .map(|g| g.parameter_count().compressed_weights())
+        .sum();
+    (dense, dense - replaced + kept)
+}

@@ -1,0 +1,17 @@
+//! Language models from Hugging Face folders (feature `text`): a candle forward pass of the
+//! Llama family, calibration capture from text, and perplexity.
+//!
+//! - [`capture_text`]: streams every block's MLP input for a token budget of a text to an
+//!   MLP-input file ([`crate::format::mlp_inputs`]), ready for compression.
+//! - [`perplexity()`]: per-paragraph perplexity (BOS prepended) of a folder, optionally with
+//!   replaced (compressed, rebuilt dense) MLP tensors.
+
+pub mod capture;
+pub mod model;
+pub mod perplexity;
+pub mod tokenize;
+
+pub use capture::{CaptureOptions, CaptureReport, capture_text};
+pub use model::LlamaModel;
+pub use perplexity::{Perplexity, perplexity, perplexity_of_paragraphs};
+pub use tokenize::{TextTokenizer, paragraphs};

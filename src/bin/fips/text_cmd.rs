@@ -1,0 +1,188 @@
+//! `fips capture --model DIR --text FILE` and `fips eval --model DIR --text FILE`: the language
+//! model commands (feature `text`). Kept apart from the image commands so that they can be moved
+//! as a unit.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use fips::FipsError;
+
+/// Arguments of `fips capture` for language models.
+#[derive(Debug, Clone, Args)]
+pub struct TextCaptureArgs {
+    /// A Hugging Face model folder (config.json, safetensors weights, tokenizer.json); with --text,
+    /// captures from text instead of images.
+    #[arg(long, requires = "text")]
+    pub model: Option<PathBuf>,
+    /// Text to calibrate on: paragraphs separated by blank lines.
+    #[arg(long, requires = "model")]
+    pub text: Option<PathBuf>,
+    /// Tokens to capture (rows per block), BOS tokens included.
+    #[arg(long, default_value_t = 16384)]
+    pub tokens: usize,
+    /// Seed of the paragraph order.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Store the activations in half precision (bf16) to halve the file.
+    #[arg(long)]
+    pub bf16: bool,
+}
+
+/// Arguments of `fips eval` for language models.
+#[derive(Debug, Clone, Args)]
+pub struct TextEvalArgs {
+    /// A Hugging Face model folder; with --text, prints its perplexity.
+    #[arg(long, requires = "text")]
+    pub model: Option<PathBuf>,
+    /// Text to score: paragraphs separated by blank lines, each scored with BOS prepended.
+    #[arg(long, requires = "model")]
+    pub text: Option<PathBuf>,
+    /// A densified model folder (written by fips) to score beside the dense model.
+    #[arg(long, requires = "model")]
+    pub densified: Option<PathBuf>,
+}
+
+#[cfg(not(feature = "text"))]
+fn no_text_feature() -> FipsError {
+    FipsError::InvalidParameter {
+        name: "model",
+        reason: "this fips was built without the `text` feature (cargo build --features cli,text)"
+            .into(),
+    }
+}
+
+/// Captures MLP inputs from text.
+#[cfg(feature = "text")]
+pub fn capture(model: &Path, args: &TextCaptureArgs, out: &Path) -> Result<(), FipsError> {
+    use fips::app::text::capture::{CaptureOptions, capture_text};
+    let text = args.text.as_deref().ok_or_else(no_text)?;
+    let mut options = CaptureOptions::new(args.tokens, args.seed);
+    if args.bf16 {
+        options.dtype = safetensors::Dtype::BF16;
+    }
+    let bar = super::progress::Bars::new().bar(args.tokens, "capturing tokens");
+    let report = capture_text(model, text, &options, out, &mut |done, _| {
+        bar.set_position(done as u64)
+    })?;
+    bar.finish_and_clear();
+    println!(
+        "wrote {}: {} tokens × {} blocks × d = {} from {} of {} paragraphs (seed {}) in {:.1} s{}",
+        report.path.display(),
+        report.tokens,
+        report.blocks,
+        report.width,
+        report.paragraphs_used,
+        report.paragraphs_available,
+        args.seed,
+        report.seconds,
+        if report.paragraphs_truncated > 0 {
+            format!(
+                ", {} paragraphs cut to the context length",
+                report.paragraphs_truncated
+            )
+        } else {
+            String::new()
+        }
+    );
+    Ok(())
+}
+
+/// Captures MLP inputs from text (unavailable: built without `text`).
+#[cfg(not(feature = "text"))]
+pub fn capture(_model: &Path, _args: &TextCaptureArgs, _out: &Path) -> Result<(), FipsError> {
+    Err(no_text_feature())
+}
+
+#[cfg(feature = "text")]
+fn no_text() -> FipsError {
+    FipsError::InvalidParameter {
+        name: "text",
+        reason: "--model needs --text FILE".into(),
+    }
+}
+
+/// Prints the perplexity of the model (and of a compressed or densified version of it).
+#[cfg(feature = "text")]
+pub fn eval(model: &Path, args: &TextEvalArgs, compressed: Option<&Path>) -> Result<(), FipsError> {
+    use std::collections::BTreeMap;
+
+    use fips::app::text::perplexity::{Perplexity, perplexity};
+    use fips::format::compressed::CompressedModel;
+    let text = args.text.as_deref().ok_or_else(no_text)?;
+    // Read the compressed model first: a bad file fails before the long dense pass.
+    let compressed = compressed.map(CompressedModel::read).transpose()?;
+    let bars = super::progress::Bars::new();
+    let score = |dir: &Path, replacements: &BTreeMap<String, ndarray::ArrayD<f32>>, label: &str| {
+        let bar = bars.bar(0, label);
+        let result = perplexity(dir, text, replacements, &mut |done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        });
+        bar.finish_and_clear();
+        result
+    };
+    let line = |label: &str, p: &Perplexity, dense: Option<&Perplexity>| {
+        let change = dense
+            .map(|d| {
+                format!(
+                    "  ({:+.2}% vs dense)",
+                    100.0 * (p.perplexity() / d.perplexity() - 1.0)
+                )
+            })
+            .unwrap_or_default();
+        println!(
+            "{label:>10}: perplexity {:.4}  mean NLL {:.5} nats over {} tokens, {} paragraphs, {:.1} s{change}",
+            p.perplexity(),
+            p.mean_nll(),
+            p.predicted_tokens,
+            p.paragraphs,
+            p.seconds
+        );
+    };
+    let dense = score(model, &BTreeMap::new(), "dense")?;
+    line("dense", &dense, None);
+    if let Some(c) = &compressed {
+        let replacements = c.dense_tensors()?;
+        let p = score(model, &replacements, "compressed")?;
+        line("compressed", &p, Some(&dense));
+    }
+    if let Some(dir) = &args.densified {
+        let p = score(dir, &BTreeMap::new(), "densified")?;
+        line("densified", &p, Some(&dense));
+    }
+    Ok(())
+}
+
+/// Prints perplexities (unavailable: built without `text`).
+#[cfg(not(feature = "text"))]
+pub fn eval(
+    _model: &Path,
+    _args: &TextEvalArgs,
+    _compressed: Option<&Path>,
+) -> Result<(), FipsError> {
+    Err(no_text_feature())
+}
+
+/// Writes the densified copy of a Hugging Face model folder (same shards, index, dtypes and side
+/// files) for a compressed model of it.
+pub fn densify_folder(
+    model: &fips::format::compressed::CompressedModel,
+    original: &Path,
+    out: &Path,
+) -> Result<(), FipsError> {
+    let folder = fips::format::hf::HfFolder::open(original)?;
+    let report = folder.densify_compressed(model, out, false)?;
+    println!(
+        "wrote {}: {} tensors rebuilt in {} shard file(s); copied {}{}",
+        report.dir.display(),
+        report.replaced,
+        report.shards.len(),
+        report.copied.join(", "),
+        if report.skipped.is_empty() {
+            String::new()
+        } else {
+            format!("; not copied: {}", report.skipped.join(", "))
+        }
+    );
+    Ok(())
+}

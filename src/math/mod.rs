@@ -1,0 +1,13 @@
+//! Math: the FiPS objective and its hand-written gradients, AdamW, sparsity schedules, the SVD
+//! initialisation and basis layouts, budgets, whitening, and calibration sets. Imports only the
+//! foundation.
+
+pub mod bases;
+pub mod budget;
+pub mod calibration;
+pub mod init;
+pub mod objective;
+pub mod optim;
+pub mod sparsity;
+pub mod validation;
+pub mod whitening;

@@ -1,0 +1,914 @@
+//! The block-wise reconstruction loss of a FiPS group and its hand-written gradients.
+//!
+//! For blocks `b = 1..n` with mini-batch inputs `X_b` (`T × d`) and targets `Y_b`,
+//! `L = Σ_b mean((MLP_b^c(X_b) − Y_b)²)`, where every matrix is `W_j = U V_j` (oriented `d × I`).
+//! With `G = ∂L/∂Ŷ = 2 (Ŷ − Y) / (T d)`, a down projection `Ŷ = A W_dᵀ + b` gives
+//! `∂W_d = Gᵀ A`, `∂A = G W_d`, `∂b = 1ᵀ G`; an up projection `H = X W_u + b` given `∂H` gives
+//! `∂W_u = Xᵀ ∂H`, `∂b = 1ᵀ ∂H`. A standard MLP has `A = act(H)`, so `∂H = ∂A ⊙ act'(H)`; a gated
+//! one has `A = act(H_g) ⊙ H_u`, so `∂H_g = ∂A ⊙ H_u ⊙ act'(H_g)` and `∂H_u = ∂A ⊙ act(H_g)`.
+//! Finally `∂U = Σ_j ∂W_j V_jᵀ` and `∂V_j = Uᵀ ∂W_j`: the gradient with respect to the masked
+//! factor, dense (RigL's regrowth score); the optimiser masks it.
+//!
+//! Two contraction orders compute the same values:
+//! - *weights first*: form `W = U V` (`d × fnI`) once per step, run the block on dense weights, and
+//!   pull `∂W` back with two GEMMs over the whole group: `(2f + 1) T d I` multiply-adds per block plus
+//!   `3 d r f n I`;
+//! - *factors first*: never form `W`; evaluate `(X U) V_j` and `(A V_dᵀ) Uᵀ`:
+//!   `T r (5 d + 3 f I)` multiply-adds per block.
+//!
+//! Every product is one BLAS GEMM into a buffer allocated once per training run.
+
+use std::fmt;
+use std::str::FromStr;
+
+use ndarray::{Array1, Array2, ArrayView2, ArrayViewMut2, linalg::general_mat_mul};
+
+use crate::foundation::activation::Activation;
+use crate::foundation::error::{FipsError, Result, invalid};
+use crate::foundation::float::Float;
+use crate::foundation::kernels::{RowSplit, add_column_sums};
+use crate::foundation::mlp::MlpKind;
+use crate::foundation::slicing::s;
+use crate::foundation::thread_plan::step_threads;
+
+/// The contraction order of the training step.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum ContractionOrder {
+    /// Whichever of the two needs fewer multiply-adds for the shapes at hand (the default).
+    #[default]
+    Auto,
+    /// `(X U) V_j`: never forms the dense weights.
+    FactorsFirst,
+    /// `X (U V_j)`: forms the group's dense weights once per step.
+    WeightsFirst,
+}
+
+impl fmt::Display for ContractionOrder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::FactorsFirst => "factors-first",
+            Self::WeightsFirst => "weights-first",
+        })
+    }
+}
+
+impl FromStr for ContractionOrder {
+    type Err = FipsError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "factors-first" => Ok(Self::FactorsFirst),
+            "weights-first" => Ok(Self::WeightsFirst),
+            other => Err(invalid(
+                "contraction",
+                format!("unknown contraction order {other:?} (auto, factors-first, weights-first)"),
+            )),
+        }
+    }
+}
+
+/// Dimensions of a group's training problem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct StepShape {
+    /// Tokens per mini-batch, T.
+    pub tokens: usize,
+    /// Model width d.
+    pub width: usize,
+    /// MLP width I.
+    pub intermediate: usize,
+    /// Rank r.
+    pub rank: usize,
+    /// Blocks n.
+    pub blocks: usize,
+    /// Matrices per block f.
+    pub matrices_per_block: usize,
+}
+
+impl StepShape {
+    /// Floating-point operations (2 per multiply-add) of the GEMMs of one training step
+    /// (forward and backward) in `order`; `Auto` resolves first.
+    pub fn flops(&self, order: ContractionOrder) -> f64 {
+        let [t, d, i, r, n, f] = [
+            self.tokens,
+            self.width,
+            self.intermediate,
+            self.rank,
+            self.blocks,
+            self.matrices_per_block,
+        ]
+        .map(|x| x as f64);
+        let macs = match self.resolve(order) {
+            ContractionOrder::FactorsFirst => n * t * r * (5.0 * d + 3.0 * f * i),
+            _ => n * (2.0 * f + 1.0) * t * d * i + 3.0 * d * r * f * n * i,
+        };
+        2.0 * macs
+    }
+
+    /// The dense-equivalent FLOPs of a step: `3 · 2 · T d I f n` (forward plus two backward GEMMs
+    /// per dense matrix).
+    pub fn dense_equivalent_flops(&self) -> f64 {
+        6.0 * (self.tokens * self.width * self.intermediate * self.matrices_per_block * self.blocks)
+            as f64
+    }
+
+    /// `order`, with `Auto` replaced by the cheaper of the two.
+    pub fn resolve(&self, order: ContractionOrder) -> ContractionOrder {
+        match order {
+            ContractionOrder::Auto => {
+                if self.flops(ContractionOrder::FactorsFirst)
+                    < self.flops(ContractionOrder::WeightsFirst)
+                {
+                    ContractionOrder::FactorsFirst
+                } else {
+                    ContractionOrder::WeightsFirst
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+/// Trainable parameters of a group (and, with the same layout, their gradients).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct GroupParams<F> {
+    /// Shared basis, `d × r`.
+    pub u: Array2<F>,
+    /// Concatenated factors `[V_1 | … | V_fn]`, `r × fnI` (zero outside the mask).
+    pub v: Array2<F>,
+    /// One bias slot per matrix, module order.
+    pub biases: Vec<Option<Array1<F>>>,
+}
+
+impl<F: Float> GroupParams<F> {
+    /// Zeros of the same shapes.
+    pub(crate) fn zeros_like(&self) -> Self {
+        Self {
+            u: Array2::zeros(self.u.raw_dim()),
+            v: Array2::zeros(self.v.raw_dim()),
+            biases: self
+                .biases
+                .iter()
+                .map(|b| b.as_ref().map(|b| Array1::zeros(b.raw_dim())))
+                .collect(),
+        }
+    }
+}
+
+/// Preallocated buffers of one training step (nothing large is allocated per step).
+#[derive(Debug)]
+pub(crate) struct Workspace<F> {
+    /// Dense weights `U V` and their gradient, `d × fnI` (weights first only).
+    w: Array2<F>,
+    dw: Array2<F>,
+    /// `X U`, `A V_dᵀ` (later `G U`), `∂(X U)`: `T × r` (factors first only).
+    xu: Array2<F>,
+    c: Array2<F>,
+    dxu: Array2<F>,
+    /// Hidden state A, `∂A/∂H` (standard) or `act'(H_g) ⊙ H_u` (gated), and `∂A`: `T × I`.
+    a: Array2<F>,
+    dact: Array2<F>,
+    da: Array2<F>,
+    /// Gated only: `act(H_g)` and `H_u` (later `∂H_u`), `T × I`.
+    gate: Array2<F>,
+    up: Array2<F>,
+    /// Block output, then `G`: `T × d`.
+    yhat: Array2<F>,
+}
+
+impl<F: Float> Workspace<F> {
+    fn new(shape: &StepShape, kind: MlpKind, order: ContractionOrder) -> Self {
+        let StepShape {
+            tokens: t,
+            width: d,
+            intermediate: i,
+            rank: r,
+            blocks: n,
+            matrices_per_block: f,
+        } = *shape;
+        let weights_first = order == ContractionOrder::WeightsFirst;
+        let gated = kind == MlpKind::Gated;
+        let z = |rows: usize, cols: usize, on: bool| {
+            if on {
+                Array2::zeros((rows, cols))
+            } else {
+                Array2::zeros((0, 0))
+            }
+        };
+        Self {
+            w: z(d, f * n * i, weights_first),
+            dw: z(d, f * n * i, weights_first),
+            xu: z(t, r, !weights_first),
+            c: z(t, r, !weights_first),
+            dxu: z(t, r, !weights_first),
+            a: z(t, i, true),
+            dact: z(t, i, true),
+            da: z(t, i, true),
+            gate: z(t, i, gated),
+            up: z(t, i, gated),
+            yhat: z(t, d, true),
+        }
+    }
+}
+
+/// Loss and gradients of one group's reconstruction problem.
+#[derive(Debug)]
+pub(crate) struct Objective<F> {
+    kind: MlpKind,
+    activation: Activation,
+    shape: StepShape,
+    order: ContractionOrder,
+    /// Every matrix has its own basis (`U` is `[U_1 | … | U_fn]`, `d × r f n`): the per-layer
+    /// low-rank baseline; weights-first order only.
+    per_matrix_bases: bool,
+    split: RowSplit,
+    ws: Workspace<F>,
+}
+
+/// `C ← α A B + β C`.
+#[inline]
+fn gemm<F: Float>(
+    alpha: F,
+    a: &ArrayView2<'_, F>,
+    b: &ArrayView2<'_, F>,
+    beta: F,
+    c: &mut ArrayViewMut2<'_, F>,
+) {
+    general_mat_mul(alpha, a, b, beta, c);
+}
+
+fn flat<F>(a: &Array2<F>) -> Result<&[F]> {
+    a.as_slice()
+        .ok_or_else(|| FipsError::Numerical("internal buffer is not contiguous".into()))
+}
+
+fn flat_mut<F>(a: &mut Array2<F>) -> Result<&mut [F]> {
+    a.as_slice_mut()
+        .ok_or_else(|| FipsError::Numerical("internal buffer is not contiguous".into()))
+}
+
+/// A bias gradient, zeroed, as a slice to accumulate column sums into.
+fn bias_slice<F: Float>(b: Option<&mut Array1<F>>) -> Result<Option<&mut [F]>> {
+    b.map(|b| {
+        b.fill(F::zero());
+        b.as_slice_mut()
+            .ok_or_else(|| FipsError::Numerical("bias gradient is not contiguous".into()))
+    })
+    .transpose()
+}
+
+impl<F: Float> Objective<F> {
+    /// An objective for mini-batches of `shape.tokens` tokens; `order` resolves `Auto`; elementwise
+    /// passes use at most `threads` threads, one for small shapes
+    /// ([`crate::foundation::thread_plan::step_threads`]).
+    pub(crate) fn new(
+        kind: MlpKind,
+        activation: Activation,
+        shape: StepShape,
+        order: ContractionOrder,
+        threads: usize,
+    ) -> Self {
+        let order = shape.resolve(order);
+        Self {
+            kind,
+            activation,
+            shape,
+            order,
+            per_matrix_bases: false,
+            split: RowSplit::new(step_threads(
+                shape.tokens,
+                shape.width,
+                shape.intermediate,
+                threads,
+            )),
+            ws: Workspace::new(&shape, kind, order),
+        }
+    }
+
+    /// The same objective with one basis per matrix (`U` is `d × r f n`); forces the weights-first
+    /// order.
+    pub(crate) fn with_per_matrix_bases(mut self) -> Self {
+        self.per_matrix_bases = true;
+        if self.order != ContractionOrder::WeightsFirst {
+            self.order = ContractionOrder::WeightsFirst;
+            self.ws = Workspace::new(&self.shape, self.kind, self.order);
+        }
+        self
+    }
+
+    /// The thread split of the elementwise passes (the optimiser uses it too).
+    pub(crate) fn split(&self) -> RowSplit {
+        self.split
+    }
+
+    /// The contraction order in use (never `Auto`).
+    pub(crate) fn order(&self) -> ContractionOrder {
+        self.order
+    }
+
+    /// `L` for the batch `xs[b]`, `ys[b]` (each `T × d`), writing `∂L/∂θ` into `grads`.
+    pub(crate) fn loss_and_gradients(
+        &mut self,
+        p: &GroupParams<F>,
+        xs: &[Array2<F>],
+        ys: &[Array2<F>],
+        grads: &mut GroupParams<F>,
+    ) -> Result<f64> {
+        let weights_first = self.order == ContractionOrder::WeightsFirst;
+        if weights_first {
+            // W = U V, one GEMM per basis over the columns of the matrices it serves.
+            for (u_cols, v_cols) in self.basis_blocks() {
+                general_mat_mul(
+                    F::one(),
+                    &p.u.slice(s![.., u_cols]),
+                    &p.v.slice(s![.., v_cols.clone()]),
+                    F::zero(),
+                    &mut self.ws.w.slice_mut(s![.., v_cols]),
+                );
+            }
+        } else {
+            grads.u.fill(F::zero());
+        }
+        let mut loss = 0.0;
+        for (b, (x, y)) in xs.iter().zip(ys).enumerate() {
+            self.forward_block(b, p, x.view())?;
+            loss += self.output_gradient(b, y, grads)?;
+            self.backward_block(b, p, x.view(), grads)?;
+        }
+        if weights_first {
+            // ∂U_k = ∂W_k V_kᵀ, ∂V_k = U_kᵀ ∂W_k for every basis k.
+            let ws = &self.ws;
+            for (u_cols, v_cols) in self.basis_blocks() {
+                let dw = ws.dw.slice(s![.., v_cols.clone()]);
+                let (u, v) = (
+                    p.u.slice(s![.., u_cols.clone()]),
+                    p.v.slice(s![.., v_cols.clone()]),
+                );
+                general_mat_mul(
+                    F::one(),
+                    &dw,
+                    &v.t(),
+                    F::zero(),
+                    &mut grads.u.slice_mut(s![.., u_cols]),
+                );
+                general_mat_mul(
+                    F::one(),
+                    &u.t(),
+                    &dw,
+                    F::zero(),
+                    &mut grads.v.slice_mut(s![.., v_cols]),
+                );
+            }
+        }
+        Ok(loss)
+    }
+
+    /// For every basis, its columns in `U` and the columns in `V` (and `W`) of the matrices it
+    /// serves: one basis for the whole group, or one per matrix.
+    fn basis_blocks(&self) -> Vec<(std::ops::Range<usize>, std::ops::Range<usize>)> {
+        let (r, i) = (self.shape.rank, self.shape.intermediate);
+        let matrices = self.shape.blocks * self.shape.matrices_per_block;
+        if self.per_matrix_bases {
+            (0..matrices)
+                .map(|j| (j * r..(j + 1) * r, j * i..(j + 1) * i))
+                .collect()
+        } else {
+            vec![(0..r, 0..matrices * i)]
+        }
+    }
+
+    /// Columns of matrix `j` in the concatenated layout.
+    fn cols(
+        &self,
+        j: usize,
+    ) -> ndarray::SliceInfo<[ndarray::SliceInfoElem; 2], ndarray::Ix2, ndarray::Ix2> {
+        let i = self.shape.intermediate;
+        s![.., j * i..(j + 1) * i]
+    }
+
+    /// Fills every row of `out` with `bias` and returns the GEMM β that adds the product to it (1),
+    /// or 0 without a bias: the bias costs no pass of its own.
+    fn prefill_bias(&self, out: &mut Array2<F>, bias: Option<&Array1<F>>) -> Result<F> {
+        match bias {
+            Some(b) => {
+                let row = b
+                    .as_slice()
+                    .ok_or_else(|| FipsError::Numerical("bias is not contiguous".into()))?;
+                self.split.fill_rows(flat_mut(out)?, row);
+                Ok(F::one())
+            }
+            None => Ok(F::zero()),
+        }
+    }
+
+    /// `out = X W_j + b_j` (or `(X U) V_j + b_j`).
+    fn up_forward(
+        &self,
+        j: usize,
+        p: &GroupParams<F>,
+        x: ArrayView2<'_, F>,
+        out: &mut Array2<F>,
+    ) -> Result<()> {
+        let beta = self.prefill_bias(out, p.biases[j].as_ref())?;
+        match self.order {
+            ContractionOrder::WeightsFirst => {
+                general_mat_mul(F::one(), &x, &self.ws.w.slice(self.cols(j)), beta, out)
+            }
+            _ => general_mat_mul(F::one(), &self.ws.xu, &p.v.slice(self.cols(j)), beta, out),
+        }
+        Ok(())
+    }
+
+    /// Runs block `b` forward, leaving every intermediate the backward pass needs in the workspace.
+    fn forward_block(&mut self, b: usize, p: &GroupParams<F>, x: ArrayView2<'_, F>) -> Result<()> {
+        let f = self.shape.matrices_per_block;
+        let i = self.shape.intermediate;
+        let base = b * f;
+        let weights_first = self.order == ContractionOrder::WeightsFirst;
+        if !weights_first {
+            general_mat_mul(F::one(), &x, &p.u, F::zero(), &mut self.ws.xu);
+        }
+        let act = self.activation;
+        match self.kind {
+            MlpKind::Standard => {
+                let mut a = std::mem::take(&mut self.ws.a);
+                let done = self.up_forward(base, p, x, &mut a).and_then(|()| {
+                    self.split
+                        .activate(act, flat_mut(&mut a)?, flat_mut(&mut self.ws.dact)?, i);
+                    Ok(())
+                });
+                self.ws.a = a;
+                done?;
+            }
+            MlpKind::Gated => {
+                let mut gate = std::mem::take(&mut self.ws.gate);
+                let mut up = std::mem::take(&mut self.ws.up);
+                let done = self
+                    .up_forward(base, p, x, &mut gate)
+                    .and_then(|()| self.up_forward(base + 1, p, x, &mut up))
+                    .and_then(|()| {
+                        let ws = &mut self.ws;
+                        self.split.activate_gated(
+                            act,
+                            flat_mut(&mut gate)?,
+                            flat(&up)?,
+                            flat_mut(&mut ws.a)?,
+                            flat_mut(&mut ws.dact)?,
+                            i,
+                        );
+                        Ok(())
+                    });
+                self.ws.gate = gate;
+                self.ws.up = up;
+                done?;
+            }
+        }
+        let jd = base + f - 1;
+        let cols_d = self.cols(jd);
+        let mut yhat = std::mem::take(&mut self.ws.yhat);
+        let beta = self.prefill_bias(&mut yhat, p.biases[jd].as_ref());
+        let ws = &mut self.ws;
+        if let Ok(beta) = beta {
+            if weights_first {
+                let wd = ws.w.slice(cols_d);
+                general_mat_mul(F::one(), &ws.a, &wd.t(), beta, &mut yhat);
+            } else {
+                let vd = p.v.slice(cols_d);
+                general_mat_mul(F::one(), &ws.a, &vd.t(), F::zero(), &mut ws.c);
+                general_mat_mul(F::one(), &ws.c, &p.u.t(), beta, &mut yhat);
+            }
+        }
+        ws.yhat = yhat;
+        beta.map(|_| ())
+    }
+
+    /// Turns the block output into `G = 2 (Ŷ − Y) / (T d)` in place, writes the down projection's
+    /// bias gradient `1ᵀ G`, and returns `mean((Ŷ − Y)²)`.
+    fn output_gradient(
+        &mut self,
+        b: usize,
+        y: &Array2<F>,
+        grads: &mut GroupParams<F>,
+    ) -> Result<f64> {
+        let count = y.len() as f64;
+        let jd = (b + 1) * self.shape.matrices_per_block - 1;
+        let db = bias_slice(grads.biases[jd].as_mut())?;
+        let sum = self.split.output_gradient(
+            flat_mut(&mut self.ws.yhat)?,
+            flat(y)?,
+            F::cast(2.0 / count),
+            self.shape.width,
+            db,
+        );
+        Ok(sum / count)
+    }
+
+    /// Back-propagates block `b` from `G` (in the workspace) into `grads`.
+    fn backward_block(
+        &mut self,
+        b: usize,
+        p: &GroupParams<F>,
+        x: ArrayView2<'_, F>,
+        grads: &mut GroupParams<F>,
+    ) -> Result<()> {
+        let f = self.shape.matrices_per_block;
+        let i = self.shape.intermediate;
+        let base = b * f;
+        let jd = base + f - 1;
+        let cols = |j: usize| s![.., j * i..(j + 1) * i];
+        let weights_first = self.order == ContractionOrder::WeightsFirst;
+        let split = self.split;
+        let ws = &mut self.ws;
+        let (one, zero) = (F::one(), F::zero());
+
+        // Down projection.
+        if weights_first {
+            gemm(
+                one,
+                &ws.yhat.t(),
+                &ws.a.view(),
+                zero,
+                &mut ws.dw.slice_mut(cols(jd)),
+            );
+            gemm(
+                one,
+                &ws.yhat.view(),
+                &ws.w.slice(cols(jd)),
+                zero,
+                &mut ws.da.view_mut(),
+            );
+        } else {
+            // ∂U += Gᵀ C, then C ← G U (= ∂C), ∂V_d = ∂Cᵀ A, ∂A = ∂C V_d.
+            gemm(
+                one,
+                &ws.yhat.t(),
+                &ws.c.view(),
+                one,
+                &mut grads.u.view_mut(),
+            );
+            gemm(
+                one,
+                &ws.yhat.view(),
+                &p.u.view(),
+                zero,
+                &mut ws.c.view_mut(),
+            );
+            gemm(
+                one,
+                &ws.c.t(),
+                &ws.a.view(),
+                zero,
+                &mut grads.v.slice_mut(cols(jd)),
+            );
+            gemm(
+                one,
+                &ws.c.view(),
+                &p.v.slice(cols(jd)),
+                zero,
+                &mut ws.da.view_mut(),
+            );
+        }
+
+        // Activation (and gate): ∂A → ∂H of each up projection, with the up biases' gradients.
+        let ups: &[usize] = match self.kind {
+            MlpKind::Standard => {
+                let db = bias_slice(grads.biases[base].as_mut())?;
+                split.backprop_activation(flat_mut(&mut ws.da)?, flat(&ws.dact)?, i, db);
+                &[0]
+            }
+            MlpKind::Gated => {
+                // ∂H_u = ∂A ⊙ act(H_g) into `up`; ∂H_g = ∂A ⊙ act'(H_g) ⊙ H_u in place.
+                split.backprop_gate(
+                    flat_mut(&mut ws.up)?,
+                    flat_mut(&mut ws.da)?,
+                    flat(&ws.gate)?,
+                    flat(&ws.dact)?,
+                    i,
+                );
+                for (m, dh) in [(0, &ws.da), (1, &ws.up)] {
+                    if let Some(db) = bias_slice(grads.biases[base + m].as_mut())? {
+                        add_column_sums(flat(dh)?, i, db);
+                    }
+                }
+                &[0, 1]
+            }
+        };
+
+        // Up projections.
+        for (k, &m) in ups.iter().enumerate() {
+            let j = base + m;
+            let dh = if m == 0 { &ws.da } else { &ws.up };
+            if weights_first {
+                gemm(one, &x.t(), &dh.view(), zero, &mut ws.dw.slice_mut(cols(j)));
+            } else {
+                gemm(
+                    one,
+                    &ws.xu.t(),
+                    &dh.view(),
+                    zero,
+                    &mut grads.v.slice_mut(cols(j)),
+                );
+                let beta = if k == 0 { zero } else { one };
+                gemm(
+                    one,
+                    &dh.view(),
+                    &p.v.slice(cols(j)).t(),
+                    beta,
+                    &mut ws.dxu.view_mut(),
+                );
+            }
+        }
+        if !weights_first {
+            gemm(one, &x.t(), &ws.dxu.view(), one, &mut grads.u.view_mut());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+    use rand_distr::{Distribution, StandardNormal};
+
+    struct Problem {
+        kind: MlpKind,
+        activation: Activation,
+        shape: StepShape,
+        per_matrix: bool,
+        params: GroupParams<f64>,
+        xs: Vec<Array2<f64>>,
+        ys: Vec<Array2<f64>>,
+    }
+
+    fn randn(rng: &mut ChaCha8Rng, rows: usize, cols: usize, scale: f64) -> Array2<f64> {
+        Array2::from_shape_simple_fn((rows, cols), || {
+            let z: f64 = StandardNormal.sample(&mut *rng);
+            scale * z
+        })
+    }
+
+    fn problem(
+        kind: MlpKind,
+        activation: Activation,
+        masked: bool,
+        with_bias: bool,
+        seed: u64,
+        per_matrix: bool,
+    ) -> Problem {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let f = kind.matrices_per_block();
+        let shape = StepShape {
+            tokens: 7,
+            width: 5,
+            intermediate: 6,
+            rank: 4,
+            blocks: 2,
+            matrices_per_block: f,
+        };
+        let (t, d, i, r, n) = (
+            shape.tokens,
+            shape.width,
+            shape.intermediate,
+            shape.rank,
+            shape.blocks,
+        );
+        let bases = if per_matrix { f * n } else { 1 };
+        let u = randn(&mut rng, d, r * bases, 0.5);
+        let mut v = randn(&mut rng, r, f * n * i, 0.5);
+        if masked {
+            v.mapv_inplace(|x| if rng.random_bool(0.5) { x } else { 0.0 });
+        }
+        let roles = kind.matrix_roles();
+        let biases = (0..f * n)
+            .map(|j| {
+                let len = if roles[j % f] == crate::foundation::mlp::MatrixRole::Up {
+                    i
+                } else {
+                    d
+                };
+                with_bias.then(|| {
+                    Array1::from_shape_simple_fn(len, || {
+                        let z: f64 = StandardNormal.sample(&mut rng);
+                        0.3 * z
+                    })
+                })
+            })
+            .collect();
+        let xs = (0..n).map(|_| randn(&mut rng, t, d, 1.0)).collect();
+        let ys = (0..n).map(|_| randn(&mut rng, t, d, 1.0)).collect();
+        Problem {
+            kind,
+            activation,
+            shape,
+            per_matrix,
+            params: GroupParams { u, v, biases },
+            xs,
+            ys,
+        }
+    }
+
+    /// The loss through an independent path: rebuild every dense weight `U_k V_j` in its original
+    /// layout and run `DenseMlp`.
+    fn reference_loss(pb: &Problem, p: &GroupParams<f64>) -> f64 {
+        let (i, r, f) = (
+            pb.shape.intermediate,
+            pb.shape.rank,
+            pb.shape.matrices_per_block,
+        );
+        (0..pb.shape.blocks)
+            .map(|b| {
+                let layers = (0..f)
+                    .map(|m| {
+                        let j = b * f + m;
+                        let k = if pb.per_matrix { j } else { 0 };
+                        let w =
+                            p.u.slice(s![.., k * r..(k + 1) * r])
+                                .dot(&p.v.slice(s![.., j * i..(j + 1) * i]));
+                        let w = match pb.kind.matrix_roles()[m] {
+                            crate::foundation::mlp::MatrixRole::Up => w.t().to_owned(),
+                            crate::foundation::mlp::MatrixRole::Down => w,
+                        };
+                        crate::foundation::mlp::Linear::new(w, p.biases[j].clone()).unwrap()
+                    })
+                    .collect();
+                let mlp =
+                    crate::foundation::mlp::DenseMlp::from_layers(pb.kind, layers, pb.activation)
+                        .unwrap();
+                let yhat = mlp.forward(pb.xs[b].view()).unwrap();
+                (&yhat - &pb.ys[b]).mapv(|e| e * e).mean().unwrap()
+            })
+            .sum()
+    }
+
+    /// Every parameter entry, as a mutable reference getter over a params struct.
+    fn for_each_entry(
+        p: &GroupParams<f64>,
+        mut visit: impl FnMut(&dyn Fn(&mut GroupParams<f64>) -> &mut f64, String),
+    ) {
+        for idx in 0..p.u.len() {
+            let (a, b) = (idx / p.u.ncols(), idx % p.u.ncols());
+            visit(&move |q| &mut q.u[[a, b]], format!("U[{a},{b}]"));
+        }
+        for idx in 0..p.v.len() {
+            let (a, b) = (idx / p.v.ncols(), idx % p.v.ncols());
+            visit(&move |q| &mut q.v[[a, b]], format!("V[{a},{b}]"));
+        }
+        for (j, bias) in p.biases.iter().enumerate() {
+            if let Some(bias) = bias {
+                for k in 0..bias.len() {
+                    visit(
+                        &move |q| {
+                            q.biases[j]
+                                .as_mut()
+                                .map(|b| &mut b[k])
+                                .expect("bias exists")
+                        },
+                        format!("b{j}[{k}]"),
+                    );
+                }
+            }
+        }
+    }
+
+    fn check_gradients(
+        kind: MlpKind,
+        activation: Activation,
+        order: ContractionOrder,
+        masked: bool,
+        with_bias: bool,
+    ) {
+        check_gradients_with_bases(kind, activation, order, masked, with_bias, false);
+    }
+
+    fn check_gradients_with_bases(
+        kind: MlpKind,
+        activation: Activation,
+        order: ContractionOrder,
+        masked: bool,
+        with_bias: bool,
+        per_matrix: bool,
+    ) {
+        let pb = problem(kind, activation, masked, with_bias, 11, per_matrix);
+        let mut objective = Objective::new(kind, activation, pb.shape, order, 2);
+        if per_matrix {
+            objective = objective.with_per_matrix_bases();
+            assert_eq!(objective.order(), ContractionOrder::WeightsFirst);
+        } else {
+            assert_eq!(objective.order(), order);
+        }
+        let mut grads = pb.params.zeros_like();
+        let loss = objective
+            .loss_and_gradients(&pb.params, &pb.xs, &pb.ys, &mut grads)
+            .unwrap();
+        let reference = reference_loss(&pb, &pb.params);
+        assert!(
+            (loss - reference).abs() <= 1e-12 * reference.max(1.0),
+            "loss {loss} vs {reference}"
+        );
+        let h = 1e-6;
+        let mut checked = 0;
+        for_each_entry(&pb.params, |entry, name| {
+            let mut plus = pb.params.clone();
+            *entry(&mut plus) += h;
+            let mut minus = pb.params.clone();
+            *entry(&mut minus) -= h;
+            let fd = (reference_loss(&pb, &plus) - reference_loss(&pb, &minus)) / (2.0 * h);
+            let analytic = *entry(&mut grads);
+            assert!(
+                (analytic - fd).abs() <= 1e-6 * fd.abs().max(1e-2),
+                "{kind} {activation} {order} masked={masked}: d/d{name} analytic {analytic} vs finite difference {fd}"
+            );
+            checked += 1;
+        });
+        assert!(checked > 100);
+    }
+
+    #[test]
+    fn gradients_match_finite_differences_standard() {
+        for act in Activation::ALL {
+            for order in [
+                ContractionOrder::WeightsFirst,
+                ContractionOrder::FactorsFirst,
+            ] {
+                for masked in [false, true] {
+                    check_gradients(MlpKind::Standard, act, order, masked, true);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gradients_match_finite_differences_gated() {
+        for act in Activation::ALL {
+            for order in [
+                ContractionOrder::WeightsFirst,
+                ContractionOrder::FactorsFirst,
+            ] {
+                for masked in [false, true] {
+                    check_gradients(MlpKind::Gated, act, order, masked, false);
+                }
+            }
+        }
+        // Gated with biases too.
+        check_gradients(
+            MlpKind::Gated,
+            Activation::Silu,
+            ContractionOrder::FactorsFirst,
+            true,
+            true,
+        );
+        check_gradients(
+            MlpKind::Gated,
+            Activation::GeluTanh,
+            ContractionOrder::WeightsFirst,
+            false,
+            true,
+        );
+    }
+
+    #[test]
+    fn gradients_match_finite_differences_with_a_basis_per_matrix() {
+        for act in [Activation::Gelu, Activation::Silu] {
+            for order in [
+                ContractionOrder::WeightsFirst,
+                ContractionOrder::FactorsFirst,
+            ] {
+                check_gradients_with_bases(MlpKind::Standard, act, order, false, true, true);
+                check_gradients_with_bases(MlpKind::Gated, act, order, true, false, true);
+            }
+        }
+    }
+
+    #[test]
+    fn auto_order_picks_the_cheaper_and_flops_are_exact() {
+        let deit_tiny = StepShape {
+            tokens: 2048,
+            width: 192,
+            intermediate: 768,
+            rank: 341,
+            blocks: 4,
+            matrices_per_block: 2,
+        };
+        assert_eq!(
+            deit_tiny.resolve(ContractionOrder::Auto),
+            ContractionOrder::WeightsFirst
+        );
+        let few_tokens = StepShape {
+            tokens: 64,
+            ..deit_tiny
+        };
+        assert_eq!(
+            few_tokens.resolve(ContractionOrder::Auto),
+            ContractionOrder::FactorsFirst
+        );
+        // 4 blocks × 5 T d I + 3 d r f n I multiply-adds, doubled.
+        let expected =
+            2.0 * (4.0 * 5.0 * 2048.0 * 192.0 * 768.0 + 3.0 * 192.0 * 341.0 * 8.0 * 768.0);
+        assert_eq!(deit_tiny.flops(ContractionOrder::WeightsFirst), expected);
+    }
+}

@@ -1,0 +1,394 @@
+//! AdamW with decoupled weight decay and a per-step cosine learning-rate schedule.
+
+use ndarray::{Array, ArrayView, ArrayViewMut, Dimension, Zip};
+
+use crate::foundation::error::{Result, invalid};
+use crate::foundation::float::Float;
+use crate::foundation::kernels::RowSplit;
+
+/// AdamW hyper-parameters (PyTorch semantics) and the cosine schedule's floor.
+///
+/// Step `t` (1-based) with learning rate `η_t`:
+/// `m ← β₁ m + (1 − β₁) g`, `v ← β₂ v + (1 − β₂) g²`, `θ ← θ (1 − η_t λ)`,
+/// `θ ← θ − η_t m̂ / (√v̂ + ε)` with `m̂ = m / (1 − β₁ᵗ)`, `v̂ = v / (1 − β₂ᵗ)`, and
+/// `η_t = η_min + (η − η_min)(1 + cos(π (t − 1) / T)) / 2` over `T` steps.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct AdamW {
+    /// Peak learning rate η (default 1e-4).
+    pub learning_rate: f64,
+    /// Floor of the cosine decay η_min (default 1e-5).
+    pub min_learning_rate: f64,
+    /// First-moment decay β₁ (default 0.9).
+    pub beta1: f64,
+    /// Second-moment decay β₂ (default 0.999).
+    pub beta2: f64,
+    /// Denominator guard ε (default 1e-8).
+    pub eps: f64,
+    /// Decoupled weight decay λ (default 0.05).
+    pub weight_decay: f64,
+}
+
+impl Default for AdamW {
+    fn default() -> Self {
+        Self {
+            learning_rate: 1e-4,
+            min_learning_rate: 1e-5,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.05,
+        }
+    }
+}
+
+impl AdamW {
+    pub(crate) fn check(&self) -> Result<()> {
+        let Self {
+            learning_rate: lr,
+            min_learning_rate: min_lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay: wd,
+        } = *self;
+        if !(lr > 0.0 && lr.is_finite()) {
+            return Err(invalid(
+                "learning_rate",
+                format!("must be positive and finite, got {lr}"),
+            ));
+        }
+        if !(min_lr >= 0.0 && min_lr <= lr) {
+            return Err(invalid(
+                "min_learning_rate",
+                format!("must be in [0, learning_rate = {lr}], got {min_lr}"),
+            ));
+        }
+        for (name, b) in [("beta1", beta1), ("beta2", beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                return Err(invalid(name, format!("must be in [0, 1), got {b}")));
+            }
+        }
+        if !(eps > 0.0 && eps.is_finite()) {
+            return Err(invalid(
+                "eps",
+                format!("must be positive and finite, got {eps}"),
+            ));
+        }
+        if !(wd >= 0.0 && wd.is_finite()) {
+            return Err(invalid(
+                "weight_decay",
+                format!("must be non-negative and finite, got {wd}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The cosine-decayed learning rate of step `step` (1-based) out of `total`.
+    pub fn learning_rate_at(&self, step: usize, total: usize) -> f64 {
+        let total = total.max(1) as f64;
+        let progress = (step.saturating_sub(1)) as f64 / total;
+        let cos = (std::f64::consts::PI * progress).cos();
+        self.min_learning_rate + (self.learning_rate - self.min_learning_rate) * 0.5 * (1.0 + cos)
+    }
+}
+
+/// Adam's moment estimates for one parameter tensor.
+#[derive(Debug, Clone)]
+pub(crate) struct Moments<F, D: Dimension> {
+    m: Array<F, D>,
+    v: Array<F, D>,
+}
+
+impl<F: Float, D: Dimension> Moments<F, D> {
+    pub(crate) fn zeros(dim: D) -> Self {
+        Self {
+            m: Array::zeros(dim.clone()),
+            v: Array::zeros(dim),
+        }
+    }
+}
+
+/// Per-step constants of one AdamW update.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AdamWStep<F> {
+    beta1: F,
+    one_minus_beta1: F,
+    beta2: F,
+    one_minus_beta2: F,
+    decay: F,
+    step_size: F,
+    inv_sqrt_bc2: F,
+    eps: F,
+}
+
+impl<F: Float> AdamWStep<F> {
+    /// Constants for step `step` (1-based) at learning rate `lr`.
+    pub(crate) fn new(cfg: &AdamW, lr: f64, step: usize) -> Self {
+        let t = step.max(1) as i32;
+        let bc1 = 1.0 - cfg.beta1.powi(t);
+        let bc2 = 1.0 - cfg.beta2.powi(t);
+        Self {
+            beta1: F::cast(cfg.beta1),
+            one_minus_beta1: F::cast(1.0 - cfg.beta1),
+            beta2: F::cast(cfg.beta2),
+            one_minus_beta2: F::cast(1.0 - cfg.beta2),
+            decay: F::cast(1.0 - lr * cfg.weight_decay),
+            step_size: F::cast(lr / bc1),
+            inv_sqrt_bc2: F::cast(1.0 / bc2.sqrt()),
+            eps: F::cast(cfg.eps),
+        }
+    }
+
+    #[inline(always)]
+    fn update(&self, p: &mut F, g: F, m: &mut F, v: &mut F) {
+        *m = self.beta1 * *m + self.one_minus_beta1 * g;
+        *v = self.beta2 * *v + self.one_minus_beta2 * g * g;
+        *p = *p * self.decay - self.step_size * *m / ((*v).sqrt_() * self.inv_sqrt_bc2 + self.eps);
+    }
+
+    /// Updates a dense parameter in place.
+    pub(crate) fn apply<D: Dimension>(
+        &self,
+        param: ArrayViewMut<'_, F, D>,
+        grad: ArrayView<'_, F, D>,
+        moments: &mut Moments<F, D>,
+    ) {
+        Zip::from(param)
+            .and(grad)
+            .and(&mut moments.m)
+            .and(&mut moments.v)
+            .for_each(|p, &g, m, v| self.update(p, g, m, v));
+    }
+
+    /// [`Self::apply`] (no mask) or [`Self::apply_masked`], split over `split`'s threads and
+    /// vectorised when every array is contiguous (the trainer's case); the same values either way.
+    pub(crate) fn apply_split<D: Dimension>(
+        &self,
+        split: &RowSplit,
+        mut param: ArrayViewMut<'_, F, D>,
+        grad: ArrayView<'_, F, D>,
+        moments: &mut Moments<F, D>,
+        mask: Option<ArrayView<'_, bool, D>>,
+    ) {
+        let flat_mask = mask.as_ref().map(|m| m.as_slice());
+        let all_flat = param.as_slice().is_some()
+            && grad.as_slice().is_some()
+            && moments.m.as_slice().is_some()
+            && moments.v.as_slice().is_some()
+            && !matches!(flat_mask, Some(None));
+        if !all_flat {
+            match mask {
+                Some(mask) => self.apply_masked(param, grad, moments, mask),
+                None => self.apply(param, grad, moments),
+            }
+            return;
+        }
+        let (Some(p), Some(g), Some(m), Some(v)) = (
+            param.as_slice_mut(),
+            grad.as_slice(),
+            moments.m.as_slice_mut(),
+            moments.v.as_slice_mut(),
+        ) else {
+            return;
+        };
+        let keep = flat_mask.flatten();
+        let n = split.chunk(p.len(), 1);
+        let parts: Vec<_> = p
+            .chunks_mut(n)
+            .zip(g.chunks(n))
+            .zip(m.chunks_mut(n))
+            .zip(v.chunks_mut(n))
+            .enumerate()
+            .map(|(k, (((p, g), m), v))| (p, g, m, v, keep.map(|keep| &keep[k * n..])))
+            .collect();
+        RowSplit::run(
+            parts,
+            #[inline(always)]
+            |(p, g, m, v, keep)| match keep {
+                Some(keep) => {
+                    for ((((p, &g), m), v), &keep) in p
+                        .iter_mut()
+                        .zip(g)
+                        .zip(m.iter_mut())
+                        .zip(v.iter_mut())
+                        .zip(keep)
+                    {
+                        // Branch-free select, so the loop vectorises.
+                        let (mut p2, mut m2, mut v2) = (*p, *m, *v);
+                        self.update(&mut p2, g, &mut m2, &mut v2);
+                        *p = if keep { p2 } else { F::zero() };
+                        *m = if keep { m2 } else { F::zero() };
+                        *v = if keep { v2 } else { F::zero() };
+                    }
+                }
+                None => {
+                    for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut())
+                    {
+                        self.update(p, g, m, v);
+                    }
+                }
+            },
+        );
+    }
+
+    /// Updates a masked parameter: entries outside `mask` stay zero and their moments are reset
+    /// (so a regrown entry starts with fresh moments).
+    pub(crate) fn apply_masked<D: Dimension>(
+        &self,
+        param: ArrayViewMut<'_, F, D>,
+        grad: ArrayView<'_, F, D>,
+        moments: &mut Moments<F, D>,
+        mask: ArrayView<'_, bool, D>,
+    ) {
+        Zip::from(param)
+            .and(grad)
+            .and(&mut moments.m)
+            .and(&mut moments.v)
+            .and(mask)
+            .for_each(|p, &g, m, v, &keep| {
+                if keep {
+                    self.update(p, g, m, v);
+                } else {
+                    *p = F::zero();
+                    *m = F::zero();
+                    *v = F::zero();
+                }
+            });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use approx::assert_abs_diff_eq;
+    use ndarray::{Array1, array};
+
+    #[test]
+    fn matches_pytorch_adamw_by_hand() {
+        // Two steps of torch.optim.AdamW(lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+        // on θ = [1.0, -2.0] with gradients [0.5, 0.25] then [-1.0, 0.5], computed by hand.
+        let cfg = AdamW {
+            learning_rate: 0.1,
+            min_learning_rate: 0.1,
+            weight_decay: 0.01,
+            ..AdamW::default()
+        };
+        let mut p: Array1<f64> = array![1.0, -2.0];
+        let mut mom = Moments::zeros(p.raw_dim());
+        let grads = [array![0.5, 0.25], array![-1.0, 0.5]];
+        let mut m = [0.0; 2];
+        let mut v = [0.0; 2];
+        let mut expected = [1.0, -2.0];
+        for (t, g) in grads.iter().enumerate() {
+            let step = t + 1;
+            AdamWStep::new(&cfg, 0.1, step).apply(p.view_mut(), g.view(), &mut mom);
+            for k in 0..2 {
+                m[k] = 0.9 * m[k] + 0.1 * g[k];
+                v[k] = 0.999 * v[k] + 0.001 * g[k] * g[k];
+                let mhat = m[k] / (1.0 - 0.9f64.powi(step as i32));
+                let vhat = v[k] / (1.0 - 0.999f64.powi(step as i32));
+                expected[k] = expected[k] * (1.0 - 0.1 * 0.01) - 0.1 * mhat / (vhat.sqrt() + 1e-8);
+            }
+        }
+        assert_abs_diff_eq!(p, Array1::from(expected.to_vec()), epsilon = 1e-12);
+    }
+
+    #[test]
+    fn masked_entries_stay_zero_and_reset_moments() {
+        let cfg = AdamW::default();
+        let mut p = array![[1.0f32, 0.0], [0.0, 2.0]];
+        let mask = array![[true, false], [false, true]];
+        let mut mom = Moments::zeros(p.raw_dim());
+        mom.m[[0, 1]] = 3.0;
+        AdamWStep::new(&cfg, 1e-3, 1).apply_masked(
+            p.view_mut(),
+            array![[1.0, 1.0], [1.0, 1.0]].view(),
+            &mut mom,
+            mask.view(),
+        );
+        assert_eq!(p[[0, 1]], 0.0);
+        assert_eq!(p[[1, 0]], 0.0);
+        assert_eq!(mom.m[[0, 1]], 0.0);
+        assert!(p[[0, 0]] < 1.0);
+    }
+
+    #[test]
+    fn split_vectorised_update_equals_the_plain_one_bitwise() {
+        // Large enough that two threads each take a part.
+        let (rows, cols) = (700, 600);
+        let f = |k: usize, m: usize| ((k * m) % 1009) as f32 / 500.0 - 1.0;
+        let p0 = ndarray::Array2::from_shape_fn((rows, cols), |(a, b)| f(a * cols + b, 7));
+        let g = ndarray::Array2::from_shape_fn((rows, cols), |(a, b)| f(a * cols + b, 13));
+        let mask =
+            ndarray::Array2::from_shape_fn((rows, cols), |(a, b)| (a * 31 + b * 17) % 4 == 0);
+        let step = AdamWStep::<f32>::new(&AdamW::default(), 1e-3, 3);
+        for masked in [false, true] {
+            let (mut p1, mut p2) = (p0.clone(), p0.clone());
+            let (mut m1, mut m2) = (Moments::zeros(p0.raw_dim()), Moments::zeros(p0.raw_dim()));
+            for _ in 0..2 {
+                if masked {
+                    step.apply_masked(p1.view_mut(), g.view(), &mut m1, mask.view());
+                } else {
+                    step.apply(p1.view_mut(), g.view(), &mut m1);
+                }
+                step.apply_split(
+                    &RowSplit::new(2),
+                    p2.view_mut(),
+                    g.view(),
+                    &mut m2,
+                    masked.then(|| mask.view()),
+                );
+            }
+            assert_eq!(p1, p2);
+            assert_eq!((m1.m, m1.v), (m2.m, m2.v));
+        }
+    }
+
+    #[test]
+    fn cosine_schedule_endpoints() {
+        let cfg = AdamW::default();
+        assert_abs_diff_eq!(cfg.learning_rate_at(1, 100), 1e-4, epsilon = 1e-18);
+        assert_abs_diff_eq!(cfg.learning_rate_at(51, 100), 5.5e-5, epsilon = 1e-15);
+        assert!(cfg.learning_rate_at(100, 100) > 1e-5);
+        assert_abs_diff_eq!(cfg.learning_rate_at(101, 100), 1e-5, epsilon = 1e-15);
+    }
+
+    #[test]
+    fn invalid_hyper_parameters() {
+        let bad = [
+            AdamW {
+                learning_rate: 0.0,
+                ..AdamW::default()
+            },
+            AdamW {
+                learning_rate: f64::NAN,
+                ..AdamW::default()
+            },
+            AdamW {
+                min_learning_rate: 1.0,
+                ..AdamW::default()
+            },
+            AdamW {
+                beta1: 1.0,
+                ..AdamW::default()
+            },
+            AdamW {
+                beta2: -0.1,
+                ..AdamW::default()
+            },
+            AdamW {
+                eps: 0.0,
+                ..AdamW::default()
+            },
+            AdamW {
+                weight_decay: -1.0,
+                ..AdamW::default()
+            },
+        ];
+        for cfg in bad {
+            assert!(cfg.check().is_err(), "{cfg:?} should be rejected");
+        }
+        assert!(AdamW::default().check().is_ok());
+    }
+}

@@ -1,0 +1,102 @@
+//! FiPS: one shared basis and sparse factors per group, trained on the blocks' outputs.
+//!
+//! [`FipsParams`](params::FipsParams) → [`ParamGuard::check`](crate::methods::ParamGuard::check)
+//! → [`FipsValidParams`], which compresses a group in one call
+//! ([`FipsValidParams::compress`]) or step by step ([`FipsValidParams::trainer`]).
+
+pub mod params;
+pub mod trainer;
+
+use std::ops::ControlFlow;
+
+use crate::foundation::error::Result;
+use crate::foundation::float::Float;
+use crate::foundation::mlp::DenseMlp;
+use crate::math::budget::{Budget, GroupShape, rank_for_budget};
+use crate::math::calibration::Calibration;
+use crate::methods::compressor::{Compressor, MethodOutput};
+use crate::methods::params::MethodParams;
+use crate::methods::report::{Method, Progress};
+use crate::repr::CompressedBlocks;
+
+use params::FipsValidParams;
+use trainer::{FipsOutput, FipsTrainer};
+
+impl FipsValidParams {
+    /// The rank these settings give a group of `shape`.
+    pub fn rank_for(&self, shape: GroupShape) -> Result<usize> {
+        match self.budget() {
+            Budget::Fraction(p) => rank_for_budget(shape, p, self.sparsity()),
+            Budget::Rank(r) => Ok(r),
+        }
+    }
+
+    /// Compresses `blocks` (consecutive, same structure) using `calibration` (one input array per
+    /// block).
+    pub fn compress<F: Float>(
+        &self,
+        blocks: &[DenseMlp<F>],
+        calibration: &Calibration<F>,
+    ) -> Result<FipsOutput<F>> {
+        self.compress_with_progress(blocks, calibration, |_| ControlFlow::Continue(()))
+    }
+
+    /// As [`Self::compress`], calling `on_step` after every training step; returning
+    /// `ControlFlow::Break(())` stops training early (the result is still pruned to the target
+    /// sparsity and evaluated).
+    pub fn compress_with_progress<F, C>(
+        &self,
+        blocks: &[DenseMlp<F>],
+        calibration: &Calibration<F>,
+        mut on_step: C,
+    ) -> Result<FipsOutput<F>>
+    where
+        F: Float,
+        C: FnMut(&Progress) -> ControlFlow<()>,
+    {
+        let mut trainer = self.trainer(blocks, calibration)?;
+        while let Some(progress) = trainer.step()? {
+            if on_step(&progress).is_break() {
+                break;
+            }
+        }
+        trainer.finish()
+    }
+
+    /// Validates the group, computes the targets and the SVD initialisation, and returns a trainer
+    /// to drive step by step (what [`Self::compress`] does in a loop).
+    pub fn trainer<'a, F: Float>(
+        &self,
+        blocks: &'a [DenseMlp<F>],
+        calibration: &'a Calibration<F>,
+    ) -> Result<FipsTrainer<'a, F>> {
+        FipsTrainer::new(self.clone(), blocks, calibration)
+    }
+}
+
+impl<F: Float> Compressor<F> for FipsValidParams {
+    fn method(&self) -> Method {
+        Method::Fips
+    }
+
+    fn parameters(&self) -> MethodParams {
+        MethodParams::Fips(self.clone().into_params())
+    }
+
+    fn steps(&self) -> usize {
+        FipsValidParams::steps(self)
+    }
+
+    fn compress(
+        &self,
+        blocks: &[DenseMlp<F>],
+        calibration: &Calibration<F>,
+        on_step: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
+    ) -> Result<MethodOutput<F>> {
+        let out = self.compress_with_progress(blocks, calibration, |p| on_step(p))?;
+        Ok(MethodOutput {
+            blocks: CompressedBlocks::SharedBasis(out.group),
+            report: out.report,
+        })
+    }
+}

@@ -1,0 +1,668 @@
+//! The FiPS trainer: validate, initialise by SVD, train by AdamW under a sparsity schedule.
+//!
+//! The crate-internal `FactorTrainer` trains factors `W̃_j = U_j V_j` of a group under a
+//! [`BasisLayout`] (one shared basis, or one per matrix) with
+//! FiPS's block-wise loss, optimiser and sparsifier, stepped by the shared
+//! training engine (`methods::engine`). It hands its factors to an assembler supplied by the
+//! caller, which turns them into a compressed form: FiPS assembles a shared-basis group
+//! ([`FipsTrainer`]); the trained per-layer SVD assembles low-rank factors in its own module. The
+//! trainer knows no method but its caller.
+
+use std::time::{Duration, Instant};
+
+use ndarray::{Array1, Array2, Ix1, Ix2};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+
+use crate::foundation::error::{FipsError, Result, invalid};
+use crate::foundation::float::Float;
+use crate::foundation::mlp::DenseMlp;
+use crate::foundation::slicing::s;
+use crate::math::bases::BasisLayout;
+use crate::math::budget::{Budget, GroupShape, rank_for_budget};
+use crate::math::calibration::{Calibration, gather_rows};
+use crate::math::objective::{ContractionOrder, GroupParams, Objective, StepShape};
+use crate::math::optim::{AdamWStep, Moments};
+use crate::math::sparsity::MaskSchedule;
+use crate::methods::engine::{Schedule, Trainable, TrainingLoop};
+use crate::methods::fips::params::FipsValidParams;
+use crate::methods::report::{FipsDetails, Method, MethodDetails, MethodReport, Progress};
+use crate::repr::measure::targets;
+use crate::repr::{
+    BlockErrors, CompressedBlocks, GroupSpec, SharedBasis, SharedBasisGroup, SparseFactor,
+    block_errors, validate_group,
+};
+
+/// Trained factors of a group, split into its matrices by an [`Assembler`].
+#[derive(Debug)]
+pub(crate) struct Factors<'p, F> {
+    /// The group's structure.
+    pub spec: &'p GroupSpec,
+    /// Rank of each basis.
+    pub rank: usize,
+    /// `U` (`d × r`, or `d × r f n` with per-matrix bases).
+    pub u: &'p Array2<F>,
+    /// `V = [V_1 | … | V_fn]`.
+    pub v: &'p Array2<F>,
+    /// The mask of `V`.
+    pub mask: &'p Array2<bool>,
+    /// One bias slot per matrix.
+    pub biases: &'p [Option<Array1<F>>],
+}
+
+/// Turns trained factors into a compressed form.
+pub(crate) type Assembler<F> = fn(&Factors<'_, F>) -> Result<CompressedBlocks<F>>;
+
+/// What a finished [`FactorTrainer`] hands back.
+#[derive(Debug)]
+pub(crate) struct Trained<F> {
+    pub blocks: CompressedBlocks<F>,
+    pub spec: GroupSpec,
+    pub rank: usize,
+    pub nnz: usize,
+    pub entries: usize,
+    pub contraction: ContractionOrder,
+    pub init_errors: BlockErrors,
+    pub final_errors: BlockErrors,
+    pub steps_run: usize,
+    pub steps_planned: usize,
+    pub loss_curve: Vec<f64>,
+    pub calibration_tokens: usize,
+    pub data_free: bool,
+    pub init_time: Duration,
+    pub train_time: Duration,
+    pub wall_time: Duration,
+}
+
+/// A training run of factors under a basis layout; see the module documentation.
+#[derive(Debug)]
+pub(crate) struct FactorTrainer<'a, F: Float> {
+    problem: FactorProblem<'a, F>,
+    run: TrainingLoop,
+    assemble: Assembler<F>,
+    spec: GroupSpec,
+    rank: usize,
+    init_errors: BlockErrors,
+    start: Instant,
+    init_time: Duration,
+}
+
+/// The state one step reads and writes.
+#[derive(Debug)]
+struct FactorProblem<'a, F: Float> {
+    config: FipsValidParams,
+    calibration: &'a Calibration<F>,
+    targets: Vec<Array2<F>>,
+    params: GroupParams<F>,
+    mask: Array2<bool>,
+    schedule: MaskSchedule,
+    training: Option<TrainingState<F>>,
+}
+
+/// Buffers that exist only when there are steps to run.
+#[derive(Debug)]
+struct TrainingState<F: Float> {
+    objective: Objective<F>,
+    grads: GroupParams<F>,
+    moments_u: Moments<F, Ix2>,
+    moments_v: Moments<F, Ix2>,
+    moments_b: Vec<Option<Moments<F, Ix1>>>,
+    sampler: TokenSampler,
+    xs: Vec<Array2<F>>,
+    ys: Vec<Array2<F>>,
+}
+
+impl<'a, F: Float> FactorTrainer<'a, F> {
+    /// Validates the group, computes the targets and the initialisation, and measures the
+    /// initialisation pruned to the target sparsity.
+    pub(crate) fn new(
+        config: FipsValidParams,
+        layout: BasisLayout,
+        assemble: Assembler<F>,
+        blocks: &[DenseMlp<F>],
+        calibration: &'a Calibration<F>,
+    ) -> Result<Self> {
+        let start = Instant::now();
+        let spec = validate_group(blocks, Some(calibration))?;
+        let shape = spec.shape;
+        if layout == BasisLayout::PerMatrix && config.sparsity() > 0.0 {
+            return Err(invalid(
+                "sparsity",
+                "per-matrix bases are the dense low-rank baseline: the sparsity must be 0",
+            ));
+        }
+        let rank = match config.budget() {
+            Budget::Fraction(p) => {
+                rank_for_budget(layout.budget_shape(shape), p, config.sparsity())?
+            }
+            Budget::Rank(r) => r,
+        };
+        let batch = config.batch_tokens();
+        let steps = config.steps();
+        if steps > 0 && batch > calibration.tokens() {
+            return Err(FipsError::BatchTooLarge {
+                batch,
+                tokens: calibration.tokens(),
+            });
+        }
+        let entries = shape.factor_entries(rank);
+        if entries > u32::MAX as usize {
+            return Err(invalid(
+                "budget",
+                format!(
+                    "V would have {entries} entries; at most {} are supported",
+                    u32::MAX
+                ),
+            ));
+        }
+
+        // Targets Y_b from the original blocks.
+        let targets = targets(blocks, calibration)?;
+
+        // SVD initialisation.
+        let init_start = Instant::now();
+        let oriented: Vec<_> = blocks
+            .iter()
+            .flat_map(|b| (0..shape.matrices_per_block).map(move |j| b.oriented(j)))
+            .collect();
+        let (u, v) = layout.init(&oriented, rank, config.tau(), config.init())?;
+        let init_time = init_start.elapsed();
+        let mut params = GroupParams {
+            u,
+            v,
+            biases: blocks
+                .iter()
+                .flat_map(|b| b.layers().iter().map(|l| l.bias().cloned()))
+                .collect(),
+        };
+
+        let target = config.sparsity();
+        let mut schedule = MaskSchedule::new(config.sparsifier(), target, entries, steps);
+        let mut mask = Array2::from_elem(params.v.raw_dim(), true);
+
+        // The untrained model at the budget: the initialisation pruned to the target sparsity.
+        let init_errors = {
+            let mut v = params.v.clone();
+            let mut m = mask.clone();
+            MaskSchedule::new(config.sparsifier(), target, entries, 0)
+                .prepare(contiguous(&mut v)?, contiguous(&mut m)?);
+            let rebuilt = assemble(&Factors {
+                spec: &spec,
+                rank,
+                u: &params.u,
+                v: &v,
+                mask: &m,
+                biases: &params.biases,
+            })?;
+            block_errors(&rebuilt.to_dense_mlps()?, calibration, &targets)?
+        };
+        schedule.prepare(contiguous(&mut params.v)?, contiguous(&mut mask)?);
+
+        let training = (steps > 0).then(|| {
+            let step_shape = StepShape {
+                tokens: batch,
+                width: shape.width,
+                intermediate: shape.intermediate,
+                rank,
+                blocks: shape.blocks,
+                matrices_per_block: shape.matrices_per_block,
+            };
+            let xs = vec![Array2::<F>::zeros((batch, shape.width)); shape.blocks];
+            let objective = Objective::new(
+                spec.kind,
+                spec.activation,
+                step_shape,
+                config.contraction(),
+                config.threads(),
+            );
+            TrainingState {
+                objective: match layout {
+                    BasisLayout::Shared => objective,
+                    BasisLayout::PerMatrix => objective.with_per_matrix_bases(),
+                },
+                grads: params.zeros_like(),
+                moments_u: Moments::zeros(params.u.raw_dim()),
+                moments_v: Moments::zeros(params.v.raw_dim()),
+                moments_b: params
+                    .biases
+                    .iter()
+                    .map(|b| b.as_ref().map(|b| Moments::zeros(b.raw_dim())))
+                    .collect(),
+                sampler: TokenSampler::new(calibration.tokens(), batch, config.seed()),
+                ys: xs.clone(),
+                xs,
+            }
+        });
+        let run = TrainingLoop::new(steps, Schedule::Cosine(*config.optimizer()));
+        Ok(Self {
+            problem: FactorProblem {
+                config,
+                calibration,
+                targets,
+                params,
+                mask,
+                schedule,
+                training,
+            },
+            run,
+            assemble,
+            spec,
+            rank,
+            init_errors,
+            start,
+            init_time,
+        })
+    }
+
+    /// Rank of each basis.
+    pub(crate) fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// The group's dense shape.
+    pub(crate) fn shape(&self) -> GroupShape {
+        self.spec.shape
+    }
+
+    /// The contraction order the step uses.
+    pub(crate) fn contraction(&self) -> ContractionOrder {
+        match &self.problem.training {
+            Some(t) => t.objective.order(),
+            None => self.problem.config.contraction(),
+        }
+    }
+
+    /// Steps run so far.
+    pub(crate) fn steps_run(&self) -> usize {
+        self.run.steps_run()
+    }
+
+    /// Runs one training step; `Ok(None)` once every planned step has run.
+    pub(crate) fn step(&mut self) -> Result<Option<Progress>> {
+        self.run.step(&mut self.problem)
+    }
+
+    /// Prunes to the target sparsity (if the schedule has not yet), assembles the factors and
+    /// evaluates them on the whole calibration set.
+    pub(crate) fn finish(self) -> Result<Trained<F>> {
+        let contraction = self.contraction();
+        let Self {
+            mut problem,
+            run,
+            assemble,
+            spec,
+            rank,
+            init_errors,
+            start,
+            init_time,
+        } = self;
+        if let Some(bad) = first_non_finite(&problem.params) {
+            return Err(FipsError::NonFiniteLoss {
+                step: run.steps_run(),
+                loss: bad,
+            });
+        }
+        problem.schedule.finish(
+            contiguous(&mut problem.params.v)?,
+            contiguous(&mut problem.mask)?,
+        );
+        let p = &problem.params;
+        let blocks = assemble(&Factors {
+            spec: &spec,
+            rank,
+            u: &p.u,
+            v: &p.v,
+            mask: &problem.mask,
+            biases: &p.biases,
+        })?;
+        let final_errors = block_errors(
+            &blocks.to_dense_mlps()?,
+            problem.calibration,
+            &problem.targets,
+        )?;
+        let nnz = problem.mask.iter().filter(|&&m| m).count();
+        let (steps_run, steps_planned, train_time) = (run.steps_run(), run.total(), run.time());
+        Ok(Trained {
+            blocks,
+            spec,
+            rank,
+            nnz,
+            entries: problem.mask.len(),
+            contraction,
+            init_errors,
+            final_errors,
+            steps_run,
+            steps_planned,
+            loss_curve: run.into_losses(),
+            calibration_tokens: problem.calibration.tokens(),
+            data_free: problem.calibration.is_data_free(),
+            init_time,
+            train_time,
+            wall_time: start.elapsed(),
+        })
+    }
+}
+
+impl<F: Float> Trainable for FactorProblem<'_, F> {
+    fn loss_and_gradients(&mut self, _step: usize) -> Result<f64> {
+        let state = self.training.as_mut().ok_or_else(internal_layout)?;
+        let indices = state.sampler.next_batch();
+        for (b, (x, y)) in state.xs.iter_mut().zip(state.ys.iter_mut()).enumerate() {
+            gather_rows(self.calibration.inputs()[b].view(), indices, x);
+            gather_rows(self.targets[b].view(), indices, y);
+        }
+        state
+            .objective
+            .loss_and_gradients(&self.params, &state.xs, &state.ys, &mut state.grads)
+    }
+
+    fn update(&mut self, step: usize, lr: f64) -> Result<()> {
+        let state = self.training.as_mut().ok_or_else(internal_layout)?;
+        let grad_v = state.grads.v.as_slice().ok_or_else(internal_layout)?;
+        self.schedule.step(
+            step,
+            contiguous(&mut self.params.v)?,
+            contiguous(&mut self.mask)?,
+            grad_v,
+        );
+        let update = AdamWStep::<F>::new(self.config.optimizer(), lr, step);
+        let split = state.objective.split();
+        update.apply_split(
+            &split,
+            self.params.u.view_mut(),
+            state.grads.u.view(),
+            &mut state.moments_u,
+            None,
+        );
+        update.apply_split(
+            &split,
+            self.params.v.view_mut(),
+            state.grads.v.view(),
+            &mut state.moments_v,
+            self.schedule.is_sparse().then(|| self.mask.view()),
+        );
+        for ((b, g), m) in self
+            .params
+            .biases
+            .iter_mut()
+            .zip(&state.grads.biases)
+            .zip(&mut state.moments_b)
+        {
+            if let (Some(b), Some(g), Some(m)) = (b.as_mut(), g.as_ref(), m.as_mut()) {
+                update.apply(b.view_mut(), g.view(), m);
+            }
+        }
+        Ok(())
+    }
+
+    fn observe(&self, progress: &mut Progress) {
+        progress.sparsity = Some(self.schedule.sparsity());
+    }
+}
+
+/// A FiPS run in progress: call [`FipsTrainer::step`] until it returns `None` (or stop earlier),
+/// then [`FipsTrainer::finish`].
+///
+/// One step draws a mini-batch (the same token indices for every block), computes the loss and
+/// its gradients, lets the sparsifier update the mask, and applies AdamW at the cosine-decayed
+/// learning rate. All buffers are allocated when the trainer is created.
+#[derive(Debug)]
+pub struct FipsTrainer<'a, F: Float>(FactorTrainer<'a, F>);
+
+/// The outcome of compressing one group with FiPS.
+#[derive(Debug, Clone)]
+pub struct FipsOutput<F> {
+    /// The compressed blocks.
+    pub group: SharedBasisGroup<F>,
+    /// Measurements of the run (details: [`MethodReport::fips`]).
+    pub report: MethodReport,
+}
+
+impl<'a, F: Float> FipsTrainer<'a, F> {
+    pub(crate) fn new(
+        config: FipsValidParams,
+        blocks: &[DenseMlp<F>],
+        calibration: &'a Calibration<F>,
+    ) -> Result<Self> {
+        FactorTrainer::new(
+            config,
+            BasisLayout::Shared,
+            assemble_shared,
+            blocks,
+            calibration,
+        )
+        .map(Self)
+    }
+
+    /// Rank r of the shared basis.
+    pub fn rank(&self) -> usize {
+        self.0.rank()
+    }
+
+    /// The group's dense shape.
+    pub fn shape(&self) -> GroupShape {
+        self.0.shape()
+    }
+
+    /// The contraction order the step uses.
+    pub fn contraction(&self) -> ContractionOrder {
+        self.0.contraction()
+    }
+
+    /// Steps run so far.
+    pub fn steps_run(&self) -> usize {
+        self.0.steps_run()
+    }
+
+    /// Runs one training step; `Ok(None)` once every planned step has run.
+    pub fn step(&mut self) -> Result<Option<Progress>> {
+        self.0.step()
+    }
+
+    /// The group as it stands after the steps run so far, pruned to the target sparsity if the
+    /// schedule is not there yet (a copy: training goes on undisturbed). For validation during
+    /// training (see [`crate::math::validation`]).
+    pub fn snapshot(&self) -> Result<SharedBasisGroup<F>> {
+        let t = &self.0;
+        let p = &t.problem;
+        let (mut v, mut mask) = (p.params.v.clone(), p.mask.clone());
+        MaskSchedule::new(p.config.sparsifier(), p.config.sparsity(), v.len(), 1)
+            .finish(contiguous(&mut v)?, contiguous(&mut mask)?);
+        let blocks = assemble_shared(&Factors {
+            spec: &t.spec,
+            rank: t.rank,
+            u: &p.params.u,
+            v: &v,
+            mask: &mask,
+            biases: &p.params.biases,
+        })?;
+        match blocks {
+            CompressedBlocks::SharedBasis(group) => Ok(group),
+            _ => Err(FipsError::Numerical(
+                "the shared-basis assembler returned another form".into(),
+            )),
+        }
+    }
+
+    /// Prunes to the target sparsity (if the schedule has not yet), evaluates the trained group on
+    /// the whole calibration set and returns it with its report.
+    pub fn finish(self) -> Result<FipsOutput<F>> {
+        let config = self.0.problem.config.clone();
+        let t = self.0.finish()?;
+        let CompressedBlocks::SharedBasis(group) = t.blocks else {
+            return Err(FipsError::Numerical(
+                "the shared-basis assembler returned another form".into(),
+            ));
+        };
+        let report = MethodReport {
+            method: Method::Fips,
+            kind: t.spec.kind,
+            shape: t.spec.shape,
+            parameters: group.parameter_count(),
+            rel_error: t.final_errors.overall(),
+            block_rel_error: t.final_errors.per_block(),
+            steps: t.steps_run,
+            loss_curve: t.loss_curve,
+            calibration_tokens: t.calibration_tokens,
+            data_free: t.data_free,
+            wall_time: t.wall_time,
+            details: MethodDetails::Fips(FipsDetails {
+                rank: t.rank,
+                target_sparsity: config.sparsity(),
+                sparsity: 1.0 - t.nnz as f64 / t.entries as f64,
+                nnz: t.nnz,
+                sparsifier: config.sparsifier(),
+                contraction: t.contraction,
+                rel_error_init: t.init_errors.overall(),
+                block_rel_error_init: t.init_errors.per_block(),
+                steps_planned: t.steps_planned,
+                init_time: t.init_time,
+                train_time: t.train_time,
+            }),
+        };
+        Ok(FipsOutput { group, report })
+    }
+}
+
+/// Splits the concatenated factor into per-matrix [`SparseFactor`]s and builds the shared-basis
+/// group.
+fn assemble_shared<F: Float>(f: &Factors<'_, F>) -> Result<CompressedBlocks<F>> {
+    let i = f.spec.shape.intermediate;
+    let factors = (0..f.spec.shape.matrices())
+        .map(|j| {
+            let cols = s![.., j * i..(j + 1) * i];
+            SparseFactor::new(f.v.slice(cols).to_owned(), f.mask.slice(cols).to_owned())
+        })
+        .collect::<Result<Vec<_>>>()?;
+    SharedBasisGroup::new(
+        f.spec.kind,
+        f.spec.activation,
+        SharedBasis::new(f.u.clone())?,
+        factors,
+        f.biases.to_vec(),
+    )
+    .map(CompressedBlocks::SharedBasis)
+}
+
+fn internal_layout() -> FipsError {
+    FipsError::Numerical("internal buffer is not contiguous".into())
+}
+
+/// A standard-layout array as a flat slice.
+fn contiguous<T>(a: &mut Array2<T>) -> Result<&mut [T]> {
+    a.as_slice_mut().ok_or_else(internal_layout)
+}
+
+/// The first non-finite trained value, if any (weight decay and Adam keep finite inputs finite, but
+/// an overflow in `f32` would surface here rather than in a silently broken model).
+fn first_non_finite<F: Float>(p: &GroupParams<F>) -> Option<f64> {
+    p.u.iter()
+        .chain(p.v.iter())
+        .chain(p.biases.iter().flatten().flat_map(|b| b.iter()))
+        .find(|x| !x.is_finite_())
+        .map(|x| x.as_f64())
+}
+
+/// Draws mini-batches of token indices: a seeded shuffle of all tokens, consumed in batches and
+/// reshuffled when fewer than a batch remain (every token is seen once per epoch).
+#[derive(Debug)]
+struct TokenSampler {
+    order: Vec<usize>,
+    position: usize,
+    batch: usize,
+    rng: ChaCha8Rng,
+}
+
+impl TokenSampler {
+    fn new(tokens: usize, batch: usize, seed: u64) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut order: Vec<usize> = (0..tokens).collect();
+        order.shuffle(&mut rng);
+        Self {
+            order,
+            position: 0,
+            batch,
+            rng,
+        }
+    }
+
+    fn next_batch(&mut self) -> &[usize] {
+        if self.position + self.batch > self.order.len() {
+            self.order.shuffle(&mut self.rng);
+            self.position = 0;
+        }
+        let batch = &self.order[self.position..self.position + self.batch];
+        self.position += self.batch;
+        batch
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::foundation::activation::Activation;
+    use crate::foundation::mlp::Linear;
+    use crate::math::validation::ValidationSet;
+    use crate::methods::fips::params::FipsParams;
+    use crate::methods::guard::ParamGuard;
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+    use rand_distr::{Distribution, StandardNormal};
+
+    fn dense(group: &SharedBasisGroup<f64>) -> Vec<DenseMlp<f64>> {
+        (0..group.blocks())
+            .map(|b| group.to_dense_mlp(b).unwrap())
+            .collect()
+    }
+
+    fn blocks(rng: &mut ChaCha8Rng, n: usize, d: usize, i: usize) -> Vec<DenseMlp<f64>> {
+        let mut randn = |r: usize, c: usize| {
+            Array2::from_shape_simple_fn((r, c), || {
+                let z: f64 = StandardNormal.sample(rng);
+                z / (c as f64).sqrt()
+            })
+        };
+        (0..n)
+            .map(|_| {
+                DenseMlp::standard(
+                    Linear::new(randn(i, d), None).unwrap(),
+                    Linear::new(randn(d, i), None).unwrap(),
+                    Activation::Gelu,
+                )
+                .unwrap()
+            })
+            .collect()
+    }
+
+    /// A snapshot evaluated on the calibration set itself gives the error the report gives for
+    /// the same state, before and after training.
+    #[test]
+    fn snapshot_error_on_the_calibration_set_equals_the_reported_error() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let group = blocks(&mut rng, 2, 8, 16);
+        let calibration = Calibration::gaussian(2, 300, 8, 5).unwrap();
+        let same = ValidationSet::new(&group, &calibration).unwrap();
+        assert_eq!(same.tokens(), 300);
+        for steps in [0, 30] {
+            let compressor = FipsParams::new()
+                .sparsity(0.5)
+                .steps(steps)
+                .batch_tokens(64)
+                .learning_rate(1e-2)
+                .check()
+                .unwrap();
+            let mut trainer = compressor.trainer(&group, &calibration).unwrap();
+            while trainer.step().unwrap().is_some() {}
+            let snapshot = same
+                .relative_error(&dense(&trainer.snapshot().unwrap()))
+                .unwrap();
+            let report = trainer.finish().unwrap().report;
+            assert!(
+                (snapshot - report.rel_error).abs() <= 1e-12,
+                "{steps} steps: snapshot {snapshot} vs report {}",
+                report.rel_error
+            );
+        }
+    }
+}

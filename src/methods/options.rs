@@ -1,0 +1,426 @@
+//! Choosing a method and its settings from a front end's options (the `fips` command's flags).
+//!
+//! [`MethodOptions`] holds every option a front end may collect, each `None` when not given; a
+//! given option the chosen method does not use is a typed error
+//! ([`FipsError::UnusedParameter`]), never silently ignored. Options not given take the
+//! [`TrainingDefaults`] passed in (for FiPS and the training settings of the baselines) or the
+//! method's own defaults.
+
+use serde::{Deserialize, Serialize};
+
+use crate::foundation::error::{FipsError, Result};
+use crate::math::budget::{Budget, DEFAULT_BUDGET_FRACTION};
+use crate::math::init::InitMethod;
+use crate::math::objective::ContractionOrder;
+use crate::math::optim::AdamW;
+use crate::math::sparsity::{GmpSchedule, RiglSchedule, Sparsifier};
+use crate::methods::compressor::Compressor;
+use crate::methods::fips::params::FipsParams;
+use crate::methods::guard::ParamGuard;
+use crate::methods::params::{
+    BasisSharingParams, LayerCollapseParams, MixedRankParams, SvdLlmParams, SvdParams,
+};
+use crate::methods::report::Method;
+
+/// Training settings of a compression run.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TrainingDefaults {
+    /// Steps per group.
+    pub steps: usize,
+    /// Tokens per mini-batch.
+    pub batch_tokens: usize,
+    /// Peak learning rate.
+    pub learning_rate: f64,
+    /// Final learning rate of the cosine decay.
+    pub min_learning_rate: f64,
+}
+
+/// Settings for small ViTs calibrated on a few hundred images (~50k tokens per block), tuned on
+/// DeiT-tiny so that a whole model compresses in a few minutes on two cores: the `fips` command's
+/// defaults. (The library's own defaults, [`FipsParams::new`], are the reference code's DeiT-B
+/// settings.)
+pub const VIT_DEFAULTS: TrainingDefaults = TrainingDefaults {
+    steps: 900,
+    batch_tokens: 1024,
+    learning_rate: 1e-3,
+    min_learning_rate: 1e-5,
+};
+
+impl TrainingDefaults {
+    /// `params` with these settings.
+    pub fn apply(&self, params: FipsParams) -> FipsParams {
+        params
+            .steps(self.steps)
+            .batch_tokens(self.batch_tokens)
+            .learning_rate(self.learning_rate)
+            .min_learning_rate(self.min_learning_rate)
+    }
+}
+
+/// How FiPS's factors reach their sparsity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SparsifierKind {
+    /// RigL dynamic sparse training (the reference DeiT setting).
+    #[default]
+    Rigl,
+    /// Gradual magnitude pruning on a cubic schedule.
+    Gmp,
+    /// No sparsity (requires sparsity 0).
+    None,
+}
+
+/// The seed of every method's random draws by default.
+pub const DEFAULT_SEED: u64 = 0;
+
+/// Steps between sparsifier updates by default (GMP pruning events, RigL drop/grow).
+pub const DEFAULT_SPARSIFIER_INTERVAL: usize = 50;
+
+/// Every option of a compression run; `None` (or `false`) when not given.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MethodOptions {
+    /// Fraction p of the dense MLP weights to keep (all methods but layer-collapse).
+    pub budget: Option<f64>,
+    /// An explicit rank instead of the budget (fips, svd, svd-llm, basis-sharing).
+    pub rank: Option<usize>,
+    /// Target sparsity of FiPS's factors.
+    pub sparsity: Option<f64>,
+    /// FiPS's sparsifier.
+    pub sparsifier: Option<SparsifierKind>,
+    /// Steps between sparsifier updates (fips).
+    pub sparsifier_interval: Option<usize>,
+    /// Training steps per group (fips; svd with `svd_train`).
+    pub steps: Option<usize>,
+    /// svd: train the factors with FiPS's loss and optimiser.
+    pub svd_train: bool,
+    /// mixed-rank: rank q of each residual.
+    pub residual_rank: Option<usize>,
+    /// mixed-rank: step of the candidate ranks.
+    pub rank_grid: Option<usize>,
+    /// mixed-rank: Adam steps per residual.
+    pub residual_steps: Option<usize>,
+    /// layer-collapse: weight λ of `(α − 1)²`.
+    pub collapse_lambda: Option<f64>,
+    /// layer-collapse: step limit per block.
+    pub collapse_steps: Option<usize>,
+    /// Calibration tokens per mini-batch (methods that train).
+    pub batch_tokens: Option<usize>,
+    /// Peak learning rate (methods that train).
+    pub learning_rate: Option<f64>,
+    /// Final learning rate of the cosine decay (fips, trained svd).
+    pub min_learning_rate: Option<f64>,
+    /// Decoupled weight decay (fips, trained svd).
+    pub weight_decay: Option<f64>,
+    /// Seed of the mini-batch sampler (every method accepts it; front ends also seed data-free
+    /// inputs with it).
+    pub seed: Option<u64>,
+    /// Threads of the elementwise passes (fips, trained svd).
+    pub threads: Option<usize>,
+    /// Initialisation route (fips).
+    pub init: Option<InitMethod>,
+    /// Contraction order of the training step (fips).
+    pub contraction: Option<ContractionOrder>,
+}
+
+impl MethodOptions {
+    /// The options given, by name, in declaration order.
+    fn given(&self) -> Vec<&'static str> {
+        let flags = [
+            ("budget", self.budget.is_some()),
+            ("rank", self.rank.is_some()),
+            ("sparsity", self.sparsity.is_some()),
+            ("sparsifier", self.sparsifier.is_some()),
+            ("sparsifier-interval", self.sparsifier_interval.is_some()),
+            ("steps", self.steps.is_some()),
+            ("svd-train", self.svd_train),
+            ("residual-rank", self.residual_rank.is_some()),
+            ("rank-grid", self.rank_grid.is_some()),
+            ("residual-steps", self.residual_steps.is_some()),
+            ("collapse-lambda", self.collapse_lambda.is_some()),
+            ("collapse-steps", self.collapse_steps.is_some()),
+            ("batch-tokens", self.batch_tokens.is_some()),
+            ("lr", self.learning_rate.is_some()),
+            ("min-lr", self.min_learning_rate.is_some()),
+            ("weight-decay", self.weight_decay.is_some()),
+            ("seed", self.seed.is_some()),
+            ("threads", self.threads.is_some()),
+            ("init", self.init.is_some()),
+            ("contraction", self.contraction.is_some()),
+        ];
+        flags
+            .into_iter()
+            .filter_map(|(name, given)| given.then_some(name))
+            .collect()
+    }
+
+    /// The options `method` uses, and what to say about the others.
+    fn accepted(&self, method: Method) -> (&'static [&'static str], &'static str) {
+        const TRAIN: &[&str] = &[
+            "budget",
+            "rank",
+            "svd-train",
+            "steps",
+            "batch-tokens",
+            "lr",
+            "min-lr",
+            "weight-decay",
+            "seed",
+            "threads",
+        ];
+        match method {
+            Method::Fips => (
+                &[
+                    "budget",
+                    "rank",
+                    "sparsity",
+                    "sparsifier",
+                    "sparsifier-interval",
+                    "steps",
+                    "batch-tokens",
+                    "lr",
+                    "min-lr",
+                    "weight-decay",
+                    "seed",
+                    "threads",
+                    "init",
+                    "contraction",
+                ],
+                "fips has no residuals and no collapse; --svd-train belongs to svd",
+            ),
+            Method::Svd if self.svd_train => (TRAIN, "svd has no sparsity"),
+            Method::Svd => (
+                &["budget", "rank", "svd-train", "seed"],
+                "the plain svd does not train: add --svd-train for the training options",
+            ),
+            Method::SvdLlm | Method::BasisSharing => (
+                &["budget", "rank", "seed"],
+                "a closed-form method: only the budget (or rank) applies",
+            ),
+            Method::MixedRank => (
+                &[
+                    "budget",
+                    "residual-rank",
+                    "rank-grid",
+                    "residual-steps",
+                    "batch-tokens",
+                    "lr",
+                    "seed",
+                ],
+                "mixed-rank allocates its ranks from --budget and trains residuals for --residual-steps",
+            ),
+            Method::LayerCollapse => (
+                &[
+                    "collapse-lambda",
+                    "collapse-steps",
+                    "batch-tokens",
+                    "lr",
+                    "seed",
+                ],
+                "layer-collapse collapses whole blocks: no budget, rank or sparsity",
+            ),
+        }
+    }
+
+    /// Rejects the options `method` does not use.
+    pub fn check_for(&self, method: Method) -> Result<()> {
+        let (accepted, hint) = self.accepted(method);
+        match self.given().into_iter().find(|g| !accepted.contains(g)) {
+            Some(name) => Err(FipsError::UnusedParameter {
+                method: method.name(),
+                name,
+                hint,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn budget_or_rank(&self) -> Budget {
+        self.rank.map_or(
+            Budget::Fraction(self.budget.unwrap_or(DEFAULT_BUDGET_FRACTION)),
+            Budget::Rank,
+        )
+    }
+
+    fn optimizer(&self, defaults: &TrainingDefaults) -> AdamW {
+        let base = AdamW::default();
+        AdamW {
+            learning_rate: self.learning_rate.unwrap_or(defaults.learning_rate),
+            min_learning_rate: self.min_learning_rate.unwrap_or(defaults.min_learning_rate),
+            weight_decay: self.weight_decay.unwrap_or(base.weight_decay),
+            ..base
+        }
+    }
+
+    /// FiPS's settings from these options (defaults from `defaults` and the library).
+    pub fn fips_params(&self, defaults: &TrainingDefaults) -> FipsParams {
+        let interval = self
+            .sparsifier_interval
+            .unwrap_or(DEFAULT_SPARSIFIER_INTERVAL);
+        let sparsifier = match self.sparsifier.unwrap_or_default() {
+            SparsifierKind::Rigl => Sparsifier::Rigl(RiglSchedule {
+                interval,
+                ..RiglSchedule::default()
+            }),
+            SparsifierKind::Gmp => Sparsifier::Gmp(GmpSchedule {
+                interval,
+                ..GmpSchedule::default()
+            }),
+            SparsifierKind::None => Sparsifier::None,
+        };
+        let base = FipsParams::new();
+        let mut params = base
+            .budget(self.budget_or_rank())
+            .sparsity(
+                self.sparsity
+                    .unwrap_or(crate::math::budget::DEFAULT_SPARSITY),
+            )
+            .sparsifier(sparsifier)
+            .steps(self.steps.unwrap_or(defaults.steps))
+            .batch_tokens(self.batch_tokens.unwrap_or(defaults.batch_tokens))
+            .optimizer(self.optimizer(defaults))
+            .seed(self.seed.unwrap_or(DEFAULT_SEED))
+            .init(self.init.unwrap_or_default())
+            .contraction(self.contraction.unwrap_or_default());
+        if let Some(t) = self.threads {
+            params = params.threads(t);
+        }
+        params
+    }
+
+    /// The chosen method with its settings checked; options it does not use are rejected.
+    pub fn compressor(
+        &self,
+        method: Method,
+        defaults: &TrainingDefaults,
+    ) -> Result<Box<dyn Compressor<f32>>> {
+        self.check_for(method)?;
+        let seed = self.seed.unwrap_or(DEFAULT_SEED);
+        let batch_tokens = self.batch_tokens.unwrap_or(defaults.batch_tokens);
+        let learning_rate = self.learning_rate.unwrap_or(defaults.learning_rate);
+        Ok(match method {
+            Method::Fips => Box::new(self.fips_params(defaults).check()?),
+            Method::Svd => {
+                let mut p = SvdParams::new()
+                    .budget(self.budget_or_rank())
+                    .steps(if self.svd_train {
+                        self.steps.unwrap_or(defaults.steps)
+                    } else {
+                        0
+                    })
+                    .batch_tokens(batch_tokens)
+                    .optimizer(self.optimizer(defaults))
+                    .seed(seed);
+                if let Some(t) = self.threads {
+                    p = p.threads(t);
+                }
+                Box::new(p.check()?)
+            }
+            Method::SvdLlm => Box::new(SvdLlmParams::new().budget(self.budget_or_rank()).check()?),
+            Method::BasisSharing => Box::new(
+                BasisSharingParams::new()
+                    .budget(self.budget_or_rank())
+                    .check()?,
+            ),
+            Method::MixedRank => {
+                let base = MixedRankParams::new();
+                Box::new(
+                    base.budget(self.budget.unwrap_or(DEFAULT_BUDGET_FRACTION))
+                        .residual_rank(self.residual_rank.unwrap_or(base.residual_rank))
+                        .grid(self.rank_grid.unwrap_or(base.grid))
+                        .steps(self.residual_steps.unwrap_or(base.steps))
+                        .batch_tokens(batch_tokens)
+                        .learning_rate(learning_rate)
+                        .seed(seed)
+                        .check()?,
+                )
+            }
+            Method::LayerCollapse => {
+                let base = LayerCollapseParams::new();
+                Box::new(
+                    base.lambda(self.collapse_lambda.unwrap_or(base.lambda))
+                        .max_steps(self.collapse_steps.unwrap_or(base.max_steps))
+                        .batch_tokens(batch_tokens)
+                        .learning_rate(learning_rate)
+                        .seed(seed)
+                        .check()?,
+                )
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_a_method_does_not_use_are_rejected_by_name() {
+        let unused = |o: MethodOptions, m: Method, name: &str| match o.compressor(m, &VIT_DEFAULTS)
+        {
+            Err(FipsError::UnusedParameter { name: got, .. }) => assert_eq!(got, name, "{m}"),
+            Err(other) => panic!("{m}: expected {name} to be rejected, got {other}"),
+            Ok(_) => panic!("{m}: expected {name} to be rejected"),
+        };
+        let sparsity = MethodOptions {
+            sparsity: Some(0.5),
+            ..Default::default()
+        };
+        for m in [
+            Method::Svd,
+            Method::SvdLlm,
+            Method::BasisSharing,
+            Method::MixedRank,
+            Method::LayerCollapse,
+        ] {
+            unused(sparsity.clone(), m, "sparsity");
+        }
+        let rank = MethodOptions {
+            rank: Some(8),
+            ..Default::default()
+        };
+        unused(rank.clone(), Method::MixedRank, "rank");
+        unused(rank, Method::LayerCollapse, "rank");
+        let steps = MethodOptions {
+            steps: Some(10),
+            ..Default::default()
+        };
+        unused(steps.clone(), Method::Svd, "steps");
+        unused(steps.clone(), Method::MixedRank, "steps");
+        let trained = MethodOptions {
+            svd_train: true,
+            ..steps
+        };
+        assert_eq!(
+            trained
+                .compressor(Method::Svd, &VIT_DEFAULTS)
+                .unwrap()
+                .steps(),
+            10
+        );
+        // Every method accepts no options at all, and the defaults are valid.
+        for m in Method::ALL {
+            let c = MethodOptions::default()
+                .compressor(m, &VIT_DEFAULTS)
+                .unwrap();
+            assert_eq!(c.method(), m);
+            assert_eq!(c.parameters().method(), m);
+        }
+    }
+
+    #[test]
+    fn fips_options_default_to_the_given_training_defaults() {
+        let p = MethodOptions::default()
+            .fips_params(&VIT_DEFAULTS)
+            .check()
+            .unwrap();
+        assert_eq!(p.steps(), VIT_DEFAULTS.steps);
+        assert_eq!(p.batch_tokens(), VIT_DEFAULTS.batch_tokens);
+        assert_eq!(p.optimizer().learning_rate, VIT_DEFAULTS.learning_rate);
+        assert_eq!(
+            p.optimizer().min_learning_rate,
+            VIT_DEFAULTS.min_learning_rate
+        );
+        assert_eq!(p, VIT_DEFAULTS.apply(FipsParams::new()).check().unwrap());
+    }
+}

@@ -1,0 +1,159 @@
+//! One measurement for every form: the structure of a group of dense blocks, and the relative
+//! errors `‖Ŷ_b − Y_b‖ / ‖Y_b‖` of rebuilt blocks against the original outputs.
+
+use ndarray::{Array2, Axis};
+
+use crate::foundation::activation::Activation;
+use crate::foundation::error::{FipsError, Result};
+use crate::foundation::float::Float;
+use crate::foundation::mlp::{DenseMlp, MlpKind};
+use crate::math::budget::GroupShape;
+use crate::math::calibration::{CHUNK_TOKENS, Calibration, forward_chunked};
+
+/// The validated structure of a group of blocks: every block has block 0's kind, activation,
+/// width and MLP width.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupSpec {
+    /// Standard or gated.
+    pub kind: MlpKind,
+    /// The blocks' activation.
+    pub activation: Activation,
+    /// `d`, `I`, `n`, `f`.
+    pub shape: GroupShape,
+}
+
+/// Checks that `blocks` is non-empty and uniform, and — given a calibration set — that it holds
+/// one input array per block of width `d`.
+pub fn validate_group<F: Float>(
+    blocks: &[DenseMlp<F>],
+    calibration: Option<&Calibration<F>>,
+) -> Result<GroupSpec> {
+    let first = blocks.first().ok_or(FipsError::EmptyGroup)?;
+    for (b, mlp) in blocks.iter().enumerate().skip(1) {
+        let reason = if mlp.kind() != first.kind() {
+            Some(format!("kind {} differs from {}", mlp.kind(), first.kind()))
+        } else if mlp.activation() != first.activation() {
+            Some(format!(
+                "activation {} differs from {}",
+                mlp.activation(),
+                first.activation()
+            ))
+        } else if mlp.width() != first.width() || mlp.intermediate() != first.intermediate() {
+            Some(format!(
+                "d = {}, I = {} differ from d = {}, I = {}",
+                mlp.width(),
+                mlp.intermediate(),
+                first.width(),
+                first.intermediate()
+            ))
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            return Err(FipsError::GroupMismatch { block: b, reason });
+        }
+    }
+    let spec = GroupSpec {
+        kind: first.kind(),
+        activation: first.activation(),
+        shape: GroupShape {
+            width: first.width(),
+            intermediate: first.intermediate(),
+            blocks: blocks.len(),
+            matrices_per_block: first.kind().matrices_per_block(),
+        },
+    };
+    if let Some(calibration) = calibration {
+        if calibration.blocks() != blocks.len() {
+            return Err(FipsError::ShapeMismatch {
+                what: "calibration (one input array per block)".into(),
+                expected: vec![blocks.len()],
+                got: vec![calibration.blocks()],
+            });
+        }
+        if calibration.width() != first.width() {
+            return Err(FipsError::ShapeMismatch {
+                what: "calibration inputs".into(),
+                expected: vec![calibration.tokens(), first.width()],
+                got: vec![calibration.tokens(), calibration.width()],
+            });
+        }
+    }
+    Ok(spec)
+}
+
+/// The targets `Y_b = MLP_b(Z_b)` of every block on its calibration inputs (in chunks).
+pub fn targets<F: Float>(
+    blocks: &[DenseMlp<F>],
+    calibration: &Calibration<F>,
+) -> Result<Vec<Array2<F>>> {
+    blocks
+        .iter()
+        .zip(calibration.inputs())
+        .map(|(mlp, z)| forward_chunked(mlp, z.view()))
+        .collect()
+}
+
+/// Squared errors `‖Ŷ_b − Y_b‖²` and squared target norms `‖Y_b‖²` per block, accumulated in
+/// `f64`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockErrors {
+    /// `‖Ŷ_b − Y_b‖²` per block.
+    pub error2: Vec<f64>,
+    /// `‖Y_b‖²` per block.
+    pub norm2: Vec<f64>,
+}
+
+impl BlockErrors {
+    /// `√(Σ_b ‖Ŷ_b − Y_b‖² / Σ_b ‖Y_b‖²)` (the absolute error if every target is zero).
+    pub fn overall(&self) -> f64 {
+        let e: f64 = self.error2.iter().sum();
+        let n: f64 = self.norm2.iter().sum();
+        relative(e, n)
+    }
+
+    /// `‖Ŷ_b − Y_b‖ / ‖Y_b‖` per block.
+    pub fn per_block(&self) -> Vec<f64> {
+        self.error2
+            .iter()
+            .zip(&self.norm2)
+            .map(|(&e, &n)| relative(e, n))
+            .collect()
+    }
+}
+
+fn relative(error2: f64, norm2: f64) -> f64 {
+    if norm2 > 0.0 {
+        (error2 / norm2).sqrt()
+    } else {
+        error2.sqrt()
+    }
+}
+
+/// The errors of `rebuilt` (one dense block per calibration block) against `targets` over the
+/// whole calibration set, in chunks of 4096 tokens.
+pub fn block_errors<F: Float>(
+    rebuilt: &[DenseMlp<F>],
+    calibration: &Calibration<F>,
+    targets: &[Array2<F>],
+) -> Result<BlockErrors> {
+    let mut error2 = Vec::with_capacity(targets.len());
+    let mut norm2 = Vec::with_capacity(targets.len());
+    for (mlp, (z, y)) in rebuilt.iter().zip(calibration.inputs().iter().zip(targets)) {
+        let (mut e, mut n) = (0.0f64, 0.0f64);
+        for (zc, yc) in z
+            .axis_chunks_iter(Axis(0), CHUNK_TOKENS)
+            .zip(y.axis_chunks_iter(Axis(0), CHUNK_TOKENS))
+        {
+            let yhat = mlp.forward(zc)?;
+            ndarray::Zip::from(&yhat).and(&yc).for_each(|&p, &t| {
+                let (p, t) = (p.as_f64(), t.as_f64());
+                e += (p - t) * (p - t);
+                n += t * t;
+            });
+        }
+        error2.push(e);
+        norm2.push(n);
+    }
+    Ok(BlockErrors { error2, norm2 })
+}
