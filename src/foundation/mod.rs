@@ -10,3 +10,4 @@ pub mod mlp;
 pub mod model_error;
 pub mod safe_io;
 pub(crate) mod slicing;
+pub mod thread_plan;

@@ -10,4 +10,5 @@ pub mod limits;
 pub mod objective;
 pub mod optim;
 pub mod sparsity;
+pub mod validation;
 pub mod whitening;
