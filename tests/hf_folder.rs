@@ -41,7 +41,10 @@ fn values(name: &str, len: usize) -> Vec<f32> {
         .bytes()
         .fold(7u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
     (0..len)
-        .map(|k| ((seed.wrapping_add(k as u32 * 2_654_435_761) >> 8) % 1000) as f32 / 500.0 - 1.0)
+        .map(|k| {
+            ((seed.wrapping_add((k as u32).wrapping_mul(2_654_435_761)) >> 8) % 1000) as f32 / 500.0
+                - 1.0
+        })
         .collect()
 }
 
