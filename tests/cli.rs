@@ -186,7 +186,10 @@ fn compress_inspect_densify_and_eval_a_tiny_vit() {
     let out = fips(&["inspect", &s(&out_dir.join("compressed.safetensors"))]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(
-        text(&out).contains("fips-compressed") && text(&out).contains("group 1: blocks [2, 3]"),
+        text(&out).contains("fips-compressed version 3")
+            && text(&out).contains("group 1: blocks [2, 3]")
+            && text(&out).contains("bytes: values")
+            && text(&out).contains("x the dense MLP weights"),
         "{}",
         text(&out)
     );

@@ -235,6 +235,21 @@ pub fn with_compressed_mlps(
     Ok(out)
 }
 
+/// `vit` with the MLPs of a compact compressed model (format version 3) swapped in, each rebuilt
+/// exactly as a dense MLP.
+pub fn with_compact_mlps(
+    vit: &VisionTransformer,
+    model: &crate::format::compact_file::CompactModel,
+) -> Result<VisionTransformer> {
+    let mut out = vit.clone();
+    for (m, group) in model.manifest.groups.iter().zip(&model.groups) {
+        for (position, &block) in m.blocks.iter().enumerate() {
+            out.set_mlp(block, group.to_dense_mlp(position)?)?;
+        }
+    }
+    Ok(out)
+}
+
 /// The logits of `vit` on `pixels` (`[images, H, W, 3]`), in batches of [`IMAGE_BATCH`].
 pub fn classify(
     vit: &VisionTransformer,

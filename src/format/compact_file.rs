@@ -227,6 +227,14 @@ pub enum CompactBlocks {
 pub type DenseLayer = (Array2<f32>, Option<Array1<f32>>);
 
 impl CompactBlocks {
+    /// Block `block` rebuilt as a dense MLP of the original architecture (exact).
+    pub fn to_dense_mlp(&self, block: usize) -> Result<crate::foundation::mlp::DenseMlp<f32>> {
+        match self {
+            Self::SharedBasis(g) => g.to_group()?.to_dense_mlp(block),
+            Self::Other(g) => g.to_dense_mlp(block),
+        }
+    }
+
     /// Block `block` rebuilt as dense layers in module order.
     pub fn dense_layers(&self, block: usize) -> Result<Vec<DenseLayer>> {
         let mlp = match self {
@@ -774,6 +782,11 @@ impl CompactModel {
         write_safetensors_from(path, sources, metadata)
     }
 
+    /// Bytes of the dense MLP weights this model replaces, in their original dtypes.
+    pub fn dense_weight_bytes(&self) -> usize {
+        self.manifest.dense_weight_bytes()
+    }
+
     /// Bytes of the stored groups (values, patterns, biases), without header or copied tensors.
     pub fn stored_bytes(&self) -> Result<usize> {
         Ok(self.tensors()?.values().map(|t| t.bytes.len()).sum())
@@ -935,8 +948,82 @@ fn write_shared<S: StorageFloat>(
     Ok(())
 }
 
-/// Parses and checks the header metadata of a version-3 file.
-fn read_manifest(file: &Checkpoint) -> Result<ManifestV2> {
+impl ManifestV2 {
+    /// Bytes of the dense MLP weights this model replaces, in their original dtypes.
+    pub fn dense_weight_bytes(&self) -> usize {
+        self.groups
+            .iter()
+            .flat_map(|g| &g.matrices)
+            .map(|m| {
+                let width = match m.dtype.as_str() {
+                    "F16" | "BF16" => 2,
+                    "F64" => 8,
+                    _ => 4,
+                };
+                width * m.shape.iter().product::<usize>()
+            })
+            .sum()
+    }
+}
+
+/// Whether `file` is a compact compressed model (it carries [`FORMAT_VERSION_KEY`]; the older
+/// layouts of [`crate::format::compressed`] do not).
+pub fn is_compact(file: &Checkpoint) -> bool {
+    file.metadata().contains_key(FORMAT_VERSION_KEY)
+}
+
+/// Where the bytes of a compact file go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SizeBreakdown {
+    /// Stored values: bases, kept values of the sparse factors, low-rank and collapsed factors,
+    /// biases.
+    pub values: usize,
+    /// Sparsity patterns (bitmasks, row counts and column gaps).
+    pub patterns: usize,
+    /// Tensors copied unchanged from the original (self-contained files only).
+    pub copied: usize,
+    /// Everything else: the safetensors header with the manifest, and alignment padding.
+    pub header: usize,
+    /// The whole file.
+    pub file: usize,
+}
+
+/// The size breakdown of the compact file at `path`.
+pub fn size_breakdown(path: impl AsRef<Path>) -> Result<SizeBreakdown> {
+    let path = path.as_ref();
+    let file = Checkpoint::open(path)?;
+    let total = std::fs::metadata(path)
+        .map_err(|source| FipsError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .len();
+    let mut out = SizeBreakdown {
+        file: usize::try_from(total).unwrap_or(usize::MAX),
+        ..SizeBreakdown::default()
+    };
+    for t in file.tensors() {
+        let bytes = file.read_bytes(&t.name)?.len();
+        if !t.name.starts_with(INTERNAL_PREFIX) {
+            out.copied += bytes;
+        } else if [".mask", ".counts", ".gaps"]
+            .iter()
+            .any(|e| t.name.ends_with(e))
+        {
+            out.patterns += bytes;
+        } else {
+            out.values += bytes;
+        }
+    }
+    out.header = out
+        .file
+        .saturating_sub(out.values + out.patterns + out.copied);
+    Ok(out)
+}
+
+/// Parses and checks the header metadata of a version-3 file (the manifest alone; a typed
+/// version error for any other version).
+pub fn read_manifest(file: &Checkpoint) -> Result<ManifestV2> {
     let path = file.path().to_path_buf();
     let format = |reason: String| FipsError::Format {
         path: path.clone(),

@@ -18,6 +18,7 @@ use fips::app::pipeline::{
 use fips::app::report::{Evaluation, RunReport};
 use fips::app::vit::VisionTransformer;
 use fips::format::block_groups::DEFAULT_GROUP_SIZE;
+use fips::format::compact_file::{CompactModel, is_compact, read_manifest, size_breakdown};
 use fips::format::compressed::{COMPRESSED_FORMAT, MANIFEST_KEY};
 use fips::format::mlp_inputs::{MlpInputs, write_mlp_inputs};
 use fips::math::budget::{DEFAULT_BUDGET_FRACTION, DEFAULT_SPARSITY};
@@ -56,14 +57,15 @@ enum Command {
         /// The safetensors file.
         file: PathBuf,
     },
-    /// Rebuild the dense checkpoint from a compressed one and its original.
+    /// Rebuild the dense checkpoint from a compressed one (and its original, unless the
+    /// compressed file is self-contained).
     Densify {
         /// The compressed checkpoint (written by `fips compress`).
         #[arg(long)]
         compressed: PathBuf,
-        /// The original checkpoint it was made from.
+        /// The original checkpoint it was made from (not needed for a self-contained file).
         #[arg(long)]
-        original: PathBuf,
+        original: Option<PathBuf>,
         /// Where to write the densified checkpoint.
         #[arg(long)]
         out: PathBuf,
@@ -244,6 +246,10 @@ struct CompressArgs {
     /// Skip writing the densified checkpoint.
     #[arg(long)]
     no_densified: bool,
+    /// Write the compressed model as one self-contained file (every other tensor of the
+    /// checkpoint copied in), loadable without the original.
+    #[arg(long)]
+    self_contained: bool,
     /// Skip the evaluation (ViT/DeiT with --images only).
     #[arg(long)]
     no_eval: bool,
@@ -296,7 +302,7 @@ fn main() -> ExitCode {
             compressed,
             original,
             out,
-        } => densify(&compressed, &original, &out),
+        } => densify(&compressed, original.as_deref(), &out),
         Command::Capture {
             checkpoint,
             text,
@@ -481,11 +487,16 @@ fn compress(args: CompressArgs, given: &[String]) -> Result<(), FipsError> {
 
     std::fs::create_dir_all(&args.out_dir).map_err(io_error(&args.out_dir))?;
     let compressed_path = args.out_dir.join("compressed.safetensors");
-    run.model.write(&compressed_path)?;
+    let compact = CompactModel::from_model(&run.model, Some(&checkpoint))?;
+    if args.self_contained {
+        compact.write_self_contained(&compressed_path, &checkpoint)?;
+    } else {
+        compact.write(&compressed_path)?;
+    }
     println!("wrote {}", compressed_path.display());
     if !args.no_densified {
         let densified_path = args.out_dir.join("densified.safetensors");
-        run.model.densify(&checkpoint, &densified_path)?;
+        compact.densify(&checkpoint, &densified_path)?;
         println!("wrote {}", densified_path.display());
     }
     for path in report.write_loss_plots(&args.out_dir)? {
@@ -536,12 +547,15 @@ fn eval(args: EvalArgs) -> Result<(), FipsError> {
         args.split
     );
     if let Some(path) = &args.compressed {
-        fips::format::compressed_check::check_against_original(
-            &Checkpoint::open(path)?,
-            &checkpoint,
-        )?;
-        let model = CompressedModel::read(path)?;
-        let compressed_vit = pipeline::with_compressed_mlps(&vit, &model)?;
+        let compressed_vit = if is_compact(&Checkpoint::open(path)?) {
+            pipeline::with_compact_mlps(&vit, &CompactModel::read(path, Some(&checkpoint))?)?
+        } else {
+            fips::format::compressed_check::check_against_original(
+                &Checkpoint::open(path)?,
+                &checkpoint,
+            )?;
+            pipeline::with_compressed_mlps(&vit, &CompressedModel::read(path)?)?
+        };
         let logits = pipeline::classify(
             &compressed_vit,
             pixels.view(),
@@ -577,7 +591,9 @@ fn inspect(file: &Path) -> Result<(), FipsError> {
         dtypes.join(", "),
         count
     );
-    if ck.metadata().contains_key(MANIFEST_KEY) {
+    if is_compact(&ck) {
+        inspect_compact(file, &ck)?;
+    } else if ck.metadata().contains_key(MANIFEST_KEY) {
         // Described from the header alone: rebuilding the factors would allocate whatever sizes
         // the manifest claims (`densify` and `eval` check them against the original first).
         let m = &fips::format::compressed_check::read_manifest(&ck)?;
@@ -626,8 +642,74 @@ fn inspect(file: &Path) -> Result<(), FipsError> {
     Ok(())
 }
 
-fn densify(compressed: &Path, original: &Path, out: &Path) -> Result<(), FipsError> {
-    fips::foundation::safe_io::check_outputs([compressed, original], [out])?;
+/// Prints a compact file's manifest summary and where its bytes go.
+fn inspect_compact(file: &Path, ck: &Checkpoint) -> Result<(), FipsError> {
+    let m = read_manifest(ck)?;
+    println!(
+        "{COMPRESSED_FORMAT} version {} (fips {}): method {}, {}",
+        m.format_version,
+        m.crate_version,
+        m.method,
+        if m.self_contained {
+            "self-contained"
+        } else {
+            "MLPs only (needs the original checkpoint)"
+        }
+    );
+    for (g, gm) in m.groups.iter().enumerate() {
+        println!(
+            "group {g}: blocks {:?}, {} {} {}, d={} I={}, stored as {}{}",
+            gm.blocks,
+            gm.representation,
+            gm.kind,
+            gm.activation,
+            gm.width,
+            gm.intermediate,
+            gm.dtype,
+            if gm.rank > 0 {
+                format!(", rank {}", gm.rank)
+            } else {
+                String::new()
+            }
+        );
+    }
+    let sizes = size_breakdown(file)?;
+    let dense = m.dense_weight_bytes();
+    let mlp = sizes.values + sizes.patterns + sizes.header;
+    println!(
+        "bytes: values {} + patterns {} + header {}{} = file {}",
+        sizes.values,
+        sizes.patterns,
+        sizes.header,
+        if sizes.copied > 0 {
+            format!(" + copied tensors {}", sizes.copied)
+        } else {
+            String::new()
+        },
+        sizes.file
+    );
+    println!(
+        "compressed MLPs {mlp} B = {:.4} x the dense MLP weights ({dense} B)",
+        mlp as f64 / dense.max(1) as f64
+    );
+    Ok(())
+}
+
+fn densify(compressed: &Path, original: Option<&Path>, out: &Path) -> Result<(), FipsError> {
+    let inputs: Vec<&Path> = std::iter::once(compressed).chain(original).collect();
+    fips::foundation::safe_io::check_outputs(inputs, [out])?;
+    let file = Checkpoint::open(compressed)?;
+    if is_compact(&file) {
+        let original = original.map(Checkpoint::open).transpose()?;
+        let model = CompactModel::read_from(&file, original.as_ref())?;
+        model.densify(original.as_ref().unwrap_or(&file), out)?;
+        println!("wrote {}", out.display());
+        return Ok(());
+    }
+    let original = original.ok_or_else(|| FipsError::InvalidParameter {
+        name: "original",
+        reason: "this compressed file holds only the MLPs: give --original".into(),
+    })?;
     if original.is_dir() {
         let model = CompressedModel::read(compressed)?;
         return text_cmd::densify_folder(&model, original, out);
