@@ -4,6 +4,9 @@
 
 #[cfg(feature = "images")]
 #[cfg_attr(docsrs, doc(cfg(feature = "images")))]
+pub mod augment;
+#[cfg(feature = "images")]
+#[cfg_attr(docsrs, doc(cfg(feature = "images")))]
 pub mod images;
 pub mod metrics;
 pub mod pipeline;

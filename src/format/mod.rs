@@ -4,6 +4,7 @@
 
 pub mod block_groups;
 pub mod checkpoint;
+pub mod compact_file;
 pub mod compressed;
 pub mod hf;
 pub mod layout;

@@ -75,7 +75,9 @@ impl Activation {
     }
 
     /// Replaces every `x` by `act(x)` (value only: the derivative's extra work is optimised away).
+    #[inline(always)]
     pub(crate) fn apply_slice<F: Float>(self, xs: &mut [F]) {
+        #[inline(always)]
         fn run<F: Float>(xs: &mut [F], k: impl Fn(F) -> (F, F)) {
             for x in xs.iter_mut() {
                 *x = k(*x).0;
@@ -90,7 +92,9 @@ impl Activation {
     }
 
     /// Gated hidden state: `gate ← act(gate) ⊙ up` (value only).
+    #[inline(always)]
     pub(crate) fn apply_gated_slice<F: Float>(self, gate: &mut [F], up: &[F]) {
+        #[inline(always)]
         fn run<F: Float>(gate: &mut [F], up: &[F], k: impl Fn(F) -> (F, F)) {
             for (g, &u) in gate.iter_mut().zip(up) {
                 *g = k(*g).0 * u;
@@ -105,8 +109,10 @@ impl Activation {
     }
 
     /// Replaces every pre-activation `h` by `act(h)` and writes `act'(h)` into `slope`.
+    #[inline(always)]
     pub(crate) fn forward_slices<F: Float>(self, h: &mut [F], slope: &mut [F]) {
         // One monomorphised loop per activation, so the loop body is branch-free and vectorises.
+        #[inline(always)]
         fn run<F: Float>(h: &mut [F], slope: &mut [F], k: impl Fn(F) -> (F, F)) {
             for (x, s) in h.iter_mut().zip(slope.iter_mut()) {
                 (*x, *s) = k(*x);
@@ -121,6 +127,7 @@ impl Activation {
     }
 
     /// Gated forward: `gate ← act(gate)`, `a = act(gate) ⊙ up`, `slope = act'(gate) ⊙ up`.
+    #[inline(always)]
     pub(crate) fn gated_slices<F: Float>(
         self,
         gate: &mut [F],
@@ -128,6 +135,7 @@ impl Activation {
         a: &mut [F],
         slope: &mut [F],
     ) {
+        #[inline(always)]
         fn run<F: Float>(
             gate: &mut [F],
             up: &[F],

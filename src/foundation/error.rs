@@ -176,6 +176,30 @@ pub enum FipsError {
     #[error("numerical failure: {0}")]
     Numerical(String),
 
+    /// Encoded data (a byte buffer or a tensor of a file) contradicts its own declared sizes.
+    #[error("corrupt {what}: {reason}")]
+    Corrupt {
+        /// What was being decoded.
+        what: String,
+        /// Which count, length or index is inconsistent.
+        reason: String,
+    },
+
+    /// A file declares a format version this build does not read.
+    #[error(
+        "{path}: {format} version {found} is not supported (this build reads version {supported})"
+    )]
+    UnsupportedVersion {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The format's name.
+        format: String,
+        /// The version the file declares.
+        found: u32,
+        /// The version this build reads.
+        supported: u32,
+    },
+
     /// A model folder or the text for a language model is unusable (see [`ModelError`](crate::foundation::model_error::ModelError)).
     #[error(transparent)]
     Model(#[from] crate::foundation::model_error::ModelError),

@@ -9,3 +9,4 @@ pub(crate) mod kernels;
 pub mod mlp;
 pub mod model_error;
 pub(crate) mod slicing;
+pub mod thread_plan;

@@ -136,6 +136,14 @@ pub(crate) fn gather_rows<F: Float>(
     indices: &[usize],
     dst: &mut Array2<F>,
 ) {
+    let width = src.ncols();
+    if let (Some(from), Some(to)) = (src.as_slice(), dst.as_slice_mut()) {
+        // Row-major on both sides (the trainer's case): one memcpy per row.
+        for (row, &i) in to.chunks_exact_mut(width).zip(indices) {
+            row.copy_from_slice(&from[i * width..(i + 1) * width]);
+        }
+        return;
+    }
     for (k, &i) in indices.iter().enumerate() {
         dst.slice_mut(s![k, ..]).assign(&src.row(i));
     }

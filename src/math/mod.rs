@@ -9,4 +9,5 @@ pub mod init;
 pub mod objective;
 pub mod optim;
 pub mod sparsity;
+pub mod validation;
 pub mod whitening;

@@ -29,6 +29,7 @@ use crate::foundation::float::Float;
 use crate::foundation::kernels::{RowSplit, add_column_sums};
 use crate::foundation::mlp::MlpKind;
 use crate::foundation::slicing::s;
+use crate::foundation::thread_plan::step_threads;
 
 /// The contraction order of the training step.
 #[derive(
@@ -261,7 +262,8 @@ fn bias_slice<F: Float>(b: Option<&mut Array1<F>>) -> Result<Option<&mut [F]>> {
 
 impl<F: Float> Objective<F> {
     /// An objective for mini-batches of `shape.tokens` tokens; `order` resolves `Auto`; elementwise
-    /// passes use `threads` threads.
+    /// passes use at most `threads` threads, one for small shapes
+    /// ([`crate::foundation::thread_plan::step_threads`]).
     pub(crate) fn new(
         kind: MlpKind,
         activation: Activation,
@@ -276,7 +278,12 @@ impl<F: Float> Objective<F> {
             shape,
             order,
             per_matrix_bases: false,
-            split: RowSplit::new(threads),
+            split: RowSplit::new(step_threads(
+                shape.tokens,
+                shape.width,
+                shape.intermediate,
+                threads,
+            )),
             ws: Workspace::new(&shape, kind, order),
         }
     }
@@ -290,6 +297,11 @@ impl<F: Float> Objective<F> {
             self.ws = Workspace::new(&self.shape, self.kind, self.order);
         }
         self
+    }
+
+    /// The thread split of the elementwise passes (the optimiser uses it too).
+    pub(crate) fn split(&self) -> RowSplit {
+        self.split
     }
 
     /// The contraction order in use (never `Auto`).

@@ -10,10 +10,13 @@
 //! | one linear map per block | [`CollapsedGroup`] | LayerCollapse |
 
 pub mod collapsed;
+pub mod compact;
 pub mod factors;
 pub mod low_rank;
 pub mod measure;
 pub mod shared_basis;
+pub mod sparse_blocked;
+pub mod sparse_mlp;
 
 use std::fmt;
 

@@ -367,25 +367,21 @@ impl<F: Float> Trainable for FactorProblem<'_, F> {
             grad_v,
         );
         let update = AdamWStep::<F>::new(self.config.optimizer(), lr, step);
-        update.apply(
+        let split = state.objective.split();
+        update.apply_split(
+            &split,
             self.params.u.view_mut(),
             state.grads.u.view(),
             &mut state.moments_u,
+            None,
         );
-        if self.schedule.is_sparse() {
-            update.apply_masked(
-                self.params.v.view_mut(),
-                state.grads.v.view(),
-                &mut state.moments_v,
-                self.mask.view(),
-            );
-        } else {
-            update.apply(
-                self.params.v.view_mut(),
-                state.grads.v.view(),
-                &mut state.moments_v,
-            );
-        }
+        update.apply_split(
+            &split,
+            self.params.v.view_mut(),
+            state.grads.v.view(),
+            &mut state.moments_v,
+            self.schedule.is_sparse().then(|| self.mask.view()),
+        );
         for ((b, g), m) in self
             .params
             .biases
@@ -462,6 +458,31 @@ impl<'a, F: Float> FipsTrainer<'a, F> {
     /// Runs one training step; `Ok(None)` once every planned step has run.
     pub fn step(&mut self) -> Result<Option<Progress>> {
         self.0.step()
+    }
+
+    /// The group as it stands after the steps run so far, pruned to the target sparsity if the
+    /// schedule is not there yet (a copy: training goes on undisturbed). For validation during
+    /// training (see [`crate::math::validation`]).
+    pub fn snapshot(&self) -> Result<SharedBasisGroup<F>> {
+        let t = &self.0;
+        let p = &t.problem;
+        let (mut v, mut mask) = (p.params.v.clone(), p.mask.clone());
+        MaskSchedule::new(p.config.sparsifier(), p.config.sparsity(), v.len(), 1)
+            .finish(contiguous(&mut v)?, contiguous(&mut mask)?);
+        let blocks = assemble_shared(&Factors {
+            spec: &t.spec,
+            rank: t.rank,
+            u: &p.params.u,
+            v: &v,
+            mask: &mask,
+            biases: &p.params.biases,
+        })?;
+        match blocks {
+            CompressedBlocks::SharedBasis(group) => Ok(group),
+            _ => Err(FipsError::Numerical(
+                "the shared-basis assembler returned another form".into(),
+            )),
+        }
     }
 
     /// Prunes to the target sparsity (if the schedule has not yet), evaluates the trained group on
@@ -574,5 +595,74 @@ impl TokenSampler {
         let batch = &self.order[self.position..self.position + self.batch];
         self.position += self.batch;
         batch
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::foundation::activation::Activation;
+    use crate::foundation::mlp::Linear;
+    use crate::math::validation::ValidationSet;
+    use crate::methods::fips::params::FipsParams;
+    use crate::methods::guard::ParamGuard;
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+    use rand_distr::{Distribution, StandardNormal};
+
+    fn dense(group: &SharedBasisGroup<f64>) -> Vec<DenseMlp<f64>> {
+        (0..group.blocks())
+            .map(|b| group.to_dense_mlp(b).unwrap())
+            .collect()
+    }
+
+    fn blocks(rng: &mut ChaCha8Rng, n: usize, d: usize, i: usize) -> Vec<DenseMlp<f64>> {
+        let mut randn = |r: usize, c: usize| {
+            Array2::from_shape_simple_fn((r, c), || {
+                let z: f64 = StandardNormal.sample(rng);
+                z / (c as f64).sqrt()
+            })
+        };
+        (0..n)
+            .map(|_| {
+                DenseMlp::standard(
+                    Linear::new(randn(i, d), None).unwrap(),
+                    Linear::new(randn(d, i), None).unwrap(),
+                    Activation::Gelu,
+                )
+                .unwrap()
+            })
+            .collect()
+    }
+
+    /// A snapshot evaluated on the calibration set itself gives the error the report gives for
+    /// the same state, before and after training.
+    #[test]
+    fn snapshot_error_on_the_calibration_set_equals_the_reported_error() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let group = blocks(&mut rng, 2, 8, 16);
+        let calibration = Calibration::gaussian(2, 300, 8, 5).unwrap();
+        let same = ValidationSet::new(&group, &calibration).unwrap();
+        assert_eq!(same.tokens(), 300);
+        for steps in [0, 30] {
+            let compressor = FipsParams::new()
+                .sparsity(0.5)
+                .steps(steps)
+                .batch_tokens(64)
+                .learning_rate(1e-2)
+                .check()
+                .unwrap();
+            let mut trainer = compressor.trainer(&group, &calibration).unwrap();
+            while trainer.step().unwrap().is_some() {}
+            let snapshot = same
+                .relative_error(&dense(&trainer.snapshot().unwrap()))
+                .unwrap();
+            let report = trainer.finish().unwrap().report;
+            assert!(
+                (snapshot - report.rel_error).abs() <= 1e-12,
+                "{steps} steps: snapshot {snapshot} vs report {}",
+                report.rel_error
+            );
+        }
     }
 }

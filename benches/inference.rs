@@ -1,0 +1,251 @@
+//! Inference from the compact form against the dense block, same run, same threads.
+//!
+//! `cargo bench --bench inference` times one MLP block's forward pass for 1, 16 and 197 tokens:
+//! - `deit-tiny/*`: DeiT-tiny shapes (d = 192, I = 768, standard GELU, groups of 4, p = 0.5,
+//!   s = 0.75, rank from the budget formula: 341);
+//! - `llama7b/*`: one Llama-7B-sized gated block (d = 4096, I = 11008, SiLU; rank from the budget
+//!   formula for a group of 4 at p = 0.5, s = 0.75: 7288). Only one block's basis and three factors
+//!   are built (a block's forward reads exactly those); the rest of the group would not change
+//!   the time.
+//!
+//! Each shape runs `dense` (the crate's `DenseMlp::forward`, f32 BLAS), `compact-f32` and
+//! `compact-bf16` (`CompactGroup::forward`, values and basis stored as f32 or bf16). Weights are
+//! random; masks keep each entry with probability 1 − s. Throughput is in bytes of weights read
+//! per pass (dense: the three or two matrices and biases; compact: the basis twice, the block's
+//! values, patterns and biases), so criterion's GiB/s is directly comparable with:
+//! - `machine/read-bandwidth`: summing a 512 MiB buffer over the same threads;
+//! - `machine/sgemm`: one f32 GEMM of the 7B block's up shape (197 × 4096 by 4096 × 11008),
+//!   throughput in floating-point operations.
+//!
+//! `FIPS_BENCH_SMALL=1` skips the 7B shapes. `FIPS_BENCH_THREADS=n` sets the sparse kernels'
+//! threads (default: all cores); give BLAS the same with `OPENBLAS_NUM_THREADS=n`.
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use fips::repr::compact::{CompactMatrix, SparsePattern, StorageFloat};
+use fips::repr::sparse_mlp::CompactGroup;
+use fips::{
+    Activation, DenseMlp, GroupShape, Linear, MlpKind, nonzeros_for_sparsity, rank_for_budget,
+};
+use ndarray::{Array1, Array2, linalg::general_mat_mul};
+use rand::{Rng, RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const TOKENS: [usize; 3] = [1, 16, 197];
+
+struct Shape {
+    name: &'static str,
+    kind: MlpKind,
+    act: Activation,
+    width: usize,
+    intermediate: usize,
+    blocks: usize,
+}
+
+fn randn_vec(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| scale * rng.random_range(-1.0f32..1.0))
+        .collect()
+}
+
+/// A `rows × cols` matrix keeping each entry with probability 1/4 (two random words ANDed).
+fn random_quarter(rng: &mut ChaCha8Rng, rows: usize, cols: usize) -> CompactMatrix<f32> {
+    let row_bytes = cols.div_ceil(8);
+    let mut bits = vec![0u8; rows * row_bytes];
+    for row in bits.chunks_exact_mut(row_bytes) {
+        for chunk in row.chunks_mut(8) {
+            let w = (rng.next_u64() & rng.next_u64()).to_le_bytes();
+            chunk.copy_from_slice(&w[..chunk.len()]);
+        }
+        if !cols.is_multiple_of(8) {
+            row[row_bytes - 1] &= (1u8 << (cols % 8)) - 1;
+        }
+    }
+    let pattern = SparsePattern::from_bitmask(rows, cols, bits).expect("valid bitmask");
+    let values = randn_vec(rng, pattern.nnz(), 1.0 / (rows as f32).sqrt());
+    CompactMatrix::new(pattern, values).expect("finite values")
+}
+
+fn dense_block(rng: &mut ChaCha8Rng, s: &Shape) -> DenseMlp<f32> {
+    let (d, i) = (s.width, s.intermediate);
+    let mut lin = |rows: usize, cols: usize| {
+        let w =
+            Array2::from_shape_vec((rows, cols), randn_vec(rng, rows * cols, 0.02)).expect("shape");
+        Linear::new(w, Some(Array1::zeros(rows))).expect("finite")
+    };
+    match s.kind {
+        MlpKind::Standard => DenseMlp::standard(lin(i, d), lin(d, i), s.act),
+        MlpKind::Gated => DenseMlp::gated(lin(i, d), lin(i, d), lin(d, i), s.act),
+    }
+    .expect("dense block")
+}
+
+fn compact_block(rng: &mut ChaCha8Rng, s: &Shape, rank: usize) -> CompactGroup<f32> {
+    let (d, i) = (s.width, s.intermediate);
+    let basis = randn_vec(rng, d * rank, 1.0 / (d as f32).sqrt());
+    let f = s.kind.matrices_per_block();
+    let factors: Vec<_> = (0..f)
+        .map(|j| {
+            if j + 1 < f {
+                random_quarter(rng, i, rank)
+            } else {
+                random_quarter(rng, rank, i)
+            }
+        })
+        .collect();
+    let biases = (0..f)
+        .map(|j| Some(vec![0.0f32; if j + 1 < f { i } else { d }]))
+        .collect();
+    CompactGroup::new(s.kind, s.act, (d, rank), basis, factors, biases).expect("compact block")
+}
+
+fn to_storage<S: StorageFloat>(g: &CompactGroup<f32>) -> CompactGroup<S> {
+    let conv = |v: &[f32]| v.iter().map(|&x| S::from_f32(x)).collect::<Vec<S>>();
+    let factors = (0..g.factor_count())
+        .map(|j| {
+            let m = g.compact_factor(j).expect("factor");
+            CompactMatrix::new(m.pattern().clone(), conv(m.values())).expect("finite")
+        })
+        .collect();
+    let biases = g.biases().iter().map(|b| b.as_deref().map(conv)).collect();
+    CompactGroup::new(
+        g.kind(),
+        g.activation(),
+        (g.width(), g.rank()),
+        conv(g.basis()),
+        factors,
+        biases,
+    )
+    .expect("converted block")
+}
+
+fn machine(c: &mut Criterion, threads: usize) {
+    let mut group = c.benchmark_group("machine");
+    group.sample_size(10);
+    let n: usize = 128 << 20; // 512 MiB of f32
+    let buffer: Vec<f32> = (0..n).map(|k| (k % 7) as f32).collect();
+    group.throughput(Throughput::Bytes((n * 4) as u64));
+    group.bench_function("read-bandwidth", |b| {
+        b.iter(|| {
+            let chunk = n.div_ceil(threads);
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = buffer
+                    .chunks(chunk)
+                    .map(|part| {
+                        scope.spawn(move || {
+                            let mut acc = [0.0f32; 16];
+                            for c in part.chunks_exact(16) {
+                                for l in 0..16 {
+                                    acc[l] += c[l];
+                                }
+                            }
+                            acc.iter().sum::<f32>()
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or(0.0))
+                    .sum::<f32>()
+            })
+        })
+    });
+    drop(buffer);
+    let (m, k, nn) = (197, 4096, 11008);
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let a = Array2::from_shape_vec((m, k), randn_vec(&mut rng, m * k, 1.0)).expect("shape");
+    let w = Array2::from_shape_vec((nn, k), randn_vec(&mut rng, nn * k, 1.0)).expect("shape");
+    let mut out = Array2::<f32>::zeros((m, nn));
+    group.throughput(Throughput::Elements((2 * m * k * nn) as u64));
+    group.bench_function("sgemm", |b| {
+        b.iter(|| general_mat_mul(1.0, &a, &w.t(), 0.0, &mut out))
+    });
+    group.finish();
+}
+
+fn bench_shape(c: &mut Criterion, s: &Shape, threads: usize) {
+    let shape = GroupShape {
+        width: s.width,
+        intermediate: s.intermediate,
+        blocks: s.blocks,
+        matrices_per_block: s.kind.matrices_per_block(),
+    };
+    let rank = rank_for_budget(shape, 0.5, 0.75).expect("rank");
+    let mut rng = ChaCha8Rng::seed_from_u64(17);
+    let dense = dense_block(&mut rng, s);
+    let compact = compact_block(&mut rng, s, rank).with_threads(threads);
+    let bf16 = to_storage::<half::bf16>(&compact).with_threads(threads);
+    let dense_bytes = (dense.weight_count() + dense.bias_count()) * 4;
+    let expected_nnz = nonzeros_for_sparsity(shape.factor_entries(rank), 0.75) / s.blocks;
+    eprintln!(
+        "{}: d = {}, I = {}, r = {rank}, block nnz {} (budget {expected_nnz}), dense {:.1} MB, \
+         compact f32 {:.1} MB read ({:.3} of dense), bf16 {:.1} MB read",
+        s.name,
+        s.width,
+        s.intermediate,
+        compact.nnz(),
+        dense_bytes as f64 / 1e6,
+        compact.block_bytes_read() as f64 / 1e6,
+        compact.block_bytes_read() as f64 / dense_bytes as f64,
+        bf16.block_bytes_read() as f64 / 1e6,
+    );
+    let mut group = c.benchmark_group(s.name);
+    group.sample_size(10);
+    for &t in &TOKENS {
+        let x = Array2::from_shape_vec((t, s.width), randn_vec(&mut rng, t * s.width, 1.0))
+            .expect("shape");
+        group.throughput(Throughput::Bytes(dense_bytes as u64));
+        group.bench_with_input(BenchmarkId::new("dense", t), &x, |b, x| {
+            b.iter(|| dense.forward(x.view()).expect("dense forward"))
+        });
+        group.throughput(Throughput::Bytes(compact.block_bytes_read() as u64));
+        group.bench_with_input(BenchmarkId::new("compact-f32", t), &x, |b, x| {
+            b.iter(|| compact.forward(0, x.view()).expect("compact forward"))
+        });
+        group.throughput(Throughput::Bytes(bf16.block_bytes_read() as u64));
+        group.bench_with_input(BenchmarkId::new("compact-bf16", t), &x, |b, x| {
+            b.iter(|| bf16.forward(0, x.view()).expect("bf16 forward"))
+        });
+    }
+    group.finish();
+}
+
+fn inference(c: &mut Criterion) {
+    let threads = std::env::var("FIPS_BENCH_THREADS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    eprintln!(
+        "threads: {threads} for the sparse kernels; BLAS: OPENBLAS_NUM_THREADS={}",
+        std::env::var("OPENBLAS_NUM_THREADS").unwrap_or_else(|_| "unset (all cores)".into())
+    );
+    machine(c, threads);
+    bench_shape(
+        c,
+        &Shape {
+            name: "deit-tiny",
+            kind: MlpKind::Standard,
+            act: Activation::Gelu,
+            width: 192,
+            intermediate: 768,
+            blocks: 4,
+        },
+        threads,
+    );
+    if std::env::var_os("FIPS_BENCH_SMALL").is_none() {
+        bench_shape(
+            c,
+            &Shape {
+                name: "llama7b",
+                kind: MlpKind::Gated,
+                act: Activation::Silu,
+                width: 4096,
+                intermediate: 11008,
+                blocks: 4,
+            },
+            threads,
+        );
+    }
+}
+
+criterion_group!(benches, inference);
+criterion_main!(benches);

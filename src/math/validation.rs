@@ -1,0 +1,251 @@
+//! A held-out validation split of the calibration data, and the error of a group on it.
+//!
+//! Training settings (steps, learning rate, early stopping, augmentation) are chosen on data the
+//! training never saw but that comes from the calibration source, never on the evaluation set:
+//! [`holdout`] draws a seeded subset of items (images, paragraphs or tokens) to hold out, and a
+//! [`ValidationSet`] measures `‖Ŷ − Y‖ / ‖Y‖` of a compressed group on the held-out inputs, where
+//! `Y` are the original blocks' outputs (the same relative error the reports give for the
+//! calibration set).
+
+use ndarray::{Array2, Axis};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+
+use crate::foundation::error::{FipsError, Result, invalid};
+use crate::foundation::float::Float;
+use crate::foundation::mlp::DenseMlp;
+use crate::math::calibration::Calibration;
+
+/// Splits `0..n` into `(kept, held_out)`, both sorted: `round(fraction · n)` items (at least one,
+/// at most `n − 1`) drawn by a seeded shuffle are held out.
+///
+/// Errors: `n < 2`, or `fraction` outside `(0, 1)`.
+pub fn holdout(n: usize, fraction: f64, seed: u64) -> Result<(Vec<usize>, Vec<usize>)> {
+    if !(fraction > 0.0 && fraction < 1.0) {
+        return Err(invalid(
+            "validation fraction",
+            format!("must be in (0, 1), got {fraction}"),
+        ));
+    }
+    if n < 2 {
+        return Err(invalid(
+            "validation fraction",
+            format!("cannot hold out part of {n} items"),
+        ));
+    }
+    let count = ((fraction * n as f64).round() as usize).clamp(1, n - 1);
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+    let mut held = order[..count].to_vec();
+    let mut kept = order[count..].to_vec();
+    held.sort_unstable();
+    kept.sort_unstable();
+    Ok((kept, held))
+}
+
+/// Splits a calibration set by tokens: the same seeded [`holdout`] of token positions for every
+/// block, returned as `(training, validation)`.
+pub fn split_tokens<F: Float>(
+    calibration: &Calibration<F>,
+    fraction: f64,
+    seed: u64,
+) -> Result<(Calibration<F>, Calibration<F>)> {
+    let (kept, held) = holdout(calibration.tokens(), fraction, seed)?;
+    let take = |rows: &[usize]| {
+        Calibration::new(
+            calibration
+                .inputs()
+                .iter()
+                .map(|z| z.select(Axis(0), rows))
+                .collect(),
+        )
+    };
+    Ok((take(&kept)?, take(&held)?))
+}
+
+/// Held-out inputs of every block of a group and the original blocks' outputs on them.
+#[derive(Debug, Clone)]
+pub struct ValidationSet<F> {
+    inputs: Vec<Array2<F>>,
+    targets: Vec<Array2<F>>,
+}
+
+impl<F: Float> ValidationSet<F> {
+    /// The validation set of `blocks` on `inputs` (one `[tokens, d]` array per block).
+    pub fn new(blocks: &[DenseMlp<F>], inputs: &Calibration<F>) -> Result<Self> {
+        if blocks.len() != inputs.blocks() {
+            return Err(FipsError::ShapeMismatch {
+                what: "validation inputs (one array per block)".into(),
+                expected: vec![blocks.len()],
+                got: vec![inputs.blocks()],
+            });
+        }
+        let targets = blocks
+            .iter()
+            .zip(inputs.inputs())
+            .map(|(mlp, z)| mlp.forward(z.view()))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            inputs: inputs.inputs().to_vec(),
+            targets,
+        })
+    }
+
+    /// Tokens per block.
+    pub fn tokens(&self) -> usize {
+        self.inputs.first().map_or(0, |z| z.nrows())
+    }
+
+    /// `‖Ŷ − Y‖ / ‖Y‖` over every block of `blocks` (a compressed group rebuilt dense, e.g. by
+    /// `SharedBasisGroup::to_dense_mlps`).
+    pub fn relative_error(&self, blocks: &[DenseMlp<F>]) -> Result<f64> {
+        if blocks.len() != self.inputs.len() {
+            return Err(FipsError::ShapeMismatch {
+                what: "compressed group (blocks)".into(),
+                expected: vec![self.inputs.len()],
+                got: vec![blocks.len()],
+            });
+        }
+        let (mut error2, mut norm2) = (0.0f64, 0.0f64);
+        for (b, (z, y)) in self.inputs.iter().zip(&self.targets).enumerate() {
+            let yhat = blocks[b].forward(z.view())?;
+            ndarray::Zip::from(&yhat).and(y).for_each(|&p, &t| {
+                let (p, t) = (p.as_f64(), t.as_f64());
+                error2 += (p - t) * (p - t);
+                norm2 += t * t;
+            });
+        }
+        Ok(if norm2 > 0.0 {
+            (error2 / norm2).sqrt()
+        } else {
+            error2.sqrt()
+        })
+    }
+}
+
+/// Early stopping on the validation error: stop once the best error has improved by less than
+/// the relative `tolerance` over the last `patience` steps (scored steps need not be evenly
+/// spaced; a decision needs a score at least `patience` steps old).
+#[derive(Debug, Clone)]
+pub struct EarlyStop {
+    patience: usize,
+    tolerance: f64,
+    /// `(step, best error up to and including that step)`, in step order.
+    best: Vec<(usize, f64)>,
+}
+
+impl EarlyStop {
+    /// Stops when `best(now) > (1 − tolerance) · best(now − patience)`.
+    ///
+    /// Errors: `patience` 0 or `tolerance` outside `[0, 1)`.
+    pub fn new(patience: usize, tolerance: f64) -> Result<Self> {
+        if patience == 0 {
+            return Err(invalid("early stop patience", "must be at least 1 step"));
+        }
+        if !(0.0..1.0).contains(&tolerance) {
+            return Err(invalid(
+                "early stop tolerance",
+                format!("must be in [0, 1), got {tolerance}"),
+            ));
+        }
+        Ok(Self {
+            patience,
+            tolerance,
+            best: Vec::new(),
+        })
+    }
+
+    /// Records the validation error after `step` steps; `true` means stop now.
+    pub fn observe(&mut self, step: usize, error: f64) -> bool {
+        let best = self
+            .best
+            .last()
+            .map_or(error, |&(_, b)| if error < b { error } else { b });
+        self.best.push((step, best));
+        let Some(horizon) = step.checked_sub(self.patience) else {
+            return false;
+        };
+        // The best error as of `patience` steps ago (the latest score at or before it).
+        match self.best.iter().rev().find(|&&(s, _)| s <= horizon) {
+            Some(&(_, then)) => best > (1.0 - self.tolerance) * then,
+            None => false,
+        }
+    }
+
+    /// The lowest error observed so far.
+    pub fn best(&self) -> Option<f64> {
+        self.best.last().map(|&(_, b)| b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand_distr::{Distribution, StandardNormal};
+
+    #[test]
+    fn holdout_is_seeded_disjoint_and_complete() {
+        let (kept, held) = holdout(250, 0.05, 7).unwrap();
+        assert_eq!(held.len(), 13);
+        assert_eq!(kept.len() + held.len(), 250);
+        let mut all: Vec<usize> = kept.iter().chain(&held).copied().collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..250).collect::<Vec<_>>());
+        assert_eq!(holdout(250, 0.05, 7).unwrap().1, held);
+        assert_ne!(holdout(250, 0.05, 8).unwrap().1, held);
+        assert_eq!(holdout(3, 0.01, 0).unwrap().1.len(), 1);
+        assert_eq!(holdout(3, 0.99, 0).unwrap().1.len(), 2);
+        assert!(holdout(1, 0.5, 0).is_err());
+        assert!(holdout(10, 0.0, 0).is_err());
+        assert!(holdout(10, 1.0, 0).is_err());
+    }
+
+    #[test]
+    fn early_stop_waits_for_patience_and_compares_bests() {
+        // The defaults' group-0 validation curve (docs/results.md), every 100 steps.
+        let curve = [
+            (100, 0.1587),
+            (200, 0.1446),
+            (300, 0.1357),
+            (400, 0.1287),
+            (500, 0.1242),
+            (600, 0.1222),
+            (700, 0.1215),
+            (800, 0.1212),
+            (900, 0.1212),
+        ];
+        let mut stop = EarlyStop::new(100, 0.003).unwrap();
+        let first = curve
+            .iter()
+            .find(|&&(s, e)| stop.observe(s, e))
+            .map(|&(s, _)| s);
+        // 0.1212 > 0.997 · 0.1215 at step 800: the first step with < 0.3 % gain in 100 steps.
+        assert_eq!(first, Some(800));
+        assert_eq!(stop.best(), Some(0.1212));
+        // A worse score does not reset the best; no decision before `patience` steps of history.
+        let mut stop = EarlyStop::new(50, 0.01).unwrap();
+        assert!(!stop.observe(25, 1.0));
+        assert!(!stop.observe(50, 0.5));
+        assert!(
+            !stop.observe(75, 2.0),
+            "best 0.5 vs 1.0 at step 25: improving"
+        );
+        assert!(stop.observe(100, 0.499), "0.499 vs 0.5 at step 50: < 1 %");
+        assert!(EarlyStop::new(0, 0.1).is_err());
+        assert!(EarlyStop::new(10, 1.0).is_err());
+    }
+
+    #[test]
+    fn token_split_keeps_rows_aligned_across_blocks() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let z: Array2<f64> =
+            Array2::from_shape_simple_fn((50, 3), || StandardNormal.sample(&mut rng));
+        let calibration = Calibration::new(vec![z.clone(), z.mapv(|x| 2.0 * x)]).unwrap();
+        let (train, val) = split_tokens(&calibration, 0.2, 4).unwrap();
+        assert_eq!((train.tokens(), val.tokens()), (40, 10));
+        assert_eq!(val.inputs()[1], val.inputs()[0].mapv(|x| 2.0 * x));
+        let (_, held) = holdout(50, 0.2, 4).unwrap();
+        assert_eq!(val.inputs()[0].row(0), z.row(held[0]));
+    }
+}
