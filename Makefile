@@ -8,7 +8,7 @@ OUT ?= out/deit-tiny
 CARGO ?= cargo
 FIPS = $(CARGO) run --release --quiet --features cli --bin fips --
 
-.PHONY: demo test lapack check layers lean bench sweep
+.PHONY: demo demo-llm test lapack check layers lean bench sweep
 
 lapack:
 	@sh scripts/ensure-lapack.sh
@@ -16,6 +16,19 @@ lapack:
 demo: lapack
 	$(FIPS) compress --checkpoint $(DATA)/deit-tiny/model.safetensors \
 		--images $(DATA)/imagenet-sample --out-dir $(OUT)
+
+# The language-model demo: stories260k (a 5-block Llama) compressed at p = 0.5 and p = 0.75
+# (s = 0.75, all blocks one group), calibrated on calib.txt (5 % of its paragraphs held out),
+# dense and compressed perplexity on eval.txt. The model is 64 wide: one BLAS thread is fastest.
+LLM ?= $(DATA)/stories260k
+LLM_OUT ?= out/stories260k
+FIPS_TEXT = OPENBLAS_NUM_THREADS=1 $(CARGO) run --release --quiet --features cli,text --bin fips --
+demo-llm: lapack
+	for p in 0.5 0.75; do \
+		$(FIPS_TEXT) compress --model $(LLM) --text $(LLM)/calib.txt --eval-text $(LLM)/eval.txt \
+			--groups 0-4 --budget $$p --sparsity 0.75 --threads 1 --out-dir $(LLM_OUT)-p$$p \
+			|| exit 1; \
+	done
 
 test: lapack
 	FIPS_DATA_DIR=$(DATA) $(CARGO) test --features cli,text

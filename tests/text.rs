@@ -598,3 +598,147 @@ fn a_sharded_copy_of_the_model_scores_and_captures_identically() {
     }
     std::fs::remove_dir_all(tmp).ok();
 }
+
+#[test]
+fn compress_from_text_in_one_call_holds_out_validation_and_checks_first() {
+    use fips::app::pipeline::Silent;
+    use fips::app::text::compress::{TextCompressOptions, compress_text_model, validation_split};
+    use fips::{Budget, FipsParams, ParamGuard};
+    let Some(dir) = stories("compress_from_text_in_one_call_holds_out_validation_and_checks_first")
+    else {
+        return;
+    };
+    // The split: seeded, disjoint, complete, about the fraction asked for.
+    let paragraphs: Vec<Vec<u32>> = (0..100u32).map(|k| vec![1, k + 3]).collect();
+    let (train, held) = validation_split(paragraphs.clone(), 0.05, 7).unwrap();
+    assert_eq!((train.len(), held.len()), (95, 5));
+    let mut all: Vec<_> = train.iter().chain(&held).cloned().collect();
+    all.sort();
+    assert_eq!(all, paragraphs);
+    assert_eq!(
+        validation_split(paragraphs.clone(), 0.05, 7).unwrap().1,
+        held
+    );
+    assert_ne!(validation_split(paragraphs, 0.05, 8).unwrap().1, held);
+
+    let compressor = FipsParams::new()
+        .budget(Budget::Fraction(0.5))
+        .sparsity(0.75)
+        .steps(40)
+        .batch_tokens(512)
+        .check()
+        .unwrap();
+    let calib = dir.join("calib.txt");
+    let options = TextCompressOptions {
+        tokens: Some(4096),
+        seed: 3,
+        validation_fraction: 0.05,
+        groups: Some("0-4".into()),
+        group_size: 5,
+        activation: None,
+        densify: true,
+        keep_calibration: false,
+        eval_text: None,
+    };
+    // Bad input: typed errors and nothing written.
+    let tmp = scratch("one-call");
+    let out = tmp.join("out");
+    let too_many = TextCompressOptions {
+        tokens: Some(10_000_000),
+        ..options.clone()
+    };
+    let err = compress_text_model(
+        &dir,
+        &calib,
+        &too_many,
+        &compressor,
+        &out,
+        &mut |_, _| {},
+        &mut Silent,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, FipsError::Model(ModelError::TextTooShort { .. })),
+        "{err}"
+    );
+    let same = TextCompressOptions {
+        eval_text: Some(calib.clone()),
+        ..options.clone()
+    };
+    let err = compress_text_model(
+        &dir,
+        &calib,
+        &same,
+        &compressor,
+        &out,
+        &mut |_, _| {},
+        &mut Silent,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            FipsError::InvalidParameter {
+                name: "eval_text",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let empty = tmp.join("empty.txt");
+    std::fs::write(&empty, "\n\n  \n").unwrap();
+    let err = compress_text_model(
+        &dir,
+        &empty,
+        &options,
+        &compressor,
+        &out,
+        &mut |_, _| {},
+        &mut Silent,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, FipsError::Model(ModelError::EmptyText { .. })),
+        "{err}"
+    );
+    assert!(
+        !out.exists(),
+        "nothing may be written before the checks pass"
+    );
+
+    let result = compress_text_model(
+        &dir,
+        &calib,
+        &options,
+        &compressor,
+        &out,
+        &mut |_, _| {},
+        &mut Silent,
+    )
+    .unwrap();
+    assert_eq!(result.capture.tokens, 4096);
+    let held = result.validation_capture.as_ref().unwrap();
+    assert!(held.tokens > 0 && held.paragraphs_used == 75, "{held:?}");
+    assert_eq!(result.train_errors.len(), 1);
+    assert_eq!(result.train_errors[0].len(), 5);
+    assert_eq!(result.validation_errors[0].len(), 5);
+    for e in result.train_errors[0]
+        .iter()
+        .chain(&result.validation_errors[0])
+    {
+        assert!(e.is_finite() && *e > 0.0 && *e < 2.0, "{e}");
+    }
+    let (dense, compressed) = result.validation_perplexity.as_ref().unwrap();
+    assert!(compressed.perplexity() > dense.perplexity());
+    assert!(out.join("compressed.safetensors").is_file());
+    assert!(out.join("densified").join("model.safetensors").is_file());
+    assert!(
+        !out.join("work").exists(),
+        "the calibration cache is removed"
+    );
+    // The written model scores as the in-memory one on the held-out paragraphs' text.
+    let model = fips::format::compressed::CompressedModel::read(out.join("compressed.safetensors"))
+        .unwrap();
+    assert_eq!(model.groups.len(), 1);
+    std::fs::remove_dir_all(tmp).ok();
+}

@@ -154,8 +154,10 @@ struct ImageArgs {
 #[derive(Debug, Args)]
 struct CompressArgs {
     /// The checkpoint (safetensors; timm ViT/DeiT, HF BERT/ViT, or Llama-style gated names).
-    #[arg(long)]
-    checkpoint: PathBuf,
+    #[arg(long, required_unless_present = "model", conflicts_with = "model")]
+    checkpoint: Option<PathBuf>,
+    #[command(flatten)]
+    text: text_cmd::TextCompressArgs,
     #[command(flatten)]
     images: ImageArgs,
     /// Calibrate from an MLP-input file (`blocks.{b}.mlp_input`, see `fips capture`) instead of images.
@@ -395,6 +397,26 @@ fn decode(
 }
 
 fn compress(args: CompressArgs, given: &[String]) -> Result<(), FipsError> {
+    if let Some(model) = &args.text.model {
+        let options = method_options(&args, given);
+        let settings = text_cmd::CompressSettings {
+            method: args.method.into(),
+            options: &options,
+            groups: args.groups.as_deref(),
+            group_size: args.group_size,
+            activation: args.activation,
+            densify: !args.no_densified,
+            seed: args.seed,
+            out_dir: &args.out_dir,
+        };
+        return text_cmd::compress(model, &args.text, &settings);
+    }
+    let Some(checkpoint_path) = &args.checkpoint else {
+        return Err(FipsError::InvalidParameter {
+            name: "checkpoint",
+            reason: "compress needs --checkpoint FILE or --model DIR --text FILE".into(),
+        });
+    };
     let start = Instant::now();
     let bars = Bars::new();
     if args.images.images.is_some() && !args.no_eval && args.eval_split == args.images.calib_split {
@@ -407,9 +429,9 @@ fn compress(args: CompressArgs, given: &[String]) -> Result<(), FipsError> {
         });
     }
     let compressor = method_options(&args, given).compressor(args.method.into(), &VIT_DEFAULTS)?;
-    let checkpoint = Checkpoint::open(&args.checkpoint)?;
+    let checkpoint = Checkpoint::open(checkpoint_path)?;
     let layout = MlpLayout::detect(&checkpoint)?;
-    println!("{}: {layout}", args.checkpoint.display());
+    println!("{}: {layout}", checkpoint_path.display());
     let shapes = layout.block_shapes()?;
     let groups = match &args.groups {
         Some(spec) => BlockGroups::parse(spec, &shapes)?,
@@ -482,7 +504,7 @@ fn compress(args: CompressArgs, given: &[String]) -> Result<(), FipsError> {
         &mut observer,
     )?;
     drop(observer);
-    let mut report = RunReport::new(&args.checkpoint, &layout, compressor.as_ref(), &run);
+    let mut report = RunReport::new(checkpoint_path, &layout, compressor.as_ref(), &run);
     println!("{}", report.group_table());
 
     std::fs::create_dir_all(&args.out_dir).map_err(io_error(&args.out_dir))?;

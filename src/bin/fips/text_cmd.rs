@@ -186,3 +186,172 @@ pub fn densify_folder(
     );
     Ok(())
 }
+
+/// Arguments of `fips compress` for language models.
+#[derive(Debug, Clone, Args)]
+pub struct TextCompressArgs {
+    /// A Hugging Face model folder; with --text, captures calibration from text and compresses.
+    #[arg(long, requires = "text")]
+    pub model: Option<PathBuf>,
+    /// Calibration text: paragraphs separated by blank lines.
+    #[arg(long, requires = "model")]
+    pub text: Option<PathBuf>,
+    /// Calibration tokens per block (default: all of the text).
+    #[arg(long, requires = "model")]
+    pub tokens: Option<usize>,
+    /// A text to score the dense and the compressed model on (perplexity).
+    #[arg(long, requires = "model")]
+    pub eval_text: Option<PathBuf>,
+    /// Fraction of the calibration paragraphs held out (seeded, never trained on) for the
+    /// validation errors and perplexity (the library's DEFAULT_VALIDATION_FRACTION).
+    #[arg(long, default_value_t = 0.05, requires = "model")]
+    pub validation_fraction: f64,
+    /// Keep the captured calibration file (out-dir/work/calibration.safetensors).
+    #[arg(long, requires = "model")]
+    pub keep_calibration: bool,
+}
+
+/// The general compress settings the text command uses (read only with the `text` feature).
+#[cfg_attr(not(feature = "text"), allow(dead_code))]
+pub struct CompressSettings<'a> {
+    pub method: fips::Method,
+    pub options: &'a fips::methods::options::MethodOptions,
+    pub groups: Option<&'a str>,
+    pub group_size: usize,
+    pub activation: Option<fips::Activation>,
+    pub densify: bool,
+    pub seed: u64,
+    pub out_dir: &'a Path,
+}
+
+/// Captures calibration from text and compresses (unavailable: built without `text`).
+#[cfg(not(feature = "text"))]
+pub fn compress(
+    _model: &Path,
+    _args: &TextCompressArgs,
+    _settings: &CompressSettings<'_>,
+) -> Result<(), FipsError> {
+    Err(no_text_feature())
+}
+
+/// Captures calibration from text, compresses, writes the outputs and prints the report.
+#[cfg(feature = "text")]
+pub fn compress(
+    model: &Path,
+    args: &TextCompressArgs,
+    settings: &CompressSettings<'_>,
+) -> Result<(), FipsError> {
+    use fips::app::report::RunReport;
+    use fips::app::text::compress::{TextCompressOptions, compress_text_model};
+    use fips::methods::options::TEXT_DEFAULTS;
+    let text = args.text.as_deref().ok_or_else(no_text)?;
+    let compressor = settings
+        .options
+        .compressor(settings.method, &TEXT_DEFAULTS)?;
+    let parameters = serde_json::to_string(&compressor.parameters())
+        .map_err(|e| FipsError::Numerical(e.to_string()))?;
+    println!("method {}: {parameters}", compressor.method());
+    let options = TextCompressOptions {
+        tokens: args.tokens,
+        seed: settings.seed,
+        validation_fraction: args.validation_fraction,
+        groups: settings.groups.map(str::to_string),
+        group_size: settings.group_size,
+        activation: settings.activation,
+        densify: settings.densify,
+        keep_calibration: args.keep_calibration,
+        eval_text: args.eval_text.clone(),
+    };
+    let bars = super::progress::Bars::new();
+    let bar = bars.bar(0, "capturing tokens");
+    let mut observer = bars.observer(1);
+    let result = compress_text_model(
+        model,
+        text,
+        &options,
+        compressor.as_ref(),
+        settings.out_dir,
+        &mut |done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        },
+        &mut observer,
+    );
+    bar.finish_and_clear();
+    drop(observer);
+    let result = result?;
+    let c = &result.capture;
+    println!(
+        "calibration: {} tokens × {} blocks from {} of {} paragraphs of {} (seed {}) in {:.1} s",
+        c.tokens,
+        c.blocks,
+        c.paragraphs_used,
+        c.paragraphs_available,
+        text.display(),
+        settings.seed,
+        c.seconds
+    );
+    println!("{}: {}", model.display(), result.layout);
+    let mut report = RunReport::new(model, &result.layout, compressor.as_ref(), &result.run);
+    println!("{}", report.group_table());
+    if let Some(v) = &result.validation_capture {
+        println!(
+            "held out: {} tokens from {} paragraphs (never trained on)",
+            v.tokens, v.paragraphs_used
+        );
+    }
+    println!(
+        "{:>5} {:>6} {:>10} {:>10}",
+        "group", "block", "train err", "valid err"
+    );
+    for (g, (entry, train)) in report.groups.iter().zip(&result.train_errors).enumerate() {
+        for (k, (b, t)) in entry.blocks.iter().zip(train).enumerate() {
+            let v = result
+                .validation_errors
+                .get(g)
+                .and_then(|e| e.get(k))
+                .map_or("-".to_string(), |v| format!("{v:.4}"));
+            println!("{g:>5} {b:>6} {t:>10.4} {v:>10}");
+        }
+    }
+    if let Some((dense, comp)) = &result.validation_perplexity {
+        println!(
+            "perplexity on the held-out paragraphs: dense {:.4}, compressed {:.4} ({:+.2}%)",
+            dense.perplexity(),
+            comp.perplexity(),
+            100.0 * (comp.perplexity() / dense.perplexity() - 1.0)
+        );
+    }
+    let bytes = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "wrote {} ({} bytes)",
+        result.compressed.display(),
+        bytes(&result.compressed)
+    );
+    if let Some(d) = &result.densified {
+        println!("wrote {}", d.dir.display());
+    }
+    if let (Some(dense), Some(comp)) = (&result.dense_perplexity, &result.compressed_perplexity) {
+        println!(
+            "perplexity on {}: dense {:.4}, compressed {:.4} ({:+.2}%) over {} tokens",
+            args.eval_text
+                .as_deref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            dense.perplexity(),
+            comp.perplexity(),
+            100.0 * (comp.perplexity() / dense.perplexity() - 1.0),
+            dense.predicted_tokens
+        );
+    }
+    report.wall_time = result.wall_time;
+    let report_path = settings.out_dir.join("report.json");
+    report.write(&report_path)?;
+    println!("wrote {}", report_path.display());
+    println!(
+        "{} | wall {:.1} s",
+        report.summary_line(),
+        result.wall_time.as_secs_f64()
+    );
+    Ok(())
+}
