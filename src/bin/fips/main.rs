@@ -447,7 +447,7 @@ fn compress(args: CompressArgs, given: &[String]) -> Result<(), FipsError> {
         outputs.push(args.out_dir.join("densified.safetensors"));
     }
     outputs.extend((0..groups.len()).map(|g| args.out_dir.join(format!("loss_group{g}.svg"))));
-    let mut inputs = vec![args.checkpoint.clone()];
+    let mut inputs = vec![checkpoint_path.to_path_buf()];
     inputs.extend(args.activations.clone());
     inputs.extend(args.images.images.as_ref().map(|d| d.join("labels.tsv")));
     fips::foundation::safe_io::check_outputs(&inputs, &outputs)?;
