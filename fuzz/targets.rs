@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use fips::FipsError;
 use fips::app::vit::VisionTransformer;
 use fips::format::checkpoint::Checkpoint;
+use fips::format::compact_file::CompactModel;
 use fips::format::compressed::CompressedModel;
 use fips::format::layout::MlpLayout;
 use fips::format::mlp_inputs::MlpInputs;
@@ -72,6 +73,31 @@ pub fn compressed(path: &Path, original: &Checkpoint) -> Result<(), FipsError> {
 /// A compressed checkpoint as `inspect` reads it: the header and the manifest only.
 pub fn compressed_manifest(path: &Path) -> Result<(), FipsError> {
     fips::format::compressed_check::read_manifest(&Checkpoint::open(path)?)?;
+    Ok(())
+}
+
+/// A compact compressed file (format 3) as `inspect`, `densify`, `eval` and inference read it:
+/// the manifest and the size breakdown; the groups read (biases marked `original` from
+/// `original`, or from the file itself when it is self-contained); every dense tensor rebuilt;
+/// one token through every block from the compressed form; and, for a self-contained file of a
+/// ViT, the model loaded from the file alone.
+pub fn compact(path: &Path, original: Option<&Checkpoint>) -> Result<(), FipsError> {
+    let file = Checkpoint::open(path)?;
+    fips::format::compact_file::read_manifest(&file)?;
+    fips::format::compact_file::size_breakdown(path)?;
+    let model = CompactModel::read_from(&file, original)?;
+    model.dense_tensors()?;
+    for group in &model.groups {
+        if let fips::format::compact_file::CompactBlocks::SharedBasis(g) = group {
+            let x = fips::ndarray::Array2::<f32>::from_elem((1, g.width()), 0.5);
+            for b in 0..g.blocks() {
+                g.forward(b, x.view())?;
+            }
+        }
+    }
+    if model.manifest.self_contained && file.contains("patch_embed.proj.weight") {
+        VisionTransformer::from_compact(&file, None, None)?;
+    }
     Ok(())
 }
 

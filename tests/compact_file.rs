@@ -1,6 +1,8 @@
 //! The compact file format (version 3): exact round trips, self-contained files, version errors,
 //! crafted files, size targets and the Python reader of `docs/format.md`.
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -771,6 +773,100 @@ fn the_documented_python_reader_rebuilds_every_dense_weight() {
             out.status.success(),
             "the Python reader disagrees ({dtype:?})"
         );
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// Every method's form, written compact from real compressor output: the stored values are
+/// exactly the form's parameters (weights and biases) in the source dtype, the baselines store no
+/// pattern, FiPS's patterns take at most one bit per entry of each V, and the header is small.
+#[test]
+fn every_form_stores_exactly_its_parameters_in_the_source_dtype() {
+    use common::{Dictionary, gaussian_calibration, shared_dictionary_group};
+    use fips::format::compact_file::size_breakdown;
+    use fips::methods::{
+        BasisSharingParams, Compressor, LayerCollapseParams, MixedRankParams, SvdLlmParams,
+        SvdParams,
+    };
+    use fips::{FipsParams, ParamGuard};
+    let dir = temp_dir("every-form");
+    let blocks = shared_dictionary_group::<f32>(Dictionary {
+        kind: MlpKind::Standard,
+        activation: Activation::Gelu,
+        d: 16,
+        i: 40,
+        n: 2,
+        atoms: 20,
+        density: 0.3,
+        seed: 9,
+    });
+    let calib = gaussian_calibration::<f32>(blocks.len(), 256, 16, 4);
+    let methods: Vec<Box<dyn Compressor<f32>>> = vec![
+        Box::new(FipsParams::new().steps(6).batch_tokens(64).check().unwrap()),
+        Box::new(SvdParams::new().check().unwrap()),
+        Box::new(SvdLlmParams::new().check().unwrap()),
+        Box::new(BasisSharingParams::new().check().unwrap()),
+        Box::new(
+            MixedRankParams::new()
+                .budget(0.6)
+                .residual_rank(2)
+                .grid(1)
+                .steps(4)
+                .batch_tokens(64)
+                .check()
+                .unwrap(),
+        ),
+        Box::new(
+            LayerCollapseParams::new()
+                .max_steps(6)
+                .batch_tokens(64)
+                .check()
+                .unwrap(),
+        ),
+    ];
+    for method in &methods {
+        let out = method
+            .compress(
+                &blocks,
+                &calib,
+                &mut |_| std::ops::ControlFlow::Continue(()),
+            )
+            .unwrap();
+        let count = out.blocks.parameter_count();
+        // Bytes of a bitmask of every V (one bit per entry, rows padded to whole bytes in
+        // either orientation).
+        let (factor_entries, mask_bound) = match &out.blocks {
+            CompressedBlocks::SharedBasis(g) => g.factors().iter().fold((0, 0), |(e, b), v| {
+                let (r, i) = v.mask().dim();
+                (e + r * i, b + (r * i).div_ceil(8) + r + i)
+            }),
+            _ => (0usize, 0usize),
+        };
+        for (dtype, size) in [(Dtype::F32, 4), (Dtype::BF16, 2), (Dtype::F16, 2)] {
+            let m = model(vec![(out.blocks.clone(), vec![0, 1])], dtype);
+            let path = dir.join(format!("{}-{dtype:?}.safetensors", method.method().name()));
+            CompactModel::from_model(&m, None)
+                .unwrap()
+                .write(&path)
+                .unwrap();
+            let sizes = size_breakdown(&path).unwrap();
+            let what = format!("{} {dtype:?}", method.method().name());
+            assert_eq!(
+                sizes.values,
+                (count.compressed_weights() + count.biases) * size,
+                "{what}: {sizes:?} for {count:?}"
+            );
+            assert_eq!(sizes.copied, 0, "{what}");
+            if factor_entries == 0 {
+                assert_eq!(sizes.patterns, 0, "{what}");
+            } else {
+                assert!(sizes.patterns <= mask_bound, "{what}: {sizes:?}");
+            }
+            assert!(sizes.header < 8192, "{what}: header {}", sizes.header);
+            // And the file rebuilds what the form (rounded to the dtype) rebuilds.
+            let back = CompactModel::read(&path, None).unwrap();
+            assert_eq!(back.groups.len(), 1, "{what}");
+        }
     }
     std::fs::remove_dir_all(dir).ok();
 }

@@ -4,7 +4,8 @@
 //! The base files are real: a one-block ViT cut from the DeiT-tiny checkpoint (its first block,
 //! embeddings and the first 10 rows of its head, some tensors stored as F16/BF16), MLP inputs the
 //! crate captures from DeiT-tiny on two of the parity images, compressed checkpoints the crate
-//! writes from them (FiPS shared basis, SVD low rank, LayerCollapse), and JPEGs of the ImageNet
+//! writes from them (FiPS shared basis, SVD low rank, LayerCollapse) in both formats (version 2,
+//! and compact version 3: MLP-only, plus a self-contained one of the one-block ViT), and JPEGs of the ImageNet
 //! sample. Each is mutated with a seeded RNG: truncated at random points, bytes flipped (mostly in
 //! the header), header numbers rewritten (shapes, offsets, the length prefix) to 0, 1, ±1, 2^31,
 //! 2^40, 2^63, u64::MAX or larger, tensors renamed (other blocks, huge or non-canonical indices),
@@ -40,6 +41,7 @@ use fips::app::pipeline::{CalibrationSource, Silent, compress_checkpoint};
 use fips::app::vit::{VisionTransformer, preprocess};
 use fips::format::block_groups::BlockGroups;
 use fips::format::checkpoint::{Checkpoint, TensorData, write_safetensors};
+use fips::format::compact_file::CompactModel;
 use fips::format::layout::MlpLayout;
 use fips::format::mlp_inputs::write_mlp_inputs;
 use fips::methods::Compressor;
@@ -67,6 +69,8 @@ enum Reader {
     MlpInputs,
     Compressed,
     CompressedManifest,
+    /// A compact (format 3) file, MLP-only (original beside it) or self-contained.
+    Compact,
     Image,
     ImageSet,
     /// Not a reader: allocates 3 GiB, to prove the memory limit turns that into a crash.
@@ -80,6 +84,7 @@ impl Reader {
             Self::MlpInputs => "mlp-inputs",
             Self::Compressed => "compressed",
             Self::CompressedManifest => "compressed-manifest",
+            Self::Compact => "compact",
             Self::Image => "image",
             Self::ImageSet => "image-set",
             Self::AllocationProbe => "allocation-probe",
@@ -92,6 +97,7 @@ impl Reader {
             Self::MlpInputs,
             Self::Compressed,
             Self::CompressedManifest,
+            Self::Compact,
             Self::Image,
             Self::ImageSet,
             Self::AllocationProbe,
@@ -137,6 +143,7 @@ fn run_reader(reader: Reader, path: &Path, original: Option<&Checkpoint>) -> Res
             None => return Err("no original".into()),
         },
         Reader::CompressedManifest => targets::compressed_manifest(path),
+        Reader::Compact => targets::compact(path, original),
         #[cfg(feature = "images")]
         Reader::Image => targets::image(path),
         #[cfg(feature = "images")]
@@ -349,6 +356,9 @@ struct Bases {
     vit: PathBuf,
     mlp_inputs: PathBuf,
     compressed: Vec<PathBuf>,
+    /// Compact (format 3) files: MLP-only of each representation, and a self-contained one of the
+    /// one-block ViT (its F16 MLP stored as F16).
+    compact: Vec<PathBuf>,
     jpegs: Vec<PathBuf>,
     image_set: Option<PathBuf>,
 }
@@ -410,6 +420,7 @@ fn make_bases(data: &Path, dir: &Path) -> Bases {
         ),
     ];
     let mut compressed = Vec::new();
+    let mut compact = Vec::new();
     for (name, c) in &compressors {
         let result = compress_checkpoint(
             &deit,
@@ -424,7 +435,31 @@ fn make_bases(data: &Path, dir: &Path) -> Bases {
         let path = dir.join(format!("compressed-{name}.safetensors"));
         result.model.write(&path).unwrap();
         compressed.push(path);
+        let path = dir.join(format!("compact-{name}.safetensors"));
+        CompactModel::from_model(&result.model, Some(&deit))
+            .unwrap()
+            .write(&path)
+            .unwrap();
+        compact.push(path);
     }
+    let slice = Checkpoint::open(&vit_path).unwrap();
+    let slice_layout = MlpLayout::detect(&slice).unwrap();
+    let result = compress_checkpoint(
+        &slice,
+        &slice_layout,
+        &BlockGroups::parse("0", &[DEIT_SHAPE]).unwrap(),
+        compressors[0].1.as_ref(),
+        slice_layout.default_activation(),
+        &CalibrationSource::File(&inputs),
+        &mut Silent,
+    )
+    .unwrap();
+    let path = dir.join("compact-self-contained.safetensors");
+    CompactModel::from_model(&result.model, Some(&slice))
+        .unwrap()
+        .write_self_contained(&path, &slice)
+        .unwrap();
+    compact.push(path);
 
     let labels = std::fs::read_to_string(data.join("imagenet-sample/labels.tsv")).unwrap();
     let jpegs: Vec<PathBuf> = labels
@@ -451,6 +486,7 @@ fn make_bases(data: &Path, dir: &Path) -> Bases {
         vit: vit_path,
         mlp_inputs: mlp_path,
         compressed,
+        compact,
         jpegs,
         image_set,
     }
@@ -632,6 +668,14 @@ fn rewrite_manifest(rng: &mut ChaCha8Rng, bytes: &[u8]) -> Vec<u8> {
         "standard",
         "",
         "relu",
+        "bitmask",
+        "row-gaps",
+        "full",
+        "stored",
+        "original",
+        "none",
+        "F16",
+        "BF16",
     ];
     *slot = match slot {
         serde_json::Value::String(_) if rng.random_bool(0.8) => {
@@ -745,7 +789,7 @@ fn mutate(
                 Expect::Anything,
                 "tensor renamed",
             ),
-            (4 | 5, Reader::Compressed | Reader::CompressedManifest) => (
+            (4 | 5, Reader::Compressed | Reader::CompressedManifest | Reader::Compact) => (
                 rewrite_manifest(rng, &bytes),
                 Expect::Anything,
                 "manifest field rewritten",
@@ -863,6 +907,7 @@ fn every_reader_survives_mutated_real_files() {
         copy("checkpoint", &[&bases.vit]);
         copy("mlp_inputs", &[&bases.mlp_inputs]);
         copy("compressed", &bases.compressed.iter().collect::<Vec<_>>());
+        copy("compact", &bases.compact.iter().collect::<Vec<_>>());
         copy("image", &bases.jpegs.iter().collect::<Vec<_>>());
     }
     let mutated = root.join("mutated");
@@ -893,6 +938,16 @@ fn every_reader_survives_mutated_real_files() {
             c,
             &mutated,
             count / 4,
+            &mut cases,
+        );
+    }
+    for c in &bases.compact {
+        mutate(
+            &mut rng,
+            Reader::Compact,
+            c,
+            &mutated,
+            count / 2,
             &mut cases,
         );
     }

@@ -21,6 +21,10 @@ use crate::foundation::kernels::RowSplit;
 use crate::foundation::mlp::{DenseMlp, Linear};
 use crate::foundation::slicing::s;
 
+mod compact;
+
+pub use compact::BlockMlp;
+
 /// ImageNet channel means of `pixel / 255`.
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 /// ImageNet channel standard deviations of `pixel / 255`.
@@ -93,7 +97,7 @@ struct Block {
     qkv: Linear<f32>,
     proj: Linear<f32>,
     norm2: LayerNorm,
-    mlp: DenseMlp<f32>,
+    mlp: BlockMlp,
 }
 
 /// A ViT / DeiT classifier with timm tensor names.
@@ -139,6 +143,21 @@ impl VisionTransformer {
     /// `blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}`, `norm`, `head`). The number
     /// of heads cannot be read off the shapes: `heads` defaults to `width / 64`.
     pub fn from_checkpoint(ck: &Checkpoint, heads: Option<usize>) -> Result<Self> {
+        let layout = MlpLayout::detect(ck)?;
+        let activation = layout.default_activation();
+        Self::load(ck, heads, layout.blocks(), |b| {
+            Ok(BlockMlp::Dense(layout.load_block(ck, b, activation)?))
+        })
+    }
+
+    /// Loads every tensor but the MLPs from `ck` (timm names, `depth` blocks); block `b`'s MLP is
+    /// `mlp(b)`.
+    fn load(
+        ck: &Checkpoint,
+        heads: Option<usize>,
+        depth: usize,
+        mut mlp: impl FnMut(usize) -> Result<BlockMlp>,
+    ) -> Result<Self> {
         let patch = ck.read::<f32>("patch_embed.proj.weight")?;
         let &[width, channels, p, p2] = patch.shape() else {
             return Err(FipsError::ShapeMismatch {
@@ -198,9 +217,8 @@ impl VisionTransformer {
                 format!("width {width} is not divisible by {heads} heads"),
             ));
         }
-        let layout = MlpLayout::detect(ck)?;
         let eps = 1e-6;
-        let blocks = (0..layout.blocks())
+        let blocks = (0..depth)
             .map(|b| {
                 let prefix = format!("blocks.{b}");
                 Ok(Block {
@@ -208,7 +226,7 @@ impl VisionTransformer {
                     qkv: linear(ck, &format!("{prefix}.attn.qkv"), 3 * width, width)?,
                     proj: linear(ck, &format!("{prefix}.attn.proj"), width, width)?,
                     norm2: LayerNorm::load(ck, &format!("{prefix}.norm2"), width, eps)?,
-                    mlp: layout.load_block(ck, b, layout.default_activation())?,
+                    mlp: mlp(b)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -240,8 +258,20 @@ impl VisionTransformer {
         &self.config
     }
 
-    /// Block `block`'s MLP.
+    /// Block `block`'s MLP (an error for a block that runs from a compressed form: see
+    /// [`VisionTransformer::block_mlp`]).
     pub fn mlp(&self, block: usize) -> Result<&DenseMlp<f32>> {
+        match self.block_mlp(block)? {
+            BlockMlp::Dense(m) => Ok(m),
+            BlockMlp::Compact { .. } => Err(invalid(
+                "block",
+                format!("block {block}'s MLP runs from its compressed form, not a dense MLP"),
+            )),
+        }
+    }
+
+    /// Block `block`'s MLP, dense or compressed.
+    pub fn block_mlp(&self, block: usize) -> Result<&BlockMlp> {
         self.blocks
             .get(block)
             .map(|b| &b.mlp)
@@ -272,7 +302,7 @@ impl VisionTransformer {
                 got: vec![mlp.width()],
             });
         }
-        slot.mlp = mlp;
+        slot.mlp = BlockMlp::Dense(mlp);
         Ok(())
     }
 

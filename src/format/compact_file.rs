@@ -38,7 +38,9 @@ use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
 use crate::format::checkpoint::{Checkpoint, TensorData, TensorSource, write_safetensors_from};
-use crate::format::compressed::{COMPRESSED_FORMAT, CompressedModel, GroupManifest, MANIFEST_KEY};
+use crate::format::compressed::{
+    COMPRESSED_FORMAT, CompressedModel, GroupManifest, MANIFEST_KEY, insert_rebuilt,
+};
 use crate::foundation::activation::Activation;
 use crate::foundation::error::{FipsError, Result};
 use crate::foundation::mlp::{MatrixRole, MlpKind};
@@ -189,6 +191,11 @@ impl AnyCompactGroup {
         each!(self, g => g.blocks())
     }
 
+    /// Width d.
+    pub fn width(&self) -> usize {
+        each!(self, g => g.width())
+    }
+
     /// Bytes of the stored form.
     pub fn stored_bytes(&self) -> usize {
         each!(self, g => g.stored_bytes())
@@ -202,6 +209,33 @@ impl AnyCompactGroup {
     /// The group widened to `f32` (exact).
     pub fn to_group(&self) -> Result<CompressedGroup<f32>> {
         each!(self, g => g.to_group())
+    }
+
+    /// Stored weight parameters of block `block`: the kept entries of its factors, plus the
+    /// basis (`d·r`) on block 0 (so that a sum over the blocks counts it once).
+    pub fn block_weight_count(&self, block: usize) -> usize {
+        each!(self, g => {
+            let f = g.kind().matrices_per_block();
+            let factors: usize = (block * f..(block + 1) * f)
+                .filter_map(|j| g.factor_shape(j))
+                .map(|(_, _, nnz)| nnz)
+                .sum();
+            factors + if block == 0 { g.basis().len() } else { 0 }
+        })
+    }
+
+    /// Stored bias parameters of block `block`.
+    pub fn block_bias_count(&self, block: usize) -> usize {
+        each!(self, g => {
+            let f = g.kind().matrices_per_block();
+            g.biases()
+                .iter()
+                .skip(block * f)
+                .take(f)
+                .flatten()
+                .map(Vec::len)
+                .sum()
+        })
     }
 
     /// Uses at most `threads` threads.
@@ -688,30 +722,14 @@ impl CompactModel {
             for position in 0..gm.blocks.len() {
                 for (k, (w, b)) in group.dense_layers(position)?.into_iter().enumerate() {
                     let m = &gm.matrices[position * f + k];
-                    if w.shape() != m.shape.as_slice() {
-                        return Err(FipsError::ShapeMismatch {
-                            what: format!("rebuilt {}", m.weight),
-                            expected: m.shape.clone(),
-                            got: w.shape().to_vec(),
-                        });
-                    }
-                    out.insert(m.weight.clone(), w.into_dyn());
-                    match (&m.bias, b) {
-                        // An `original` bias is unchanged: the source's tensor stays.
-                        (Some(name), Some(b)) if m.bias_source != "original" => {
-                            out.insert(name.clone(), b.into_dyn());
-                        }
-                        (None, Some(b)) if b.iter().any(|&x| x != 0.0) => {
-                            return Err(FipsError::InvalidParameter {
-                                name: "densify",
-                                reason: format!(
-                                    "{} needs a bias the original checkpoint does not have",
-                                    m.weight
-                                ),
-                            });
-                        }
-                        _ => {}
-                    }
+                    // An `original` bias is unchanged: the source's tensor stays.
+                    insert_rebuilt(
+                        &mut out,
+                        (&m.weight, &m.shape, m.bias.as_deref()),
+                        m.bias_source == "original",
+                        w,
+                        b,
+                    )?;
                 }
             }
         }

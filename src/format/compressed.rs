@@ -452,29 +452,13 @@ impl CompressedModel {
                 let mlp = group.to_dense_mlp(position)?;
                 for (k, layer) in mlp.layers().iter().enumerate() {
                     let matrix = &m.matrices[position * f + k];
-                    if layer.weight().shape() != matrix.shape.as_slice() {
-                        return Err(FipsError::ShapeMismatch {
-                            what: format!("rebuilt {}", matrix.weight),
-                            expected: matrix.shape.clone(),
-                            got: layer.weight().shape().to_vec(),
-                        });
-                    }
-                    out.insert(matrix.weight.clone(), layer.weight().clone().into_dyn());
-                    match (&matrix.bias, layer.bias()) {
-                        (Some(name), Some(b)) => {
-                            out.insert(name.clone(), b.clone().into_dyn());
-                        }
-                        (None, Some(b)) if b.iter().any(|&x| x != 0.0) => {
-                            return Err(FipsError::InvalidParameter {
-                                name: "densify",
-                                reason: format!(
-                                    "{} needs a bias the original checkpoint does not have",
-                                    matrix.weight
-                                ),
-                            });
-                        }
-                        _ => {}
-                    }
+                    insert_rebuilt(
+                        &mut out,
+                        (&matrix.weight, &matrix.shape, matrix.bias.as_deref()),
+                        false,
+                        layer.weight().clone(),
+                        layer.bias().cloned(),
+                    )?;
                 }
             }
         }
@@ -522,6 +506,40 @@ impl CompressedModel {
         );
         write_safetensors_from(path, sources, metadata)
     }
+}
+
+/// Adds one rebuilt matrix to the dense replacements of a densify: its weight under the original
+/// name `weight` (checked to have the original `shape`) and its bias under the original bias name,
+/// unless `keep_original_bias` (the original tensor stays). A nonzero bias for a matrix the
+/// original has none for is an error.
+pub(crate) fn insert_rebuilt(
+    out: &mut BTreeMap<String, ArrayD<f32>>,
+    (weight, shape, bias): (&str, &[usize], Option<&str>),
+    keep_original_bias: bool,
+    w: ndarray::Array2<f32>,
+    b: Option<Array1<f32>>,
+) -> Result<()> {
+    if w.shape() != shape {
+        return Err(FipsError::ShapeMismatch {
+            what: format!("rebuilt {weight}"),
+            expected: shape.to_vec(),
+            got: w.shape().to_vec(),
+        });
+    }
+    out.insert(weight.to_string(), w.into_dyn());
+    match (bias, b) {
+        (Some(name), Some(b)) if !keep_original_bias => {
+            out.insert(name.to_string(), b.into_dyn());
+        }
+        (None, Some(b)) if b.iter().any(|&x| x != 0.0) => {
+            return Err(FipsError::InvalidParameter {
+                name: "densify",
+                reason: format!("{weight} needs a bias the original checkpoint does not have"),
+            });
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 fn read_group(file: &Checkpoint, g: usize, m: &GroupManifest) -> Result<CompressedBlocks<f32>> {

@@ -23,6 +23,7 @@ use crate::app::text::model::{LlamaModel, check_supported};
 use crate::app::text::perplexity::{Perplexity, perplexity_of_paragraphs};
 use crate::app::text::tokenize::{TextTokenizer, read_paragraph_tokens};
 use crate::format::block_groups::BlockGroups;
+use crate::format::compact_file::CompactModel;
 use crate::format::hf::{DensifiedFolder, HfFolder, ModelError};
 use crate::format::layout::MlpLayout;
 use crate::format::mlp_inputs::MlpInputs;
@@ -38,7 +39,7 @@ pub const CALIBRATION_FILE: &str = "calibration.safetensors";
 pub const VALIDATION_FILE: &str = "validation.safetensors";
 /// The fraction of the calibration paragraphs held out for validation by default.
 pub const DEFAULT_VALIDATION_FRACTION: f64 = 0.05;
-/// The compressed model inside the output directory.
+/// The compressed model inside the output directory (compact format 3, MLPs only).
 pub const COMPRESSED_FILE: &str = "compressed.safetensors";
 /// The densified model folder inside the output directory.
 pub const DENSIFIED_DIR: &str = "densified";
@@ -289,14 +290,18 @@ pub fn compress_text_model(
         let _ = std::fs::remove_file(&validation_path);
         let _ = std::fs::remove_dir(&work);
     }
+    // The compact file (format 3, values in the checkpoint's dtype); the densified folder and the
+    // scores below use exactly what it holds.
     let compressed = out_dir.join(COMPRESSED_FILE);
-    run.model.write(&compressed)?;
+    let compact = CompactModel::from_model(&run.model, None)?;
+    compact.write(&compressed)?;
+    let replacements = compact.dense_tensors()?;
     let densified = if options.densify {
-        Some(folder.densify_compressed(&run.model, out_dir.join(DENSIFIED_DIR), true)?)
+        let note = format!("{} compression", run.model.manifest.method);
+        Some(folder.write_densified(&replacements, &note, out_dir.join(DENSIFIED_DIR), true)?)
     } else {
         None
     };
-    let replacements = run.model.dense_tensors()?;
     let compressed_model = LlamaModel::load(&folder, &replacements)?;
     let validation_perplexity = if held_out.is_empty() {
         None

@@ -720,6 +720,9 @@ fn inspect_compact(file: &Path, ck: &Checkpoint) -> Result<(), FipsError> {
 fn densify(compressed: &Path, original: Option<&Path>, out: &Path) -> Result<(), FipsError> {
     let inputs: Vec<&Path> = std::iter::once(compressed).chain(original).collect();
     fips::foundation::safe_io::check_outputs(inputs, [out])?;
+    if let Some(folder) = original.filter(|p| p.is_dir()) {
+        return text_cmd::densify_folder(compressed, folder, out);
+    }
     let file = Checkpoint::open(compressed)?;
     if is_compact(&file) {
         let original = original.map(Checkpoint::open).transpose()?;
@@ -732,10 +735,6 @@ fn densify(compressed: &Path, original: Option<&Path>, out: &Path) -> Result<(),
         name: "original",
         reason: "this compressed file holds only the MLPs: give --original".into(),
     })?;
-    if original.is_dir() {
-        let model = CompressedModel::read(compressed)?;
-        return text_cmd::densify_folder(&model, original, out);
-    }
     let original = Checkpoint::open(original)?;
     fips::format::compressed_check::check_against_original(
         &Checkpoint::open(compressed)?,

@@ -107,10 +107,11 @@ pub fn eval(model: &Path, args: &TextEvalArgs, compressed: Option<&Path>) -> Res
     use std::collections::BTreeMap;
 
     use fips::app::text::perplexity::{Perplexity, perplexity};
-    use fips::format::compressed::CompressedModel;
     let text = args.text.as_deref().ok_or_else(no_text)?;
     // Read the compressed model first: a bad file fails before the long dense pass.
-    let compressed = compressed.map(CompressedModel::read).transpose()?;
+    let compressed = compressed
+        .map(|p| dense_replacements(p).map(|r| r.0))
+        .transpose()?;
     let bars = super::progress::Bars::new();
     let score = |dir: &Path, replacements: &BTreeMap<String, ndarray::ArrayD<f32>>, label: &str| {
         let bar = bars.bar(0, label);
@@ -141,9 +142,8 @@ pub fn eval(model: &Path, args: &TextEvalArgs, compressed: Option<&Path>) -> Res
     };
     let dense = score(model, &BTreeMap::new(), "dense")?;
     line("dense", &dense, None);
-    if let Some(c) = &compressed {
-        let replacements = c.dense_tensors()?;
-        let p = score(model, &replacements, "compressed")?;
+    if let Some(replacements) = &compressed {
+        let p = score(model, replacements, "compressed")?;
         line("compressed", &p, Some(&dense));
     }
     if let Some(dir) = &args.densified {
@@ -163,15 +163,36 @@ pub fn eval(
     Err(no_text_feature())
 }
 
+/// The dense rebuilds of a compressed file's MLP tensors (compact format 3, or the older
+/// layouts), by original tensor name, and the compression method.
+pub fn dense_replacements(
+    compressed: &Path,
+) -> Result<
+    (
+        std::collections::BTreeMap<String, ndarray::ArrayD<f32>>,
+        String,
+    ),
+    FipsError,
+> {
+    use fips::format::checkpoint::Checkpoint;
+    use fips::format::compact_file::{CompactModel, is_compact};
+    let file = Checkpoint::open(compressed)?;
+    if is_compact(&file) {
+        let model = CompactModel::read_from(&file, None)?;
+        Ok((model.dense_tensors()?, model.manifest.method))
+    } else {
+        let model = fips::format::compressed::CompressedModel::read(compressed)?;
+        Ok((model.dense_tensors()?, model.manifest.method))
+    }
+}
+
 /// Writes the densified copy of a Hugging Face model folder (same shards, index, dtypes and side
 /// files) for a compressed model of it.
-pub fn densify_folder(
-    model: &fips::format::compressed::CompressedModel,
-    original: &Path,
-    out: &Path,
-) -> Result<(), FipsError> {
+pub fn densify_folder(compressed: &Path, original: &Path, out: &Path) -> Result<(), FipsError> {
+    let (replacements, method) = dense_replacements(compressed)?;
     let folder = fips::format::hf::HfFolder::open(original)?;
-    let report = folder.densify_compressed(model, out, false)?;
+    let report =
+        folder.write_densified(&replacements, &format!("{method} compression"), out, false)?;
     println!(
         "wrote {}: {} tensors rebuilt in {} shard file(s); copied {}{}",
         report.dir.display(),
