@@ -10,7 +10,7 @@ use ndarray::{Array2, ArrayView2};
 use super::VisionTransformer;
 use crate::format::checkpoint::Checkpoint;
 use crate::format::compact_file::{AnyCompactGroup, CompactBlocks, CompactModel};
-use crate::format::layout::MlpLayout;
+use crate::foundation::activation::Activation;
 use crate::foundation::error::{FipsError, Result, invalid};
 use crate::foundation::mlp::DenseMlp;
 
@@ -132,21 +132,29 @@ impl VisionTransformer {
                 }
             }
         }
-        let layout = if compressed.len() < depth {
-            Some(MlpLayout::detect(source)?)
-        } else {
-            None
-        };
+        // The uncompressed blocks' MLPs, by their timm names (the layout of the whole model
+        // cannot be detected: the compressed blocks' tensors are not in the file).
+        let activation = manifest
+            .groups
+            .first()
+            .and_then(|g| g.activation.parse::<Activation>().ok())
+            .unwrap_or(Activation::Gelu);
+        let width = source
+            .info("patch_embed.proj.weight")?
+            .shape
+            .first()
+            .copied()
+            .unwrap_or(0);
         Self::load(source, heads, depth, |b| match compressed.remove(&b) {
             Some(mlp) => Ok(mlp),
             None => {
-                let layout = layout
-                    .as_ref()
-                    .ok_or_else(|| invalid("checkpoint", "no MLP layout"))?;
-                Ok(BlockMlp::Dense(layout.load_block(
-                    source,
-                    b,
-                    layout.default_activation(),
+                let prefix = format!("blocks.{b}.mlp");
+                let fc1 = format!("{prefix}.fc1.weight");
+                let i = source.info(&fc1)?.shape.first().copied().unwrap_or(0);
+                Ok(BlockMlp::Dense(DenseMlp::standard(
+                    super::linear(source, &format!("{prefix}.fc1"), i, width)?,
+                    super::linear(source, &format!("{prefix}.fc2"), width, i)?,
+                    activation,
                 )?))
             }
         })
