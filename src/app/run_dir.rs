@@ -568,14 +568,19 @@ impl WorkArea {
         ))
     }
 
-    /// The report of an assembled run (as [`RunReport::new`] makes it), from the settings.
+    /// The report of an assembled run (as [`RunReport::new`] makes it), from the settings: the
+    /// cores and BLAS threads recorded are those the parts were made with.
     pub fn report(&self, layout: &MlpLayout, run: &ModelCompression) -> Result<RunReport> {
-        Ok(RunReport::from_parts(
+        let settings = &self.record.settings;
+        let mut report = RunReport::from_parts(
             Path::new(&self.record.context.checkpoint),
             layout,
-            self.record.settings.method_params()?,
+            settings.method_params()?,
             run,
-        ))
+        );
+        report.cores = settings.cores;
+        report.blas_threads = settings.blas_threads;
+        Ok(report)
     }
 }
 

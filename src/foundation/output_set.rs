@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::foundation::error::{FipsError, Result};
 use crate::foundation::fingerprint;
-use crate::foundation::safe_io::write_atomically;
+use crate::foundation::safe_io::{remove_stale_temporaries, write_atomically};
 
 /// The manifest of the current set of an output directory.
 pub const SET_MANIFEST: &str = "fips-set.json";
@@ -222,6 +222,9 @@ fn apply(out_dir: &Path, staging: &Path, manifest: &SetManifest) -> Result<()> {
         }
     }
     for file in &manifest.files {
+        // Temporaries that killed writers of this name left in the directory (older versions
+        // wrote there directly).
+        remove_stale_temporaries(out_dir, std::ffi::OsStr::new(&file.name));
         let (from, to) = (staging.join(&file.name), out_dir.join(&file.name));
         if std::fs::symlink_metadata(&from).is_ok() {
             if std::fs::symlink_metadata(&to).is_ok_and(|m| m.file_type().is_symlink()) {
