@@ -136,6 +136,9 @@ fn same_outputs(want: &Path, got: &Path) {
     output_set::verify(got).unwrap();
 }
 
+/// A kill point: true once the run has got there.
+type Ready = Box<dyn Fn(&Path) -> bool>;
+
 /// Starts a run and kills it with SIGKILL once `ready(out_dir)` holds (or after `timeout`).
 fn kill_when(args: &[String], out: &Path, ready: impl Fn(&Path) -> bool) -> bool {
     let mut child = command(args, &["--out-dir", &out.display().to_string()])
@@ -188,7 +191,7 @@ fn killed_runs_resume_to_the_bytes_of_an_uninterrupted_run() {
             })
         })
     };
-    let points: [(&str, Box<dyn Fn(&Path) -> bool>); 4] = [
+    let points: [(&str, Ready); 4] = [
         (
             "before any part",
             Box::new(|out: &Path| out.join(".fips-work/settings.json").is_file()),
@@ -362,5 +365,9 @@ fn changed_settings_never_reuse_parts_and_leftovers_are_cleaned() {
         serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
     assert_eq!(report["blas_threads"], 1);
     assert_eq!(report["parameters"]["steps"], 3);
+    let compressed = fips::Checkpoint::open(out.join("compressed.safetensors")).unwrap();
+    let manifest = fips::format::compact_file::read_manifest(&compressed).unwrap();
+    assert_eq!(manifest.blas_threads, Some(1));
+    assert_eq!(manifest.crate_version, env!("CARGO_PKG_VERSION"));
     std::fs::remove_dir_all(root).ok();
 }

@@ -234,6 +234,7 @@ impl RunSettings {
         manifest.source = Some(self.checkpoint.name.clone());
         manifest.scheme = Some(self.scheme.clone());
         manifest.data_free = matches!(self.calibration, CalibrationSettings::Gaussian { .. });
+        manifest.blas_threads = self.blas_threads;
         Ok(manifest)
     }
 }
