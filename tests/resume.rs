@@ -371,3 +371,79 @@ fn changed_settings_never_reuse_parts_and_leftovers_are_cleaned() {
     assert_eq!(manifest.crate_version, env!("CARGO_PKG_VERSION"));
     std::fs::remove_dir_all(root).ok();
 }
+
+#[test]
+fn bad_inputs_fail_before_any_group_runs() {
+    let Some(checkpoint) = deit("bad_inputs_fail_before_any_group_runs") else {
+        return;
+    };
+    let images = checkpoint.parent().unwrap().join("../imagenet-sample");
+    if !images.join("labels.tsv").is_file() {
+        eprintln!("SKIPPED bad_inputs_fail_before_any_group_runs: no imagenet-sample");
+        return;
+    }
+    let root = scratch("validate");
+    // An image set of two real calibration images and one truncated evaluation image.
+    let set = root.join("images");
+    std::fs::create_dir_all(set.join("calib")).unwrap();
+    std::fs::create_dir_all(set.join("eval")).unwrap();
+    let labels = std::fs::read_to_string(images.join("labels.tsv")).unwrap();
+    let mut lines = vec!["file\tlabel\tsynset\tsplit".to_string()];
+    let calib: Vec<&str> = labels
+        .lines()
+        .filter(|l| l.ends_with("\tcalib"))
+        .take(3)
+        .collect();
+    for (k, line) in calib.iter().enumerate() {
+        let fields: Vec<&str> = line.split('\t').collect();
+        let bytes = std::fs::read(images.join(fields[0])).unwrap();
+        let (split, bytes) = if k < 2 {
+            ("calib", bytes)
+        } else {
+            ("eval", bytes[..bytes.len() / 2].to_vec())
+        };
+        let name = format!("{split}/{k}.jpg");
+        std::fs::write(set.join(&name), bytes).unwrap();
+        lines.push(format!("{name}\t{}\t{}\t{split}", fields[1], fields[2]));
+    }
+    std::fs::write(set.join("labels.tsv"), lines.join("\n")).unwrap();
+    let args: Vec<String> = [
+        "compress",
+        "--checkpoint",
+        &checkpoint.display().to_string(),
+        "--images",
+        &set.display().to_string(),
+        "--steps",
+        "4",
+        "--batch-tokens",
+        "128",
+        "--groups",
+        "0-0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let out = root.join("out");
+    let out_s = out.display().to_string();
+    let no_part = || !out.join(".fips-work/group-0.json").exists();
+    // The truncated evaluation image is found before any training.
+    let truncated = fips(&args, &["--out-dir", &out_s]);
+    assert!(!truncated.status.success());
+    let message = String::from_utf8_lossy(&truncated.stderr);
+    assert!(message.contains("2.jpg"), "{message}");
+    assert!(no_part());
+    // A missing evaluation split, likewise.
+    let missing = fips(&args, &["--out-dir", &out_s, "--eval-split", "test"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("\"test\""));
+    assert!(no_part());
+    // An output directory that cannot be made (its parent is a file).
+    std::fs::write(root.join("file"), b"x").unwrap();
+    let blocked = root.join("file/out").display().to_string();
+    let unwritable = fips(&args, &["--out-dir", &blocked, "--no-eval"]);
+    assert!(!unwritable.status.success());
+    // Without the bad evaluation image the same run works.
+    ok(&fips(&args, &["--out-dir", &out_s, "--no-eval"]));
+    output_set::verify(&out).unwrap();
+    std::fs::remove_dir_all(root).ok();
+}

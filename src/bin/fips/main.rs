@@ -514,8 +514,11 @@ fn compress(args: CompressArgs, given: &[String]) -> Result<(), FipsError> {
         .work_dir
         .clone()
         .unwrap_or_else(|| args.out_dir.join(run_dir::WORK_DIR));
-    run_dir::check_writable(&work_dir)?;
-    if only.is_none() {
+    match &args.work.work_dir {
+        Some(dir) => run_dir::check_writable(dir)?,
+        None => run_dir::check_writable(&args.out_dir)?,
+    }
+    if only.is_none() && args.work.work_dir.is_some() {
         run_dir::check_writable(&args.out_dir)?;
     }
     if let Some(k) = only.filter(|&k| k >= groups.len()) {
