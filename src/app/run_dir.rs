@@ -392,11 +392,20 @@ impl WorkArea {
             }
             (None, _) => {}
         }
-        std::fs::create_dir_all(&area.dir).map_err(io_error(&area.dir))?;
-        let text = serde_json::to_string_pretty(&area.record)
-            .map_err(|e| FipsError::Numerical(e.to_string()))?;
-        write_atomically(&path, text.as_bytes())?;
+        // Nothing is written until the first part is: a run that fails before leaves no trace.
         Ok(area)
+    }
+
+    /// Creates the work area and its settings record if they are not there yet.
+    fn ensure_settings(&self) -> Result<()> {
+        let path = self.dir.join(SETTINGS_FILE);
+        if path.is_file() {
+            return Ok(());
+        }
+        std::fs::create_dir_all(&self.dir).map_err(io_error(&self.dir))?;
+        let text = serde_json::to_string_pretty(&self.record)
+            .map_err(|e| FipsError::Numerical(e.to_string()))?;
+        write_atomically(&path, text.as_bytes())
     }
 
     /// Opens an existing work area as it is (for assembling its parts).
@@ -476,6 +485,7 @@ impl WorkArea {
 
     /// Persists group `g`'s result: the factors file, then the record (each atomically).
     pub fn write_part(&self, g: usize, result: &GroupResult) -> Result<()> {
+        self.ensure_settings()?;
         let (factors, record_path) = self.part_paths(g);
         let mut manifest = self.record.settings.base_manifest()?;
         manifest.groups.push(result.manifest.clone());
@@ -683,11 +693,25 @@ pub fn write_outputs(
     }
 }
 
-/// Checks that `dir` can be written (creating it if needed): creates and removes a probe file.
-/// Run it before any long work.
+/// Checks that `dir` can be written before any long work, without creating it: creates and
+/// removes a probe file in `dir` or, if it does not exist yet, in its nearest existing ancestor
+/// (which must be a directory).
 pub fn check_writable(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(io_error(dir))?;
-    let probe = dir.join(format!(
+    let absolute = std::path::absolute(dir).map_err(io_error(dir))?;
+    let existing = absolute
+        .ancestors()
+        .find(|a| std::fs::symlink_metadata(a).is_ok())
+        .unwrap_or(&absolute);
+    if !existing.is_dir() {
+        return Err(FipsError::Io {
+            path: dir.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotADirectory,
+                format!("{} is not a directory", existing.display()),
+            ),
+        });
+    }
+    let probe = existing.join(format!(
         ".fips-probe-{}-{:016x}",
         std::process::id(),
         rand::random::<u64>()
