@@ -14,6 +14,7 @@ pub mod jpeg;
 pub mod metrics;
 pub mod pipeline;
 pub mod report;
+pub mod run_dir;
 pub mod svg;
 #[cfg(feature = "text")]
 #[cfg_attr(docsrs, doc(cfg(feature = "text")))]

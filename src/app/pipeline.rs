@@ -67,6 +67,8 @@ pub trait Observer {
     }
     /// Group `group` is done.
     fn group_finished(&mut self, _group: usize, _report: &MethodReport) {}
+    /// Group `group` was not run: its part from an earlier run (same settings) is reused.
+    fn group_reused(&mut self, _group: usize, _report: &MethodReport) {}
     /// Classification: `done` of `total` images.
     fn classification(&mut self, _done: usize, _total: usize) {}
 }
@@ -151,6 +153,113 @@ pub fn group_calibration(
     }
 }
 
+/// One compressed group: its compressed form, its manifest entry, its report and the time its
+/// calibration activations took. What [`compress_group`] returns and a work-area part holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupResult {
+    /// The compressed blocks.
+    pub blocks: crate::repr::CompressedBlocks<f32>,
+    /// Its entry of the compressed file's manifest.
+    pub manifest: GroupManifest,
+    /// The method's report.
+    pub report: MethodReport,
+    /// Time spent capturing or reading the group's calibration activations.
+    pub calibration_time: Duration,
+}
+
+/// The manifest of a compression of `checkpoint` with `compressor`, without groups.
+pub fn model_manifest(
+    checkpoint: &impl TensorStore,
+    layout: &MlpLayout,
+    compressor: &dyn Compressor<f32>,
+    calibration: &CalibrationSource<'_>,
+) -> Result<Manifest> {
+    let mut manifest = Manifest::new(compressor.method().name(), &compressor.parameters())?;
+    manifest.source = checkpoint
+        .path()
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned());
+    manifest.scheme = Some(layout.scheme().to_string());
+    manifest.data_free = matches!(calibration, CalibrationSource::Gaussian { .. });
+    Ok(manifest)
+}
+
+/// Compresses group `g` (`blocks`) of `checkpoint`. Depends on nothing but its arguments: no
+/// state carries over from earlier groups (every method seeds its draws from its parameters, and
+/// data-free inputs from the seed and `g`), so a group run alone, in another process or after a
+/// restart gives the same bits.
+#[allow(clippy::too_many_arguments)]
+pub fn compress_group(
+    checkpoint: &impl TensorStore,
+    layout: &MlpLayout,
+    g: usize,
+    blocks: &[usize],
+    compressor: &dyn Compressor<f32>,
+    activation: Activation,
+    calibration: &CalibrationSource<'_>,
+    observer: &mut dyn Observer,
+) -> Result<GroupResult> {
+    let dense = blocks
+        .iter()
+        .map(|&b| layout.load_block::<f32>(checkpoint, b, activation))
+        .collect::<Result<Vec<_>>>()?;
+    let width = dense.first().map_or(0, |m| m.width());
+    let calibration_start = Instant::now();
+    let calib = group_calibration(calibration, g, blocks, width, observer)?;
+    let calibration_time = calibration_start.elapsed();
+    observer.group_started(g, blocks, compressor.steps());
+    let out = compressor.compress(&dense, &calib, &mut |p| observer.step(g, p))?;
+    observer.group_finished(g, &out.report);
+    let originals = blocks
+        .iter()
+        .map(|&b| layout.block(b))
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .flat_map(|t| {
+            let dtype = t.dtype;
+            t.weights
+                .iter()
+                .zip(&t.biases)
+                .map(|(w, bias)| (w.clone(), bias.clone(), dtype))
+                .collect::<Vec<_>>()
+        })
+        .map(|(w, bias, dtype)| Ok((w.clone(), bias, checkpoint.info(&w)?.shape.clone(), dtype)))
+        .collect::<Result<Vec<_>>>()?;
+    let manifest = GroupManifest::describe(&out.blocks, blocks, layout.kind(), originals)?;
+    Ok(GroupResult {
+        blocks: out.blocks,
+        manifest,
+        report: out.report,
+        calibration_time,
+    })
+}
+
+/// The compression of a whole model from its manifest (without groups) and its groups in order.
+pub fn assemble(
+    mut manifest: Manifest,
+    groups: Vec<GroupResult>,
+    wall_time: Duration,
+) -> ModelCompression {
+    let mut compressed = Vec::with_capacity(groups.len());
+    let mut reports = Vec::with_capacity(groups.len());
+    let mut calibration_time = Duration::ZERO;
+    for group in groups {
+        manifest.groups.push(group.manifest);
+        compressed.push(group.blocks);
+        reports.push(group.report);
+        calibration_time += group.calibration_time;
+    }
+    ModelCompression {
+        model: CompressedModel {
+            manifest,
+            groups: compressed,
+        },
+        reports,
+        calibration_time,
+        wall_time,
+    }
+}
+
 /// Compresses every group of `checkpoint` with `compressor` (any method), one group at a time.
 pub fn compress_checkpoint(
     checkpoint: &impl TensorStore,
@@ -162,63 +271,25 @@ pub fn compress_checkpoint(
     observer: &mut dyn Observer,
 ) -> Result<ModelCompression> {
     let start = Instant::now();
-    let mut manifest = Manifest::new(compressor.method().name(), &compressor.parameters())?;
-    manifest.source = checkpoint
-        .path()
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned());
-    manifest.scheme = Some(layout.scheme().to_string());
-    manifest.data_free = matches!(calibration, CalibrationSource::Gaussian { .. });
-    let mut compressed = Vec::with_capacity(groups.len());
-    let mut reports = Vec::with_capacity(groups.len());
-    let mut calibration_time = Duration::ZERO;
-    for (g, blocks) in groups.groups().iter().enumerate() {
-        let dense = blocks
-            .iter()
-            .map(|&b| layout.load_block::<f32>(checkpoint, b, activation))
-            .collect::<Result<Vec<_>>>()?;
-        let width = dense.first().map_or(0, |m| m.width());
-        let calibration_start = Instant::now();
-        let calib = group_calibration(calibration, g, blocks, width, observer)?;
-        calibration_time += calibration_start.elapsed();
-        observer.group_started(g, blocks, compressor.steps());
-        let out = compressor.compress(&dense, &calib, &mut |p| observer.step(g, p))?;
-        observer.group_finished(g, &out.report);
-        let originals = blocks
-            .iter()
-            .map(|&b| layout.block(b))
-            .collect::<Result<Vec<_>>>()?
-            .into_iter()
-            .flat_map(|t| {
-                let dtype = t.dtype;
-                t.weights
-                    .iter()
-                    .zip(&t.biases)
-                    .map(|(w, bias)| (w.clone(), bias.clone(), dtype))
-                    .collect::<Vec<_>>()
-            })
-            .map(|(w, bias, dtype)| {
-                Ok((w.clone(), bias, checkpoint.info(&w)?.shape.clone(), dtype))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        manifest.groups.push(GroupManifest::describe(
-            &out.blocks,
-            blocks,
-            layout.kind(),
-            originals,
-        )?);
-        compressed.push(out.blocks);
-        reports.push(out.report);
-    }
-    Ok(ModelCompression {
-        model: CompressedModel {
-            manifest,
-            groups: compressed,
-        },
-        reports,
-        calibration_time,
-        wall_time: start.elapsed(),
-    })
+    let manifest = model_manifest(checkpoint, layout, compressor, calibration)?;
+    let results = groups
+        .groups()
+        .iter()
+        .enumerate()
+        .map(|(g, blocks)| {
+            compress_group(
+                checkpoint,
+                layout,
+                g,
+                blocks,
+                compressor,
+                activation,
+                calibration,
+                observer,
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(assemble(manifest, results, start.elapsed()))
 }
 
 /// `vit` with the MLPs of every compressed group replaced by their dense rebuilds.

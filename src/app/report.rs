@@ -139,12 +139,23 @@ impl RunReport {
         compressor: &dyn Compressor<f32>,
         run: &ModelCompression,
     ) -> Self {
+        Self::from_parts(checkpoint, layout, compressor.parameters(), run)
+    }
+
+    /// The report of `run` made with the method settings `parameters` (what [`RunReport::new`]
+    /// reads from the compressor; a run assembled from a work area has only its settings).
+    pub fn from_parts(
+        checkpoint: &Path,
+        layout: &MlpLayout,
+        parameters: MethodParams,
+        run: &ModelCompression,
+    ) -> Self {
         let (mlp_weights_dense, mlp_weights_compressed) = mlp_parameters(layout, &run.model);
         Self {
             checkpoint: checkpoint.display().to_string(),
             scheme: layout.scheme().to_string(),
-            method: compressor.method(),
-            parameters: compressor.parameters(),
+            method: parameters.method(),
+            parameters,
             data_free: run.model.manifest.data_free,
             calibration_time: run.calibration_time,
             groups: run

@@ -81,6 +81,9 @@ pub struct ManifestV2 {
     pub data_free: bool,
     /// Whether the file holds every tensor of the model (else only the compressed MLPs).
     pub self_contained: bool,
+    /// The BLAS thread count the factors were computed with (absent: the backend's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blas_threads: Option<usize>,
     /// One entry per group.
     pub groups: Vec<GroupV2>,
 }
@@ -473,6 +476,7 @@ impl CompactModel {
                 scheme: m.scheme.clone(),
                 data_free: m.data_free,
                 self_contained: false,
+                blas_threads: m.blas_threads,
                 groups: described,
             },
             groups,

@@ -74,6 +74,11 @@ pub struct Manifest {
     pub scheme: Option<String>,
     /// Whether the calibration data was synthetic (data-free).
     pub data_free: bool,
+    /// The BLAS thread count the factors were computed with (`OPENBLAS_NUM_THREADS`; absent:
+    /// the backend's default, all cores). Results are bit-identical for equal seeds and thread
+    /// counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blas_threads: Option<usize>,
     /// One entry per group.
     pub groups: Vec<GroupManifest>,
 }
@@ -162,6 +167,7 @@ impl Manifest {
             source: None,
             scheme: None,
             data_free: false,
+            blas_threads: crate::foundation::blas::configured_threads(),
             groups: Vec::new(),
         }
     }

@@ -183,6 +183,28 @@ pub enum FipsError {
         reason: String,
     },
 
+    /// A work area (the per-group parts of a resumable or scaled-out run) holds parts made with
+    /// other settings, or parts that do not check out; nothing is reused silently.
+    #[error("work area {dir}: {reason}")]
+    WorkArea {
+        /// The work area.
+        dir: std::path::PathBuf,
+        /// What does not match, and what to do about it.
+        reason: String,
+    },
+
+    /// Assembling the outputs of a run needs every group's part, and some are not there yet.
+    #[error(
+        "work area {dir}: the parts of group(s) {missing:?} are missing (run `fips compress ... \
+         --only-group K --work-dir {dir}` for each of them first)"
+    )]
+    MissingParts {
+        /// The work area.
+        dir: std::path::PathBuf,
+        /// The groups (0-based, in run order) whose parts are missing.
+        missing: Vec<usize>,
+    },
+
     /// A numerical routine could not produce a result.
     #[error("numerical failure: {0}")]
     Numerical(String),

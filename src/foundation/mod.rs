@@ -4,10 +4,12 @@
 pub mod activation;
 pub mod blas;
 pub mod error;
+pub mod fingerprint;
 pub mod float;
 pub(crate) mod kernels;
 pub mod mlp;
 pub mod model_error;
+pub mod output_set;
 pub mod safe_io;
 pub(crate) mod slicing;
 pub mod thread_plan;

@@ -5,7 +5,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize, Serializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::foundation::error::{FipsError, Result};
 use crate::foundation::mlp::MlpKind;
@@ -102,8 +102,16 @@ pub(crate) fn seconds<S: Serializer>(d: &Duration, s: S) -> std::result::Result<
     s.serialize_f64(d.as_secs_f64())
 }
 
+/// Reads a duration written by [`seconds`] (work-area parts read their reports back).
+pub(crate) fn from_seconds<'de, D: Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Duration, D::Error> {
+    let s = f64::deserialize(d)?;
+    Duration::try_from_secs_f64(s).map_err(serde::de::Error::custom)
+}
+
 /// What a method reports for one group.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MethodReport {
     /// The method.
     pub method: Method,
@@ -126,7 +134,11 @@ pub struct MethodReport {
     /// Whether the calibration inputs were synthetic Gaussian noise (data-free).
     pub data_free: bool,
     /// Wall time of the compression of this group (serialised as `wall_seconds`).
-    #[serde(rename = "wall_seconds", serialize_with = "seconds")]
+    #[serde(
+        rename = "wall_seconds",
+        serialize_with = "seconds",
+        deserialize_with = "from_seconds"
+    )]
     pub wall_time: Duration,
     /// What only this method measures.
     pub details: MethodDetails,
@@ -143,7 +155,7 @@ impl MethodReport {
 }
 
 /// Method-specific measurements.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum MethodDetails {
     /// FiPS.
@@ -161,7 +173,7 @@ pub enum MethodDetails {
 }
 
 /// FiPS's measurements of one group.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FipsDetails {
     /// Rank r of the shared basis.
     pub rank: usize,
@@ -183,15 +195,23 @@ pub struct FipsDetails {
     /// Steps planned (more than run if the callback stopped the run).
     pub steps_planned: usize,
     /// Time of the initialisation (SVD or Gram eigendecomposition), as `init_seconds`.
-    #[serde(rename = "init_seconds", serialize_with = "seconds")]
+    #[serde(
+        rename = "init_seconds",
+        serialize_with = "seconds",
+        deserialize_with = "from_seconds"
+    )]
     pub init_time: Duration,
     /// Time of the training loop, as `train_seconds`.
-    #[serde(rename = "train_seconds", serialize_with = "seconds")]
+    #[serde(
+        rename = "train_seconds",
+        serialize_with = "seconds",
+        deserialize_with = "from_seconds"
+    )]
     pub train_time: Duration,
 }
 
 /// Per-layer SVD's measurements.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SvdDetails {
     /// Rank of every matrix.
     pub rank: usize,
@@ -202,7 +222,7 @@ pub struct SvdDetails {
 }
 
 /// SVD-LLM's measurements.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SvdLlmDetails {
     /// Rank of every matrix.
     pub rank: usize,
@@ -211,7 +231,7 @@ pub struct SvdLlmDetails {
 }
 
 /// Basis sharing's measurements.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BasisSharingDetails {
     /// Shared rank per matrix type (fc1, fc2 or gate, up, down).
     pub shared_ranks: Vec<usize>,
@@ -220,7 +240,7 @@ pub struct BasisSharingDetails {
 }
 
 /// Mixed rank's measurements.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MixedRankDetails {
     /// Rank of every matrix, residual included; `None` for a matrix kept dense.
     pub ranks: Vec<Option<usize>>,
@@ -231,7 +251,7 @@ pub struct MixedRankDetails {
 }
 
 /// One trained residual's error.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct ResidualError {
     /// The matrix (module order).
     pub matrix: usize,
@@ -242,14 +262,14 @@ pub struct ResidualError {
 }
 
 /// LayerCollapse's measurements.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LayerCollapseDetails {
     /// One entry per block.
     pub blocks: Vec<CollapsedBlockReport>,
 }
 
 /// One collapsed block's training.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct CollapsedBlockReport {
     /// The PReLU slope reached before the merge.
     pub slope: f64,

@@ -16,6 +16,9 @@ use fips::app::pipeline::{
     self, CALIB_SPLIT, CalibrationSource, DATA_FREE_TOKENS, EVAL_SPLIT, OUT_DIR,
 };
 use fips::app::report::{Evaluation, RunReport};
+use fips::app::run_dir::{
+    self, CalibrationSettings, OutputOptions, Resume, RunContext, RunSettings, WorkArea,
+};
 use fips::app::vit::VisionTransformer;
 use fips::format::block_groups::DEFAULT_GROUP_SIZE;
 use fips::format::compact_file::{CompactModel, is_compact, read_manifest, size_breakdown};
@@ -50,6 +53,8 @@ struct Cli {
 enum Command {
     /// Compress a checkpoint's MLPs; write the compressed and densified checkpoints; evaluate.
     Compress(Box<CompressArgs>),
+    /// Write the outputs of a scattered run once every group's part is in its work area.
+    Assemble(AssembleArgs),
     /// Evaluate a ViT/DeiT checkpoint (and optionally a compressed one) on labelled images.
     Eval(EvalArgs),
     /// Describe a checkpoint, a compressed checkpoint or an MLP-input file.
@@ -261,6 +266,56 @@ struct CompressArgs {
     /// ViT attention heads (default: width / 64).
     #[arg(long)]
     heads: Option<usize>,
+    #[command(flatten)]
+    work: WorkArgs,
+}
+
+/// Resuming and scattering a run (see docs/scale-out.md).
+#[derive(Debug, Args)]
+struct WorkArgs {
+    /// Work area holding each finished group's part (default: OUT_DIR/.fips-work, removed after
+    /// a successful run; a directory given here is kept).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Compress only group K (0-based) into the work area and stop (one job of a scattered run;
+    /// `fips assemble` writes the outputs once every group is done).
+    #[arg(long, value_name = "K")]
+    only_group: Option<usize>,
+    /// Continue a run from its work area and fail if there is none (a rerun of the same command
+    /// resumes anyway).
+    #[arg(long, conflicts_with = "fresh")]
+    resume: bool,
+    /// Discard the parts in the work area and start afresh (needed when the settings changed).
+    #[arg(long)]
+    fresh: bool,
+}
+
+#[derive(Debug, Args)]
+struct AssembleArgs {
+    /// The work area every group's part was written to (`fips compress --only-group K --work-dir DIR`).
+    #[arg(long)]
+    work_dir: PathBuf,
+    /// Directory for the outputs.
+    #[arg(long, default_value = OUT_DIR)]
+    out_dir: PathBuf,
+    /// The checkpoint (default: the path the parts' run recorded; its content must match).
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// Skip writing the densified checkpoint.
+    #[arg(long)]
+    no_densified: bool,
+    /// Write the compressed model as one self-contained file.
+    #[arg(long)]
+    self_contained: bool,
+    /// Evaluate on this labelled image set (ViT/DeiT).
+    #[arg(long)]
+    images: Option<PathBuf>,
+    /// Split of the image set used for evaluation.
+    #[arg(long, default_value = EVAL_SPLIT)]
+    eval_split: String,
+    /// ViT attention heads (default: width / 64).
+    #[arg(long)]
+    heads: Option<usize>,
 }
 
 #[derive(Debug, Args)]
@@ -298,6 +353,7 @@ fn main() -> ExitCode {
                 .unwrap_or_default();
             compress(*args, &given)
         }
+        Command::Assemble(args) => assemble(args),
         Command::Eval(args) => eval(args),
         Command::Inspect { file } => inspect(&file),
         Command::Densify {
@@ -371,13 +427,6 @@ fn pick<T>(given: &[String], id: &str, value: T) -> Option<T> {
     given.iter().any(|g| g == id).then_some(value)
 }
 
-fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> FipsError + '_ {
-    move |source| FipsError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
 /// Decodes one split with a progress bar.
 fn decode(
     dir: &Path,
@@ -440,11 +489,11 @@ fn compress(args: CompressArgs, given: &[String]) -> Result<(), FipsError> {
     let activation = args.activation.unwrap_or(layout.default_activation());
     // No output may be an input (checked before any work).
     let mut outputs = vec![
-        args.out_dir.join("compressed.safetensors"),
-        args.out_dir.join("report.json"),
+        args.out_dir.join(run_dir::COMPRESSED_FILE),
+        args.out_dir.join(run_dir::REPORT_FILE),
     ];
     if !args.no_densified {
-        outputs.push(args.out_dir.join("densified.safetensors"));
+        outputs.push(args.out_dir.join(run_dir::DENSIFIED_FILE));
     }
     outputs.extend((0..groups.len()).map(|g| args.out_dir.join(format!("loss_group{g}.svg"))));
     let mut inputs = vec![checkpoint_path.to_path_buf()];
@@ -457,6 +506,34 @@ fn compress(args: CompressArgs, given: &[String]) -> Result<(), FipsError> {
         "method {}, groups {groups}: {parameters}",
         compressor.method()
     );
+    // Everything that can fail is checked before the first training step.
+    let only = args.work.only_group;
+    let evaluate = args.images.images.is_some() && !args.no_eval && only.is_none();
+    let work_dir = args
+        .work
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| args.out_dir.join(run_dir::WORK_DIR));
+    match &args.work.work_dir {
+        Some(dir) => run_dir::check_writable(dir)?,
+        None => run_dir::check_writable(&args.out_dir)?,
+    }
+    if only.is_none() && args.work.work_dir.is_some() {
+        run_dir::check_writable(&args.out_dir)?;
+    }
+    if let Some(k) = only.filter(|&k| k >= groups.len()) {
+        return Err(FipsError::IndexOutOfRange {
+            what: "group (--only-group)",
+            index: k,
+            len: groups.len(),
+        });
+    }
+    if let Some(dir) = &args.images.images {
+        run_dir::check_split(dir, &args.images.calib_split, args.images.calib_images)?;
+        if evaluate {
+            run_dir::check_split(dir, &args.eval_split, None)?;
+        }
+    }
 
     let vit = match args.images.images {
         Some(_) => Some(VisionTransformer::from_checkpoint(&checkpoint, args.heads)?),
@@ -493,53 +570,215 @@ fn compress(args: CompressArgs, given: &[String]) -> Result<(), FipsError> {
         }
     };
 
+    let settings = RunSettings::new(
+        checkpoint_path,
+        &layout,
+        compressor.as_ref(),
+        &groups,
+        activation,
+        CalibrationSettings::of(&calibration, args.activations.as_deref())?,
+    )?;
+    let resume = if args.work.fresh {
+        Resume::Fresh
+    } else if args.work.resume {
+        Resume::Require
+    } else {
+        Resume::Auto
+    };
+    let context = RunContext {
+        checkpoint: checkpoint_path.display().to_string(),
+    };
+    let work = WorkArea::open(&work_dir, settings, context, resume)?;
     let mut observer = bars.observer(groups.len());
-    let run = pipeline::compress_checkpoint(
+    pipeline_parts(
         &checkpoint,
         &layout,
-        &groups,
         compressor.as_ref(),
         activation,
         &calibration,
         &mut observer,
+        &work,
+        only,
     )?;
     drop(observer);
+    if let Some(k) = only {
+        println!("wrote the part of group {k} to {}", work.dir().display());
+        let missing = work.missing();
+        if missing.is_empty() {
+            println!(
+                "every group is done: fips assemble --work-dir {} --out-dir DIR",
+                work.dir().display()
+            );
+        } else {
+            println!("groups still missing: {missing:?}");
+        }
+        return Ok(());
+    }
+    let run = work.assemble(start.elapsed())?;
     let mut report = RunReport::new(checkpoint_path, &layout, compressor.as_ref(), &run);
     println!("{}", report.group_table());
-
-    std::fs::create_dir_all(&args.out_dir).map_err(io_error(&args.out_dir))?;
-    let compressed_path = args.out_dir.join("compressed.safetensors");
-    let compact = CompactModel::from_model(&run.model, Some(&checkpoint))?;
-    if args.self_contained {
-        compact.write_self_contained(&compressed_path, &checkpoint)?;
-    } else {
-        compact.write(&compressed_path)?;
-    }
-    println!("wrote {}", compressed_path.display());
-    if !args.no_densified {
-        let densified_path = args.out_dir.join("densified.safetensors");
-        compact.densify(&checkpoint, &densified_path)?;
-        println!("wrote {}", densified_path.display());
-    }
-    for path in report.write_loss_plots(&args.out_dir)? {
-        println!("wrote {}", path.display());
-    }
-    if let (Some(vit), Some(dir), false) = (&vit, &args.images.images, args.no_eval) {
+    let mut measure = || -> Result<Evaluation, FipsError> {
+        let (Some(vit), Some(dir)) = (&vit, &args.images.images) else {
+            return Err(FipsError::InvalidParameter {
+                name: "images",
+                reason: "evaluation needs --images".into(),
+            });
+        };
         let (pixels, labels) = decode(dir, &args.eval_split, None, &bars)?;
-        report.eval = Some(Evaluation::measure(
+        Evaluation::measure(
             vit,
             &run,
             &layout,
             (pixels.view(), &labels, &args.eval_split),
             &mut bars.classify_observer("eval dense"),
             &mut bars.classify_observer("eval compressed"),
-        )?);
+        )
+    };
+    let written = run_dir::write_outputs(
+        &args.out_dir,
+        &run,
+        &mut report,
+        &checkpoint,
+        OutputOptions {
+            densified: !args.no_densified,
+            self_contained: args.self_contained,
+        },
+        if evaluate { Some(&mut measure) } else { None },
+        start,
+    )?;
+    if args.work.work_dir.is_none() {
+        work.remove()?;
+    }
+    for path in written {
+        println!("wrote {}", path.display());
     }
     report.wall_time = start.elapsed();
-    let report_path = args.out_dir.join("report.json");
-    report.write(&report_path)?;
-    println!("wrote {}", report_path.display());
-    report.wall_time = start.elapsed();
+    println!("{}", report.summary_line());
+    Ok(())
+}
+
+/// Runs the groups whose parts the work area lacks (all, or only one).
+#[allow(clippy::too_many_arguments)]
+fn pipeline_parts(
+    checkpoint: &Checkpoint,
+    layout: &MlpLayout,
+    compressor: &dyn fips::methods::Compressor<f32>,
+    activation: Activation,
+    calibration: &CalibrationSource<'_>,
+    observer: &mut dyn pipeline::Observer,
+    work: &WorkArea,
+    only: Option<usize>,
+) -> Result<(), FipsError> {
+    let before: Vec<usize> = (0..work.settings().groups.len())
+        .filter(|&g| work.has_part(g))
+        .collect();
+    if !before.is_empty() && only.is_none() {
+        println!(
+            "resuming from {}: groups {before:?} were finished by an earlier run with the same settings",
+            work.dir().display()
+        );
+    }
+    run_dir::compress_parts(
+        checkpoint,
+        layout,
+        compressor,
+        activation,
+        calibration,
+        observer,
+        work,
+        only,
+    )?;
+    Ok(())
+}
+
+/// `fips assemble`: the outputs of a scattered run from its work area.
+fn assemble(args: AssembleArgs) -> Result<(), FipsError> {
+    let start = Instant::now();
+    let bars = Bars::new();
+    let work = WorkArea::load(&args.work_dir)?;
+    let missing = work.missing();
+    if !missing.is_empty() {
+        return Err(FipsError::MissingParts {
+            dir: args.work_dir.clone(),
+            missing,
+        });
+    }
+    let checkpoint_path = args
+        .checkpoint
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(&work.context().checkpoint));
+    let found = run_dir::InputFile::of(&checkpoint_path)?;
+    if found != work.settings().checkpoint {
+        return Err(FipsError::WorkArea {
+            dir: args.work_dir.clone(),
+            reason: format!(
+                "{} is not the checkpoint the parts were made from ({:?}, {} bytes, fingerprint {})",
+                checkpoint_path.display(),
+                work.settings().checkpoint.name,
+                work.settings().checkpoint.bytes,
+                work.settings().checkpoint.fingerprint
+            ),
+        });
+    }
+    let mut outputs = vec![
+        args.out_dir.join(run_dir::COMPRESSED_FILE),
+        args.out_dir.join(run_dir::REPORT_FILE),
+    ];
+    if !args.no_densified {
+        outputs.push(args.out_dir.join(run_dir::DENSIFIED_FILE));
+    }
+    let mut inputs = vec![checkpoint_path.clone()];
+    inputs.extend(args.images.as_ref().map(|d| d.join("labels.tsv")));
+    fips::foundation::safe_io::check_outputs(&inputs, &outputs)?;
+    run_dir::check_writable(&args.out_dir)?;
+    if let Some(dir) = &args.images {
+        run_dir::check_split(dir, &args.eval_split, None)?;
+    }
+    let checkpoint = Checkpoint::open(&checkpoint_path)?;
+    let layout = MlpLayout::detect(&checkpoint)?;
+    let run = work.assemble(start.elapsed())?;
+    let mut report = work.report(&layout, &run)?;
+    println!("{}", report.group_table());
+    let vit = match &args.images {
+        Some(_) => Some(VisionTransformer::from_checkpoint(&checkpoint, args.heads)?),
+        None => None,
+    };
+    let mut measure = || -> Result<Evaluation, FipsError> {
+        let (Some(vit), Some(dir)) = (&vit, &args.images) else {
+            return Err(FipsError::InvalidParameter {
+                name: "images",
+                reason: "evaluation needs --images".into(),
+            });
+        };
+        let (pixels, labels) = decode(dir, &args.eval_split, None, &bars)?;
+        Evaluation::measure(
+            vit,
+            &run,
+            &layout,
+            (pixels.view(), &labels, &args.eval_split),
+            &mut bars.classify_observer("eval dense"),
+            &mut bars.classify_observer("eval compressed"),
+        )
+    };
+    let written = run_dir::write_outputs(
+        &args.out_dir,
+        &run,
+        &mut report,
+        &checkpoint,
+        OutputOptions {
+            densified: !args.no_densified,
+            self_contained: args.self_contained,
+        },
+        if args.images.is_some() {
+            Some(&mut measure)
+        } else {
+            None
+        },
+        start,
+    )?;
+    for path in written {
+        println!("wrote {}", path.display());
+    }
     println!("{}", report.summary_line());
     Ok(())
 }

@@ -114,6 +114,18 @@ impl Observer for CompressionBars {
             report.wall_time
         );
     }
+
+    fn group_reused(&mut self, group: usize, report: &MethodReport) {
+        eprintln!(
+            "group {}/{} ({}): finished by an earlier run with the same settings, reused \
+             (kept {:.2}%, rel. error {:.4})",
+            group + 1,
+            self.groups,
+            report.method,
+            100.0 * report.parameters.kept_fraction(),
+            report.rel_error
+        );
+    }
 }
 
 impl Drop for CompressionBars {
