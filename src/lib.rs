@@ -97,9 +97,12 @@ pub use math::init::{InitMethod, SharedInit, shared_init};
 pub use math::objective::{ContractionOrder, StepShape};
 pub use math::optim::AdamW;
 pub use math::sparsity::{GmpSchedule, RiglSchedule, Sparsifier};
+pub use math::validation::{EarlyStopping, ValidationSet};
 pub use methods::fips::params::{FipsParams, FipsValidParams};
 pub use methods::fips::trainer::{FipsOutput, FipsTrainer};
-pub use methods::{Compressor, Method, MethodParams, MethodReport, ParamGuard, Progress};
+pub use methods::{
+    Compressor, Method, MethodParams, MethodReport, ParamGuard, Progress, ValidationReport,
+};
 pub use repr::shared_basis::CompressedGroup;
 pub use repr::{CompressedBlocks, SharedBasis, SharedBasisGroup, SparseFactor};
 

@@ -19,6 +19,7 @@ use crate::foundation::activation::Activation;
 use crate::foundation::error::{FipsError, Result};
 use crate::foundation::slicing::s;
 use crate::math::calibration::Calibration;
+use crate::math::validation::{ValidationSet, split_tokens};
 use crate::methods::{Compressor, MethodReport, Progress};
 
 /// Tokens per block of data-free (Gaussian) calibration by default.
@@ -53,6 +54,27 @@ pub enum CalibrationSource<'a> {
         seed: u64,
     },
 }
+
+/// Where each group's held-out validation tokens (never trained on) come from.
+#[derive(Debug, Clone, Copy, Default)]
+pub enum Validation<'a> {
+    /// No validation set: reports carry no validation errors and early stopping is unavailable.
+    #[default]
+    None,
+    /// Hold out a seeded fraction of each group's calibration tokens (the same token positions
+    /// for every block of the group).
+    Holdout {
+        /// Fraction of the tokens held out, in (0, 1).
+        fraction: f64,
+        /// Seed of the draw.
+        seed: u64,
+    },
+    /// Held-out inputs from their own source (e.g. held-out paragraphs of a text).
+    Source(CalibrationSource<'a>),
+}
+
+/// The fraction of the calibration tokens the `fips` command holds out by default.
+pub const DEFAULT_VALIDATION_FRACTION: f64 = 0.05;
 
 /// Receives progress from [`compress_checkpoint`] and [`classify`]; every method has a no-op
 /// default.
@@ -184,10 +206,11 @@ pub fn model_manifest(
     Ok(manifest)
 }
 
-/// Compresses group `g` (`blocks`) of `checkpoint`. Depends on nothing but its arguments: no
-/// state carries over from earlier groups (every method seeds its draws from its parameters, and
-/// data-free inputs from the seed and `g`), so a group run alone, in another process or after a
-/// restart gives the same bits.
+/// Compresses group `g` (`blocks`) of `checkpoint`, measuring it on the group's held-out
+/// `validation` tokens. Depends on nothing but its arguments: no state carries over from earlier
+/// groups (every method seeds its draws from its parameters, and data-free inputs and hold-outs
+/// from the seed and `g`), so a group run alone, in another process or after a restart gives the
+/// same bits.
 #[allow(clippy::too_many_arguments)]
 pub fn compress_group(
     checkpoint: &impl TensorStore,
@@ -197,6 +220,7 @@ pub fn compress_group(
     compressor: &dyn Compressor<f32>,
     activation: Activation,
     calibration: &CalibrationSource<'_>,
+    validation: &Validation<'_>,
     observer: &mut dyn Observer,
 ) -> Result<GroupResult> {
     let dense = blocks
@@ -206,9 +230,25 @@ pub fn compress_group(
     let width = dense.first().map_or(0, |m| m.width());
     let calibration_start = Instant::now();
     let calib = group_calibration(calibration, g, blocks, width, observer)?;
+    let (calib, held_out) = match validation {
+        Validation::None => (calib, None),
+        Validation::Holdout { fraction, seed } => {
+            let (train, held) = split_tokens(&calib, *fraction, *seed)?;
+            (train, Some(held))
+        }
+        Validation::Source(source) => {
+            let held = group_calibration(source, g, blocks, width, &mut Silent)?;
+            (calib, Some(held))
+        }
+    };
+    let held_out = held_out
+        .map(|held| ValidationSet::new(&dense, &held))
+        .transpose()?;
     let calibration_time = calibration_start.elapsed();
     observer.group_started(g, blocks, compressor.steps());
-    let out = compressor.compress(&dense, &calib, &mut |p| observer.step(g, p))?;
+    let out = compressor.compress_validated(&dense, &calib, held_out.as_ref(), &mut |p| {
+        observer.step(g, p)
+    })?;
     observer.group_finished(g, &out.report);
     let originals = blocks
         .iter()
@@ -260,7 +300,8 @@ pub fn assemble(
     }
 }
 
-/// Compresses every group of `checkpoint` with `compressor` (any method), one group at a time.
+/// Compresses every group of `checkpoint` with `compressor` (any method), one group at a time,
+/// without a validation set (see [`compress_checkpoint_validated`]).
 pub fn compress_checkpoint(
     checkpoint: &impl TensorStore,
     layout: &MlpLayout,
@@ -268,6 +309,31 @@ pub fn compress_checkpoint(
     compressor: &dyn Compressor<f32>,
     activation: Activation,
     calibration: &CalibrationSource<'_>,
+    observer: &mut dyn Observer,
+) -> Result<ModelCompression> {
+    compress_checkpoint_validated(
+        checkpoint,
+        layout,
+        groups,
+        compressor,
+        activation,
+        calibration,
+        &Validation::None,
+        observer,
+    )
+}
+
+/// As [`compress_checkpoint`], with each group measured on held-out validation tokens (every
+/// report's `validation`), which also drive early stopping when the method has it.
+#[allow(clippy::too_many_arguments)]
+pub fn compress_checkpoint_validated(
+    checkpoint: &impl TensorStore,
+    layout: &MlpLayout,
+    groups: &BlockGroups,
+    compressor: &dyn Compressor<f32>,
+    activation: Activation,
+    calibration: &CalibrationSource<'_>,
+    validation: &Validation<'_>,
     observer: &mut dyn Observer,
 ) -> Result<ModelCompression> {
     let start = Instant::now();
@@ -285,6 +351,7 @@ pub fn compress_checkpoint(
                 compressor,
                 activation,
                 calibration,
+                validation,
                 observer,
             )
         })

@@ -177,11 +177,13 @@ impl RunReport {
         }
     }
 
-    /// One line per group: blocks, parameters, error, steps, time and the method's details.
+    /// One line per group: blocks, parameters, error on the calibration (training) tokens and on
+    /// the held-out validation tokens (`-` without a validation set), steps, time and the
+    /// method's details; then, with a validation set, one line per block with both errors.
     pub fn group_table(&self) -> String {
         let mut out = format!(
-            "{:>5} {:>8} {:>11} {:>11} {:>7} {:>9} {:>7} {:>8}  details",
-            "group", "blocks", "dense", "kept", "kept%", "rel.err", "steps", "time"
+            "{:>5} {:>8} {:>11} {:>11} {:>7} {:>9} {:>9} {:>7} {:>8}  details",
+            "group", "blocks", "dense", "kept", "kept%", "train.err", "valid.err", "steps", "time"
         );
         for (g, entry) in self.groups.iter().enumerate() {
             let (r, p) = (&entry.report, &entry.report.parameters);
@@ -189,19 +191,54 @@ impl RunReport {
                 (Some(a), Some(b)) => format!("{a}-{b}"),
                 _ => String::new(),
             };
+            let valid = r
+                .validation
+                .as_ref()
+                .map_or_else(|| "-".to_string(), |v| format!("{:.4}", v.rel_error));
+            let stopped = r
+                .validation
+                .as_ref()
+                .and_then(|v| v.stopped_at)
+                .map_or_else(String::new, |s| format!(" early-stop@{s}"));
             let _ = write!(
                 out,
-                "\n{:>5} {:>8} {:>11} {:>11} {:>6.2}% {:>9.4} {:>7} {:>7.1}s  {}",
+                "\n{:>5} {:>8} {:>11} {:>11} {:>6.2}% {:>9.4} {:>9} {:>7} {:>7.1}s  {}{}",
                 g,
                 blocks,
                 p.dense_weights,
                 p.compressed_weights(),
                 100.0 * p.kept_fraction(),
                 r.rel_error,
+                valid,
                 r.steps,
                 r.wall_time.as_secs_f64(),
-                r.details
+                r.details,
+                stopped
             );
+        }
+        if self.groups.iter().any(|e| e.report.validation.is_some()) {
+            let _ = write!(
+                out,
+                "\n{:>5} {:>6} {:>9} {:>9} {:>8}",
+                "group", "block", "train.err", "valid.err", "tokens"
+            );
+            for (g, entry) in self.groups.iter().enumerate() {
+                let Some(v) = &entry.report.validation else {
+                    continue;
+                };
+                for ((b, train), valid) in entry
+                    .blocks
+                    .iter()
+                    .zip(&entry.report.block_rel_error)
+                    .zip(&v.block_rel_error)
+                {
+                    let _ = write!(
+                        out,
+                        "\n{g:>5} {b:>6} {train:>9.4} {valid:>9.4} {:>8}",
+                        v.tokens
+                    );
+                }
+            }
         }
         out
     }

@@ -34,7 +34,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::app::pipeline::{
-    CalibrationSource, GroupResult, ModelCompression, Observer, assemble, compress_group,
+    CalibrationSource, GroupResult, ModelCompression, Observer, Validation, assemble,
+    compress_group,
 };
 use crate::app::report::{Evaluation, RunReport};
 use crate::format::block_groups::BlockGroups;
@@ -163,6 +164,40 @@ impl CalibrationSettings {
     }
 }
 
+/// The held-out validation tokens of a run: a seeded fraction of each group's calibration tokens
+/// ([`Validation::Holdout`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct HoldoutSettings {
+    /// Fraction of the tokens held out, in (0, 1).
+    pub fraction: f64,
+    /// Seed of the draw.
+    pub seed: u64,
+}
+
+impl HoldoutSettings {
+    /// The settings of `validation`; a held-out source of its own cannot be fingerprinted here.
+    pub fn of(validation: &Validation<'_>) -> Result<Option<Self>> {
+        match *validation {
+            Validation::None => Ok(None),
+            Validation::Holdout { fraction, seed } => Ok(Some(Self { fraction, seed })),
+            Validation::Source(_) => Err(FipsError::InvalidParameter {
+                name: "validation",
+                reason: "a resumable run holds out a fraction of its calibration tokens; \
+                         a separate validation source is not supported here"
+                    .into(),
+            }),
+        }
+    }
+
+    /// The pipeline's form of `settings`.
+    pub fn validation(settings: Option<Self>) -> Validation<'static> {
+        settings.map_or(Validation::None, |h| Validation::Holdout {
+            fraction: h.fraction,
+            seed: h.seed,
+        })
+    }
+}
+
 /// Everything that determines the parts of a run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunSettings {
@@ -180,6 +215,8 @@ pub struct RunSettings {
     pub activation: Activation,
     /// The calibration data.
     pub calibration: CalibrationSettings,
+    /// The held-out validation tokens (`null`: none).
+    pub validation: Option<HoldoutSettings>,
     /// The cores the process may use (the default of the methods' thread count).
     pub cores: usize,
     /// The BLAS thread count from the environment (`null`: the backend's default).
@@ -195,6 +232,7 @@ impl RunSettings {
         groups: &BlockGroups,
         activation: Activation,
         calibration: CalibrationSettings,
+        validation: &Validation<'_>,
     ) -> Result<Self> {
         Ok(Self {
             fips_version: env!("CARGO_PKG_VERSION").into(),
@@ -206,6 +244,7 @@ impl RunSettings {
             groups: groups.groups().to_vec(),
             activation,
             calibration,
+            validation: HoldoutSettings::of(validation)?,
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
             blas_threads: crate::foundation::blas::configured_threads(),
         })
@@ -635,6 +674,7 @@ pub fn compress_parts(
             compressor,
             activation,
             calibration,
+            &HoldoutSettings::validation(work.settings().validation),
             observer,
         )?;
         work.write_part(g, &result)?;

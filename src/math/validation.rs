@@ -92,6 +92,16 @@ impl<F: Float> ValidationSet<F> {
         })
     }
 
+    /// Blocks.
+    pub fn blocks(&self) -> usize {
+        self.inputs.len()
+    }
+
+    /// Model width `d` (`None` without blocks).
+    pub fn width(&self) -> Option<usize> {
+        self.inputs.first().map(|z| z.ncols())
+    }
+
     /// Tokens per block.
     pub fn tokens(&self) -> usize {
         self.inputs.first().map_or(0, |z| z.nrows())
@@ -100,6 +110,12 @@ impl<F: Float> ValidationSet<F> {
     /// `‖Ŷ − Y‖ / ‖Y‖` over every block of `blocks` (a compressed group rebuilt dense, e.g. by
     /// `SharedBasisGroup::to_dense_mlps`).
     pub fn relative_error(&self, blocks: &[DenseMlp<F>]) -> Result<f64> {
+        self.errors(blocks).map(|(overall, _)| overall)
+    }
+
+    /// `(√(Σ_b ‖Ŷ_b − Y_b‖² / Σ_b ‖Y_b‖²), [‖Ŷ_b − Y_b‖ / ‖Y_b‖ per block])`: the overall and
+    /// the per-block relative errors of `blocks` on the held-out inputs.
+    pub fn errors(&self, blocks: &[DenseMlp<F>]) -> Result<(f64, Vec<f64>)> {
         if blocks.len() != self.inputs.len() {
             return Err(FipsError::ShapeMismatch {
                 what: "compressed group (blocks)".into(),
@@ -107,25 +123,81 @@ impl<F: Float> ValidationSet<F> {
                 got: vec![blocks.len()],
             });
         }
+        let relative = |e: f64, n: f64| if n > 0.0 { (e / n).sqrt() } else { e.sqrt() };
         let (mut error2, mut norm2) = (0.0f64, 0.0f64);
+        let mut per_block = Vec::with_capacity(blocks.len());
         for (b, (z, y)) in self.inputs.iter().zip(&self.targets).enumerate() {
-            let yhat = blocks[b].forward(z.view())?;
-            ndarray::Zip::from(&yhat).and(y).for_each(|&p, &t| {
-                let (p, t) = (p.as_f64(), t.as_f64());
-                error2 += (p - t) * (p - t);
-                norm2 += t * t;
-            });
+            let (mut e, mut n) = (0.0f64, 0.0f64);
+            // In chunks of rows, so that a large held-out set needs no second copy of it.
+            for (zc, yc) in z
+                .axis_chunks_iter(Axis(0), CHUNK_ROWS)
+                .zip(y.axis_chunks_iter(Axis(0), CHUNK_ROWS))
+            {
+                let yhat = blocks[b].forward(zc)?;
+                ndarray::Zip::from(&yhat).and(&yc).for_each(|&p, &t| {
+                    let (p, t) = (p.as_f64(), t.as_f64());
+                    e += (p - t) * (p - t);
+                    n += t * t;
+                });
+            }
+            per_block.push(relative(e, n));
+            error2 += e;
+            norm2 += n;
         }
-        Ok(if norm2 > 0.0 {
-            (error2 / norm2).sqrt()
-        } else {
-            error2.sqrt()
-        })
+        Ok((relative(error2, norm2), per_block))
+    }
+}
+
+/// Rows per forward pass when measuring a validation error.
+const CHUNK_ROWS: usize = 4096;
+
+/// Early stopping of a training run on its validation error: every `interval` steps the run's
+/// current state is scored on the held-out tokens and the run stops once [`EarlyStop`] says so
+/// (the best error improved by less than the relative `tolerance` over the last `patience`
+/// steps).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct EarlyStopping {
+    /// Steps without enough improvement before stopping.
+    pub patience: usize,
+    /// Relative improvement that counts (0: any improvement).
+    pub tolerance: f64,
+    /// Steps between validation scores.
+    pub interval: usize,
+}
+
+impl EarlyStopping {
+    /// Scores every `max(1, patience / 4)` steps and stops on no improvement at all over
+    /// `patience` steps.
+    pub fn new(patience: usize) -> Self {
+        Self {
+            patience,
+            tolerance: 0.0,
+            interval: (patience / 4).max(1),
+        }
+    }
+
+    /// The same with a relative tolerance.
+    pub fn tolerance(self, tolerance: f64) -> Self {
+        Self { tolerance, ..self }
+    }
+
+    /// Validates the settings: `patience ≥ 1`, `tolerance ∈ [0, 1)`, `1 ≤ interval ≤ patience`.
+    pub fn check(&self) -> Result<EarlyStop> {
+        if self.interval == 0 || self.interval > self.patience.max(1) {
+            return Err(invalid(
+                "early stop interval",
+                format!(
+                    "must be between 1 and the patience ({}), got {}",
+                    self.patience, self.interval
+                ),
+            ));
+        }
+        EarlyStop::new(self.patience, self.tolerance)
     }
 }
 
 /// Early stopping on the validation error: stop once the best error has improved by less than
-/// the relative `tolerance` over the last `patience` steps (scored steps need not be evenly
+/// the relative `tolerance` (or not at all) over the last `patience` steps (scored steps need not be evenly
 /// spaced; a decision needs a score at least `patience` steps old).
 #[derive(Debug, Clone)]
 pub struct EarlyStop {
@@ -136,7 +208,8 @@ pub struct EarlyStop {
 }
 
 impl EarlyStop {
-    /// Stops when `best(now) > (1 − tolerance) · best(now − patience)`.
+    /// Stops when `best(now) ≥ (1 − tolerance) · best(now − patience)` (with tolerance 0: when
+    /// the best error has not improved at all in `patience` steps).
     ///
     /// Errors: `patience` 0 or `tolerance` outside `[0, 1)`.
     pub fn new(patience: usize, tolerance: f64) -> Result<Self> {
@@ -168,7 +241,7 @@ impl EarlyStop {
         };
         // The best error as of `patience` steps ago (the latest score at or before it).
         match self.best.iter().rev().find(|&&(s, _)| s <= horizon) {
-            Some(&(_, then)) => best > (1.0 - self.tolerance) * then,
+            Some(&(_, then)) => best >= (1.0 - self.tolerance) * then,
             None => false,
         }
     }

@@ -8,8 +8,9 @@ use crate::foundation::error::Result;
 use crate::foundation::float::Float;
 use crate::foundation::mlp::DenseMlp;
 use crate::math::calibration::Calibration;
+use crate::math::validation::ValidationSet;
 use crate::methods::params::MethodParams;
-use crate::methods::report::{Method, MethodDetails, MethodReport, Progress};
+use crate::methods::report::{Method, MethodDetails, MethodReport, Progress, ValidationReport};
 use crate::repr::{CompressedBlocks, GroupSpec};
 
 /// The result of compressing one group.
@@ -43,6 +44,28 @@ pub trait Compressor<F: Float> {
         calibration: &Calibration<F>,
         on_step: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
     ) -> Result<MethodOutput<F>>;
+
+    /// As [`Self::compress`], and measures the result on `validation` (held-out inputs of the
+    /// same blocks, never trained on) into [`MethodReport::validation`]. Methods that can stop
+    /// training on the validation error (FiPS with early stopping) also use it while training.
+    fn compress_validated(
+        &self,
+        blocks: &[DenseMlp<F>],
+        calibration: &Calibration<F>,
+        validation: Option<&ValidationSet<F>>,
+        on_step: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
+    ) -> Result<MethodOutput<F>> {
+        let mut out = self.compress(blocks, calibration, on_step)?;
+        if let Some(set) = validation {
+            out.report.validation = Some(ValidationReport::measure(
+                &out.blocks,
+                set,
+                Vec::new(),
+                None,
+            )?);
+        }
+        Ok(out)
+    }
 }
 
 /// What a method hands to [`MethodOutput::measured`] besides its blocks.
@@ -77,6 +100,7 @@ impl<F: Float> MethodOutput<F> {
             calibration_tokens: calibration.tokens(),
             data_free: calibration.is_data_free(),
             wall_time: run.start.elapsed(),
+            validation: None,
             details: run.details,
         };
         Ok(Self { blocks, report })

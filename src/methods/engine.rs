@@ -4,13 +4,16 @@
 //! A method describes one optimisation step as a [`Trainable`]: compute the mini-batch loss and
 //! its gradients, then apply an update at a learning rate. The engine owns what is common: the step
 //! count and its limit, the learning-rate schedule, the non-finite-loss check (before any update),
-//! early stopping on convergence or on the callback's `Break`, the loss curve and the time spent.
+//! early stopping on convergence, on the validation error ([`EarlyStopping`]: the method scores
+//! its current state on held-out tokens every `interval` steps) or on the callback's `Break`, the
+//! loss curve and the time spent.
 
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use crate::foundation::error::{FipsError, Result};
 use crate::math::optim::AdamW;
+use crate::math::validation::{EarlyStop, EarlyStopping};
 use crate::methods::report::Progress;
 
 /// One method's training problem, stepped by [`TrainingLoop`].
@@ -24,6 +27,12 @@ pub(crate) trait Trainable {
     /// Whether training may stop before the step limit (checked before every step).
     fn converged(&self) -> bool {
         false
+    }
+
+    /// The error of the current state on held-out validation data; `None` when the method has
+    /// none to score on (then early stopping never triggers).
+    fn validation_error(&mut self) -> Result<Option<f64>> {
+        Ok(None)
     }
 
     /// Fills the method-specific fields of the progress after a step.
@@ -58,6 +67,16 @@ pub(crate) struct TrainingLoop {
     step: usize,
     losses: Vec<f64>,
     time: Duration,
+    validation: Option<Validation>,
+}
+
+/// Early stopping in progress.
+#[derive(Debug, Clone)]
+struct Validation {
+    stop: EarlyStop,
+    interval: usize,
+    curve: Vec<(usize, f64)>,
+    stopped_at: Option<usize>,
 }
 
 impl TrainingLoop {
@@ -69,13 +88,33 @@ impl TrainingLoop {
             step: 0,
             losses: Vec::with_capacity(total.min(1 << 16)),
             time: Duration::ZERO,
+            validation: None,
         }
+    }
+
+    /// Stops the run early on the validation error (see [`EarlyStopping`]). Errors: invalid
+    /// settings.
+    pub(crate) fn early_stopping(mut self, settings: Option<EarlyStopping>) -> Result<Self> {
+        self.validation = match settings {
+            Some(e) => Some(Validation {
+                stop: e.check()?,
+                interval: e.interval,
+                curve: Vec::new(),
+                stopped_at: None,
+            }),
+            None => None,
+        };
+        Ok(self)
     }
 
     /// Runs one step; `Ok(None)` once the limit is reached or the problem has converged. A
     /// non-finite loss is an error, raised before the update.
     pub(crate) fn step(&mut self, problem: &mut dyn Trainable) -> Result<Option<Progress>> {
-        if self.step >= self.total || problem.converged() {
+        let stopped = self
+            .validation
+            .as_ref()
+            .is_some_and(|v| v.stopped_at.is_some());
+        if stopped || self.step >= self.total || problem.converged() {
             return Ok(None);
         }
         let started = Instant::now();
@@ -88,6 +127,18 @@ impl TrainingLoop {
         problem.update(step, lr)?;
         self.step = step;
         self.losses.push(loss);
+        // Score on the held-out tokens every `interval` steps (and after the last step).
+        let mut validation_error = None;
+        if let Some(v) = self.validation.as_mut()
+            && (step.is_multiple_of(v.interval) || step == self.total)
+            && let Some(error) = problem.validation_error()?
+        {
+            validation_error = Some(error);
+            v.curve.push((step, error));
+            if v.stop.observe(step, error) {
+                v.stopped_at = Some(step);
+            }
+        }
         self.time += started.elapsed();
         let mut progress = Progress {
             step,
@@ -96,6 +147,7 @@ impl TrainingLoop {
             learning_rate: lr,
             sparsity: None,
             slope: None,
+            validation_error,
         };
         problem.observe(&mut progress);
         Ok(Some(progress))
@@ -125,7 +177,17 @@ impl TrainingLoop {
         self.total
     }
 
-    /// Time spent in steps.
+    /// The validation errors scored during the run, `(step, error)`.
+    pub(crate) fn validation_curve(&self) -> &[(usize, f64)] {
+        self.validation.as_ref().map_or(&[], |v| &v.curve)
+    }
+
+    /// The step after which early stopping ended the run, if it did.
+    pub(crate) fn stopped_at(&self) -> Option<usize> {
+        self.validation.as_ref().and_then(|v| v.stopped_at)
+    }
+
+    /// Time spent in steps (validation scoring included).
     pub(crate) fn time(&self) -> Duration {
         self.time
     }
@@ -207,6 +269,96 @@ mod tests {
         })
         .unwrap_or(());
         assert_eq!(run.steps_run(), 0, "already converged: no step");
+    }
+
+    /// A problem whose validation error follows `curve(step)`.
+    struct Scored {
+        step: usize,
+        curve: fn(usize) -> f64,
+        scored: usize,
+    }
+
+    impl Trainable for Scored {
+        fn loss_and_gradients(&mut self, step: usize) -> Result<f64> {
+            self.step = step;
+            Ok(1.0)
+        }
+        fn update(&mut self, _: usize, _: f64) -> Result<()> {
+            Ok(())
+        }
+        fn validation_error(&mut self) -> Result<Option<f64>> {
+            self.scored += 1;
+            Ok(Some((self.curve)(self.step)))
+        }
+    }
+
+    #[test]
+    fn early_stopping_stops_once_the_validation_error_worsens() {
+        // Improves until step 40, then worsens: with patience 20 scored every 5 steps the best
+        // (step 40) is not beaten by step 60, where the run stops.
+        let mut p = Scored {
+            step: 0,
+            curve: |t| (t as f64 - 40.0).abs() + 1.0,
+            scored: 0,
+        };
+        let settings = EarlyStopping {
+            patience: 20,
+            tolerance: 0.0,
+            interval: 5,
+        };
+        let mut run = TrainingLoop::new(1000, Schedule::Constant(0.1))
+            .early_stopping(Some(settings))
+            .unwrap();
+        let mut validated = Vec::new();
+        run.run(&mut p, &mut |pr| {
+            if let Some(e) = pr.validation_error {
+                validated.push((pr.step, e));
+            }
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        assert_eq!(run.stopped_at(), Some(60));
+        assert_eq!(run.steps_run(), 60);
+        assert_eq!(p.scored, 12, "scored every 5 steps");
+        assert_eq!(run.validation_curve(), validated.as_slice());
+        assert_eq!(run.validation_curve()[7], (40, 1.0));
+        // A stopped run takes no further step.
+        assert!(run.step(&mut p).unwrap().is_none());
+    }
+
+    #[test]
+    fn early_stopping_never_stops_a_run_that_keeps_improving() {
+        let mut p = Scored {
+            step: 0,
+            curve: |t| 1.0 / (1.0 + t as f64),
+            scored: 0,
+        };
+        let mut run = TrainingLoop::new(300, Schedule::Constant(0.1))
+            .early_stopping(Some(EarlyStopping::new(8)))
+            .unwrap();
+        run.run(&mut p, &mut |_| ControlFlow::Continue(())).unwrap();
+        assert_eq!(run.stopped_at(), None);
+        assert_eq!(run.steps_run(), 300);
+        assert_eq!(p.scored, 150, "every max(1, 8 / 4) = 2 steps");
+        // Without early stopping nothing is scored.
+        let mut p = Scored {
+            step: 0,
+            curve: |_| 1.0,
+            scored: 0,
+        };
+        let mut run = TrainingLoop::new(50, Schedule::Constant(0.1));
+        run.run(&mut p, &mut |_| ControlFlow::Continue(())).unwrap();
+        assert_eq!((run.steps_run(), p.scored), (50, 0));
+        assert!(
+            TrainingLoop::new(5, Schedule::Constant(0.1))
+                .early_stopping(Some(EarlyStopping {
+                    patience: 4,
+                    tolerance: 0.0,
+                    interval: 5,
+                }))
+                .is_err(),
+            "interval above the patience"
+        );
     }
 
     #[test]

@@ -37,4 +37,4 @@ pub use params::{
     LayerCollapseValidParams, MethodParams, MixedRankParams, MixedRankValidParams, SvdLlmParams,
     SvdLlmValidParams, SvdParams, SvdValidParams,
 };
-pub use report::{Method, MethodDetails, MethodReport, Progress};
+pub use report::{Method, MethodDetails, MethodReport, Progress, ValidationReport};

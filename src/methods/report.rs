@@ -8,10 +8,13 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::foundation::error::{FipsError, Result};
+use crate::foundation::float::Float;
 use crate::foundation::mlp::MlpKind;
 use crate::math::budget::{GroupShape, ParameterCount};
 use crate::math::objective::ContractionOrder;
 use crate::math::sparsity::Sparsifier;
+use crate::math::validation::ValidationSet;
+use crate::repr::CompressedBlocks;
 
 /// The compression methods.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -95,6 +98,8 @@ pub struct Progress {
     pub sparsity: Option<f64>,
     /// LayerCollapse: the PReLU slope `α` after this step.
     pub slope: Option<f64>,
+    /// The error on the held-out validation tokens, on the steps it was scored (early stopping).
+    pub validation_error: Option<f64>,
 }
 
 /// Serialises a duration as seconds.
@@ -140,11 +145,76 @@ pub struct MethodReport {
         deserialize_with = "from_seconds"
     )]
     pub wall_time: Duration,
+    /// The errors on held-out validation tokens the method never trained on (`None`: no
+    /// validation set was given).
+    pub validation: Option<ValidationReport>,
     /// What only this method measures.
     pub details: MethodDetails,
 }
 
+/// A compressed group measured on held-out validation tokens (never trained on).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ValidationReport {
+    /// Validation tokens per block.
+    pub tokens: usize,
+    /// `‖Ŷ − Y‖ / ‖Y‖` over the group's validation tokens.
+    pub rel_error: f64,
+    /// The same per block.
+    pub block_rel_error: Vec<f64>,
+    /// Validation errors scored during training, `(step, error)` (with early stopping).
+    pub curve: Vec<(usize, f64)>,
+    /// The step at which early stopping ended training, if it did.
+    pub stopped_at: Option<usize>,
+}
+
+impl ValidationReport {
+    /// `blocks` measured on `set`, with the curve of a training run.
+    pub fn measure<F: Float>(
+        blocks: &CompressedBlocks<F>,
+        set: &ValidationSet<F>,
+        curve: Vec<(usize, f64)>,
+        stopped_at: Option<usize>,
+    ) -> Result<Self> {
+        let (rel_error, block_rel_error) = set.errors(&blocks.to_dense_mlps()?)?;
+        Ok(Self {
+            tokens: set.tokens(),
+            rel_error,
+            block_rel_error,
+            curve,
+            stopped_at,
+        })
+    }
+
+    /// The per-block validation errors, `0.1234  0.2345 …`.
+    fn per_block(&self) -> String {
+        let per_block: Vec<String> = self
+            .block_rel_error
+            .iter()
+            .map(|e| format!("{e:.4}"))
+            .collect();
+        per_block.join("  ")
+    }
+}
+
 impl MethodReport {
+    /// The validation line of the display, if there is a validation set.
+    fn fmt_validation(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Some(v) = &self.validation else {
+            return Ok(());
+        };
+        write!(
+            f,
+            "  validation error {:.4} over {} held-out tokens; per block: {}",
+            v.rel_error,
+            v.tokens,
+            v.per_block()
+        )?;
+        if let Some(step) = v.stopped_at {
+            write!(f, " (early stop at step {step})")?;
+        }
+        writeln!(f)
+    }
+
     /// FiPS's details, if this is a FiPS report.
     pub fn fips(&self) -> Option<&FipsDetails> {
         match &self.details {
@@ -341,6 +411,7 @@ impl fmt::Display for MethodReport {
                     .map(|(a, b)| format!("{a:.4}->{b:.4}"))
                     .collect();
                 writeln!(f, "  per block: {}", per_block.join("  "))?;
+                self.fmt_validation(f)?;
                 write!(
                     f,
                     "  {}/{} steps ({}), init {:.2?}, training {:.2?}, total {:.2?}",
@@ -365,6 +436,7 @@ impl fmt::Display for MethodReport {
                     self.calibration_tokens,
                     per_block.join("  ")
                 )?;
+                self.fmt_validation(f)?;
                 write!(f, "  {} steps, total {:.2?}", self.steps, self.wall_time)
             }
         }

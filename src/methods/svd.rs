@@ -70,6 +70,7 @@ impl<F: Float> Compressor<F> for SvdValidParams {
             assemble_low_rank,
             blocks,
             calibration,
+            None,
         )?;
         while let Some(progress) = trainer.step()? {
             if on_step(&progress).is_break() {
@@ -89,6 +90,7 @@ impl<F: Float> Compressor<F> for SvdValidParams {
             calibration_tokens: t.calibration_tokens,
             data_free: t.data_free,
             wall_time: t.wall_time,
+            validation: t.validation,
             details: MethodDetails::Svd(SvdDetails {
                 rank,
                 rel_error_svd: t.init_errors.overall(),

@@ -16,7 +16,7 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
 use crate::app::pipeline::{
-    CalibrationSource, ModelCompression, Observer, Silent, compress_checkpoint, group_calibration,
+    CalibrationSource, ModelCompression, Observer, Validation, compress_checkpoint_validated,
 };
 use crate::app::text::capture::{CaptureOptions, CaptureReport, capture_with_model};
 use crate::app::text::model::{LlamaModel, check_supported};
@@ -246,43 +246,34 @@ pub fn compress_text_model(
         )?)
     };
     let inputs = MlpInputs::open(&calibration_path)?;
-    let run = compress_checkpoint(
+    let validation = validation_capture
+        .as_ref()
+        .map(|_| MlpInputs::open(&validation_path))
+        .transpose()?;
+    // Every group's report carries its per-block errors on the held-out tokens (which also
+    // drive early stopping when it is set).
+    let run = compress_checkpoint_validated(
         folder.tensors(),
         &layout,
         &groups,
         compressor,
         activation,
         &CalibrationSource::File(&inputs),
+        &validation.as_ref().map_or(Validation::None, |v| {
+            Validation::Source(CalibrationSource::File(v))
+        }),
         observer,
     )?;
-
-    // Per-block errors on the training and the held-out tokens.
-    let validation = validation_capture
-        .as_ref()
-        .map(|_| MlpInputs::open(&validation_path))
-        .transpose()?;
-    let width = layout.block_tensors().first().map_or(0, |b| b.width);
-    let mut train_errors = Vec::new();
-    let mut validation_errors = Vec::new();
-    for (g, (blocks, group)) in groups.groups().iter().zip(&run.model.groups).enumerate() {
-        let originals = blocks
-            .iter()
-            .map(|&b| layout.load_block::<f32>(folder.tensors(), b, activation))
-            .collect::<Result<Vec<_>>>()?;
-        let calib = group_calibration(
-            &CalibrationSource::File(&inputs),
-            g,
-            blocks,
-            width,
-            &mut Silent,
-        )?;
-        train_errors.push(group.errors(&originals, &calib)?.per_block());
-        if let Some(v) = &validation {
-            let calib =
-                group_calibration(&CalibrationSource::File(v), g, blocks, width, &mut Silent)?;
-            validation_errors.push(group.errors(&originals, &calib)?.per_block());
-        }
-    }
+    let train_errors = run
+        .reports
+        .iter()
+        .map(|r| r.block_rel_error.clone())
+        .collect();
+    let validation_errors = run
+        .reports
+        .iter()
+        .filter_map(|r| r.validation.as_ref().map(|v| v.block_rel_error.clone()))
+        .collect();
     drop((inputs, validation));
     if !options.keep_calibration {
         // The activation files are a cache of this run: removing them is tidying, not a result.

@@ -186,9 +186,9 @@ struct CompressArgs {
     /// Target sparsity s of the factors V.
     #[arg(long, default_value_t = DEFAULT_SPARSITY)]
     sparsity: f64,
-    /// How V reaches its sparsity.
-    #[arg(long, value_enum, default_value_t = SparsifierArg::Rigl)]
-    sparsifier: SparsifierArg,
+    /// How V reaches its sparsity [default: rigl; gmp with --model, the text defaults].
+    #[arg(long, value_enum)]
+    sparsifier: Option<SparsifierArg>,
     /// Steps between sparsifier updates (GMP pruning events, RigL drop/grow).
     #[arg(long, default_value_t = DEFAULT_SPARSIFIER_INTERVAL)]
     sparsifier_interval: usize,
@@ -244,6 +244,14 @@ struct CompressArgs {
     /// Contraction order of the training step: auto, factors-first or weights-first.
     #[arg(long, default_value_t = ContractionOrder::default())]
     contraction: ContractionOrder,
+    /// fips: stop a group's training once its error on the held-out validation tokens has not
+    /// improved for this many steps (scored every PATIENCE/4 steps; needs
+    /// --validation-fraction > 0).
+    #[arg(long, value_name = "PATIENCE")]
+    early_stop: Option<usize>,
+    /// fips: relative improvement of the validation error that counts for --early-stop.
+    #[arg(long, requires = "early_stop")]
+    early_stop_tolerance: Option<f64>,
     /// Override the MLP activation (default: the naming scheme's).
     #[arg(long)]
     activation: Option<Activation>,
@@ -402,7 +410,7 @@ fn method_options(args: &CompressArgs, given: &[String]) -> MethodOptions {
         budget: pick(given, "budget", args.budget),
         rank: args.rank,
         sparsity: pick(given, "sparsity", args.sparsity),
-        sparsifier: set("sparsifier").then_some(args.sparsifier.into()),
+        sparsifier: args.sparsifier.map(Into::into),
         sparsifier_interval: pick(given, "sparsifier_interval", args.sparsifier_interval),
         steps: pick(given, "steps", args.steps),
         svd_train: args.svd_train,
@@ -419,6 +427,8 @@ fn method_options(args: &CompressArgs, given: &[String]) -> MethodOptions {
         threads: args.threads,
         init: set("init").then_some(args.init),
         contraction: set("contraction").then_some(args.contraction),
+        early_stop: args.early_stop,
+        early_stop_tolerance: args.early_stop_tolerance,
     }
 }
 
@@ -570,6 +580,15 @@ fn compress(args: CompressArgs, given: &[String]) -> Result<(), FipsError> {
         }
     };
 
+    let fraction = args.text.validation_fraction;
+    let validation = if fraction != 0.0 {
+        pipeline::Validation::Holdout {
+            fraction,
+            seed: args.seed,
+        }
+    } else {
+        pipeline::Validation::None
+    };
     let settings = RunSettings::new(
         checkpoint_path,
         &layout,
@@ -577,6 +596,7 @@ fn compress(args: CompressArgs, given: &[String]) -> Result<(), FipsError> {
         &groups,
         activation,
         CalibrationSettings::of(&calibration, args.activations.as_deref())?,
+        &validation,
     )?;
     let resume = if args.work.fresh {
         Resume::Fresh

@@ -223,9 +223,10 @@ pub struct TextCompressArgs {
     /// A text to score the dense and the compressed model on (perplexity).
     #[arg(long, requires = "model")]
     pub eval_text: Option<PathBuf>,
-    /// Fraction of the calibration paragraphs held out (seeded, never trained on) for the
-    /// validation errors and perplexity (the library's DEFAULT_VALIDATION_FRACTION).
-    #[arg(long, default_value_t = 0.05, requires = "model")]
+    /// Fraction of the calibration held out (seeded, never trained on) for the validation errors
+    /// (and early stopping): paragraphs with --model (also scored by perplexity), tokens of each
+    /// group otherwise; 0 holds out nothing.
+    #[arg(long, default_value_t = 0.05)]
     pub validation_fraction: f64,
     /// Keep the captured calibration file (out-dir/work/calibration.safetensors).
     #[arg(long, requires = "model")]
@@ -320,20 +321,6 @@ pub fn compress(
             "held out: {} tokens from {} paragraphs (never trained on)",
             v.tokens, v.paragraphs_used
         );
-    }
-    println!(
-        "{:>5} {:>6} {:>10} {:>10}",
-        "group", "block", "train err", "valid err"
-    );
-    for (g, (entry, train)) in report.groups.iter().zip(&result.train_errors).enumerate() {
-        for (k, (b, t)) in entry.blocks.iter().zip(train).enumerate() {
-            let v = result
-                .validation_errors
-                .get(g)
-                .and_then(|e| e.get(k))
-                .map_or("-".to_string(), |v| format!("{v:.4}"));
-            println!("{g:>5} {b:>6} {t:>10.4} {v:>10}");
-        }
     }
     if let Some((dense, comp)) = &result.validation_perplexity {
         println!(

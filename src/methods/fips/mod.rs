@@ -14,6 +14,7 @@ use crate::foundation::float::Float;
 use crate::foundation::mlp::DenseMlp;
 use crate::math::budget::{Budget, GroupShape, rank_for_budget};
 use crate::math::calibration::Calibration;
+use crate::math::validation::ValidationSet;
 use crate::methods::compressor::{Compressor, MethodOutput};
 use crate::methods::params::MethodParams;
 use crate::methods::report::{Method, Progress};
@@ -50,13 +51,31 @@ impl FipsValidParams {
         &self,
         blocks: &[DenseMlp<F>],
         calibration: &Calibration<F>,
+        on_step: C,
+    ) -> Result<FipsOutput<F>>
+    where
+        F: Float,
+        C: FnMut(&Progress) -> ControlFlow<()>,
+    {
+        self.compress_with_validation(blocks, calibration, None, on_step)
+    }
+
+    /// As [`Self::compress_with_progress`], measuring the trained group on `validation` (held-out
+    /// inputs of the same blocks) into the report's `validation`; with early stopping set, the
+    /// training state is scored on it every `interval` steps and training stops once it stops
+    /// improving.
+    pub fn compress_with_validation<F, C>(
+        &self,
+        blocks: &[DenseMlp<F>],
+        calibration: &Calibration<F>,
+        validation: Option<&ValidationSet<F>>,
         mut on_step: C,
     ) -> Result<FipsOutput<F>>
     where
         F: Float,
         C: FnMut(&Progress) -> ControlFlow<()>,
     {
-        let mut trainer = self.trainer(blocks, calibration)?;
+        let mut trainer = self.trainer_validated(blocks, calibration, validation)?;
         while let Some(progress) = trainer.step()? {
             if on_step(&progress).is_break() {
                 break;
@@ -72,7 +91,17 @@ impl FipsValidParams {
         blocks: &'a [DenseMlp<F>],
         calibration: &'a Calibration<F>,
     ) -> Result<FipsTrainer<'a, F>> {
-        FipsTrainer::new(self.clone(), blocks, calibration)
+        FipsTrainer::new(self.clone(), blocks, calibration, None)
+    }
+
+    /// As [`Self::trainer`], with a validation set for the report and for early stopping.
+    pub fn trainer_validated<'a, F: Float>(
+        &self,
+        blocks: &'a [DenseMlp<F>],
+        calibration: &'a Calibration<F>,
+        validation: Option<&'a ValidationSet<F>>,
+    ) -> Result<FipsTrainer<'a, F>> {
+        FipsTrainer::new(self.clone(), blocks, calibration, validation)
     }
 }
 
@@ -95,7 +124,17 @@ impl<F: Float> Compressor<F> for FipsValidParams {
         calibration: &Calibration<F>,
         on_step: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
     ) -> Result<MethodOutput<F>> {
-        let out = self.compress_with_progress(blocks, calibration, |p| on_step(p))?;
+        self.compress_validated(blocks, calibration, None, on_step)
+    }
+
+    fn compress_validated(
+        &self,
+        blocks: &[DenseMlp<F>],
+        calibration: &Calibration<F>,
+        validation: Option<&ValidationSet<F>>,
+        on_step: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
+    ) -> Result<MethodOutput<F>> {
+        let out = self.compress_with_validation(blocks, calibration, validation, |p| on_step(p))?;
         Ok(MethodOutput {
             blocks: CompressedBlocks::SharedBasis(out.group),
             report: out.report,

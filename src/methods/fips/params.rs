@@ -8,6 +8,7 @@ use crate::math::init::{DEFAULT_TAU, InitMethod};
 use crate::math::objective::ContractionOrder;
 use crate::math::optim::AdamW;
 use crate::math::sparsity::Sparsifier;
+use crate::math::validation::EarlyStopping;
 use crate::methods::guard::ParamGuard;
 
 /// Training steps per group of the library's defaults (the reference code's DeiT-B setting).
@@ -43,6 +44,7 @@ pub struct FipsParams {
     seed: u64,
     contraction: ContractionOrder,
     threads: Option<usize>,
+    early_stop: Option<EarlyStopping>,
 }
 
 /// Checked FiPS settings: every value is in range. They compress (see
@@ -64,6 +66,7 @@ impl Default for FipsParams {
             seed: 0,
             contraction: ContractionOrder::Auto,
             threads: None,
+            early_stop: None,
         }
     }
 }
@@ -160,6 +163,15 @@ impl FipsParams {
         self.threads = Some(threads);
         self
     }
+
+    /// Stops a group's training once its error on the held-out validation tokens stops
+    /// improving (`None`: run every step). Needs a validation set
+    /// ([`Compressor::compress_validated`](crate::methods::Compressor::compress_validated) or
+    /// [`FipsValidParams::trainer_validated`]).
+    pub fn early_stop(mut self, early_stop: Option<EarlyStopping>) -> Self {
+        self.early_stop = early_stop;
+        self
+    }
 }
 
 impl ParamGuard for FipsParams {
@@ -174,6 +186,9 @@ impl ParamGuard for FipsParams {
             return Err(invalid("batch_tokens", "must be at least 1"));
         }
         self.optimizer.check()?;
+        if let Some(e) = &self.early_stop {
+            e.check()?;
+        }
         if self.threads == Some(0) {
             return Err(invalid("threads", "must be at least 1"));
         }
@@ -238,6 +253,10 @@ impl FipsValidParams {
             .threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
     }
+    /// Early stopping on the validation error, if set.
+    pub fn early_stop(&self) -> Option<EarlyStopping> {
+        self.0.early_stop
+    }
     /// The unchecked settings, to modify and check again.
     pub fn into_params(self) -> FipsParams {
         self.0
@@ -249,6 +268,7 @@ mod tests {
     use super::*;
     use crate::foundation::error::FipsError;
     use crate::math::sparsity::GmpSchedule;
+    use crate::math::validation::EarlyStopping;
 
     fn rejected(p: FipsParams, name: &str) {
         match p.check() {
@@ -277,6 +297,14 @@ mod tests {
         );
         rejected(FipsParams::new().tau(0.0), "tau");
         rejected(FipsParams::new().threads(0), "threads");
+        rejected(
+            FipsParams::new().early_stop(Some(EarlyStopping::new(0))),
+            "early stop patience",
+        );
+        rejected(
+            FipsParams::new().early_stop(Some(EarlyStopping::new(100).tolerance(1.0))),
+            "early stop tolerance",
+        );
         rejected(
             FipsParams::new().sparsifier(Sparsifier::Gmp(GmpSchedule {
                 interval: 0,

@@ -25,9 +25,12 @@ use crate::math::calibration::{Calibration, gather_rows};
 use crate::math::objective::{ContractionOrder, GroupParams, Objective, StepShape};
 use crate::math::optim::{AdamWStep, Moments};
 use crate::math::sparsity::MaskSchedule;
+use crate::math::validation::ValidationSet;
 use crate::methods::engine::{Schedule, Trainable, TrainingLoop};
 use crate::methods::fips::params::FipsValidParams;
-use crate::methods::report::{FipsDetails, Method, MethodDetails, MethodReport, Progress};
+use crate::methods::report::{
+    FipsDetails, Method, MethodDetails, MethodReport, Progress, ValidationReport,
+};
 use crate::repr::measure::targets;
 use crate::repr::{
     BlockErrors, CompressedBlocks, GroupSpec, SharedBasis, SharedBasisGroup, SparseFactor,
@@ -73,6 +76,8 @@ pub(crate) struct Trained<F> {
     pub init_time: Duration,
     pub train_time: Duration,
     pub wall_time: Duration,
+    /// The trained group on the validation set, if one was given.
+    pub validation: Option<ValidationReport>,
 }
 
 /// A training run of factors under a basis layout; see the module documentation.
@@ -98,6 +103,16 @@ struct FactorProblem<'a, F: Float> {
     mask: Array2<bool>,
     schedule: MaskSchedule,
     training: Option<TrainingState<F>>,
+    validator: Option<Validator<'a, F>>,
+}
+
+/// What scoring the current state on the validation set needs.
+#[derive(Debug)]
+struct Validator<'a, F: Float> {
+    set: &'a ValidationSet<F>,
+    spec: GroupSpec,
+    rank: usize,
+    assemble: Assembler<F>,
 }
 
 /// Buffers that exist only when there are steps to run.
@@ -115,16 +130,33 @@ struct TrainingState<F: Float> {
 
 impl<'a, F: Float> FactorTrainer<'a, F> {
     /// Validates the group, computes the targets and the initialisation, and measures the
-    /// initialisation pruned to the target sparsity.
+    /// initialisation pruned to the target sparsity. With `validation`, the trained group is
+    /// measured on it, and early stopping (if configured) scores the training state on it.
     pub(crate) fn new(
         config: FipsValidParams,
         layout: BasisLayout,
         assemble: Assembler<F>,
         blocks: &[DenseMlp<F>],
         calibration: &'a Calibration<F>,
+        validation: Option<&'a ValidationSet<F>>,
     ) -> Result<Self> {
         let start = Instant::now();
         let spec = validate_group(blocks, Some(calibration))?;
+        if let Some(set) = validation
+            && (set.blocks() != blocks.len() || set.width() != Some(spec.shape.width))
+        {
+            return Err(FipsError::ShapeMismatch {
+                what: "validation inputs (blocks, width)".into(),
+                expected: vec![blocks.len(), spec.shape.width],
+                got: vec![set.blocks(), set.width().unwrap_or(0)],
+            });
+        }
+        if config.early_stop().is_some() && config.steps() > 0 && validation.is_none() {
+            return Err(invalid(
+                "early_stop",
+                "early stopping needs a validation set (held-out calibration tokens)",
+            ));
+        }
         let shape = spec.shape;
         if layout == BasisLayout::PerMatrix && config.sparsity() > 0.0 {
             return Err(invalid(
@@ -244,7 +276,14 @@ impl<'a, F: Float> FactorTrainer<'a, F> {
                 xs,
             }
         });
-        let run = TrainingLoop::new(steps, Schedule::Cosine(*config.optimizer()));
+        let run = TrainingLoop::new(steps, Schedule::Cosine(*config.optimizer()))
+            .early_stopping(config.early_stop())?;
+        let validator = validation.map(|set| Validator {
+            set,
+            spec,
+            rank,
+            assemble,
+        });
         Ok(Self {
             problem: FactorProblem {
                 config,
@@ -254,6 +293,7 @@ impl<'a, F: Float> FactorTrainer<'a, F> {
                 mask,
                 schedule,
                 training,
+                validator,
             },
             run,
             assemble,
@@ -331,6 +371,18 @@ impl<'a, F: Float> FactorTrainer<'a, F> {
             problem.calibration,
             &problem.targets,
         )?;
+        let validation = problem
+            .validator
+            .as_ref()
+            .map(|v| {
+                ValidationReport::measure(
+                    &blocks,
+                    v.set,
+                    run.validation_curve().to_vec(),
+                    run.stopped_at(),
+                )
+            })
+            .transpose()?;
         let nnz = problem.mask.iter().filter(|&&m| m).count();
         let (steps_run, steps_planned, train_time) = (run.steps_run(), run.total(), run.time());
         Ok(Trained {
@@ -350,6 +402,30 @@ impl<'a, F: Float> FactorTrainer<'a, F> {
             init_time,
             train_time,
             wall_time: start.elapsed(),
+            validation,
+        })
+    }
+}
+
+impl<F: Float> FactorProblem<'_, F> {
+    /// The factors as they stand, pruned to the target sparsity if the schedule is not there yet
+    /// (copies: training goes on undisturbed), assembled by `assemble`.
+    fn assemble_pruned(
+        &self,
+        spec: &GroupSpec,
+        rank: usize,
+        assemble: Assembler<F>,
+    ) -> Result<CompressedBlocks<F>> {
+        let (mut v, mut mask) = (self.params.v.clone(), self.mask.clone());
+        MaskSchedule::new(self.config.sparsifier(), self.config.sparsity(), v.len(), 1)
+            .finish(contiguous(&mut v)?, contiguous(&mut mask)?);
+        assemble(&Factors {
+            spec,
+            rank,
+            u: &self.params.u,
+            v: &v,
+            mask: &mask,
+            biases: &self.params.biases,
         })
     }
 }
@@ -406,6 +482,14 @@ impl<F: Float> Trainable for FactorProblem<'_, F> {
         Ok(())
     }
 
+    fn validation_error(&mut self) -> Result<Option<f64>> {
+        let Some(v) = &self.validator else {
+            return Ok(None);
+        };
+        let blocks = self.assemble_pruned(&v.spec, v.rank, v.assemble)?;
+        v.set.relative_error(&blocks.to_dense_mlps()?).map(Some)
+    }
+
     fn observe(&self, progress: &mut Progress) {
         progress.sparsity = Some(self.schedule.sparsity());
     }
@@ -434,6 +518,7 @@ impl<'a, F: Float> FipsTrainer<'a, F> {
         config: FipsValidParams,
         blocks: &[DenseMlp<F>],
         calibration: &'a Calibration<F>,
+        validation: Option<&'a ValidationSet<F>>,
     ) -> Result<Self> {
         FactorTrainer::new(
             config,
@@ -441,6 +526,7 @@ impl<'a, F: Float> FipsTrainer<'a, F> {
             assemble_shared,
             blocks,
             calibration,
+            validation,
         )
         .map(Self)
     }
@@ -475,19 +561,10 @@ impl<'a, F: Float> FipsTrainer<'a, F> {
     /// training (see [`crate::math::validation`]).
     pub fn snapshot(&self) -> Result<SharedBasisGroup<F>> {
         let t = &self.0;
-        let p = &t.problem;
-        let (mut v, mut mask) = (p.params.v.clone(), p.mask.clone());
-        MaskSchedule::new(p.config.sparsifier(), p.config.sparsity(), v.len(), 1)
-            .finish(contiguous(&mut v)?, contiguous(&mut mask)?);
-        let blocks = assemble_shared(&Factors {
-            spec: &t.spec,
-            rank: t.rank,
-            u: &p.params.u,
-            v: &v,
-            mask: &mask,
-            biases: &p.params.biases,
-        })?;
-        match blocks {
+        match t
+            .problem
+            .assemble_pruned(&t.spec, t.rank, assemble_shared)?
+        {
             CompressedBlocks::SharedBasis(group) => Ok(group),
             _ => Err(FipsError::Numerical(
                 "the shared-basis assembler returned another form".into(),
@@ -517,6 +594,7 @@ impl<'a, F: Float> FipsTrainer<'a, F> {
             calibration_tokens: t.calibration_tokens,
             data_free: t.data_free,
             wall_time: t.wall_time,
+            validation: t.validation,
             details: MethodDetails::Fips(FipsDetails {
                 rank: t.rank,
                 target_sparsity: config.sparsity(),
@@ -643,6 +721,69 @@ mod tests {
                 .unwrap()
             })
             .collect()
+    }
+
+    /// Early stopping needs a validation set; with one, the report carries the final validation
+    /// errors (equal to measuring the returned group), the curve, and the step it stopped at.
+    #[test]
+    fn early_stopping_stops_on_the_validation_error_and_reports_it() {
+        use crate::math::validation::EarlyStopping;
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let group = blocks(&mut rng, 2, 8, 16);
+        let calibration = Calibration::gaussian(2, 200, 8, 1).unwrap();
+        let held = Calibration::gaussian(2, 100, 8, 2).unwrap();
+        let set = ValidationSet::new(&group, &held).unwrap();
+        let settings = EarlyStopping {
+            patience: 20,
+            tolerance: 0.05,
+            interval: 10,
+        };
+        let compressor = FipsParams::new()
+            .sparsity(0.5)
+            .steps(400)
+            .batch_tokens(64)
+            .learning_rate(1e-2)
+            .early_stop(Some(settings))
+            .check()
+            .unwrap();
+        assert!(matches!(
+            compressor.trainer(&group, &calibration),
+            Err(FipsError::InvalidParameter {
+                name: "early_stop",
+                ..
+            })
+        ));
+        let out = compressor
+            .compress_with_validation(&group, &calibration, Some(&set), |_| {
+                std::ops::ControlFlow::Continue(())
+            })
+            .unwrap();
+        let v = out.report.validation.clone().unwrap();
+        let measured = set.errors(&dense(&out.group)).unwrap();
+        assert!((v.rel_error - measured.0).abs() <= 1e-12);
+        assert_eq!(v.block_rel_error, measured.1);
+        assert_eq!(v.tokens, 100);
+        let stop = v
+            .stopped_at
+            .expect("a 5 % tolerance over 20 steps stops before 400");
+        assert!(stop < 400 && stop.is_multiple_of(10), "stopped at {stop}");
+        assert_eq!(out.report.steps, stop);
+        assert_eq!(v.curve.len(), stop / 10);
+        assert_eq!(v.curve.last().map(|c| c.0), Some(stop));
+        // The same run without early stopping runs every step and still reports validation.
+        let full = compressor
+            .clone()
+            .into_params()
+            .early_stop(None)
+            .check()
+            .unwrap()
+            .compress_with_validation(&group, &calibration, Some(&set), |_| {
+                std::ops::ControlFlow::Continue(())
+            })
+            .unwrap();
+        assert_eq!(full.report.steps, 400);
+        let fv = full.report.validation.unwrap();
+        assert_eq!((fv.stopped_at, fv.curve.len()), (None, 0));
     }
 
     /// A snapshot evaluated on the calibration set itself gives the error the report gives for

@@ -1,0 +1,197 @@
+//! Peak memory of a few FiPS training steps on one gated group (Llama-shaped, random weights),
+//! with the calibration written to an MLP-input file on disk first and read back from it, against
+//! the formula that predicts it (issue 12, item 5).
+//!
+//! ```sh
+//! # one quarter of a Llama-7B group's width (d 1024, I 2752), 4 blocks, 512 tokens per batch:
+//! cargo run --release --example group_memory -- 1024 2752 4 2048 512 0.5 0.75 3 gmp
+//! # the Llama-7B group itself (d 4096, I 11008): needs the memory the formula prints
+//! cargo run --release --example group_memory -- 4096 11008 4 2048 512 0.5 0.75 3 gmp
+//! ```
+//!
+//! Arguments: `d I n TOKENS BATCH p s STEPS {gmp|rigl}`. Prints the process's peak resident set
+//! (`VmHWM` from `/proc/self/status`) after each stage and the prediction of the current trainer's
+//! layout (everything `f32`; `W = f n d I` dense weights, `r` the rank of the budget,
+//! `E = r f n I` entries of `V`, `T` calibration tokens):
+//!
+//! ```text
+//! blocks 4 W  +  calibration and targets 2 · 4 n T d  +  training 17 E
+//!   (V 4E, its gradient 4E, Adam moments 8E, mask 1E; RigL keeps up to 8E more in index buffers)
+//! ```
+//!
+//! The initialisation holds `M`'s Gram route transients (`V` before and after padding, about
+//! `4 d f n I + 4 E`) once, before training allocates its buffers.
+
+use std::collections::HashMap;
+
+use fips::format::mlp_input_writer::MlpInputWriter;
+use fips::format::mlp_inputs::MlpInputs;
+use fips::{
+    Activation, Budget, DenseMlp, FipsParams, GmpSchedule, GroupShape, Linear, ParamGuard,
+    RiglSchedule, Sparsifier,
+};
+use ndarray::Array2;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+
+/// `VmHWM` and `VmRSS` in bytes (Linux; zero elsewhere).
+fn memory() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
+
+fn stage(name: &str) {
+    let (hwm, rss) = memory();
+    println!(
+        "{name:<32} peak {:>7.3} GiB   now {:>7.3} GiB",
+        gib(hwm),
+        gib(rss)
+    );
+}
+
+fn randn(rng: &mut ChaCha8Rng, rows: usize, cols: usize) -> Array2<f32> {
+    let scale = 1.0 / (cols as f32).sqrt();
+    Array2::from_shape_simple_fn((rows, cols), || {
+        let z: f32 = StandardNormal.sample(rng);
+        scale * z
+    })
+}
+
+fn main() -> fips::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let arg = |i: usize, default: &str| args.get(i).cloned().unwrap_or_else(|| default.into());
+    let num = |i: usize, default: &str| -> fips::Result<f64> {
+        arg(i, default)
+            .parse::<f64>()
+            .map_err(|e| fips::FipsError::InvalidParameter {
+                name: "arguments",
+                reason: format!("argument {}: {e}", i + 1),
+            })
+    };
+    let d = num(0, "1024")? as usize;
+    let i = num(1, "2752")? as usize;
+    let n = num(2, "4")? as usize;
+    let tokens = num(3, "2048")? as usize;
+    let batch = num(4, "512")? as usize;
+    let p = num(5, "0.5")?;
+    let s = num(6, "0.75")?;
+    let steps = num(7, "3")? as usize;
+    let sparsifier = match arg(8, "gmp").as_str() {
+        "rigl" => Sparsifier::Rigl(RiglSchedule::default()),
+        _ => Sparsifier::Gmp(GmpSchedule::default()),
+    };
+
+    let compressor = FipsParams::new()
+        .budget(Budget::Fraction(p))
+        .sparsity(s)
+        .sparsifier(sparsifier)
+        .steps(steps)
+        .batch_tokens(batch)
+        .check()?;
+    let shape = GroupShape {
+        width: d,
+        intermediate: i,
+        blocks: n,
+        matrices_per_block: 3,
+    };
+    let rank = compressor.rank_for(shape)?;
+    let w = shape.dense_weights() as u64;
+    let e = shape.factor_entries(rank) as u64;
+    let calib = 2 * 4 * (n * tokens * d) as u64;
+    let predicted = 4 * w + calib + 17 * e;
+    println!(
+        "group: d {d}, I {i}, n {n} gated, p {p}, s {s}, rank {rank}, {tokens} calibration tokens, {batch} per batch, {steps} steps, {}",
+        sparsifier
+    );
+    println!(
+        "prediction: blocks 4W {:.3} GiB + calibration/targets {:.3} GiB + training 17E {:.3} GiB = {:.3} GiB{}",
+        gib(4 * w),
+        gib(calib),
+        gib(17 * e),
+        gib(predicted),
+        if matches!(sparsifier, Sparsifier::Rigl(_)) {
+            format!(" (RigL: up to {:.3} GiB more)", gib(8 * e))
+        } else {
+            String::new()
+        }
+    );
+    stage("start");
+
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let blocks = (0..n)
+        .map(|_| {
+            DenseMlp::gated(
+                Linear::new(randn(&mut rng, i, d), None)?,
+                Linear::new(randn(&mut rng, i, d), None)?,
+                Linear::new(randn(&mut rng, d, i), None)?,
+                Activation::Silu,
+            )
+        })
+        .collect::<fips::Result<Vec<_>>>()?;
+    stage("blocks built");
+
+    // Calibration streamed to a file in chunks of 256 rows, then read back.
+    let path = std::env::temp_dir().join(format!(
+        "fips-group-memory-{}.safetensors",
+        std::process::id()
+    ));
+    let ids: Vec<usize> = (0..n).collect();
+    let mut writer = MlpInputWriter::create(
+        &path,
+        &ids,
+        tokens,
+        d,
+        fips::safetensors::Dtype::F32,
+        HashMap::new(),
+    )?;
+    for b in 0..n {
+        let mut done = 0;
+        while done < tokens {
+            let rows = 256.min(tokens - done);
+            let chunk: Vec<f32> = (0..rows * d)
+                .map(|_| StandardNormal.sample(&mut rng))
+                .collect();
+            writer.append(b, &chunk)?;
+            done += rows;
+        }
+    }
+    writer.finish()?;
+    let calibration = MlpInputs::open(&path)?.calibration::<f32>(&ids)?;
+    stage("calibration read from file");
+
+    let started = std::time::Instant::now();
+    let mut trainer = compressor.trainer(&blocks, &calibration)?;
+    stage("trainer (targets, init)");
+    let init = started.elapsed();
+    while let Some(progress) = trainer.step()? {
+        println!("step {} loss {:.4e}", progress.step, progress.loss);
+    }
+    stage("after the steps");
+    let out = trainer.finish()?;
+    stage("finished (pruned, measured)");
+    let _ = std::fs::remove_file(&path);
+    let (hwm, _) = memory();
+    println!(
+        "peak RSS {:.3} GiB, predicted {:.3} GiB ({:+.1} %); init {:.1} s, total {:.1} s, rel. error {:.4}",
+        gib(hwm),
+        gib(predicted),
+        100.0 * (hwm as f64 / predicted as f64 - 1.0),
+        init.as_secs_f64(),
+        started.elapsed().as_secs_f64(),
+        out.report.rel_error
+    );
+    Ok(())
+}
