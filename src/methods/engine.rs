@@ -130,7 +130,7 @@ impl TrainingLoop {
         // Score on the held-out tokens every `interval` steps (and after the last step).
         let mut validation_error = None;
         if let Some(v) = self.validation.as_mut()
-            && (step % v.interval == 0 || step == self.total)
+            && (step.is_multiple_of(v.interval) || step == self.total)
             && let Some(error) = problem.validation_error()?
         {
             validation_error = Some(error);
