@@ -227,7 +227,8 @@ fn main() -> Res<()> {
     );
     println!("|---|---|---:|---:|---:|---:|---:|---:|");
     for s in SHAPES.iter().filter(|s| only.is_none_or(|o| o == s.name)) {
-        let dense_bytes = (s.kind.matrices_per_block() * BLOCKS * s.width * s.intermediate * 4) as f64;
+        let dense_bytes =
+            (s.kind.matrices_per_block() * BLOCKS * s.width * s.intermediate * 4) as f64;
         for case in ["dense", "compact-f32", "compact-bf16"] {
             let out = Command::new(&exe)
                 .args(["--child", s.name, case])
