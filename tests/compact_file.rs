@@ -582,6 +582,40 @@ fn crafted_files_are_typed_errors_before_any_allocation() {
             }),
         ),
         (
+            "rank 2^40 of a full-pattern group",
+            Box::new(|_, j, _| j["groups"][2]["rank"] = huge()),
+        ),
+        (
+            "low-rank intermediate 2^40",
+            Box::new(|_, j, _| j["groups"][3]["intermediate"] = huge()),
+        ),
+        (
+            "collapsed width 2^40",
+            Box::new(|_, j, _| j["groups"][4]["width"] = huge()),
+        ),
+        (
+            "low-rank factor reshaped (same bytes)",
+            Box::new(|_, _, t| {
+                let left = t.get_mut("group.3.matrix.0.left").unwrap();
+                let n: usize = left.shape.iter().product();
+                left.shape = vec![1, n];
+            }),
+        ),
+        (
+            "collapsed block marked factored",
+            Box::new(|_, j, _| j["groups"][4]["structure"]["factored"][0] = true.into()),
+        ),
+        (
+            "bias name pointing at another block",
+            Box::new(|_, j, _| {
+                j["groups"][0]["matrices"][0]["bias"] = "blocks.1.mlp.fc1.bias".into()
+            }),
+        ),
+        (
+            "factor nnz beyond the values tensor",
+            Box::new(|_, j, _| j["groups"][1]["matrices"][0]["factor"]["nnz"] = 100_000.into()),
+        ),
+        (
             "unreadable manifest",
             Box::new(|meta, _, _| {
                 meta.insert(MANIFEST_KEY.into(), "{not json".into());

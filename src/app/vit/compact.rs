@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use ndarray::{Array2, ArrayView2};
+use ndarray::{Array2, ArrayView2, Axis};
 
 use super::VisionTransformer;
 use crate::format::checkpoint::Checkpoint;
@@ -13,6 +13,10 @@ use crate::format::compact_file::{AnyCompactGroup, CompactBlocks, CompactModel};
 use crate::foundation::activation::Activation;
 use crate::foundation::error::{FipsError, Result, invalid};
 use crate::foundation::mlp::DenseMlp;
+
+/// Tokens per call of a compact block's forward pass (a compact block's input is split into
+/// chunks of this many rows, bounding its scratch to about `(2r + f I) · 512` floats).
+pub const COMPACT_TOKENS: usize = 512;
 
 /// The MLP of one block: dense, or one block of a compact shared-basis group.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,7 +37,20 @@ impl BlockMlp {
     pub fn forward(&self, x: ArrayView2<'_, f32>) -> Result<Array2<f32>> {
         match self {
             Self::Dense(m) => m.forward(x),
-            Self::Compact { group, position } => group.forward(*position, x),
+            Self::Compact { group, position } => {
+                if x.nrows() <= COMPACT_TOKENS {
+                    return group.forward(*position, x);
+                }
+                // Bounded scratch: the compact forward holds `(2r + f I)` floats per token.
+                let mut out = Array2::zeros(x.raw_dim());
+                for (xc, mut oc) in x
+                    .axis_chunks_iter(Axis(0), COMPACT_TOKENS)
+                    .zip(out.axis_chunks_iter_mut(Axis(0), COMPACT_TOKENS))
+                {
+                    oc.assign(&group.forward(*position, xc)?);
+                }
+                Ok(out)
+            }
         }
     }
 
