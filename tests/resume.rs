@@ -301,10 +301,13 @@ fn scattered_groups_assemble_to_the_same_bytes_and_missing_parts_are_named() {
     ok(&fips(&args, &["--only-group", "1", "--work-dir", &work_s]));
     ok(&assemble(&out_s));
     same_outputs(&reference, &out);
+    let settings: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(work.join("settings.json")).unwrap()).unwrap();
     assert!(
-        work.join("settings.json").is_file(),
-        "a given work directory is kept"
+        settings["settings"]["cores"].is_null(),
+        "both thread counts given: the core count does not matter"
     );
+    assert_eq!(settings["settings"]["blas_threads"], 1);
     std::fs::remove_dir_all(root).ok();
 }
 

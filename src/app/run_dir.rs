@@ -6,7 +6,8 @@
 //!   version, the checkpoint's name, length and XXH64 content fingerprint, the naming scheme, the
 //!   method and all its parameters, the groups, the activation, the calibration data (fingerprint
 //!   of the decoded calibration pixels and the ViT's heads, of the MLP-input file, or the
-//!   data-free token count and seed), the cores and the BLAS thread count) and its fingerprint;
+//!   data-free token count and seed), the BLAS thread count, and the cores unless both thread
+//!   counts are given) and its fingerprint;
 //! - per finished group `g`: `group-{g}.safetensors` (a one-group compressed checkpoint: factors,
 //!   biases and manifest entry) and then `group-{g}.json` (the settings fingerprint, the group's
 //!   blocks, the fingerprint of the `.safetensors`, the calibration time and the method's report).
@@ -217,8 +218,10 @@ pub struct RunSettings {
     pub calibration: CalibrationSettings,
     /// The held-out validation tokens (`null`: none).
     pub validation: Option<HoldoutSettings>,
-    /// The cores the process may use (the default of the methods' thread count).
-    pub cores: usize,
+    /// The cores the process may use, where they matter: when the method's `threads` or the
+    /// BLAS thread count is left to default to them (`null` when both are given, so nodes with
+    /// other core counts still match).
+    pub cores: Option<usize>,
     /// The BLAS thread count from the environment (`null`: the backend's default).
     pub blas_threads: Option<usize>,
 }
@@ -234,19 +237,23 @@ impl RunSettings {
         calibration: CalibrationSettings,
         validation: &Validation<'_>,
     ) -> Result<Self> {
+        let parameters = serde_json::to_value(compressor.parameters())
+            .map_err(|e| FipsError::Numerical(format!("cannot serialise the parameters: {e}")))?;
+        let blas_threads = crate::foundation::blas::configured_threads();
+        let threads_given = parameters.get("threads").is_some_and(|t| t.is_u64());
+        let cores = (!threads_given || blas_threads.is_none())
+            .then(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         Ok(Self {
             fips_version: env!("CARGO_PKG_VERSION").into(),
             checkpoint: InputFile::of(checkpoint_path)?,
             scheme: layout.scheme().to_string(),
-            parameters: serde_json::to_value(compressor.parameters()).map_err(|e| {
-                FipsError::Numerical(format!("cannot serialise the parameters: {e}"))
-            })?,
+            parameters,
             groups: groups.groups().to_vec(),
             activation,
             calibration,
             validation: HoldoutSettings::of(validation)?,
-            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            blas_threads: crate::foundation::blas::configured_threads(),
+            cores,
+            blas_threads,
         })
     }
 
@@ -628,7 +635,9 @@ impl WorkArea {
             settings.method_params()?,
             run,
         );
-        report.cores = settings.cores;
+        if let Some(cores) = settings.cores {
+            report.cores = cores;
+        }
         report.blas_threads = settings.blas_threads;
         Ok(report)
     }
