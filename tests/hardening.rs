@@ -493,12 +493,10 @@ fn small_compressed(original: &Checkpoint, path: &Path) {
     result.model.write(path).unwrap();
 }
 
-/// Still open, in `export.rs` (being replaced by the compact format of issue 11): reading a
-/// compressed file *without* its original trusts the manifest's `intermediate` and allocates
-/// dense factors of that width. `inspect` no longer reads the factors; this test documents the
-/// reader itself and passes once the new format bounds it.
+/// Reading a format-2 compressed file *without* its original trusted the manifest's
+/// `intermediate` and allocated dense factors of that width (2^40 aborted). The reader now bounds
+/// each rebuilt factor by the nonzeros the file stores (`limits::MAX_DENSE_PER_NONZERO`).
 #[test]
-#[ignore = "aborts: export.rs reader, to be fixed by the new compressed format (issue 11)"]
 fn defect_bare_compressed_reader_trusts_manifest_intermediate() {
     let Some(data) = common::data_dir("defect_bare_compressed_reader_trusts_manifest_intermediate")
     else {
@@ -514,7 +512,11 @@ fn defect_bare_compressed_reader_trusts_manifest_intermediate() {
     m["groups"][0]["intermediate"] = (1u64 << 40).into();
     header["__metadata__"]["fips.manifest"] = serde_json::Value::String(m.to_string());
     std::fs::write(&compressed, st_bytes(&header, &raw)).unwrap();
-    assert!(fips::format::compressed::CompressedModel::read(&compressed).is_err());
+    let err = fips::format::compressed::CompressedModel::read(&compressed).unwrap_err();
+    assert!(
+        matches!(err, fips::FipsError::Format { .. }),
+        "expected a typed format error, got {err:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -570,6 +570,19 @@ fn read_group(file: &Checkpoint, g: usize, m: &GroupManifest) -> Result<Compress
             let mut biases = Vec::with_capacity(m.matrices.len());
             for j in 0..m.matrices.len() {
                 let values: Array1<f32> = file.read_vector(&matrix_name(g, j, "values"))?;
+                let dense = rank.checked_mul(cols).filter(|&n| {
+                    n <= values
+                        .len()
+                        .max(1)
+                        .saturating_mul(crate::math::limits::MAX_DENSE_PER_NONZERO)
+                });
+                if dense.is_none() {
+                    return Err(format(format!(
+                        "group {g} matrix {j}: a {rank} × {cols} factor from {} stored values \
+                         (intermediate {cols} in the manifest is not what the file holds)",
+                        values.len()
+                    )));
+                }
                 let index = |part: &str| -> Result<Vec<usize>> {
                     let raw = file.read_integers(&matrix_name(g, j, part))?;
                     raw.iter()

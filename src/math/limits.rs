@@ -42,6 +42,11 @@ pub const MAX_ASPECT_RATIO: u32 = 16;
 /// (50,177 tokens) would be 750 GB.
 pub const MAX_VIT_TOKENS: usize = 1025;
 
+/// Most entries of a dense `r × I` factor rebuilt per nonzero stored in a file (the legacy
+/// format-2 reader builds dense masked factors): 128 allows sparsities up to 99.2 % and keeps the
+/// allocation within ~55× the stored bytes, whatever `intermediate` a manifest claims.
+pub const MAX_DENSE_PER_NONZERO: usize = 128;
+
 /// Most elements of generated (data-free) calibration inputs, `blocks × tokens × width`: 4 GiB of
 /// `f32`.
 pub const MAX_GENERATED_ELEMENTS: usize = 1 << 30;
