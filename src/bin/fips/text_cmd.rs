@@ -314,14 +314,14 @@ pub fn compress(
         c.seconds
     );
     println!("{}: {}", model.display(), result.layout);
-    let mut report = RunReport::new(model, &result.layout, compressor.as_ref(), &result.run);
-    println!("{}", report.group_table());
     if let Some(v) = &result.validation_capture {
         println!(
             "held out: {} tokens from {} paragraphs (never trained on)",
             v.tokens, v.paragraphs_used
         );
     }
+    let mut report = RunReport::new(model, &result.layout, compressor.as_ref(), &result.run);
+    println!("{}", report.group_table());
     if let Some((dense, comp)) = &result.validation_perplexity {
         println!(
             "perplexity on the held-out paragraphs: dense {:.4}, compressed {:.4} ({:+.2}%)",
