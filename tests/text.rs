@@ -736,9 +736,11 @@ fn compress_from_text_in_one_call_holds_out_validation_and_checks_first() {
         !out.join("work").exists(),
         "the calibration cache is removed"
     );
-    // The written model scores as the in-memory one on the held-out paragraphs' text.
-    let model = fips::format::compressed::CompressedModel::read(out.join("compressed.safetensors"))
-        .unwrap();
+    // The written model is a compact (format 3) file with the run's groups.
+    let model =
+        fips::format::compact_file::CompactModel::read(out.join("compressed.safetensors"), None)
+            .unwrap();
     assert_eq!(model.groups.len(), 1);
+    assert_eq!(model.manifest.format_version, 3);
     std::fs::remove_dir_all(tmp).ok();
 }

@@ -123,6 +123,12 @@ impl VisionTransformer {
             })?
         };
         let depth = depth(source)?;
+        let width = source
+            .info("patch_embed.proj.weight")?
+            .shape
+            .first()
+            .copied()
+            .unwrap_or(0);
         let mut compressed: BTreeMap<usize, BlockMlp> = BTreeMap::new();
         let CompactModel { manifest, groups } = model;
         for (gm, group) in manifest.groups.iter().zip(groups) {
@@ -139,6 +145,18 @@ impl VisionTransformer {
                     (None, Some(group)) => BlockMlp::Dense(group.to_dense_mlp(position)?),
                     (None, None) => return Err(invalid("group", "no compressed form")),
                 };
+                let mlp_width = match &mlp {
+                    BlockMlp::Dense(m) => m.width(),
+                    BlockMlp::Compact { group, .. } => group.width(),
+                };
+                if mlp_width != width {
+                    return Err(FipsError::Format {
+                        path: file.path().to_path_buf(),
+                        reason: format!(
+                            "block {b}'s compressed MLP has width {mlp_width}, the model {width}"
+                        ),
+                    });
+                }
                 if b >= depth || compressed.insert(b, mlp).is_some() {
                     return Err(FipsError::Format {
                         path: file.path().to_path_buf(),
@@ -156,12 +174,6 @@ impl VisionTransformer {
             .first()
             .and_then(|g| g.activation.parse::<Activation>().ok())
             .unwrap_or(Activation::Gelu);
-        let width = source
-            .info("patch_embed.proj.weight")?
-            .shape
-            .first()
-            .copied()
-            .unwrap_or(0);
         Self::load(source, heads, depth, |b| match compressed.remove(&b) {
             Some(mlp) => Ok(mlp),
             None => {
