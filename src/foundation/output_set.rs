@@ -25,14 +25,13 @@
 //! two runs once any fips command has touched the directory again. Staging directories of a
 //! process that is still running are left alone.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::foundation::error::{FipsError, Result};
 use crate::foundation::fingerprint;
-use crate::foundation::safe_io::{remove_stale_temporaries, write_atomically};
+use crate::foundation::safe_io::{remove_stale_temporaries, sync_directory, write_atomically};
 
 /// The manifest of the current set of an output directory.
 pub const SET_MANIFEST: &str = "fips-set.json";
@@ -78,20 +77,6 @@ fn format_error(path: &Path, reason: impl Into<String>) -> FipsError {
     FipsError::Format {
         path: path.to_path_buf(),
         reason: reason.into(),
-    }
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    #[cfg(unix)]
-    {
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_error(dir))
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = dir;
-        Ok(())
     }
 }
 
@@ -192,7 +177,7 @@ impl StagedSet {
         let text = serde_json::to_string_pretty(&manifest)
             .map_err(|e| format_error(&self.staging, e.to_string()))?;
         write_atomically(self.staging.join(SET_MANIFEST), text.as_bytes())?;
-        sync_dir(&self.staging)?;
+        sync_directory(&self.staging)?;
         apply(&self.out_dir, &self.staging, &manifest)?;
         Ok(manifest
             .files
@@ -211,7 +196,7 @@ impl StagedSet {
 fn apply(out_dir: &Path, staging: &Path, manifest: &SetManifest) -> Result<()> {
     let current = out_dir.join(SET_MANIFEST);
     match std::fs::remove_file(&current) {
-        Ok(()) => sync_dir(out_dir)?,
+        Ok(()) => sync_directory(out_dir)?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_error(&current)(e)),
     }
@@ -241,10 +226,10 @@ fn apply(out_dir: &Path, staging: &Path, manifest: &SetManifest) -> Result<()> {
             ));
         }
     }
-    sync_dir(out_dir)?;
+    sync_directory(out_dir)?;
     let staged_manifest = staging.join(SET_MANIFEST);
     std::fs::rename(&staged_manifest, &current).map_err(io_error(&current))?;
-    sync_dir(out_dir)?;
+    sync_directory(out_dir)?;
     std::fs::remove_dir_all(staging).map_err(io_error(staging))
 }
 

@@ -155,7 +155,7 @@ pub fn write_atomically(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
 }
 
 /// Makes a rename in `dir` durable (Unix: `fsync` of the directory; elsewhere a no-op).
-fn sync_directory(dir: &Path) -> Result<()> {
+pub(crate) fn sync_directory(dir: &Path) -> Result<()> {
     #[cfg(unix)]
     {
         File::open(dir)

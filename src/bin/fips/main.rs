@@ -637,33 +637,21 @@ fn compress(args: CompressArgs, given: &[String]) -> Result<(), FipsError> {
     let run = work.assemble(start.elapsed())?;
     let mut report = RunReport::new(checkpoint_path, &layout, compressor.as_ref(), &run);
     println!("{}", report.group_table());
-    let mut measure = || -> Result<Evaluation, FipsError> {
-        let (Some(vit), Some(dir)) = (&vit, &args.images.images) else {
-            return Err(FipsError::InvalidParameter {
-                name: "images",
-                reason: "evaluation needs --images".into(),
-            });
-        };
-        let (pixels, labels) = decode(dir, &args.eval_split, None, &bars)?;
-        Evaluation::measure(
-            vit,
-            &run,
-            &layout,
-            (pixels.view(), &labels, &args.eval_split),
-            &mut bars.classify_observer("eval dense"),
-            &mut bars.classify_observer("eval compressed"),
-        )
-    };
-    let written = run_dir::write_outputs(
+    let written = write_run(
         &args.out_dir,
         &run,
         &mut report,
         &checkpoint,
+        &layout,
+        evaluate
+            .then_some(())
+            .and(vit.as_ref().zip(args.images.images.as_deref())),
+        &args.eval_split,
         OutputOptions {
             densified: !args.no_densified,
             self_contained: args.self_contained,
         },
-        if evaluate { Some(&mut measure) } else { None },
+        &bars,
         start,
     )?;
     if args.work.work_dir.is_none() {
@@ -675,6 +663,46 @@ fn compress(args: CompressArgs, given: &[String]) -> Result<(), FipsError> {
     report.wall_time = start.elapsed();
     println!("{}", report.summary_line());
     Ok(())
+}
+
+/// Writes the output set of `run` into `out_dir`, evaluating it first on the `eval_split` images
+/// when `eval` gives the dense ViT and the image folder.
+#[allow(clippy::too_many_arguments)]
+fn write_run(
+    out_dir: &Path,
+    run: &fips::app::pipeline::ModelCompression,
+    report: &mut RunReport,
+    checkpoint: &Checkpoint,
+    layout: &MlpLayout,
+    eval: Option<(&VisionTransformer, &Path)>,
+    eval_split: &str,
+    options: OutputOptions,
+    bars: &Bars,
+    start: Instant,
+) -> Result<Vec<PathBuf>, FipsError> {
+    let measure = |vit: &VisionTransformer, dir: &Path| -> Result<Evaluation, FipsError> {
+        let (pixels, labels) = decode(dir, eval_split, None, bars)?;
+        Evaluation::measure(
+            vit,
+            run,
+            layout,
+            (pixels.view(), &labels, eval_split),
+            &mut bars.classify_observer("eval dense"),
+            &mut bars.classify_observer("eval compressed"),
+        )
+    };
+    let mut evaluate = eval.map(|(vit, dir)| move || measure(vit, dir));
+    run_dir::write_outputs(
+        out_dir,
+        run,
+        report,
+        checkpoint,
+        options,
+        evaluate
+            .as_mut()
+            .map(|f| f as &mut dyn FnMut() -> Result<Evaluation, FipsError>),
+        start,
+    )
 }
 
 /// Runs the groups whose parts the work area lacks (all, or only one).
@@ -763,37 +791,19 @@ fn assemble(args: AssembleArgs) -> Result<(), FipsError> {
         Some(_) => Some(VisionTransformer::from_checkpoint(&checkpoint, args.heads)?),
         None => None,
     };
-    let mut measure = || -> Result<Evaluation, FipsError> {
-        let (Some(vit), Some(dir)) = (&vit, &args.images) else {
-            return Err(FipsError::InvalidParameter {
-                name: "images",
-                reason: "evaluation needs --images".into(),
-            });
-        };
-        let (pixels, labels) = decode(dir, &args.eval_split, None, &bars)?;
-        Evaluation::measure(
-            vit,
-            &run,
-            &layout,
-            (pixels.view(), &labels, &args.eval_split),
-            &mut bars.classify_observer("eval dense"),
-            &mut bars.classify_observer("eval compressed"),
-        )
-    };
-    let written = run_dir::write_outputs(
+    let written = write_run(
         &args.out_dir,
         &run,
         &mut report,
         &checkpoint,
+        &layout,
+        vit.as_ref().zip(args.images.as_deref()),
+        &args.eval_split,
         OutputOptions {
             densified: !args.no_densified,
             self_contained: args.self_contained,
         },
-        if args.images.is_some() {
-            Some(&mut measure)
-        } else {
-            None
-        },
+        &bars,
         start,
     )?;
     for path in written {
