@@ -171,11 +171,17 @@ fn killed_runs_resume_to_the_bytes_of_an_uninterrupted_run() {
     let args = run_args(&checkpoint, 4);
     let reference = root.join("reference");
     let start = Instant::now();
-    ok(&fips(
-        &args,
-        &["--out-dir", &reference.display().to_string()],
-    ));
+    let out = fips(&args, &["--out-dir", &reference.display().to_string()]);
+    ok(&out);
     let uninterrupted = start.elapsed();
+    // stderr is a pipe here, not a terminal: progress comes as plain lines, up to each group's
+    // last step.
+    let log = String::from_utf8_lossy(&out.stderr);
+    let last = |g: usize| format!("group {g}/3: step 4/4 loss");
+    assert!(
+        (1..=3).all(|g| log.contains(&last(g))),
+        "no plain progress lines in:\n{log}"
+    );
     assert!(!reference.join(".fips-work").exists(), "work area removed");
 
     let part =

@@ -1,12 +1,15 @@
 //! Progress bars for the long phases: decoding, calibration, training, evaluation.
 
+use std::io::IsTerminal;
 use std::ops::ControlFlow;
 
 use fips::app::pipeline::Observer;
 use fips::{MethodReport, Progress};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-/// Creates progress bars on stderr (hidden when stderr is not a terminal).
+/// Creates progress bars on stderr. When stderr is not a terminal (a log file, a pipe, a batch
+/// job) the bars are hidden and training progress is printed as plain lines instead: one per
+/// tenth of each group's steps.
 pub struct Bars;
 
 fn style(template: &str) -> ProgressStyle {
@@ -30,7 +33,11 @@ impl Bars {
 
     /// The observer of a compression run over `groups` groups.
     pub fn observer(&self, groups: usize) -> CompressionBars {
-        CompressionBars { groups, bar: None }
+        CompressionBars {
+            groups,
+            bar: None,
+            plain: !std::io::stderr().is_terminal(),
+        }
     }
 
     /// The observer of a classification pass.
@@ -46,6 +53,8 @@ impl Bars {
 pub struct CompressionBars {
     groups: usize,
     bar: Option<ProgressBar>,
+    /// Plain progress lines instead of bars (stderr is not a terminal).
+    plain: bool,
 }
 
 impl CompressionBars {
@@ -83,7 +92,19 @@ impl Observer for CompressionBars {
         bar.set_prefix(prefix);
     }
 
-    fn step(&mut self, _group: usize, p: &Progress) -> ControlFlow<()> {
+    fn step(&mut self, group: usize, p: &Progress) -> ControlFlow<()> {
+        let tenth = p.total_steps.div_ceil(10).max(1);
+        if self.plain && (p.step.is_multiple_of(tenth) || p.step == p.total_steps) {
+            eprintln!(
+                "group {}/{}: step {}/{} loss {:.3e} lr {:.1e}",
+                group + 1,
+                self.groups,
+                p.step,
+                p.total_steps,
+                p.loss,
+                p.learning_rate
+            );
+        }
         if let Some(bar) = &self.bar {
             bar.set_position(p.step as u64);
             if p.step.is_multiple_of(10) || p.step == p.total_steps {
