@@ -5,8 +5,9 @@
 //! - `settings.json`: everything that determines a group's result ([`RunSettings`]: the crate
 //!   version, the checkpoint's name, length and XXH64 content fingerprint, the naming scheme, the
 //!   method and all its parameters, the groups, the activation, the calibration data (fingerprint
-//!   of the decoded calibration pixels and the ViT's heads, of the MLP-input file, or the
-//!   data-free token count and seed), the BLAS thread count, and the cores unless both thread
+//!   of the decoded calibration pixels and the ViT's heads, of the MLP-input file, of the
+//!   calibration text with its token budget, seed and validation fraction, or the data-free
+//!   token count and seed), the BLAS thread count, and the cores unless both thread
 //!   counts are given) and its fingerprint;
 //! - per finished group `g`: `group-{g}.safetensors` (a one-group compressed checkpoint: factors,
 //!   biases and manifest entry) and then `group-{g}.json` (the settings fingerprint, the group's
