@@ -183,6 +183,15 @@ fn a_killed_text_run_resumes_to_the_bytes_of_an_uninterrupted_run() {
     let resumed = run(&run_args(&model, 512, &got));
     ok(&resumed);
     let stdout = String::from_utf8_lossy(&resumed.stdout);
+    let stderr = String::from_utf8_lossy(&resumed.stderr);
+    assert!(
+        stdout.contains("earlier run with the same settings, reused"),
+        "the captures were not reused: {stdout}"
+    );
+    assert!(
+        stderr.contains("finished by an earlier run with the same settings, reused"),
+        "group 0 was not reused: {stderr}"
+    );
     let want_tree = tree(&want);
     let got_tree = tree(&got);
     let names = |t: &[(String, Vec<u8>)]| t.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();

@@ -465,7 +465,7 @@ impl WorkArea {
     }
 
     /// Creates the work area and its settings record if they are not there yet.
-    pub fn ensure_settings(&self) -> Result<()> {
+    fn ensure_settings(&self) -> Result<()> {
         let path = self.dir.join(SETTINGS_FILE);
         if path.is_file() {
             return Ok(());

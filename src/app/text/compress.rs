@@ -117,6 +117,8 @@ pub struct TextCompression {
     pub compressed_perplexity: Option<Perplexity>,
     /// The run's report (written as `report.json` into the output set).
     pub report: RunReport,
+    /// Whether the captures were those of an earlier run with the same settings (resumed).
+    pub capture_reused: bool,
     /// Wall time of the whole call.
     pub wall_time: Duration,
 }
@@ -248,7 +250,13 @@ pub fn compress_text_model(
     };
     let work_dir = out_dir.join(run_dir::WORK_DIR);
     let work = WorkArea::open(&work_dir, settings, context, options.resume)?;
-    work.ensure_settings()?;
+    // As on the other paths, the settings record comes with the first part: a run that fails
+    // before (say, a batch larger than the budget) leaves only its captures, which a rerun with
+    // the same settings reuses and one with other settings captures again.
+    std::fs::create_dir_all(&work_dir).map_err(|source| FipsError::Io {
+        path: work_dir.clone(),
+        source,
+    })?;
     let dense_model = LlamaModel::load(&folder, &BTreeMap::new())?;
     let metadata = |part: &str| {
         HashMap::from([
@@ -266,7 +274,9 @@ pub fn compress_text_model(
     let calibration_path = work_dir.join(calibration_name);
     let validation_path = work_dir.join(validation_name);
     let record_path = work_dir.join(record_name);
-    let (capture, validation_capture) = match read_capture_record(&work, &record_path)? {
+    let recorded = read_capture_record(&work, &record_path)?;
+    let capture_reused = recorded.is_some();
+    let (capture, validation_capture) = match recorded {
         Some(record) => (record.capture, record.validation_capture),
         None => {
             let capture = capture_with_model(
@@ -414,6 +424,7 @@ pub fn compress_text_model(
         dense_perplexity,
         compressed_perplexity,
         report,
+        capture_reused,
         wall_time: start.elapsed(),
     })
 }

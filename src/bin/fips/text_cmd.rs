@@ -306,14 +306,19 @@ pub fn compress(
     let result = result?;
     let c = &result.capture;
     println!(
-        "calibration: {} tokens × {} blocks from {} of {} paragraphs of {} (seed {}) in {:.1} s",
+        "calibration: {} tokens × {} blocks from {} of {} paragraphs of {} (seed {}) in {:.1} s{}",
         c.tokens,
         c.blocks,
         c.paragraphs_used,
         c.paragraphs_available,
         text.display(),
         settings.seed,
-        c.seconds
+        c.seconds,
+        if result.capture_reused {
+            " (captured by an earlier run with the same settings, reused)"
+        } else {
+            ""
+        }
     );
     println!("{}: {}", model.display(), result.layout);
     if let Some(v) = &result.validation_capture {
