@@ -191,11 +191,26 @@ impl StagedSet {
             });
         }
         files.sort_by(|a, b| a.name.cmp(&b.name));
+        // A directory of the output directory goes with the old set only if that set's manifest
+        // lists it as one of its entries (never a folder of the user's that merely has the name).
+        let old_dirs: Vec<String> = std::fs::read_to_string(self.out_dir.join(SET_MANIFEST))
+            .ok()
+            .and_then(|text| serde_json::from_str::<SetManifest>(&text).ok())
+            .map(|m| {
+                m.files
+                    .into_iter()
+                    .filter(|f| f.directory)
+                    .map(|f| f.name)
+                    .collect()
+            })
+            .unwrap_or_default();
         let mut replaces = Vec::new();
         for entry in std::fs::read_dir(&self.out_dir).map_err(io_error(&self.out_dir))? {
             let entry = entry.map_err(io_error(&self.out_dir))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            let is_file = entry.file_type().is_ok_and(|t| t.is_file() || t.is_dir());
+            let is_file = entry
+                .file_type()
+                .is_ok_and(|t| t.is_file() || (t.is_dir() && old_dirs.contains(&name)));
             if is_file && plain_name(&name) && owned(&name) && !files.iter().any(|f| f.name == name)
             {
                 replaces.push(name);
@@ -420,6 +435,12 @@ mod tests {
         };
         assert_eq!(m.replaces, vec!["out-dir".to_string()]);
         assert_eq!(names(&dir), vec!["fips-set.json", "out-file"]);
+        // A folder no set listed is never removed, even with a name the command owns.
+        std::fs::create_dir(dir.join("out-mine")).unwrap();
+        let set = StagedSet::begin(&dir).unwrap();
+        write_atomically(set.path("out-file"), b"h").unwrap();
+        set.commit(owned).unwrap();
+        assert!(dir.join("out-mine").is_dir());
         std::fs::remove_dir_all(dir).ok();
     }
 
