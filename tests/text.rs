@@ -639,6 +639,7 @@ fn compress_from_text_in_one_call_holds_out_validation_and_checks_first() {
         densify: true,
         keep_calibration: false,
         eval_text: None,
+        resume: fips::app::run_dir::Resume::Auto,
     };
     // Bad input: typed errors and nothing written.
     let tmp = scratch("one-call");
@@ -733,9 +734,10 @@ fn compress_from_text_in_one_call_holds_out_validation_and_checks_first() {
     assert!(out.join("compressed.safetensors").is_file());
     assert!(out.join("densified").join("model.safetensors").is_file());
     assert!(
-        !out.join("work").exists(),
-        "the calibration cache is removed"
+        !out.join(".fips-work").exists(),
+        "the work area (calibration cache and parts) is removed"
     );
+    fips::foundation::output_set::verify(&out).unwrap();
     // The written model is a compact (format 3) file with the run's groups.
     let model =
         fips::format::compact_file::CompactModel::read(out.join("compressed.safetensors"), None)

@@ -5,8 +5,9 @@
 //! - `settings.json`: everything that determines a group's result ([`RunSettings`]: the crate
 //!   version, the checkpoint's name, length and XXH64 content fingerprint, the naming scheme, the
 //!   method and all its parameters, the groups, the activation, the calibration data (fingerprint
-//!   of the decoded calibration pixels and the ViT's heads, of the MLP-input file, or the
-//!   data-free token count and seed), the BLAS thread count, and the cores unless both thread
+//!   of the decoded calibration pixels and the ViT's heads, of the MLP-input file, of the
+//!   calibration text with its token budget, seed and validation fraction, or the data-free
+//!   token count and seed), the BLAS thread count, and the cores unless both thread
 //!   counts are given) and its fingerprint;
 //! - per finished group `g`: `group-{g}.safetensors` (a one-group compressed checkpoint: factors,
 //!   biases and manifest entry) and then `group-{g}.json` (the settings fingerprint, the group's
@@ -111,7 +112,7 @@ impl InputFile {
 }
 
 /// Where the calibration activations come from, as far as it determines the result.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "source", rename_all = "kebab-case")]
 pub enum CalibrationSettings {
     /// Captured by the ViT on decoded images.
@@ -127,6 +128,18 @@ pub enum CalibrationSettings {
     File {
         /// The file.
         file: InputFile,
+    },
+    /// Captured from a text by the language model being compressed (into [`CAPTURE_FILES`] of
+    /// the work area); the model itself is the run's checkpoint.
+    Text {
+        /// The calibration text.
+        text: InputFile,
+        /// Calibration tokens per block.
+        tokens: usize,
+        /// Seed of the paragraph order and of the validation split.
+        seed: u64,
+        /// Fraction of the paragraphs held out for validation.
+        validation_fraction: f64,
     },
     /// Data-free Gaussian inputs.
     Gaussian {
@@ -351,9 +364,18 @@ fn differences(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &m
     }
 }
 
-/// Whether `name` is a file a work area holds (its settings, parts, and their temporaries).
+/// The files a text run captures into its work area: the calibration and the held-out MLP
+/// inputs, and their record (written last).
+pub const CAPTURE_FILES: [&str; 3] = [
+    "calibration.safetensors",
+    "validation.safetensors",
+    "capture.json",
+];
+
+/// Whether `name` is a file a work area holds (its settings, parts, captures and their
+/// temporaries).
 fn is_work_file(name: &str) -> bool {
-    if name == SETTINGS_FILE {
+    if name == SETTINGS_FILE || CAPTURE_FILES.contains(&name) {
         return true;
     }
     let part = |n: &str| {
@@ -476,6 +498,11 @@ impl WorkArea {
     /// The directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The fingerprint of the run's settings.
+    pub fn fingerprint(&self) -> &str {
+        &self.record.fingerprint
     }
 
     /// The run's settings.
@@ -657,6 +684,34 @@ pub fn compress_parts(
     work: &WorkArea,
     only: Option<usize>,
 ) -> Result<Vec<usize>> {
+    let validation = HoldoutSettings::validation(work.settings().validation);
+    compress_parts_validated(
+        checkpoint,
+        layout,
+        compressor,
+        activation,
+        calibration,
+        &validation,
+        observer,
+        work,
+        only,
+    )
+}
+
+/// [`compress_parts`] with the validation given: a held-out source of its own (the text path's
+/// held-out paragraphs, whose capture the settings fingerprint) or the settings' hold-out.
+#[allow(clippy::too_many_arguments)]
+pub fn compress_parts_validated(
+    checkpoint: &impl TensorStore,
+    layout: &MlpLayout,
+    compressor: &dyn Compressor<f32>,
+    activation: Activation,
+    calibration: &CalibrationSource<'_>,
+    validation: &Validation<'_>,
+    observer: &mut dyn Observer,
+    work: &WorkArea,
+    only: Option<usize>,
+) -> Result<Vec<usize>> {
     let groups = &work.settings().groups;
     let todo: Vec<usize> = match only {
         Some(k) if k >= groups.len() => {
@@ -683,7 +738,7 @@ pub fn compress_parts(
             compressor,
             activation,
             calibration,
-            &HoldoutSettings::validation(work.settings().validation),
+            validation,
             observer,
         )?;
         work.write_part(g, &result)?;
@@ -817,7 +872,14 @@ mod tests {
         ] {
             assert!(!is_run_output(no), "{no}");
         }
-        for yes in ["settings.json", "group-0.json", "group-11.safetensors"] {
+        for yes in [
+            "settings.json",
+            "group-0.json",
+            "group-11.safetensors",
+            "calibration.safetensors",
+            "validation.safetensors",
+            "capture.json",
+        ] {
             assert!(is_work_file(yes), "{yes}");
         }
         for no in ["group-.json", "group-1.txt", "model.safetensors", "x.json"] {

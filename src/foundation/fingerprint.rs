@@ -167,6 +167,53 @@ pub fn of_file(path: impl AsRef<Path>) -> Result<(String, u64)> {
     Ok((f.hex(), total))
 }
 
+/// The fingerprint of a directory tree and the total length of its files: XXH64 over every
+/// regular file's relative path (`/`-separated, sorted), length and content fingerprint. Links
+/// and other entries are refused ([`FipsError::Format`]).
+pub fn of_dir(dir: impl AsRef<Path>) -> Result<(String, u64)> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, std::path::PathBuf)>) -> Result<()> {
+        let io = |source| FipsError::Io {
+            path: dir.to_path_buf(),
+            source,
+        };
+        for entry in std::fs::read_dir(dir).map_err(io)? {
+            let path = entry.map_err(io)?.path();
+            let meta = std::fs::symlink_metadata(&path).map_err(|source| FipsError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            if meta.is_dir() {
+                walk(root, &path, out)?;
+            } else if meta.is_file() {
+                let rel = path.strip_prefix(root).unwrap_or(&path);
+                let name: Vec<String> = rel
+                    .components()
+                    .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                    .collect();
+                out.push((name.join("/"), path));
+            } else {
+                return Err(FipsError::Format {
+                    path,
+                    reason: "neither a regular file nor a directory".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+    let dir = dir.as_ref();
+    let mut files = Vec::new();
+    walk(dir, dir, &mut files)?;
+    files.sort();
+    let mut f = Fingerprint::new();
+    let mut total = 0u64;
+    for (name, path) in &files {
+        let (hex, bytes) = of_file(path)?;
+        f.update(format!("{name}\0{bytes}\0{hex}\n").as_bytes());
+        total = total.wrapping_add(bytes);
+    }
+    Ok((f.hex(), total))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,7 +5,8 @@
 //!
 //! 1. [`StagedSet::begin`] makes a staging directory `OUT/.fips-staging-{pid}-{16 hex}` inside the
 //!    output directory (same file system, so the renames below never copy). The caller writes
-//!    every file of the set into it (each one synced by the atomic writer).
+//!    every file of the set into it (each one synced by the atomic writer); a directory (a model
+//!    folder) is one entry of the set, fingerprinted as a tree and renamed whole.
 //! 2. [`StagedSet::commit`] writes the staged manifest (every file's name, length and XXH64
 //!    fingerprint, the files of an earlier set this one replaces, the crate version and the BLAS
 //!    thread count) into the staging directory and syncs it: from here on the set is complete on
@@ -47,8 +48,21 @@ pub struct SetFile {
     pub name: String,
     /// Its length.
     pub bytes: u64,
-    /// XXH64 of its content, 16 hex digits.
+    /// XXH64 of its content, 16 hex digits (of a directory: [`fingerprint::of_dir`]).
     pub fingerprint: String,
+    /// A directory (a model folder) installed as one entry, not a file.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub directory: bool,
+}
+
+impl SetFile {
+    fn fingerprint_of(&self, path: &Path) -> Result<(String, u64)> {
+        if self.directory {
+            fingerprint::of_dir(path)
+        } else {
+            fingerprint::of_file(path)
+        }
+    }
 }
 
 /// What `fips-set.json` holds.
@@ -142,25 +156,46 @@ impl StagedSet {
                 continue;
             }
             let path = entry.path();
-            if !std::fs::symlink_metadata(&path)
-                .map_err(io_error(&path))?
-                .is_file()
-            {
-                return Err(format_error(&path, "a staged output is not a regular file"));
+            let meta = std::fs::symlink_metadata(&path).map_err(io_error(&path))?;
+            if !meta.is_file() && !meta.is_dir() {
+                return Err(format_error(
+                    &path,
+                    "a staged output is neither a regular file nor a directory",
+                ));
             }
-            let (fingerprint, bytes) = fingerprint::of_file(&path)?;
+            let (fingerprint, bytes) = if meta.is_dir() {
+                fingerprint::of_dir(&path)?
+            } else {
+                fingerprint::of_file(&path)?
+            };
             files.push(SetFile {
                 name,
                 bytes,
                 fingerprint,
+                directory: meta.is_dir(),
             });
         }
         files.sort_by(|a, b| a.name.cmp(&b.name));
+        // A directory of the output directory goes with the old set only if that set's manifest
+        // lists it as one of its entries (never a folder of the user's that merely has the name).
+        let old_dirs: Vec<String> = std::fs::read_to_string(self.out_dir.join(SET_MANIFEST))
+            .ok()
+            .and_then(|text| serde_json::from_str::<SetManifest>(&text).ok())
+            .map(|m| {
+                m.files
+                    .into_iter()
+                    .filter(|f| f.directory)
+                    .map(|f| f.name)
+                    .collect()
+            })
+            .unwrap_or_default();
         let mut replaces = Vec::new();
         for entry in std::fs::read_dir(&self.out_dir).map_err(io_error(&self.out_dir))? {
             let entry = entry.map_err(io_error(&self.out_dir))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+            let is_file = entry
+                .file_type()
+                .is_ok_and(|t| t.is_file() || (t.is_dir() && old_dirs.contains(&name)));
             if is_file && plain_name(&name) && owned(&name) && !files.iter().any(|f| f.name == name)
             {
                 replaces.push(name);
@@ -202,8 +237,10 @@ fn apply(out_dir: &Path, staging: &Path, manifest: &SetManifest) -> Result<()> {
     }
     for name in &manifest.replaces {
         let path = out_dir.join(name);
-        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
-            std::fs::remove_file(&path).map_err(io_error(&path))?;
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.is_file() => std::fs::remove_file(&path).map_err(io_error(&path))?,
+            Ok(m) if m.is_dir() => std::fs::remove_dir_all(&path).map_err(io_error(&path))?,
+            _ => {}
         }
     }
     for file in &manifest.files {
@@ -212,14 +249,21 @@ fn apply(out_dir: &Path, staging: &Path, manifest: &SetManifest) -> Result<()> {
         remove_stale_temporaries(out_dir, std::ffi::OsStr::new(&file.name));
         let (from, to) = (staging.join(&file.name), out_dir.join(&file.name));
         if std::fs::symlink_metadata(&from).is_ok() {
-            if std::fs::symlink_metadata(&to).is_ok_and(|m| m.file_type().is_symlink()) {
-                return Err(FipsError::UnsafeOutput {
-                    path: to,
-                    reason: "the destination is a symbolic link (refused)".into(),
-                });
+            match std::fs::symlink_metadata(&to) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(FipsError::UnsafeOutput {
+                        path: to,
+                        reason: "the destination is a symbolic link (refused)".into(),
+                    });
+                }
+                // A directory is not replaced by a rename: the old one goes first (the new set
+                // is complete on disk, so a kill here is rolled forward by `recover`).
+                Ok(m) if m.is_dir() => std::fs::remove_dir_all(&to).map_err(io_error(&to))?,
+                Ok(_) if file.directory => std::fs::remove_file(&to).map_err(io_error(&to))?,
+                _ => {}
             }
             std::fs::rename(&from, &to).map_err(io_error(&to))?;
-        } else if !to.is_file() {
+        } else if !(to.is_file() || (file.directory && to.is_dir())) {
             return Err(format_error(
                 staging,
                 format!("{} is neither staged nor installed", file.name),
@@ -310,7 +354,7 @@ pub fn verify(out_dir: impl AsRef<Path>) -> Result<SetManifest> {
     }
     for file in &manifest.files {
         let p = out_dir.join(&file.name);
-        let (fingerprint, bytes) = fingerprint::of_file(&p)?;
+        let (fingerprint, bytes) = file.fingerprint_of(&p)?;
         if fingerprint != file.fingerprint || bytes != file.bytes {
             return Err(format_error(
                 &p,
@@ -339,6 +383,50 @@ mod tests {
             .collect();
         v.sort();
         v
+    }
+
+    #[test]
+    fn a_directory_is_one_entry_of_a_set() {
+        let dir = temp_dir("folder");
+        let owned = |n: &str| n.starts_with("out");
+        let stage = |files: &[(&str, &[u8])]| {
+            let set = StagedSet::begin(&dir).unwrap();
+            write_atomically(set.path("out-file"), b"f").unwrap();
+            std::fs::create_dir_all(set.path("out-dir").join("sub")).unwrap();
+            for (name, bytes) in files {
+                write_atomically(set.path("out-dir").join(name), bytes).unwrap();
+            }
+            set.commit(owned).unwrap();
+        };
+        stage(&[("a", b"one"), ("sub/b", b"two")]);
+        let m = verify(&dir).unwrap();
+        let entry = m.files.iter().find(|f| f.name == "out-dir").unwrap();
+        assert!(entry.directory);
+        assert_eq!(entry.bytes, 6);
+        // The new folder replaces the old one whole: no file of the old one stays.
+        stage(&[("c", b"three")]);
+        verify(&dir).unwrap();
+        assert!(!dir.join("out-dir/a").exists());
+        assert_eq!(std::fs::read(dir.join("out-dir/c")).unwrap(), b"three");
+        // A changed file inside the folder no longer verifies.
+        std::fs::write(dir.join("out-dir/c"), b"tampered").unwrap();
+        assert!(verify(&dir).is_err());
+        // A set without the folder removes it.
+        let set = StagedSet::begin(&dir).unwrap();
+        write_atomically(set.path("out-file"), b"g").unwrap();
+        let m = {
+            set.commit(owned).unwrap();
+            verify(&dir).unwrap()
+        };
+        assert_eq!(m.replaces, vec!["out-dir".to_string()]);
+        assert_eq!(names(&dir), vec!["fips-set.json", "out-file"]);
+        // A folder no set listed is never removed, even with a name the command owns.
+        std::fs::create_dir(dir.join("out-mine")).unwrap();
+        let set = StagedSet::begin(&dir).unwrap();
+        write_atomically(set.path("out-file"), b"h").unwrap();
+        set.commit(owned).unwrap();
+        assert!(dir.join("out-mine").is_dir());
+        std::fs::remove_dir_all(dir).ok();
     }
 
     #[test]
@@ -388,6 +476,7 @@ mod tests {
                     name: n.to_string(),
                     bytes: b.len() as u64,
                     fingerprint: fingerprint::of_bytes(b),
+                    directory: false,
                 })
                 .collect(),
             replaces: vec![],

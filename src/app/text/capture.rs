@@ -46,7 +46,7 @@ impl CaptureOptions {
 }
 
 /// What a capture wrote.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct CaptureReport {
     /// The MLP-input file.
     pub path: PathBuf,

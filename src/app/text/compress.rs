@@ -3,6 +3,17 @@
 //! compress every group from that file, write the compressed model and the densified folder, and
 //! optionally score the dense and the compressed model on an evaluation text.
 //!
+//! Never lose work (as [`run_dir`] for the other paths): the work area `OUT/.fips-work` holds the
+//! run's settings (the model folder's config, tokenizer, index and shards by content, the text by
+//! content, the token budget, the seed, the validation fraction, the method's parameters, the
+//! groups), the captures (`calibration.safetensors`, `validation.safetensors`, each written
+//! atomically, then `capture.json` recording their fingerprints) and one part per finished group.
+//! A killed run rerun with the same settings reuses the captures and the parts; with other
+//! settings it is refused before any work (naming what differs) unless started afresh. The
+//! outputs (`compressed.safetensors`, the folder `densified`, `report.json`) are assembled from
+//! the parts read back from disk and installed as one output set
+//! ([`output_set`](crate::foundation::output_set), the folder as one entry).
+//!
 //! Everything that can be checked cheaply is checked before the long work: the folder (config,
 //! shards, index), the tokenizer against the vocabulary, the calibration text (not empty, at least
 //! the token budget), the evaluation text, and the groups. Nothing is written before that.
@@ -15,8 +26,10 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
-use crate::app::pipeline::{
-    CalibrationSource, ModelCompression, Observer, Validation, compress_checkpoint_validated,
+use crate::app::pipeline::{CalibrationSource, ModelCompression, Observer, Validation};
+use crate::app::report::RunReport;
+use crate::app::run_dir::{
+    self, CAPTURE_FILES, CalibrationSettings, InputFile, Resume, RunContext, RunSettings, WorkArea,
 };
 use crate::app::text::capture::{CaptureOptions, CaptureReport, capture_with_model};
 use crate::app::text::model::{LlamaModel, check_supported};
@@ -24,19 +37,25 @@ use crate::app::text::perplexity::{Perplexity, perplexity_of_paragraphs};
 use crate::app::text::tokenize::{TextTokenizer, read_paragraph_tokens};
 use crate::format::block_groups::BlockGroups;
 use crate::format::compact_file::CompactModel;
+use crate::format::hf::store::TensorStore;
 use crate::format::hf::{DensifiedFolder, HfFolder, ModelError};
 use crate::format::layout::MlpLayout;
 use crate::format::mlp_inputs::MlpInputs;
 use crate::foundation::activation::Activation;
 use crate::foundation::error::{FipsError, Result};
+use crate::foundation::fingerprint;
+use crate::foundation::output_set::StagedSet;
+use crate::foundation::safe_io::write_atomically;
 use crate::methods::Compressor;
 
-/// The work area inside the output directory (calibration activations live here).
-pub const WORK_DIR: &str = "work";
+/// The work area inside the output directory (captures and per-group parts live here).
+pub const WORK_DIR: &str = run_dir::WORK_DIR;
 /// The calibration MLP-input file inside [`WORK_DIR`].
-pub const CALIBRATION_FILE: &str = "calibration.safetensors";
+pub const CALIBRATION_FILE: &str = CAPTURE_FILES[0];
 /// The held-out validation MLP-input file inside [`WORK_DIR`].
-pub const VALIDATION_FILE: &str = "validation.safetensors";
+pub const VALIDATION_FILE: &str = CAPTURE_FILES[1];
+/// The report inside the output directory.
+pub const REPORT_FILE: &str = run_dir::REPORT_FILE;
 /// The fraction of the calibration paragraphs held out for validation by default.
 pub const DEFAULT_VALIDATION_FRACTION: f64 = 0.05;
 /// The compressed model inside the output directory (compact format 3, MLPs only).
@@ -63,8 +82,10 @@ pub struct TextCompressOptions {
     pub activation: Option<Activation>,
     /// Write the densified folder ([`DENSIFIED_DIR`]) beside the compressed model.
     pub densify: bool,
-    /// Keep the calibration file after the run (it is removed otherwise).
+    /// Keep the work area (captures and parts) after the run (it is removed otherwise).
     pub keep_calibration: bool,
+    /// What to do with the work area of an earlier run.
+    pub resume: Resume,
     /// A text to score the dense and the compressed model on (never the calibration text).
     pub eval_text: Option<PathBuf>,
 }
@@ -94,6 +115,10 @@ pub struct TextCompression {
     pub dense_perplexity: Option<Perplexity>,
     /// Perplexity of the compressed model (dense rebuilds of its MLPs) on the evaluation text.
     pub compressed_perplexity: Option<Perplexity>,
+    /// The run's report (written as `report.json` into the output set).
+    pub report: RunReport,
+    /// Whether the captures were those of an earlier run with the same settings (resumed).
+    pub capture_reused: bool,
     /// Wall time of the whole call.
     pub wall_time: Duration,
 }
@@ -205,9 +230,31 @@ pub fn compress_text_model(
         available_tokens(&folder, eval)?;
     }
 
-    let work = out_dir.join(WORK_DIR);
-    std::fs::create_dir_all(&work).map_err(|source| FipsError::Io {
-        path: work.clone(),
+    // The work area: settings first (a run with other settings is refused before any work),
+    // then the captures, then one part per group; the outputs are assembled from the parts.
+    let settings = text_run_settings(
+        &folder,
+        &layout,
+        compressor,
+        &groups,
+        activation,
+        CalibrationSettings::Text {
+            text: InputFile::of(text_file)?,
+            tokens,
+            seed: options.seed,
+            validation_fraction: options.validation_fraction,
+        },
+    )?;
+    let context = RunContext {
+        checkpoint: model_dir.display().to_string(),
+    };
+    let work_dir = out_dir.join(run_dir::WORK_DIR);
+    let work = WorkArea::open(&work_dir, settings, context, options.resume)?;
+    // As on the other paths, the settings record comes with the first part: a run that fails
+    // before (say, a batch larger than the budget) leaves only its captures, which a rerun with
+    // the same settings reuses and one with other settings captures again.
+    std::fs::create_dir_all(&work_dir).map_err(|source| FipsError::Io {
+        path: work_dir.clone(),
         source,
     })?;
     let dense_model = LlamaModel::load(&folder, &BTreeMap::new())?;
@@ -223,27 +270,50 @@ pub fn compress_text_model(
             ),
         ])
     };
-    let calibration_path = work.join(CALIBRATION_FILE);
-    let capture = capture_with_model(
-        &dense_model,
-        &train,
-        &CaptureOptions::new(tokens, options.seed),
-        &calibration_path,
-        metadata("training"),
-        progress,
-    )?;
-    let validation_path = work.join(VALIDATION_FILE);
-    let validation_capture = if held_out.is_empty() {
-        None
-    } else {
-        Some(capture_with_model(
-            &dense_model,
-            &held_out,
-            &CaptureOptions::new(count(&held_out), options.seed),
-            &validation_path,
-            metadata("validation"),
-            &mut |_, _| {},
-        )?)
+    let [calibration_name, validation_name, record_name] = CAPTURE_FILES;
+    let calibration_path = work_dir.join(calibration_name);
+    let validation_path = work_dir.join(validation_name);
+    let record_path = work_dir.join(record_name);
+    let recorded = read_capture_record(&work, &record_path)?;
+    let capture_reused = recorded.is_some();
+    let (capture, validation_capture) = match recorded {
+        Some(record) => (record.capture, record.validation_capture),
+        None => {
+            let capture = capture_with_model(
+                &dense_model,
+                &train,
+                &CaptureOptions::new(tokens, options.seed),
+                &calibration_path,
+                metadata("training"),
+                progress,
+            )?;
+            let validation_capture = if held_out.is_empty() {
+                None
+            } else {
+                Some(capture_with_model(
+                    &dense_model,
+                    &held_out,
+                    &CaptureOptions::new(count(&held_out), options.seed),
+                    &validation_path,
+                    metadata("validation"),
+                    &mut |_, _| {},
+                )?)
+            };
+            let record = CaptureRecord {
+                settings: work.fingerprint().to_string(),
+                calibration: InputFile::of(&calibration_path)?,
+                validation: validation_capture
+                    .as_ref()
+                    .map(|_| InputFile::of(&validation_path))
+                    .transpose()?,
+                capture,
+                validation_capture,
+            };
+            let text = serde_json::to_string_pretty(&record)
+                .map_err(|e| FipsError::Numerical(format!("cannot serialise a capture: {e}")))?;
+            write_atomically(&record_path, text.as_bytes())?;
+            (record.capture, record.validation_capture)
+        }
     };
     let inputs = MlpInputs::open(&calibration_path)?;
     let validation = validation_capture
@@ -252,10 +322,9 @@ pub fn compress_text_model(
         .transpose()?;
     // Every group's report carries its per-block errors on the held-out tokens (which also
     // drive early stopping when it is set).
-    let run = compress_checkpoint_validated(
+    run_dir::compress_parts_validated(
         folder.tensors(),
         &layout,
-        &groups,
         compressor,
         activation,
         &CalibrationSource::File(&inputs),
@@ -263,7 +332,11 @@ pub fn compress_text_model(
             Validation::Source(CalibrationSource::File(v))
         }),
         observer,
+        &work,
+        None,
     )?;
+    drop((inputs, validation));
+    let run = work.assemble(start.elapsed())?;
     let train_errors = run
         .reports
         .iter()
@@ -274,52 +347,70 @@ pub fn compress_text_model(
         .iter()
         .filter_map(|r| r.validation.as_ref().map(|v| v.block_rel_error.clone()))
         .collect();
-    drop((inputs, validation));
+    // The output set, staged and installed whole: the compact file (format 3, values in the
+    // checkpoint's dtype), the densified folder and the report; the scores use exactly what the
+    // compact file holds.
+    let set = StagedSet::begin(out_dir)?;
+    let staged = (|| {
+        let compact = CompactModel::from_model(&run.model, None)?;
+        compact.write(set.path(COMPRESSED_FILE))?;
+        let replacements = compact.dense_tensors()?;
+        let densified = if options.densify {
+            let note = format!("{} compression", run.model.manifest.method);
+            Some(folder.write_densified(&replacements, &note, set.path(DENSIFIED_DIR), true)?)
+        } else {
+            None
+        };
+        let compressed_model = LlamaModel::load(&folder, &replacements)?;
+        let validation_perplexity = if held_out.is_empty() {
+            None
+        } else {
+            Some((
+                perplexity_of_paragraphs(&dense_model, &held_out, &mut |_, _| {})?,
+                perplexity_of_paragraphs(&compressed_model, &held_out, &mut |_, _| {})?,
+            ))
+        };
+        let scores = match &options.eval_text {
+            Some(eval) => {
+                let paragraphs = read_paragraph_tokens(&tokenizer, eval)?;
+                (
+                    Some(perplexity_of_paragraphs(
+                        &dense_model,
+                        &paragraphs,
+                        &mut |_, _| {},
+                    )?),
+                    Some(perplexity_of_paragraphs(
+                        &compressed_model,
+                        &paragraphs,
+                        &mut |_, _| {},
+                    )?),
+                )
+            }
+            None => (None, None),
+        };
+        let mut report = RunReport::new(model_dir, &layout, compressor, &run);
+        report.wall_time = start.elapsed();
+        report.write(set.path(REPORT_FILE))?;
+        Ok((densified, validation_perplexity, scores, report))
+    })();
+    let (densified, validation_perplexity, (dense_perplexity, compressed_perplexity), report) =
+        match staged {
+            Ok(staged) => staged,
+            Err(e) => {
+                set.abandon();
+                return Err(e);
+            }
+        };
+    set.commit(|name| [COMPRESSED_FILE, REPORT_FILE, DENSIFIED_DIR].contains(&name))?;
+    let densified = densified.map(|mut d| {
+        d.dir = out_dir.join(DENSIFIED_DIR);
+        d
+    });
     if !options.keep_calibration {
-        // The activation files are a cache of this run: removing them is tidying, not a result.
-        let _ = std::fs::remove_file(&calibration_path);
-        let _ = std::fs::remove_file(&validation_path);
-        let _ = std::fs::remove_dir(&work);
+        // The work area is a cache of this run once the set is installed.
+        work.remove()?;
     }
-    // The compact file (format 3, values in the checkpoint's dtype); the densified folder and the
-    // scores below use exactly what it holds.
     let compressed = out_dir.join(COMPRESSED_FILE);
-    let compact = CompactModel::from_model(&run.model, None)?;
-    compact.write(&compressed)?;
-    let replacements = compact.dense_tensors()?;
-    let densified = if options.densify {
-        let note = format!("{} compression", run.model.manifest.method);
-        Some(folder.write_densified(&replacements, &note, out_dir.join(DENSIFIED_DIR), true)?)
-    } else {
-        None
-    };
-    let compressed_model = LlamaModel::load(&folder, &replacements)?;
-    let validation_perplexity = if held_out.is_empty() {
-        None
-    } else {
-        Some((
-            perplexity_of_paragraphs(&dense_model, &held_out, &mut |_, _| {})?,
-            perplexity_of_paragraphs(&compressed_model, &held_out, &mut |_, _| {})?,
-        ))
-    };
-    let (dense_perplexity, compressed_perplexity) = match &options.eval_text {
-        Some(eval) => {
-            let paragraphs = read_paragraph_tokens(&tokenizer, eval)?;
-            (
-                Some(perplexity_of_paragraphs(
-                    &dense_model,
-                    &paragraphs,
-                    &mut |_, _| {},
-                )?),
-                Some(perplexity_of_paragraphs(
-                    &compressed_model,
-                    &paragraphs,
-                    &mut |_, _| {},
-                )?),
-            )
-        }
-        None => (None, None),
-    };
     Ok(TextCompression {
         capture,
         validation_capture,
@@ -332,6 +423,82 @@ pub fn compress_text_model(
         densified,
         dense_perplexity,
         compressed_perplexity,
+        report,
+        capture_reused,
         wall_time: start.elapsed(),
     })
+}
+
+/// What `capture.json` in the work area holds: the captures of a run with these settings.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct CaptureRecord {
+    settings: String,
+    calibration: InputFile,
+    validation: Option<InputFile>,
+    capture: CaptureReport,
+    validation_capture: Option<CaptureReport>,
+}
+
+/// The captures recorded in the work area, if the record is this run's and the files check out
+/// (`None`: capture again, over whatever is there).
+fn read_capture_record(work: &WorkArea, path: &Path) -> Result<Option<CaptureRecord>> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(None);
+    };
+    let Ok(record) = serde_json::from_str::<CaptureRecord>(&text) else {
+        return Ok(None);
+    };
+    let dir = work.dir();
+    let same = |recorded: &InputFile| {
+        InputFile::of(dir.join(&recorded.name)).is_ok_and(|found| &found == recorded)
+    };
+    let fine = record.settings == work.fingerprint()
+        && same(&record.calibration)
+        && record.validation.as_ref().is_none_or(same)
+        && record.validation.is_some() == record.validation_capture.is_some();
+    Ok(fine.then_some(record))
+}
+
+/// The run settings of compressing the model of `folder`: as [`RunSettings::new`], with the
+/// checkpoint standing for the whole folder (its name is the weights' file name; its length and
+/// fingerprint cover `config.json`, the tokenizer, the index and every shard).
+fn text_run_settings(
+    folder: &HfFolder,
+    layout: &MlpLayout,
+    compressor: &dyn Compressor<f32>,
+    groups: &BlockGroups,
+    activation: Activation,
+    calibration: CalibrationSettings,
+) -> Result<RunSettings> {
+    let dir = folder.dir();
+    let mut files = vec![dir.join("config.json")];
+    files.extend(folder.tokenizer_file());
+    files.extend(folder.tensors().index_file().map(Path::to_path_buf));
+    files.extend(folder.tensors().shard_names().iter().map(|n| dir.join(n)));
+    let mut f = fingerprint::Fingerprint::new();
+    let mut total = 0u64;
+    for file in &files {
+        let found = InputFile::of(file)?;
+        f.update(format!("{}\0{}\0{}\n", found.name, found.bytes, found.fingerprint).as_bytes());
+        total = total.wrapping_add(found.bytes);
+    }
+    let weights = folder.tensors().path();
+    let mut settings = RunSettings::new(
+        weights,
+        layout,
+        compressor,
+        groups,
+        activation,
+        calibration,
+        &Validation::None,
+    )?;
+    settings.checkpoint = InputFile {
+        name: weights
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        bytes: total,
+        fingerprint: f.hex(),
+    };
+    Ok(settings)
 }

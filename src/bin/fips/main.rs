@@ -457,6 +457,14 @@ fn decode(
 
 fn compress(args: CompressArgs, given: &[String]) -> Result<(), FipsError> {
     if let Some(model) = &args.text.model {
+        if args.work.only_group.is_some() || args.work.work_dir.is_some() {
+            return Err(FipsError::InvalidParameter {
+                name: "only_group",
+                reason: "--only-group and --work-dir are not supported with --model --text yet \
+                         (its work area is OUT_DIR/.fips-work)"
+                    .into(),
+            });
+        }
         let options = method_options(&args, given);
         let settings = text_cmd::CompressSettings {
             method: args.method.into(),
@@ -467,6 +475,13 @@ fn compress(args: CompressArgs, given: &[String]) -> Result<(), FipsError> {
             densify: !args.no_densified,
             seed: args.seed,
             out_dir: &args.out_dir,
+            resume: if args.work.fresh {
+                Resume::Fresh
+            } else if args.work.resume {
+                Resume::Require
+            } else {
+                Resume::Auto
+            },
         };
         return text_cmd::compress(model, &args.text, &settings);
     }

@@ -228,7 +228,8 @@ pub struct TextCompressArgs {
     /// group otherwise; 0 holds out nothing.
     #[arg(long, default_value_t = 0.05)]
     pub validation_fraction: f64,
-    /// Keep the captured calibration file (out-dir/work/calibration.safetensors).
+    /// Keep the work area (out-dir/.fips-work: the captured calibration.safetensors and the
+    /// groups' parts).
     #[arg(long, requires = "model")]
     pub keep_calibration: bool,
 }
@@ -244,6 +245,7 @@ pub struct CompressSettings<'a> {
     pub densify: bool,
     pub seed: u64,
     pub out_dir: &'a Path,
+    pub resume: fips::app::run_dir::Resume,
 }
 
 /// Captures calibration from text and compresses (unavailable: built without `text`).
@@ -263,7 +265,6 @@ pub fn compress(
     args: &TextCompressArgs,
     settings: &CompressSettings<'_>,
 ) -> Result<(), FipsError> {
-    use fips::app::report::RunReport;
     use fips::app::text::compress::{TextCompressOptions, compress_text_model};
     use fips::methods::options::TEXT_DEFAULTS;
     let text = args.text.as_deref().ok_or_else(no_text)?;
@@ -283,6 +284,7 @@ pub fn compress(
         densify: settings.densify,
         keep_calibration: args.keep_calibration,
         eval_text: args.eval_text.clone(),
+        resume: settings.resume,
     };
     let bars = super::progress::Bars::new();
     let bar = bars.bar(0, "capturing tokens");
@@ -304,14 +306,19 @@ pub fn compress(
     let result = result?;
     let c = &result.capture;
     println!(
-        "calibration: {} tokens × {} blocks from {} of {} paragraphs of {} (seed {}) in {:.1} s",
+        "calibration: {} tokens × {} blocks from {} of {} paragraphs of {} (seed {}) in {:.1} s{}",
         c.tokens,
         c.blocks,
         c.paragraphs_used,
         c.paragraphs_available,
         text.display(),
         settings.seed,
-        c.seconds
+        c.seconds,
+        if result.capture_reused {
+            " (captured by an earlier run with the same settings, reused)"
+        } else {
+            ""
+        }
     );
     println!("{}: {}", model.display(), result.layout);
     if let Some(v) = &result.validation_capture {
@@ -320,7 +327,7 @@ pub fn compress(
             v.tokens, v.paragraphs_used
         );
     }
-    let mut report = RunReport::new(model, &result.layout, compressor.as_ref(), &result.run);
+    let report = &result.report;
     println!("{}", report.group_table());
     if let Some((dense, comp)) = &result.validation_perplexity {
         println!(
@@ -352,9 +359,7 @@ pub fn compress(
             dense.predicted_tokens
         );
     }
-    report.wall_time = result.wall_time;
-    let report_path = settings.out_dir.join("report.json");
-    report.write(&report_path)?;
+    let report_path = settings.out_dir.join(fips::app::run_dir::REPORT_FILE);
     println!("wrote {}", report_path.display());
     println!(
         "{} | wall {:.1} s",

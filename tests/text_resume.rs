@@ -1,0 +1,230 @@
+//! Never lose work on the text path: `fips compress --model DIR --text FILE` killed (SIGKILL)
+//! after its first group's part and rerun writes the same bytes as an uninterrupted run (the
+//! compressed file, every file of the densified folder, the report up to its timings), and a
+//! rerun with other settings is refused before any work, naming what differs.
+//!
+//! Runs the real `fips` binary on `../shared/data/stories260k` (five blocks, one group each,
+//! 20 steps, 512 calibration tokens, 1% of the paragraphs held out).
+
+#![cfg(all(feature = "cli", feature = "text"))]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use fips::foundation::output_set;
+
+/// `../shared/data/stories260k`, or `None` with a visible message.
+fn stories(test: &str) -> Option<PathBuf> {
+    let dir = std::env::var_os("FIPS_DATA_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"))
+        .join("stories260k");
+    if dir.join("config.json").is_file() && dir.join("calib.txt").is_file() {
+        Some(dir)
+    } else {
+        eprintln!(
+            "SKIPPED {test}: no stories260k data at {} (set FIPS_DATA_DIR)",
+            dir.display()
+        );
+        None
+    }
+}
+
+fn scratch(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("fips-text-resume-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Small settings: five one-block groups, 20 steps, `tokens` calibration tokens.
+fn run_args(model: &Path, tokens: usize, out: &Path) -> Vec<String> {
+    let tokens = tokens.to_string();
+    [
+        "compress",
+        "--model",
+        &model.display().to_string(),
+        "--text",
+        &model.join("calib.txt").display().to_string(),
+        "--tokens",
+        &tokens,
+        "--validation-fraction",
+        "0.01",
+        "--batch-tokens",
+        "256",
+        "--group-size",
+        "1",
+        "--threads",
+        "1",
+        "--steps",
+        "20",
+        "--out-dir",
+        &out.display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn command(args: &[String]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_fips"));
+    c.args(args).env("OPENBLAS_NUM_THREADS", "1");
+    c
+}
+
+fn run(args: &[String]) -> Output {
+    command(args).output().unwrap()
+}
+
+fn ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "fips failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Every regular file under `dir` (relative paths, sorted) with its bytes.
+fn tree(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, Vec<u8>)>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(root, &path, out);
+            } else {
+                let rel = path.strip_prefix(root).unwrap().display().to_string();
+                out.push((rel, std::fs::read(&path).unwrap()));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+/// `report.json` without its timings (the only thing that differs between identical runs).
+fn report_without_timings(dir: &Path) -> serde_json::Value {
+    fn strip(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(map) => {
+                map.retain(|k, _| !k.ends_with("_seconds"));
+                map.values_mut().for_each(strip);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap();
+    strip(&mut v);
+    v
+}
+
+#[test]
+fn a_killed_text_run_resumes_to_the_bytes_of_an_uninterrupted_run() {
+    let Some(model) = stories("a_killed_text_run_resumes_to_the_bytes_of_an_uninterrupted_run")
+    else {
+        return;
+    };
+    let root = scratch("kill");
+    let (want, got) = (root.join("want"), root.join("got"));
+    let started = Instant::now();
+    ok(&run(&run_args(&model, 512, &want)));
+    let uninterrupted = started.elapsed();
+    output_set::verify(&want).unwrap();
+
+    // Killed once the first group's part is there (the captures are then complete).
+    let first_part = got.join(".fips-work/group-0.json");
+    let mut child = command(&run_args(&model, 512, &got))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let killed = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success());
+            break false;
+        }
+        if first_part.is_file() || started.elapsed() > uninterrupted * 3 + Duration::from_secs(60) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            break true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert!(killed, "the run finished before its first part was seen");
+    assert!(first_part.is_file(), "killed before the first part");
+    assert!(got.join(".fips-work/capture.json").is_file());
+    assert!(
+        !got.join("compressed.safetensors").exists(),
+        "no output before the set is complete"
+    );
+    let part = std::fs::read(got.join(".fips-work/group-0.safetensors")).unwrap();
+
+    // Other settings (another token budget): refused before any work, naming the setting; the
+    // part and the captures stay.
+    let changed = run(&run_args(&model, 384, &got));
+    assert!(!changed.status.success());
+    let message = String::from_utf8_lossy(&changed.stderr);
+    assert!(
+        message.contains("calibration.tokens") && message.contains("--fresh"),
+        "{message}"
+    );
+    assert_eq!(
+        std::fs::read(got.join(".fips-work/group-0.safetensors")).unwrap(),
+        part
+    );
+    assert!(!got.join("compressed.safetensors").exists());
+
+    // The same settings again: resumes (reusing the captures and group 0) to the same bytes.
+    let resumed = run(&run_args(&model, 512, &got));
+    ok(&resumed);
+    let stdout = String::from_utf8_lossy(&resumed.stdout);
+    let stderr = String::from_utf8_lossy(&resumed.stderr);
+    assert!(
+        stdout.contains("earlier run with the same settings, reused"),
+        "the captures were not reused: {stdout}"
+    );
+    assert!(
+        stderr.contains("finished by an earlier run with the same settings, reused"),
+        "group 0 was not reused: {stderr}"
+    );
+    let want_tree = tree(&want);
+    let got_tree = tree(&got);
+    let names = |t: &[(String, Vec<u8>)]| t.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&got_tree), names(&want_tree), "{stdout}");
+    for ((name, a), (_, b)) in want_tree.iter().zip(&got_tree) {
+        if name == "report.json" || name == "fips-set.json" {
+            continue;
+        }
+        assert!(a == b, "{name} differs between the runs");
+    }
+    assert!(
+        want_tree
+            .iter()
+            .any(|(n, _)| n == "densified/model.safetensors")
+    );
+    assert_eq!(report_without_timings(&want), report_without_timings(&got));
+    let manifest = output_set::verify(&got).unwrap();
+    assert!(
+        manifest
+            .files
+            .iter()
+            .any(|f| f.name == "densified" && f.directory)
+    );
+    assert!(!got.join(".fips-work").exists(), "the work area is removed");
+
+    // --fresh with changed settings is accepted and replaces the set whole.
+    ok(&run(
+        &[run_args(&model, 384, &got), vec!["--fresh".into()]].concat()
+    ));
+    output_set::verify(&got).unwrap();
+    assert_ne!(
+        std::fs::read(got.join("compressed.safetensors")).unwrap(),
+        std::fs::read(want.join("compressed.safetensors")).unwrap()
+    );
+    std::fs::remove_dir_all(root).ok();
+}
