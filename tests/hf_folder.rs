@@ -1,6 +1,8 @@
 //! Hugging Face model folders: sharded and single-file weights, typed errors for broken folders,
 //! densified copies that keep the shard layout, dtypes and side files.
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -18,10 +20,7 @@ const VOCAB: usize = 20;
 
 /// A fresh, empty directory for one test.
 fn scratch(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("fips-hf-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::scratch(&format!("hf-{tag}"))
 }
 
 fn config_json(arch: &str) -> String {
@@ -436,21 +435,7 @@ fn densified_folder_keeps_shards_index_dtypes_and_side_files() {
 
 /// `../shared/data/stories260k`, or `None` with a visible message.
 fn stories(test: &str) -> Option<PathBuf> {
-    let dir = std::env::var_os("FIPS_DATA_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"))
-        .join("stories260k");
-    if dir.join("model.safetensors").is_file() {
-        Some(dir)
-    } else {
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED {test}: no stories260k model at {} (set FIPS_DATA_DIR)",
-            dir.display()
-        );
-        None
-    }
+    common::shared_data(test, "stories260k", &["model.safetensors"])
 }
 
 #[test]

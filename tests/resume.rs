@@ -8,6 +8,8 @@
 
 #![cfg(feature = "cli")]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -18,26 +20,12 @@ use fips::foundation::output_set;
 
 /// `../shared/data/deit-tiny/model.safetensors`, or `None` with a visible message.
 fn deit(test: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("FIPS_DATA_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"))
-        .join("deit-tiny/model.safetensors");
-    if path.is_file() {
-        Some(path)
-    } else {
-        eprintln!(
-            "SKIPPED {test}: no DeiT-tiny checkpoint at {} (set FIPS_DATA_DIR)",
-            path.display()
-        );
-        None
-    }
+    common::shared_data(test, "deit-tiny", &["model.safetensors"])
+        .map(|d| d.join("model.safetensors"))
 }
 
 fn scratch(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("fips-resume-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::scratch(&format!("resume-{tag}"))
 }
 
 /// Small settings: three one-block groups, `steps` steps each.

@@ -2,8 +2,10 @@
 //! captured MLP inputs against an independent ndarray forward pass, candle's own Llama against
 //! ours, and the typed errors for bad text and tokenizers.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use fips::FipsError;
 use fips::app::text::capture::{CaptureOptions, capture_text};
@@ -19,28 +21,11 @@ const PYTORCH_PPL: f64 = 5.067;
 const PYTORCH_TOKENS: usize = 38_943;
 
 fn stories(test: &str) -> Option<PathBuf> {
-    let dir = std::env::var_os("FIPS_DATA_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"))
-        .join("stories260k");
-    if dir.join("model.safetensors").is_file() && dir.join("eval.txt").is_file() {
-        Some(dir)
-    } else {
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED {test}: no stories260k data at {} (set FIPS_DATA_DIR)",
-            dir.display()
-        );
-        None
-    }
+    common::shared_data(test, "stories260k", &["model.safetensors", "eval.txt"])
 }
 
 fn scratch(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("fips-text-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::scratch(&format!("text-{tag}"))
 }
 
 #[test]

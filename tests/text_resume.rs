@@ -8,6 +8,8 @@
 
 #![cfg(all(feature = "cli", feature = "text"))]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -16,26 +18,11 @@ use fips::foundation::output_set;
 
 /// `../shared/data/stories260k`, or `None` with a visible message.
 fn stories(test: &str) -> Option<PathBuf> {
-    let dir = std::env::var_os("FIPS_DATA_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"))
-        .join("stories260k");
-    if dir.join("config.json").is_file() && dir.join("calib.txt").is_file() {
-        Some(dir)
-    } else {
-        eprintln!(
-            "SKIPPED {test}: no stories260k data at {} (set FIPS_DATA_DIR)",
-            dir.display()
-        );
-        None
-    }
+    common::shared_data(test, "stories260k", &["config.json", "calib.txt"])
 }
 
 fn scratch(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("fips-text-resume-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::scratch(&format!("text-resume-{tag}"))
 }
 
 /// Small settings: five one-block groups, 20 steps, `tokens` calibration tokens.

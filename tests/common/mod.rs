@@ -114,24 +114,43 @@ pub fn relative_error<F: Float>(
     (e / n).sqrt()
 }
 
-/// The shared data directory: `$FIPS_DATA_DIR`, else `../shared/data` beside the crate. `None`
-/// (with a message on stderr naming the test, shown even when the harness captures output) when
-/// it is absent, so the caller can skip loudly.
-pub fn data_dir(test: &str) -> Option<std::path::PathBuf> {
-    let dir = std::env::var_os("FIPS_DATA_DIR")
+/// The shared data directory: `$FIPS_DATA_DIR`, else `../shared/data` beside the crate.
+pub fn shared_root() -> std::path::PathBuf {
+    std::env::var_os("FIPS_DATA_DIR")
         .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"));
-    if dir.join("deit-tiny/model.safetensors").is_file() {
-        Some(dir)
-    } else {
-        // Straight to the process's stderr: `eprintln!` would be captured by the test harness
-        // and the skip would pass unseen.
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED {test}: no DeiT-tiny data at {} (set FIPS_DATA_DIR to the shared data directory)",
-            dir.display()
-        );
-        None
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"))
+}
+
+/// `subdir` of the shared data directory when every file of `required` (relative to it) is
+/// there; otherwise `None`, with a message on stderr naming the test and the missing file (shown
+/// even when the harness captures output), so the caller can skip loudly.
+pub fn shared_data(test: &str, subdir: &str, required: &[&str]) -> Option<std::path::PathBuf> {
+    let dir = shared_root().join(subdir);
+    match required.iter().find(|f| !dir.join(f).is_file()) {
+        None => Some(dir),
+        Some(missing) => {
+            // Straight to the process's stderr: `eprintln!` would be captured by the test
+            // harness and the skip would pass unseen.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED {test}: no {} (set FIPS_DATA_DIR to the shared data directory)",
+                dir.join(missing).display()
+            );
+            None
+        }
     }
+}
+
+/// The shared data directory when it holds the DeiT-tiny checkpoint (see [`shared_data`]).
+pub fn data_dir(test: &str) -> Option<std::path::PathBuf> {
+    shared_data(test, "deit-tiny", &["model.safetensors"]).map(|_| shared_root())
+}
+
+/// A fresh, empty scratch directory `fips-{tag}-{pid}` in the system's temporary directory.
+pub fn scratch(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("fips-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
