@@ -623,6 +623,7 @@ fn compress_from_text_in_one_call_holds_out_validation_and_checks_first() {
         activation: None,
         densify: true,
         keep_calibration: false,
+        work_dir: None,
         eval_text: None,
         resume: fips::app::run_dir::Resume::Auto,
     };
@@ -645,6 +646,31 @@ fn compress_from_text_in_one_call_holds_out_validation_and_checks_first() {
     .unwrap_err();
     assert!(
         matches!(err, FipsError::Model(ModelError::TextTooShort { .. })),
+        "{err}"
+    );
+    // A batch larger than the token budget: refused before the capture.
+    let small = TextCompressOptions {
+        tokens: Some(256),
+        ..options.clone()
+    };
+    let err = compress_text_model(
+        &dir,
+        &calib,
+        &small,
+        &compressor,
+        &out,
+        &mut |_, _| {},
+        &mut Silent,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            FipsError::BatchTooLarge {
+                batch: 512,
+                tokens: 256
+            }
+        ),
         "{err}"
     );
     let same = TextCompressOptions {

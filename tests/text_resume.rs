@@ -215,3 +215,97 @@ fn a_killed_text_run_resumes_to_the_bytes_of_an_uninterrupted_run() {
     );
     std::fs::remove_dir_all(root).ok();
 }
+
+/// Issue 13, item 5 on the text path: one job per group (`--only-group K --work-dir DIR`, three of
+/// them at once, so their captures race), then `fips assemble`, writes the bytes of a
+/// single-process run; assembling early names the missing groups, and another calibration text
+/// is refused.
+#[test]
+fn a_scattered_text_run_assembles_to_the_bytes_of_a_single_run() {
+    let Some(model) = stories("a_scattered_text_run_assembles_to_the_bytes_of_a_single_run") else {
+        return;
+    };
+    let root = scratch("scatter");
+    let (want, got, work) = (root.join("want"), root.join("got"), root.join("work"));
+    ok(&run(&run_args(&model, 512, &want)));
+    let job = |k: usize| {
+        let mut args = run_args(&model, 512, &root.join("unused"));
+        args.extend([
+            "--only-group".into(),
+            k.to_string(),
+            "--work-dir".into(),
+            work.display().to_string(),
+        ]);
+        command(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let assemble = |extra: &[&str]| {
+        let mut args: Vec<String> = [
+            "assemble",
+            "--work-dir",
+            &work.display().to_string(),
+            "--out-dir",
+            &got.display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        run(&args)
+    };
+    let first: Vec<_> = [0, 1, 2].into_iter().map(job).collect();
+    for child in first {
+        ok(&child.wait_with_output().unwrap());
+    }
+    let early = assemble(&[]);
+    assert!(!early.status.success());
+    let message = String::from_utf8_lossy(&early.stderr);
+    assert!(message.contains("[3, 4]"), "{message}");
+    assert!(
+        !got.exists(),
+        "nothing is written before every part is there"
+    );
+
+    let rest: Vec<_> = [3, 4].into_iter().map(job).collect();
+    for child in rest {
+        let out = child.wait_with_output().unwrap();
+        ok(&out);
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("captures of an earlier job"),
+            "a later job captured again"
+        );
+    }
+    // Another calibration text (a copy with one more paragraph): refused, nothing written.
+    let other = root.join("other.txt");
+    let mut text = std::fs::read_to_string(model.join("calib.txt")).unwrap();
+    text.push_str("\n\nOne more paragraph.\n");
+    std::fs::write(&other, text).unwrap();
+    let refused = assemble(&["--text", &other.display().to_string()]);
+    assert!(!refused.status.success());
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(message.contains("calibration text"), "{message}");
+    assert!(!got.exists());
+
+    let assembled = assemble(&[]);
+    ok(&assembled);
+    let want_tree = tree(&want);
+    let got_tree = tree(&got);
+    let names = |t: &[(String, Vec<u8>)]| t.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&got_tree), names(&want_tree));
+    for ((name, a), (_, b)) in want_tree.iter().zip(&got_tree) {
+        if name == "report.json" || name == "fips-set.json" {
+            continue;
+        }
+        assert!(
+            a == b,
+            "{name} differs between the scattered and the single run"
+        );
+    }
+    assert_eq!(report_without_timings(&want), report_without_timings(&got));
+    output_set::verify(&got).unwrap();
+    assert!(work.join("group-4.json").is_file(), "the work area is kept");
+    std::fs::remove_dir_all(root).ok();
+}

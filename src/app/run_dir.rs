@@ -303,6 +303,9 @@ impl RunSettings {
 pub struct RunContext {
     /// The checkpoint's path as given (`fips assemble` opens it unless told otherwise).
     pub checkpoint: String,
+    /// The calibration text's path as given, on the text path (`None` elsewhere).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
 }
 
 /// The content of `settings.json`.

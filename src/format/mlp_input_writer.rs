@@ -3,7 +3,8 @@
 //! The sizes are known up front (`tokens × d` per block), so the safetensors header is written
 //! first and each block's region is filled in row order with positioned writes as rows arrive:
 //! memory stays at one batch of rows, however many tokens the file holds. The file is written
-//! under a temporary name beside the destination, synced, and renamed into place by
+//! under a temporary name beside the destination (created exclusively under an unpredictable
+//! name, never through a link: [`crate::foundation::safe_io`]), synced, and renamed into place by
 //! [`MlpInputWriter::finish`] once every block's region is full; dropping an unfinished writer
 //! removes the temporary file, so a failed or interrupted capture leaves no file behind.
 
@@ -17,6 +18,7 @@ use safetensors::tensor::{Metadata, TensorInfo};
 
 use crate::format::mlp_inputs::{MLP_INPUTS_FORMAT, mlp_input_name};
 use crate::foundation::error::{FipsError, Result};
+use crate::foundation::safe_io::{create_temporary_for, install_temporary};
 
 /// An MLP-input file being written block region by block region.
 #[derive(Debug)]
@@ -98,23 +100,11 @@ impl MlpInputWriter {
             .map_err(|e| format(format!("cannot serialise header: {e}")))?;
         header.resize(header.len().next_multiple_of(8), b' ');
         let data_start = 8 + header.len() as u64;
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let file_name = path
-            .file_name()
-            .ok_or_else(|| format("not a file path".into()))?;
-        let tmp = dir.join(format!(
-            ".{}.{}.tmp",
-            file_name.to_string_lossy(),
-            std::process::id()
-        ));
+        let (mut file, tmp) = create_temporary_for(&path)?;
         let io = |source| FipsError::Io {
             path: tmp.clone(),
             source,
         };
-        let mut file = File::create(&tmp).map_err(io)?;
         let written = file
             .write_all(&(header.len() as u64).to_le_bytes())
             .and_then(|_| file.write_all(&header))
@@ -219,22 +209,11 @@ impl MlpInputWriter {
                 ),
             });
         }
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| FipsError::Io { path, source }
-        };
-        if let Some(file) = self.file.take() {
-            file.sync_all().map_err(io(&self.tmp))?;
-        }
-        std::fs::rename(&self.tmp, &self.path).map_err(io(&self.path))?;
-        if let Some(dir) = self.path.parent()
-            && let Ok(d) = File::open(if dir.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                dir
-            })
+        if let Some(file) = self.file.take()
+            && let Err(e) = install_temporary(file, &self.tmp, &self.path)
         {
-            let _ = d.sync_all();
+            let _ = std::fs::remove_file(&self.tmp);
+            return Err(e);
         }
         Ok(self.path.clone())
     }
@@ -305,9 +284,41 @@ mod tests {
         let leftovers = std::fs::read_dir(&dir)
             .unwrap()
             .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .filter(|e| e.file_name().to_string_lossy().ends_with("tmp"))
             .count();
         assert_eq!(leftovers, 0);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    /// Issue 13: a link planted at the old predictable temporary name, or at the destination, is
+    /// never written through.
+    #[cfg(unix)]
+    #[test]
+    fn planted_links_are_never_written_through() {
+        let dir = std::env::temp_dir().join(format!("fips-stream-links-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let victim = dir.join("victim.bin");
+        std::fs::write(&victim, b"precious").unwrap();
+        let path = dir.join("inputs.safetensors");
+        let planted = dir.join(format!(".inputs.safetensors.{}.tmp", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        let mut w = MlpInputWriter::create(&path, &[0], 1, 2, Dtype::F32, HashMap::new()).unwrap();
+        w.append(0, &[1.0, 2.0]).unwrap();
+        w.finish().unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert_eq!(
+            MlpInputs::open(&path).unwrap().read::<f32>(0).unwrap()[[0, 1]],
+            2.0
+        );
+
+        let linked = dir.join("linked.safetensors");
+        std::os::unix::fs::symlink(&victim, &linked).unwrap();
+        let err = MlpInputWriter::create(&linked, &[0], 1, 2, Dtype::F32, HashMap::new());
+        assert!(
+            matches!(err, Err(FipsError::UnsafeOutput { .. })),
+            "{err:?}"
+        );
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
         std::fs::remove_dir_all(dir).ok();
     }
 }

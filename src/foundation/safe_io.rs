@@ -148,6 +148,28 @@ pub fn write_atomically_with(
     result
 }
 
+/// A temporary beside `path` for a writer that fills it in place (seeks and positioned writes),
+/// created as [`write_atomically_with`] creates its own: exclusively, under an unpredictable name,
+/// after refusing a destination that is a link and removing stale leftovers. Put it in place with
+/// [`install_temporary`]; on failure remove it.
+pub fn create_temporary_for(path: &Path) -> Result<(File, PathBuf)> {
+    let (dir, name) = split(path)?;
+    check_destination(path)?;
+    remove_stale_temporaries(&dir, name);
+    create_temporary(&dir, name)
+}
+
+/// Syncs `file` (the temporary `tmp` of [`create_temporary_for`]), renames it over `path` (checked
+/// again not to be a link) and syncs the directory.
+pub fn install_temporary(file: File, tmp: &Path, path: &Path) -> Result<()> {
+    let (dir, _) = split(path)?;
+    file.sync_all().map_err(io_error(tmp))?;
+    drop(file);
+    check_destination(path)?;
+    std::fs::rename(tmp, path).map_err(io_error(path))?;
+    sync_directory(&dir)
+}
+
 /// Writes `bytes` to `path` atomically (see [`write_atomically_with`]).
 pub fn write_atomically(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
     let path = path.as_ref();

@@ -47,6 +47,17 @@ impl MethodParams {
             Self::LayerCollapse(_) => Method::LayerCollapse,
         }
     }
+
+    /// The tokens one training step draws, where these settings need at least that many
+    /// calibration tokens per block (FiPS training, mixed rank's trained residuals); `None` where
+    /// any calibration will do. Lets a caller refuse a too-small calibration before capturing it.
+    pub fn required_batch_tokens(&self) -> Option<usize> {
+        match self {
+            Self::Fips(p) => (p.training_steps() > 0).then_some(p.training_batch_tokens()),
+            Self::MixedRank(p) => (p.steps > 0 && p.residual_rank > 0).then_some(p.batch_tokens),
+            _ => None,
+        }
+    }
 }
 
 /// The rank of a `[m, n]` matrix under a per-matrix budget.

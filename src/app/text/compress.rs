@@ -82,8 +82,12 @@ pub struct TextCompressOptions {
     pub activation: Option<Activation>,
     /// Write the densified folder ([`DENSIFIED_DIR`]) beside the compressed model.
     pub densify: bool,
-    /// Keep the work area (captures and parts) after the run (it is removed otherwise).
+    /// Keep the work area (captures and parts) after the run (it is removed otherwise; a
+    /// `work_dir` given explicitly is always kept).
     pub keep_calibration: bool,
+    /// The work area; `None`: `out_dir/.fips-work`. Scattered runs
+    /// ([`compress_text_group`] per group, then [`assemble_text_model`]) share one.
+    pub work_dir: Option<PathBuf>,
     /// What to do with the work area of an earlier run.
     pub resume: Resume,
     /// A text to score the dense and the compressed model on (never the calibration text).
@@ -191,6 +195,223 @@ pub fn compress_text_model(
     observer: &mut dyn Observer,
 ) -> Result<TextCompression> {
     let start = Instant::now();
+    let work_dir = options
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| out_dir.join(run_dir::WORK_DIR));
+    let prepared = prepare(
+        model_dir, text_file, options, compressor, &work_dir, progress,
+    )?;
+    prepared.compress_parts(compressor, observer, None)?;
+    let keep = options.keep_calibration || options.work_dir.is_some();
+    prepared.finish(
+        out_dir,
+        options.densify,
+        options.eval_text.as_deref(),
+        keep,
+        start,
+    )
+}
+
+/// One job of a scattered run (a Slurm array task, a Ray task, …): compresses group `group` of
+/// the run `options` describes into the work area `work_dir` (capturing the calibration first if
+/// the work area does not hold this run's captures yet) and returns; [`assemble_text_model`]
+/// writes the outputs once every group's part is there. The parts are the bytes a single-process
+/// run makes, so the assembled outputs are too. Jobs started together each capture (the same
+/// bytes, each installed atomically); run one job first to capture once.
+#[allow(clippy::too_many_arguments)]
+pub fn compress_text_group(
+    model_dir: &Path,
+    text_file: &Path,
+    options: &TextCompressOptions,
+    compressor: &dyn Compressor<f32>,
+    work_dir: &Path,
+    group: usize,
+    progress: &mut dyn FnMut(usize, usize),
+    observer: &mut dyn Observer,
+) -> Result<TextPart> {
+    let groups = {
+        let folder = HfFolder::open(model_dir)?;
+        let shapes = folder.mlp_layout()?.block_shapes()?;
+        match &options.groups {
+            Some(spec) => BlockGroups::parse(spec, &shapes)?,
+            None => BlockGroups::consecutive(&shapes, options.group_size)?,
+        }
+    };
+    if group >= groups.len() {
+        return Err(FipsError::IndexOutOfRange {
+            what: "group (--only-group)",
+            index: group,
+            len: groups.len(),
+        });
+    }
+    let prepared = prepare(
+        model_dir, text_file, options, compressor, work_dir, progress,
+    )?;
+    let computed = prepared.compress_parts(compressor, observer, Some(group))?;
+    Ok(TextPart {
+        group,
+        computed: !computed.is_empty(),
+        missing: prepared.work.missing(),
+        capture_reused: prepared.capture_reused,
+    })
+}
+
+/// What [`compress_text_group`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TextPart {
+    /// The group.
+    pub group: usize,
+    /// Whether it was compressed now (`false`: its part was already in the work area).
+    pub computed: bool,
+    /// The groups whose parts are still missing.
+    pub missing: Vec<usize>,
+    /// Whether the captures were those of an earlier job with the same settings.
+    pub capture_reused: bool,
+}
+
+/// What [`assemble_text_model`] writes besides the compressed model.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TextAssembleOptions {
+    /// The model folder; `None`: the path the parts' run recorded (its content must match).
+    pub model_dir: Option<PathBuf>,
+    /// The calibration text; `None`: the path the parts' run recorded (its content must match).
+    pub text: Option<PathBuf>,
+    /// Write the densified folder.
+    pub densify: bool,
+    /// A text to score the dense and the compressed model on.
+    pub eval_text: Option<PathBuf>,
+}
+
+/// Writes the outputs of a scattered text run from its work area (every group's part and the
+/// captures there): the same output set, byte for byte, as [`compress_text_model`] with the same
+/// settings (the report up to its timings). The model folder and the calibration text are checked
+/// against the fingerprints the run recorded before any work;
+/// [`FipsError::MissingParts`] names the groups not done yet. The work area is kept.
+pub fn assemble_text_model(
+    work_dir: &Path,
+    out_dir: &Path,
+    options: &TextAssembleOptions,
+) -> Result<TextCompression> {
+    let start = Instant::now();
+    let work = WorkArea::load(work_dir)?;
+    let missing = work.missing();
+    if !missing.is_empty() {
+        return Err(FipsError::MissingParts {
+            dir: work_dir.to_path_buf(),
+            missing,
+        });
+    }
+    let settings = work.settings().clone();
+    let CalibrationSettings::Text {
+        text: recorded_text,
+        seed,
+        validation_fraction,
+        ..
+    } = &settings.calibration
+    else {
+        return Err(FipsError::WorkArea {
+            dir: work_dir.to_path_buf(),
+            reason: "its parts were not calibrated on text (assemble it with --checkpoint)".into(),
+        });
+    };
+    let mismatch = |what: &str, path: &Path| FipsError::WorkArea {
+        dir: work_dir.to_path_buf(),
+        reason: format!(
+            "{} is not the {what} the parts were made from",
+            path.display()
+        ),
+    };
+    let model_dir = options
+        .model_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(&work.context().checkpoint));
+    let text_file = match (&options.text, &work.context().text) {
+        (Some(t), _) => t.clone(),
+        (None, Some(t)) => PathBuf::from(t),
+        (None, None) => {
+            return Err(FipsError::WorkArea {
+                dir: work_dir.to_path_buf(),
+                reason: "it does not record its calibration text: give it (--text FILE)".into(),
+            });
+        }
+    };
+    let folder = HfFolder::open(&model_dir)?;
+    check_supported(&folder)?;
+    if folder_input(&folder)? != settings.checkpoint {
+        return Err(mismatch("model folder", &model_dir));
+    }
+    if &InputFile::of(&text_file)? != recorded_text {
+        return Err(mismatch("calibration text", &text_file));
+    }
+    if let Some(eval) = &options.eval_text {
+        if eval == &text_file {
+            return Err(FipsError::InvalidParameter {
+                name: "eval_text",
+                reason: "the evaluation text must not be the calibration text".into(),
+            });
+        }
+        available_tokens(&folder, eval)?;
+    }
+    run_dir::check_writable(out_dir)?;
+    let layout = folder.mlp_layout()?;
+    let tokenizer = TextTokenizer::for_model(&folder)?;
+    let paragraphs = read_paragraph_tokens(&tokenizer, &text_file)?;
+    let (_, held_out) = validation_split(paragraphs, *validation_fraction, *seed)?;
+    let record =
+        read_capture_record(&work, &work_dir.join(CAPTURE_FILES[2]))?.ok_or_else(|| {
+            FipsError::WorkArea {
+                dir: work_dir.to_path_buf(),
+                reason: "its captures are missing or do not match its settings".into(),
+            }
+        })?;
+    let dense_model = LlamaModel::load(&folder, &BTreeMap::new())?;
+    let prepared = Prepared {
+        folder,
+        layout,
+        activation: settings.activation,
+        tokenizer,
+        held_out,
+        dense_model,
+        work,
+        capture: record.capture,
+        validation_capture: record.validation_capture,
+        capture_reused: true,
+    };
+    prepared.finish(
+        out_dir,
+        options.densify,
+        options.eval_text.as_deref(),
+        true,
+        start,
+    )
+}
+
+/// A text run up to its parts: checked, its work area open, its captures on disk.
+struct Prepared {
+    folder: HfFolder,
+    layout: MlpLayout,
+    activation: Activation,
+    tokenizer: TextTokenizer,
+    held_out: Paragraphs,
+    dense_model: LlamaModel,
+    work: WorkArea,
+    capture: CaptureReport,
+    validation_capture: Option<CaptureReport>,
+    capture_reused: bool,
+}
+
+/// Checks everything that can be checked cheaply, opens the work area (a run with other settings
+/// is refused before any work) and captures the calibration unless the work area holds this
+/// run's captures already.
+fn prepare(
+    model_dir: &Path,
+    text_file: &Path,
+    options: &TextCompressOptions,
+    compressor: &dyn Compressor<f32>,
+    work_dir: &Path,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Prepared> {
     // Cheap checks first: folder, layout, groups, tokenizer, texts.
     let folder = HfFolder::open(model_dir)?;
     check_supported(&folder)?;
@@ -220,6 +441,13 @@ pub fn compress_text_model(
         }
         .into());
     }
+    if let Some(batch) = compressor
+        .parameters()
+        .required_batch_tokens()
+        .filter(|&b| b > tokens)
+    {
+        return Err(FipsError::BatchTooLarge { batch, tokens });
+    }
     if let Some(eval) = &options.eval_text {
         if eval == text_file {
             return Err(FipsError::InvalidParameter {
@@ -245,16 +473,16 @@ pub fn compress_text_model(
             validation_fraction: options.validation_fraction,
         },
     )?;
-    let context = RunContext {
+    let run_context = RunContext {
         checkpoint: model_dir.display().to_string(),
+        text: Some(text_file.display().to_string()),
     };
-    let work_dir = out_dir.join(run_dir::WORK_DIR);
-    let work = WorkArea::open(&work_dir, settings, context, options.resume)?;
+    let work = WorkArea::open(work_dir, settings, run_context, options.resume)?;
     // As on the other paths, the settings record comes with the first part: a run that fails
-    // before (say, a batch larger than the budget) leaves only its captures, which a rerun with
-    // the same settings reuses and one with other settings captures again.
-    std::fs::create_dir_all(&work_dir).map_err(|source| FipsError::Io {
-        path: work_dir.clone(),
+    // before leaves only its captures, which a rerun with the same settings reuses and one with
+    // other settings captures again.
+    std::fs::create_dir_all(work_dir).map_err(|source| FipsError::Io {
+        path: work_dir.to_path_buf(),
         source,
     })?;
     let dense_model = LlamaModel::load(&folder, &BTreeMap::new())?;
@@ -315,118 +543,168 @@ pub fn compress_text_model(
             (record.capture, record.validation_capture)
         }
     };
-    let inputs = MlpInputs::open(&calibration_path)?;
-    let validation = validation_capture
-        .as_ref()
-        .map(|_| MlpInputs::open(&validation_path))
-        .transpose()?;
-    // Every group's report carries its per-block errors on the held-out tokens (which also
-    // drive early stopping when it is set).
-    run_dir::compress_parts_validated(
-        folder.tensors(),
-        &layout,
-        compressor,
+    Ok(Prepared {
+        folder,
+        layout,
         activation,
-        &CalibrationSource::File(&inputs),
-        &validation.as_ref().map_or(Validation::None, |v| {
-            Validation::Source(CalibrationSource::File(v))
-        }),
-        observer,
-        &work,
-        None,
-    )?;
-    drop((inputs, validation));
-    let run = work.assemble(start.elapsed())?;
-    let train_errors = run
-        .reports
-        .iter()
-        .map(|r| r.block_rel_error.clone())
-        .collect();
-    let validation_errors = run
-        .reports
-        .iter()
-        .filter_map(|r| r.validation.as_ref().map(|v| v.block_rel_error.clone()))
-        .collect();
-    // The output set, staged and installed whole: the compact file (format 3, values in the
-    // checkpoint's dtype), the densified folder and the report; the scores use exactly what the
-    // compact file holds.
-    let set = StagedSet::begin(out_dir)?;
-    let staged = (|| {
-        let compact = CompactModel::from_model(&run.model, None)?;
-        compact.write(set.path(COMPRESSED_FILE))?;
-        let replacements = compact.dense_tensors()?;
-        let densified = if options.densify {
-            let note = format!("{} compression", run.model.manifest.method);
-            Some(folder.write_densified(&replacements, &note, set.path(DENSIFIED_DIR), true)?)
-        } else {
-            None
-        };
-        let compressed_model = LlamaModel::load(&folder, &replacements)?;
-        let validation_perplexity = if held_out.is_empty() {
-            None
-        } else {
-            Some((
-                perplexity_of_paragraphs(&dense_model, &held_out, &mut |_, _| {})?,
-                perplexity_of_paragraphs(&compressed_model, &held_out, &mut |_, _| {})?,
-            ))
-        };
-        let scores = match &options.eval_text {
-            Some(eval) => {
-                let paragraphs = read_paragraph_tokens(&tokenizer, eval)?;
-                (
-                    Some(perplexity_of_paragraphs(
-                        &dense_model,
-                        &paragraphs,
-                        &mut |_, _| {},
-                    )?),
-                    Some(perplexity_of_paragraphs(
-                        &compressed_model,
-                        &paragraphs,
-                        &mut |_, _| {},
-                    )?),
-                )
-            }
-            None => (None, None),
-        };
-        let mut report = RunReport::new(model_dir, &layout, compressor, &run);
-        report.wall_time = start.elapsed();
-        report.write(set.path(REPORT_FILE))?;
-        Ok((densified, validation_perplexity, scores, report))
-    })();
-    let (densified, validation_perplexity, (dense_perplexity, compressed_perplexity), report) =
-        match staged {
-            Ok(staged) => staged,
-            Err(e) => {
-                set.abandon();
-                return Err(e);
-            }
-        };
-    set.commit(|name| [COMPRESSED_FILE, REPORT_FILE, DENSIFIED_DIR].contains(&name))?;
-    let densified = densified.map(|mut d| {
-        d.dir = out_dir.join(DENSIFIED_DIR);
-        d
-    });
-    if !options.keep_calibration {
-        // The work area is a cache of this run once the set is installed.
-        work.remove()?;
-    }
-    let compressed = out_dir.join(COMPRESSED_FILE);
-    Ok(TextCompression {
+        tokenizer,
+        held_out,
+        dense_model,
+        work,
         capture,
         validation_capture,
-        train_errors,
-        validation_errors,
-        validation_perplexity,
-        layout,
-        run,
-        compressed,
-        densified,
-        dense_perplexity,
-        compressed_perplexity,
-        report,
         capture_reused,
-        wall_time: start.elapsed(),
     })
+}
+
+impl Prepared {
+    /// Compresses the groups (all, or only `only`) whose parts the work area lacks, from the
+    /// captures; returns the groups computed now.
+    fn compress_parts(
+        &self,
+        compressor: &dyn Compressor<f32>,
+        observer: &mut dyn Observer,
+        only: Option<usize>,
+    ) -> Result<Vec<usize>> {
+        let dir = self.work.dir();
+        let inputs = MlpInputs::open(dir.join(CAPTURE_FILES[0]))?;
+        let validation = self
+            .validation_capture
+            .as_ref()
+            .map(|_| MlpInputs::open(dir.join(CAPTURE_FILES[1])))
+            .transpose()?;
+        // Every group's report carries its per-block errors on the held-out tokens (which also
+        // drive early stopping when it is set).
+        run_dir::compress_parts_validated(
+            self.folder.tensors(),
+            &self.layout,
+            compressor,
+            self.activation,
+            &CalibrationSource::File(&inputs),
+            &validation.as_ref().map_or(Validation::None, |v| {
+                Validation::Source(CalibrationSource::File(v))
+            }),
+            observer,
+            &self.work,
+            only,
+        )
+    }
+
+    /// Assembles the parts and installs the output set (the compact file, the densified folder
+    /// when `densify`, the report), scoring the held-out paragraphs and `eval_text`; removes the
+    /// work area unless `keep`.
+    fn finish(
+        self,
+        out_dir: &Path,
+        densify: bool,
+        eval_text: Option<&Path>,
+        keep: bool,
+        start: Instant,
+    ) -> Result<TextCompression> {
+        let Prepared {
+            folder,
+            layout,
+            tokenizer,
+            held_out,
+            dense_model,
+            work,
+            capture,
+            validation_capture,
+            capture_reused,
+            ..
+        } = self;
+        let run = work.assemble(start.elapsed())?;
+        let train_errors = run
+            .reports
+            .iter()
+            .map(|r| r.block_rel_error.clone())
+            .collect();
+        let validation_errors = run
+            .reports
+            .iter()
+            .filter_map(|r| r.validation.as_ref().map(|v| v.block_rel_error.clone()))
+            .collect();
+        // The output set, staged and installed whole: the compact file (format 3, values in the
+        // checkpoint's dtype), the densified folder and the report; the scores use exactly what
+        // the compact file holds.
+        let set = StagedSet::begin(out_dir)?;
+        let staged = (|| {
+            let compact = CompactModel::from_model(&run.model, None)?;
+            compact.write(set.path(COMPRESSED_FILE))?;
+            let replacements = compact.dense_tensors()?;
+            let densified = if densify {
+                let note = format!("{} compression", run.model.manifest.method);
+                Some(folder.write_densified(&replacements, &note, set.path(DENSIFIED_DIR), true)?)
+            } else {
+                None
+            };
+            let compressed_model = LlamaModel::load(&folder, &replacements)?;
+            let validation_perplexity = if held_out.is_empty() {
+                None
+            } else {
+                Some((
+                    perplexity_of_paragraphs(&dense_model, &held_out, &mut |_, _| {})?,
+                    perplexity_of_paragraphs(&compressed_model, &held_out, &mut |_, _| {})?,
+                ))
+            };
+            let scores = match eval_text {
+                Some(eval) => {
+                    let paragraphs = read_paragraph_tokens(&tokenizer, eval)?;
+                    (
+                        Some(perplexity_of_paragraphs(
+                            &dense_model,
+                            &paragraphs,
+                            &mut |_, _| {},
+                        )?),
+                        Some(perplexity_of_paragraphs(
+                            &compressed_model,
+                            &paragraphs,
+                            &mut |_, _| {},
+                        )?),
+                    )
+                }
+                None => (None, None),
+            };
+            let mut report = work.report(&layout, &run)?;
+            report.wall_time = start.elapsed();
+            report.write(set.path(REPORT_FILE))?;
+            Ok((densified, validation_perplexity, scores, report))
+        })();
+        let (densified, validation_perplexity, (dense_perplexity, compressed_perplexity), report) =
+            match staged {
+                Ok(staged) => staged,
+                Err(e) => {
+                    set.abandon();
+                    return Err(e);
+                }
+            };
+        set.commit(|name| [COMPRESSED_FILE, REPORT_FILE, DENSIFIED_DIR].contains(&name))?;
+        let densified = densified.map(|mut d| {
+            d.dir = out_dir.join(DENSIFIED_DIR);
+            d
+        });
+        if !keep {
+            // The work area is a cache of this run once the set is installed.
+            work.remove()?;
+        }
+        let compressed = out_dir.join(COMPRESSED_FILE);
+        Ok(TextCompression {
+            capture,
+            validation_capture,
+            train_errors,
+            validation_errors,
+            validation_perplexity,
+            layout,
+            run,
+            compressed,
+            densified,
+            dense_perplexity,
+            compressed_perplexity,
+            report,
+            capture_reused,
+            wall_time: start.elapsed(),
+        })
+    }
 }
 
 /// What `capture.json` in the work area holds: the captures of a run with these settings.
@@ -470,6 +748,23 @@ fn text_run_settings(
     activation: Activation,
     calibration: CalibrationSettings,
 ) -> Result<RunSettings> {
+    let weights = folder.tensors().path();
+    let mut settings = RunSettings::new(
+        weights,
+        layout,
+        compressor,
+        groups,
+        activation,
+        calibration,
+        &Validation::None,
+    )?;
+    settings.checkpoint = folder_input(folder)?;
+    Ok(settings)
+}
+
+/// The model folder as one input: the weights' file name, and a length and fingerprint covering
+/// `config.json`, the tokenizer, the index and every shard.
+fn folder_input(folder: &HfFolder) -> Result<InputFile> {
     let dir = folder.dir();
     let mut files = vec![dir.join("config.json")];
     files.extend(folder.tokenizer_file());
@@ -482,23 +777,14 @@ fn text_run_settings(
         f.update(format!("{}\0{}\0{}\n", found.name, found.bytes, found.fingerprint).as_bytes());
         total = total.wrapping_add(found.bytes);
     }
-    let weights = folder.tensors().path();
-    let mut settings = RunSettings::new(
-        weights,
-        layout,
-        compressor,
-        groups,
-        activation,
-        calibration,
-        &Validation::None,
-    )?;
-    settings.checkpoint = InputFile {
-        name: weights
+    Ok(InputFile {
+        name: folder
+            .tensors()
+            .path()
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
         bytes: total,
         fingerprint: f.hex(),
-    };
-    Ok(settings)
+    })
 }

@@ -324,6 +324,17 @@ struct AssembleArgs {
     /// ViT attention heads (default: width / 64).
     #[arg(long)]
     heads: Option<usize>,
+    /// A text run: the model folder (default: the path the parts' run recorded; its content must
+    /// match).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// A text run: the calibration text (default: the path the parts' run recorded; its content
+    /// must match).
+    #[arg(long)]
+    text: Option<PathBuf>,
+    /// A text run: a text to score the dense and the compressed model on (perplexity).
+    #[arg(long)]
+    eval_text: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -457,14 +468,6 @@ fn decode(
 
 fn compress(args: CompressArgs, given: &[String]) -> Result<(), FipsError> {
     if let Some(model) = &args.text.model {
-        if args.work.only_group.is_some() || args.work.work_dir.is_some() {
-            return Err(FipsError::InvalidParameter {
-                name: "only_group",
-                reason: "--only-group and --work-dir are not supported with --model --text yet \
-                         (its work area is OUT_DIR/.fips-work)"
-                    .into(),
-            });
-        }
         let options = method_options(&args, given);
         let settings = text_cmd::CompressSettings {
             method: args.method.into(),
@@ -482,6 +485,8 @@ fn compress(args: CompressArgs, given: &[String]) -> Result<(), FipsError> {
             } else {
                 Resume::Auto
             },
+            work_dir: args.work.work_dir.as_deref(),
+            only_group: args.work.only_group,
         };
         return text_cmd::compress(model, &args.text, &settings);
     }
@@ -622,6 +627,7 @@ fn compress(args: CompressArgs, given: &[String]) -> Result<(), FipsError> {
     };
     let context = RunContext {
         checkpoint: checkpoint_path.display().to_string(),
+        text: None,
     };
     let work = WorkArea::open(&work_dir, settings, context, resume)?;
     let mut observer = bars.observer(groups.len());
@@ -759,6 +765,30 @@ fn assemble(args: AssembleArgs) -> Result<(), FipsError> {
     let start = Instant::now();
     let bars = Bars::new();
     let work = WorkArea::load(&args.work_dir)?;
+    if let run_dir::CalibrationSettings::Text { seed, .. } = &work.settings().calibration {
+        let model = args
+            .model
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(&work.context().checkpoint));
+        let text = args
+            .text
+            .clone()
+            .or_else(|| work.context().text.as_ref().map(PathBuf::from))
+            .ok_or_else(|| FipsError::InvalidParameter {
+                name: "text",
+                reason: "the work area does not record its calibration text: give --text FILE"
+                    .into(),
+            })?;
+        return text_cmd::assemble(
+            &args.work_dir,
+            &args.out_dir,
+            &model,
+            &text,
+            !args.no_densified,
+            args.eval_text.as_deref(),
+            *seed,
+        );
+    }
     let missing = work.missing();
     if !missing.is_empty() {
         return Err(FipsError::MissingParts {

@@ -246,6 +246,10 @@ pub struct CompressSettings<'a> {
     pub seed: u64,
     pub out_dir: &'a Path,
     pub resume: fips::app::run_dir::Resume,
+    /// `--work-dir`: the work area (kept); default `out_dir/.fips-work`.
+    pub work_dir: Option<&'a Path>,
+    /// `--only-group K`: compress group K into the work area and stop.
+    pub only_group: Option<usize>,
 }
 
 /// Captures calibration from text and compresses (unavailable: built without `text`).
@@ -265,7 +269,9 @@ pub fn compress(
     args: &TextCompressArgs,
     settings: &CompressSettings<'_>,
 ) -> Result<(), FipsError> {
-    use fips::app::text::compress::{TextCompressOptions, compress_text_model};
+    use fips::app::text::compress::{
+        TextCompressOptions, compress_text_group, compress_text_model,
+    };
     use fips::methods::options::TEXT_DEFAULTS;
     let text = args.text.as_deref().ok_or_else(no_text)?;
     let compressor = settings
@@ -283,12 +289,65 @@ pub fn compress(
         activation: settings.activation,
         densify: settings.densify,
         keep_calibration: args.keep_calibration,
+        work_dir: settings.work_dir.map(Path::to_path_buf),
         eval_text: args.eval_text.clone(),
         resume: settings.resume,
     };
     let bars = super::progress::Bars::new();
     let bar = bars.bar(0, "capturing tokens");
-    let mut observer = bars.observer(1);
+    let groups = {
+        let shapes = fips::format::hf::HfFolder::open(model)?
+            .mlp_layout()?
+            .block_shapes()?;
+        match settings.groups {
+            Some(spec) => fips::format::block_groups::BlockGroups::parse(spec, &shapes)?,
+            None => {
+                fips::format::block_groups::BlockGroups::consecutive(&shapes, settings.group_size)?
+            }
+        }
+    };
+    let mut observer = bars.observer(groups.len());
+    if let Some(group) = settings.only_group {
+        let work_dir = settings
+            .work_dir
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| settings.out_dir.join(fips::app::run_dir::WORK_DIR));
+        let part = compress_text_group(
+            model,
+            text,
+            &options,
+            compressor.as_ref(),
+            &work_dir,
+            group,
+            &mut |done, total| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+            },
+            &mut observer,
+        );
+        bar.finish_and_clear();
+        drop(observer);
+        let part = part?;
+        println!(
+            "{} the part of group {group} in {}{}",
+            if part.computed { "wrote" } else { "found" },
+            work_dir.display(),
+            if part.capture_reused {
+                " (captures of an earlier job with the same settings reused)"
+            } else {
+                ""
+            }
+        );
+        if part.missing.is_empty() {
+            println!(
+                "every group is done: fips assemble --work-dir {} --out-dir DIR",
+                work_dir.display()
+            );
+        } else {
+            println!("groups still missing: {:?}", part.missing);
+        }
+        return Ok(());
+    }
     let result = compress_text_model(
         model,
         text,
@@ -303,7 +362,27 @@ pub fn compress(
     );
     bar.finish_and_clear();
     drop(observer);
-    let result = result?;
+    print_result(
+        &result?,
+        model,
+        text,
+        settings.seed,
+        settings.out_dir,
+        args.eval_text.as_deref(),
+    );
+    Ok(())
+}
+
+/// Prints what a text compression did (capture, groups, perplexities, outputs).
+#[cfg(feature = "text")]
+fn print_result(
+    result: &fips::app::text::TextCompression,
+    model: &Path,
+    text: &Path,
+    seed: u64,
+    out_dir: &Path,
+    eval_text: Option<&Path>,
+) {
     let c = &result.capture;
     println!(
         "calibration: {} tokens × {} blocks from {} of {} paragraphs of {} (seed {}) in {:.1} s{}",
@@ -312,7 +391,7 @@ pub fn compress(
         c.paragraphs_used,
         c.paragraphs_available,
         text.display(),
-        settings.seed,
+        seed,
         c.seconds,
         if result.capture_reused {
             " (captured by an earlier run with the same settings, reused)"
@@ -349,8 +428,7 @@ pub fn compress(
     if let (Some(dense), Some(comp)) = (&result.dense_perplexity, &result.compressed_perplexity) {
         println!(
             "perplexity on {}: dense {:.4}, compressed {:.4} ({:+.2}%) over {} tokens",
-            args.eval_text
-                .as_deref()
+            eval_text
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
             dense.perplexity(),
@@ -359,12 +437,45 @@ pub fn compress(
             dense.predicted_tokens
         );
     }
-    let report_path = settings.out_dir.join(fips::app::run_dir::REPORT_FILE);
+    let report_path = out_dir.join(fips::app::run_dir::REPORT_FILE);
     println!("wrote {}", report_path.display());
-    println!(
-        "{} | wall {:.1} s",
-        report.summary_line(),
-        result.wall_time.as_secs_f64()
-    );
+    println!("{}", report.summary_line());
+}
+
+/// `fips assemble` of a scattered text run: the outputs from the work area's parts and captures
+/// (`model` and `text` must be the folder and text the parts were made from).
+#[cfg(feature = "text")]
+pub fn assemble(
+    work_dir: &Path,
+    out_dir: &Path,
+    model: &Path,
+    text: &Path,
+    densify: bool,
+    eval_text: Option<&Path>,
+    seed: u64,
+) -> Result<(), FipsError> {
+    use fips::app::text::{TextAssembleOptions, assemble_text_model};
+    let options = TextAssembleOptions {
+        model_dir: Some(model.to_path_buf()),
+        text: Some(text.to_path_buf()),
+        densify,
+        eval_text: eval_text.map(Path::to_path_buf),
+    };
+    let result = assemble_text_model(work_dir, out_dir, &options)?;
+    print_result(&result, model, text, seed, out_dir, eval_text);
     Ok(())
+}
+
+/// `fips assemble` of a text run (unavailable: built without `text`).
+#[cfg(not(feature = "text"))]
+pub fn assemble(
+    _work_dir: &Path,
+    _out_dir: &Path,
+    _model: &Path,
+    _text: &Path,
+    _densify: bool,
+    _eval_text: Option<&Path>,
+    _seed: u64,
+) -> Result<(), FipsError> {
+    Err(no_text_feature())
 }

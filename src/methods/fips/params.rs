@@ -52,6 +52,17 @@ pub struct FipsParams {
 #[derive(Debug, Clone, PartialEq)]
 pub struct FipsValidParams(FipsParams);
 
+impl FipsParams {
+    /// Training steps (as set, before validation).
+    pub(crate) fn training_steps(&self) -> usize {
+        self.steps
+    }
+    /// Tokens per mini-batch (as set, before validation).
+    pub(crate) fn training_batch_tokens(&self) -> usize {
+        self.batch_tokens
+    }
+}
+
 impl Default for FipsParams {
     fn default() -> Self {
         Self {
