@@ -728,6 +728,25 @@ mod cli {
             let stderr = refused(&fips(&args));
             assert!(stderr.starts_with("error:"), "{extra:?}: {stderr}");
         }
+        // A training batch larger than the calibration (less the 5 % held out): refused before
+        // the first group, not when its turn comes.
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = base.to_vec();
+        let extra = [
+            "--data-free-tokens",
+            "300",
+            "--batch-tokens",
+            "512",
+            "--groups",
+            "0-3,4-7",
+        ];
+        for e in &extra {
+            args.push(e);
+        }
+        let stderr = refused(&fips(&args));
+        assert!(
+            stderr.contains("batch of 512 tokens is larger than the calibration set (285 tokens)"),
+            "{stderr}"
+        );
         for extra in [vec!["--calib-images", "0"], vec!["--eval-split", "calib"]] {
             let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
                 &"compress",

@@ -19,7 +19,7 @@ use crate::foundation::activation::Activation;
 use crate::foundation::error::{FipsError, Result};
 use crate::foundation::slicing::s;
 use crate::math::calibration::Calibration;
-use crate::math::validation::{ValidationSet, split_tokens};
+use crate::math::validation::{ValidationSet, holdout_count, split_tokens};
 use crate::methods::{Compressor, MethodReport, Progress};
 
 /// Tokens per block of data-free (Gaussian) calibration by default.
@@ -71,6 +71,53 @@ pub enum Validation<'a> {
     },
     /// Held-out inputs from their own source (e.g. held-out paragraphs of a text).
     Source(CalibrationSource<'a>),
+}
+
+impl CalibrationSource<'_> {
+    /// Calibration tokens of block `block` this source gives (images × tokens per image, the
+    /// file's rows, the Gaussian draw); `None` when the file lacks the block.
+    pub fn tokens(&self, block: usize) -> Option<usize> {
+        match self {
+            Self::Images { vit, pixels } => {
+                Some(pixels.shape()[0].saturating_mul(vit.config().tokens()))
+            }
+            Self::File(file) => file.shape(block).map(|(tokens, _)| tokens),
+            Self::Gaussian { tokens, .. } => Some(*tokens),
+        }
+    }
+}
+
+/// Refuses, before any work, settings whose training batch is larger than the tokens some group
+/// of `groups` would train on (its calibration tokens less the ones `validation` holds out):
+/// the trainer would fail with the same [`FipsError::BatchTooLarge`] only once that group's
+/// turn came.
+pub fn check_batch(
+    compressor: &dyn Compressor<f32>,
+    calibration: &CalibrationSource<'_>,
+    validation: &Validation<'_>,
+    groups: &[Vec<usize>],
+) -> Result<()> {
+    let Some(batch) = compressor.parameters().required_batch_tokens() else {
+        return Ok(());
+    };
+    for &block in groups.iter().flatten() {
+        let Some(tokens) = calibration.tokens(block) else {
+            continue;
+        };
+        let training = match validation {
+            Validation::Holdout { fraction, .. } if tokens >= 2 => {
+                tokens - holdout_count(tokens, *fraction)
+            }
+            _ => tokens,
+        };
+        if batch > training {
+            return Err(FipsError::BatchTooLarge {
+                batch,
+                tokens: training,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The fraction of the calibration tokens the `fips` command holds out by default.

@@ -17,6 +17,12 @@ use crate::foundation::float::Float;
 use crate::foundation::mlp::DenseMlp;
 use crate::math::calibration::Calibration;
 
+/// How many of `n ≥ 2` items [`holdout`] holds out: `round(fraction · n)`, at least one, at
+/// most `n − 1`.
+pub fn holdout_count(n: usize, fraction: f64) -> usize {
+    ((fraction * n as f64).round() as usize).clamp(1, n.saturating_sub(1).max(1))
+}
+
 /// Splits `0..n` into `(kept, held_out)`, both sorted: `round(fraction · n)` items (at least one,
 /// at most `n − 1`) drawn by a seeded shuffle are held out.
 ///
@@ -34,7 +40,7 @@ pub fn holdout(n: usize, fraction: f64, seed: u64) -> Result<(Vec<usize>, Vec<us
             format!("cannot hold out part of {n} items"),
         ));
     }
-    let count = ((fraction * n as f64).round() as usize).clamp(1, n - 1);
+    let count = holdout_count(n, fraction);
     let mut order: Vec<usize> = (0..n).collect();
     order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
     let mut held = order[..count].to_vec();

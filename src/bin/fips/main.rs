@@ -609,6 +609,12 @@ fn compress(args: CompressArgs, given: &[String]) -> Result<(), FipsError> {
     } else {
         pipeline::Validation::None
     };
+    pipeline::check_batch(
+        compressor.as_ref(),
+        &calibration,
+        &validation,
+        groups.groups(),
+    )?;
     let settings = RunSettings::new(
         checkpoint_path,
         &layout,
