@@ -684,6 +684,16 @@ mod cli {
         assert_eq!(report["fips_version"], env!("CARGO_PKG_VERSION"));
         assert!(report["cores"].as_u64().is_some_and(|t| t >= 1));
         assert_eq!(report["blas_threads"], 1);
+
+        // Readers trust the set manifest: a member changed after the set was written is refused.
+        let compressed = out.join("compressed.safetensors");
+        assert!(fips(&[&"inspect", &compressed]).status.success());
+        let mut bytes = std::fs::read(&compressed).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&compressed, bytes).unwrap();
+        let stderr = refused(&fips(&[&"inspect", &compressed]));
+        assert!(stderr.contains("changed after the output set"), "{stderr}");
     }
 
     /// "`--groups 0-4000000000` aborts, `0-18446744073709551615` panics"; "`--rank 100000` runs on

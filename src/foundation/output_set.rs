@@ -365,6 +365,70 @@ pub fn verify(out_dir: impl AsRef<Path>) -> Result<SetManifest> {
     Ok(manifest)
 }
 
+/// Checks, for a reader, that the file or folder `path` is not a member of a half-installed or
+/// altered output set: when its directory holds a set manifest naming it, its length and
+/// fingerprint must match (only this member is hashed); when the directory holds no manifest but
+/// a complete staging directory of a writer that is gone (a commit killed in step 3), the set is
+/// refused until a fips command that writes there rolls it forward. A path outside any set (no
+/// manifest, no staging directory, or a manifest that does not list it) passes.
+pub fn check_member(path: impl AsRef<Path>) -> Result<()> {
+    let path = path.as_ref();
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Ok(());
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let name = name.to_string_lossy();
+    let manifest_path = dir.join(SET_MANIFEST);
+    match std::fs::read_to_string(&manifest_path) {
+        Ok(text) => {
+            let manifest: SetManifest = serde_json::from_str(&text)
+                .map_err(|e| format_error(&manifest_path, e.to_string()))?;
+            if let Some(file) = manifest.files.iter().find(|f| f.name == name) {
+                let (fingerprint, bytes) = file.fingerprint_of(path)?;
+                if fingerprint != file.fingerprint || bytes != file.bytes {
+                    return Err(format_error(
+                        path,
+                        format!(
+                            "differs from {} (changed after the output set was written)",
+                            manifest_path.display()
+                        ),
+                    ));
+                }
+            }
+            Ok(())
+        }
+        Err(_) => {
+            let interrupted = std::fs::read_dir(dir)
+                .ok()
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|e| {
+                    e.file_type().is_ok_and(|t| t.is_dir())
+                        && staging_owner(&e.file_name().to_string_lossy())
+                            .is_some_and(|pid| !running(pid))
+                        && e.path().join(SET_MANIFEST).is_file()
+                });
+            if interrupted {
+                return Err(format_error(
+                    path,
+                    format!(
+                        "{} holds an output set whose installation was interrupted (its files may \
+                         be a mix of two runs); rerun the command that wrote it, which finishes \
+                         the installation first",
+                        dir.display()
+                    ),
+                ));
+            }
+            Ok(())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -504,6 +568,29 @@ mod tests {
         verify(&dir).unwrap();
         assert_eq!(std::fs::read(dir.join("y")).unwrap(), b"new y");
         assert_eq!(names(&dir), vec!["fips-set.json", "x", "y"]);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn readers_refuse_altered_members_and_half_installed_sets() {
+        let dir = temp_dir("member");
+        let set = StagedSet::begin(&dir).unwrap();
+        write_atomically(set.path("a"), b"first").unwrap();
+        set.commit(|_| false).unwrap();
+        check_member(dir.join("a")).unwrap();
+        check_member(dir.join("elsewhere")).unwrap();
+        std::fs::write(dir.join("a"), b"other").unwrap();
+        assert!(matches!(
+            check_member(dir.join("a")),
+            Err(FipsError::Format { .. })
+        ));
+        // A complete staging directory of a dead writer and no manifest: refused.
+        std::fs::remove_file(dir.join(SET_MANIFEST)).unwrap();
+        let staged = dir.join(format!("{STAGING_PREFIX}999999999-0123456789abcdef"));
+        std::fs::create_dir_all(&staged).unwrap();
+        std::fs::write(staged.join(SET_MANIFEST), b"{}").unwrap();
+        let err = check_member(dir.join("a")).unwrap_err();
+        assert!(err.to_string().contains("interrupted"), "{err}");
         std::fs::remove_dir_all(dir).ok();
     }
 }

@@ -874,6 +874,9 @@ fn eval(args: EvalArgs) -> Result<(), FipsError> {
             reason: "eval needs --checkpoint and --images (or --model and --text)".into(),
         });
     };
+    if let Some(path) = &args.compressed {
+        fips::foundation::output_set::check_member(path)?;
+    }
     let bars = Bars::new();
     let checkpoint = Checkpoint::open(checkpoint)?;
     let vit = VisionTransformer::from_checkpoint(&checkpoint, args.heads)?;
@@ -915,6 +918,7 @@ fn eval(args: EvalArgs) -> Result<(), FipsError> {
 }
 
 fn inspect(file: &Path) -> Result<(), FipsError> {
+    fips::foundation::output_set::check_member(file)?;
     let ck = Checkpoint::open(file)?;
     let count: usize = ck.tensors().map(|t| t.len()).sum();
     let mut dtypes: HashMap<String, usize> = HashMap::new();
@@ -1040,6 +1044,7 @@ fn inspect_compact(file: &Path, ck: &Checkpoint) -> Result<(), FipsError> {
 fn densify(compressed: &Path, original: Option<&Path>, out: &Path) -> Result<(), FipsError> {
     let inputs: Vec<&Path> = std::iter::once(compressed).chain(original).collect();
     fips::foundation::safe_io::check_outputs(inputs, [out])?;
+    fips::foundation::output_set::check_member(compressed)?;
     if let Some(folder) = original.filter(|p| p.is_dir()) {
         return text_cmd::densify_folder(compressed, folder, out);
     }

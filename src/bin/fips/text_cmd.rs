@@ -147,6 +147,7 @@ pub fn eval(model: &Path, args: &TextEvalArgs, compressed: Option<&Path>) -> Res
         line("compressed", &p, Some(&dense));
     }
     if let Some(dir) = &args.densified {
+        fips::foundation::output_set::check_member(dir)?;
         let p = score(dir, &BTreeMap::new(), "densified")?;
         line("densified", &p, Some(&dense));
     }
@@ -176,6 +177,7 @@ pub fn dense_replacements(
 > {
     use fips::format::checkpoint::Checkpoint;
     use fips::format::compact_file::{CompactModel, is_compact};
+    fips::foundation::output_set::check_member(compressed)?;
     let file = Checkpoint::open(compressed)?;
     if is_compact(&file) {
         let model = CompactModel::read_from(&file, None)?;
