@@ -17,7 +17,8 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use safetensors::Dtype;
 
-use crate::app::text::model::{LlamaModel, check_supported, rt};
+use crate::app::text::model::{check_supported, rt};
+use crate::app::text::text_model::TextModel;
 use crate::app::text::tokenize::{TextTokenizer, read_paragraph_tokens};
 use crate::format::hf::{HfFolder, ModelError};
 use crate::format::mlp_input_writer::MlpInputWriter;
@@ -102,7 +103,7 @@ pub fn capture_text(
         }
         .into());
     }
-    let model = LlamaModel::load(&folder, &BTreeMap::new())?;
+    let model = TextModel::load(&folder, &BTreeMap::new())?;
     capture_with_model(
         &model,
         &paragraphs,
@@ -130,7 +131,7 @@ fn metadata(folder: &HfFolder, text: &Path, options: &CaptureOptions) -> HashMap
 
 /// Captures from already tokenised paragraphs (BOS first) with a loaded model.
 pub fn capture_with_model(
-    model: &LlamaModel,
+    model: &TextModel,
     paragraphs: &[Vec<u32>],
     options: &CaptureOptions,
     out_file: &Path,

@@ -32,8 +32,9 @@ use crate::app::run_dir::{
     self, CAPTURE_FILES, CalibrationSettings, InputFile, Resume, RunContext, RunSettings, WorkArea,
 };
 use crate::app::text::capture::{CaptureOptions, CaptureReport, capture_with_model};
-use crate::app::text::model::{LlamaModel, check_supported};
+use crate::app::text::model::check_supported;
 use crate::app::text::perplexity::{Perplexity, perplexity_of_paragraphs};
+use crate::app::text::text_model::{TextModel, is_causal, not_causal};
 use crate::app::text::tokenize::{TextTokenizer, read_paragraph_tokens};
 use crate::format::block_groups::BlockGroups;
 use crate::format::compact_file::CompactModel;
@@ -345,6 +346,9 @@ pub fn assemble_text_model(
         return Err(mismatch("calibration text", &text_file));
     }
     if let Some(eval) = &options.eval_text {
+        if !is_causal(&folder) {
+            return Err(not_causal(&folder));
+        }
         if eval == &text_file {
             return Err(FipsError::InvalidParameter {
                 name: "eval_text",
@@ -365,7 +369,7 @@ pub fn assemble_text_model(
                 reason: "its captures are missing or do not match its settings".into(),
             }
         })?;
-    let dense_model = LlamaModel::load(&folder, &BTreeMap::new())?;
+    let dense_model = TextModel::load(&folder, &BTreeMap::new())?;
     let prepared = Prepared {
         folder,
         layout,
@@ -394,7 +398,7 @@ struct Prepared {
     activation: Activation,
     tokenizer: TextTokenizer,
     held_out: Paragraphs,
-    dense_model: LlamaModel,
+    dense_model: TextModel,
     work: WorkArea,
     capture: CaptureReport,
     validation_capture: Option<CaptureReport>,
@@ -449,6 +453,9 @@ fn prepare(
         return Err(FipsError::BatchTooLarge { batch, tokens });
     }
     if let Some(eval) = &options.eval_text {
+        if !is_causal(&folder) {
+            return Err(not_causal(&folder));
+        }
         if eval == text_file {
             return Err(FipsError::InvalidParameter {
                 name: "eval_text",
@@ -485,7 +492,7 @@ fn prepare(
         path: work_dir.to_path_buf(),
         source,
     })?;
-    let dense_model = LlamaModel::load(&folder, &BTreeMap::new())?;
+    let dense_model = TextModel::load(&folder, &BTreeMap::new())?;
     let metadata = |part: &str| {
         HashMap::from([
             ("source".to_string(), folder.dir().display().to_string()),
@@ -638,32 +645,38 @@ impl Prepared {
             } else {
                 None
             };
-            let compressed_model = LlamaModel::load(&folder, &replacements)?;
-            let validation_perplexity = if held_out.is_empty() {
-                None
-            } else {
-                Some((
-                    perplexity_of_paragraphs(&dense_model, &held_out, &mut |_, _| {})?,
-                    perplexity_of_paragraphs(&compressed_model, &held_out, &mut |_, _| {})?,
-                ))
+            // Perplexities of a decoder only (an encoder predicts no next token).
+            let models = match &dense_model {
+                TextModel::Decoder(dense) => match TextModel::load(&folder, &replacements)? {
+                    TextModel::Decoder(compressed) => Some((dense, compressed)),
+                    TextModel::Encoder(_) => None,
+                },
+                TextModel::Encoder(_) => None,
             };
-            let scores = match eval_text {
-                Some(eval) => {
+            let validation_perplexity = match &models {
+                Some((dense_model, compressed_model)) if !held_out.is_empty() => Some((
+                    perplexity_of_paragraphs(dense_model, &held_out, &mut |_, _| {})?,
+                    perplexity_of_paragraphs(compressed_model, &held_out, &mut |_, _| {})?,
+                )),
+                _ => None,
+            };
+            let scores = match (eval_text, &models) {
+                (Some(eval), Some((dense_model, compressed_model))) => {
                     let paragraphs = read_paragraph_tokens(&tokenizer, eval)?;
                     (
                         Some(perplexity_of_paragraphs(
-                            &dense_model,
+                            dense_model,
                             &paragraphs,
                             &mut |_, _| {},
                         )?),
                         Some(perplexity_of_paragraphs(
-                            &compressed_model,
+                            compressed_model,
                             &paragraphs,
                             &mut |_, _| {},
                         )?),
                     )
                 }
-                None => (None, None),
+                _ => (None, None),
             };
             let mut report = work.report(&layout, &run)?;
             report.wall_time = start.elapsed();

@@ -1,5 +1,6 @@
-//! Language models from Hugging Face folders (feature `text`): a candle forward pass of the
-//! Llama family, calibration capture from text, and perplexity.
+//! Language models from Hugging Face folders (feature `text`): candle forward passes of the
+//! Llama family and of BERT-style encoders, calibration capture from text, and perplexity (of the
+//! decoders).
 //!
 //! - [`capture_text`]: streams every block's MLP input for a token budget of a text to an
 //!   MLP-input file ([`crate::format::mlp_inputs`]), ready for compression.
@@ -10,12 +11,15 @@
 //! - [`perplexity()`]: per-paragraph perplexity (BOS prepended) of a folder, optionally with
 //!   replaced (compressed, rebuilt dense) MLP tensors.
 
+pub mod bert;
 pub mod capture;
 pub mod compress;
 pub mod model;
 pub mod perplexity;
+pub mod text_model;
 pub mod tokenize;
 
+pub use bert::BertModel;
 pub use capture::{CaptureOptions, CaptureReport, capture_text};
 pub use compress::{
     TextAssembleOptions, TextCompressOptions, TextCompression, TextPart, assemble_text_model,
@@ -23,4 +27,5 @@ pub use compress::{
 };
 pub use model::LlamaModel;
 pub use perplexity::{Perplexity, perplexity, perplexity_of_paragraphs};
+pub use text_model::TextModel;
 pub use tokenize::{TextTokenizer, paragraphs};

@@ -32,13 +32,13 @@ pub(crate) fn rt(e: candle_core::Error) -> FipsError {
 
 /// One linear layer, `y = x Wᵀ + b`, with `Wᵀ` stored `[in, out]`.
 #[derive(Debug, Clone)]
-struct Dense {
+pub(crate) struct Dense {
     weight_t: Tensor,
     bias: Option<Tensor>,
 }
 
 impl Dense {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = x.matmul(&self.weight_t).map_err(rt)?;
         match &self.bias {
             Some(b) => y.broadcast_add(b).map_err(rt),
@@ -83,14 +83,14 @@ pub struct LlamaModel {
 }
 
 /// Where the model's tensors come from: the folder, with some replaced.
-struct Source<'a> {
-    folder: &'a HfFolder,
-    replacements: &'a BTreeMap<String, ArrayD<f32>>,
-    device: &'a Device,
+pub(crate) struct Source<'a> {
+    pub(crate) folder: &'a HfFolder,
+    pub(crate) replacements: &'a BTreeMap<String, ArrayD<f32>>,
+    pub(crate) device: &'a Device,
 }
 
 impl Source<'_> {
-    fn tensor(&self, name: &str) -> Result<Tensor> {
+    pub(crate) fn tensor(&self, name: &str) -> Result<Tensor> {
         let array = match self.replacements.get(name) {
             Some(a) => a.clone(),
             None => self.folder.tensors().read::<f32>(name)?,
@@ -103,7 +103,7 @@ impl Source<'_> {
         Tensor::from_vec(values, shape, self.device).map_err(rt)
     }
 
-    fn optional(&self, name: &str) -> Result<Option<Tensor>> {
+    pub(crate) fn optional(&self, name: &str) -> Result<Option<Tensor>> {
         if self.replacements.contains_key(name) || self.folder.tensors().contains(name) {
             self.tensor(name).map(Some)
         } else {
@@ -111,7 +111,7 @@ impl Source<'_> {
         }
     }
 
-    fn dense(&self, prefix: &str, out: usize, input: usize) -> Result<Dense> {
+    pub(crate) fn dense(&self, prefix: &str, out: usize, input: usize) -> Result<Dense> {
         let w = self.tensor(&format!("{prefix}.weight"))?;
         if w.dims() != [out, input] {
             return Err(FipsError::ShapeMismatch {
@@ -127,7 +127,7 @@ impl Source<'_> {
         })
     }
 
-    fn vector(&self, name: &str, len: usize) -> Result<Tensor> {
+    pub(crate) fn vector(&self, name: &str, len: usize) -> Result<Tensor> {
         let v = self.tensor(name)?;
         if v.dims() != [len] {
             return Err(FipsError::ShapeMismatch {
@@ -151,9 +151,13 @@ pub fn check_supported(folder: &HfFolder) -> Result<()> {
     };
     if !folder.family().has_text_forward() {
         return Err(unsupported(format!(
-            "the text forward pass runs Llama, Mistral and Qwen2 models, not {}",
+            "the text forward pass runs Llama, Mistral and Qwen2 decoders and BERT-style \
+             encoders, not {}",
             folder.family()
         )));
+    }
+    if folder.family() == ModelFamily::Bert {
+        return crate::app::text::bert::check_encoder(folder);
     }
     let config = folder.config();
     if let Some(scaling) = &config.rope_scaling
@@ -183,6 +187,15 @@ impl LlamaModel {
     /// instead of the weights (same names and shapes).
     pub fn load(folder: &HfFolder, replacements: &BTreeMap<String, ArrayD<f32>>) -> Result<Self> {
         check_supported(folder)?;
+        if folder.family() == ModelFamily::Bert {
+            return Err(ModelError::Unsupported {
+                dir: folder.dir().to_path_buf(),
+                what: "a BERT-style encoder is not a Llama-family decoder (load it as a \
+                       TextModel)"
+                    .into(),
+            }
+            .into());
+        }
         let device = Device::Cpu;
         let src = Source {
             folder,

@@ -14,6 +14,7 @@ use std::time::Instant;
 use ndarray::ArrayD;
 
 use crate::app::text::model::{LlamaModel, check_supported};
+use crate::app::text::text_model::{is_causal, not_causal};
 use crate::app::text::tokenize::{TextTokenizer, read_paragraph_tokens};
 use crate::format::hf::HfFolder;
 use crate::foundation::error::Result;
@@ -88,6 +89,9 @@ pub fn perplexity(
 ) -> Result<Perplexity> {
     let folder = HfFolder::open(model_dir)?;
     check_supported(&folder)?;
+    if !is_causal(&folder) {
+        return Err(not_causal(&folder));
+    }
     let tokenizer = TextTokenizer::for_model(&folder)?;
     let paragraphs = read_paragraph_tokens(&tokenizer, text_file.as_ref())?;
     let model = LlamaModel::load(&folder, replacements)?;

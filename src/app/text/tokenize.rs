@@ -1,9 +1,11 @@
 //! Paragraphs of a text file and their token ids.
 //!
 //! A text is split into paragraphs at empty lines; the lines of one paragraph keep their line
-//! breaks, and leading and trailing whitespace is removed. Each paragraph is tokenised on its own, without the
-//! tokenizer's post-processing, and the model's BOS token is prepended — the convention under
-//! which the perplexities of `../shared/data/README.md` are measured.
+//! breaks, and leading and trailing whitespace is removed. Each paragraph is tokenised on its own.
+//! For a decoder, without the tokenizer's post-processing, and the model's BOS token is
+//! prepended — the convention under which the perplexities of `../shared/data/README.md` are
+//! measured. For an encoder (BERT-style), with the tokenizer's post-processing, which frames each
+//! paragraph as the model was trained to see it (`[CLS] … [SEP]`, `<s> … </s>`).
 
 use std::path::{Path, PathBuf};
 
@@ -43,6 +45,8 @@ pub struct TextTokenizer {
     path: PathBuf,
     bos: u32,
     model_vocab: usize,
+    /// An encoder's tokenizer: its post-processing adds the special tokens, no BOS is prepended.
+    encoder: bool,
 }
 
 impl TextTokenizer {
@@ -79,7 +83,15 @@ impl TextTokenizer {
             }
             .into());
         }
+        let encoder = folder.family() == crate::format::hf::ModelFamily::Bert;
         let bos = match folder.config().bos() {
+            _ if encoder => {
+                // The first token the post-processing puts before a text (`[CLS]`, `<s>`).
+                let framed = inner.encode("", true).map_err(|e| bad(e.to_string()))?;
+                framed.get_ids().first().copied().ok_or_else(|| {
+                    bad("its post-processing adds no leading special token ([CLS])".into())
+                })?
+            }
             Some(id) => id,
             None => {
                 let token = bos_from_tokenizer_config(folder.dir()).unwrap_or_else(|| "<s>".into());
@@ -98,10 +110,11 @@ impl TextTokenizer {
             path,
             bos,
             model_vocab,
+            encoder,
         })
     }
 
-    /// The BOS token id.
+    /// The BOS token id (an encoder's leading special token, `[CLS]` or `<s>`).
     pub fn bos(&self) -> u32 {
         self.bos
     }
@@ -111,16 +124,18 @@ impl TextTokenizer {
         &self.path
     }
 
-    /// The token ids of one paragraph, BOS first.
+    /// The token ids of one paragraph, BOS first (an encoder's: framed by its special tokens).
     pub fn encode_paragraph(&self, paragraph: &str) -> Result<Vec<u32>> {
-        let encoding = self.inner.encode(paragraph, false).map_err(|e| {
+        let encoding = self.inner.encode(paragraph, self.encoder).map_err(|e| {
             FipsError::from(ModelError::Tokenizer {
                 path: self.path.clone(),
                 reason: format!("cannot encode: {e}"),
             })
         })?;
         let mut ids = Vec::with_capacity(encoding.len() + 1);
-        ids.push(self.bos);
+        if !self.encoder {
+            ids.push(self.bos);
+        }
         ids.extend_from_slice(encoding.get_ids());
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.model_vocab) {
             return Err(ModelError::VocabularyMismatch {

@@ -27,7 +27,8 @@ pub enum ModelFamily {
     Qwen2,
     /// Gemma 1/2/3 (`Gemma*ForCausalLM`): gated tanh-GELU MLP (MLP layout only; no text forward).
     Gemma,
-    /// BERT-style encoders (`Bert*`, `Roberta*`, `XLMRoberta*`) (MLP layout only; no text forward).
+    /// BERT-style encoders (`Bert*`, `Roberta*`, `XLMRoberta*`): post-norm GELU MLP; text forward
+    /// (capture), no perplexity.
     Bert,
     /// Vision transformers (`ViT*`, `DeiT*`) (MLP layout only).
     Vit,
@@ -89,9 +90,10 @@ impl ModelFamily {
         )
     }
 
-    /// Whether this crate has a text forward pass (capture, perplexity) for the family.
+    /// Whether this crate has a text forward pass for the family (capture; perplexity for the
+    /// decoders).
     pub fn has_text_forward(self) -> bool {
-        matches!(self, Self::Llama | Self::Mistral | Self::Qwen2)
+        matches!(self, Self::Llama | Self::Mistral | Self::Qwen2 | Self::Bert)
     }
 
     /// `tie_word_embeddings` when `config.json` does not say.
