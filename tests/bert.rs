@@ -164,12 +164,7 @@ fn make_folder(dir: &Path, roberta: bool) {
     std::fs::write(dir.join("tokenizer.json"), tokenizer_json()).unwrap();
     let data: BTreeMap<String, TensorData> = tensors(prefix, offset)
         .into_iter()
-        .map(|(n, (v, shape))| {
-            (
-                n,
-                TensorData::from_floats(v, shape, Dtype::F32).unwrap(),
-            )
-        })
+        .map(|(n, (v, shape))| (n, TensorData::from_floats(v, shape, Dtype::F32).unwrap()))
         .collect();
     write_safetensors(dir.join("model.safetensors"), &data, HashMap::new()).unwrap();
 }
@@ -403,5 +398,59 @@ fn an_encoder_has_no_perplexity() {
         matches!(err, FipsError::Model(ModelError::Unsupported { .. })),
         "{err}"
     );
+    std::fs::remove_dir_all(root).ok();
+}
+
+/// Issue 13 on the text path: `fips capture --out` naming a file of the model folder, and `fips
+/// compress` whose densified output folder would hold the model, are refused before any work.
+#[cfg(feature = "cli")]
+#[test]
+fn text_outputs_never_replace_the_model() {
+    let root = scratch("clobber");
+    let model = root.join("out").join("densified");
+    make_folder(&model, false);
+    let calib = root.join("calib.txt");
+    std::fs::write(&calib, text(60, 3)).unwrap();
+    let weights = model.join("model.safetensors");
+    let before = std::fs::read(&weights).unwrap();
+    for target in [weights.clone(), model.join("config.json"), calib.clone()] {
+        let out = fips_bin(&[
+            &"capture",
+            &"--model",
+            &model,
+            &"--text",
+            &calib,
+            &"--tokens",
+            &"64",
+            &"--out",
+            &target,
+        ]);
+        assert_eq!(out.status.code(), Some(1), "{target:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("refusing") || stderr.contains("input"),
+            "{stderr}"
+        );
+    }
+    let out = fips_bin(&[
+        &"compress",
+        &"--model",
+        &model,
+        &"--text",
+        &calib,
+        &"--tokens",
+        &"256",
+        &"--steps",
+        &"5",
+        &"--batch-tokens",
+        &"128",
+        &"--out-dir",
+        &root.join("out"),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("holds the input"), "{stderr}");
+    assert_eq!(std::fs::read(&weights).unwrap(), before);
+    assert!(!root.join("out").join(".fips-work").exists());
     std::fs::remove_dir_all(root).ok();
 }

@@ -323,8 +323,8 @@ fn file_id(_meta: &std::fs::Metadata) -> Option<(u64, u64)> {
     None
 }
 
-/// Checks, before any work, that no output of a command is one of its inputs and that no two
-/// outputs are the same file.
+/// Checks, before any work, that no output of a command is one of its inputs or a directory
+/// holding one, and that no two outputs are the same file.
 ///
 /// Two paths name the same file when their canonical forms are equal (symbolic links resolved),
 /// when they have the same device and inode (hard links), or, for an output that does not exist
@@ -366,6 +366,20 @@ where
                 ),
             ));
         }
+        // An output directory replaced whole (a densified model folder) must hold no input.
+        if let Some((input, _)) = inputs
+            .iter()
+            .find(|(_, i)| i.canonical.starts_with(&id.canonical))
+        {
+            return Err(unsafe_output(
+                output,
+                format!(
+                    "it holds the input {} (writing it would replace that input); choose another \
+                     output path",
+                    input.display()
+                ),
+            ));
+        }
         if let Some((other, _)) = seen.iter().find(|(_, o)| o.same(&id)) {
             return Err(unsafe_output(
                 output,
@@ -386,6 +400,29 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir
+    }
+
+    #[test]
+    fn an_output_directory_holding_an_input_is_refused() {
+        let dir = temp_dir("holds");
+        let model = dir.join("out/densified");
+        std::fs::create_dir_all(&model).unwrap();
+        std::fs::write(model.join("model.safetensors"), b"weights").unwrap();
+        let inputs = [model.join("model.safetensors")];
+        assert!(matches!(
+            check_outputs(&inputs, [dir.join("out/densified")]),
+            Err(FipsError::UnsafeOutput { .. })
+        ));
+        assert!(matches!(
+            check_outputs(&inputs, [dir.join("out")]),
+            Err(FipsError::UnsafeOutput { .. })
+        ));
+        check_outputs(
+            &inputs,
+            [dir.join("out/densified2"), dir.join("out/report.json")],
+        )
+        .unwrap();
+        std::fs::remove_dir_all(dir).ok();
     }
 
     #[test]

@@ -84,8 +84,11 @@ pub fn capture_text(
 ) -> Result<CaptureReport> {
     let folder = HfFolder::open(model_dir)?;
     check_supported(&folder)?;
-    let tokenizer = TextTokenizer::for_model(&folder)?;
     let text_file = text_file.as_ref();
+    let mut inputs = folder.input_files();
+    inputs.push(text_file.to_path_buf());
+    crate::foundation::safe_io::check_outputs(&inputs, [out_file.as_ref()])?;
+    let tokenizer = TextTokenizer::for_model(&folder)?;
     let paragraphs = read_paragraph_tokens(&tokenizer, text_file)?;
     let context = folder.config().max_position_embeddings.unwrap_or(4096);
     let available: usize = paragraphs.iter().map(|p| p.len().min(context)).sum();

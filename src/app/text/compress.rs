@@ -46,7 +46,7 @@ use crate::foundation::activation::Activation;
 use crate::foundation::error::{FipsError, Result};
 use crate::foundation::fingerprint;
 use crate::foundation::output_set::StagedSet;
-use crate::foundation::safe_io::write_atomically;
+use crate::foundation::safe_io::{check_outputs, write_atomically};
 use crate::methods::Compressor;
 
 /// The work area inside the output directory (captures and per-group parts live here).
@@ -201,7 +201,13 @@ pub fn compress_text_model(
         .clone()
         .unwrap_or_else(|| out_dir.join(run_dir::WORK_DIR));
     let prepared = prepare(
-        model_dir, text_file, options, compressor, &work_dir, progress,
+        model_dir,
+        text_file,
+        options,
+        compressor,
+        &work_dir,
+        Some(out_dir),
+        progress,
     )?;
     prepared.compress_parts(compressor, observer, None)?;
     let keep = options.keep_calibration || options.work_dir.is_some();
@@ -247,7 +253,7 @@ pub fn compress_text_group(
         });
     }
     let prepared = prepare(
-        model_dir, text_file, options, compressor, work_dir, progress,
+        model_dir, text_file, options, compressor, work_dir, None, progress,
     )?;
     let computed = prepared.compress_parts(compressor, observer, Some(group))?;
     Ok(TextPart {
@@ -357,6 +363,13 @@ pub fn assemble_text_model(
         }
         available_tokens(&folder, eval)?;
     }
+    let mut inputs = folder.input_files();
+    inputs.push(text_file.clone());
+    inputs.extend(options.eval_text.clone());
+    check_outputs(
+        &inputs,
+        [COMPRESSED_FILE, REPORT_FILE, DENSIFIED_DIR].map(|f| out_dir.join(f)),
+    )?;
     run_dir::check_writable(out_dir)?;
     let layout = folder.mlp_layout()?;
     let tokenizer = TextTokenizer::for_model(&folder)?;
@@ -414,6 +427,7 @@ fn prepare(
     options: &TextCompressOptions,
     compressor: &dyn Compressor<f32>,
     work_dir: &Path,
+    out_dir: Option<&Path>,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Prepared> {
     // Cheap checks first: folder, layout, groups, tokenizer, texts.
@@ -464,6 +478,16 @@ fn prepare(
         }
         available_tokens(&folder, eval)?;
     }
+
+    // No output (the captures, the parts' area, the output set) may be or hold an input.
+    let mut inputs = folder.input_files();
+    inputs.push(text_file.to_path_buf());
+    inputs.extend(options.eval_text.clone());
+    let mut outputs: Vec<PathBuf> = CAPTURE_FILES.iter().map(|f| work_dir.join(f)).collect();
+    if let Some(out_dir) = out_dir {
+        outputs.extend([COMPRESSED_FILE, REPORT_FILE, DENSIFIED_DIR].map(|f| out_dir.join(f)));
+    }
+    check_outputs(&inputs, &outputs)?;
 
     // The work area: settings first (a run with other settings is refused before any work),
     // then the captures, then one part per group; the outputs are assembled from the parts.
@@ -778,11 +802,7 @@ fn text_run_settings(
 /// The model folder as one input: the weights' file name, and a length and fingerprint covering
 /// `config.json`, the tokenizer, the index and every shard.
 fn folder_input(folder: &HfFolder) -> Result<InputFile> {
-    let dir = folder.dir();
-    let mut files = vec![dir.join("config.json")];
-    files.extend(folder.tokenizer_file());
-    files.extend(folder.tensors().index_file().map(Path::to_path_buf));
-    files.extend(folder.tensors().shard_names().iter().map(|n| dir.join(n)));
+    let files = folder.input_files();
     let mut f = fingerprint::Fingerprint::new();
     let mut total = 0u64;
     for file in &files {

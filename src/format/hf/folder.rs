@@ -138,6 +138,16 @@ impl HfFolder {
         self.config.activation(self.family)
     }
 
+    /// The files a run reads from the folder: `config.json`, the tokenizer (if any), the shard
+    /// index (if any) and every shard — what an output must never replace.
+    pub fn input_files(&self) -> Vec<PathBuf> {
+        let mut files = vec![self.dir.join("config.json")];
+        files.extend(self.tokenizer_file());
+        files.extend(self.weights.index_file().map(Path::to_path_buf));
+        files.extend(self.weights.shard_names().iter().map(|n| self.dir.join(n)));
+        files
+    }
+
     /// `tokenizer.json`, when the folder has one.
     pub fn tokenizer_file(&self) -> Option<PathBuf> {
         let path = self.dir.join(TOKENIZER_FILE);
