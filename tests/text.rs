@@ -648,6 +648,24 @@ fn compress_from_text_in_one_call_holds_out_validation_and_checks_first() {
         matches!(err, FipsError::Model(ModelError::TextTooShort { .. })),
         "{err}"
     );
+    let zero = TextCompressOptions {
+        tokens: Some(0),
+        ..options.clone()
+    };
+    let err = compress_text_model(
+        &dir,
+        &calib,
+        &zero,
+        &compressor,
+        &out,
+        &mut |_, _| {},
+        &mut Silent,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, FipsError::InvalidParameter { name: "tokens", .. }),
+        "{err}"
+    );
     // A batch larger than the token budget: refused before the capture.
     let small = TextCompressOptions {
         tokens: Some(256),

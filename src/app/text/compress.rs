@@ -451,11 +451,17 @@ fn prepare(
     let count = |ps: &[Vec<u32>]| -> usize { ps.iter().map(|p| p.len().min(context)).sum() };
     let available = count(&train);
     let tokens = options.tokens.unwrap_or(available);
-    if tokens == 0 || tokens > available {
+    if tokens == 0 {
+        return Err(FipsError::InvalidParameter {
+            name: "tokens",
+            reason: "the calibration token budget must be positive".into(),
+        });
+    }
+    if tokens > available {
         return Err(ModelError::TextTooShort {
             path: text_file.to_path_buf(),
             available,
-            budget: tokens.max(1),
+            budget: tokens,
         }
         .into());
     }
