@@ -5,7 +5,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use fips::FipsError;
 use fips::app::text::capture::{CaptureOptions, capture_text};
@@ -630,20 +630,23 @@ fn compress_from_text_in_one_call_holds_out_validation_and_checks_first() {
     // Bad input: typed errors and nothing written.
     let tmp = scratch("one-call");
     let out = tmp.join("out");
+    let refused = |options: &TextCompressOptions, text: &Path| {
+        compress_text_model(
+            &dir,
+            text,
+            options,
+            &compressor,
+            &out,
+            &mut |_, _| {},
+            &mut Silent,
+        )
+        .unwrap_err()
+    };
     let too_many = TextCompressOptions {
         tokens: Some(10_000_000),
         ..options.clone()
     };
-    let err = compress_text_model(
-        &dir,
-        &calib,
-        &too_many,
-        &compressor,
-        &out,
-        &mut |_, _| {},
-        &mut Silent,
-    )
-    .unwrap_err();
+    let err = refused(&too_many, &calib);
     assert!(
         matches!(err, FipsError::Model(ModelError::TextTooShort { .. })),
         "{err}"
@@ -652,16 +655,7 @@ fn compress_from_text_in_one_call_holds_out_validation_and_checks_first() {
         tokens: Some(0),
         ..options.clone()
     };
-    let err = compress_text_model(
-        &dir,
-        &calib,
-        &zero,
-        &compressor,
-        &out,
-        &mut |_, _| {},
-        &mut Silent,
-    )
-    .unwrap_err();
+    let err = refused(&zero, &calib);
     assert!(
         matches!(err, FipsError::InvalidParameter { name: "tokens", .. }),
         "{err}"
@@ -671,16 +665,7 @@ fn compress_from_text_in_one_call_holds_out_validation_and_checks_first() {
         tokens: Some(256),
         ..options.clone()
     };
-    let err = compress_text_model(
-        &dir,
-        &calib,
-        &small,
-        &compressor,
-        &out,
-        &mut |_, _| {},
-        &mut Silent,
-    )
-    .unwrap_err();
+    let err = refused(&small, &calib);
     assert!(
         matches!(
             err,
@@ -695,16 +680,7 @@ fn compress_from_text_in_one_call_holds_out_validation_and_checks_first() {
         eval_text: Some(calib.clone()),
         ..options.clone()
     };
-    let err = compress_text_model(
-        &dir,
-        &calib,
-        &same,
-        &compressor,
-        &out,
-        &mut |_, _| {},
-        &mut Silent,
-    )
-    .unwrap_err();
+    let err = refused(&same, &calib);
     assert!(
         matches!(
             err,
@@ -717,16 +693,7 @@ fn compress_from_text_in_one_call_holds_out_validation_and_checks_first() {
     );
     let empty = tmp.join("empty.txt");
     std::fs::write(&empty, "\n\n  \n").unwrap();
-    let err = compress_text_model(
-        &dir,
-        &empty,
-        &options,
-        &compressor,
-        &out,
-        &mut |_, _| {},
-        &mut Silent,
-    )
-    .unwrap_err();
+    let err = refused(&options, &empty);
     assert!(
         matches!(err, FipsError::Model(ModelError::EmptyText { .. })),
         "{err}"

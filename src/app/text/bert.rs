@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use candle_core::{Device, Tensor};
 use ndarray::ArrayD;
 
-use crate::app::text::model::{Dense, Source, rt};
+use crate::app::text::model::{Dense, Source, attend, check_sequence, rt, split_heads};
 use crate::format::hf::{HfFolder, ModelError, ModelFamily};
 use crate::foundation::activation::Activation;
 use crate::foundation::error::{FipsError, Result};
@@ -254,22 +254,7 @@ impl BertModel {
         on_mlp_input: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
     ) -> Result<Tensor> {
         let t = ids.len();
-        if t == 0 || t > self.max_positions {
-            return Err(FipsError::InvalidParameter {
-                name: "ids",
-                reason: format!(
-                    "a sequence of {t} tokens (the model takes 1 to {})",
-                    self.max_positions
-                ),
-            });
-        }
-        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.vocab) {
-            return Err(FipsError::IndexOutOfRange {
-                what: "token id",
-                index: bad as usize,
-                len: self.vocab,
-            });
-        }
+        check_sequence(ids, self.max_positions, self.vocab)?;
         let device = self.word.device();
         let index = Tensor::new(ids, device).map_err(rt)?;
         let mut h = self.word.index_select(&index, 0).map_err(rt)?;
@@ -300,28 +285,11 @@ impl BertModel {
     }
 
     fn attention(&self, block: &EncoderBlock, h: &Tensor, t: usize) -> Result<Tensor> {
-        let hd = self.head_dim;
-        let split = |x: Tensor| -> Result<Tensor> {
-            x.reshape((1, t, self.heads, hd))
-                .and_then(|x| x.transpose(1, 2))
-                .and_then(|x| x.contiguous())
-                .map_err(rt)
-        };
-        let q = split(block.q.forward(h)?)?;
-        let k = split(block.k.forward(h)?)?;
-        let v = split(block.v.forward(h)?)?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let scores = q
-            .matmul(&k.t().map_err(rt)?)
-            .and_then(|s| s * scale)
-            .map_err(rt)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores).map_err(rt)?;
-        let out = probs
-            .matmul(&v)
-            .and_then(|x| x.transpose(1, 2))
-            .and_then(|x| x.reshape((t, self.heads * hd)))
-            .map_err(rt)?;
-        block.o.forward(&out)
+        let (heads, hd) = (self.heads, self.head_dim);
+        let q = split_heads(block.q.forward(h)?, t, heads, hd)?;
+        let k = split_heads(block.k.forward(h)?, t, heads, hd)?;
+        let v = split_heads(block.v.forward(h)?, t, heads, hd)?;
+        block.o.forward(&attend(&q, &k, &v, None, t)?)
     }
 
     fn mlp(&self, block: &EncoderBlock, z: &Tensor) -> Result<Tensor> {

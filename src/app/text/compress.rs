@@ -351,24 +351,11 @@ pub fn assemble_text_model(
     if &InputFile::of(&text_file)? != recorded_text {
         return Err(mismatch("calibration text", &text_file));
     }
-    if let Some(eval) = &options.eval_text {
-        if !is_causal(&folder) {
-            return Err(not_causal(&folder));
-        }
-        if eval == &text_file {
-            return Err(FipsError::InvalidParameter {
-                name: "eval_text",
-                reason: "the evaluation text must not be the calibration text".into(),
-            });
-        }
-        available_tokens(&folder, eval)?;
-    }
-    let mut inputs = folder.input_files();
-    inputs.push(text_file.clone());
-    inputs.extend(options.eval_text.clone());
-    check_outputs(
-        &inputs,
-        [COMPRESSED_FILE, REPORT_FILE, DENSIFIED_DIR].map(|f| out_dir.join(f)),
+    check_texts_and_outputs(
+        &folder,
+        &text_file,
+        options.eval_text.as_deref(),
+        OUTPUT_SET.map(|f| out_dir.join(f)).to_vec(),
     )?;
     run_dir::check_writable(out_dir)?;
     let layout = folder.mlp_layout()?;
@@ -472,28 +459,12 @@ fn prepare(
     {
         return Err(FipsError::BatchTooLarge { batch, tokens });
     }
-    if let Some(eval) = &options.eval_text {
-        if !is_causal(&folder) {
-            return Err(not_causal(&folder));
-        }
-        if eval == text_file {
-            return Err(FipsError::InvalidParameter {
-                name: "eval_text",
-                reason: "the evaluation text must not be the calibration text".into(),
-            });
-        }
-        available_tokens(&folder, eval)?;
-    }
-
     // No output (the captures, the parts' area, the output set) may be or hold an input.
-    let mut inputs = folder.input_files();
-    inputs.push(text_file.to_path_buf());
-    inputs.extend(options.eval_text.clone());
     let mut outputs: Vec<PathBuf> = CAPTURE_FILES.iter().map(|f| work_dir.join(f)).collect();
     if let Some(out_dir) = out_dir {
-        outputs.extend([COMPRESSED_FILE, REPORT_FILE, DENSIFIED_DIR].map(|f| out_dir.join(f)));
+        outputs.extend(OUTPUT_SET.map(|f| out_dir.join(f)));
     }
-    check_outputs(&inputs, &outputs)?;
+    check_texts_and_outputs(&folder, text_file, options.eval_text.as_deref(), outputs)?;
 
     // The work area: settings first (a run with other settings is refused before any work),
     // then the captures, then one part per group; the outputs are assembled from the parts.
@@ -721,7 +692,7 @@ impl Prepared {
                     return Err(e);
                 }
             };
-        set.commit(|name| [COMPRESSED_FILE, REPORT_FILE, DENSIFIED_DIR].contains(&name))?;
+        set.commit(|name| OUTPUT_SET.contains(&name))?;
         let densified = densified.map(|mut d| {
             d.dir = out_dir.join(DENSIFIED_DIR);
             d
@@ -748,6 +719,36 @@ impl Prepared {
             wall_time: start.elapsed(),
         })
     }
+}
+
+/// The output set's entries inside the output directory.
+const OUTPUT_SET: [&str; 3] = [COMPRESSED_FILE, REPORT_FILE, DENSIFIED_DIR];
+
+/// Checks, before any work, the evaluation text (a decoder's, not the calibration text, readable
+/// with tokens) and that no output is or holds one of the run's inputs (the folder's files, the
+/// texts).
+fn check_texts_and_outputs(
+    folder: &HfFolder,
+    text_file: &Path,
+    eval_text: Option<&Path>,
+    outputs: Vec<PathBuf>,
+) -> Result<()> {
+    if let Some(eval) = eval_text {
+        if !is_causal(folder) {
+            return Err(not_causal(folder));
+        }
+        if eval == text_file {
+            return Err(FipsError::InvalidParameter {
+                name: "eval_text",
+                reason: "the evaluation text must not be the calibration text".into(),
+            });
+        }
+        available_tokens(folder, eval)?;
+    }
+    let mut inputs = folder.input_files();
+    inputs.push(text_file.to_path_buf());
+    inputs.extend(eval_text.map(Path::to_path_buf));
+    check_outputs(&inputs, &outputs)
 }
 
 /// What `capture.json` in the work area holds: the captures of a run with these settings.

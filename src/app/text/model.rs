@@ -328,22 +328,7 @@ impl LlamaModel {
         on_mlp_input: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
     ) -> Result<Tensor> {
         let t = ids.len();
-        if t == 0 || t > self.max_positions {
-            return Err(FipsError::InvalidParameter {
-                name: "ids",
-                reason: format!(
-                    "a sequence of {t} tokens (the model takes 1 to {})",
-                    self.max_positions
-                ),
-            });
-        }
-        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.vocab) {
-            return Err(FipsError::IndexOutOfRange {
-                what: "token id",
-                index: bad as usize,
-                len: self.vocab,
-            });
-        }
+        check_sequence(ids, self.max_positions, self.vocab)?;
         let device = self.embed.device();
         let index = Tensor::new(ids, device).map_err(rt)?;
         let mut h = self.embed.index_select(&index, 0).map_err(rt)?;
@@ -430,15 +415,9 @@ impl LlamaModel {
         t: usize,
     ) -> Result<Tensor> {
         let hd = self.head_dim;
-        let split = |x: Tensor, heads: usize| -> Result<Tensor> {
-            x.reshape((1, t, heads, hd))
-                .and_then(|x| x.transpose(1, 2))
-                .and_then(|x| x.contiguous())
-                .map_err(rt)
-        };
-        let q = split(block.q.forward(a)?, self.heads)?;
-        let k = split(block.k.forward(a)?, self.kv_heads)?;
-        let v = split(block.v.forward(a)?, self.kv_heads)?;
+        let q = split_heads(block.q.forward(a)?, t, self.heads, hd)?;
+        let k = split_heads(block.k.forward(a)?, t, self.kv_heads, hd)?;
+        let v = split_heads(block.v.forward(a)?, t, self.kv_heads, hd)?;
         let q = candle_nn::rotary_emb::rope(&q, cos, sin).map_err(rt)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin).map_err(rt)?;
         let rep = self.heads / self.kv_heads;
@@ -448,19 +427,7 @@ impl LlamaModel {
         let v = candle_transformers::utils::repeat_kv(v, rep)
             .and_then(|x| x.contiguous())
             .map_err(rt)?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let scores = q
-            .matmul(&k.t().map_err(rt)?)
-            .and_then(|s| s * scale)
-            .and_then(|s| s.broadcast_add(mask))
-            .map_err(rt)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores).map_err(rt)?;
-        let out = probs
-            .matmul(&v)
-            .and_then(|x| x.transpose(1, 2))
-            .and_then(|x| x.reshape((t, self.heads * hd)))
-            .map_err(rt)?;
-        block.o.forward(&out)
+        block.o.forward(&attend(&q, &k, &v, Some(mask), t)?)
     }
 
     fn mlp(&self, block: &Block, z: &Tensor) -> Result<Tensor> {
@@ -475,6 +442,58 @@ impl LlamaModel {
         let u = block.up.forward(z)?;
         block.down.forward(&(g * u).map_err(rt)?)
     }
+}
+
+/// Checks one sequence against a model's context length and vocabulary.
+pub(crate) fn check_sequence(ids: &[u32], max_positions: usize, vocab: usize) -> Result<()> {
+    let t = ids.len();
+    if t == 0 || t > max_positions {
+        return Err(FipsError::InvalidParameter {
+            name: "ids",
+            reason: format!("a sequence of {t} tokens (the model takes 1 to {max_positions})"),
+        });
+    }
+    if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+        return Err(FipsError::IndexOutOfRange {
+            what: "token id",
+            index: bad as usize,
+            len: vocab,
+        });
+    }
+    Ok(())
+}
+
+/// `[T, H h_d]` → `[1, H, T, h_d]` (contiguous).
+pub(crate) fn split_heads(x: Tensor, t: usize, heads: usize, hd: usize) -> Result<Tensor> {
+    x.reshape((1, t, heads, hd))
+        .and_then(|x| x.transpose(1, 2))
+        .and_then(|x| x.contiguous())
+        .map_err(rt)
+}
+
+/// `softmax(q kᵀ/√h_d + mask) v` over heads `[1, H, T, h_d]`, merged back to `[T, H h_d]`.
+pub(crate) fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    t: usize,
+) -> Result<Tensor> {
+    let (_, heads, _, hd) = q.dims4().map_err(rt)?;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let mut scores = q
+        .matmul(&k.t().map_err(rt)?)
+        .and_then(|s| s * scale)
+        .map_err(rt)?;
+    if let Some(mask) = mask {
+        scores = scores.broadcast_add(mask).map_err(rt)?;
+    }
+    let probs = candle_nn::ops::softmax_last_dim(&scores).map_err(rt)?;
+    probs
+        .matmul(v)
+        .and_then(|x| x.transpose(1, 2))
+        .and_then(|x| x.reshape((t, heads * hd)))
+        .map_err(rt)
 }
 
 /// `cos` and `sin` tables `[positions, h_d/2]` of θ_i = base^(−2i/h_d).

@@ -309,6 +309,10 @@ pub fn compress(
         }
     };
     let mut observer = bars.observer(groups.len());
+    let mut progress = |done: usize, total: usize| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    };
     if let Some(group) = settings.only_group {
         let work_dir = settings
             .work_dir
@@ -321,10 +325,7 @@ pub fn compress(
             compressor.as_ref(),
             &work_dir,
             group,
-            &mut |done, total| {
-                bar.set_length(total as u64);
-                bar.set_position(done as u64);
-            },
+            &mut progress,
             &mut observer,
         );
         bar.finish_and_clear();
@@ -356,10 +357,7 @@ pub fn compress(
         &options,
         compressor.as_ref(),
         settings.out_dir,
-        &mut |done, total| {
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
-        },
+        &mut progress,
         &mut observer,
     );
     bar.finish_and_clear();
