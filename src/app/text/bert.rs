@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use candle_core::{Device, Tensor};
 use ndarray::ArrayD;
 
-use crate::app::text::model::{Dense, Source, attend, check_sequence, rt, split_heads};
+use crate::app::text::nn::{Dense, Source, attend, check_sequence, rt, split_heads};
 use crate::format::hf::{HfFolder, ModelError, ModelFamily};
 use crate::foundation::activation::Activation;
 use crate::foundation::error::{FipsError, Result};
@@ -67,7 +67,7 @@ pub struct BertModel {
     max_positions: usize,
 }
 
-/// The checks of [`crate::app::text::model::check_supported`] for an encoder: absolute position
+/// The checks of [`crate::app::text::text_model::check_supported`] for an encoder: absolute position
 /// embeddings, a width the heads divide.
 pub(crate) fn check_encoder(folder: &HfFolder) -> Result<()> {
     let config = folder.config();

@@ -17,8 +17,8 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use safetensors::Dtype;
 
-use crate::app::text::model::{check_supported, rt};
-use crate::app::text::text_model::TextModel;
+use crate::app::text::nn::rt;
+use crate::app::text::text_model::{TextModel, check_supported};
 use crate::app::text::tokenize::{TextTokenizer, read_paragraph_tokens};
 use crate::format::hf::{HfFolder, ModelError};
 use crate::format::mlp_input_writer::MlpInputWriter;

@@ -32,9 +32,8 @@ use crate::app::run_dir::{
     self, CAPTURE_FILES, CalibrationSettings, InputFile, Resume, RunContext, RunSettings, WorkArea,
 };
 use crate::app::text::capture::{CaptureOptions, CaptureReport, capture_with_model};
-use crate::app::text::model::check_supported;
 use crate::app::text::perplexity::{Perplexity, perplexity_of_paragraphs};
-use crate::app::text::text_model::{TextModel, is_causal, not_causal};
+use crate::app::text::text_model::{TextModel, check_supported, is_causal, not_causal};
 use crate::app::text::tokenize::{TextTokenizer, read_paragraph_tokens};
 use crate::format::block_groups::BlockGroups;
 use crate::format::compact_file::CompactModel;

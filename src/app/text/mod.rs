@@ -15,6 +15,7 @@ pub mod bert;
 pub mod capture;
 pub mod compress;
 pub mod model;
+pub mod nn;
 pub mod perplexity;
 pub mod text_model;
 pub mod tokenize;

@@ -13,8 +13,8 @@ use std::time::Instant;
 
 use ndarray::ArrayD;
 
-use crate::app::text::model::{LlamaModel, check_supported};
-use crate::app::text::text_model::{is_causal, not_causal};
+use crate::app::text::model::LlamaModel;
+use crate::app::text::text_model::{check_supported, is_causal, not_causal};
 use crate::app::text::tokenize::{TextTokenizer, read_paragraph_tokens};
 use crate::format::hf::HfFolder;
 use crate::foundation::error::Result;

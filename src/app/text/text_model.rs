@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use candle_core::Tensor;
 use ndarray::ArrayD;
 
-use crate::app::text::bert::BertModel;
-use crate::app::text::model::LlamaModel;
+use crate::app::text::bert::{BertModel, check_encoder};
+use crate::app::text::model::{LlamaModel, check_decoder};
 use crate::format::hf::{HfFolder, ModelError, ModelFamily};
 use crate::foundation::error::Result;
 
@@ -76,6 +76,23 @@ impl TextModel {
             Self::Decoder(m) => m.forward_hidden(ids, last_block, on_mlp_input),
             Self::Encoder(m) => m.forward_hidden(ids, last_block, on_mlp_input),
         }
+    }
+}
+
+/// Checks that the folder is a model a text forward pass runs (before anything is loaded): a
+/// Llama-family decoder or a BERT-style encoder, with the settings that pass supports.
+pub fn check_supported(folder: &HfFolder) -> Result<()> {
+    match folder.family() {
+        ModelFamily::Llama | ModelFamily::Mistral | ModelFamily::Qwen2 => check_decoder(folder),
+        ModelFamily::Bert => check_encoder(folder),
+        other => Err(ModelError::Unsupported {
+            dir: folder.dir().to_path_buf(),
+            what: format!(
+                "the text forward pass runs Llama, Mistral and Qwen2 decoders and BERT-style \
+                 encoders, not {other}"
+            ),
+        }
+        .into()),
     }
 }
 
