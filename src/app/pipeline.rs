@@ -280,7 +280,8 @@ pub fn compress_group(
     let (calib, held_out) = match validation {
         Validation::None => (calib, None),
         Validation::Holdout { fraction, seed } => {
-            let (train, held) = split_tokens(&calib, *fraction, *seed)?;
+            // The split consumes `calib` block by block: no second copy of the calibration.
+            let (train, held) = split_tokens(calib, *fraction, *seed)?;
             (train, Some(held))
         }
         Validation::Source(source) => {

@@ -106,6 +106,11 @@ impl<F: Float> Calibration<F> {
         &self.inputs
     }
 
+    /// The per-block input matrices, taking the set apart.
+    pub fn into_inputs(self) -> Vec<Array2<F>> {
+        self.inputs
+    }
+
     /// Whether the inputs are synthetic Gaussian noise rather than captured activations.
     pub fn is_data_free(&self) -> bool {
         self.data_free

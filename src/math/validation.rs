@@ -51,23 +51,21 @@ pub fn holdout(n: usize, fraction: f64, seed: u64) -> Result<(Vec<usize>, Vec<us
 }
 
 /// Splits a calibration set by tokens: the same seeded [`holdout`] of token positions for every
-/// block, returned as `(training, validation)`.
+/// block, returned as `(training, validation)`. Consumes the set block by block (each block's
+/// matrix is dropped once split), so the peak is the set plus one block, not two sets.
 pub fn split_tokens<F: Float>(
-    calibration: &Calibration<F>,
+    calibration: Calibration<F>,
     fraction: f64,
     seed: u64,
 ) -> Result<(Calibration<F>, Calibration<F>)> {
     let (kept, held) = holdout(calibration.tokens(), fraction, seed)?;
-    let take = |rows: &[usize]| {
-        Calibration::new(
-            calibration
-                .inputs()
-                .iter()
-                .map(|z| z.select(Axis(0), rows))
-                .collect(),
-        )
-    };
-    Ok((take(&kept)?, take(&held)?))
+    let blocks = calibration.blocks();
+    let (mut train, mut validation) = (Vec::with_capacity(blocks), Vec::with_capacity(blocks));
+    for z in calibration.into_inputs() {
+        train.push(z.select(Axis(0), &kept));
+        validation.push(z.select(Axis(0), &held));
+    }
+    Ok((Calibration::new(train)?, Calibration::new(validation)?))
 }
 
 /// Held-out inputs of every block of a group and the original blocks' outputs on them.
@@ -321,7 +319,7 @@ mod tests {
         let z: Array2<f64> =
             Array2::from_shape_simple_fn((50, 3), || StandardNormal.sample(&mut rng));
         let calibration = Calibration::new(vec![z.clone(), z.mapv(|x| 2.0 * x)]).unwrap();
-        let (train, val) = split_tokens(&calibration, 0.2, 4).unwrap();
+        let (train, val) = split_tokens(calibration.clone(), 0.2, 4).unwrap();
         assert_eq!((train.tokens(), val.tokens()), (40, 10));
         assert_eq!(val.inputs()[1], val.inputs()[0].mapv(|x| 2.0 * x));
         let (_, held) = holdout(50, 0.2, 4).unwrap();
