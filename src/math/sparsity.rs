@@ -396,14 +396,14 @@ impl MaskSchedule {
         let mut moments = moments;
         let mut compaction = moments.as_deref_mut().map(KeptMoments::compaction);
         let mut leaving = 0;
-        for k in 0..len {
-            if mask[k] {
+        for (k, m) in mask.iter_mut().enumerate() {
+            if *m {
                 let stays = (key(k), k) > drop_at || grown(k);
                 if let Some(c) = compaction.as_mut() {
                     c.next(stays);
                 }
                 if !stays {
-                    mask[k] = false;
+                    *m = false;
                     leaving += 1;
                 }
             }
