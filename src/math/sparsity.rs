@@ -302,6 +302,17 @@ impl MaskSchedule {
         mask
     }
 
+    /// A copy of `mask` pruned to the target sparsity by the magnitudes of `values` (as
+    /// [`Self::finish`] would prune), leaving `values` and `mask` as they are.
+    pub(crate) fn pruned_mask<F: Float>(&self, values: &[F], mask: &[bool]) -> Vec<bool> {
+        let mut pruned = mask.to_vec();
+        if self.is_sparse() {
+            let active = pruned.iter().filter(|&&m| m).count();
+            select_and_drop(values, &mut pruned, active, self.target_nnz(), None);
+        }
+        pruned
+    }
+
     /// The sparsifier's work at step `t` (1-based), before the optimiser step. `grad` is the dense
     /// gradient with respect to the masked factor; `moments`, the kept entries' Adam moments,
     /// follow the mask. Returns whether the mask changed.

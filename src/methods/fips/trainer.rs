@@ -420,22 +420,25 @@ impl<'a, F: Float> FactorTrainer<'a, F> {
 
 impl<F: Float> FactorProblem<'_, F> {
     /// The factors as they stand, pruned to the target sparsity if the schedule is not there yet
-    /// (copies: training goes on undisturbed), assembled by `assemble`.
+    /// (on a copy of the mask only: the assembled factors zero the values outside it; training
+    /// goes on undisturbed), assembled by `assemble`.
     fn assemble_pruned(
         &self,
         spec: &GroupSpec,
         rank: usize,
         assemble: Assembler<F>,
     ) -> Result<CompressedBlocks<F>> {
-        let (mut v, mut mask) = (self.params.v.clone(), self.mask.clone());
-        MaskSchedule::new(self.config.sparsifier(), self.config.sparsity(), v.len(), 1)
-            .finish(contiguous(&mut v)?, contiguous(&mut mask)?);
+        let values = self.params.v.as_slice().ok_or_else(internal_layout)?;
+        let mask = self.mask.as_slice().ok_or_else(internal_layout)?;
+        let pruned =
+            Array2::from_shape_vec(self.mask.raw_dim(), self.schedule.pruned_mask(values, mask))
+                .map_err(|e| FipsError::Numerical(e.to_string()))?;
         assemble(&Factors {
             spec,
             rank,
             u: &self.params.u,
-            v: &v,
-            mask: &mask,
+            v: &self.params.v,
+            mask: &pruned,
             biases: &self.params.biases,
         })
     }
@@ -500,7 +503,9 @@ impl<F: Float> Trainable for FactorProblem<'_, F> {
             return Ok(None);
         };
         let blocks = self.assemble_pruned(&v.spec, v.rank, v.assemble)?;
-        v.set.relative_error(&blocks.to_dense_mlps()?).map(Some)
+        v.set
+            .relative_error_one_at_a_time(|b| blocks.to_dense_mlp(b))
+            .map(Some)
     }
 
     fn observe(&self, progress: &mut Progress) {
