@@ -48,7 +48,7 @@ pub(crate) struct Factors<'p, F> {
     pub u: &'p Array2<F>,
     /// `V = [V_1 | … | V_fn]`.
     pub v: &'p Array2<F>,
-    /// The mask of `V`.
+    /// The mask of `V`: entries outside it count as zero (`v` need not hold zeros there).
     pub mask: &'p Array2<bool>,
     /// One bias slot per matrix.
     pub biases: &'p [Option<Array1<F>>],
