@@ -804,6 +804,29 @@ mod tests {
         assert_eq!((fv.stopped_at, fv.curve.len()), (None, 0));
     }
 
+    /// Measuring one rebuilt block at a time gives the all-at-once errors bit for bit, on the
+    /// calibration set and on a validation set.
+    #[test]
+    fn errors_one_block_at_a_time_equal_all_blocks_at_once() {
+        let mut rng = ChaCha8Rng::seed_from_u64(8);
+        let group = blocks(&mut rng, 3, 6, 10);
+        let other = blocks(&mut rng, 3, 6, 10);
+        let calibration = Calibration::gaussian(3, 50, 6, 2).unwrap();
+        let targets = targets(&group, &calibration).unwrap();
+        let all = crate::repr::block_errors(&other, &calibration, &targets).unwrap();
+        let one =
+            block_errors_one_at_a_time(|b| Ok(other[b].clone()), &calibration, &targets).unwrap();
+        assert!(all.overall() > 0.1, "the blocks differ: {}", all.overall());
+        assert_eq!((&all.error2, &all.norm2), (&one.error2, &one.norm2));
+        let set = ValidationSet::new(&group, &Calibration::gaussian(3, 30, 6, 3).unwrap()).unwrap();
+        let v_all = set.relative_error(&other).unwrap();
+        let v_one = set
+            .relative_error_one_at_a_time(|b| Ok(other[b].clone()))
+            .unwrap();
+        assert!(v_all > 0.1);
+        assert_eq!(v_all.to_bits(), v_one.to_bits());
+    }
+
     /// A snapshot evaluated on the calibration set itself gives the error the report gives for
     /// the same state, before and after training.
     #[test]
