@@ -10,19 +10,23 @@
 //! ```
 //!
 //! Arguments: `d I n TOKENS BATCH p s STEPS {gmp|rigl}`. Prints the process's peak resident set
-//! (`VmHWM` from `/proc/self/status`) after each stage and the prediction of the current trainer's
+//! (`VmHWM` from `/proc/self/status`) after each stage and the prediction of the trainer's
 //! layout (everything `f32`; `W = f n d I` dense weights, `r` the rank of the budget,
-//! `E = r f n I` entries of `V`, `T` calibration tokens):
+//! `E = r f n I` entries of `V`, `T` calibration tokens, `s₀` the sparsity training starts at:
+//! the target for RigL, GMP's initial sparsity, 0.05 by default, for GMP):
 //!
 //! ```text
-//! training:  blocks 4W + calibration and targets 8 n T d + 21 E
-//!   (V 4E, its gradient 4E, Adam moments 8E, mask 1E, the sparsifier's index buffer 4E)
-//! finishing: + 5E (the assembled factors' copies of V and its mask) + 4W (dense rebuild to
-//!   measure the error)
+//! training:  blocks 4W + calibration and targets 8 n T d + 9 E + 8 (1 − s₀) E + 16 d r
+//!   (V 4E, its gradient 4E, mask 1E; Adam moments of the kept entries only, 2 × 4 B each;
+//!   U, its gradient and its moments 16 d r)
+//! start:     4W + 8 n T d + 10 E (V 4E, mask 1E, and the initialisation pruned to the target:
+//!   a mask 1E and the assembled factors 4E + 1E) + one dense block 4W / n + 8 d r (U, copy)
+//! end:       4W + 8 n T d + 5 E (the assembled factors; the training state is released first)
+//!   + one dense block 4W / n (the error is measured one block at a time) + 8 d r
 //! ```
 //!
 //! plus the step's batch buffers (a few `T_batch × I` arrays per block). The initialisation's
-//! transients (`V` before and after padding) stay below the training peak.
+//! transients (`V` before and after padding, 4.6E) stay below these.
 
 use std::collections::HashMap;
 
@@ -113,19 +117,30 @@ fn main() -> fips::Result<()> {
     let w = shape.dense_weights() as u64;
     let e = shape.factor_entries(rank) as u64;
     let calib = 2 * 4 * (n * tokens * d) as u64;
-    let training = 4 * w + calib + 21 * e;
-    let predicted = training + 5 * e + 4 * w;
+    let start_sparsity = match sparsifier {
+        Sparsifier::Gmp(g) if steps * 3 / 4 > 0 => g.initial_sparsity.min(s),
+        _ => s,
+    };
+    let moments = (8.0 * (1.0 - start_sparsity) * e as f64) as u64;
+    let basis = (d * rank) as u64;
+    let training = 4 * w + calib + 9 * e + moments + 16 * basis;
+    let start = 4 * w + calib + 10 * e + 4 * w / n as u64 + 8 * basis;
+    let end = 4 * w + calib + 5 * e + 4 * w / n as u64 + 8 * basis;
+    let predicted = training.max(start).max(end);
     println!(
         "group: d {d}, I {i}, n {n} gated, p {p}, s {s}, rank {rank}, {tokens} calibration tokens, {batch} per batch, {steps} steps, {}",
         sparsifier
     );
     println!(
-        "prediction: blocks 4W {:.3} GiB + calibration/targets {:.3} GiB + training 21E {:.3} GiB = {:.3} GiB while training; + 5E + 4W at the end = {:.3} GiB",
+        "prediction: blocks 4W {:.3} GiB + calibration/targets {:.3} GiB + 9E {:.3} GiB + moments 8(1 - {start_sparsity})E {:.3} GiB + U 16dr {:.3} GiB = {:.3} GiB while training; {:.3} GiB at the start (10E + a block), {:.3} GiB at the end (5E + a block)",
         gib(4 * w),
         gib(calib),
-        gib(21 * e),
+        gib(9 * e),
+        gib(moments),
+        gib(16 * basis),
         gib(training),
-        gib(predicted),
+        gib(start),
+        gib(end),
     );
     stage("start");
 

@@ -52,6 +52,11 @@ pub trait Float:
     /// Abramowitz–Stegun 7.1.26 (absolute error ≤ 1.5e-7, the size of `f32` rounding) sharing one
     /// [`Float::exp_act`] with `φ`; in `f64`, from libm.
     fn gelu_with_derivative(self) -> (Self, Self);
+    /// Width in bits of [`Float::magnitude_key`] (32 for `f32`, 64 for `f64`).
+    const KEY_BITS: u32;
+    /// The bit pattern of `|x|` as an unsigned integer: with the sign bit clear, integer order
+    /// is [`Float::total_cmp_`]'s order of the magnitudes (NaN above +∞).
+    fn magnitude_key(self) -> u64;
 }
 
 mod sealed {
@@ -61,7 +66,7 @@ mod sealed {
 }
 
 macro_rules! impl_float {
-    ($t:ty, $exp:path, $gelu:path) => {
+    ($t:ty, $exp:path, $gelu:path, $bits:expr) => {
         impl Float for $t {
             #[inline]
             fn cast(x: f64) -> Self {
@@ -99,12 +104,17 @@ macro_rules! impl_float {
             fn gelu_with_derivative(self) -> (Self, Self) {
                 $gelu(self)
             }
+            const KEY_BITS: u32 = $bits;
+            #[inline]
+            fn magnitude_key(self) -> u64 {
+                u64::from(self.abs().to_bits())
+            }
         }
     };
 }
 
-impl_float!(f32, exp_f32, gelu_f32);
-impl_float!(f64, f64::exp, gelu_f64);
+impl_float!(f32, exp_f32, gelu_f32, 32);
+impl_float!(f64, f64::exp, gelu_f64, 64);
 
 const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
 

@@ -107,6 +107,144 @@ impl<F: Float, D: Dimension> Moments<F, D> {
             v: Array::zeros(dim),
         }
     }
+
+    /// Both moments, for tests.
+    #[cfg(test)]
+    pub(crate) fn parts(&self) -> (&Array<F, D>, &Array<F, D>) {
+        (&self.m, &self.v)
+    }
+}
+
+/// Adam's moment estimates of the kept entries of a masked parameter only: entry `j` belongs to
+/// the `j`-th kept position in row-major order of the mask (all positions without a mask).
+/// `2 × nnz` values instead of `2 × len`: at sparsity `s`, `8 (1 − s)` bytes per `f32` entry
+/// instead of 8. An entry outside the mask has, in the dense layout, zero moments (see
+/// [`AdamWStep::apply_masked`]), so nothing is lost: an entry that joins the mask starts at zero.
+#[derive(Debug, Clone)]
+pub(crate) struct KeptMoments<F> {
+    m: Vec<F>,
+    v: Vec<F>,
+}
+
+impl<F: Float> KeptMoments<F> {
+    /// Zero moments for `kept` entries.
+    pub(crate) fn zeros(kept: usize) -> Self {
+        Self {
+            m: vec![F::zero(); kept],
+            v: vec![F::zero(); kept],
+        }
+    }
+
+    /// Kept entries.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.m.len()
+    }
+
+    /// Moments from their two arrays, for tests.
+    #[cfg(test)]
+    pub(crate) fn from_parts(m: Vec<F>, v: Vec<F>) -> Self {
+        Self { m, v }
+    }
+
+    /// The moments in the dense layout of `mask` (zero outside it), for tests.
+    #[cfg(test)]
+    pub(crate) fn scattered(&self, mask: &[bool]) -> (Vec<F>, Vec<F>) {
+        let mut kept = self.m.iter().zip(&self.v);
+        let mut m = vec![F::zero(); mask.len()];
+        let mut v = vec![F::zero(); mask.len()];
+        for (k, &keep) in mask.iter().enumerate() {
+            if keep && let Some((&a, &b)) = kept.next() {
+                (m[k], v[k]) = (a, b);
+            }
+        }
+        (m, v)
+    }
+
+    /// Returns the memory reserved beyond the kept entries (after a pruning that only shrinks).
+    pub(crate) fn release_unused(&mut self) {
+        self.m.shrink_to_fit();
+        self.v.shrink_to_fit();
+    }
+
+    /// Starts a forward pass that drops entries leaving the mask: call
+    /// [`Compaction::next`] once per entry kept before, in order, then [`Compaction::finish`].
+    pub(crate) fn compaction(&mut self) -> Compaction<'_, F> {
+        Compaction {
+            moments: self,
+            read: 0,
+            write: 0,
+        }
+    }
+
+    /// Starts a backward pass that inserts zero moments for entries joining the mask, growing to
+    /// `kept` entries: call [`Expansion::next_back`] once per entry kept after, last first.
+    pub(crate) fn expansion(&mut self, kept: usize) -> Expansion<'_, F> {
+        let read = self.m.len();
+        self.m.resize(kept.max(read), F::zero());
+        self.v.resize(kept.max(read), F::zero());
+        Expansion {
+            moments: self,
+            read,
+            write: kept,
+        }
+    }
+}
+
+/// A forward pass over the entries kept before a mask update (see [`KeptMoments::compaction`]).
+#[derive(Debug)]
+pub(crate) struct Compaction<'a, F: Float> {
+    moments: &'a mut KeptMoments<F>,
+    read: usize,
+    write: usize,
+}
+
+impl<F: Float> Compaction<'_, F> {
+    /// The next previously kept entry: it stays (its moments move down) or leaves.
+    #[inline]
+    pub(crate) fn next(&mut self, stays: bool) {
+        if stays {
+            let KeptMoments { m, v } = &mut *self.moments;
+            m[self.write] = m[self.read];
+            v[self.write] = v[self.read];
+            self.write += 1;
+        }
+        self.read += 1;
+    }
+
+    /// Ends the pass: the moments of the entries that left are dropped (their memory stays
+    /// reserved; see [`KeptMoments::release_unused`]).
+    pub(crate) fn finish(self) {
+        let kept = self.write;
+        self.moments.m.truncate(kept);
+        self.moments.v.truncate(kept);
+    }
+}
+
+/// A backward pass over the entries kept after a mask update (see [`KeptMoments::expansion`]).
+#[derive(Debug)]
+pub(crate) struct Expansion<'a, F: Float> {
+    moments: &'a mut KeptMoments<F>,
+    read: usize,
+    write: usize,
+}
+
+impl<F: Float> Expansion<'_, F> {
+    /// The previous kept entry, going backwards: one kept before (`existing`, its moments move
+    /// up) or one joining the mask (zero moments).
+    #[inline]
+    pub(crate) fn next_back(&mut self, existing: bool) {
+        let KeptMoments { m, v } = &mut *self.moments;
+        self.write -= 1;
+        if existing {
+            self.read -= 1;
+            m[self.write] = m[self.read];
+            v[self.write] = v[self.read];
+        } else {
+            m[self.write] = F::zero();
+            v[self.write] = F::zero();
+        }
+    }
 }
 
 /// Per-step constants of one AdamW update.
@@ -232,6 +370,53 @@ impl<F: Float> AdamWStep<F> {
         );
     }
 
+    /// [`Self::apply_split`] with moments of the kept entries only ([`KeptMoments`]): the same
+    /// values as the dense layout, bit for bit. `param`, `grad` and `mask` are flat in the same
+    /// order; entries outside `mask` are set to zero.
+    pub(crate) fn apply_kept(
+        &self,
+        split: &RowSplit,
+        param: &mut [F],
+        grad: &[F],
+        moments: &mut KeptMoments<F>,
+        mask: Option<&[bool]>,
+    ) {
+        let n = split.chunk(param.len(), 1).max(1);
+        let (mut m, mut v) = (moments.m.as_mut_slice(), moments.v.as_mut_slice());
+        let mut parts = Vec::new();
+        for (k, (p, g)) in param.chunks_mut(n).zip(grad.chunks(n)).enumerate() {
+            let keep = mask.map(|mask| &mask[k * n..k * n + p.len()]);
+            let kept = keep.map_or(p.len(), |keep| keep.iter().filter(|&&b| b).count());
+            let (km, kv) = (kept.min(m.len()), kept.min(v.len()));
+            let (m_here, m_rest) = std::mem::take(&mut m).split_at_mut(km);
+            let (v_here, v_rest) = std::mem::take(&mut v).split_at_mut(kv);
+            (m, v) = (m_rest, v_rest);
+            parts.push((p, g, m_here, v_here, keep));
+        }
+        RowSplit::run(
+            parts,
+            #[inline(always)]
+            |(p, g, m, v, keep)| match keep {
+                Some(keep) => {
+                    let mut moments = m.iter_mut().zip(v.iter_mut());
+                    for ((p, &g), &keep) in p.iter_mut().zip(g).zip(keep) {
+                        if !keep {
+                            *p = F::zero();
+                        } else if let Some((m, v)) = moments.next() {
+                            self.update(p, g, m, v);
+                        }
+                    }
+                }
+                None => {
+                    for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut())
+                    {
+                        self.update(p, g, m, v);
+                    }
+                }
+            },
+        );
+    }
+
     /// Updates a masked parameter: entries outside `mask` stay zero and their moments are reset
     /// (so a regrown entry starts with fresh moments).
     pub(crate) fn apply_masked<D: Dimension>(
@@ -342,6 +527,86 @@ mod tests {
             }
             assert_eq!(p1, p2);
             assert_eq!((m1.m, m1.v), (m2.m, m2.v));
+        }
+    }
+
+    /// Moments of the kept entries only give the dense layout's values bit for bit, over steps
+    /// whose mask changes (an entry joining starts at zero moments in both), with and without a
+    /// mask, on one and two threads.
+    #[test]
+    fn kept_moments_update_equals_the_dense_masked_update_bitwise() {
+        let (rows, cols) = (300, 500);
+        let f = |k: usize, m: usize| ((k * m) % 1009) as f32 / 500.0 - 1.0;
+        let p0 = ndarray::Array2::from_shape_fn((rows, cols), |(a, b)| f(a * cols + b, 7));
+        let masks: Vec<ndarray::Array2<bool>> = (0..3)
+            .map(|t| {
+                ndarray::Array2::from_shape_fn((rows, cols), |(a, b)| {
+                    (a * 31 + b * 17 + t) % 4 == 0
+                })
+            })
+            .collect();
+        for threads in [1, 2] {
+            for masked in [false, true] {
+                let mut p1 = p0.clone();
+                let mut dense = Moments::zeros(p0.raw_dim());
+                let mut p2 = p0.clone();
+                let mut kept: Option<(KeptMoments<f32>, &ndarray::Array2<bool>)> = None;
+                for step in 1..=6 {
+                    let g = ndarray::Array2::from_shape_fn((rows, cols), |(a, b)| {
+                        f(a * cols + b, 13 + step)
+                    });
+                    let update = AdamWStep::<f32>::new(&AdamW::default(), 1e-3, step);
+                    let mask = &masks[step % masks.len()];
+                    if masked {
+                        update.apply_masked(p1.view_mut(), g.view(), &mut dense, mask.view());
+                    } else {
+                        update.apply(p1.view_mut(), g.view(), &mut dense);
+                    }
+                    // Remap the kept moments to the new mask as the sparsifier does.
+                    let mut moments = match kept.take() {
+                        None if masked => KeptMoments::zeros(mask.iter().filter(|&&b| b).count()),
+                        None => KeptMoments::zeros(p0.len()),
+                        Some((old, _)) if !masked => old,
+                        Some((old, old_mask)) => {
+                            let (m, v) = old.scattered(old_mask.as_slice().unwrap());
+                            let gathered = |x: &[f32]| -> Vec<f32> {
+                                x.iter()
+                                    .zip(mask.iter())
+                                    .filter(|(_, keep)| **keep)
+                                    .map(|(x, _)| *x)
+                                    .collect()
+                            };
+                            KeptMoments {
+                                m: gathered(&m),
+                                v: gathered(&v),
+                            }
+                        }
+                    };
+                    update.apply_kept(
+                        &RowSplit::new(threads),
+                        p2.as_slice_mut().unwrap(),
+                        g.as_slice().unwrap(),
+                        &mut moments,
+                        masked.then(|| mask.as_slice().unwrap()),
+                    );
+                    assert_eq!(p1, p2, "values, step {step}, masked {masked}");
+                    let all = vec![true; p0.len()];
+                    let layout = if masked {
+                        mask.as_slice().unwrap()
+                    } else {
+                        &all
+                    };
+                    let (m, v) = moments.scattered(layout);
+                    let (dm, dv) = dense.parts();
+                    assert_eq!(dm.as_slice().unwrap(), &m[..], "first moments, step {step}");
+                    assert_eq!(
+                        dv.as_slice().unwrap(),
+                        &v[..],
+                        "second moments, step {step}"
+                    );
+                    kept = Some((moments, mask));
+                }
+            }
         }
     }
 

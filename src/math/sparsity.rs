@@ -10,6 +10,7 @@ use std::fmt;
 use crate::foundation::error::{Result, invalid};
 use crate::foundation::float::Float;
 use crate::math::budget::nonzeros_for_sparsity;
+use crate::math::optim::KeptMoments;
 
 /// Gradual magnitude pruning on an accelerated cubic schedule.
 ///
@@ -175,6 +176,11 @@ impl Sparsifier {
 }
 
 /// Applies a [`Sparsifier`] to a group's concatenated factor over a training run.
+///
+/// Selections need no buffer of the size of the factor: the entry at the boundary of a selection
+/// is found by [`kth_smallest`] (a radix selection over the bit patterns of the magnitudes), and
+/// one pass then applies it. The Adam moments of the kept entries ([`KeptMoments`]), when given,
+/// follow every change of the mask: kept entries keep theirs, entries joining start at zero.
 #[derive(Debug)]
 pub(crate) struct MaskSchedule {
     sparsifier: Sparsifier,
@@ -184,9 +190,6 @@ pub(crate) struct MaskSchedule {
     start_step: usize,
     end_step: usize,
     nnz: usize,
-    /// Reusable index buffers (no allocation after the first mask update).
-    scratch: Vec<u32>,
-    dropped: Vec<u32>,
 }
 
 impl MaskSchedule {
@@ -216,8 +219,6 @@ impl MaskSchedule {
             start_step: start,
             end_step: end,
             nnz: total_entries,
-            scratch: Vec::new(),
-            dropped: Vec::new(),
         }
     }
 
@@ -227,7 +228,6 @@ impl MaskSchedule {
     }
 
     /// Current kept entries.
-    #[cfg(test)]
     pub(crate) fn nnz(&self) -> usize {
         self.nnz
     }
@@ -287,26 +287,50 @@ impl MaskSchedule {
         self.nnz = values.len();
         if self.is_sparse() {
             let keep = nonzeros_for_sparsity(self.total_entries, self.initial_sparsity());
-            self.prune_to(values, mask, keep);
+            self.prune_to(values, mask, keep, None);
         }
     }
 
+    /// The mask the fresh factors `values` would have at the target sparsity, leaving `values`
+    /// as they are (values outside the returned mask are the ones pruning would zero).
+    pub(crate) fn target_mask<F: Float>(&self, values: &[F]) -> Vec<bool> {
+        let mut mask = vec![true; values.len()];
+        if self.is_sparse() {
+            let keep = self.target_nnz();
+            select_and_drop(values, &mut mask, values.len(), keep, None);
+        }
+        mask
+    }
+
+    /// A copy of `mask` pruned to the target sparsity by the magnitudes of `values` (as
+    /// [`Self::finish`] would prune), leaving `values` and `mask` as they are.
+    pub(crate) fn pruned_mask<F: Float>(&self, values: &[F], mask: &[bool]) -> Vec<bool> {
+        let mut pruned = mask.to_vec();
+        if self.is_sparse() {
+            let active = pruned.iter().filter(|&&m| m).count();
+            select_and_drop(values, &mut pruned, active, self.target_nnz(), None);
+        }
+        pruned
+    }
+
     /// The sparsifier's work at step `t` (1-based), before the optimiser step. `grad` is the dense
-    /// gradient with respect to the masked factor. Returns whether the mask changed.
+    /// gradient with respect to the masked factor; `moments`, the kept entries' Adam moments,
+    /// follow the mask. Returns whether the mask changed.
     pub(crate) fn step<F: Float>(
         &mut self,
         t: usize,
         values: &mut [F],
         mask: &mut [bool],
         grad: &[F],
+        moments: Option<&mut KeptMoments<F>>,
     ) -> bool {
         if let Some(s) = self.gmp_sparsity_at(t) {
             let keep = nonzeros_for_sparsity(self.total_entries, s);
-            return self.prune_to(values, mask, keep);
+            return self.prune_to(values, mask, keep, moments);
         }
         if let Some(fraction) = self.rigl_drop_fraction_at(t) {
             let count = (fraction * self.nnz as f64).round() as usize;
-            return self.drop_and_grow(values, mask, grad, count);
+            return self.drop_and_grow(values, mask, grad, count, moments);
         }
         false
     }
@@ -316,82 +340,200 @@ impl MaskSchedule {
     pub(crate) fn finish<F: Float>(&mut self, values: &mut [F], mask: &mut [bool]) {
         if self.is_sparse() {
             let keep = self.target_nnz();
-            self.prune_to(values, mask, keep);
+            self.prune_to(values, mask, keep, None);
         }
     }
 
-    /// Keeps the `keep` active entries of largest `|v|` (monotone: inactive entries stay inactive).
-    fn prune_to<F: Float>(&mut self, values: &mut [F], mask: &mut [bool], keep: usize) -> bool {
-        collect_indices(&mut self.scratch, mask, true);
-        let active = self.scratch.len();
+    /// Keeps the `keep` active entries of largest `|v|` (monotone: inactive entries stay
+    /// inactive); ties in `|v|` drop the lower position first.
+    fn prune_to<F: Float>(
+        &mut self,
+        values: &mut [F],
+        mask: &mut [bool],
+        keep: usize,
+        moments: Option<&mut KeptMoments<F>>,
+    ) -> bool {
+        let active = mask.iter().filter(|&&m| m).count();
+        self.nnz = active.min(keep);
         if active <= keep {
-            self.nnz = active;
             return false;
         }
-        let drop = active - keep;
-        let key = |k: &u32| values[*k as usize].abs_();
-        let smallest_first = |a: &u32, b: &u32| key(a).total_cmp_(&key(b)).then(a.cmp(b));
-        self.scratch
-            .select_nth_unstable_by(drop - 1, smallest_first);
-        for &k in &self.scratch[..drop] {
-            mask[k as usize] = false;
-            values[k as usize] = F::zero();
+        let mut moments = moments;
+        select_and_drop(values, mask, active, keep, moments.as_deref_mut());
+        for (v, &m) in values.iter_mut().zip(mask.iter()) {
+            if !m {
+                *v = F::zero();
+            }
         }
-        self.nnz = keep;
+        if let Some(moments) = moments {
+            moments.release_unused();
+        }
         true
     }
 
     /// Drops the `count` smallest-|v| active entries and regrows `count` entries, inactive after
     /// the drop, with the largest `|grad|`; entries inactive before the update start at zero.
+    /// Ties drop the lower position first and regrow the lower position first.
     fn drop_and_grow<F: Float>(
         &mut self,
         values: &mut [F],
         mask: &mut [bool],
         grad: &[F],
         count: usize,
+        moments: Option<&mut KeptMoments<F>>,
     ) -> bool {
-        collect_indices(&mut self.scratch, mask, true);
-        let count = count.min(self.scratch.len());
+        let active = mask.iter().filter(|&&m| m).count();
+        let count = count.min(active);
         if count == 0 {
             return false;
         }
-        let magnitude = |k: &u32| values[*k as usize].abs_();
-        self.scratch.select_nth_unstable_by(count - 1, |a, b| {
-            magnitude(a).total_cmp_(&magnitude(b)).then(a.cmp(b))
-        });
-        self.dropped.clear();
-        self.dropped.extend_from_slice(&self.scratch[..count]);
-        for &k in &self.dropped {
-            mask[k as usize] = false;
-        }
-        collect_indices(&mut self.scratch, mask, false);
-        let score = |k: &u32| grad[*k as usize].abs_();
-        self.scratch.select_nth_unstable_by(count - 1, |a, b| {
-            score(b).total_cmp_(&score(a)).then(a.cmp(b))
-        });
-        for &k in &self.scratch[..count] {
-            mask[k as usize] = true;
-        }
-        // Dropped and not regrown: zero. Regrown after being inactive: already zero. Dropped and
-        // regrown: keeps its value.
-        for &k in &self.dropped {
-            if !mask[k as usize] {
-                values[k as usize] = F::zero();
+        let len = values.len();
+        let key = |k: usize| values[k].magnitude_key();
+        let Some(drop_at) = kth_smallest(len, count - 1, F::KEY_BITS, |k| mask[k].then(|| key(k)))
+        else {
+            return false;
+        };
+        let dropped = |k: usize| mask[k] && (key(k), k) <= drop_at;
+        // Largest |grad| first, then the lower position: ascending in the complemented key.
+        let flip = u64::MAX >> (64 - F::KEY_BITS);
+        let score = |k: usize| grad[k].magnitude_key() ^ flip;
+        let Some(grow_at) = kth_smallest(len, count - 1, F::KEY_BITS, |k| {
+            (!mask[k] || dropped(k)).then(|| score(k))
+        }) else {
+            return false;
+        };
+        let grown = |k: usize| (score(k), k) <= grow_at;
+        // Forward: drop the entries that leave (dropped and not regrown); their values go to zero.
+        let mut moments = moments;
+        let mut compaction = moments.as_deref_mut().map(KeptMoments::compaction);
+        let mut leaving = 0;
+        for (k, m) in mask.iter_mut().enumerate() {
+            if *m {
+                let stays = (key(k), k) > drop_at || grown(k);
+                if let Some(c) = compaction.as_mut() {
+                    c.next(stays);
+                }
+                if !stays {
+                    *m = false;
+                    leaving += 1;
+                }
             }
         }
+        if let Some(c) = compaction {
+            c.finish();
+        }
+        for (v, &m) in values.iter_mut().zip(mask.iter()) {
+            if !m {
+                *v = F::zero();
+            }
+        }
+        // Backward: the entries that join (every inactive entry is a candidate now; those that
+        // left rank below the boundary) get zero moments. Their values are already zero.
+        let mut expansion = moments.map(|m| m.expansion(active));
+        let mut joining = 0;
+        for k in (0..len).rev() {
+            let join = !mask[k] && grown(k);
+            if let Some(e) = expansion.as_mut()
+                && (mask[k] || join)
+            {
+                e.next_back(mask[k]);
+            }
+            if join {
+                mask[k] = true;
+                joining += 1;
+            }
+        }
+        debug_assert_eq!(leaving, joining);
         true
     }
 }
 
-/// Fills `out` with the indices whose mask equals `active`.
-fn collect_indices(out: &mut Vec<u32>, mask: &[bool], active: bool) {
-    out.clear();
-    out.extend(
-        mask.iter()
-            .enumerate()
-            .filter(|&(_, &m)| m == active)
-            .map(|(k, _)| k as u32),
-    );
+/// Drops the `active − keep` active entries of smallest `|v|` (ties: lower position first) from
+/// `mask`, and their moments; `active` is the current count of the mask. Leaves `values` as
+/// they are.
+fn select_and_drop<F: Float>(
+    values: &[F],
+    mask: &mut [bool],
+    active: usize,
+    keep: usize,
+    moments: Option<&mut KeptMoments<F>>,
+) {
+    if active <= keep {
+        return;
+    }
+    let key = |k: usize| values[k].magnitude_key();
+    let Some(at) = kth_smallest(values.len(), active - keep - 1, F::KEY_BITS, |k| {
+        mask[k].then(|| key(k))
+    }) else {
+        return;
+    };
+    let mut compaction = moments.map(KeptMoments::compaction);
+    for (k, m) in mask.iter_mut().enumerate() {
+        if *m {
+            let stays = (key(k), k) > at;
+            if let Some(c) = compaction.as_mut() {
+                c.next(stays);
+            }
+            *m = stays;
+        }
+    }
+    if let Some(c) = compaction {
+        c.finish();
+    }
+}
+
+/// Bits of the key decided per pass of [`kth_smallest`] (a histogram of `2^16` counts).
+const RADIX_BITS: u32 = 16;
+
+/// The element of 0-based rank `rank` among the candidates `k ∈ 0..len` (those with
+/// `key(k) = Some(x)`), ordered by `(x, k)`: returns that `(x, k)`, or `None` if there are at
+/// most `rank` candidates. The candidates of rank `≤ rank` are then exactly those with
+/// `(x, k) ≤` the result.
+///
+/// Radix selection over `key_bits`-bit keys, [`RADIX_BITS`] bits per pass: each pass counts the
+/// candidates sharing the prefix decided so far by their next digit and descends into the digit
+/// holding the rank; a last pass finds the position among the candidates with exactly that key.
+/// `⌈key_bits / 16⌉ + 1` passes over the candidates (O(len) time), `2^16` counts of memory.
+pub(crate) fn kth_smallest(
+    len: usize,
+    rank: usize,
+    key_bits: u32,
+    key: impl Fn(usize) -> Option<u64>,
+) -> Option<(u64, usize)> {
+    let mut rank = rank;
+    let mut prefix = 0u64;
+    let mut decided = 0u32;
+    let mut counts = vec![0usize; 1 << RADIX_BITS];
+    while decided < key_bits {
+        let width = RADIX_BITS.min(key_bits - decided);
+        let shift = key_bits - decided - width;
+        let digits = &mut counts[..1 << width];
+        digits.fill(0);
+        let digit_mask = (1u64 << width) - 1;
+        for x in (0..len).filter_map(&key) {
+            let high = x >> shift;
+            if high >> width == prefix {
+                digits[(high & digit_mask) as usize] += 1;
+            }
+        }
+        let mut below = 0usize;
+        let mut found = None;
+        for (digit, &n) in digits.iter().enumerate() {
+            if rank < below + n {
+                found = Some(digit as u64);
+                break;
+            }
+            below += n;
+        }
+        let digit = found?;
+        rank -= below;
+        prefix = (prefix << width) | digit;
+        decided += width;
+    }
+    (0..len)
+        .filter(|&k| key(k) == Some(prefix))
+        .nth(rank)
+        .map(|k| (prefix, k))
 }
 
 #[cfg(test)]
@@ -462,16 +604,242 @@ mod tests {
         s.nnz = 3;
         // Drop 1: the entry 1.0 at index 5. Grow 1: the largest |grad| among inactive {0, 2, 4, 5}.
         let grad = vec![0.1, 0.0, -9.0, 0.0, 3.0, 0.5];
-        assert!(s.drop_and_grow(&mut v, &mut mask, &grad, 1));
+        assert!(s.drop_and_grow(&mut v, &mut mask, &grad, 1, None));
         assert_eq!(mask, vec![false, true, true, true, false, false]);
         assert_eq!(v, vec![0.0, -5.0, 0.0, 2.0, 0.0, 0.0]);
         // A dropped entry with the largest gradient is regrown and keeps its value.
         let mut v = vec![0.0f64, -5.0, 0.0, 2.0, 0.0, 1.0];
         let mut mask = vec![false, true, false, true, false, true];
         let grad = vec![0.1, 0.0, 0.2, 0.0, 0.3, 7.0];
-        s.drop_and_grow(&mut v, &mut mask, &grad, 1);
+        s.drop_and_grow(&mut v, &mut mask, &grad, 1, None);
         assert_eq!(mask, vec![false, true, false, true, false, true]);
         assert_eq!(v[5], 1.0);
+    }
+
+    /// The selection as it was before the radix selection (index buffers sorted by
+    /// `select_nth_unstable_by`), as the reference: prune to `keep` by magnitude.
+    fn reference_prune<F: Float>(values: &mut [F], mask: &mut [bool], keep: usize) {
+        let mut active: Vec<u32> = (0..mask.len() as u32)
+            .filter(|&k| mask[k as usize])
+            .collect();
+        if active.len() <= keep {
+            return;
+        }
+        let drop = active.len() - keep;
+        let key = |k: &u32| values[*k as usize].abs_();
+        active.select_nth_unstable_by(drop - 1, |a, b| key(a).total_cmp_(&key(b)).then(a.cmp(b)));
+        for &k in &active[..drop] {
+            mask[k as usize] = false;
+            values[k as usize] = F::zero();
+        }
+    }
+
+    /// The former RigL update, as the reference.
+    fn reference_drop_and_grow<F: Float>(
+        values: &mut [F],
+        mask: &mut [bool],
+        grad: &[F],
+        count: usize,
+    ) {
+        let mut active: Vec<u32> = (0..mask.len() as u32)
+            .filter(|&k| mask[k as usize])
+            .collect();
+        let count = count.min(active.len());
+        if count == 0 {
+            return;
+        }
+        let magnitude = |k: &u32| values[*k as usize].abs_();
+        active.select_nth_unstable_by(count - 1, |a, b| {
+            magnitude(a).total_cmp_(&magnitude(b)).then(a.cmp(b))
+        });
+        let dropped = active[..count].to_vec();
+        for &k in &dropped {
+            mask[k as usize] = false;
+        }
+        let mut inactive: Vec<u32> = (0..mask.len() as u32)
+            .filter(|&k| !mask[k as usize])
+            .collect();
+        let score = |k: &u32| grad[*k as usize].abs_();
+        inactive.select_nth_unstable_by(count - 1, |a, b| {
+            score(b).total_cmp_(&score(a)).then(a.cmp(b))
+        });
+        for &k in &inactive[..count] {
+            mask[k as usize] = true;
+        }
+        for &k in &dropped {
+            if !mask[k as usize] {
+                values[k as usize] = F::zero();
+            }
+        }
+    }
+
+    /// Random values with many ties (a few distinct magnitudes, both signs, ±0, an infinity).
+    fn tied<F: Float>(rng: &mut impl rand::Rng, n: usize, distinct: u32) -> Vec<F> {
+        (0..n)
+            .map(|_| match rng.random_range(0..distinct + 3) {
+                0 => F::cast(-0.0),
+                1 => F::cast(f64::INFINITY),
+                k => F::cast(f64::from(k) * if rng.random_bool(0.5) { 0.25 } else { -0.25 }),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn kth_smallest_is_the_element_of_that_rank_in_key_then_position_order() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        for trial in 0..40 {
+            let n = rng.random_range(1..400);
+            let bits = if trial % 2 == 0 { 32 } else { 64 };
+            let spread: u64 = if trial % 3 == 0 {
+                5
+            } else {
+                u64::MAX >> (64 - bits)
+            };
+            let keys: Vec<Option<u64>> = (0..n)
+                .map(|_| rng.random_bool(0.7).then(|| rng.random_range(0..=spread)))
+                .collect();
+            let mut sorted: Vec<(u64, usize)> = keys
+                .iter()
+                .enumerate()
+                .filter_map(|(k, x)| x.map(|x| (x, k)))
+                .collect();
+            sorted.sort();
+            for rank in [
+                0,
+                sorted.len() / 3,
+                sorted.len().saturating_sub(1),
+                sorted.len(),
+            ] {
+                let got = kth_smallest(n, rank, bits, |k| keys[k]);
+                assert_eq!(got, sorted.get(rank).copied(), "trial {trial}, rank {rank}");
+            }
+        }
+    }
+
+    fn same_selection_as_before<F: Float>(seed: u64) {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        for trial in 0..30 {
+            let n = rng.random_range(2..600);
+            let distinct = if trial % 2 == 0 { 3 } else { 1000 };
+            let values: Vec<F> = tied(&mut rng, n, distinct);
+            let grad: Vec<F> = tied(&mut rng, n, distinct);
+            let mask: Vec<bool> = (0..n).map(|_| rng.random_bool(0.8)).collect();
+            let mut values = values;
+            for (v, &m) in values.iter_mut().zip(&mask) {
+                if !m {
+                    *v = F::zero();
+                }
+            }
+            let active = mask.iter().filter(|&&m| m).count();
+            let keep = rng.random_range(0..=active);
+            let (mut v1, mut m1) = (values.clone(), mask.clone());
+            reference_prune(&mut v1, &mut m1, keep);
+            let mut s = MaskSchedule::new(Sparsifier::Rigl(RiglSchedule::default()), 0.5, n, 10);
+            let mut moments = KeptMoments::<F>::zeros(active);
+            let (mut v2, mut m2) = (values.clone(), mask.clone());
+            s.prune_to(&mut v2, &mut m2, keep, Some(&mut moments));
+            assert_eq!(m1, m2, "prune mask, trial {trial}");
+            assert_eq!(
+                v1.iter().map(|x| x.as_f64().to_bits()).collect::<Vec<_>>(),
+                v2.iter().map(|x| x.as_f64().to_bits()).collect::<Vec<_>>(),
+                "pruned values, trial {trial}"
+            );
+            assert_eq!(moments.len(), keep.min(active));
+            assert_eq!(s.nnz(), keep.min(active));
+
+            let count = rng.random_range(0..=active);
+            let (mut v1, mut m1) = (values.clone(), mask.clone());
+            reference_drop_and_grow(&mut v1, &mut m1, &grad, count);
+            let (mut v2, mut m2) = (values.clone(), mask.clone());
+            s.nnz = active;
+            s.drop_and_grow(&mut v2, &mut m2, &grad, count, None);
+            assert_eq!(m1, m2, "regrown mask, trial {trial}");
+            assert_eq!(
+                v1.iter().map(|x| x.as_f64().to_bits()).collect::<Vec<_>>(),
+                v2.iter().map(|x| x.as_f64().to_bits()).collect::<Vec<_>>(),
+                "regrown values, trial {trial}"
+            );
+        }
+    }
+
+    /// The radix selection chooses exactly the entries the former index-buffer selection chose,
+    /// ties included (by position), in `f32` and `f64`.
+    #[test]
+    fn selection_is_the_same_as_the_index_buffer_selection() {
+        same_selection_as_before::<f32>(1);
+        same_selection_as_before::<f64>(2);
+    }
+
+    /// Over a run of mask updates, the kept moments equal the dense layout's moments with the
+    /// entries outside the mask reset (what the masked dense update did): kept entries keep
+    /// theirs, an entry dropped and regrown in one update keeps its own, new entries start at 0.
+    #[test]
+    fn kept_moments_follow_the_mask() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let n = 2000;
+        for sparsifier in [
+            Sparsifier::Gmp(GmpSchedule {
+                interval: 3,
+                ..Default::default()
+            }),
+            Sparsifier::Rigl(RiglSchedule {
+                interval: 2,
+                drop_fraction: 0.3,
+                ..Default::default()
+            }),
+        ] {
+            let mut s = MaskSchedule::new(sparsifier, 0.75, n, 40);
+            let mut values: Vec<f32> = tied(&mut rng, n, 50);
+            let mut mask = vec![true; n];
+            s.prepare(&mut values, &mut mask);
+            // Distinct moment values per entry, set in the dense layout.
+            let mut dense_m: Vec<f32> = (0..n).map(|k| k as f32 + 1.0).collect();
+            let mut dense_v: Vec<f32> = (0..n).map(|k| -(k as f32) - 1.0).collect();
+            let mut changes = 0;
+            for t in 1..=40 {
+                for k in 0..n {
+                    if !mask[k] {
+                        (dense_m[k], dense_v[k]) = (0.0, 0.0);
+                    }
+                }
+                let mut moments = {
+                    let gather = |x: &[f32]| -> Vec<f32> {
+                        x.iter()
+                            .zip(&mask)
+                            .filter(|(_, m)| **m)
+                            .map(|(x, _)| *x)
+                            .collect()
+                    };
+                    KeptMoments::from_parts(gather(&dense_m), gather(&dense_v))
+                };
+                let before = mask.clone();
+                let grad: Vec<f32> = tied(&mut rng, n, 50);
+                if s.step(t, &mut values, &mut mask, &grad, Some(&mut moments)) {
+                    changes += 1;
+                }
+                assert_eq!(moments.len(), mask.iter().filter(|&&m| m).count());
+                let (m, v) = moments.scattered(&mask);
+                for k in 0..n {
+                    let expected = if mask[k] && before[k] {
+                        (dense_m[k], dense_v[k])
+                    } else {
+                        (0.0, 0.0)
+                    };
+                    assert_eq!((m[k], v[k]), expected, "{sparsifier} step {t} entry {k}");
+                }
+                // Training moves the kept values and moments.
+                for k in 0..n {
+                    if mask[k] {
+                        values[k] += rng.random_range(-1.0..1.0);
+                        dense_m[k] += 0.5;
+                    }
+                }
+            }
+            assert!(changes >= 5, "{sparsifier}: only {changes} mask updates");
+        }
     }
 
     #[test]

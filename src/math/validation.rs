@@ -127,23 +127,47 @@ impl<F: Float> ValidationSet<F> {
                 got: vec![blocks.len()],
             });
         }
+        self.errors_with(|b, measure| measure(&blocks[b]))
+    }
+
+    /// [`Self::relative_error`] with one dense block at a time: `rebuild(b)` gives block `b`,
+    /// dropped once measured (at most one block's dense weights exist at once).
+    pub(crate) fn relative_error_one_at_a_time(
+        &self,
+        mut rebuild: impl FnMut(usize) -> Result<DenseMlp<F>>,
+    ) -> Result<f64> {
+        self.errors_with(|b, measure| measure(&rebuild(b)?))
+            .map(|(overall, _)| overall)
+    }
+
+    /// The errors, with `with_block(b, measure)` handing block `b` to `measure`.
+    fn errors_with(
+        &self,
+        mut with_block: impl FnMut(
+            usize,
+            &dyn Fn(&DenseMlp<F>) -> Result<(f64, f64)>,
+        ) -> Result<(f64, f64)>,
+    ) -> Result<(f64, Vec<f64>)> {
         let relative = |e: f64, n: f64| if n > 0.0 { (e / n).sqrt() } else { e.sqrt() };
         let (mut error2, mut norm2) = (0.0f64, 0.0f64);
-        let mut per_block = Vec::with_capacity(blocks.len());
+        let mut per_block = Vec::with_capacity(self.inputs.len());
         for (b, (z, y)) in self.inputs.iter().zip(&self.targets).enumerate() {
-            let (mut e, mut n) = (0.0f64, 0.0f64);
-            // In chunks of rows, so that a large held-out set needs no second copy of it.
-            for (zc, yc) in z
-                .axis_chunks_iter(Axis(0), CHUNK_ROWS)
-                .zip(y.axis_chunks_iter(Axis(0), CHUNK_ROWS))
-            {
-                let yhat = blocks[b].forward(zc)?;
-                ndarray::Zip::from(&yhat).and(&yc).for_each(|&p, &t| {
-                    let (p, t) = (p.as_f64(), t.as_f64());
-                    e += (p - t) * (p - t);
-                    n += t * t;
-                });
-            }
+            let (e, n) = with_block(b, &|mlp: &DenseMlp<F>| {
+                let (mut e, mut n) = (0.0f64, 0.0f64);
+                // In chunks of rows, so that a large held-out set needs no second copy of it.
+                for (zc, yc) in z
+                    .axis_chunks_iter(Axis(0), CHUNK_ROWS)
+                    .zip(y.axis_chunks_iter(Axis(0), CHUNK_ROWS))
+                {
+                    let yhat = mlp.forward(zc)?;
+                    ndarray::Zip::from(&yhat).and(&yc).for_each(|&p, &t| {
+                        let (p, t) = (p.as_f64(), t.as_f64());
+                        e += (p - t) * (p - t);
+                        n += t * t;
+                    });
+                }
+                Ok((e, n))
+            })?;
             per_block.push(relative(e, n));
             error2 += e;
             norm2 += n;

@@ -140,20 +140,43 @@ pub fn block_errors<F: Float>(
     let mut error2 = Vec::with_capacity(targets.len());
     let mut norm2 = Vec::with_capacity(targets.len());
     for (mlp, (z, y)) in rebuilt.iter().zip(calibration.inputs().iter().zip(targets)) {
-        let (mut e, mut n) = (0.0f64, 0.0f64);
-        for (zc, yc) in z
-            .axis_chunks_iter(Axis(0), CHUNK_TOKENS)
-            .zip(y.axis_chunks_iter(Axis(0), CHUNK_TOKENS))
-        {
-            let yhat = mlp.forward(zc)?;
-            ndarray::Zip::from(&yhat).and(&yc).for_each(|&p, &t| {
-                let (p, t) = (p.as_f64(), t.as_f64());
-                e += (p - t) * (p - t);
-                n += t * t;
-            });
-        }
+        let (e, n) = block_error(mlp, z, y)?;
         error2.push(e);
         norm2.push(n);
     }
     Ok(BlockErrors { error2, norm2 })
+}
+
+/// [`block_errors`] with one dense block at a time: `rebuild(b)` gives block `b`, which is
+/// dropped once measured, so at most one block's dense weights exist at once.
+pub(crate) fn block_errors_one_at_a_time<F: Float>(
+    mut rebuild: impl FnMut(usize) -> Result<DenseMlp<F>>,
+    calibration: &Calibration<F>,
+    targets: &[Array2<F>],
+) -> Result<BlockErrors> {
+    let mut error2 = Vec::with_capacity(targets.len());
+    let mut norm2 = Vec::with_capacity(targets.len());
+    for (b, (z, y)) in calibration.inputs().iter().zip(targets).enumerate() {
+        let (e, n) = block_error(&rebuild(b)?, z, y)?;
+        error2.push(e);
+        norm2.push(n);
+    }
+    Ok(BlockErrors { error2, norm2 })
+}
+
+/// `(‖Ŷ − Y‖², ‖Y‖²)` of one block on inputs `z`, in chunks of [`CHUNK_TOKENS`] tokens.
+fn block_error<F: Float>(mlp: &DenseMlp<F>, z: &Array2<F>, y: &Array2<F>) -> Result<(f64, f64)> {
+    let (mut e, mut n) = (0.0f64, 0.0f64);
+    for (zc, yc) in z
+        .axis_chunks_iter(Axis(0), CHUNK_TOKENS)
+        .zip(y.axis_chunks_iter(Axis(0), CHUNK_TOKENS))
+    {
+        let yhat = mlp.forward(zc)?;
+        ndarray::Zip::from(&yhat).and(&yc).for_each(|&p, &t| {
+            let (p, t) = (p.as_f64(), t.as_f64());
+            e += (p - t) * (p - t);
+            n += t * t;
+        });
+    }
+    Ok((e, n))
 }

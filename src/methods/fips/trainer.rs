@@ -23,7 +23,7 @@ use crate::math::bases::BasisLayout;
 use crate::math::budget::{Budget, GroupShape, rank_for_budget};
 use crate::math::calibration::{Calibration, gather_rows};
 use crate::math::objective::{ContractionOrder, GroupParams, Objective, StepShape};
-use crate::math::optim::{AdamWStep, Moments};
+use crate::math::optim::{AdamWStep, KeptMoments, Moments};
 use crate::math::sparsity::MaskSchedule;
 use crate::math::validation::ValidationSet;
 use crate::methods::engine::{Schedule, Trainable, TrainingLoop};
@@ -34,7 +34,7 @@ use crate::methods::report::{
 use crate::repr::measure::targets;
 use crate::repr::{
     BlockErrors, CompressedBlocks, GroupSpec, SharedBasis, SharedBasisGroup, SparseFactor,
-    block_errors, validate_group,
+    block_errors_one_at_a_time, validate_group,
 };
 
 /// Trained factors of a group, split into its matrices by an [`Assembler`].
@@ -48,7 +48,7 @@ pub(crate) struct Factors<'p, F> {
     pub u: &'p Array2<F>,
     /// `V = [V_1 | … | V_fn]`.
     pub v: &'p Array2<F>,
-    /// The mask of `V`.
+    /// The mask of `V`: entries outside it count as zero (`v` need not hold zeros there).
     pub mask: &'p Array2<bool>,
     /// One bias slot per matrix.
     pub biases: &'p [Option<Array1<F>>],
@@ -121,7 +121,8 @@ struct TrainingState<F: Float> {
     objective: Objective<F>,
     grads: GroupParams<F>,
     moments_u: Moments<F, Ix2>,
-    moments_v: Moments<F, Ix2>,
+    /// Moments of `V`'s kept entries only (row-major order of the mask).
+    moments_v: KeptMoments<F>,
     moments_b: Vec<Option<Moments<F, Ix1>>>,
     sampler: TokenSampler,
     xs: Vec<Array2<F>>,
@@ -223,21 +224,25 @@ impl<'a, F: Float> FactorTrainer<'a, F> {
         let mut schedule = MaskSchedule::new(config.sparsifier(), target, entries, steps);
         let mut mask = Array2::from_elem(params.v.raw_dim(), true);
 
-        // The untrained model at the budget: the initialisation pruned to the target sparsity.
+        // The untrained model at the budget: the initialisation pruned to the target sparsity
+        // (only a mask is copied: the assembled factors zero the values outside it), measured
+        // one dense block at a time.
         let init_errors = {
-            let mut v = params.v.clone();
-            let mut m = mask.clone();
-            MaskSchedule::new(config.sparsifier(), target, entries, 0)
-                .prepare(contiguous(&mut v)?, contiguous(&mut m)?);
+            let m = Array2::from_shape_vec(
+                params.v.raw_dim(),
+                schedule.target_mask(params.v.as_slice().ok_or_else(internal_layout)?),
+            )
+            .map_err(|e| FipsError::Numerical(e.to_string()))?;
             let rebuilt = assemble(&Factors {
                 spec: &spec,
                 rank,
                 u: &params.u,
-                v: &v,
+                v: &params.v,
                 mask: &m,
                 biases: &params.biases,
             })?;
-            block_errors(&rebuilt.to_dense_mlps()?, calibration, &targets)?
+            drop(m);
+            block_errors_one_at_a_time(|b| rebuilt.to_dense_mlp(b), calibration, &targets)?
         };
         schedule.prepare(contiguous(&mut params.v)?, contiguous(&mut mask)?);
 
@@ -265,7 +270,7 @@ impl<'a, F: Float> FactorTrainer<'a, F> {
                 },
                 grads: params.zeros_like(),
                 moments_u: Moments::zeros(params.u.raw_dim()),
-                moments_v: Moments::zeros(params.v.raw_dim()),
+                moments_v: KeptMoments::zeros(schedule.nnz()),
                 moments_b: params
                     .biases
                     .iter()
@@ -353,6 +358,9 @@ impl<'a, F: Float> FactorTrainer<'a, F> {
                 loss: bad,
             });
         }
+        // The training state (gradients, moments, batch buffers) is not needed any more: release
+        // it before the factors are assembled, then the factors themselves once assembled.
+        problem.training = None;
         problem.schedule.finish(
             contiguous(&mut problem.params.v)?,
             contiguous(&mut problem.mask)?,
@@ -366,8 +374,12 @@ impl<'a, F: Float> FactorTrainer<'a, F> {
             mask: &problem.mask,
             biases: &p.biases,
         })?;
-        let final_errors = block_errors(
-            &blocks.to_dense_mlps()?,
+        let nnz = problem.mask.iter().filter(|&&m| m).count();
+        let entries = problem.mask.len();
+        problem.params.v = Array2::zeros((0, 0));
+        problem.mask = Array2::from_elem((0, 0), false);
+        let final_errors = block_errors_one_at_a_time(
+            |b| blocks.to_dense_mlp(b),
             problem.calibration,
             &problem.targets,
         )?;
@@ -383,14 +395,13 @@ impl<'a, F: Float> FactorTrainer<'a, F> {
                 )
             })
             .transpose()?;
-        let nnz = problem.mask.iter().filter(|&&m| m).count();
         let (steps_run, steps_planned, train_time) = (run.steps_run(), run.total(), run.time());
         Ok(Trained {
             blocks,
             spec,
             rank,
             nnz,
-            entries: problem.mask.len(),
+            entries,
             contraction,
             init_errors,
             final_errors,
@@ -409,22 +420,25 @@ impl<'a, F: Float> FactorTrainer<'a, F> {
 
 impl<F: Float> FactorProblem<'_, F> {
     /// The factors as they stand, pruned to the target sparsity if the schedule is not there yet
-    /// (copies: training goes on undisturbed), assembled by `assemble`.
+    /// (on a copy of the mask only: the assembled factors zero the values outside it; training
+    /// goes on undisturbed), assembled by `assemble`.
     fn assemble_pruned(
         &self,
         spec: &GroupSpec,
         rank: usize,
         assemble: Assembler<F>,
     ) -> Result<CompressedBlocks<F>> {
-        let (mut v, mut mask) = (self.params.v.clone(), self.mask.clone());
-        MaskSchedule::new(self.config.sparsifier(), self.config.sparsity(), v.len(), 1)
-            .finish(contiguous(&mut v)?, contiguous(&mut mask)?);
+        let values = self.params.v.as_slice().ok_or_else(internal_layout)?;
+        let mask = self.mask.as_slice().ok_or_else(internal_layout)?;
+        let pruned =
+            Array2::from_shape_vec(self.mask.raw_dim(), self.schedule.pruned_mask(values, mask))
+                .map_err(|e| FipsError::Numerical(e.to_string()))?;
         assemble(&Factors {
             spec,
             rank,
             u: &self.params.u,
-            v: &v,
-            mask: &mask,
+            v: &self.params.v,
+            mask: &pruned,
             biases: &self.params.biases,
         })
     }
@@ -451,6 +465,7 @@ impl<F: Float> Trainable for FactorProblem<'_, F> {
             contiguous(&mut self.params.v)?,
             contiguous(&mut self.mask)?,
             grad_v,
+            Some(&mut state.moments_v),
         );
         let update = AdamWStep::<F>::new(self.config.optimizer(), lr, step);
         let split = state.objective.split();
@@ -461,12 +476,13 @@ impl<F: Float> Trainable for FactorProblem<'_, F> {
             &mut state.moments_u,
             None,
         );
-        update.apply_split(
+        let mask = self.mask.as_slice().ok_or_else(internal_layout)?;
+        update.apply_kept(
             &split,
-            self.params.v.view_mut(),
-            state.grads.v.view(),
+            contiguous(&mut self.params.v)?,
+            grad_v,
             &mut state.moments_v,
-            self.schedule.is_sparse().then(|| self.mask.view()),
+            self.schedule.is_sparse().then_some(mask),
         );
         for ((b, g), m) in self
             .params
@@ -487,7 +503,9 @@ impl<F: Float> Trainable for FactorProblem<'_, F> {
             return Ok(None);
         };
         let blocks = self.assemble_pruned(&v.spec, v.rank, v.assemble)?;
-        v.set.relative_error(&blocks.to_dense_mlps()?).map(Some)
+        v.set
+            .relative_error_one_at_a_time(|b| blocks.to_dense_mlp(b))
+            .map(Some)
     }
 
     fn observe(&self, progress: &mut Progress) {
@@ -784,6 +802,29 @@ mod tests {
         assert_eq!(full.report.steps, 400);
         let fv = full.report.validation.unwrap();
         assert_eq!((fv.stopped_at, fv.curve.len()), (None, 0));
+    }
+
+    /// Measuring one rebuilt block at a time gives the all-at-once errors bit for bit, on the
+    /// calibration set and on a validation set.
+    #[test]
+    fn errors_one_block_at_a_time_equal_all_blocks_at_once() {
+        let mut rng = ChaCha8Rng::seed_from_u64(8);
+        let group = blocks(&mut rng, 3, 6, 10);
+        let other = blocks(&mut rng, 3, 6, 10);
+        let calibration = Calibration::gaussian(3, 50, 6, 2).unwrap();
+        let targets = targets(&group, &calibration).unwrap();
+        let all = crate::repr::block_errors(&other, &calibration, &targets).unwrap();
+        let one =
+            block_errors_one_at_a_time(|b| Ok(other[b].clone()), &calibration, &targets).unwrap();
+        assert!(all.overall() > 0.1, "the blocks differ: {}", all.overall());
+        assert_eq!((&all.error2, &all.norm2), (&one.error2, &one.norm2));
+        let set = ValidationSet::new(&group, &Calibration::gaussian(3, 30, 6, 3).unwrap()).unwrap();
+        let v_all = set.relative_error(&other).unwrap();
+        let v_one = set
+            .relative_error_one_at_a_time(|b| Ok(other[b].clone()))
+            .unwrap();
+        assert!(v_all > 0.1);
+        assert_eq!(v_all.to_bits(), v_one.to_bits());
     }
 
     /// A snapshot evaluated on the calibration set itself gives the error the report gives for
