@@ -17,7 +17,6 @@ pub mod measure;
 pub mod shared_basis;
 pub mod sparse_blocked;
 pub mod sparse_mlp;
-pub(crate) mod sparse_tiles;
 
 use std::fmt;
 

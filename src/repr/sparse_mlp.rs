@@ -46,7 +46,6 @@ use crate::repr::compact::{CompactMatrix, PatternEncoding, StorageDtype, Storage
 use crate::repr::factors::{SharedBasis, SparseFactor};
 use crate::repr::shared_basis::CompressedGroup;
 use crate::repr::sparse_blocked::{BLOCK_ROWS, BlockedMatrix, blocked_rows, tile_major};
-use crate::repr::sparse_tiles::{bitmask_rows_tiled, fill_set_bits};
 
 /// Below this many multiply-adds per thread a sparse product stays on one thread.
 const MIN_WORK_PER_THREAD: usize = 1 << 17;
@@ -80,9 +79,7 @@ enum Factor<S> {
 
 impl<S: StorageFloat> Factor<S> {
     fn new(m: CompactMatrix<S>) -> Self {
-        if m.pattern().encoding() == PatternEncoding::Bitmask
-            && std::env::var_os("FIPS_ROWS").is_none()
-        {
+        if m.pattern().encoding() == PatternEncoding::Bitmask {
             Self::Blocked(BlockedMatrix::from_compact(&m), m.stored_bytes())
         } else {
             Self::Rows(m)
@@ -903,19 +900,7 @@ impl<S: StorageFloat> pulp::WithSimd for Rows<'_, S> {
     type Output = ();
 
     #[inline(always)]
-    fn with_simd<V: pulp::Simd>(self, simd: V) {
-        if self.tp > 1 && self.m.pattern().encoding() == PatternEncoding::Bitmask {
-            let Rows {
-                m,
-                x,
-                tp,
-                out,
-                bias,
-                range,
-            } = self;
-            bitmask_rows_tiled(simd, m, x, tp, out, bias, range);
-            return;
-        }
+    fn with_simd<V: pulp::Simd>(self, _simd: V) {
         // Fused multiply-adds wherever the dispatch found vector FMA; plain ones otherwise.
         if std::any::TypeId::of::<V>() == std::any::TypeId::of::<pulp::Scalar>() {
             rows_kernel::<S, false>(self);
@@ -986,9 +971,7 @@ fn rows_kernel<S: StorageFloat, const FUSED: bool>(k: Rows<'_, S>) {
         for i in block.clone() {
             let (a, z) = (offsets[i] - first, offsets[i + 1] - first);
             match pattern.bitmask_row(i) {
-                Some(bits) => {
-                    fill_set_bits(bits, &mut columns[a..z + 8]);
-                }
+                Some(bits) => fill_set_bits(bits, &mut columns[a..z + 8]),
                 None => {
                     pattern.row_columns(i, &mut row_columns);
                     columns[a..z].copy_from_slice(&row_columns);
@@ -1013,6 +996,43 @@ fn rows_kernel<S: StorageFloat, const FUSED: bool>(k: Rows<'_, S>) {
             }
         }
         row = last_row;
+    }
+}
+
+/// For every byte value, the positions of its set bits (least significant first), padded with 0.
+const BIT_POSITIONS: [[u8; 8]; 256] = {
+    let mut table = [[0u8; 8]; 256];
+    let mut b = 0;
+    while b < 256 {
+        let mut n = 0;
+        let mut bit = 0;
+        while bit < 8 {
+            if b & (1 << bit) != 0 {
+                table[b][n] = bit as u8;
+                n += 1;
+            }
+            bit += 1;
+        }
+        b += 1;
+    }
+    table
+};
+
+/// Writes the indices of the set bits of a bitmask row into `out`, increasing; `out` must have
+/// room for the set bits plus 8 (a byte's 8 candidate slots are written before advancing by its
+/// popcount). Branch-free: one table look-up and 8 stores per byte.
+#[inline(always)]
+fn fill_set_bits(row: &[u8], out: &mut [u32]) {
+    let mut p = 0usize;
+    for (k, &byte) in row.iter().enumerate() {
+        let base = (k * 8) as u32;
+        let positions = &BIT_POSITIONS[byte as usize];
+        if let Some(slots) = out.get_mut(p..p + 8) {
+            for (slot, &pos) in slots.iter_mut().zip(positions) {
+                *slot = base + u32::from(pos);
+            }
+        }
+        p += byte.count_ones() as usize;
     }
 }
 
