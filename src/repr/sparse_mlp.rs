@@ -45,6 +45,8 @@ use crate::foundation::mlp::{MatrixRole, MlpKind};
 use crate::repr::compact::{CompactMatrix, PatternEncoding, StorageDtype, StorageFloat};
 use crate::repr::factors::{SharedBasis, SparseFactor};
 use crate::repr::shared_basis::CompressedGroup;
+#[cfg(target_arch = "x86_64")]
+use crate::repr::sparse_blocked::one_token_v4;
 use crate::repr::sparse_blocked::{BLOCK_ROWS, BlockedMatrix, blocked_rows, tile_major};
 
 /// Below this many multiply-adds per thread a sparse product stays on one thread.
@@ -844,6 +846,14 @@ pub(crate) fn spmm_blocked<S: StorageFloat>(
         x
     };
     let run = |(blocks, out): (Range<usize>, &mut [f32])| {
+        // One token on AVX-512: the expand kernel (accumulators in registers, no scatter).
+        #[cfg(target_arch = "x86_64")]
+        if tp == 1
+            && let Some(simd) = pulp::x86::V4::try_new()
+        {
+            simd.vectorize(|| one_token_v4(simd, m, x, out, bias, blocks));
+            return;
+        }
         pulp::Arch::new().dispatch(Blocks {
             m,
             x,
