@@ -49,8 +49,10 @@ use crate::repr::shared_basis::CompressedGroup;
 use crate::repr::sparse_blocked::one_token_v4;
 use crate::repr::sparse_blocked::{BLOCK_ROWS, BlockedMatrix, blocked_rows, tile_major};
 
-/// Below this many multiply-adds per thread a sparse product stays on one thread.
-const MIN_WORK_PER_THREAD: usize = 1 << 17;
+/// Below this many multiply-adds per thread a sparse product stays on one thread (a scoped
+/// thread costs tens of µs to start: DeiT-tiny at 16 tokens, 1 M multiply-adds, ran slower on
+/// two threads than on one). Small in tests, so that they cross threads.
+const MIN_WORK_PER_THREAD: usize = if cfg!(test) { 1 << 17 } else { 1 << 21 };
 /// Kept entries decoded at a time by the several-token kernel (indices and values: 4 MiB).
 const BLOCK_ENTRIES: usize = if cfg!(test) { 1000 } else { 1 << 19 };
 /// Elements of `f32` scratch per panel when widening a half-precision basis.
