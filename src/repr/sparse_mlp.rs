@@ -553,7 +553,7 @@ impl<S: StorageFloat> CompactGroup<S> {
                 }
             }
             None => {
-                let rows = (PANEL_ELEMENTS / r).max(1);
+                let rows = (PANEL_ELEMENTS / r).clamp(1, d);
                 let mut panel = vec![0.0f32; rows * r];
                 for p0 in (0..d).step_by(rows) {
                     let p1 = (p0 + rows).min(d);
@@ -595,7 +595,7 @@ impl<S: StorageFloat> CompactGroup<S> {
                 }
             }
             None => {
-                let rows = (PANEL_ELEMENTS / r).max(1);
+                let rows = (PANEL_ELEMENTS / r).clamp(1, d);
                 let mut panel = vec![0.0f32; rows * r];
                 for p0 in (0..d).step_by(rows) {
                     let p1 = (p0 + rows).min(d);
