@@ -238,6 +238,85 @@ pub(crate) fn blocked_rows<S: StorageFloat, const FUSED: bool>(
     }
 }
 
+/// One token, AVX-512: `out[i] = bias[i] + Σ_c m[i, c] x[c]` for the rows of `blocks`. Each
+/// block's 128 accumulators stay in eight 16-lane registers; for every column and 16-row chunk of
+/// the block the chunk's kept values are expanded into their rows' lanes (`vexpandps` under the
+/// chunk's 16 mask bits) and multiply-added with the broadcast input `x[c]`, so a kept entry
+/// costs about a quarter of a vector instruction, with no scatter.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn one_token_v4<S: StorageFloat>(
+    simd: pulp::x86::V4,
+    m: &BlockedMatrix<S>,
+    x: &[f32],
+    out: &mut [f32],
+    bias: Option<&[S]>,
+    blocks: Range<usize>,
+) {
+    let cols = m.cols;
+    let first_row = blocks.start * BLOCK_ROWS;
+    let mut widened: Vec<f32> = Vec::new();
+    for k in blocks {
+        let r0 = k * BLOCK_ROWS;
+        let nr = BLOCK_ROWS.min(m.rows - r0);
+        let masks = &m.masks[k * cols * WORDS..(k + 1) * cols * WORDS];
+        // Loads read 16 values from the chunk's first, of which its mask keeps its own: f32 and
+        // bf16 values (a shift) are read in place while 16 more follow the block; the last block
+        // and f16 values go through a zero-padded f32 copy.
+        let (start, end) = (m.block_offsets[k], m.block_offsets[k + 1]);
+        let acc =
+            if S::DTYPE != crate::repr::compact::StorageDtype::F16 && end + 16 <= m.values.len() {
+                one_token_block(simd, masks, x, &m.values, start)
+            } else {
+                let stored = &m.values[start..end];
+                widened.clear();
+                widened.resize(stored.len() + 16, 0.0);
+                S::widen(stored, &mut widened[..stored.len()]);
+                one_token_block(simd, masks, x, &widened, 0)
+            };
+        let o = &mut out[r0 - first_row..r0 - first_row + nr];
+        for (j, a) in acc.iter().enumerate() {
+            let lanes: [f32; 16] = pulp::cast(*a);
+            for (l, &v) in lanes.iter().enumerate() {
+                let i = j * 16 + l;
+                if let Some(o) = o.get_mut(i) {
+                    *o = v + bias.map_or(0.0, |b| b[r0 + i].to_f32());
+                }
+            }
+        }
+    }
+}
+
+/// One block of [`one_token_v4`]: the 128 row sums (eight 16-lane registers) of the block with
+/// column masks `masks`, its values read from `vals[p..]` (at least 16 values past its last).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn one_token_block<T: StorageFloat>(
+    simd: pulp::x86::V4,
+    masks: &[u64],
+    x: &[f32],
+    vals: &[T],
+    mut p: usize,
+) -> [std::arch::x86_64::__m512; 8] {
+    use std::arch::x86_64::__m512;
+    let f = simd.avx512f;
+    let mut acc = [f._mm512_setzero_ps(); 8];
+    for (c, words) in masks.chunks_exact(WORDS).enumerate() {
+        let xc = f._mm512_set1_ps(x[c]);
+        for (h, &word) in words.iter().enumerate() {
+            for q in 0..4 {
+                let bits = (word >> (16 * q)) as u16;
+                let s = &vals[p..p + 16];
+                let chunk: [f32; 16] = std::array::from_fn(|l| s[l].to_f32());
+                let e = f._mm512_maskz_expand_ps(bits, pulp::cast::<[f32; 16], __m512>(chunk));
+                acc[h * 4 + q] = f._mm512_fmadd_ps(e, xc, acc[h * 4 + q]);
+                p += bits.count_ones() as usize;
+            }
+        }
+    }
+    acc
+}
+
 /// One block's product for the `L` tokens of the 16-token slabs `t, t + L/16 − 1`: the block's
 /// `L`-lane accumulators live in the first-level cache while the inputs stream by column.
 #[allow(clippy::too_many_arguments)]
