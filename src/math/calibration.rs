@@ -136,6 +136,28 @@ pub(crate) fn forward_chunked<F: Float>(
     Ok(y)
 }
 
+/// `(‖mlp(z) − y‖², ‖y‖²)` in `f64`, `mlp(z)` computed in chunks of [`CHUNK_TOKENS`] rows (no
+/// `[tokens, I]` hidden state, no copy of `z` or `y`).
+pub(crate) fn squared_error_chunked<F: Float>(
+    mlp: &DenseMlp<F>,
+    z: &Array2<F>,
+    y: &Array2<F>,
+) -> Result<(f64, f64)> {
+    let (mut e, mut n) = (0.0f64, 0.0f64);
+    for (zc, yc) in z
+        .axis_chunks_iter(Axis(0), CHUNK_TOKENS)
+        .zip(y.axis_chunks_iter(Axis(0), CHUNK_TOKENS))
+    {
+        let yhat = mlp.forward(zc)?;
+        ndarray::Zip::from(&yhat).and(&yc).for_each(|&p, &t| {
+            let (p, t) = (p.as_f64(), t.as_f64());
+            e += (p - t) * (p - t);
+            n += t * t;
+        });
+    }
+    Ok((e, n))
+}
+
 /// Copies rows `indices` of `src` into the first `indices.len()` rows of `dst`.
 pub(crate) fn gather_rows<F: Float>(
     src: ArrayView2<'_, F>,

@@ -15,7 +15,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::foundation::error::{FipsError, Result, invalid};
 use crate::foundation::float::Float;
 use crate::foundation::mlp::DenseMlp;
-use crate::math::calibration::Calibration;
+use crate::math::calibration::{Calibration, squared_error_chunked};
 
 /// How many of `n ≥ 2` items [`holdout`] holds out: `round(fraction · n)`, at least one, at
 /// most `n − 1`.
@@ -127,7 +127,7 @@ impl<F: Float> ValidationSet<F> {
                 got: vec![blocks.len()],
             });
         }
-        self.errors_with(|b, measure| measure(&blocks[b]))
+        self.errors_with(|b, z, y| squared_error_chunked(&blocks[b], z, y))
     }
 
     /// [`Self::relative_error`] with one dense block at a time: `rebuild(b)` gives block `b`,
@@ -136,38 +136,20 @@ impl<F: Float> ValidationSet<F> {
         &self,
         mut rebuild: impl FnMut(usize) -> Result<DenseMlp<F>>,
     ) -> Result<f64> {
-        self.errors_with(|b, measure| measure(&rebuild(b)?))
+        self.errors_with(|b, z, y| squared_error_chunked(&rebuild(b)?, z, y))
             .map(|(overall, _)| overall)
     }
 
-    /// The errors, with `with_block(b, measure)` handing block `b` to `measure`.
+    /// The errors from `squared(b, z_b, y_b) = (‖Ŷ_b − Y_b‖², ‖Y_b‖²)` of every block.
     fn errors_with(
         &self,
-        mut with_block: impl FnMut(
-            usize,
-            &dyn Fn(&DenseMlp<F>) -> Result<(f64, f64)>,
-        ) -> Result<(f64, f64)>,
+        mut squared: impl FnMut(usize, &Array2<F>, &Array2<F>) -> Result<(f64, f64)>,
     ) -> Result<(f64, Vec<f64>)> {
         let relative = |e: f64, n: f64| if n > 0.0 { (e / n).sqrt() } else { e.sqrt() };
         let (mut error2, mut norm2) = (0.0f64, 0.0f64);
         let mut per_block = Vec::with_capacity(self.inputs.len());
         for (b, (z, y)) in self.inputs.iter().zip(&self.targets).enumerate() {
-            let (e, n) = with_block(b, &|mlp: &DenseMlp<F>| {
-                let (mut e, mut n) = (0.0f64, 0.0f64);
-                // In chunks of rows, so that a large held-out set needs no second copy of it.
-                for (zc, yc) in z
-                    .axis_chunks_iter(Axis(0), CHUNK_ROWS)
-                    .zip(y.axis_chunks_iter(Axis(0), CHUNK_ROWS))
-                {
-                    let yhat = mlp.forward(zc)?;
-                    ndarray::Zip::from(&yhat).and(&yc).for_each(|&p, &t| {
-                        let (p, t) = (p.as_f64(), t.as_f64());
-                        e += (p - t) * (p - t);
-                        n += t * t;
-                    });
-                }
-                Ok((e, n))
-            })?;
+            let (e, n) = squared(b, z, y)?;
             per_block.push(relative(e, n));
             error2 += e;
             norm2 += n;
@@ -175,9 +157,6 @@ impl<F: Float> ValidationSet<F> {
         Ok((relative(error2, norm2), per_block))
     }
 }
-
-/// Rows per forward pass when measuring a validation error.
-const CHUNK_ROWS: usize = 4096;
 
 /// Early stopping of a training run on its validation error: every `interval` steps the run's
 /// current state is scored on the held-out tokens and the run stops once [`EarlyStop`] says so

@@ -1,14 +1,14 @@
 //! One measurement for every form: the structure of a group of dense blocks, and the relative
 //! errors `‖Ŷ_b − Y_b‖ / ‖Y_b‖` of rebuilt blocks against the original outputs.
 
-use ndarray::{Array2, Axis};
+use ndarray::Array2;
 
 use crate::foundation::activation::Activation;
 use crate::foundation::error::{FipsError, Result};
 use crate::foundation::float::Float;
 use crate::foundation::mlp::{DenseMlp, MlpKind};
 use crate::math::budget::GroupShape;
-use crate::math::calibration::{CHUNK_TOKENS, Calibration, forward_chunked};
+use crate::math::calibration::{Calibration, forward_chunked, squared_error_chunked};
 
 /// The validated structure of a group of blocks: every block has block 0's kind, activation,
 /// width and MLP width.
@@ -140,7 +140,7 @@ pub fn block_errors<F: Float>(
     let mut error2 = Vec::with_capacity(targets.len());
     let mut norm2 = Vec::with_capacity(targets.len());
     for (mlp, (z, y)) in rebuilt.iter().zip(calibration.inputs().iter().zip(targets)) {
-        let (e, n) = block_error(mlp, z, y)?;
+        let (e, n) = squared_error_chunked(mlp, z, y)?;
         error2.push(e);
         norm2.push(n);
     }
@@ -157,26 +157,9 @@ pub(crate) fn block_errors_one_at_a_time<F: Float>(
     let mut error2 = Vec::with_capacity(targets.len());
     let mut norm2 = Vec::with_capacity(targets.len());
     for (b, (z, y)) in calibration.inputs().iter().zip(targets).enumerate() {
-        let (e, n) = block_error(&rebuild(b)?, z, y)?;
+        let (e, n) = squared_error_chunked(&rebuild(b)?, z, y)?;
         error2.push(e);
         norm2.push(n);
     }
     Ok(BlockErrors { error2, norm2 })
-}
-
-/// `(‖Ŷ − Y‖², ‖Y‖²)` of one block on inputs `z`, in chunks of [`CHUNK_TOKENS`] tokens.
-fn block_error<F: Float>(mlp: &DenseMlp<F>, z: &Array2<F>, y: &Array2<F>) -> Result<(f64, f64)> {
-    let (mut e, mut n) = (0.0f64, 0.0f64);
-    for (zc, yc) in z
-        .axis_chunks_iter(Axis(0), CHUNK_TOKENS)
-        .zip(y.axis_chunks_iter(Axis(0), CHUNK_TOKENS))
-    {
-        let yhat = mlp.forward(zc)?;
-        ndarray::Zip::from(&yhat).and(&yc).for_each(|&p, &t| {
-            let (p, t) = (p.as_f64(), t.as_f64());
-            e += (p - t) * (p - t);
-            n += t * t;
-        });
-    }
-    Ok((e, n))
 }
