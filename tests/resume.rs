@@ -82,24 +82,6 @@ fn names(dir: &Path) -> Vec<String> {
     v
 }
 
-/// `report.json` without its timings (the only thing that differs between identical runs).
-fn report_without_timings(dir: &Path) -> serde_json::Value {
-    fn strip(v: &mut serde_json::Value) {
-        match v {
-            serde_json::Value::Object(map) => {
-                map.retain(|k, _| !k.ends_with("_seconds"));
-                map.values_mut().for_each(strip);
-            }
-            serde_json::Value::Array(items) => items.iter_mut().for_each(strip),
-            _ => {}
-        }
-    }
-    let mut v: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap();
-    strip(&mut v);
-    v
-}
-
 /// The outputs of `got` are those of `want`: the same bytes for every file of the set but the
 /// report, and the same report up to its timings; the set verifies and nothing else is left.
 fn same_outputs(want: &Path, got: &Path) {
@@ -120,7 +102,10 @@ fn same_outputs(want: &Path, got: &Path) {
             got.display()
         );
     }
-    assert_eq!(report_without_timings(want), report_without_timings(got));
+    assert_eq!(
+        common::report_without_timings(want),
+        common::report_without_timings(got)
+    );
     output_set::verify(got).unwrap();
 }
 

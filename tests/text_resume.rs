@@ -92,22 +92,25 @@ fn tree(dir: &Path) -> Vec<(String, Vec<u8>)> {
     out
 }
 
-/// `report.json` without its timings (the only thing that differs between identical runs).
-fn report_without_timings(dir: &Path) -> serde_json::Value {
-    fn strip(v: &mut serde_json::Value) {
-        match v {
-            serde_json::Value::Object(map) => {
-                map.retain(|k, _| !k.ends_with("_seconds"));
-                map.values_mut().for_each(strip);
-            }
-            serde_json::Value::Array(items) => items.iter_mut().for_each(strip),
-            _ => {}
+/// The set in `got` is the set in `want`: the same file names (every file of `densified/`
+/// included), the same bytes for all but the report and the set manifest, and the same report up
+/// to its timings. Returns the file names.
+fn same_set(want: &Path, got: &Path, context: &str) -> Vec<String> {
+    let want_tree = tree(want);
+    let got_tree = tree(got);
+    let names = |t: &[(String, Vec<u8>)]| t.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&got_tree), names(&want_tree), "{context}");
+    for ((name, a), (_, b)) in want_tree.iter().zip(&got_tree) {
+        if name == "report.json" || name == "fips-set.json" {
+            continue;
         }
+        assert!(a == b, "{name} differs ({context})");
     }
-    let mut v: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap();
-    strip(&mut v);
-    v
+    assert_eq!(
+        common::report_without_timings(want),
+        common::report_without_timings(got)
+    );
+    names(&want_tree)
 }
 
 #[test]
@@ -179,22 +182,8 @@ fn a_killed_text_run_resumes_to_the_bytes_of_an_uninterrupted_run() {
         stderr.contains("finished by an earlier run with the same settings, reused"),
         "group 0 was not reused: {stderr}"
     );
-    let want_tree = tree(&want);
-    let got_tree = tree(&got);
-    let names = |t: &[(String, Vec<u8>)]| t.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
-    assert_eq!(names(&got_tree), names(&want_tree), "{stdout}");
-    for ((name, a), (_, b)) in want_tree.iter().zip(&got_tree) {
-        if name == "report.json" || name == "fips-set.json" {
-            continue;
-        }
-        assert!(a == b, "{name} differs between the runs");
-    }
-    assert!(
-        want_tree
-            .iter()
-            .any(|(n, _)| n == "densified/model.safetensors")
-    );
-    assert_eq!(report_without_timings(&want), report_without_timings(&got));
+    let names = same_set(&want, &got, &stdout);
+    assert!(names.iter().any(|n| n == "densified/model.safetensors"));
     let manifest = output_set::verify(&got).unwrap();
     assert!(
         manifest
@@ -291,20 +280,7 @@ fn a_scattered_text_run_assembles_to_the_bytes_of_a_single_run() {
 
     let assembled = assemble(&[]);
     ok(&assembled);
-    let want_tree = tree(&want);
-    let got_tree = tree(&got);
-    let names = |t: &[(String, Vec<u8>)]| t.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
-    assert_eq!(names(&got_tree), names(&want_tree));
-    for ((name, a), (_, b)) in want_tree.iter().zip(&got_tree) {
-        if name == "report.json" || name == "fips-set.json" {
-            continue;
-        }
-        assert!(
-            a == b,
-            "{name} differs between the scattered and the single run"
-        );
-    }
-    assert_eq!(report_without_timings(&want), report_without_timings(&got));
+    same_set(&want, &got, "the scattered and the single run");
     output_set::verify(&got).unwrap();
     assert!(work.join("group-4.json").is_file(), "the work area is kept");
     std::fs::remove_dir_all(root).ok();
