@@ -20,14 +20,17 @@
 //! `FIPS_BENCH_SMALL=1` skips the 7B shapes. `FIPS_BENCH_THREADS=n` sets the sparse kernels'
 //! threads (default: all cores); give BLAS the same with `OPENBLAS_NUM_THREADS=n`.
 
+#[path = "../examples/support/mod.rs"]
+mod support;
+
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use fips::repr::compact::{CompactMatrix, SparsePattern, StorageFloat};
+use fips::repr::compact::{CompactMatrix, StorageFloat};
 use fips::repr::sparse_mlp::CompactGroup;
 use fips::{
     Activation, DenseMlp, GroupShape, Linear, MlpKind, nonzeros_for_sparsity, rank_for_budget,
 };
 use ndarray::{Array1, Array2, linalg::general_mat_mul};
-use rand::{Rng, RngCore, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 const TOKENS: [usize; 3] = [1, 16, 197];
@@ -41,35 +44,14 @@ struct Shape {
     blocks: usize,
 }
 
-fn randn_vec(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n)
-        .map(|_| scale * rng.random_range(-1.0f32..1.0))
-        .collect()
-}
-
-/// A `rows × cols` matrix keeping each entry with probability 1/4 (two random words ANDed).
-fn random_quarter(rng: &mut ChaCha8Rng, rows: usize, cols: usize) -> CompactMatrix<f32> {
-    let row_bytes = cols.div_ceil(8);
-    let mut bits = vec![0u8; rows * row_bytes];
-    for row in bits.chunks_exact_mut(row_bytes) {
-        for chunk in row.chunks_mut(8) {
-            let w = (rng.next_u64() & rng.next_u64()).to_le_bytes();
-            chunk.copy_from_slice(&w[..chunk.len()]);
-        }
-        if !cols.is_multiple_of(8) {
-            row[row_bytes - 1] &= (1u8 << (cols % 8)) - 1;
-        }
-    }
-    let pattern = SparsePattern::from_bitmask(rows, cols, bits).expect("valid bitmask");
-    let values = randn_vec(rng, pattern.nnz(), 1.0 / (rows as f32).sqrt());
-    CompactMatrix::new(pattern, values).expect("finite values")
-}
-
 fn dense_block(rng: &mut ChaCha8Rng, s: &Shape) -> DenseMlp<f32> {
     let (d, i) = (s.width, s.intermediate);
     let mut lin = |rows: usize, cols: usize| {
-        let w =
-            Array2::from_shape_vec((rows, cols), randn_vec(rng, rows * cols, 0.02)).expect("shape");
+        let w = Array2::from_shape_vec(
+            (rows, cols),
+            support::random_values::<f32>(rng, rows * cols, 0.02),
+        )
+        .expect("shape");
         Linear::new(w, Some(Array1::zeros(rows))).expect("finite")
     };
     match s.kind {
@@ -81,14 +63,14 @@ fn dense_block(rng: &mut ChaCha8Rng, s: &Shape) -> DenseMlp<f32> {
 
 fn compact_block(rng: &mut ChaCha8Rng, s: &Shape, rank: usize) -> CompactGroup<f32> {
     let (d, i) = (s.width, s.intermediate);
-    let basis = randn_vec(rng, d * rank, 1.0 / (d as f32).sqrt());
+    let basis = support::random_values::<f32>(rng, d * rank, 1.0 / (d as f32).sqrt());
     let f = s.kind.matrices_per_block();
     let factors: Vec<_> = (0..f)
         .map(|j| {
             if j + 1 < f {
-                random_quarter(rng, i, rank)
+                support::random_quarter::<f32>(rng, i, rank).expect("valid bitmask")
             } else {
-                random_quarter(rng, rank, i)
+                support::random_quarter::<f32>(rng, rank, i).expect("valid bitmask")
             }
         })
         .collect();
@@ -152,8 +134,13 @@ fn machine(c: &mut Criterion, threads: usize) {
     drop(buffer);
     let (m, k, nn) = (197, 4096, 11008);
     let mut rng = ChaCha8Rng::seed_from_u64(3);
-    let a = Array2::from_shape_vec((m, k), randn_vec(&mut rng, m * k, 1.0)).expect("shape");
-    let w = Array2::from_shape_vec((nn, k), randn_vec(&mut rng, nn * k, 1.0)).expect("shape");
+    let a = Array2::from_shape_vec((m, k), support::random_values::<f32>(&mut rng, m * k, 1.0))
+        .expect("shape");
+    let w = Array2::from_shape_vec(
+        (nn, k),
+        support::random_values::<f32>(&mut rng, nn * k, 1.0),
+    )
+    .expect("shape");
     let mut out = Array2::<f32>::zeros((m, nn));
     group.throughput(Throughput::Elements((2 * m * k * nn) as u64));
     group.bench_function("sgemm", |b| {
@@ -191,8 +178,11 @@ fn bench_shape(c: &mut Criterion, s: &Shape, threads: usize) {
     let mut group = c.benchmark_group(s.name);
     group.sample_size(10);
     for &t in &TOKENS {
-        let x = Array2::from_shape_vec((t, s.width), randn_vec(&mut rng, t * s.width, 1.0))
-            .expect("shape");
+        let x = Array2::from_shape_vec(
+            (t, s.width),
+            support::random_values::<f32>(&mut rng, t * s.width, 1.0),
+        )
+        .expect("shape");
         group.throughput(Throughput::Bytes(dense_bytes as u64));
         group.bench_with_input(BenchmarkId::new("dense", t), &x, |b, x| {
             b.iter(|| dense.forward(x.view()).expect("dense forward"))

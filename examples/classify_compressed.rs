@@ -35,22 +35,12 @@ use fips::format::checkpoint::Checkpoint;
 use fips::format::compact_file::CompactModel;
 use ndarray::{Array2, Axis, concatenate};
 
+mod support;
+use support::memory_kib;
+
 type Res<T> = std::result::Result<T, Box<dyn Error>>;
 
 const PATHS: [&str; 3] = ["dense", "densified", "compressed"];
-
-/// `VmRSS` and `VmHWM` of this process, in KiB.
-fn memory_kib() -> (u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |key: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
 
 struct Args {
     values: Vec<(String, String)>,

@@ -37,22 +37,16 @@ use fips::{
     RiglSchedule, Sparsifier,
 };
 use ndarray::Array2;
+mod support;
+
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 
 /// `VmHWM` and `VmRSS` in bytes (Linux; zero elsewhere).
 fn memory() -> (u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|kb| kb.parse::<u64>().ok())
-            .map_or(0, |kb| kb * 1024)
-    };
-    (field("VmHWM:"), field("VmRSS:"))
+    let (rss, hwm) = support::memory_kib();
+    (hwm * 1024, rss * 1024)
 }
 
 fn gib(bytes: u64) -> f64 {

@@ -18,12 +18,15 @@
 
 use std::process::Command;
 
-use fips::repr::compact::{CompactMatrix, SparsePattern, StorageFloat};
+mod support;
+
+use fips::repr::compact::StorageFloat;
 use fips::repr::sparse_mlp::CompactGroup;
 use fips::{Activation, DenseMlp, GroupShape, Linear, MlpKind, rank_for_budget};
 use ndarray::{Array1, Array2};
-use rand::{Rng, RngCore, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use support::{memory_kib, random_quarter, random_values};
 
 type Res<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
@@ -56,52 +59,11 @@ const SHAPES: [Shape; 2] = [
     },
 ];
 
-/// `VmRSS` and `VmHWM` in KiB.
-fn memory_kib() -> (u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |key: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
-fn random_vec<S: StorageFloat>(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<S> {
-    (0..n)
-        .map(|_| S::from_f32(scale * rng.random_range(-1.0f32..1.0)))
-        .collect()
-}
-
-/// A `rows × cols` compact matrix keeping each entry with probability 1/4.
-fn random_quarter<S: StorageFloat>(
-    rng: &mut ChaCha8Rng,
-    rows: usize,
-    cols: usize,
-) -> Res<CompactMatrix<S>> {
-    let row_bytes = cols.div_ceil(8);
-    let mut bits = vec![0u8; rows * row_bytes];
-    for row in bits.chunks_exact_mut(row_bytes) {
-        for chunk in row.chunks_mut(8) {
-            let w = (rng.next_u64() & rng.next_u64()).to_le_bytes();
-            chunk.copy_from_slice(&w[..chunk.len()]);
-        }
-        if !cols.is_multiple_of(8) {
-            row[row_bytes - 1] &= (1u8 << (cols % 8)) - 1;
-        }
-    }
-    let pattern = SparsePattern::from_bitmask(rows, cols, bits)?;
-    let values = random_vec(rng, pattern.nnz(), 1.0 / (rows as f32).sqrt());
-    Ok(CompactMatrix::new(pattern, values)?)
-}
-
 fn compact_group<S: StorageFloat>(s: Shape, rank: usize) -> Res<CompactGroup<S>> {
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     let (d, i) = (s.width, s.intermediate);
     let f = s.kind.matrices_per_block();
-    let basis = random_vec(&mut rng, d * rank, 1.0 / (d as f32).sqrt());
+    let basis = random_values(&mut rng, d * rank, 1.0 / (d as f32).sqrt());
     let mut factors = Vec::with_capacity(f * BLOCKS);
     for j in 0..f * BLOCKS {
         factors.push(if j % f + 1 < f {
@@ -125,7 +87,7 @@ fn dense_group(s: Shape) -> Res<Vec<DenseMlp<f32>>> {
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     let (d, i) = (s.width, s.intermediate);
     let mut lin = |rows: usize, cols: usize| -> Res<Linear<f32>> {
-        let w = Array2::from_shape_vec((rows, cols), random_vec(&mut rng, rows * cols, 0.02))?;
+        let w = Array2::from_shape_vec((rows, cols), random_values(&mut rng, rows * cols, 0.02))?;
         Ok(Linear::new(w, None::<Array1<f32>>)?)
     };
     (0..BLOCKS)
@@ -157,7 +119,7 @@ fn child(shape: Shape, case: &str) -> Res<()> {
     for &t in &TOKENS {
         inputs.push(Array2::from_shape_vec(
             (t, shape.width),
-            random_vec::<f32>(&mut rng, t * shape.width, 1.0),
+            random_values::<f32>(&mut rng, t * shape.width, 1.0),
         )?);
     }
     let (after_inputs, _) = memory_kib();

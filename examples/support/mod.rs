@@ -1,0 +1,51 @@
+//! Helpers shared by the examples and the inference benchmark (not an example itself): this
+//! process's memory, and random compact factors.
+#![allow(dead_code)]
+
+use fips::FipsError;
+use fips::repr::compact::{CompactMatrix, SparsePattern, StorageFloat};
+use rand::{Rng, RngCore};
+use rand_chacha::ChaCha8Rng;
+
+/// `VmRSS` and `VmHWM` of this process, in KiB (Linux; zeros elsewhere).
+pub fn memory_kib() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// `n` values uniform in `[−scale, scale)`, stored as `S`.
+pub fn random_values<S: StorageFloat>(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<S> {
+    (0..n)
+        .map(|_| S::from_f32(scale * rng.random_range(-1.0f32..1.0)))
+        .collect()
+}
+
+/// A `rows × cols` compact matrix keeping each entry with probability 1/4 (two random words
+/// ANDed), values uniform in `±1/√rows`.
+pub fn random_quarter<S: StorageFloat>(
+    rng: &mut ChaCha8Rng,
+    rows: usize,
+    cols: usize,
+) -> Result<CompactMatrix<S>, FipsError> {
+    let row_bytes = cols.div_ceil(8);
+    let mut bits = vec![0u8; rows * row_bytes];
+    for row in bits.chunks_exact_mut(row_bytes) {
+        for chunk in row.chunks_mut(8) {
+            let w = (rng.next_u64() & rng.next_u64()).to_le_bytes();
+            chunk.copy_from_slice(&w[..chunk.len()]);
+        }
+        if !cols.is_multiple_of(8) {
+            row[row_bytes - 1] &= (1u8 << (cols % 8)) - 1;
+        }
+    }
+    let pattern = SparsePattern::from_bitmask(rows, cols, bits)?;
+    let values = random_values(rng, pattern.nnz(), 1.0 / (rows as f32).sqrt());
+    CompactMatrix::new(pattern, values)
+}
