@@ -245,6 +245,12 @@ fn a_scattered_text_run_assembles_to_the_bytes_of_a_single_run() {
         args.extend(extra.iter().map(|s| s.to_string()));
         run(&args)
     };
+    // A group that does not exist: refused before anything is captured.
+    let out = job(5).wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let message = String::from_utf8_lossy(&out.stderr);
+    assert!(message.contains("out of range (there are 5)"), "{message}");
+    assert!(!work.join("calibration.safetensors").exists());
     let first: Vec<_> = [0, 1, 2].into_iter().map(job).collect();
     for child in first {
         ok(&child.wait_with_output().unwrap());

@@ -205,7 +205,7 @@ pub fn compress_text_model(
         options,
         compressor,
         &work_dir,
-        Some(out_dir),
+        Job::Whole { out_dir },
         progress,
     )?;
     prepared.compress_parts(compressor, observer, None)?;
@@ -236,23 +236,14 @@ pub fn compress_text_group(
     progress: &mut dyn FnMut(usize, usize),
     observer: &mut dyn Observer,
 ) -> Result<TextPart> {
-    let groups = {
-        let folder = HfFolder::open(model_dir)?;
-        let shapes = folder.mlp_layout()?.block_shapes()?;
-        match &options.groups {
-            Some(spec) => BlockGroups::parse(spec, &shapes)?,
-            None => BlockGroups::consecutive(&shapes, options.group_size)?,
-        }
-    };
-    if group >= groups.len() {
-        return Err(FipsError::IndexOutOfRange {
-            what: "group (--only-group)",
-            index: group,
-            len: groups.len(),
-        });
-    }
     let prepared = prepare(
-        model_dir, text_file, options, compressor, work_dir, None, progress,
+        model_dir,
+        text_file,
+        options,
+        compressor,
+        work_dir,
+        Job::Group(group),
+        progress,
     )?;
     let computed = prepared.compress_parts(compressor, observer, Some(group))?;
     Ok(TextPart {
@@ -404,6 +395,14 @@ struct Prepared {
     capture_reused: bool,
 }
 
+/// What [`prepare`] prepares for: a whole run writing its output set into `out_dir`, or one
+/// group's job (its index checked before any work).
+#[derive(Debug, Clone, Copy)]
+enum Job<'a> {
+    Whole { out_dir: &'a Path },
+    Group(usize),
+}
+
 /// Checks everything that can be checked cheaply, opens the work area (a run with other settings
 /// is refused before any work) and captures the calibration unless the work area holds this
 /// run's captures already.
@@ -413,7 +412,7 @@ fn prepare(
     options: &TextCompressOptions,
     compressor: &dyn Compressor<f32>,
     work_dir: &Path,
-    out_dir: Option<&Path>,
+    job: Job<'_>,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Prepared> {
     // Cheap checks first: folder, layout, groups, tokenizer, texts.
@@ -425,6 +424,15 @@ fn prepare(
         Some(spec) => BlockGroups::parse(spec, &shapes)?,
         None => BlockGroups::consecutive(&shapes, options.group_size)?,
     };
+    if let Job::Group(k) = job
+        && k >= groups.len()
+    {
+        return Err(FipsError::IndexOutOfRange {
+            what: "group (--only-group)",
+            index: k,
+            len: groups.len(),
+        });
+    }
     let activation = match options.activation {
         Some(a) => a,
         None => folder.activation()?,
@@ -460,7 +468,7 @@ fn prepare(
     }
     // No output (the captures, the parts' area, the output set) may be or hold an input.
     let mut outputs: Vec<PathBuf> = CAPTURE_FILES.iter().map(|f| work_dir.join(f)).collect();
-    if let Some(out_dir) = out_dir {
+    if let Job::Whole { out_dir } = job {
         outputs.extend(OUTPUT_SET.map(|f| out_dir.join(f)));
     }
     check_texts_and_outputs(&folder, text_file, options.eval_text.as_deref(), outputs)?;
