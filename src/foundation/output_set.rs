@@ -584,6 +584,12 @@ mod tests {
             check_member(dir.join("a")),
             Err(FipsError::Format { .. })
         ));
+        // An unreadable manifest: a typed error, not a panic.
+        std::fs::write(dir.join(SET_MANIFEST), b"{\"files\": [1, 2").unwrap();
+        assert!(matches!(
+            check_member(dir.join("a")),
+            Err(FipsError::Format { .. })
+        ));
         // A complete staging directory of a dead writer and no manifest: refused.
         std::fs::remove_file(dir.join(SET_MANIFEST)).unwrap();
         let staged = dir.join(format!("{STAGING_PREFIX}999999999-0123456789abcdef"));
