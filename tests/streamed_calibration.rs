@@ -12,7 +12,7 @@ use fips::{
     Activation, DenseMlp, FipsError, FipsParams, GmpSchedule, Linear, ParamGuard, RiglSchedule,
     Sparsifier,
 };
-use ndarray::Array2;
+use ndarray::{Array2, Axis};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
@@ -64,6 +64,11 @@ fn write(path: &PathBuf, inputs: &[Array2<f32>], dtype: Dtype) {
 /// The same seed draws the same tokens from the file as from memory, and the per-batch targets
 /// recomputed from the dense blocks equal the precomputed ones, so the trained group, the loss
 /// curve and the errors are the same bits (RigL with mask updates, and GMP).
+///
+/// The bits are the same where the BLAS gives a row of `x Wᵀ` the same bits whatever the other
+/// rows of `x` (checked first: OpenBLAS's blocked kernels do; a BLAS with a separate small-matrix
+/// kernel need not). Elsewhere the trained weights must agree to a tight tolerance. The errors
+/// are computed from the same chunks by the same calls in both modes: the same bits always.
 #[test]
 fn streamed_training_gives_the_in_memory_weights_bit_for_bit() {
     let dir = TempDir::new("streamed-equal");
@@ -73,6 +78,30 @@ fn streamed_training_gives_the_in_memory_weights_bit_for_bit() {
     let inputs: Vec<_> = (0..n).map(|_| randn(&mut rng, tokens, d, 1.0)).collect();
     let path = dir.0.join("inputs.safetensors");
     write(&path, &inputs, Dtype::F32);
+    let picks: Vec<usize> = (0..128).map(|k| (k * 277 + 5) % tokens).collect();
+    let whole = group[1].forward(inputs[1].view()).unwrap();
+    let batch = group[1]
+        .forward(inputs[1].select(Axis(0), &picks).view())
+        .unwrap();
+    let rows_exact = batch == whole.select(Axis(0), &picks);
+    if !rows_exact {
+        eprintln!(
+            "this BLAS rounds a row differently in a batch: comparing the weights to a tolerance"
+        );
+    }
+    let close = |a: &[f32], b: &[f32], what: &str| {
+        if rows_exact {
+            assert_eq!(a, b, "{what}");
+        } else {
+            let diff = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f32::max);
+            let scale = a.iter().map(|x| x.abs()).fold(0.0, f32::max);
+            assert!(diff <= 1e-3 * scale, "{what}: max difference {diff}");
+        }
+    };
     let file = MlpInputs::open(&path).unwrap();
     let ids = [0, 1, 2];
     let in_memory = file.calibration::<f32>(&ids).unwrap();
@@ -103,14 +132,31 @@ fn streamed_training_gives_the_in_memory_weights_bit_for_bit() {
             a.report.rel_error < a.report.fips().unwrap().rel_error_init,
             "{sparsifier}: training lowers the error"
         );
-        assert_eq!(a.group, b.group, "{sparsifier}: trained group");
-        assert_eq!(a.report.loss_curve, b.report.loss_curve, "{sparsifier}");
-        assert_eq!(
-            a.report.rel_error.to_bits(),
-            b.report.rel_error.to_bits(),
-            "{sparsifier}"
-        );
-        assert_eq!(a.report.block_rel_error, b.report.block_rel_error);
+        for blk in 0..n {
+            for j in 0..3 {
+                let (wa, wb) = (
+                    a.group.dense_weight(blk, j).unwrap(),
+                    b.group.dense_weight(blk, j).unwrap(),
+                );
+                close(
+                    &wa.iter().copied().collect::<Vec<_>>(),
+                    &wb.iter().copied().collect::<Vec<_>>(),
+                    &format!("{sparsifier}: block {blk} matrix {j}"),
+                );
+            }
+        }
+        if rows_exact {
+            assert_eq!(a.group, b.group, "{sparsifier}: trained group");
+            assert_eq!(a.report.loss_curve, b.report.loss_curve, "{sparsifier}");
+            assert_eq!(
+                a.report.rel_error.to_bits(),
+                b.report.rel_error.to_bits(),
+                "{sparsifier}"
+            );
+            assert_eq!(a.report.block_rel_error, b.report.block_rel_error);
+        } else {
+            assert!((a.report.rel_error - b.report.rel_error).abs() <= 1e-4);
+        }
         let (ai, bi) = (a.report.fips().unwrap(), b.report.fips().unwrap());
         assert_eq!(ai.rel_error_init.to_bits(), bi.rel_error_init.to_bits());
         assert_eq!(ai.block_rel_error_init, bi.block_rel_error_init);
