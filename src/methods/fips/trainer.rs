@@ -592,7 +592,8 @@ impl<F: Float> Trainable for FactorProblem<'_, F> {
 ///
 /// One step draws a mini-batch (the same token indices for every block), computes the loss and
 /// its gradients, lets the sparsifier update the mask, and applies AdamW at the cosine-decayed
-/// learning rate. All buffers are allocated when the trainer is created.
+/// learning rate. All buffers are allocated when the trainer is created (with a streamed
+/// calibration, each batch's rows are read and its targets computed by the dense blocks per step).
 #[derive(Debug)]
 pub struct FipsTrainer<'a, F: Float>(FactorTrainer<'a, F>);
 
