@@ -1,5 +1,6 @@
 //! Peak memory of a few FiPS training steps on one gated group (Llama-shaped, random weights),
-//! with the calibration written to an MLP-input file on disk first and read back from it, against
+//! with the calibration written to an MLP-input file on disk first and streamed from it (each
+//! mini-batch and each evaluation chunk read with positioned reads, never the whole file), against
 //! the formula that predicts it (issue 12, item 5).
 //!
 //! ```sh
@@ -12,20 +13,22 @@
 //! Arguments: `d I n TOKENS BATCH p s STEPS {gmp|rigl}`. Prints the process's peak resident set
 //! (`VmHWM` from `/proc/self/status`) after each stage and the prediction of the trainer's
 //! layout (everything `f32`; `W = f n d I` dense weights, `r` the rank of the budget,
-//! `E = r f n I` entries of `V`, `T` calibration tokens, `s₀` the sparsity training starts at:
-//! the target for RigL, GMP's initial sparsity, 0.05 by default, for GMP):
+//! `E = r f n I` entries of `V`, `B` tokens per batch, `C = min(T, 4096)` tokens per evaluation
+//! chunk, `s₀` the sparsity training starts at: the target for RigL, GMP's initial sparsity, 0.05
+//! by default, for GMP). The `T` calibration tokens appear nowhere: they stay on disk.
 //!
 //! ```text
-//! training:  blocks 4W + calibration and targets 8 n T d + 9 E + 8 (1 − s₀) E + 16 d r
+//! training:  blocks 4W + batch inputs and targets 8 n B d + 9 E + 8 (1 − s₀) E + 16 d r
 //!   (V 4E, its gradient 4E, mask 1E; Adam moments of the kept entries only, 2 × 4 B each;
 //!   U, its gradient and its moments 16 d r)
-//! start:     4W + 8 n T d + 10 E (V 4E, mask 1E, and the initialisation pruned to the target:
+//! start:     4W + 10 E (V 4E, mask 1E, and the initialisation pruned to the target:
 //!   a mask 1E and the assembled factors 4E + 1E) + one dense block 4W / n + 8 d r (U, copy)
-//! end:       4W + 8 n T d + 5 E (the assembled factors; the training state is released first)
-//!   + one dense block 4W / n (the error is measured one block at a time) + 8 d r
+//!   + one chunk 4 C (3d + 2I) (inputs, targets, the rebuilt block's output and hidden state)
+//! end:       4W + 5 E (the assembled factors; the training state is released first)
+//!   + one dense block 4W / n (the error is measured one block at a time) + 8 d r + 4 C (3d + 2I)
 //! ```
 //!
-//! plus the step's batch buffers (a few `T_batch × I` arrays per block). The initialisation's
+//! plus the step's other batch buffers (a few `B × I` arrays per block). The initialisation's
 //! transients (`V` before and after padding, 4.6E) stay below these.
 
 use std::collections::HashMap;
@@ -110,7 +113,8 @@ fn main() -> fips::Result<()> {
     let rank = compressor.rank_for(shape)?;
     let w = shape.dense_weights() as u64;
     let e = shape.factor_entries(rank) as u64;
-    let calib = 2 * 4 * (n * tokens * d) as u64;
+    let calib = 2 * 4 * (n * batch * d) as u64;
+    let chunk = 4 * (tokens.min(4096) * (3 * d + 2 * i)) as u64;
     let start_sparsity = match sparsifier {
         Sparsifier::Gmp(g) if steps * 3 / 4 > 0 => g.initial_sparsity.min(s),
         _ => s,
@@ -118,15 +122,15 @@ fn main() -> fips::Result<()> {
     let moments = (8.0 * (1.0 - start_sparsity) * e as f64) as u64;
     let basis = (d * rank) as u64;
     let training = 4 * w + calib + 9 * e + moments + 16 * basis;
-    let start = 4 * w + calib + 10 * e + 4 * w / n as u64 + 8 * basis;
-    let end = 4 * w + calib + 5 * e + 4 * w / n as u64 + 8 * basis;
+    let start = 4 * w + 10 * e + 4 * w / n as u64 + 8 * basis + chunk;
+    let end = 4 * w + 5 * e + 4 * w / n as u64 + 8 * basis + chunk;
     let predicted = training.max(start).max(end);
     println!(
         "group: d {d}, I {i}, n {n} gated, p {p}, s {s}, rank {rank}, {tokens} calibration tokens, {batch} per batch, {steps} steps, {}",
         sparsifier
     );
     println!(
-        "prediction: blocks 4W {:.3} GiB + calibration/targets {:.3} GiB + 9E {:.3} GiB + moments 8(1 - {start_sparsity})E {:.3} GiB + U 16dr {:.3} GiB = {:.3} GiB while training; {:.3} GiB at the start (10E + a block), {:.3} GiB at the end (5E + a block)",
+        "prediction: blocks 4W {:.3} GiB + batch inputs/targets 8nBd {:.3} GiB + 9E {:.3} GiB + moments 8(1 - {start_sparsity})E {:.3} GiB + U 16dr {:.3} GiB = {:.3} GiB while training; {:.3} GiB at the start (10E + a block + a chunk {:.3} GiB), {:.3} GiB at the end (5E + a block + a chunk)",
         gib(4 * w),
         gib(calib),
         gib(9 * e),
@@ -134,6 +138,7 @@ fn main() -> fips::Result<()> {
         gib(16 * basis),
         gib(training),
         gib(start),
+        gib(chunk),
         gib(end),
     );
     stage("start");
@@ -151,7 +156,7 @@ fn main() -> fips::Result<()> {
         .collect::<fips::Result<Vec<_>>>()?;
     stage("blocks built");
 
-    // Calibration streamed to a file in chunks of 256 rows, then read back.
+    // Calibration streamed to a file in chunks of 256 rows, then streamed from it.
     let path = std::env::temp_dir().join(format!(
         "fips-group-memory-{}.safetensors",
         std::process::id()
@@ -177,8 +182,9 @@ fn main() -> fips::Result<()> {
         }
     }
     writer.finish()?;
-    let calibration = MlpInputs::open(&path)?.calibration::<f32>(&ids)?;
-    stage("calibration read from file");
+    let file = MlpInputs::open(&path)?;
+    let calibration = file.stream(&ids)?;
+    stage("calibration file opened");
 
     let started = std::time::Instant::now();
     let mut trainer = compressor.trainer(&blocks, &calibration)?;

@@ -92,7 +92,7 @@ pub use foundation::mlp::{DenseMlp, Linear, MatrixRole, MlpKind};
 pub use math::budget::{
     Budget, GroupShape, ParameterCount, nonzeros_for_sparsity, rank_for_budget, rank_for_matrix,
 };
-pub use math::calibration::Calibration;
+pub use math::calibration::{Calibration, CalibrationReader};
 pub use math::init::{InitMethod, SharedInit, shared_init};
 pub use math::objective::{ContractionOrder, StepShape};
 pub use math::optim::AdamW;

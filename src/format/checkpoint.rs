@@ -179,6 +179,53 @@ impl Checkpoint {
         Ok(bytes)
     }
 
+    /// The absolute byte range `[begin, end)` of one tensor's data in the file (checked against
+    /// the file's length when it was opened).
+    pub(crate) fn tensor_range(&self, name: &str) -> Result<(u64, u64)> {
+        let (_, (begin, end)) = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| FipsError::MissingTensor {
+                path: self.path.clone(),
+                name: name.into(),
+            })?;
+        Ok((
+            self.data_start + *begin as u64,
+            self.data_start + *end as u64,
+        ))
+    }
+
+    /// The file's length now (it may have changed since it was opened).
+    pub(crate) fn current_len(&self) -> Result<u64> {
+        self.file
+            .metadata()
+            .map(|m| m.len())
+            .map_err(|source| FipsError::Io {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    /// Fills `buf` from absolute byte `offset` with one positioned read (no shared cursor, so
+    /// concurrent readers do not disturb each other). The caller checks the range first.
+    pub(crate) fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        #[cfg(unix)]
+        let read = {
+            use std::os::unix::fs::FileExt;
+            self.file.read_exact_at(buf, offset)
+        };
+        #[cfg(not(unix))]
+        let read = {
+            let mut file = &self.file;
+            file.seek(SeekFrom::Start(offset))
+                .and_then(|_| file.read_exact(buf))
+        };
+        read.map_err(|source| FipsError::Io {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
     /// A floating-point tensor (`F32`, `F16`, `BF16` or `F64` on disk), converted to `F`.
     pub fn read<F: Float>(&self, name: &str) -> Result<ArrayD<F>> {
         let info = self.info(name)?.clone();
@@ -249,35 +296,57 @@ impl Checkpoint {
 
 /// Decodes little-endian floats of `info.dtype` into `F`.
 fn decode_floats<F: Float>(info: &TensorInfo, bytes: &[u8]) -> Result<Vec<F>> {
-    Ok(match info.dtype {
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| F::cast(f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))))
-            .collect(),
-        Dtype::F64 => bytes
-            .chunks_exact(8)
-            .map(|c| {
-                F::cast(f64::from_le_bytes([
+    let size = match info.dtype {
+        Dtype::F32 => 4,
+        Dtype::F64 => 8,
+        Dtype::F16 | Dtype::BF16 => 2,
+        _ => 1, // rejected by `decode_floats_into` below
+    };
+    let mut out = vec![F::zero(); if size == 1 { 0 } else { bytes.len() / size }];
+    decode_floats_into(&info.name, info.dtype, bytes, &mut out)?;
+    Ok(out)
+}
+
+/// Decodes little-endian floats of `dtype` (`F32`, `F16`, `BF16` or `F64`) into `out`, one value
+/// per element of `out` (`bytes` holds at least `out.len()` of them; the caller sizes both).
+pub(crate) fn decode_floats_into<F: Float>(
+    name: &str,
+    dtype: Dtype,
+    bytes: &[u8],
+    out: &mut [F],
+) -> Result<()> {
+    match dtype {
+        Dtype::F32 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = F::cast(f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+            }
+        }
+        Dtype::F64 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(8)) {
+                *o = F::cast(f64::from_le_bytes([
                     c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7],
-                ]))
-            })
-            .collect(),
-        Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| F::cast(half::f16::from_le_bytes([c[0], c[1]]).to_f64()))
-            .collect(),
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| F::cast(half::bf16::from_le_bytes([c[0], c[1]]).to_f64()))
-            .collect(),
+                ]));
+            }
+        }
+        Dtype::F16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = F::cast(half::f16::from_le_bytes([c[0], c[1]]).to_f64());
+            }
+        }
+        Dtype::BF16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = F::cast(half::bf16::from_le_bytes([c[0], c[1]]).to_f64());
+            }
+        }
         other => {
             return Err(FipsError::UnsupportedDtype {
-                name: info.name.clone(),
+                name: name.into(),
                 dtype: format!("{other:?}"),
                 expected: "F32, F16, BF16 or F64",
             });
         }
-    })
+    }
+    Ok(())
 }
 
 /// A tensor to write: dtype, shape and little-endian bytes.

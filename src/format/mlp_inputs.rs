@@ -16,10 +16,10 @@ use std::path::Path;
 use ndarray::{Array2, ArrayView2};
 use safetensors::Dtype;
 
-use crate::format::checkpoint::{Checkpoint, TensorData, write_safetensors};
+use crate::format::checkpoint::{Checkpoint, TensorData, decode_floats_into, write_safetensors};
 use crate::foundation::error::{FipsError, Result};
-use crate::foundation::float::Float;
-use crate::math::calibration::Calibration;
+use crate::foundation::float::{Float, ensure_finite};
+use crate::math::calibration::{Calibration, CalibrationReader, check_request, check_rows};
 
 /// The `format` metadata value of an MLP-input file.
 pub const MLP_INPUTS_FORMAT: &str = "fips-mlp-inputs";
@@ -185,6 +185,203 @@ impl MlpInputs {
             .map(|&b| self.read(b))
             .collect::<Result<Vec<_>>>()?;
         Calibration::new(inputs)
+    }
+}
+
+impl MlpInputs {
+    /// The calibration of a group read from the file a few rows at a time (positioned reads):
+    /// the inputs of `blocks`, which must all be present with one shape. Only the header is read
+    /// here; see [`StreamedCalibration`].
+    pub fn stream(&self, blocks: &[usize]) -> Result<StreamedCalibration<'_>> {
+        let path = self.file.path();
+        let format = |reason: String| FipsError::Format {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let Some(&first) = blocks.first() else {
+            return Err(FipsError::EmptyCalibration {
+                reason: "no blocks were given".into(),
+            });
+        };
+        let shape_of = |b: usize| {
+            self.shape(b).ok_or_else(|| FipsError::MissingTensor {
+                path: path.to_path_buf(),
+                name: mlp_input_name(b),
+            })
+        };
+        let (tokens, width) = shape_of(first)?;
+        let len = self.file.current_len()?;
+        let mut extents = Vec::with_capacity(blocks.len());
+        let mut end_max = 0u64;
+        for &b in blocks {
+            let name = mlp_input_name(b);
+            let (t, d) = shape_of(b)?;
+            if (t, d) != (tokens, width) {
+                return Err(FipsError::ShapeMismatch {
+                    what: format!("{name} in {}", path.display()),
+                    expected: vec![tokens, width],
+                    got: vec![t, d],
+                });
+            }
+            let dtype = self.file.info(&name)?.dtype;
+            let size = element_bytes(dtype).ok_or_else(|| {
+                format(format!(
+                    "tensor {name:?} has dtype {dtype:?}, expected a float"
+                ))
+            })?;
+            let (begin, end) = self.file.tensor_range(&name)?;
+            let expected = (tokens as u64)
+                .checked_mul(width as u64)
+                .and_then(|e| e.checked_mul(size));
+            if expected != Some(end - begin) || end > len {
+                return Err(format(format!(
+                    "tensor {name:?} of shape [{tokens}, {width}] {dtype:?} spans bytes {begin}..{end} of a {len}-byte file"
+                )));
+            }
+            end_max = end_max.max(end);
+            extents.push(BlockExtent {
+                id: b,
+                begin,
+                dtype,
+                size,
+            });
+        }
+        Ok(StreamedCalibration {
+            file: &self.file,
+            extents,
+            tokens,
+            width,
+            end: end_max,
+        })
+    }
+}
+
+/// Bytes per element of a float dtype an MLP-input file may hold.
+fn element_bytes(dtype: Dtype) -> Option<u64> {
+    match dtype {
+        Dtype::F32 => Some(4),
+        Dtype::F64 => Some(8),
+        Dtype::F16 | Dtype::BF16 => Some(2),
+        _ => None,
+    }
+}
+
+/// Where one block's `[tokens, d]` inputs lie in the file.
+#[derive(Debug, Clone, Copy)]
+struct BlockExtent {
+    /// The block's index in the file.
+    id: usize,
+    /// Absolute offset of row 0.
+    begin: u64,
+    dtype: Dtype,
+    /// Bytes per element.
+    size: u64,
+}
+
+/// The calibration inputs of a group read from an MLP-input file on demand: a trainer given this
+/// [`CalibrationReader`] reads each mini-batch's rows (one positioned read per row and block) and
+/// each evaluation chunk (one read per chunk), and recomputes each batch's targets from the dense
+/// blocks, so the calibration is never held whole: memory for it is a batch and a chunk, not
+/// `n T d`.
+///
+/// Every read is checked before anything is allocated: the block and token indices against the
+/// header's shape, and the file's current length against the tensors' extents (a file truncated
+/// after it was opened is a typed error, not a short read). Values are checked to be finite as
+/// they are read.
+#[derive(Debug)]
+pub struct StreamedCalibration<'f> {
+    file: &'f Checkpoint,
+    extents: Vec<BlockExtent>,
+    tokens: usize,
+    width: usize,
+    /// The largest end of the blocks' extents.
+    end: u64,
+}
+
+impl StreamedCalibration<'_> {
+    /// Checks that the file still holds every block's bytes.
+    fn check_len(&self) -> Result<()> {
+        let len = self.file.current_len()?;
+        if len < self.end {
+            return Err(FipsError::Format {
+                path: self.file.path().to_path_buf(),
+                reason: format!(
+                    "the file shrank to {len} bytes since it was opened; its tensors need {}",
+                    self.end
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn row_bytes(&self, e: &BlockExtent) -> u64 {
+        self.width as u64 * e.size
+    }
+
+    fn what(&self, block: usize) -> impl FnOnce() -> String + '_ {
+        move || {
+            format!(
+                "calibration inputs of block {block} in {}",
+                self.file.path().display()
+            )
+        }
+    }
+}
+
+impl<F: Float> CalibrationReader<F> for StreamedCalibration<'_> {
+    fn blocks(&self) -> usize {
+        self.extents.len()
+    }
+
+    fn tokens(&self) -> usize {
+        self.tokens
+    }
+
+    fn width(&self) -> usize {
+        self.width
+    }
+
+    fn gather(&self, block: usize, indices: &[usize], dst: &mut Array2<F>) -> Result<()> {
+        check_request::<F>(
+            self,
+            block,
+            indices.iter().copied(),
+            indices.len(),
+            dst.dim(),
+        )?;
+        self.check_len()?;
+        let e = self.extents[block];
+        let name = mlp_input_name(e.id);
+        let mut bytes = vec![0u8; self.row_bytes(&e) as usize];
+        let mut row = vec![F::zero(); self.width];
+        for (k, &t) in indices.iter().enumerate() {
+            self.file
+                .read_at(e.begin + t as u64 * self.row_bytes(&e), &mut bytes)?;
+            decode_floats_into(&name, e.dtype, &bytes, &mut row)?;
+            for (o, &v) in dst.row_mut(k).iter_mut().zip(&row) {
+                *o = v;
+            }
+        }
+        ensure_finite(
+            &dst.slice(crate::foundation::slicing::s![..indices.len(), ..]),
+            self.what(e.id),
+        )
+    }
+
+    fn rows(&self, block: usize, start: usize, rows: usize) -> Result<Array2<F>> {
+        check_rows::<F>(self, block, start, rows)?;
+        self.check_len()?;
+        let e = self.extents[block];
+        let mut bytes = vec![0u8; rows * self.row_bytes(&e) as usize];
+        self.file
+            .read_at(e.begin + start as u64 * self.row_bytes(&e), &mut bytes)?;
+        let mut out = Array2::zeros((rows, self.width));
+        let slice = out
+            .as_slice_mut()
+            .ok_or_else(|| FipsError::Numerical("a fresh array is not contiguous".into()))?;
+        decode_floats_into(&mlp_input_name(e.id), e.dtype, &bytes, slice)?;
+        ensure_finite(&out, self.what(e.id))?;
+        Ok(out)
     }
 }
 

@@ -117,6 +117,133 @@ impl<F: Float> Calibration<F> {
     }
 }
 
+/// Where a trainer reads calibration inputs from: held in memory ([`Calibration`]) or read a few
+/// rows at a time from a file (`format::mlp_inputs::StreamedCalibration`).
+///
+/// Row `t` of every block is the same calibration token (a mini-batch draws the same token indices
+/// for every block). Reads take `&self`: a file-backed reader uses positioned reads, no cursor.
+pub trait CalibrationReader<F: Float>: std::fmt::Debug + Send + Sync {
+    /// Number of blocks.
+    fn blocks(&self) -> usize;
+
+    /// Tokens per block.
+    fn tokens(&self) -> usize;
+
+    /// Width d.
+    fn width(&self) -> usize;
+
+    /// Whether the inputs are synthetic Gaussian noise rather than captured activations.
+    fn is_data_free(&self) -> bool {
+        false
+    }
+
+    /// Copies rows `indices` of block `block` into the first `indices.len()` rows of `dst`
+    /// (`[≥ indices.len(), d]`). Errors: a block or token out of range, a wrong `dst`, an
+    /// unreadable or non-finite row.
+    fn gather(&self, block: usize, indices: &[usize], dst: &mut Array2<F>) -> Result<()>;
+
+    /// Rows `start .. start + rows` of block `block`, `[rows, d]`.
+    fn rows(&self, block: usize, start: usize, rows: usize) -> Result<Array2<F>>;
+
+    /// The whole set, if it is held in memory: a trainer then computes every target once and
+    /// keeps it, instead of recomputing each batch's targets from the dense blocks.
+    fn in_memory(&self) -> Option<&Calibration<F>> {
+        None
+    }
+}
+
+/// Checks a gather or chunk request against a reader's shape: `block < blocks`, every index
+/// `< tokens`, `dst` wide enough and tall enough.
+pub(crate) fn check_request<F: Float>(
+    reader: &dyn CalibrationReader<F>,
+    block: usize,
+    indices: impl IntoIterator<Item = usize>,
+    rows: usize,
+    dst: (usize, usize),
+) -> Result<()> {
+    if block >= reader.blocks() {
+        return Err(FipsError::IndexOutOfRange {
+            what: "calibration block",
+            index: block,
+            len: reader.blocks(),
+        });
+    }
+    if dst.1 != reader.width() || dst.0 < rows {
+        return Err(FipsError::ShapeMismatch {
+            what: "calibration batch buffer".into(),
+            expected: vec![rows, reader.width()],
+            got: vec![dst.0, dst.1],
+        });
+    }
+    let tokens = reader.tokens();
+    if let Some(bad) = indices.into_iter().find(|&t| t >= tokens) {
+        return Err(FipsError::IndexOutOfRange {
+            what: "calibration token",
+            index: bad,
+            len: tokens,
+        });
+    }
+    Ok(())
+}
+
+/// Checks a request for rows `start .. start + rows` of block `block` and returns its end.
+pub(crate) fn check_rows<F: Float>(
+    reader: &dyn CalibrationReader<F>,
+    block: usize,
+    start: usize,
+    rows: usize,
+) -> Result<usize> {
+    let end = start
+        .checked_add(rows)
+        .filter(|&end| end <= reader.tokens())
+        .ok_or(FipsError::IndexOutOfRange {
+            what: "calibration token",
+            index: start.saturating_add(rows),
+            len: reader.tokens(),
+        })?;
+    check_request(reader, block, None, rows, (rows, reader.width()))?;
+    Ok(end)
+}
+
+impl<F: Float> CalibrationReader<F> for Calibration<F> {
+    fn blocks(&self) -> usize {
+        self.inputs.len()
+    }
+
+    fn tokens(&self) -> usize {
+        Calibration::tokens(self)
+    }
+
+    fn width(&self) -> usize {
+        Calibration::width(self)
+    }
+
+    fn is_data_free(&self) -> bool {
+        self.data_free
+    }
+
+    fn gather(&self, block: usize, indices: &[usize], dst: &mut Array2<F>) -> Result<()> {
+        check_request(
+            self,
+            block,
+            indices.iter().copied(),
+            indices.len(),
+            dst.dim(),
+        )?;
+        gather_rows(self.inputs[block].view(), indices, dst);
+        Ok(())
+    }
+
+    fn rows(&self, block: usize, start: usize, rows: usize) -> Result<Array2<F>> {
+        let end = check_rows(self, block, start, rows)?;
+        Ok(self.inputs[block].slice(s![start..end, ..]).to_owned())
+    }
+
+    fn in_memory(&self) -> Option<&Calibration<F>> {
+        Some(self)
+    }
+}
+
 /// Tokens per chunk when running a whole calibration set through a block.
 pub(crate) const CHUNK_TOKENS: usize = 4096;
 
@@ -154,6 +281,34 @@ pub(crate) fn squared_error_chunked<F: Float>(
             e += (p - t) * (p - t);
             n += t * t;
         });
+    }
+    Ok((e, n))
+}
+
+/// `(‖mlp(z) − original(z)‖², ‖original(z)‖²)` in `f64` over every token of block `block` of
+/// `reader`, in chunks of [`CHUNK_TOKENS`] rows read one at a time: the targets `original(z)` are
+/// computed per chunk and never held whole. The same chunks and the same order of operations as
+/// [`squared_error_chunked`] on targets from [`forward_chunked`], so the same bits.
+pub(crate) fn squared_error_streamed<F: Float>(
+    mlp: &DenseMlp<F>,
+    original: &DenseMlp<F>,
+    reader: &dyn CalibrationReader<F>,
+    block: usize,
+) -> Result<(f64, f64)> {
+    let (mut e, mut n) = (0.0f64, 0.0f64);
+    let tokens = reader.tokens();
+    let mut start = 0;
+    while start < tokens {
+        let rows = CHUNK_TOKENS.min(tokens - start);
+        let zc = reader.rows(block, start, rows)?;
+        let yc = original.forward(zc.view())?;
+        let yhat = mlp.forward(zc.view())?;
+        ndarray::Zip::from(&yhat).and(&yc).for_each(|&p, &t| {
+            let (p, t) = (p.as_f64(), t.as_f64());
+            e += (p - t) * (p - t);
+            n += t * t;
+        });
+        start += rows;
     }
     Ok((e, n))
 }
@@ -201,6 +356,46 @@ mod tests {
             Calibration::new(vec![Array2::zeros((3, 4)), z]),
             Err(FipsError::NonFinite { .. })
         ));
+    }
+
+    /// The in-memory reader gives the held rows and checks its requests.
+    #[test]
+    fn in_memory_reader_reads_the_held_rows_and_checks_requests() {
+        let z = Array2::from_shape_fn((7, 3), |(i, j)| (i * 3 + j) as f64);
+        let calibration = Calibration::new(vec![z.clone(), -z.clone()]).unwrap();
+        let reader: &dyn CalibrationReader<f64> = &calibration;
+        assert!(reader.in_memory().is_some());
+        assert_eq!(
+            (reader.blocks(), reader.tokens(), reader.width()),
+            (2, 7, 3)
+        );
+        assert_eq!(
+            reader.rows(1, 2, 3).unwrap(),
+            -z.slice(s![2..5, ..]).to_owned()
+        );
+        let mut dst = Array2::zeros((3, 3));
+        reader.gather(0, &[6, 1], &mut dst).unwrap();
+        assert_eq!(dst.row(0), z.row(6));
+        assert_eq!(dst.row(1), z.row(1));
+        assert!(matches!(
+            reader.gather(0, &[7], &mut dst),
+            Err(FipsError::IndexOutOfRange { .. })
+        ));
+        assert!(matches!(
+            reader.gather(2, &[0], &mut dst),
+            Err(FipsError::IndexOutOfRange { .. })
+        ));
+        assert!(matches!(
+            reader.gather(0, &[0, 1, 2, 3], &mut dst),
+            Err(FipsError::ShapeMismatch { .. })
+        ));
+        assert!(matches!(
+            reader.rows(0, 5, 3),
+            Err(FipsError::IndexOutOfRange { .. })
+        ));
+        assert_eq!(reader.rows(0, 7, 0).unwrap().nrows(), 0);
+        assert!(reader.rows(0, 8, 0).is_err());
+        assert!(reader.rows(0, usize::MAX, 2).is_err());
     }
 
     #[test]

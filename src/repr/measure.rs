@@ -8,7 +8,9 @@ use crate::foundation::error::{FipsError, Result};
 use crate::foundation::float::Float;
 use crate::foundation::mlp::{DenseMlp, MlpKind};
 use crate::math::budget::GroupShape;
-use crate::math::calibration::{Calibration, forward_chunked, squared_error_chunked};
+use crate::math::calibration::{
+    Calibration, CalibrationReader, forward_chunked, squared_error_chunked, squared_error_streamed,
+};
 
 /// The validated structure of a group of blocks: every block has block 0's kind, activation,
 /// width and MLP width.
@@ -158,6 +160,25 @@ pub(crate) fn block_errors_one_at_a_time<F: Float>(
     let mut norm2 = Vec::with_capacity(targets.len());
     for (b, (z, y)) in calibration.inputs().iter().zip(targets).enumerate() {
         let (e, n) = squared_error_chunked(&rebuild(b)?, z, y)?;
+        error2.push(e);
+        norm2.push(n);
+    }
+    Ok(BlockErrors { error2, norm2 })
+}
+
+/// [`block_errors_one_at_a_time`] without held targets: block `b`'s inputs are read from
+/// `calibration` in chunks and its targets recomputed per chunk by `originals[b]`, so neither the
+/// inputs nor the targets are held whole. Bit-identical to [`block_errors_one_at_a_time`] on
+/// [`targets`] of the same inputs (the same chunks, the same operations).
+pub(crate) fn block_errors_streamed<F: Float>(
+    mut rebuild: impl FnMut(usize) -> Result<DenseMlp<F>>,
+    originals: &[DenseMlp<F>],
+    calibration: &dyn CalibrationReader<F>,
+) -> Result<BlockErrors> {
+    let mut error2 = Vec::with_capacity(originals.len());
+    let mut norm2 = Vec::with_capacity(originals.len());
+    for (b, original) in originals.iter().enumerate() {
+        let (e, n) = squared_error_streamed(&rebuild(b)?, original, calibration, b)?;
         error2.push(e);
         norm2.push(n);
     }

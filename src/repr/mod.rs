@@ -31,8 +31,8 @@ use crate::math::calibration::Calibration;
 pub use collapsed::{CollapsedBlock, CollapsedGroup, CollapsedMap};
 pub use factors::{SharedBasis, SparseFactor};
 pub use low_rank::{LowRankGroup, LowRankMatrix};
-pub(crate) use measure::block_errors_one_at_a_time;
 pub use measure::{BlockErrors, GroupSpec, block_errors, validate_group};
+pub(crate) use measure::{block_errors_one_at_a_time, block_errors_streamed};
 pub use shared_basis::SharedBasisGroup;
 
 /// Which of the three forms a group is stored in (the manifest's `representation`).

@@ -13,7 +13,7 @@ use crate::foundation::error::Result;
 use crate::foundation::float::Float;
 use crate::foundation::mlp::DenseMlp;
 use crate::math::budget::{Budget, GroupShape, rank_for_budget};
-use crate::math::calibration::Calibration;
+use crate::math::calibration::{Calibration, CalibrationReader};
 use crate::math::validation::ValidationSet;
 use crate::methods::compressor::{Compressor, MethodOutput};
 use crate::methods::params::MethodParams;
@@ -35,11 +35,14 @@ impl FipsValidParams {
     }
 
     /// Compresses `blocks` (consecutive, same structure) using `calibration` (one input array per
-    /// block).
+    /// block): a [`Calibration`] in memory, or a reader of an MLP-input file
+    /// ([`crate::format::mlp_inputs::MlpInputs::stream`]) that reads each mini-batch and each
+    /// evaluation chunk from disk and recomputes their targets, so the calibration is never held
+    /// whole (for the same seed, the same tokens are drawn and the same weights come out).
     pub fn compress<F: Float>(
         &self,
         blocks: &[DenseMlp<F>],
-        calibration: &Calibration<F>,
+        calibration: &dyn CalibrationReader<F>,
     ) -> Result<FipsOutput<F>> {
         self.compress_with_progress(blocks, calibration, |_| ControlFlow::Continue(()))
     }
@@ -50,7 +53,7 @@ impl FipsValidParams {
     pub fn compress_with_progress<F, C>(
         &self,
         blocks: &[DenseMlp<F>],
-        calibration: &Calibration<F>,
+        calibration: &dyn CalibrationReader<F>,
         on_step: C,
     ) -> Result<FipsOutput<F>>
     where
@@ -67,7 +70,7 @@ impl FipsValidParams {
     pub fn compress_with_validation<F, C>(
         &self,
         blocks: &[DenseMlp<F>],
-        calibration: &Calibration<F>,
+        calibration: &dyn CalibrationReader<F>,
         validation: Option<&ValidationSet<F>>,
         mut on_step: C,
     ) -> Result<FipsOutput<F>>
@@ -89,7 +92,7 @@ impl FipsValidParams {
     pub fn trainer<'a, F: Float>(
         &self,
         blocks: &'a [DenseMlp<F>],
-        calibration: &'a Calibration<F>,
+        calibration: &'a dyn CalibrationReader<F>,
     ) -> Result<FipsTrainer<'a, F>> {
         FipsTrainer::new(self.clone(), blocks, calibration, None)
     }
@@ -98,7 +101,7 @@ impl FipsValidParams {
     pub fn trainer_validated<'a, F: Float>(
         &self,
         blocks: &'a [DenseMlp<F>],
-        calibration: &'a Calibration<F>,
+        calibration: &'a dyn CalibrationReader<F>,
         validation: Option<&'a ValidationSet<F>>,
     ) -> Result<FipsTrainer<'a, F>> {
         FipsTrainer::new(self.clone(), blocks, calibration, validation)

@@ -21,7 +21,7 @@ use crate::foundation::mlp::DenseMlp;
 use crate::foundation::slicing::s;
 use crate::math::bases::BasisLayout;
 use crate::math::budget::{Budget, GroupShape, rank_for_budget};
-use crate::math::calibration::{Calibration, gather_rows};
+use crate::math::calibration::{Calibration, CalibrationReader, gather_rows};
 use crate::math::objective::{ContractionOrder, GroupParams, Objective, StepShape};
 use crate::math::optim::{AdamWStep, KeptMoments, Moments};
 use crate::math::sparsity::MaskSchedule;
@@ -34,7 +34,7 @@ use crate::methods::report::{
 use crate::repr::measure::targets;
 use crate::repr::{
     BlockErrors, CompressedBlocks, GroupSpec, SharedBasis, SharedBasisGroup, SparseFactor,
-    block_errors_one_at_a_time, validate_group,
+    block_errors_one_at_a_time, block_errors_streamed, validate_group,
 };
 
 /// Trained factors of a group, split into its matrices by an [`Assembler`].
@@ -97,13 +97,78 @@ pub(crate) struct FactorTrainer<'a, F: Float> {
 #[derive(Debug)]
 struct FactorProblem<'a, F: Float> {
     config: FipsValidParams,
-    calibration: &'a Calibration<F>,
-    targets: Vec<Array2<F>>,
+    source: Source<'a, F>,
     params: GroupParams<F>,
     mask: Array2<bool>,
     schedule: MaskSchedule,
     training: Option<TrainingState<F>>,
     validator: Option<Validator<'a, F>>,
+}
+
+/// Where a batch's inputs and targets come from.
+#[derive(Debug)]
+enum Source<'a, F: Float> {
+    /// The calibration in memory, with every target `Y_b = MLP_b(Z_b)` computed once.
+    Memory {
+        calibration: &'a Calibration<F>,
+        targets: Vec<Array2<F>>,
+    },
+    /// Inputs read per batch and per chunk; each batch's targets recomputed by the dense blocks.
+    Streamed {
+        reader: &'a dyn CalibrationReader<F>,
+        blocks: &'a [DenseMlp<F>],
+    },
+}
+
+impl<F: Float> Source<'_, F> {
+    fn tokens(&self) -> usize {
+        match self {
+            Self::Memory { calibration, .. } => calibration.tokens(),
+            Self::Streamed { reader, .. } => reader.tokens(),
+        }
+    }
+
+    fn is_data_free(&self) -> bool {
+        match self {
+            Self::Memory { calibration, .. } => calibration.is_data_free(),
+            Self::Streamed { reader, .. } => reader.is_data_free(),
+        }
+    }
+
+    /// Errors of the blocks `rebuild(b)` against the targets on the whole calibration, one dense
+    /// block at a time (chunk by chunk when streamed).
+    fn errors(&self, rebuild: impl FnMut(usize) -> Result<DenseMlp<F>>) -> Result<BlockErrors> {
+        match self {
+            Self::Memory {
+                calibration,
+                targets,
+            } => block_errors_one_at_a_time(rebuild, calibration, targets),
+            Self::Streamed { reader, blocks } => block_errors_streamed(rebuild, blocks, *reader),
+        }
+    }
+
+    /// Rows `indices` of every block's inputs into `xs` and of its targets into `ys`.
+    fn batch(&self, indices: &[usize], xs: &mut [Array2<F>], ys: &mut [Array2<F>]) -> Result<()> {
+        match self {
+            Self::Memory {
+                calibration,
+                targets,
+            } => {
+                for (b, (x, y)) in xs.iter_mut().zip(ys.iter_mut()).enumerate() {
+                    gather_rows(calibration.inputs()[b].view(), indices, x);
+                    gather_rows(targets[b].view(), indices, y);
+                }
+            }
+            Self::Streamed { reader, blocks } => {
+                for (b, (x, y)) in xs.iter_mut().zip(ys.iter_mut()).enumerate() {
+                    reader.gather(b, indices, x)?;
+                    let mlp = blocks.get(b).ok_or_else(internal_layout)?;
+                    *y = mlp.forward(x.view())?;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// What scoring the current state on the validation set needs.
@@ -137,12 +202,19 @@ impl<'a, F: Float> FactorTrainer<'a, F> {
         config: FipsValidParams,
         layout: BasisLayout,
         assemble: Assembler<F>,
-        blocks: &[DenseMlp<F>],
-        calibration: &'a Calibration<F>,
+        blocks: &'a [DenseMlp<F>],
+        calibration: &'a dyn CalibrationReader<F>,
         validation: Option<&'a ValidationSet<F>>,
     ) -> Result<Self> {
         let start = Instant::now();
-        let spec = validate_group(blocks, Some(calibration))?;
+        let spec = validate_group(blocks, calibration.in_memory())?;
+        if calibration.blocks() != blocks.len() || calibration.width() != spec.shape.width {
+            return Err(FipsError::ShapeMismatch {
+                what: "calibration inputs (blocks, width)".into(),
+                expected: vec![blocks.len(), spec.shape.width],
+                got: vec![calibration.blocks(), calibration.width()],
+            });
+        }
         if let Some(set) = validation
             && (set.blocks() != blocks.len() || set.width() != Some(spec.shape.width))
         {
@@ -200,8 +272,18 @@ impl<'a, F: Float> FactorTrainer<'a, F> {
             ));
         }
 
-        // Targets Y_b from the original blocks.
-        let targets = targets(blocks, calibration)?;
+        // Targets Y_b from the original blocks: all of them now if the calibration is in memory,
+        // else per batch and per chunk.
+        let source = match calibration.in_memory() {
+            Some(calibration) => Source::Memory {
+                calibration,
+                targets: targets(blocks, calibration)?,
+            },
+            None => Source::Streamed {
+                reader: calibration,
+                blocks,
+            },
+        };
 
         // SVD initialisation.
         let init_start = Instant::now();
@@ -242,7 +324,7 @@ impl<'a, F: Float> FactorTrainer<'a, F> {
                 biases: &params.biases,
             })?;
             drop(m);
-            block_errors_one_at_a_time(|b| rebuilt.to_dense_mlp(b), calibration, &targets)?
+            source.errors(|b| rebuilt.to_dense_mlp(b))?
         };
         schedule.prepare(contiguous(&mut params.v)?, contiguous(&mut mask)?);
 
@@ -292,8 +374,7 @@ impl<'a, F: Float> FactorTrainer<'a, F> {
         Ok(Self {
             problem: FactorProblem {
                 config,
-                calibration,
-                targets,
+                source,
                 params,
                 mask,
                 schedule,
@@ -378,11 +459,7 @@ impl<'a, F: Float> FactorTrainer<'a, F> {
         let entries = problem.mask.len();
         problem.params.v = Array2::zeros((0, 0));
         problem.mask = Array2::from_elem((0, 0), false);
-        let final_errors = block_errors_one_at_a_time(
-            |b| blocks.to_dense_mlp(b),
-            problem.calibration,
-            &problem.targets,
-        )?;
+        let final_errors = problem.source.errors(|b| blocks.to_dense_mlp(b))?;
         let validation = problem
             .validator
             .as_ref()
@@ -408,8 +485,8 @@ impl<'a, F: Float> FactorTrainer<'a, F> {
             steps_run,
             steps_planned,
             loss_curve: run.into_losses(),
-            calibration_tokens: problem.calibration.tokens(),
-            data_free: problem.calibration.is_data_free(),
+            calibration_tokens: problem.source.tokens(),
+            data_free: problem.source.is_data_free(),
             init_time,
             train_time,
             wall_time: start.elapsed(),
@@ -448,10 +525,7 @@ impl<F: Float> Trainable for FactorProblem<'_, F> {
     fn loss_and_gradients(&mut self, _step: usize) -> Result<f64> {
         let state = self.training.as_mut().ok_or_else(internal_layout)?;
         let indices = state.sampler.next_batch();
-        for (b, (x, y)) in state.xs.iter_mut().zip(state.ys.iter_mut()).enumerate() {
-            gather_rows(self.calibration.inputs()[b].view(), indices, x);
-            gather_rows(self.targets[b].view(), indices, y);
-        }
+        self.source.batch(indices, &mut state.xs, &mut state.ys)?;
         state
             .objective
             .loss_and_gradients(&self.params, &state.xs, &state.ys, &mut state.grads)
@@ -518,7 +592,8 @@ impl<F: Float> Trainable for FactorProblem<'_, F> {
 ///
 /// One step draws a mini-batch (the same token indices for every block), computes the loss and
 /// its gradients, lets the sparsifier update the mask, and applies AdamW at the cosine-decayed
-/// learning rate. All buffers are allocated when the trainer is created.
+/// learning rate. All buffers are allocated when the trainer is created (with a streamed
+/// calibration, each batch's rows are read and its targets computed by the dense blocks per step).
 #[derive(Debug)]
 pub struct FipsTrainer<'a, F: Float>(FactorTrainer<'a, F>);
 
@@ -534,8 +609,8 @@ pub struct FipsOutput<F> {
 impl<'a, F: Float> FipsTrainer<'a, F> {
     pub(crate) fn new(
         config: FipsValidParams,
-        blocks: &[DenseMlp<F>],
-        calibration: &'a Calibration<F>,
+        blocks: &'a [DenseMlp<F>],
+        calibration: &'a dyn CalibrationReader<F>,
         validation: Option<&'a ValidationSet<F>>,
     ) -> Result<Self> {
         FactorTrainer::new(
