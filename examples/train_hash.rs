@@ -16,8 +16,7 @@ use std::ops::ControlFlow;
 
 use fips::{
     Activation, Calibration, CompressedBlocks, Compressor, ContractionOrder, DenseMlp, FipsParams,
-    GmpSchedule, Linear, MethodReport, ParamGuard, RiglSchedule, Sparsifier,
-    methods::SvdParams,
+    GmpSchedule, Linear, MethodReport, ParamGuard, RiglSchedule, Sparsifier, methods::SvdParams,
 };
 use ndarray::Array2;
 use rand::SeedableRng;

@@ -17,14 +17,17 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::foundation::error::{FipsError, Result, invalid};
 use crate::foundation::float::Float;
+use crate::foundation::kernels::RowSplit;
 use crate::foundation::mlp::DenseMlp;
 use crate::foundation::slicing::s;
 use crate::math::bases::BasisLayout;
 use crate::math::budget::{Budget, GroupShape, rank_for_budget};
 use crate::math::calibration::{Calibration, gather_rows};
-use crate::math::objective::{ContractionOrder, GroupParams, Objective, StepShape};
-use crate::math::optim::{AdamWStep, KeptMoments, Moments};
-use crate::math::sparsity::MaskSchedule;
+use crate::math::objective::{
+    BasisGradients, ContractionOrder, FactorGradientSink, GroupParams, Objective, StepShape,
+};
+use crate::math::optim::{AdamWStep, KeptLayout, KeptMoments, Moments};
+use crate::math::sparsity::{MaskSchedule, StepPlan};
 use crate::math::validation::ValidationSet;
 use crate::methods::engine::{Schedule, Trainable, TrainingLoop};
 use crate::methods::fips::params::FipsValidParams;
@@ -115,14 +118,18 @@ struct Validator<'a, F: Float> {
     assemble: Assembler<F>,
 }
 
-/// Buffers that exist only when there are steps to run.
+/// Buffers that exist only when there are steps to run. `V`'s gradient is never held whole: the
+/// objective hands it over one matrix at a time and each matrix's kept entries get their AdamW
+/// update then ([`VUpdate`]).
 #[derive(Debug)]
 struct TrainingState<F: Float> {
     objective: Objective<F>,
-    grads: GroupParams<F>,
+    grads: BasisGradients<F>,
     moments_u: Moments<F, Ix2>,
     /// Moments of `V`'s kept entries only (row-major order of the mask).
     moments_v: KeptMoments<F>,
+    /// Where each matrix's rows start among the kept entries.
+    layout: KeptLayout,
     moments_b: Vec<Option<Moments<F, Ix1>>>,
     sampler: TokenSampler,
     xs: Vec<Array2<F>>,
@@ -268,9 +275,15 @@ impl<'a, F: Float> FactorTrainer<'a, F> {
                     BasisLayout::Shared => objective,
                     BasisLayout::PerMatrix => objective.with_per_matrix_bases(),
                 },
-                grads: params.zeros_like(),
+                grads: params.gradients_like(),
                 moments_u: Moments::zeros(params.u.raw_dim()),
                 moments_v: KeptMoments::zeros(schedule.nnz()),
+                layout: KeptLayout::new(
+                    mask.as_slice().unwrap_or(&[]),
+                    rank,
+                    shape.blocks * shape.matrices_per_block,
+                    shape.intermediate,
+                ),
                 moments_b: params
                     .biases
                     .iter()
@@ -444,29 +457,97 @@ impl<F: Float> FactorProblem<'_, F> {
     }
 }
 
+/// The AdamW update of `V`, one matrix at a time as the objective hands its gradient over
+/// (after the step's last read of that matrix), under the sparsifier's plan for the step.
+struct VUpdate<'s, F: Float> {
+    step: AdamWStep<F>,
+    split: RowSplit,
+    plan: &'s mut StepPlan<F>,
+    mask: &'s [bool],
+    moments: &'s mut KeptMoments<F>,
+    layout: &'s KeptLayout,
+}
+
+impl<F: Float> FactorGradientSink<F> for VUpdate<'_, F> {
+    fn consume(
+        &mut self,
+        j: usize,
+        grad: ndarray::ArrayView2<'_, F>,
+        v: &mut Array2<F>,
+    ) -> Result<()> {
+        self.plan.update_matrix(
+            &self.step,
+            &self.split,
+            j,
+            grad,
+            contiguous(v)?,
+            self.mask,
+            self.moments,
+            self.layout,
+        )
+    }
+}
+
 impl<F: Float> Trainable for FactorProblem<'_, F> {
-    fn loss_and_gradients(&mut self, _step: usize) -> Result<f64> {
+    /// The loss, `∂U` and the biases' gradients, and, fused into the backward pass, the whole
+    /// update of `V` (sparsifier and AdamW at the step's learning rate): the numbers of the
+    /// dense-gradient step, bit for bit. After a non-finite loss (an error that ends the run)
+    /// `V` may be partly updated.
+    fn loss_and_gradients(&mut self, step: usize) -> Result<f64> {
         let state = self.training.as_mut().ok_or_else(internal_layout)?;
         let indices = state.sampler.next_batch();
         for (b, (x, y)) in state.xs.iter_mut().zip(state.ys.iter_mut()).enumerate() {
             gather_rows(self.calibration.inputs()[b].view(), indices, x);
             gather_rows(self.targets[b].view(), indices, y);
         }
-        state
-            .objective
-            .loss_and_gradients(&self.params, &state.xs, &state.ys, &mut state.grads)
+        // The engine's cosine schedule over the configured steps.
+        let lr = self
+            .config
+            .optimizer()
+            .learning_rate_at(step, self.config.steps());
+        let adam = AdamWStep::<F>::new(self.config.optimizer(), lr, step);
+        let mut plan = self.schedule.begin_step(
+            step,
+            self.params.v.as_slice().ok_or_else(internal_layout)?,
+            contiguous(&mut self.mask)?,
+            &mut state.moments_v,
+        );
+        if matches!(plan, StepPlan::MaskChanged) {
+            state
+                .layout
+                .refresh(self.mask.as_slice().ok_or_else(internal_layout)?);
+        }
+        let loss = state.objective.loss_and_gradients(
+            &mut self.params,
+            &state.xs,
+            &state.ys,
+            &mut state.grads,
+            &mut VUpdate {
+                step: adam,
+                split: state.objective.split(),
+                plan: &mut plan,
+                mask: self.mask.as_slice().ok_or_else(internal_layout)?,
+                moments: &mut state.moments_v,
+                layout: &state.layout,
+            },
+        )?;
+        if let StepPlan::Regrow(_) = plan {
+            plan.finish(
+                &adam,
+                contiguous(&mut self.params.v)?,
+                contiguous(&mut self.mask)?,
+                &mut state.moments_v,
+            )?;
+            state
+                .layout
+                .refresh(self.mask.as_slice().ok_or_else(internal_layout)?);
+        }
+        Ok(loss)
     }
 
+    /// The update of `U` and the biases (`V`'s was fused into the backward pass).
     fn update(&mut self, step: usize, lr: f64) -> Result<()> {
         let state = self.training.as_mut().ok_or_else(internal_layout)?;
-        let grad_v = state.grads.v.as_slice().ok_or_else(internal_layout)?;
-        self.schedule.step(
-            step,
-            contiguous(&mut self.params.v)?,
-            contiguous(&mut self.mask)?,
-            grad_v,
-            Some(&mut state.moments_v),
-        );
         let update = AdamWStep::<F>::new(self.config.optimizer(), lr, step);
         let split = state.objective.split();
         update.apply_split(
@@ -475,14 +556,6 @@ impl<F: Float> Trainable for FactorProblem<'_, F> {
             state.grads.u.view(),
             &mut state.moments_u,
             None,
-        );
-        let mask = self.mask.as_slice().ok_or_else(internal_layout)?;
-        update.apply_kept(
-            &split,
-            contiguous(&mut self.params.v)?,
-            grad_v,
-            &mut state.moments_v,
-            self.schedule.is_sparse().then_some(mask),
         );
         for ((b, g), m) in self
             .params
