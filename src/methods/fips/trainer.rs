@@ -586,6 +586,69 @@ impl<F: Float> Trainable for FactorProblem<'_, F> {
     }
 }
 
+#[cfg(test)]
+impl<F: Float> FactorProblem<'_, F> {
+    /// The step as it was before `V`'s update was fused into the backward pass: the dense
+    /// gradient of `V`, the sparsifier on it, then AdamW on `U`, `V` (whole) and the biases. The
+    /// reference of `fused_update_of_v_equals_the_dense_gradient_step_bitwise`.
+    fn reference_step(&mut self, step: usize) -> Result<f64> {
+        let state = self.training.as_mut().ok_or_else(internal_layout)?;
+        let indices = state.sampler.next_batch();
+        for (b, (x, y)) in state.xs.iter_mut().zip(state.ys.iter_mut()).enumerate() {
+            gather_rows(self.calibration.inputs()[b].view(), indices, x);
+            gather_rows(self.targets[b].view(), indices, y);
+        }
+        let mut grads = self.params.zeros_like();
+        let loss = state.objective.loss_and_dense_gradients(
+            &self.params,
+            &state.xs,
+            &state.ys,
+            &mut grads,
+        )?;
+        let lr = self
+            .config
+            .optimizer()
+            .learning_rate_at(step, self.config.steps());
+        let grad_v = grads.v.as_slice().ok_or_else(internal_layout)?;
+        self.schedule.step(
+            step,
+            contiguous(&mut self.params.v)?,
+            contiguous(&mut self.mask)?,
+            grad_v,
+            Some(&mut state.moments_v),
+        );
+        let update = AdamWStep::<F>::new(self.config.optimizer(), lr, step);
+        let split = state.objective.split();
+        update.apply_split(
+            &split,
+            self.params.u.view_mut(),
+            grads.u.view(),
+            &mut state.moments_u,
+            None,
+        );
+        let mask = self.mask.as_slice().ok_or_else(internal_layout)?;
+        update.apply_kept(
+            &split,
+            contiguous(&mut self.params.v)?,
+            grad_v,
+            &mut state.moments_v,
+            self.schedule.is_sparse().then_some(mask),
+        );
+        for ((b, g), m) in self
+            .params
+            .biases
+            .iter_mut()
+            .zip(&grads.biases)
+            .zip(&mut state.moments_b)
+        {
+            if let (Some(b), Some(g), Some(m)) = (b.as_mut(), g.as_ref(), m.as_mut()) {
+                update.apply(b.view_mut(), g.view(), m);
+            }
+        }
+        Ok(loss)
+    }
+}
+
 /// A FiPS run in progress: call [`FipsTrainer::step`] until it returns `None` (or stop earlier),
 /// then [`FipsTrainer::finish`].
 ///
@@ -812,6 +875,103 @@ mod tests {
                 .unwrap()
             })
             .collect()
+    }
+
+    fn gated_blocks(rng: &mut ChaCha8Rng, n: usize, d: usize, i: usize) -> Vec<DenseMlp<f32>> {
+        let mut randn = |r: usize, c: usize| {
+            Array2::from_shape_simple_fn((r, c), || {
+                let z: f32 = StandardNormal.sample(rng);
+                z / (c as f32).sqrt()
+            })
+        };
+        (0..n)
+            .map(|_| {
+                DenseMlp::gated(
+                    Linear::new(randn(i, d), None).unwrap(),
+                    Linear::new(randn(i, d), None).unwrap(),
+                    Linear::new(randn(d, i), None).unwrap(),
+                    Activation::Silu,
+                )
+                .unwrap()
+            })
+            .collect()
+    }
+
+    /// The update of `V` fused into the backward pass, one matrix at a time (no dense gradient of
+    /// `V`), gives the dense-gradient step's loss, `U`, `V`, mask, biases and moments bit for
+    /// bit at every step: RigL with several mask updates, GMP with pruning steps, dense, in both
+    /// contraction orders.
+    #[test]
+    fn fused_update_of_v_equals_the_dense_gradient_step_bitwise() {
+        use crate::math::objective::ContractionOrder as Order;
+        use crate::math::sparsity::{GmpSchedule, RiglSchedule, Sparsifier};
+        let mut rng = ChaCha8Rng::seed_from_u64(12);
+        let group = gated_blocks(&mut rng, 3, 12, 20);
+        let calibration = Calibration::<f32>::gaussian(3, 200, 12, 4).unwrap();
+        let rigl = Sparsifier::Rigl(RiglSchedule {
+            drop_fraction: 0.3,
+            interval: 5,
+            end_fraction: 0.75,
+        });
+        let gmp = Sparsifier::Gmp(GmpSchedule {
+            interval: 4,
+            ..GmpSchedule::default()
+        });
+        for (sparsifier, s) in [(rigl, 0.75), (gmp, 0.75), (Sparsifier::None, 0.0)] {
+            for order in [Order::FactorsFirst, Order::WeightsFirst] {
+                let compressor = FipsParams::new()
+                    .sparsity(s)
+                    .sparsifier(sparsifier)
+                    .steps(60)
+                    .batch_tokens(32)
+                    .learning_rate(1e-2)
+                    .contraction(order)
+                    .check()
+                    .unwrap();
+                let mut fused = compressor.trainer(&group, &calibration).unwrap();
+                let mut reference = compressor.trainer(&group, &calibration).unwrap();
+                assert_eq!(fused.contraction(), order);
+                let mut mask_changes = 0;
+                for step in 1..=60 {
+                    let before = reference.0.problem.mask.clone();
+                    let expected = reference.0.problem.reference_step(step).unwrap();
+                    let loss = fused.step().unwrap().unwrap().loss;
+                    let (a, b) = (&fused.0.problem, &reference.0.problem);
+                    let what = format!("{sparsifier} {order} step {step}");
+                    assert_eq!(loss.to_bits(), expected.to_bits(), "{what}: loss");
+                    assert_eq!(a.mask, b.mask, "{what}: mask");
+                    let bits = |x: &Array2<f32>| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&a.params.u), bits(&b.params.u), "{what}: U");
+                    assert_eq!(bits(&a.params.v), bits(&b.params.v), "{what}: V");
+                    let (ma, mb) = (
+                        a.training.as_ref().unwrap(),
+                        b.training.as_ref().unwrap(),
+                    );
+                    let mask = a.mask.as_slice().unwrap();
+                    let (m1, v1) = ma.moments_v.scattered(mask);
+                    let (m2, v2) = mb.moments_v.scattered(mask);
+                    assert_eq!((m1, v1), (m2, v2), "{what}: moments of V");
+                    assert_eq!(ma.moments_v.len(), mb.moments_v.len());
+                    mask_changes += usize::from(before != b.mask);
+                }
+                match sparsifier {
+                    // Updates at 5, 10, …, 45 = t_e; the drop fraction is 0 at t_e.
+                    Sparsifier::Rigl(_) => assert_eq!(mask_changes, 8, "RigL updates"),
+                    Sparsifier::Gmp(_) => assert!(mask_changes >= 5, "GMP: {mask_changes}"),
+                    Sparsifier::None => assert_eq!(mask_changes, 0),
+                }
+                // The biases are absent here; U's moments follow from U's equality.
+                let (a, b) = (fused.finish().unwrap(), {
+                    reference.0.run = TrainingLoop::new(0, Schedule::Constant(0.0));
+                    reference.finish().unwrap()
+                });
+                assert_eq!(
+                    a.report.rel_error.to_bits(),
+                    b.report.rel_error.to_bits(),
+                    "{sparsifier} {order}: final error"
+                );
+            }
+        }
     }
 
     /// Early stopping needs a validation set; with one, the report carries the final validation
