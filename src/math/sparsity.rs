@@ -370,7 +370,8 @@ impl MaskSchedule {
         };
         let active = mask.iter().filter(|&&m| m).count();
         let count = ((fraction * self.nnz as f64).round() as usize).min(active);
-        if count == 0 {
+        // Positions are kept as `u32` (the trainer refuses larger factors).
+        if count == 0 || u32::try_from(values.len()).is_err() {
             return StepPlan::Unchanged;
         }
         let key = |k: usize| values[k].magnitude_key();
@@ -379,8 +380,9 @@ impl MaskSchedule {
         }) else {
             return StepPlan::Unchanged;
         };
-        let dropped: Vec<usize> = (0..values.len())
+        let dropped: Vec<u32> = (0..values.len())
             .filter(|&k| mask[k] && (key(k), k) <= drop_at)
+            .map(|k| k as u32)
             .collect();
         StepPlan::Regrow(Regrowth {
             active,
@@ -524,7 +526,7 @@ pub(crate) enum StepPlan<F> {
 #[derive(Debug)]
 pub(crate) struct Regrowth<F> {
     active: usize,
-    dropped: Vec<usize>,
+    dropped: Vec<u32>,
     dropped_gradients: Vec<F>,
     best: BestScores<F>,
 }
@@ -559,7 +561,7 @@ impl<F: Float> StepPlan<F> {
             for (c, &g) in g_row.iter().enumerate() {
                 let pos = at + c;
                 if mask[pos] {
-                    if let Ok(d) = r.dropped.binary_search(&pos) {
+                    if let Ok(d) = r.dropped.binary_search(&(pos as u32)) {
                         r.dropped_gradients[d] = g;
                         r.best.offer(g, pos);
                     } else if !moments.apply_one(step, index, &mut values[pos], g) {
@@ -600,7 +602,7 @@ impl<F: Float> StepPlan<F> {
         let pending: Vec<(usize, F)> = match best.into_sorted() {
             Some(grown) => {
                 let is_grown = |k: usize| grown.binary_search_by_key(&k, |g| g.0).is_ok();
-                let is_dropped = |k: usize| dropped.binary_search(&k).is_ok();
+                let is_dropped = |k: usize| dropped.binary_search(&(k as u32)).is_ok();
                 let mut compaction = moments.compaction();
                 for (k, m) in mask.iter_mut().enumerate() {
                     if *m {
@@ -629,7 +631,11 @@ impl<F: Float> StepPlan<F> {
                 }
                 grown
             }
-            None => dropped.into_iter().zip(dropped_gradients).collect(),
+            None => dropped
+                .into_iter()
+                .map(|k| k as usize)
+                .zip(dropped_gradients)
+                .collect(),
         };
         // The regrown entries' update, at their index among the kept entries.
         let mut index = 0;
@@ -654,13 +660,14 @@ impl<F: Float> StepPlan<F> {
 
 /// The `count` smallest `(score, position)` pairs offered, with each one's gradient, where the
 /// score is `|g|`'s key complemented (largest `|g|` first, then the lower position): a buffer of
-/// at most `2 count` entries, cut back to the best `count` when full.
+/// at most `2 count` entries (`u32` position and gradient: 8 bytes each in `f32`), cut back to
+/// the best `count` when full.
 #[derive(Debug)]
 struct BestScores<F> {
     count: usize,
-    items: Vec<(u64, usize, F)>,
+    items: Vec<(u32, F)>,
     /// The worst pair kept at the last cut: nothing above it can be among the best.
-    bound: Option<(u64, usize)>,
+    bound: Option<(u64, u32)>,
 }
 
 impl<F: Float> BestScores<F> {
@@ -672,13 +679,19 @@ impl<F: Float> BestScores<F> {
         }
     }
 
-    fn offer(&mut self, g: F, pos: usize) {
+    #[inline]
+    fn rank((pos, g): (u32, F)) -> (u64, u32) {
         let flip = u64::MAX >> (64 - F::KEY_BITS);
-        let score = g.magnitude_key() ^ flip;
-        if self.bound.is_some_and(|b| (score, pos) > b) {
+        (g.magnitude_key() ^ flip, pos)
+    }
+
+    /// Offers the candidate at `pos` (below `u32::MAX`, see [`MaskSchedule::begin_step`]).
+    fn offer(&mut self, g: F, pos: usize) {
+        let item = (pos as u32, g);
+        if self.bound.is_some_and(|b| Self::rank(item) > b) {
             return;
         }
-        self.items.push((score, pos, g));
+        self.items.push(item);
         if self.items.len() >= 2 * self.count {
             self.cut();
         }
@@ -687,10 +700,10 @@ impl<F: Float> BestScores<F> {
     fn cut(&mut self) {
         if self.items.len() > self.count {
             self.items
-                .select_nth_unstable_by_key(self.count - 1, |&(s, p, _)| (s, p));
+                .select_nth_unstable_by_key(self.count - 1, |&item| Self::rank(item));
             self.items.truncate(self.count);
         }
-        self.bound = self.items.iter().map(|&(s, p, _)| (s, p)).max();
+        self.bound = self.items.iter().map(|&item| Self::rank(item)).max();
     }
 
     /// The best `count` as `(position, gradient)` in ascending position, or `None` if fewer were
@@ -700,7 +713,11 @@ impl<F: Float> BestScores<F> {
             return None;
         }
         self.cut();
-        let mut best: Vec<(usize, F)> = self.items.into_iter().map(|(_, p, g)| (p, g)).collect();
+        let mut best: Vec<(usize, F)> = self
+            .items
+            .into_iter()
+            .map(|(p, g)| (p as usize, g))
+            .collect();
         best.sort_unstable_by_key(|&(p, _)| p);
         Some(best)
     }
@@ -1097,6 +1114,35 @@ mod tests {
                 }
             }
             assert!(changes >= 5, "{sparsifier}: only {changes} mask updates");
+        }
+    }
+
+    /// The bounded buffer keeps exactly the `count` candidates a full sort by (largest `|g|`,
+    /// lower position) puts first, on inputs full of ties, offered in a shuffled order.
+    #[test]
+    fn best_scores_are_the_first_count_of_the_full_order() {
+        use rand::SeedableRng;
+        use rand::seq::SliceRandom;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        for (n, distinct) in [(1, 2), (50, 3), (1000, 7), (3000, 1000)] {
+            let g: Vec<f32> = tied(&mut rng, n, distinct);
+            let mut order: Vec<usize> = (0..n).collect();
+            order.sort_by_key(|&k| (std::cmp::Reverse(g[k].magnitude_key()), k));
+            for count in [1, 2.min(n), n / 3 + 1, n] {
+                let mut offered: Vec<usize> = (0..n).collect();
+                offered.shuffle(&mut rng);
+                let mut best = BestScores::new(count);
+                for &k in &offered {
+                    best.offer(g[k], k);
+                }
+                let mut expected: Vec<usize> = order[..count].to_vec();
+                expected.sort_unstable();
+                let got: Vec<usize> = best.into_sorted().unwrap().iter().map(|b| b.0).collect();
+                assert_eq!(got, expected, "n {n}, count {count}");
+            }
+            let mut short = BestScores::<f32>::new(n + 1);
+            (0..n).for_each(|k| short.offer(g[k], k));
+            assert!(short.into_sorted().is_none());
         }
     }
 

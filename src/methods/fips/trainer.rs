@@ -943,10 +943,7 @@ mod tests {
                     let bits = |x: &Array2<f32>| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
                     assert_eq!(bits(&a.params.u), bits(&b.params.u), "{what}: U");
                     assert_eq!(bits(&a.params.v), bits(&b.params.v), "{what}: V");
-                    let (ma, mb) = (
-                        a.training.as_ref().unwrap(),
-                        b.training.as_ref().unwrap(),
-                    );
+                    let (ma, mb) = (a.training.as_ref().unwrap(), b.training.as_ref().unwrap());
                     let mask = a.mask.as_slice().unwrap();
                     let (m1, v1) = ma.moments_v.scattered(mask);
                     let (m2, v2) = mb.moments_v.scattered(mask);
