@@ -16,9 +16,9 @@
 //! the target for RigL, GMP's initial sparsity, 0.05 by default, for GMP):
 //!
 //! ```text
-//! training:  blocks 4W + calibration and targets 8 n T d + 9 E + 8 (1 − s₀) E + 16 d r
-//!   (V 4E, its gradient 4E, mask 1E; Adam moments of the kept entries only, 2 × 4 B each;
-//!   U, its gradient and its moments 16 d r)
+//! training:  blocks 4W + calibration and targets 8 n T d + 5 E + 8 (1 − s₀) E + 4 E / (f n)
+//!   + 16 d r (V 4E, mask 1E; Adam moments of the kept entries only, 2 × 4 B each; the gradient
+//!   of one matrix of V, r × I, at a time; U, its gradient and its moments 16 d r)
 //! start:     4W + 8 n T d + 10 E (V 4E, mask 1E, and the initialisation pruned to the target:
 //!   a mask 1E and the assembled factors 4E + 1E) + one dense block 4W / n + 8 d r (U, copy)
 //! end:       4W + 8 n T d + 5 E (the assembled factors; the training state is released first)
@@ -26,7 +26,9 @@
 //! ```
 //!
 //! plus the step's batch buffers (a few `T_batch × I` arrays per block). The initialisation's
-//! transients (`V` before and after padding, 4.6E) stay below these.
+//! transients (`V` before and after padding, 4.6E) stay below these. A RigL update step (every 50
+//! steps by default; none in the first 49) adds `24 c` bytes for its `c = f_t (1 − s) E` dropped
+//! entries and regrowth candidates (0.3E at the default α = 0.05, s = 0.75).
 
 use std::collections::HashMap;
 
@@ -117,7 +119,8 @@ fn main() -> fips::Result<()> {
     };
     let moments = (8.0 * (1.0 - start_sparsity) * e as f64) as u64;
     let basis = (d * rank) as u64;
-    let training = 4 * w + calib + 9 * e + moments + 16 * basis;
+    let matrices = (3 * n) as u64;
+    let training = 4 * w + calib + 5 * e + moments + 4 * e / matrices + 16 * basis;
     let start = 4 * w + calib + 10 * e + 4 * w / n as u64 + 8 * basis;
     let end = 4 * w + calib + 5 * e + 4 * w / n as u64 + 8 * basis;
     let predicted = training.max(start).max(end);
@@ -126,11 +129,12 @@ fn main() -> fips::Result<()> {
         sparsifier
     );
     println!(
-        "prediction: blocks 4W {:.3} GiB + calibration/targets {:.3} GiB + 9E {:.3} GiB + moments 8(1 - {start_sparsity})E {:.3} GiB + U 16dr {:.3} GiB = {:.3} GiB while training; {:.3} GiB at the start (10E + a block), {:.3} GiB at the end (5E + a block)",
+        "prediction: blocks 4W {:.3} GiB + calibration/targets {:.3} GiB + V and mask 5E {:.3} GiB + moments 8(1 - {start_sparsity})E {:.3} GiB + one matrix's gradient 4E/(fn) {:.3} GiB + U 16dr {:.3} GiB = {:.3} GiB while training; {:.3} GiB at the start (10E + a block), {:.3} GiB at the end (5E + a block)",
         gib(4 * w),
         gib(calib),
-        gib(9 * e),
+        gib(5 * e),
         gib(moments),
+        gib(4 * e / matrices),
         gib(16 * basis),
         gib(training),
         gib(start),
