@@ -10,7 +10,7 @@
 //! factor, dense (RigL's regrowth score); the optimiser masks it.
 //!
 //! `∂V` is never held whole in the factors-first order: `∂V_j` is computed into a one-matrix
-//! buffer (`r × I`) and handed to a [`FactorGradientSink`] right after the step's last read of
+//! buffer (`r × I`) and handed to a sink (`FactorGradientSink`) right after the step's last read of
 //! `V_j` (each `V_j` serves one block, so `∂U` and the later blocks still see the values the loss
 //! was computed with), which may update `V_j` in place. The weights-first order (chosen only when
 //! its dense `W` and `∂W`, `8 d f n I` bytes, are held anyway) forms `∂V` whole, then hands it out
