@@ -18,9 +18,9 @@
 //! by default, for GMP). The `T` calibration tokens appear nowhere: they stay on disk.
 //!
 //! ```text
-//! training:  blocks 4W + batch inputs and targets 8 n B d + 9 E + 8 (1 − s₀) E + 16 d r
-//!   (V 4E, its gradient 4E, mask 1E; Adam moments of the kept entries only, 2 × 4 B each;
-//!   U, its gradient and its moments 16 d r)
+//! training:  blocks 4W + batch inputs and targets 8 n B d + 5 E + 8 (1 − s₀) E + 4 E / (f n)
+//!   + 16 d r (V 4E, mask 1E; Adam moments of the kept entries only, 2 × 4 B each; the gradient
+//!   of one matrix of V, r × I, at a time; U, its gradient and its moments 16 d r)
 //! start:     4W + 10 E (V 4E, mask 1E, and the initialisation pruned to the target:
 //!   a mask 1E and the assembled factors 4E + 1E) + one dense block 4W / n + 8 d r (U, copy)
 //!   + one chunk 4 C (3d + 2I) (inputs, targets, the rebuilt block's output and hidden state)
@@ -29,7 +29,9 @@
 //! ```
 //!
 //! plus the step's other batch buffers (a few `B × I` arrays per block). The initialisation's
-//! transients (`V` before and after padding, 4.6E) stay below these.
+//! transients (`V` before and after padding, 4.6E) stay below these. A RigL update step (every 50
+//! steps by default; none in the first 49) adds `24 c` bytes for its `c = f_t (1 − s) E` dropped
+//! entries and regrowth candidates (0.3E at the default α = 0.05, s = 0.75).
 
 use std::collections::HashMap;
 
@@ -121,7 +123,8 @@ fn main() -> fips::Result<()> {
     };
     let moments = (8.0 * (1.0 - start_sparsity) * e as f64) as u64;
     let basis = (d * rank) as u64;
-    let training = 4 * w + calib + 9 * e + moments + 16 * basis;
+    let matrices = (3 * n) as u64;
+    let training = 4 * w + calib + 5 * e + moments + 4 * e / matrices + 16 * basis;
     let start = 4 * w + 10 * e + 4 * w / n as u64 + 8 * basis + chunk;
     let end = 4 * w + 5 * e + 4 * w / n as u64 + 8 * basis + chunk;
     let predicted = training.max(start).max(end);
@@ -130,11 +133,12 @@ fn main() -> fips::Result<()> {
         sparsifier
     );
     println!(
-        "prediction: blocks 4W {:.3} GiB + batch inputs/targets 8nBd {:.3} GiB + 9E {:.3} GiB + moments 8(1 - {start_sparsity})E {:.3} GiB + U 16dr {:.3} GiB = {:.3} GiB while training; {:.3} GiB at the start (10E + a block + a chunk {:.3} GiB), {:.3} GiB at the end (5E + a block + a chunk)",
+        "prediction: blocks 4W {:.3} GiB + batch inputs/targets 8nBd {:.3} GiB + V and mask 5E {:.3} GiB + moments 8(1 - {start_sparsity})E {:.3} GiB + one matrix's gradient 4E/(fn) {:.3} GiB + U 16dr {:.3} GiB = {:.3} GiB while training; {:.3} GiB at the start (10E + a block + a chunk {:.3} GiB), {:.3} GiB at the end (5E + a block + a chunk)",
         gib(4 * w),
         gib(calib),
-        gib(9 * e),
+        gib(5 * e),
         gib(moments),
+        gib(4 * e / matrices),
         gib(16 * basis),
         gib(training),
         gib(start),

@@ -9,6 +9,13 @@
 //! Finally `∂U = Σ_j ∂W_j V_jᵀ` and `∂V_j = Uᵀ ∂W_j`: the gradient with respect to the masked
 //! factor, dense (RigL's regrowth score); the optimiser masks it.
 //!
+//! `∂V` is never held whole in the factors-first order: `∂V_j` is computed into a one-matrix
+//! buffer (`r × I`) and handed to a sink (`FactorGradientSink`) right after the step's last read of
+//! `V_j` (each `V_j` serves one block, so `∂U` and the later blocks still see the values the loss
+//! was computed with), which may update `V_j` in place. The weights-first order (chosen only when
+//! its dense `W` and `∂W`, `8 d f n I` bytes, are held anyway) forms `∂V` whole, then hands it out
+//! one matrix at a time.
+//!
 //! Two contraction orders compute the same values:
 //! - *weights first*: form `W = U V` (`d × fnI`) once per step, run the block on dense weights, and
 //!   pull `∂W` back with two GEMMs over the whole group: `(2f + 1) T d I` multiply-adds per block plus
@@ -145,16 +152,55 @@ pub(crate) struct GroupParams<F> {
 
 impl<F: Float> GroupParams<F> {
     /// Zeros of the same shapes.
+    #[cfg(test)]
     pub(crate) fn zeros_like(&self) -> Self {
         Self {
             u: Array2::zeros(self.u.raw_dim()),
             v: Array2::zeros(self.v.raw_dim()),
+            biases: self.gradients_like().biases,
+        }
+    }
+
+    /// Zero gradients of `U` and the biases.
+    pub(crate) fn gradients_like(&self) -> BasisGradients<F> {
+        BasisGradients {
+            u: Array2::zeros(self.u.raw_dim()),
             biases: self
                 .biases
                 .iter()
                 .map(|b| b.as_ref().map(|b| Array1::zeros(b.raw_dim())))
                 .collect(),
         }
+    }
+}
+
+/// The gradients the objective holds whole: `∂U` and the biases' (`∂V` goes to a
+/// [`FactorGradientSink`] one matrix at a time).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct BasisGradients<F> {
+    /// `∂L/∂U`.
+    pub u: Array2<F>,
+    /// One slot per matrix, module order.
+    pub biases: Vec<Option<Array1<F>>>,
+}
+
+/// Receives `∂L/∂V_j` (`r × I`, rows contiguous) of every matrix `j` once per step, after the
+/// step's last read of `V_j`; may update `V_j` (columns `j I..(j + 1) I` of `v`) in place.
+pub(crate) trait FactorGradientSink<F> {
+    /// Consumes the gradient of matrix `j`.
+    fn consume(&mut self, j: usize, grad: ArrayView2<'_, F>, v: &mut Array2<F>) -> Result<()>;
+}
+
+/// A sink that collects the gradient of the whole of `V` (tests and reference paths).
+#[cfg(test)]
+pub(crate) struct DenseGradient<'g, F>(pub &'g mut Array2<F>);
+
+#[cfg(test)]
+impl<F: Float> FactorGradientSink<F> for DenseGradient<'_, F> {
+    fn consume(&mut self, j: usize, grad: ArrayView2<'_, F>, _v: &mut Array2<F>) -> Result<()> {
+        let i = grad.ncols();
+        self.0.slice_mut(s![.., j * i..(j + 1) * i]).assign(&grad);
+        Ok(())
     }
 }
 
@@ -177,6 +223,8 @@ pub(crate) struct Workspace<F> {
     up: Array2<F>,
     /// Block output, then `G`: `T × d`.
     yhat: Array2<F>,
+    /// `∂V_j` of one matrix, `r × I` (factors first), or `∂V` whole, `r × fnI` (weights first).
+    dv: Array2<F>,
 }
 
 impl<F: Float> Workspace<F> {
@@ -210,6 +258,11 @@ impl<F: Float> Workspace<F> {
             gate: z(t, i, gated),
             up: z(t, i, gated),
             yhat: z(t, d, true),
+            dv: if weights_first {
+                z(r, f * n * i, true)
+            } else {
+                z(r, i, true)
+            },
         }
     }
 }
@@ -309,13 +362,16 @@ impl<F: Float> Objective<F> {
         self.order
     }
 
-    /// `L` for the batch `xs[b]`, `ys[b]` (each `T × d`), writing `∂L/∂θ` into `grads`.
+    /// `L` for the batch `xs[b]`, `ys[b]` (each `T × d`), writing `∂L/∂U` and the biases'
+    /// gradients into `grads` and handing `∂L/∂V_j` of every matrix to `sink` (which may update
+    /// `p.v` as it goes; the loss and every gradient are those of `p` as passed in).
     pub(crate) fn loss_and_gradients(
         &mut self,
-        p: &GroupParams<F>,
+        p: &mut GroupParams<F>,
         xs: &[Array2<F>],
         ys: &[Array2<F>],
-        grads: &mut GroupParams<F>,
+        grads: &mut BasisGradients<F>,
+        sink: &mut dyn FactorGradientSink<F>,
     ) -> Result<f64> {
         let weights_first = self.order == ContractionOrder::WeightsFirst;
         if weights_first {
@@ -336,12 +392,14 @@ impl<F: Float> Objective<F> {
         for (b, (x, y)) in xs.iter().zip(ys).enumerate() {
             self.forward_block(b, p, x.view())?;
             loss += self.output_gradient(b, y, grads)?;
-            self.backward_block(b, p, x.view(), grads)?;
+            self.backward_block(b, p, x.view(), grads, sink)?;
         }
         if weights_first {
-            // ∂U_k = ∂W_k V_kᵀ, ∂V_k = U_kᵀ ∂W_k for every basis k.
-            let ws = &self.ws;
+            // ∂U_k = ∂W_k V_kᵀ, ∂V_k = U_kᵀ ∂W_k for every basis k; V_k is read by nothing else,
+            // so its matrices go to the sink right after.
+            let i = self.shape.intermediate;
             for (u_cols, v_cols) in self.basis_blocks() {
+                let ws = &mut self.ws;
                 let dw = ws.dw.slice(s![.., v_cols.clone()]);
                 let (u, v) = (
                     p.u.slice(s![.., u_cols.clone()]),
@@ -359,11 +417,35 @@ impl<F: Float> Objective<F> {
                     &u.t(),
                     &dw,
                     F::zero(),
-                    &mut grads.v.slice_mut(s![.., v_cols]),
+                    &mut ws.dv.slice_mut(s![.., v_cols.clone()]),
                 );
+                for j in v_cols.start / i..v_cols.end / i {
+                    sink.consume(j, ws.dv.slice(s![.., j * i..(j + 1) * i]), &mut p.v)?;
+                }
             }
         }
         Ok(loss)
+    }
+
+    /// [`Self::loss_and_gradients`] with `∂V` collected whole into `dv` (tests).
+    #[cfg(test)]
+    pub(crate) fn loss_and_dense_gradients(
+        &mut self,
+        p: &GroupParams<F>,
+        xs: &[Array2<F>],
+        ys: &[Array2<F>],
+        grads: &mut GroupParams<F>,
+    ) -> Result<f64> {
+        let mut p = p.clone();
+        let mut basis = BasisGradients {
+            u: std::mem::take(&mut grads.u),
+            biases: std::mem::take(&mut grads.biases),
+        };
+        let loss =
+            self.loss_and_gradients(&mut p, xs, ys, &mut basis, &mut DenseGradient(&mut grads.v));
+        grads.u = basis.u;
+        grads.biases = basis.biases;
+        loss
     }
 
     /// For every basis, its columns in `U` and the columns in `V` (and `W`) of the matrices it
@@ -491,7 +573,7 @@ impl<F: Float> Objective<F> {
         &mut self,
         b: usize,
         y: &Array2<F>,
-        grads: &mut GroupParams<F>,
+        grads: &mut BasisGradients<F>,
     ) -> Result<f64> {
         let count = y.len() as f64;
         let jd = (b + 1) * self.shape.matrices_per_block - 1;
@@ -506,13 +588,15 @@ impl<F: Float> Objective<F> {
         Ok(sum / count)
     }
 
-    /// Back-propagates block `b` from `G` (in the workspace) into `grads`.
+    /// Back-propagates block `b` from `G` (in the workspace) into `grads` and, factors first,
+    /// hands `∂V_j` of the block's matrices to `sink` after their last read.
     fn backward_block(
         &mut self,
         b: usize,
-        p: &GroupParams<F>,
+        p: &mut GroupParams<F>,
         x: ArrayView2<'_, F>,
-        grads: &mut GroupParams<F>,
+        grads: &mut BasisGradients<F>,
+        sink: &mut dyn FactorGradientSink<F>,
     ) -> Result<()> {
         let f = self.shape.matrices_per_block;
         let i = self.shape.intermediate;
@@ -556,13 +640,7 @@ impl<F: Float> Objective<F> {
                 zero,
                 &mut ws.c.view_mut(),
             );
-            gemm(
-                one,
-                &ws.c.t(),
-                &ws.a.view(),
-                zero,
-                &mut grads.v.slice_mut(cols(jd)),
-            );
+            gemm(one, &ws.c.t(), &ws.a.view(), zero, &mut ws.dv.view_mut());
             gemm(
                 one,
                 &ws.c.view(),
@@ -570,6 +648,7 @@ impl<F: Float> Objective<F> {
                 zero,
                 &mut ws.da.view_mut(),
             );
+            sink.consume(jd, ws.dv.view(), &mut p.v)?;
         }
 
         // Activation (and gate): ∂A → ∂H of each up projection, with the up biases' gradients.
@@ -604,13 +683,7 @@ impl<F: Float> Objective<F> {
             if weights_first {
                 gemm(one, &x.t(), &dh.view(), zero, &mut ws.dw.slice_mut(cols(j)));
             } else {
-                gemm(
-                    one,
-                    &ws.xu.t(),
-                    &dh.view(),
-                    zero,
-                    &mut grads.v.slice_mut(cols(j)),
-                );
+                gemm(one, &ws.xu.t(), &dh.view(), zero, &mut ws.dv.view_mut());
                 let beta = if k == 0 { zero } else { one };
                 gemm(
                     one,
@@ -619,6 +692,7 @@ impl<F: Float> Objective<F> {
                     beta,
                     &mut ws.dxu.view_mut(),
                 );
+                sink.consume(j, ws.dv.view(), &mut p.v)?;
             }
         }
         if !weights_first {
@@ -803,7 +877,7 @@ mod tests {
         }
         let mut grads = pb.params.zeros_like();
         let loss = objective
-            .loss_and_gradients(&pb.params, &pb.xs, &pb.ys, &mut grads)
+            .loss_and_dense_gradients(&pb.params, &pb.xs, &pb.ys, &mut grads)
             .unwrap();
         let reference = reference_loss(&pb, &pb.params);
         assert!(

@@ -1,8 +1,8 @@
 //! AdamW with decoupled weight decay and a per-step cosine learning-rate schedule.
 
-use ndarray::{Array, ArrayView, ArrayViewMut, Dimension, Zip};
+use ndarray::{Array, ArrayView, ArrayView2, ArrayViewMut, Dimension, Zip};
 
-use crate::foundation::error::{Result, invalid};
+use crate::foundation::error::{FipsError, Result, invalid};
 use crate::foundation::float::Float;
 use crate::foundation::kernels::RowSplit;
 
@@ -136,9 +136,20 @@ impl<F: Float> KeptMoments<F> {
     }
 
     /// Kept entries.
-    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.m.len()
+    }
+
+    /// One AdamW update of the kept entry `index` (`p` its value, `g` its gradient); `false` if
+    /// there is no such entry.
+    pub(crate) fn apply_one(&mut self, step: &AdamWStep<F>, index: usize, p: &mut F, g: F) -> bool {
+        match (self.m.get_mut(index), self.v.get_mut(index)) {
+            (Some(m), Some(v)) => {
+                step.update(p, g, m, v);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Moments from their two arrays, for tests.
@@ -189,6 +200,61 @@ impl<F: Float> KeptMoments<F> {
             write: kept,
         }
     }
+}
+
+/// Where the kept entries of each matrix's rows start among a [`KeptMoments`]: the parameter is
+/// `rows × (matrices · width)`, row-major, matrix `j` in columns `j · width..(j + 1) · width`;
+/// `starts[k · matrices + j]` counts the mask's kept entries before row `k` of matrix `j`.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct KeptLayout {
+    rows: usize,
+    matrices: usize,
+    width: usize,
+    starts: Vec<usize>,
+}
+
+impl KeptLayout {
+    /// The layout of `mask` (`rows × matrices · width`, row-major).
+    pub(crate) fn new(mask: &[bool], rows: usize, matrices: usize, width: usize) -> Self {
+        let mut layout = Self {
+            rows,
+            matrices,
+            width,
+            starts: Vec::with_capacity(rows * matrices + 1),
+        };
+        layout.refresh(mask);
+        layout
+    }
+
+    /// Recounts after a change of the mask.
+    pub(crate) fn refresh(&mut self, mask: &[bool]) {
+        self.starts.clear();
+        let mut kept = 0;
+        for segment in mask.chunks(self.width.max(1)) {
+            self.starts.push(kept);
+            kept += segment.iter().filter(|&&m| m).count();
+        }
+        self.starts.push(kept);
+    }
+
+    /// Columns of the parameter, `matrices · width`.
+    pub(crate) fn columns(&self) -> usize {
+        self.matrices * self.width
+    }
+
+    /// Kept entries before row `k` of matrix `j`.
+    pub(crate) fn start(&self, k: usize, j: usize) -> usize {
+        self.starts.get(k * self.matrices + j).copied().unwrap_or(0)
+    }
+
+    /// Kept entries in all.
+    pub(crate) fn kept(&self) -> usize {
+        self.starts.last().copied().unwrap_or(0)
+    }
+}
+
+fn internal(what: &str) -> FipsError {
+    FipsError::Numerical(format!("internal layout of the kept entries: {what}"))
 }
 
 /// A forward pass over the entries kept before a mask update (see [`KeptMoments::compaction`]).
@@ -278,8 +344,9 @@ impl<F: Float> AdamWStep<F> {
         }
     }
 
+    /// One entry's update.
     #[inline(always)]
-    fn update(&self, p: &mut F, g: F, m: &mut F, v: &mut F) {
+    pub(crate) fn update(&self, p: &mut F, g: F, m: &mut F, v: &mut F) {
         *m = self.beta1 * *m + self.one_minus_beta1 * g;
         *v = self.beta2 * *v + self.one_minus_beta2 * g * g;
         *p = *p * self.decay - self.step_size * *m / ((*v).sqrt_() * self.inv_sqrt_bc2 + self.eps);
@@ -372,7 +439,9 @@ impl<F: Float> AdamWStep<F> {
 
     /// [`Self::apply_split`] with moments of the kept entries only ([`KeptMoments`]): the same
     /// values as the dense layout, bit for bit. `param`, `grad` and `mask` are flat in the same
-    /// order; entries outside `mask` are set to zero.
+    /// order; entries outside `mask` are set to zero. (The trainer updates one matrix at a time,
+    /// [`Self::apply_kept_matrix`]; this whole-parameter form is the reference of the tests.)
+    #[cfg(test)]
     pub(crate) fn apply_kept(
         &self,
         split: &RowSplit,
@@ -415,6 +484,97 @@ impl<F: Float> AdamWStep<F> {
                 }
             },
         );
+    }
+
+    /// [`Self::apply_kept`] on matrix `j` of a `rows × (matrices · width)` parameter only
+    /// (`layout`), with that matrix's gradient `grad` (`rows × width`, rows contiguous): the same
+    /// values, bit for bit, as the whole parameter's update restricted to the matrix. Entries
+    /// outside `mask` are set to zero. Rows are split over `split`'s threads.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn apply_kept_matrix(
+        &self,
+        split: &RowSplit,
+        param: &mut [F],
+        grad: ArrayView2<'_, F>,
+        moments: &mut KeptMoments<F>,
+        mask: &[bool],
+        layout: &KeptLayout,
+        j: usize,
+    ) -> Result<()> {
+        let KeptLayout {
+            rows,
+            matrices,
+            width,
+            ref starts,
+        } = *layout;
+        let cols = matrices * width;
+        if j >= matrices
+            || grad.dim() != (rows, width)
+            || param.len() != rows * cols
+            || mask.len() != param.len()
+            || layout.kept() != moments.len()
+        {
+            return Err(internal("shapes"));
+        }
+        let (mut m_rest, mut v_rest) = (moments.m.as_mut_slice(), moments.v.as_mut_slice());
+        let mut consumed = 0;
+        let mut row_parts = Vec::with_capacity(rows);
+        for (k, (p_row, g_row)) in param.chunks_mut(cols).zip(grad.rows()).enumerate() {
+            let (start, end) = (starts[k * matrices + j], starts[k * matrices + j + 1]);
+            let skip = start
+                .checked_sub(consumed)
+                .ok_or_else(|| internal("order"))?;
+            let (_, m_after) = std::mem::take(&mut m_rest)
+                .split_at_mut_checked(skip)
+                .ok_or_else(|| internal("moments"))?;
+            let (m_here, m_after) = m_after
+                .split_at_mut_checked(end - start)
+                .ok_or_else(|| internal("moments"))?;
+            let (_, v_after) = std::mem::take(&mut v_rest)
+                .split_at_mut_checked(skip)
+                .ok_or_else(|| internal("moments"))?;
+            let (v_here, v_after) = v_after
+                .split_at_mut_checked(end - start)
+                .ok_or_else(|| internal("moments"))?;
+            (m_rest, v_rest) = (m_after, v_after);
+            consumed = end;
+            let g = g_row.to_slice().ok_or_else(|| internal("gradient rows"))?;
+            let at = k * cols + j * width;
+            row_parts.push((
+                &mut p_row[j * width..(j + 1) * width],
+                g,
+                &mask[at..at + width],
+                m_here,
+                v_here,
+            ));
+        }
+        let per_part = (split.chunk(rows * width, width) / width.max(1)).max(1);
+        let mut parts = Vec::new();
+        let mut row_parts = row_parts.into_iter();
+        loop {
+            let part: Vec<_> = row_parts.by_ref().take(per_part).collect();
+            if part.is_empty() {
+                break;
+            }
+            parts.push(part);
+        }
+        RowSplit::run(
+            parts,
+            #[inline(always)]
+            |part| {
+                for (p, g, keep, m, v) in part {
+                    let mut moments = m.iter_mut().zip(v.iter_mut());
+                    for ((p, &g), &keep) in p.iter_mut().zip(g).zip(keep) {
+                        if !keep {
+                            *p = F::zero();
+                        } else if let Some((m, v)) = moments.next() {
+                            self.update(p, g, m, v);
+                        }
+                    }
+                }
+            },
+        );
+        Ok(())
     }
 
     /// Updates a masked parameter: entries outside `mask` stay zero and their moments are reset

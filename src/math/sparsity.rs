@@ -7,10 +7,13 @@
 
 use std::fmt;
 
-use crate::foundation::error::{Result, invalid};
+use ndarray::ArrayView2;
+
+use crate::foundation::error::{FipsError, Result, invalid};
 use crate::foundation::float::Float;
+use crate::foundation::kernels::RowSplit;
 use crate::math::budget::nonzeros_for_sparsity;
-use crate::math::optim::KeptMoments;
+use crate::math::optim::{AdamWStep, KeptLayout, KeptMoments};
 
 /// Gradual magnitude pruning on an accelerated cubic schedule.
 ///
@@ -315,7 +318,9 @@ impl MaskSchedule {
 
     /// The sparsifier's work at step `t` (1-based), before the optimiser step. `grad` is the dense
     /// gradient with respect to the masked factor; `moments`, the kept entries' Adam moments,
-    /// follow the mask. Returns whether the mask changed.
+    /// follow the mask. Returns whether the mask changed. (The trainer never holds the dense
+    /// gradient: it runs [`Self::begin_step`] and [`StepPlan`]; this form is the tests' reference.)
+    #[cfg(test)]
     pub(crate) fn step<F: Float>(
         &mut self,
         t: usize,
@@ -333,6 +338,58 @@ impl MaskSchedule {
             return self.drop_and_grow(values, mask, grad, count, moments);
         }
         false
+    }
+
+    /// The sparsifier's work at step `t` (1-based) when the gradient of `V` arrives one matrix at a
+    /// time during the step ([`StepPlan`]), with the same outcome, bit for bit, as [`Self::step`]
+    /// on the dense gradient followed by the optimiser's update. Called before the step's loss:
+    /// GMP's pruning changes `mask` and `moments` now (it reads only the values, which the loss
+    /// does not change) but leaves the values to the update of each matrix (the loss is computed
+    /// with them); RigL selects the entries to drop now and what to regrow once every gradient
+    /// was seen ([`StepPlan::finish`]).
+    pub(crate) fn begin_step<F: Float>(
+        &mut self,
+        t: usize,
+        values: &[F],
+        mask: &mut [bool],
+        moments: &mut KeptMoments<F>,
+    ) -> StepPlan<F> {
+        if let Some(s) = self.gmp_sparsity_at(t) {
+            let keep = nonzeros_for_sparsity(self.total_entries, s);
+            let active = mask.iter().filter(|&&m| m).count();
+            self.nnz = active.min(keep);
+            if active > keep {
+                select_and_drop(values, mask, active, keep, Some(&mut *moments));
+                moments.release_unused();
+                return StepPlan::MaskChanged;
+            }
+            return StepPlan::Unchanged;
+        }
+        let Some(fraction) = self.rigl_drop_fraction_at(t) else {
+            return StepPlan::Unchanged;
+        };
+        let active = mask.iter().filter(|&&m| m).count();
+        let count = ((fraction * self.nnz as f64).round() as usize).min(active);
+        // Positions are kept as `u32` (the trainer refuses larger factors).
+        if count == 0 || u32::try_from(values.len()).is_err() {
+            return StepPlan::Unchanged;
+        }
+        let key = |k: usize| values[k].magnitude_key();
+        let Some(drop_at) = kth_smallest(values.len(), count - 1, F::KEY_BITS, |k| {
+            mask[k].then(|| key(k))
+        }) else {
+            return StepPlan::Unchanged;
+        };
+        let dropped: Vec<u32> = (0..values.len())
+            .filter(|&k| mask[k] && (key(k), k) <= drop_at)
+            .map(|k| k as u32)
+            .collect();
+        StepPlan::Regrow(Regrowth {
+            active,
+            dropped_gradients: vec![F::zero(); dropped.len()],
+            dropped,
+            best: BestScores::new(count),
+        })
     }
 
     /// Ensures the final sparsity equals the target (after an early stop, or a schedule that had
@@ -374,6 +431,7 @@ impl MaskSchedule {
     /// Drops the `count` smallest-|v| active entries and regrows `count` entries, inactive after
     /// the drop, with the largest `|grad|`; entries inactive before the update start at zero.
     /// Ties drop the lower position first and regrow the lower position first.
+    #[cfg(test)]
     fn drop_and_grow<F: Float>(
         &mut self,
         values: &mut [F],
@@ -445,6 +503,223 @@ impl MaskSchedule {
         }
         debug_assert_eq!(leaving, joining);
         true
+    }
+}
+
+/// What a step of the sparsifier does while the gradient of `V` arrives one matrix at a time
+/// (from [`MaskSchedule::begin_step`]): every matrix's kept entries get their AdamW update as its
+/// gradient arrives ([`StepPlan::update_matrix`]), except, at a RigL update, the entries chosen
+/// to drop (they may be regrown): those, and the entries that join, are updated by
+/// [`StepPlan::finish`] once the regrown set is known.
+#[derive(Debug)]
+pub(crate) enum StepPlan<F> {
+    /// The mask stays.
+    Unchanged,
+    /// GMP pruned the mask (and the moments); the values outside it are zeroed by the updates.
+    MaskChanged,
+    /// A RigL update in progress.
+    Regrow(Regrowth<F>),
+}
+
+/// A RigL update in progress: the entries chosen to drop (positions, ascending) and the
+/// candidates for regrowth with the largest `|∂L/∂V|` seen so far.
+#[derive(Debug)]
+pub(crate) struct Regrowth<F> {
+    active: usize,
+    dropped: Vec<u32>,
+    dropped_gradients: Vec<F>,
+    best: BestScores<F>,
+}
+
+impl<F: Float> StepPlan<F> {
+    /// The update of matrix `j` (its gradient `grad`) of `values` (`layout`), moments
+    /// `moments`, mask `mask`: [`AdamWStep::apply_kept_matrix`], or at a RigL update, the same
+    /// but for the entries chosen to drop, with every candidate for regrowth scored.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn update_matrix(
+        &mut self,
+        step: &AdamWStep<F>,
+        split: &RowSplit,
+        j: usize,
+        grad: ArrayView2<'_, F>,
+        values: &mut [F],
+        mask: &[bool],
+        moments: &mut KeptMoments<F>,
+        layout: &KeptLayout,
+    ) -> Result<()> {
+        let Self::Regrow(r) = self else {
+            return step.apply_kept_matrix(split, values, grad, moments, mask, layout, j);
+        };
+        let (rows, width) = grad.dim();
+        let cols = layout.columns();
+        if values.len() != rows * cols || mask.len() != values.len() {
+            return Err(FipsError::Numerical("RigL update: shapes".into()));
+        }
+        for (k, g_row) in grad.rows().into_iter().enumerate() {
+            let mut index = layout.start(k, j);
+            let at = k * cols + j * width;
+            for (c, &g) in g_row.iter().enumerate() {
+                let pos = at + c;
+                if mask[pos] {
+                    if let Ok(d) = r.dropped.binary_search(&(pos as u32)) {
+                        r.dropped_gradients[d] = g;
+                        r.best.offer(g, pos);
+                    } else if !moments.apply_one(step, index, &mut values[pos], g) {
+                        return Err(FipsError::Numerical("RigL update: moments".into()));
+                    }
+                    index += 1;
+                } else {
+                    values[pos] = F::zero();
+                    r.best.offer(g, pos);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the step once every matrix was updated: at a RigL update, regrows the `count`
+    /// candidates (inactive or dropped) of largest `|∂L/∂V|` (ties: the lower position), drops the
+    /// other dropped entries (values to zero, moments removed), gives joining entries zero
+    /// moments, and applies the update to the regrown entries; the same as
+    /// [`MaskSchedule::step`]'s drop and growth followed by the update of every kept entry.
+    pub(crate) fn finish(
+        self,
+        step: &AdamWStep<F>,
+        values: &mut [F],
+        mask: &mut [bool],
+        moments: &mut KeptMoments<F>,
+    ) -> Result<()> {
+        let Self::Regrow(r) = self else {
+            return Ok(());
+        };
+        let Regrowth {
+            active,
+            dropped,
+            dropped_gradients,
+            best,
+        } = r;
+        // With fewer candidates than `count` nothing changes (never: the dropped are candidates).
+        let pending: Vec<(usize, F)> = match best.into_sorted() {
+            Some(grown) => {
+                let is_grown = |k: usize| grown.binary_search_by_key(&k, |g| g.0).is_ok();
+                let is_dropped = |k: usize| dropped.binary_search(&(k as u32)).is_ok();
+                let mut compaction = moments.compaction();
+                for (k, m) in mask.iter_mut().enumerate() {
+                    if *m {
+                        let stays = !is_dropped(k) || is_grown(k);
+                        compaction.next(stays);
+                        if !stays {
+                            *m = false;
+                        }
+                    }
+                }
+                compaction.finish();
+                for (v, &m) in values.iter_mut().zip(mask.iter()) {
+                    if !m {
+                        *v = F::zero();
+                    }
+                }
+                let mut expansion = moments.expansion(active);
+                for k in (0..mask.len()).rev() {
+                    let join = !mask[k] && is_grown(k);
+                    if mask[k] || join {
+                        expansion.next_back(mask[k]);
+                    }
+                    if join {
+                        mask[k] = true;
+                    }
+                }
+                grown
+            }
+            None => dropped
+                .into_iter()
+                .map(|k| k as usize)
+                .zip(dropped_gradients)
+                .collect(),
+        };
+        // The regrown entries' update, at their index among the kept entries.
+        let mut index = 0;
+        let mut next = pending.iter().peekable();
+        for (k, &m) in mask.iter().enumerate() {
+            let Some(&&(pos, g)) = next.peek() else {
+                break;
+            };
+            if k == pos {
+                if !m || !moments.apply_one(step, index, &mut values[k], g) {
+                    return Err(FipsError::Numerical("RigL update: regrown entry".into()));
+                }
+                next.next();
+            }
+            if m {
+                index += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The `count` smallest `(score, position)` pairs offered, with each one's gradient, where the
+/// score is `|g|`'s key complemented (largest `|g|` first, then the lower position): a buffer of
+/// at most `2 count` entries (`u32` position and gradient: 8 bytes each in `f32`), cut back to
+/// the best `count` when full.
+#[derive(Debug)]
+struct BestScores<F> {
+    count: usize,
+    items: Vec<(u32, F)>,
+    /// The worst pair kept at the last cut: nothing above it can be among the best.
+    bound: Option<(u64, u32)>,
+}
+
+impl<F: Float> BestScores<F> {
+    fn new(count: usize) -> Self {
+        Self {
+            count,
+            items: Vec::with_capacity(2 * count),
+            bound: None,
+        }
+    }
+
+    #[inline]
+    fn rank((pos, g): (u32, F)) -> (u64, u32) {
+        let flip = u64::MAX >> (64 - F::KEY_BITS);
+        (g.magnitude_key() ^ flip, pos)
+    }
+
+    /// Offers the candidate at `pos` (below `u32::MAX`, see [`MaskSchedule::begin_step`]).
+    fn offer(&mut self, g: F, pos: usize) {
+        let item = (pos as u32, g);
+        if self.bound.is_some_and(|b| Self::rank(item) > b) {
+            return;
+        }
+        self.items.push(item);
+        if self.items.len() >= 2 * self.count {
+            self.cut();
+        }
+    }
+
+    fn cut(&mut self) {
+        if self.items.len() > self.count {
+            self.items
+                .select_nth_unstable_by_key(self.count - 1, |&item| Self::rank(item));
+            self.items.truncate(self.count);
+        }
+        self.bound = self.items.iter().map(|&item| Self::rank(item)).max();
+    }
+
+    /// The best `count` as `(position, gradient)` in ascending position, or `None` if fewer were
+    /// offered.
+    fn into_sorted(mut self) -> Option<Vec<(usize, F)>> {
+        if self.items.len() < self.count {
+            return None;
+        }
+        self.cut();
+        let mut best: Vec<(usize, F)> = self
+            .items
+            .into_iter()
+            .map(|(p, g)| (p as usize, g))
+            .collect();
+        best.sort_unstable_by_key(|&(p, _)| p);
+        Some(best)
     }
 }
 
@@ -839,6 +1114,35 @@ mod tests {
                 }
             }
             assert!(changes >= 5, "{sparsifier}: only {changes} mask updates");
+        }
+    }
+
+    /// The bounded buffer keeps exactly the `count` candidates a full sort by (largest `|g|`,
+    /// lower position) puts first, on inputs full of ties, offered in a shuffled order.
+    #[test]
+    fn best_scores_are_the_first_count_of_the_full_order() {
+        use rand::SeedableRng;
+        use rand::seq::SliceRandom;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        for (n, distinct) in [(1, 2), (50, 3), (1000, 7), (3000, 1000)] {
+            let g: Vec<f32> = tied(&mut rng, n, distinct);
+            let mut order: Vec<usize> = (0..n).collect();
+            order.sort_by_key(|&k| (std::cmp::Reverse(g[k].magnitude_key()), k));
+            for count in [1, 2.min(n), n / 3 + 1, n] {
+                let mut offered: Vec<usize> = (0..n).collect();
+                offered.shuffle(&mut rng);
+                let mut best = BestScores::new(count);
+                for &k in &offered {
+                    best.offer(g[k], k);
+                }
+                let mut expected: Vec<usize> = order[..count].to_vec();
+                expected.sort_unstable();
+                let got: Vec<usize> = best.into_sorted().unwrap().iter().map(|b| b.0).collect();
+                assert_eq!(got, expected, "n {n}, count {count}");
+            }
+            let mut short = BestScores::<f32>::new(n + 1);
+            (0..n).for_each(|k| short.offer(g[k], k));
+            assert!(short.into_sorted().is_none());
         }
     }
 

@@ -17,14 +17,17 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::foundation::error::{FipsError, Result, invalid};
 use crate::foundation::float::Float;
+use crate::foundation::kernels::RowSplit;
 use crate::foundation::mlp::DenseMlp;
 use crate::foundation::slicing::s;
 use crate::math::bases::BasisLayout;
 use crate::math::budget::{Budget, GroupShape, rank_for_budget};
 use crate::math::calibration::{Calibration, CalibrationReader, gather_rows};
-use crate::math::objective::{ContractionOrder, GroupParams, Objective, StepShape};
-use crate::math::optim::{AdamWStep, KeptMoments, Moments};
-use crate::math::sparsity::MaskSchedule;
+use crate::math::objective::{
+    BasisGradients, ContractionOrder, FactorGradientSink, GroupParams, Objective, StepShape,
+};
+use crate::math::optim::{AdamWStep, KeptLayout, KeptMoments, Moments};
+use crate::math::sparsity::{MaskSchedule, StepPlan};
 use crate::math::validation::ValidationSet;
 use crate::methods::engine::{Schedule, Trainable, TrainingLoop};
 use crate::methods::fips::params::FipsValidParams;
@@ -180,14 +183,18 @@ struct Validator<'a, F: Float> {
     assemble: Assembler<F>,
 }
 
-/// Buffers that exist only when there are steps to run.
+/// Buffers that exist only when there are steps to run. `V`'s gradient is never held whole: the
+/// objective hands it over one matrix at a time and each matrix's kept entries get their AdamW
+/// update then ([`VUpdate`]).
 #[derive(Debug)]
 struct TrainingState<F: Float> {
     objective: Objective<F>,
-    grads: GroupParams<F>,
+    grads: BasisGradients<F>,
     moments_u: Moments<F, Ix2>,
     /// Moments of `V`'s kept entries only (row-major order of the mask).
     moments_v: KeptMoments<F>,
+    /// Where each matrix's rows start among the kept entries.
+    layout: KeptLayout,
     moments_b: Vec<Option<Moments<F, Ix1>>>,
     sampler: TokenSampler,
     xs: Vec<Array2<F>>,
@@ -350,9 +357,15 @@ impl<'a, F: Float> FactorTrainer<'a, F> {
                     BasisLayout::Shared => objective,
                     BasisLayout::PerMatrix => objective.with_per_matrix_bases(),
                 },
-                grads: params.zeros_like(),
+                grads: params.gradients_like(),
                 moments_u: Moments::zeros(params.u.raw_dim()),
                 moments_v: KeptMoments::zeros(schedule.nnz()),
+                layout: KeptLayout::new(
+                    mask.as_slice().unwrap_or(&[]),
+                    rank,
+                    shape.blocks * shape.matrices_per_block,
+                    shape.intermediate,
+                ),
                 moments_b: params
                     .biases
                     .iter()
@@ -521,26 +534,94 @@ impl<F: Float> FactorProblem<'_, F> {
     }
 }
 
+/// The AdamW update of `V`, one matrix at a time as the objective hands its gradient over
+/// (after the step's last read of that matrix), under the sparsifier's plan for the step.
+struct VUpdate<'s, F: Float> {
+    step: AdamWStep<F>,
+    split: RowSplit,
+    plan: &'s mut StepPlan<F>,
+    mask: &'s [bool],
+    moments: &'s mut KeptMoments<F>,
+    layout: &'s KeptLayout,
+}
+
+impl<F: Float> FactorGradientSink<F> for VUpdate<'_, F> {
+    fn consume(
+        &mut self,
+        j: usize,
+        grad: ndarray::ArrayView2<'_, F>,
+        v: &mut Array2<F>,
+    ) -> Result<()> {
+        self.plan.update_matrix(
+            &self.step,
+            &self.split,
+            j,
+            grad,
+            contiguous(v)?,
+            self.mask,
+            self.moments,
+            self.layout,
+        )
+    }
+}
+
 impl<F: Float> Trainable for FactorProblem<'_, F> {
-    fn loss_and_gradients(&mut self, _step: usize) -> Result<f64> {
+    /// The loss, `∂U` and the biases' gradients, and, fused into the backward pass, the whole
+    /// update of `V` (sparsifier and AdamW at the step's learning rate): the numbers of the
+    /// dense-gradient step, bit for bit. After a non-finite loss (an error that ends the run)
+    /// `V` may be partly updated.
+    fn loss_and_gradients(&mut self, step: usize) -> Result<f64> {
         let state = self.training.as_mut().ok_or_else(internal_layout)?;
         let indices = state.sampler.next_batch();
         self.source.batch(indices, &mut state.xs, &mut state.ys)?;
-        state
-            .objective
-            .loss_and_gradients(&self.params, &state.xs, &state.ys, &mut state.grads)
+        // The engine's cosine schedule over the configured steps.
+        let lr = self
+            .config
+            .optimizer()
+            .learning_rate_at(step, self.config.steps());
+        let adam = AdamWStep::<F>::new(self.config.optimizer(), lr, step);
+        let mut plan = self.schedule.begin_step(
+            step,
+            self.params.v.as_slice().ok_or_else(internal_layout)?,
+            contiguous(&mut self.mask)?,
+            &mut state.moments_v,
+        );
+        if matches!(plan, StepPlan::MaskChanged) {
+            state
+                .layout
+                .refresh(self.mask.as_slice().ok_or_else(internal_layout)?);
+        }
+        let loss = state.objective.loss_and_gradients(
+            &mut self.params,
+            &state.xs,
+            &state.ys,
+            &mut state.grads,
+            &mut VUpdate {
+                step: adam,
+                split: state.objective.split(),
+                plan: &mut plan,
+                mask: self.mask.as_slice().ok_or_else(internal_layout)?,
+                moments: &mut state.moments_v,
+                layout: &state.layout,
+            },
+        )?;
+        if let StepPlan::Regrow(_) = plan {
+            plan.finish(
+                &adam,
+                contiguous(&mut self.params.v)?,
+                contiguous(&mut self.mask)?,
+                &mut state.moments_v,
+            )?;
+            state
+                .layout
+                .refresh(self.mask.as_slice().ok_or_else(internal_layout)?);
+        }
+        Ok(loss)
     }
 
+    /// The update of `U` and the biases (`V`'s was fused into the backward pass).
     fn update(&mut self, step: usize, lr: f64) -> Result<()> {
         let state = self.training.as_mut().ok_or_else(internal_layout)?;
-        let grad_v = state.grads.v.as_slice().ok_or_else(internal_layout)?;
-        self.schedule.step(
-            step,
-            contiguous(&mut self.params.v)?,
-            contiguous(&mut self.mask)?,
-            grad_v,
-            Some(&mut state.moments_v),
-        );
         let update = AdamWStep::<F>::new(self.config.optimizer(), lr, step);
         let split = state.objective.split();
         update.apply_split(
@@ -549,14 +630,6 @@ impl<F: Float> Trainable for FactorProblem<'_, F> {
             state.grads.u.view(),
             &mut state.moments_u,
             None,
-        );
-        let mask = self.mask.as_slice().ok_or_else(internal_layout)?;
-        update.apply_kept(
-            &split,
-            contiguous(&mut self.params.v)?,
-            grad_v,
-            &mut state.moments_v,
-            self.schedule.is_sparse().then_some(mask),
         );
         for ((b, g), m) in self
             .params
@@ -584,6 +657,66 @@ impl<F: Float> Trainable for FactorProblem<'_, F> {
 
     fn observe(&self, progress: &mut Progress) {
         progress.sparsity = Some(self.schedule.sparsity());
+    }
+}
+
+#[cfg(test)]
+impl<F: Float> FactorProblem<'_, F> {
+    /// The step as it was before `V`'s update was fused into the backward pass: the dense
+    /// gradient of `V`, the sparsifier on it, then AdamW on `U`, `V` (whole) and the biases. The
+    /// reference of `fused_update_of_v_equals_the_dense_gradient_step_bitwise`.
+    fn reference_step(&mut self, step: usize) -> Result<f64> {
+        let state = self.training.as_mut().ok_or_else(internal_layout)?;
+        let indices = state.sampler.next_batch();
+        self.source.batch(indices, &mut state.xs, &mut state.ys)?;
+        let mut grads = self.params.zeros_like();
+        let loss = state.objective.loss_and_dense_gradients(
+            &self.params,
+            &state.xs,
+            &state.ys,
+            &mut grads,
+        )?;
+        let lr = self
+            .config
+            .optimizer()
+            .learning_rate_at(step, self.config.steps());
+        let grad_v = grads.v.as_slice().ok_or_else(internal_layout)?;
+        self.schedule.step(
+            step,
+            contiguous(&mut self.params.v)?,
+            contiguous(&mut self.mask)?,
+            grad_v,
+            Some(&mut state.moments_v),
+        );
+        let update = AdamWStep::<F>::new(self.config.optimizer(), lr, step);
+        let split = state.objective.split();
+        update.apply_split(
+            &split,
+            self.params.u.view_mut(),
+            grads.u.view(),
+            &mut state.moments_u,
+            None,
+        );
+        let mask = self.mask.as_slice().ok_or_else(internal_layout)?;
+        update.apply_kept(
+            &split,
+            contiguous(&mut self.params.v)?,
+            grad_v,
+            &mut state.moments_v,
+            self.schedule.is_sparse().then_some(mask),
+        );
+        for ((b, g), m) in self
+            .params
+            .biases
+            .iter_mut()
+            .zip(&grads.biases)
+            .zip(&mut state.moments_b)
+        {
+            if let (Some(b), Some(g), Some(m)) = (b.as_mut(), g.as_ref(), m.as_mut()) {
+                update.apply(b.view_mut(), g.view(), m);
+            }
+        }
+        Ok(loss)
     }
 }
 
@@ -814,6 +947,100 @@ mod tests {
                 .unwrap()
             })
             .collect()
+    }
+
+    fn gated_blocks(rng: &mut ChaCha8Rng, n: usize, d: usize, i: usize) -> Vec<DenseMlp<f32>> {
+        let mut randn = |r: usize, c: usize| {
+            Array2::from_shape_simple_fn((r, c), || {
+                let z: f32 = StandardNormal.sample(rng);
+                z / (c as f32).sqrt()
+            })
+        };
+        (0..n)
+            .map(|_| {
+                DenseMlp::gated(
+                    Linear::new(randn(i, d), None).unwrap(),
+                    Linear::new(randn(i, d), None).unwrap(),
+                    Linear::new(randn(d, i), None).unwrap(),
+                    Activation::Silu,
+                )
+                .unwrap()
+            })
+            .collect()
+    }
+
+    /// The update of `V` fused into the backward pass, one matrix at a time (no dense gradient of
+    /// `V`), gives the dense-gradient step's loss, `U`, `V`, mask, biases and moments bit for
+    /// bit at every step: RigL with several mask updates, GMP with pruning steps, dense, in both
+    /// contraction orders.
+    #[test]
+    fn fused_update_of_v_equals_the_dense_gradient_step_bitwise() {
+        use crate::math::objective::ContractionOrder as Order;
+        use crate::math::sparsity::{GmpSchedule, RiglSchedule, Sparsifier};
+        let mut rng = ChaCha8Rng::seed_from_u64(12);
+        let group = gated_blocks(&mut rng, 3, 12, 20);
+        let calibration = Calibration::<f32>::gaussian(3, 200, 12, 4).unwrap();
+        let rigl = Sparsifier::Rigl(RiglSchedule {
+            drop_fraction: 0.3,
+            interval: 5,
+            end_fraction: 0.75,
+        });
+        let gmp = Sparsifier::Gmp(GmpSchedule {
+            interval: 4,
+            ..GmpSchedule::default()
+        });
+        for (sparsifier, s) in [(rigl, 0.75), (gmp, 0.75), (Sparsifier::None, 0.0)] {
+            for order in [Order::FactorsFirst, Order::WeightsFirst] {
+                let compressor = FipsParams::new()
+                    .sparsity(s)
+                    .sparsifier(sparsifier)
+                    .steps(60)
+                    .batch_tokens(32)
+                    .learning_rate(1e-2)
+                    .contraction(order)
+                    .check()
+                    .unwrap();
+                let mut fused = compressor.trainer(&group, &calibration).unwrap();
+                let mut reference = compressor.trainer(&group, &calibration).unwrap();
+                assert_eq!(fused.contraction(), order);
+                let mut mask_changes = 0;
+                for step in 1..=60 {
+                    let before = reference.0.problem.mask.clone();
+                    let expected = reference.0.problem.reference_step(step).unwrap();
+                    let loss = fused.step().unwrap().unwrap().loss;
+                    let (a, b) = (&fused.0.problem, &reference.0.problem);
+                    let what = format!("{sparsifier} {order} step {step}");
+                    assert_eq!(loss.to_bits(), expected.to_bits(), "{what}: loss");
+                    assert_eq!(a.mask, b.mask, "{what}: mask");
+                    let bits = |x: &Array2<f32>| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&a.params.u), bits(&b.params.u), "{what}: U");
+                    assert_eq!(bits(&a.params.v), bits(&b.params.v), "{what}: V");
+                    let (ma, mb) = (a.training.as_ref().unwrap(), b.training.as_ref().unwrap());
+                    let mask = a.mask.as_slice().unwrap();
+                    let (m1, v1) = ma.moments_v.scattered(mask);
+                    let (m2, v2) = mb.moments_v.scattered(mask);
+                    assert_eq!((m1, v1), (m2, v2), "{what}: moments of V");
+                    assert_eq!(ma.moments_v.len(), mb.moments_v.len());
+                    mask_changes += usize::from(before != b.mask);
+                }
+                match sparsifier {
+                    // Updates at 5, 10, …, 45 = t_e; the drop fraction is 0 at t_e.
+                    Sparsifier::Rigl(_) => assert_eq!(mask_changes, 8, "RigL updates"),
+                    Sparsifier::Gmp(_) => assert!(mask_changes >= 5, "GMP: {mask_changes}"),
+                    Sparsifier::None => assert_eq!(mask_changes, 0),
+                }
+                // The biases are absent here; U's moments follow from U's equality.
+                let (a, b) = (fused.finish().unwrap(), {
+                    reference.0.run = TrainingLoop::new(0, Schedule::Constant(0.0));
+                    reference.finish().unwrap()
+                });
+                assert_eq!(
+                    a.report.rel_error.to_bits(),
+                    b.report.rel_error.to_bits(),
+                    "{sparsifier} {order}: final error"
+                );
+            }
+        }
     }
 
     /// Early stopping needs a validation set; with one, the report carries the final validation
