@@ -489,21 +489,27 @@ fn v3_half<T: StorageFloat, const H: usize>(
     use std::arch::x86_64::{__m256, __m256i};
     let half = |a: &[f32; BLOCK_ROWS]| -> [[f32; 8]; 8] { pulp::cast::<_, [[[f32; 8]; 8]; 2]>(*a)[H] };
     let mut acc: [__m256; 8] = pack8(half(init));
-    for (words, &xc) in masks.chunks_exact(WORDS).zip(x) {
+    // The masks' bytes read one by one from memory (one load each, no shifts), the chunk
+    // offsets by a running sum of their counts.
+    let bytes: &[u8] = pulp::bytemuck::cast_slice(masks);
+    for (column, &xc) in bytes.chunks_exact(8 * WORDS).zip(x) {
+        let Ok(column) = <&[u8; 8 * WORDS]>::try_from(column) else {
+            break;
+        };
+        let [w0, w1] = pulp::cast::<_, [u64; WORDS]>(*column);
         let xc = simd.avx._mm256_set1_ps(xc);
         if H == 1 {
-            p += words[0].count_ones() as usize;
+            p += w0.count_ones() as usize;
         }
-        let word = words[H];
         // One bounds check per column: every chunk's 8 values lie in these 72.
         let Ok(run) = <&[T; VALUE_PAD]>::try_from(&vals[p..p + VALUE_PAD]) else {
             break;
         };
+        let mut o = 0usize;
         for b in 0..8 {
-            let byte = (word >> (8 * b)) as u8;
-            // The chunk's first value: the kept entries of the column half's lower rows.
-            let o = (word & ((1u64 << (8 * b)) - 1)).count_ones() as usize;
-            let s = &run[o..o + 8];
+            let byte = column[8 * H + b];
+            // `o` (the kept entries of the half's rows above the chunk) is at most 56.
+            let s = &run[o % 64..o % 64 + 8];
             let chunk: [f32; 8] = std::array::from_fn(|l| s[l].to_f32());
             let e = &EXPAND8[byte as usize];
             let moved = simd.avx2._mm256_permutevar8x32_ps(
@@ -512,10 +518,11 @@ fn v3_half<T: StorageFloat, const H: usize>(
             );
             let kept = simd.avx._mm256_and_ps(moved, pulp::cast::<[u32; 8], __m256>(e.keep));
             acc[b] = simd.fma._mm256_fmadd_ps(kept, xc, acc[b]);
+            o += byte.count_ones() as usize;
         }
-        p += word.count_ones() as usize;
+        p += o;
         if H == 0 {
-            p += words[1].count_ones() as usize;
+            p += w1.count_ones() as usize;
         }
     }
     let done: [[f32; 8]; 8] = pack8(acc);
