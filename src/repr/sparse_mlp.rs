@@ -570,7 +570,7 @@ impl<S: StorageFloat> CompactGroup<S> {
                 for p0 in (0..d).step_by(rows) {
                     let p1 = (p0 + rows).min(d);
                     let n = (p1 - p0) * r;
-                    S::widen(&self.basis[p0 * r..p1 * r], &mut panel[..n]);
+                    widen_panel(&self.basis[p0 * r..p1 * r], &mut panel[..n]);
                     if let Ok(u) = ArrayView2::from_shape((p1 - p0, r), &panel[..n]) {
                         let beta = if p0 == 0 { 0.0 } else { 1.0 };
                         product(u, x.slice_axis(Axis(1), Slice::from(p0..p1)), beta);
@@ -612,7 +612,7 @@ impl<S: StorageFloat> CompactGroup<S> {
                 for p0 in (0..d).step_by(rows) {
                     let p1 = (p0 + rows).min(d);
                     let n = (p1 - p0) * r;
-                    S::widen(&self.basis[p0 * r..p1 * r], &mut panel[..n]);
+                    widen_panel(&self.basis[p0 * r..p1 * r], &mut panel[..n]);
                     if let Ok(u) = ArrayView2::from_shape((p1 - p0, r), &panel[..n]) {
                         product(u, y.slice_axis_mut(Axis(1), Slice::from(p0..p1)));
                     }
@@ -620,6 +620,12 @@ impl<S: StorageFloat> CompactGroup<S> {
             }
         }
     }
+}
+
+/// `dst = src` widened to `f32`, compiled for the vector extensions `pulp` detects (baseline
+/// code converts four values per instruction at best).
+fn widen_panel<S: StorageFloat>(src: &[S], dst: &mut [f32]) {
+    pulp::Arch::new().dispatch(|| S::widen(src, dst));
 }
 
 /// `out[i, :] = bias[i] + Σ_k m[i, k] x[k, :]` for token-minor `x` (`cols × tp`) and `out`
