@@ -489,7 +489,8 @@ fn v3_half<T: StorageFloat, const H: usize>(
     sums: &mut [f32; BLOCK_ROWS],
 ) {
     use std::arch::x86_64::{__m256, __m256i};
-    let half = |a: &[f32; BLOCK_ROWS]| -> [[f32; 8]; 8] { pulp::cast::<_, [[[f32; 8]; 8]; 2]>(*a)[H] };
+    let half =
+        |a: &[f32; BLOCK_ROWS]| -> [[f32; 8]; 8] { pulp::cast::<_, [[[f32; 8]; 8]; 2]>(*a)[H] };
     let mut acc: [__m256; 8] = pack8(half(init));
     // The masks' bytes read one by one from memory (one load each, no shifts), the chunk
     // offsets by a running sum of their counts.
@@ -518,7 +519,9 @@ fn v3_half<T: StorageFloat, const H: usize>(
                 pulp::cast::<[f32; 8], __m256>(chunk),
                 pulp::cast::<[u32; 8], __m256i>(e.index),
             );
-            let kept = simd.avx._mm256_and_ps(moved, pulp::cast::<[u32; 8], __m256>(e.keep));
+            let kept = simd
+                .avx
+                ._mm256_and_ps(moved, pulp::cast::<[u32; 8], __m256>(e.keep));
             acc[b] = simd.fma._mm256_fmadd_ps(kept, xc, acc[b]);
             o += byte.count_ones() as usize;
         }

@@ -45,11 +45,11 @@ use crate::foundation::mlp::{MatrixRole, MlpKind};
 use crate::repr::compact::{CompactMatrix, PatternEncoding, StorageDtype, StorageFloat};
 use crate::repr::factors::{SharedBasis, SparseFactor};
 use crate::repr::shared_basis::CompressedGroup;
-#[cfg(target_arch = "x86_64")]
-use crate::repr::sparse_blocked::{one_token_v3, one_token_v4};
 use crate::repr::sparse_blocked::{
     BLOCK_ROWS, BlockedMatrix, KernelChoice, blocked_rows, tile_major,
 };
+#[cfg(target_arch = "x86_64")]
+use crate::repr::sparse_blocked::{one_token_v3, one_token_v4};
 
 /// Below this many multiply-adds per thread a sparse product stays on one thread (a scoped
 /// thread costs tens of µs to start: DeiT-tiny at 16 tokens, 1 M multiply-adds, ran slower on
@@ -1384,9 +1384,13 @@ mod tests {
             let v4 = pulp::x86::V4::try_new().is_some();
             let v3 = pulp::x86::V3::try_new().is_some();
             if !v3 {
-                eprintln!("one_token_kernels_agree_exactly: no AVX2 + FMA here, only the generic kernel runs");
+                eprintln!(
+                    "one_token_kernels_agree_exactly: no AVX2 + FMA here, only the generic kernel runs"
+                );
             } else if !v4 {
-                eprintln!("one_token_kernels_agree_exactly: no AVX-512 here, Auto is the AVX2 kernel");
+                eprintln!(
+                    "one_token_kernels_agree_exactly: no AVX-512 here, Auto is the AVX2 kernel"
+                );
             }
         }
         for (rows, cols, density, seed) in [
