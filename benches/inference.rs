@@ -17,6 +17,12 @@
 //! - `machine/sgemm`: one f32 GEMM of the 7B block's up shape (197 × 4096 by 4096 × 11008),
 //!   throughput in floating-point operations.
 //!
+//! At one token `compact-{f32,bf16}-v3` and `compact-{f32,bf16}-generic` force the AVX2 + FMA
+//! and the generic one-token kernels (what a processor without AVX-512, or without AVX2, runs);
+//! `compact-*` alone takes the best the processor has (AVX-512 here).
+//!
+//! Filter cases with a regular expression, e.g.
+//! `cargo bench --bench inference -- 'deit-tiny/(dense|compact-f32)/1$'`.
 //! `FIPS_BENCH_SMALL=1` skips the 7B shapes. `FIPS_BENCH_THREADS=n` sets the sparse kernels'
 //! threads (default: all cores); give BLAS the same with `OPENBLAS_NUM_THREADS=n`.
 
@@ -25,6 +31,7 @@ mod support;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use fips::repr::compact::{CompactMatrix, StorageFloat};
+use fips::repr::sparse_blocked::KernelChoice;
 use fips::repr::sparse_mlp::CompactGroup;
 use fips::{
     Activation, DenseMlp, GroupShape, Linear, MlpKind, nonzeros_for_sparsity, rank_for_budget,
@@ -195,6 +202,24 @@ fn bench_shape(c: &mut Criterion, s: &Shape, threads: usize) {
         group.bench_with_input(BenchmarkId::new("compact-bf16", t), &x, |b, x| {
             b.iter(|| bf16.forward(0, x.view()).expect("bf16 forward"))
         });
+        if t == 1 {
+            for (name, kernel) in [("v3", KernelChoice::V3), ("generic", KernelChoice::Generic)] {
+                let f32_k = compact.clone().with_kernel(kernel);
+                group.throughput(Throughput::Bytes(f32_k.block_bytes_read() as u64));
+                group.bench_with_input(
+                    BenchmarkId::new(format!("compact-f32-{name}"), t),
+                    &x,
+                    |b, x| b.iter(|| f32_k.forward(0, x.view()).expect("compact forward")),
+                );
+                let bf16_k = bf16.clone().with_kernel(kernel);
+                group.throughput(Throughput::Bytes(bf16_k.block_bytes_read() as u64));
+                group.bench_with_input(
+                    BenchmarkId::new(format!("compact-bf16-{name}"), t),
+                    &x,
+                    |b, x| b.iter(|| bf16_k.forward(0, x.view()).expect("bf16 forward")),
+                );
+            }
+        }
     }
     group.finish();
 }

@@ -20,6 +20,9 @@ use crate::repr::compact::{CompactMatrix, SparsePattern, StorageFloat};
 /// Rows per block.
 pub const BLOCK_ROWS: usize = 128;
 const WORDS: usize = BLOCK_ROWS / 64;
+/// Zeros held after the last value: a one-token kernel reads at most this many values from a
+/// column half's first (its 64 rows' values and one vector's worth more).
+const VALUE_PAD: usize = 72;
 
 /// A sparse matrix in the blocked column-major inference layout.
 #[derive(Debug, Clone, PartialEq)]
@@ -28,7 +31,8 @@ pub struct BlockedMatrix<S> {
     cols: usize,
     /// Per block, `cols × 4` words.
     masks: Vec<u64>,
-    /// Kept values, block by block, column-major within a block.
+    /// Kept values, block by block, column-major within a block, then [`VALUE_PAD`] zeros (the
+    /// one-token kernels load whole vectors from a chunk's first value).
     values: Vec<S>,
     /// Position of each block's first value; `blocks + 1` entries.
     block_offsets: Vec<usize>,
@@ -40,7 +44,7 @@ impl<S: StorageFloat> BlockedMatrix<S> {
         let (rows, cols) = (m.rows(), m.cols());
         let blocks = rows.div_ceil(BLOCK_ROWS);
         let mut masks = vec![0u64; blocks * cols * WORDS];
-        let mut values = vec![S::default(); m.nnz()];
+        let mut values = vec![S::default(); m.nnz() + VALUE_PAD];
         let mut block_offsets = Vec::with_capacity(blocks + 1);
         let offsets = m.pattern().offsets();
         let mut columns = Vec::new();
@@ -95,7 +99,7 @@ impl<S: StorageFloat> BlockedMatrix<S> {
         }
         let offsets = counts.clone();
         let mut next = counts;
-        let nnz = self.values.len();
+        let nnz = self.nnz();
         let mut columns = vec![0u32; nnz];
         let mut values = vec![S::default(); nnz];
         self.for_each(|i, c, v| {
@@ -141,6 +145,11 @@ impl<S: StorageFloat> BlockedMatrix<S> {
         self.block_offsets.len() - 1
     }
 
+    /// Kept entries.
+    pub fn nnz(&self) -> usize {
+        self.block_offsets[self.blocks()]
+    }
+
     /// Kept entries of the blocks in `blocks`.
     pub fn block_nnz(&self, blocks: Range<usize>) -> usize {
         self.block_offsets[blocks.end] - self.block_offsets[blocks.start]
@@ -148,7 +157,7 @@ impl<S: StorageFloat> BlockedMatrix<S> {
 
     /// Bytes held: masks and values.
     pub fn stored_bytes(&self) -> usize {
-        self.masks.len() * 8 + self.values.len() * S::DTYPE.size()
+        self.masks.len() * 8 + self.nnz() * S::DTYPE.size()
     }
 }
 
@@ -188,9 +197,11 @@ pub(crate) fn blocked_rows<S: StorageFloat, const FUSED: bool>(
         let nr = BLOCK_ROWS.min(m.rows - r0);
         let masks = &m.masks[k * cols * WORDS..(k + 1) * cols * WORDS];
         let stored = &m.values[m.block_offsets[k]..m.block_offsets[k + 1]];
-        // f16 is widened a block at a time (bulk conversion instructions); bf16 and f32 convert
-        // per value in the loop (a shift, or nothing).
-        let widen = S::DTYPE == crate::repr::compact::StorageDtype::F16;
+        // Half-precision values are widened a block at a time into an f32 scratch (vector
+        // conversions, once per block), so that the tiles broadcast every value straight from
+        // memory as for f32: converting a bf16 value per kept entry in the loop (a shift and
+        // a move to a vector register) made 16 tokens 1.1–1.5× slower than f32.
+        let widen = S::DTYPE != crate::repr::compact::StorageDtype::F32;
         if widen {
             widened.resize(stored.len(), 0.0);
             S::widen(stored, &mut widened);
@@ -238,11 +249,78 @@ pub(crate) fn blocked_rows<S: StorageFloat, const FUSED: bool>(
     }
 }
 
+/// Which kernel computes one-token products (`tp = 1`). Not part of the stable interface: it
+/// exists so that tests and benchmarks can run the AVX2 and generic kernels on a processor that
+/// has AVX-512.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KernelChoice {
+    /// The best the processor offers: AVX-512 (`vexpandps`), else AVX2 + FMA (permutation
+    /// table), else the generic walk.
+    #[default]
+    Auto,
+    /// AVX2 + FMA when the processor has them, else the generic walk.
+    V3,
+    /// The generic walk (scalar accumulators, compiled for the detected vector extensions).
+    Generic,
+}
+
+/// Runs a one-token block kernel `kernel(values, p, sums)` on block `k`'s values (from
+/// `values[p]`, with at least [`VALUE_PAD`] readable values past the block's last): f32 and bf16
+/// (a shift) in place, f16 from a zero-padded f32 copy in `widened`. Exactly one call site of
+/// the kernel survives per storage type: with two (in place and copied) the accumulators were
+/// kept in memory instead of registers.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn with_block_values<S: StorageFloat>(
+    m: &BlockedMatrix<S>,
+    k: usize,
+    widened: &mut Vec<f32>,
+    sums: &mut [f32; BLOCK_ROWS],
+    kernel_s: impl FnOnce(&[S], usize, &mut [f32; BLOCK_ROWS]),
+    kernel_f32: impl FnOnce(&[f32], usize, &mut [f32; BLOCK_ROWS]),
+) {
+    let (start, end) = (m.block_offsets[k], m.block_offsets[k + 1]);
+    if matches!(S::DTYPE, crate::repr::compact::StorageDtype::F16) {
+        let stored = &m.values[start..end];
+        widened.clear();
+        widened.resize(stored.len() + VALUE_PAD, 0.0);
+        S::widen(stored, &mut widened[..stored.len()]);
+        kernel_f32(widened, 0, sums);
+    } else {
+        kernel_s(&m.values, start, sums);
+    }
+}
+
+/// The block's bias, zero-padded to [`BLOCK_ROWS`] lanes: the starting value of its
+/// accumulators (so that every one-token kernel adds the same terms in the same order).
+#[inline(always)]
+fn block_bias<S: StorageFloat>(bias: Option<&[S]>, r0: usize, nr: usize) -> [f32; BLOCK_ROWS] {
+    let mut b = [0.0f32; BLOCK_ROWS];
+    if let Some(bias) = bias {
+        for (d, s) in b.iter_mut().zip(&bias[r0..r0 + nr]) {
+            *d = s.to_f32();
+        }
+    }
+    b
+}
+
+/// Eight values cast one by one, with constant indices only: any loop over an accumulator
+/// array (`from_fn`, `into_iter`) kept the accumulators in memory instead of registers.
+#[inline(always)]
+fn pack8<A: pulp::bytemuck::Pod, V: pulp::bytemuck::Pod>(a: [A; 8]) -> [V; 8] {
+    let [a0, a1, a2, a3, a4, a5, a6, a7] = a;
+    let c = pulp::cast::<A, V>;
+    [c(a0), c(a1), c(a2), c(a3), c(a4), c(a5), c(a6), c(a7)]
+}
+
 /// One token, AVX-512: `out[i] = bias[i] + Σ_c m[i, c] x[c]` for the rows of `blocks`. Each
 /// block's 128 accumulators stay in eight 16-lane registers; for every column and 16-row chunk of
 /// the block the chunk's kept values are expanded into their rows' lanes (`vexpandps` under the
 /// chunk's 16 mask bits) and multiply-added with the broadcast input `x[c]`, so a kept entry
-/// costs about a quarter of a vector instruction, with no scatter.
+/// costs about a quarter of a vector instruction, with no scatter. Same sums, in the same order
+/// (bias, then the kept entries by increasing column, fused), as [`one_token_v3`] and the
+/// generic walk of [`blocked_rows`] with fused multiply-adds: identical results.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(crate) fn one_token_v4<S: StorageFloat>(
@@ -255,40 +333,28 @@ pub(crate) fn one_token_v4<S: StorageFloat>(
 ) {
     let cols = m.cols;
     let first_row = blocks.start * BLOCK_ROWS;
-    let mut widened: Vec<f32> = Vec::new();
+    let mut widened = Vec::new();
     for k in blocks {
         let r0 = k * BLOCK_ROWS;
         let nr = BLOCK_ROWS.min(m.rows - r0);
         let masks = &m.masks[k * cols * WORDS..(k + 1) * cols * WORDS];
-        // Loads read 16 values from the chunk's first, of which its mask keeps its own: f32 and
-        // bf16 values (a shift) are read in place while 16 more follow the block; the last block
-        // and f16 values go through a zero-padded f32 copy.
-        let (start, end) = (m.block_offsets[k], m.block_offsets[k + 1]);
-        let acc =
-            if S::DTYPE != crate::repr::compact::StorageDtype::F16 && end + 16 <= m.values.len() {
-                one_token_block(simd, masks, x, &m.values, start)
-            } else {
-                let stored = &m.values[start..end];
-                widened.clear();
-                widened.resize(stored.len() + 16, 0.0);
-                S::widen(stored, &mut widened[..stored.len()]);
-                one_token_block(simd, masks, x, &widened, 0)
-            };
-        let o = &mut out[r0 - first_row..r0 - first_row + nr];
-        for (j, a) in acc.iter().enumerate() {
-            let lanes: [f32; 16] = pulp::cast(*a);
-            for (l, &v) in lanes.iter().enumerate() {
-                let i = j * 16 + l;
-                if let Some(o) = o.get_mut(i) {
-                    *o = v + bias.map_or(0.0, |b| b[r0 + i].to_f32());
-                }
-            }
-        }
+        let init = block_bias(bias, r0, nr);
+        let mut sums = [0.0f32; BLOCK_ROWS];
+        with_block_values(
+            m,
+            k,
+            &mut widened,
+            &mut sums,
+            |vals, p, sums| one_token_block(simd, masks, x, vals, p, &init, sums),
+            |vals, p, sums| one_token_block(simd, masks, x, vals, p, &init, sums),
+        );
+        out[r0 - first_row..r0 - first_row + nr].copy_from_slice(&sums[..nr]);
     }
 }
 
-/// One block of [`one_token_v4`]: the 128 row sums (eight 16-lane registers) of the block with
-/// column masks `masks`, its values read from `vals[p..]` (at least 16 values past its last).
+/// One block of [`one_token_v4`]: `sums` = the 128 row sums (eight 16-lane registers, starting
+/// at `init`) of the block with column masks `masks`, its values read from `vals[p..]` (16 from
+/// each chunk's first, of which the chunk's mask keeps its own).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn one_token_block<T: StorageFloat>(
@@ -297,10 +363,12 @@ fn one_token_block<T: StorageFloat>(
     x: &[f32],
     vals: &[T],
     mut p: usize,
-) -> [std::arch::x86_64::__m512; 8] {
+    init: &[f32; BLOCK_ROWS],
+    sums: &mut [f32; BLOCK_ROWS],
+) {
     use std::arch::x86_64::__m512;
     let f = simd.avx512f;
-    let mut acc = [f._mm512_setzero_ps(); 8];
+    let mut acc: [__m512; 8] = pack8(pulp::cast::<_, [[f32; 16]; 8]>(*init));
     for (c, words) in masks.chunks_exact(WORDS).enumerate() {
         let xc = f._mm512_set1_ps(x[c]);
         for (h, &word) in words.iter().enumerate() {
@@ -314,7 +382,156 @@ fn one_token_block<T: StorageFloat>(
             }
         }
     }
-    acc
+    *sums = pulp::cast(pack8::<_, [f32; 16]>(acc));
+}
+
+/// For each byte `b` of a mask: the permutation that moves the byte's kept values (contiguous,
+/// in lane order) into their rows' lanes (lane `l` reads value `popcount(b & (2^l − 1))`), and
+/// the lanes' keep mask (all ones where bit `l` is set, zero elsewhere).
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Expand8 {
+    index: [u32; 8],
+    keep: [u32; 8],
+}
+
+static EXPAND8: [Expand8; 256] = {
+    let mut t = [Expand8 {
+        index: [0; 8],
+        keep: [0; 8],
+    }; 256];
+    let mut b = 0;
+    while b < 256 {
+        let mut l = 0;
+        let mut k = 0u32;
+        while l < 8 {
+            if b & (1 << l) != 0 {
+                t[b].index[l] = k;
+                t[b].keep[l] = u32::MAX;
+                k += 1;
+            }
+            l += 1;
+        }
+        b += 1;
+    }
+    t
+};
+
+/// One token, AVX2 + FMA: the computation of [`one_token_v4`] with 8-lane registers. A block's
+/// 128 accumulators would take all sixteen registers, so the block's columns are walked twice,
+/// once per 64-row half (eight accumulators in registers; the second walk finds the block's
+/// values in the second-level cache). For every column and 8-row chunk the chunk's kept values
+/// are loaded (8 from the chunk's first), moved into their rows' lanes by `vpermps` with the
+/// index vector [`EXPAND8`] gives for the chunk's mask byte, the lanes of clear bits zeroed by
+/// its keep mask, and multiply-added with the broadcast input: about eight instructions per 8
+/// rows, no scatter. Same sums in the same order as [`one_token_v4`]: identical results.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn one_token_v3<S: StorageFloat>(
+    simd: pulp::x86::V3,
+    m: &BlockedMatrix<S>,
+    x: &[f32],
+    out: &mut [f32],
+    bias: Option<&[S]>,
+    blocks: Range<usize>,
+) {
+    let cols = m.cols;
+    let first_row = blocks.start * BLOCK_ROWS;
+    let mut widened = Vec::new();
+    for k in blocks {
+        let r0 = k * BLOCK_ROWS;
+        let nr = BLOCK_ROWS.min(m.rows - r0);
+        let masks = &m.masks[k * cols * WORDS..(k + 1) * cols * WORDS];
+        let init = block_bias(bias, r0, nr);
+        let mut sums = [0.0f32; BLOCK_ROWS];
+        with_block_values(
+            m,
+            k,
+            &mut widened,
+            &mut sums,
+            |vals, p, sums| one_token_block_v3(simd, masks, x, vals, p, &init, sums),
+            |vals, p, sums| one_token_block_v3(simd, masks, x, vals, p, &init, sums),
+        );
+        out[r0 - first_row..r0 - first_row + nr].copy_from_slice(&sums[..nr]);
+    }
+}
+
+/// One block of [`one_token_v3`]: `sums` = the 128 row sums, starting at `init`, of the block
+/// with column masks `masks`, its values read from `vals[p..]`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn one_token_block_v3<T: StorageFloat>(
+    simd: pulp::x86::V3,
+    masks: &[u64],
+    x: &[f32],
+    vals: &[T],
+    p: usize,
+    init: &[f32; BLOCK_ROWS],
+    sums: &mut [f32; BLOCK_ROWS],
+) {
+    v3_half::<T, 0>(simd, masks, x, vals, p, init, sums);
+    v3_half::<T, 1>(simd, masks, x, vals, p, init, sums);
+}
+
+/// Half `H` (rows `64 H .. 64 H + 64`) of [`one_token_block_v3`]: eight 8-lane accumulators
+/// starting at that half of `init`, written to that half of `sums`, the block's values starting
+/// at `vals[p]`. Each half reads its own part of `init`: with both halves' starting values
+/// loaded before the first walk, its accumulators were spilled.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn v3_half<T: StorageFloat, const H: usize>(
+    simd: pulp::x86::V3,
+    masks: &[u64],
+    x: &[f32],
+    vals: &[T],
+    mut p: usize,
+    init: &[f32; BLOCK_ROWS],
+    sums: &mut [f32; BLOCK_ROWS],
+) {
+    use std::arch::x86_64::{__m256, __m256i};
+    let half =
+        |a: &[f32; BLOCK_ROWS]| -> [[f32; 8]; 8] { pulp::cast::<_, [[[f32; 8]; 8]; 2]>(*a)[H] };
+    let mut acc: [__m256; 8] = pack8(half(init));
+    // The masks' bytes read one by one from memory (one load each, no shifts), the chunk
+    // offsets by a running sum of their counts.
+    let bytes: &[u8] = pulp::bytemuck::cast_slice(masks);
+    for (column, &xc) in bytes.chunks_exact(8 * WORDS).zip(x) {
+        let Ok(column) = <&[u8; 8 * WORDS]>::try_from(column) else {
+            break;
+        };
+        let [w0, w1] = pulp::cast::<_, [u64; WORDS]>(*column);
+        let xc = simd.avx._mm256_set1_ps(xc);
+        if H == 1 {
+            p += w0.count_ones() as usize;
+        }
+        // One bounds check per column: every chunk's 8 values lie in these 72.
+        let Ok(run) = <&[T; VALUE_PAD]>::try_from(&vals[p..p + VALUE_PAD]) else {
+            break;
+        };
+        let mut o = 0usize;
+        for b in 0..8 {
+            let byte = column[8 * H + b];
+            // `o` (the kept entries of the half's rows above the chunk) is at most 56.
+            let s = &run[o % 64..o % 64 + 8];
+            let chunk: [f32; 8] = std::array::from_fn(|l| s[l].to_f32());
+            let e = &EXPAND8[byte as usize];
+            let moved = simd.avx2._mm256_permutevar8x32_ps(
+                pulp::cast::<[f32; 8], __m256>(chunk),
+                pulp::cast::<[u32; 8], __m256i>(e.index),
+            );
+            let kept = simd
+                .avx
+                ._mm256_and_ps(moved, pulp::cast::<[u32; 8], __m256>(e.keep));
+            acc[b] = simd.fma._mm256_fmadd_ps(kept, xc, acc[b]);
+            o += byte.count_ones() as usize;
+        }
+        p += o;
+        if H == 0 {
+            p += w1.count_ones() as usize;
+        }
+    }
+    let done: [[f32; 8]; 8] = pack8(acc);
+    sums[64 * H..64 * H + 64].copy_from_slice(&pulp::cast::<_, [f32; 64]>(done));
 }
 
 /// One block's product for the `L` tokens of the 16-token slabs `t, t + L/16 − 1`: the block's

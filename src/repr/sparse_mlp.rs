@@ -45,9 +45,11 @@ use crate::foundation::mlp::{MatrixRole, MlpKind};
 use crate::repr::compact::{CompactMatrix, PatternEncoding, StorageDtype, StorageFloat};
 use crate::repr::factors::{SharedBasis, SparseFactor};
 use crate::repr::shared_basis::CompressedGroup;
+use crate::repr::sparse_blocked::{
+    BLOCK_ROWS, BlockedMatrix, KernelChoice, blocked_rows, tile_major,
+};
 #[cfg(target_arch = "x86_64")]
-use crate::repr::sparse_blocked::one_token_v4;
-use crate::repr::sparse_blocked::{BLOCK_ROWS, BlockedMatrix, blocked_rows, tile_major};
+use crate::repr::sparse_blocked::{one_token_v3, one_token_v4};
 
 /// Below this many multiply-adds per thread a sparse product stays on one thread (a scoped
 /// thread costs tens of µs to start: DeiT-tiny at 16 tokens, 1 M multiply-adds, ran slower on
@@ -71,6 +73,7 @@ pub struct CompactGroup<S> {
     factors: Vec<Factor<S>>,
     biases: Vec<Option<Vec<S>>>,
     threads: usize,
+    kernel: KernelChoice,
 }
 
 /// A factor in the layout inference reads: bitmask-encoded factors in the blocked column-major
@@ -207,6 +210,7 @@ impl<S: StorageFloat> CompactGroup<S> {
             factors: factors.into_iter().map(Factor::new).collect(),
             biases,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            kernel: KernelChoice::Auto,
         })
     }
 
@@ -250,6 +254,14 @@ impl<S: StorageFloat> CompactGroup<S> {
     /// Uses at most `threads` threads (at least 1) in the sparse products.
     pub fn with_threads(mut self, threads: usize) -> Self {
         self.threads = threads.max(1);
+        self
+    }
+
+    /// Runs one-token products with `kernel` instead of the best available (tests and
+    /// benchmarks: the AVX2 or generic kernel on a processor with AVX-512).
+    #[doc(hidden)]
+    pub fn with_kernel(mut self, kernel: KernelChoice) -> Self {
+        self.kernel = kernel;
         self
     }
 
@@ -522,7 +534,7 @@ impl<S: StorageFloat> CompactGroup<S> {
     /// `out = S_j x (+ bias)` in the best layout available.
     fn product(&self, j: usize, x: &[f32], tp: usize, out: &mut [f32], bias: Option<&[S]>) {
         match &self.factors[j] {
-            Factor::Blocked(b, _) => spmm_blocked(b, x, tp, out, bias, self.threads),
+            Factor::Blocked(b, _) => spmm_blocked(b, x, tp, out, bias, self.threads, self.kernel),
             Factor::Rows(m) => spmm(m, x, tp, out, bias, self.threads),
         }
     }
@@ -558,7 +570,7 @@ impl<S: StorageFloat> CompactGroup<S> {
                 for p0 in (0..d).step_by(rows) {
                     let p1 = (p0 + rows).min(d);
                     let n = (p1 - p0) * r;
-                    S::widen(&self.basis[p0 * r..p1 * r], &mut panel[..n]);
+                    widen_panel(&self.basis[p0 * r..p1 * r], &mut panel[..n]);
                     if let Ok(u) = ArrayView2::from_shape((p1 - p0, r), &panel[..n]) {
                         let beta = if p0 == 0 { 0.0 } else { 1.0 };
                         product(u, x.slice_axis(Axis(1), Slice::from(p0..p1)), beta);
@@ -600,7 +612,7 @@ impl<S: StorageFloat> CompactGroup<S> {
                 for p0 in (0..d).step_by(rows) {
                     let p1 = (p0 + rows).min(d);
                     let n = (p1 - p0) * r;
-                    S::widen(&self.basis[p0 * r..p1 * r], &mut panel[..n]);
+                    widen_panel(&self.basis[p0 * r..p1 * r], &mut panel[..n]);
                     if let Ok(u) = ArrayView2::from_shape((p1 - p0, r), &panel[..n]) {
                         product(u, y.slice_axis_mut(Axis(1), Slice::from(p0..p1)));
                     }
@@ -608,6 +620,12 @@ impl<S: StorageFloat> CompactGroup<S> {
             }
         }
     }
+}
+
+/// `dst = src` widened to `f32`, compiled for the vector extensions `pulp` detects (baseline
+/// code converts four values per instruction at best).
+fn widen_panel<S: StorageFloat>(src: &[S], dst: &mut [f32]) {
+    pulp::Arch::new().dispatch(|| S::widen(src, dst));
 }
 
 /// `out[i, :] = bias[i] + Σ_k m[i, k] x[k, :]` for token-minor `x` (`cols × tp`) and `out`
@@ -809,7 +827,8 @@ impl<S: StorageFloat> pulp::WithSimd for DotRows<'_, S> {
     }
 }
 
-/// [`spmm`] for the blocked layout: row blocks split over at most `threads` threads.
+/// [`spmm`] for the blocked layout: row blocks split over at most `threads` threads; one token
+/// with the kernel `kernel` selects (AVX-512, else AVX2 + FMA, else the generic walk).
 pub(crate) fn spmm_blocked<S: StorageFloat>(
     m: &BlockedMatrix<S>,
     x: &[f32],
@@ -817,6 +836,7 @@ pub(crate) fn spmm_blocked<S: StorageFloat>(
     out: &mut [f32],
     bias: Option<&[S]>,
     threads: usize,
+    kernel: KernelChoice,
 ) {
     let blocks = m.blocks();
     let nnz = m.block_nnz(0..blocks);
@@ -848,14 +868,24 @@ pub(crate) fn spmm_blocked<S: StorageFloat>(
         x
     };
     let run = |(blocks, out): (Range<usize>, &mut [f32])| {
-        // One token on AVX-512: the expand kernel (accumulators in registers, no scatter).
+        // One token: the expand kernels (accumulators in registers, no scatter), AVX-512 first.
         #[cfg(target_arch = "x86_64")]
-        if tp == 1
-            && let Some(simd) = pulp::x86::V4::try_new()
-        {
-            simd.vectorize(|| one_token_v4(simd, m, x, out, bias, blocks));
-            return;
+        if tp == 1 {
+            if kernel == KernelChoice::Auto
+                && let Some(simd) = pulp::x86::V4::try_new()
+            {
+                simd.vectorize(|| one_token_v4(simd, m, x, out, bias, blocks));
+                return;
+            }
+            if kernel != KernelChoice::Generic
+                && let Some(simd) = pulp::x86::V3::try_new()
+            {
+                simd.vectorize(|| one_token_v3(simd, m, x, out, bias, blocks));
+                return;
+            }
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = kernel;
         pulp::Arch::new().dispatch(Blocks {
             m,
             x,
@@ -1202,8 +1232,9 @@ mod tests {
         // The reference is the dense rebuild of the stored (rounded) values.
         let reference = compact.to_group().unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(7);
-        for threads in [1, 3] {
-            let compact = compact.clone().with_threads(threads);
+        let kernels = [KernelChoice::Auto, KernelChoice::V3, KernelChoice::Generic];
+        for (threads, kernel) in [1, 3].into_iter().flat_map(|n| kernels.map(|k| (n, k))) {
+            let compact = compact.clone().with_threads(threads).with_kernel(kernel);
             for t in [1, 3, 17, 40] {
                 let x =
                     Array2::from_shape_simple_fn((t, g.width()), || rng.random_range(-1.0f32..1.0));
@@ -1214,7 +1245,7 @@ mod tests {
                     let err = max_rel(&got, &want);
                     assert!(
                         err < tol,
-                        "{:?} {} t={t} block {b} threads {threads}: {err}",
+                        "{:?} {} t={t} block {b} threads {threads} {kernel:?}: {err}",
                         S::DTYPE,
                         g.kind()
                     );
@@ -1267,9 +1298,10 @@ mod tests {
             let x: Vec<f32> = (0..cols * tp)
                 .map(|_| rng.random_range(-1.0..1.0))
                 .collect();
-            for threads in [1, 3] {
+            let kernels = [KernelChoice::Auto, KernelChoice::V3, KernelChoice::Generic];
+            for (threads, kernel) in [1, 3].into_iter().flat_map(|n| kernels.map(|k| (n, k))) {
                 let mut out = vec![f32::NAN; rows * tp];
-                spmm_blocked(&b, &x, tp, &mut out, Some(&bias), threads);
+                spmm_blocked(&b, &x, tp, &mut out, Some(&bias), threads, kernel);
                 for i in 0..rows {
                     for l in 0..t {
                         let want = f64::from(bias[i].to_f32())
@@ -1280,7 +1312,7 @@ mod tests {
                         assert!(
                             (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
                             "{:?} {rows}×{cols} density {density} t={t} threads {threads} \
-                             row {i} token {l}: {got} vs {want}",
+                             {kernel:?} row {i} token {l}: {got} vs {want}",
                             S::DTYPE
                         );
                     }
@@ -1300,8 +1332,82 @@ mod tests {
         ] {
             check_products::<f32>(rows, cols, density, seed);
         }
+        check_products::<f32>(300, 200, 0.25, 8);
         check_products::<half::bf16>(130, 37, 0.25, 6);
+        check_products::<half::bf16>(300, 200, 0.25, 9);
         check_products::<half::f16>(130, 37, 0.25, 7);
+    }
+
+    /// The one-token kernels (AVX-512 expand, AVX2 permute, generic walk) add the same terms
+    /// in the same order (bias, then each kept entry by increasing column, fused): bit-identical
+    /// results, on shapes with ragged last blocks, several 64-column panels, empty rows and
+    /// columns, a full row, an empty matrix, for every storage type.
+    fn check_one_token_kernels<S: StorageFloat>(rows: usize, cols: usize, density: f64, seed: u64) {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut mask = Array2::from_shape_simple_fn((rows, cols), || rng.random_bool(density));
+        if rows > 2 && cols > 2 {
+            mask.row_mut(1).fill(false);
+            mask.column_mut(2).fill(false);
+            mask.row_mut(0).fill(true);
+        }
+        let values = Array2::from_shape_simple_fn((rows, cols), || rng.random_range(-1.0f32..1.0));
+        let m = CompactMatrix::<S>::from_dense(values.view(), mask.view()).unwrap();
+        let b = BlockedMatrix::from_compact(&m);
+        let bias: Vec<S> = (0..rows).map(|i| S::from_f32((i as f32).cos())).collect();
+        let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+        for bias in [Some(&bias[..]), None] {
+            let run = |kernel| {
+                let mut out = vec![f32::NAN; rows];
+                spmm_blocked(&b, &x, 1, &mut out, bias, 1, kernel);
+                out
+            };
+            let generic = run(KernelChoice::Generic);
+            for kernel in [KernelChoice::Auto, KernelChoice::V3] {
+                let got = run(kernel);
+                let same = got
+                    .iter()
+                    .zip(&generic)
+                    .all(|(a, b)| a.to_bits() == b.to_bits() || (*a == 0.0 && *b == 0.0));
+                assert!(
+                    same,
+                    "{:?} {rows}×{cols} density {density} {kernel:?}: {got:?} vs {generic:?}",
+                    S::DTYPE
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn one_token_kernels_agree_exactly() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let v4 = pulp::x86::V4::try_new().is_some();
+            let v3 = pulp::x86::V3::try_new().is_some();
+            if !v3 {
+                eprintln!(
+                    "one_token_kernels_agree_exactly: no AVX2 + FMA here, only the generic kernel runs"
+                );
+            } else if !v4 {
+                eprintln!(
+                    "one_token_kernels_agree_exactly: no AVX-512 here, Auto is the AVX2 kernel"
+                );
+            }
+        }
+        for (rows, cols, density, seed) in [
+            (1, 1, 1.0, 1),
+            (3, 5, 0.5, 2),
+            (130, 37, 0.25, 3),
+            (257, 9, 0.0, 4),
+            (200, 21, 0.9, 5),
+            (128, 64, 0.25, 6),
+            (129, 65, 0.25, 7),
+            (300, 200, 0.25, 8),
+            (384, 130, 0.05, 9),
+        ] {
+            check_one_token_kernels::<f32>(rows, cols, density, seed);
+            check_one_token_kernels::<half::bf16>(rows, cols, density, seed);
+            check_one_token_kernels::<half::f16>(rows, cols, density, seed);
+        }
     }
 
     #[test]
