@@ -161,16 +161,11 @@ impl Checkpoint {
 
     /// The raw little-endian bytes of one tensor.
     pub fn read_bytes(&self, name: &str) -> Result<Vec<u8>> {
-        let (_, (begin, end)) = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| FipsError::MissingTensor {
-                path: self.path.clone(),
-                name: name.into(),
-            })?;
-        let mut bytes = vec![0u8; end - begin];
+        let (begin, end) = self.tensor_range(name)?;
+        // The range was checked against the file's length at open: it fits in memory's indices.
+        let mut bytes = vec![0u8; (end - begin) as usize];
         let mut file = &self.file;
-        file.seek(SeekFrom::Start(self.data_start + *begin as u64))
+        file.seek(SeekFrom::Start(begin))
             .and_then(|_| file.read_exact(&mut bytes))
             .map_err(|source| FipsError::Io {
                 path: self.path.clone(),
