@@ -21,11 +21,13 @@
 //! training:  blocks 4W + batch inputs and targets 8 n B d + 5 E + 8 (1 − s₀) E + 4 E / (f n)
 //!   + 16 d r (V 4E, mask 1E; Adam moments of the kept entries only, 2 × 4 B each; the gradient
 //!   of one matrix of V, r × I, at a time; U, its gradient and its moments 16 d r)
-//! start:     4W + 10 E (V 4E, mask 1E, and the initialisation pruned to the target:
-//!   a mask 1E and the assembled factors 4E + 1E) + one dense block 4W / n + 8 d r (U, copy)
-//!   + one chunk 4 C (3d + 2I) (inputs, targets, the rebuilt block's output and hidden state)
-//! end:       4W + 5 E (the assembled factors; the training state is released first)
-//!   + one dense block 4W / n (the error is measured one block at a time) + 8 d r + 4 C (3d + 2I)
+//! start:     4W + 5 E (V 4E, the initialisation pruned to the target: a mask 1E) + 8 d r (U, copy)
+//!   + max(10 E / n, 5 E / n + 4W / n, 4W / n + 4 C (3d + 2I)) (one block at a time: its slices
+//!   of V and the mask and their assembled copy, then the block rebuilt dense, then one chunk:
+//!   inputs, targets, the rebuilt block's output and hidden state)
+//! end:       4W + 8 d r + max(10 E, 5 E + 4W / n + 4 C (3d + 2I)) (V and its mask next to
+//!   their assembled copy, the training state released first; then V and the mask dropped and
+//!   the error measured one dense block at a time)
 //! ```
 //!
 //! plus the step's other batch buffers (a few `B × I` arrays per block). The initialisation's
@@ -125,15 +127,17 @@ fn main() -> fips::Result<()> {
     let basis = (d * rank) as u64;
     let matrices = (3 * n) as u64;
     let training = 4 * w + calib + 5 * e + moments + 4 * e / matrices + 16 * basis;
-    let start = 4 * w + 10 * e + 4 * w / n as u64 + 8 * basis + chunk;
-    let end = 4 * w + 5 * e + 4 * w / n as u64 + 8 * basis + chunk;
+    let (block, nn) = (4 * w / n as u64, n as u64);
+    let start =
+        4 * w + 5 * e + 8 * basis + (10 * e / nn).max(5 * e / nn + block).max(block + chunk);
+    let end = 4 * w + 8 * basis + (10 * e).max(5 * e + block + chunk);
     let predicted = training.max(start).max(end);
     println!(
         "group: d {d}, I {i}, n {n} gated, p {p}, s {s}, rank {rank}, {tokens} calibration tokens, {batch} per batch, {steps} steps, {}",
         sparsifier
     );
     println!(
-        "prediction: blocks 4W {:.3} GiB + batch inputs/targets 8nBd {:.3} GiB + V and mask 5E {:.3} GiB + moments 8(1 - {start_sparsity})E {:.3} GiB + one matrix's gradient 4E/(fn) {:.3} GiB + U 16dr {:.3} GiB = {:.3} GiB while training; {:.3} GiB at the start (10E + a block + a chunk {:.3} GiB), {:.3} GiB at the end (5E + a block + a chunk)",
+        "prediction: blocks 4W {:.3} GiB + batch inputs/targets 8nBd {:.3} GiB + V and mask 5E {:.3} GiB + moments 8(1 - {start_sparsity})E {:.3} GiB + one matrix's gradient 4E/(fn) {:.3} GiB + U 16dr {:.3} GiB = {:.3} GiB while training; {:.3} GiB at the start (5E + max(10E/n, 5E/n + a block, a block + a chunk {:.3} GiB)), {:.3} GiB at the end (max(10E, 5E + a block + a chunk))",
         gib(4 * w),
         gib(calib),
         gib(5 * e),

@@ -311,28 +311,27 @@ impl<'a, F: Float> FactorTrainer<'a, F> {
 
         let target = config.sparsity();
         let mut schedule = MaskSchedule::new(config.sparsifier(), target, entries, steps);
-        let mut mask = Array2::from_elem(params.v.raw_dim(), true);
 
         // The untrained model at the budget: the initialisation pruned to the target sparsity
         // (only a mask is copied: the assembled factors zero the values outside it), measured
-        // one dense block at a time.
+        // one dense block at a time, each block assembled alone when its error is measured.
         let init_errors = {
             let m = Array2::from_shape_vec(
                 params.v.raw_dim(),
                 schedule.target_mask(params.v.as_slice().ok_or_else(internal_layout)?),
             )
             .map_err(|e| FipsError::Numerical(e.to_string()))?;
-            let rebuilt = assemble(&Factors {
+            let pruned = Factors {
                 spec: &spec,
                 rank,
                 u: &params.u,
                 v: &params.v,
                 mask: &m,
                 biases: &params.biases,
-            })?;
-            drop(m);
-            source.errors(|b| rebuilt.to_dense_mlp(b))?
+            };
+            source.errors(|b| rebuild_block(assemble, layout, &pruned, b))?
         };
+        let mut mask = Array2::from_elem(params.v.raw_dim(), true);
         schedule.prepare(contiguous(&mut params.v)?, contiguous(&mut mask)?);
 
         let training = (steps > 0).then(|| {
@@ -857,6 +856,58 @@ fn assemble_shared<F: Float>(f: &Factors<'_, F>) -> Result<CompressedBlocks<F>> 
         f.biases.to_vec(),
     )
     .map(CompressedBlocks::SharedBasis)
+}
+
+/// Block `b` of the group `f` (bases arranged as `layout`) as a dense MLP: its factors alone
+/// (`V`'s and the mask's columns of its `f` matrices, their biases, `U` or its bases) assembled as a
+/// one-block group, so that only one block's factors are ever copied. Each matrix is rebuilt as
+/// `U V_j` (or `U_j V_j`) from the same values as in the whole group's assembly: bit-identical.
+fn rebuild_block<F: Float>(
+    assemble: Assembler<F>,
+    layout: BasisLayout,
+    f: &Factors<'_, F>,
+    b: usize,
+) -> Result<DenseMlp<F>> {
+    let shape = f.spec.shape;
+    let (i, m, r) = (shape.intermediate, shape.matrices_per_block, f.rank);
+    if b >= shape.blocks {
+        return Err(FipsError::IndexOutOfRange {
+            what: "block",
+            index: b,
+            len: shape.blocks,
+        });
+    }
+    let cols = s![.., b * m * i..(b + 1) * m * i];
+    let spec = GroupSpec {
+        shape: GroupShape { blocks: 1, ..shape },
+        ..*f.spec
+    };
+    let biases = f
+        .biases
+        .get(b * m..(b + 1) * m)
+        .ok_or_else(internal_layout)?;
+    // The slices are dropped once assembled, before the block is rebuilt dense.
+    let block = {
+        let v = f.v.slice(cols).to_owned();
+        let mask = f.mask.slice(cols).to_owned();
+        let bases;
+        let u = match layout {
+            BasisLayout::Shared => f.u,
+            BasisLayout::PerMatrix => {
+                bases = f.u.slice(s![.., b * m * r..(b + 1) * m * r]).to_owned();
+                &bases
+            }
+        };
+        assemble(&Factors {
+            spec: &spec,
+            rank: r,
+            u,
+            v: &v,
+            mask: &mask,
+            biases,
+        })?
+    };
+    block.to_dense_mlp(0)
 }
 
 fn internal_layout() -> FipsError {
