@@ -30,7 +30,6 @@
 mod support;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use fips::repr::compact::{CompactMatrix, StorageFloat};
 use fips::repr::sparse_blocked::KernelChoice;
 use fips::repr::sparse_mlp::CompactGroup;
 use fips::{
@@ -85,26 +84,6 @@ fn compact_block(rng: &mut ChaCha8Rng, s: &Shape, rank: usize) -> CompactGroup<f
         .map(|j| Some(vec![0.0f32; if j + 1 < f { i } else { d }]))
         .collect();
     CompactGroup::new(s.kind, s.act, (d, rank), basis, factors, biases).expect("compact block")
-}
-
-fn to_storage<S: StorageFloat>(g: &CompactGroup<f32>) -> CompactGroup<S> {
-    let conv = |v: &[f32]| v.iter().map(|&x| S::from_f32(x)).collect::<Vec<S>>();
-    let factors = (0..g.factor_count())
-        .map(|j| {
-            let m = g.compact_factor(j).expect("factor");
-            CompactMatrix::new(m.pattern().clone(), conv(m.values())).expect("finite")
-        })
-        .collect();
-    let biases = g.biases().iter().map(|b| b.as_deref().map(conv)).collect();
-    CompactGroup::new(
-        g.kind(),
-        g.activation(),
-        (g.width(), g.rank()),
-        conv(g.basis()),
-        factors,
-        biases,
-    )
-    .expect("converted block")
 }
 
 fn machine(c: &mut Criterion, threads: usize) {
@@ -167,7 +146,9 @@ fn bench_shape(c: &mut Criterion, s: &Shape, threads: usize) {
     let mut rng = ChaCha8Rng::seed_from_u64(17);
     let dense = dense_block(&mut rng, s);
     let compact = compact_block(&mut rng, s, rank).with_threads(threads);
-    let bf16 = to_storage::<half::bf16>(&compact).with_threads(threads);
+    let bf16 = support::to_storage::<half::bf16>(&compact)
+        .expect("converted block")
+        .with_threads(threads);
     let dense_bytes = (dense.weight_count() + dense.bias_count()) * 4;
     let expected_nnz = nonzeros_for_sparsity(shape.factor_entries(rank), 0.75) / s.blocks;
     eprintln!(

@@ -39,11 +39,7 @@ use std::collections::HashMap;
 
 use fips::format::mlp_input_writer::MlpInputWriter;
 use fips::format::mlp_inputs::MlpInputs;
-use fips::{
-    Activation, Budget, DenseMlp, FipsParams, GmpSchedule, GroupShape, Linear, ParamGuard,
-    RiglSchedule, Sparsifier,
-};
-use ndarray::Array2;
+use fips::{Budget, FipsParams, GmpSchedule, GroupShape, ParamGuard, RiglSchedule, Sparsifier};
 mod support;
 
 use rand::SeedableRng;
@@ -67,14 +63,6 @@ fn stage(name: &str) {
         gib(hwm),
         gib(rss)
     );
-}
-
-fn randn(rng: &mut ChaCha8Rng, rows: usize, cols: usize) -> Array2<f32> {
-    let scale = 1.0 / (cols as f32).sqrt();
-    Array2::from_shape_simple_fn((rows, cols), || {
-        let z: f32 = StandardNormal.sample(rng);
-        scale * z
-    })
 }
 
 fn main() -> fips::Result<()> {
@@ -152,16 +140,7 @@ fn main() -> fips::Result<()> {
     stage("start");
 
     let mut rng = ChaCha8Rng::seed_from_u64(0);
-    let blocks = (0..n)
-        .map(|_| {
-            DenseMlp::gated(
-                Linear::new(randn(&mut rng, i, d), None)?,
-                Linear::new(randn(&mut rng, i, d), None)?,
-                Linear::new(randn(&mut rng, d, i), None)?,
-                Activation::Silu,
-            )
-        })
-        .collect::<fips::Result<Vec<_>>>()?;
+    let blocks = support::random_gated_blocks(&mut rng, n, d, i)?;
     stage("blocks built");
 
     // Calibration streamed to a file in chunks of 256 rows, then streamed from it.

@@ -19,7 +19,6 @@
 #[path = "support/mod.rs"]
 mod support;
 
-use fips::repr::compact::{CompactMatrix, StorageFloat};
 use fips::repr::sparse_blocked::KernelChoice;
 use fips::repr::sparse_mlp::CompactGroup;
 use fips::{Activation, DenseMlp, FipsError, GroupShape, Linear, MlpKind, rank_for_budget};
@@ -35,25 +34,6 @@ fn cpu_ns() -> u64 {
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
-}
-
-fn to_storage<S: StorageFloat>(g: &CompactGroup<f32>) -> Result<CompactGroup<S>> {
-    let conv = |v: &[f32]| v.iter().map(|&x| S::from_f32(x)).collect::<Vec<S>>();
-    let factors = (0..g.factor_count())
-        .map(|j| {
-            let m = g.compact_factor(j)?;
-            CompactMatrix::new(m.pattern().clone(), conv(m.values()))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let biases = g.biases().iter().map(|b| b.as_deref().map(conv)).collect();
-    CompactGroup::new(
-        g.kind(),
-        g.activation(),
-        (g.width(), g.rank()),
-        conv(g.basis()),
-        factors,
-        biases,
-    )
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -105,7 +85,7 @@ fn main() -> Result<()> {
         .map(|j| Some(vec![0.0f32; if j + 1 < f { i } else { d }]))
         .collect();
     let c32 = CompactGroup::new(kind, act, (d, rank), basis, factors, biases)?.with_threads(1);
-    let cbf = to_storage::<half::bf16>(&c32)?.with_threads(1);
+    let cbf = support::to_storage::<half::bf16>(&c32)?.with_threads(1);
     let c32v3 = c32.clone().with_kernel(KernelChoice::V3);
     let cbfv3 = cbf.clone().with_kernel(KernelChoice::V3);
     let seconds = if big { 2.0 } else { 0.4 };

@@ -15,13 +15,13 @@
 use std::ops::ControlFlow;
 
 use fips::{
-    Activation, Calibration, CompressedBlocks, Compressor, ContractionOrder, DenseMlp, FipsParams,
-    GmpSchedule, Linear, MethodReport, ParamGuard, RiglSchedule, Sparsifier, methods::SvdParams,
+    Calibration, CompressedBlocks, Compressor, ContractionOrder, FipsParams, GmpSchedule,
+    MethodReport, ParamGuard, RiglSchedule, Sparsifier, methods::SvdParams,
 };
-use ndarray::Array2;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use rand_distr::{Distribution, StandardNormal};
+
+mod support;
 
 /// FNV-1a over 64-bit words.
 struct Fnv(u64);
@@ -41,14 +41,6 @@ impl Fnv {
             self.word(u64::from(x.to_bits()));
         }
     }
-}
-
-fn randn(rng: &mut ChaCha8Rng, rows: usize, cols: usize) -> Array2<f32> {
-    let scale = 1.0 / (cols as f32).sqrt();
-    Array2::from_shape_simple_fn((rows, cols), || {
-        let z: f32 = StandardNormal.sample(rng);
-        scale * z
-    })
 }
 
 fn fingerprint(blocks: &CompressedBlocks<f32>, report: &MethodReport) -> fips::Result<u64> {
@@ -87,16 +79,7 @@ fn fingerprint(blocks: &CompressedBlocks<f32>, report: &MethodReport) -> fips::R
 fn main() -> fips::Result<()> {
     let (d, i, n, tokens) = (48, 130, 3, 600);
     let mut rng = ChaCha8Rng::seed_from_u64(7);
-    let blocks = (0..n)
-        .map(|_| {
-            DenseMlp::gated(
-                Linear::new(randn(&mut rng, i, d), None)?,
-                Linear::new(randn(&mut rng, i, d), None)?,
-                Linear::new(randn(&mut rng, d, i), None)?,
-                Activation::Silu,
-            )
-        })
-        .collect::<fips::Result<Vec<_>>>()?;
+    let blocks = support::random_gated_blocks(&mut rng, n, d, i)?;
     let calibration = Calibration::<f32>::gaussian(n, tokens, d, 3)?;
     let rigl = Sparsifier::Rigl(RiglSchedule {
         drop_fraction: 0.3,

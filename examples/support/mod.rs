@@ -1,11 +1,63 @@
 //! Helpers shared by the examples and the inference benchmark (not an example itself): this
-//! process's memory, and random compact factors.
+//! process's memory, random dense blocks and compact factors, and a compact group's storage
+//! dtype changed.
 #![allow(dead_code)]
 
-use fips::FipsError;
 use fips::repr::compact::{CompactMatrix, SparsePattern, StorageFloat};
+use fips::repr::sparse_mlp::CompactGroup;
+use fips::{Activation, DenseMlp, FipsError, Linear};
+use ndarray::Array2;
 use rand::{Rng, RngCore};
 use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+
+/// A `rows × cols` matrix of `N(0, 1/cols)` entries.
+pub fn randn(rng: &mut ChaCha8Rng, rows: usize, cols: usize) -> Array2<f32> {
+    let scale = 1.0 / (cols as f32).sqrt();
+    Array2::from_shape_simple_fn((rows, cols), || {
+        let z: f32 = StandardNormal.sample(rng);
+        scale * z
+    })
+}
+
+/// `n` gated SiLU blocks of width `d` and intermediate size `i` with [`randn`] weights, no biases.
+pub fn random_gated_blocks(
+    rng: &mut ChaCha8Rng,
+    n: usize,
+    d: usize,
+    i: usize,
+) -> fips::Result<Vec<DenseMlp<f32>>> {
+    (0..n)
+        .map(|_| {
+            DenseMlp::gated(
+                Linear::new(randn(rng, i, d), None)?,
+                Linear::new(randn(rng, i, d), None)?,
+                Linear::new(randn(rng, d, i), None)?,
+                Activation::Silu,
+            )
+        })
+        .collect()
+}
+
+/// The same compact group with its basis, values and biases rounded to the storage type `S`.
+pub fn to_storage<S: StorageFloat>(g: &CompactGroup<f32>) -> fips::Result<CompactGroup<S>> {
+    let conv = |v: &[f32]| v.iter().map(|&x| S::from_f32(x)).collect::<Vec<S>>();
+    let factors = (0..g.factor_count())
+        .map(|j| {
+            let m = g.compact_factor(j)?;
+            CompactMatrix::new(m.pattern().clone(), conv(m.values()))
+        })
+        .collect::<fips::Result<Vec<_>>>()?;
+    let biases = g.biases().iter().map(|b| b.as_deref().map(conv)).collect();
+    CompactGroup::new(
+        g.kind(),
+        g.activation(),
+        (g.width(), g.rank()),
+        conv(g.basis()),
+        factors,
+        biases,
+    )
+}
 
 /// `VmRSS` and `VmHWM` of this process, in KiB (Linux; zeros elsewhere).
 pub fn memory_kib() -> (u64, u64) {
