@@ -18,8 +18,10 @@ use crate::methods::report::Progress;
 
 /// One method's training problem, stepped by [`TrainingLoop`].
 pub(crate) trait Trainable {
-    /// Draws the mini-batch of `step` (1-based) and computes its loss and gradients.
-    fn loss_and_gradients(&mut self, step: usize) -> Result<f64>;
+    /// Draws the mini-batch of `step` (1-based) and computes its loss and gradients; `lr` is the
+    /// step's learning rate, for problems that apply part of their update during the backward
+    /// pass (the rest is applied by [`Trainable::update`] at the same `lr`).
+    fn loss_and_gradients(&mut self, step: usize, lr: f64) -> Result<f64>;
 
     /// Applies the update of `step` at learning rate `lr` with the gradients just computed.
     fn update(&mut self, step: usize, lr: f64) -> Result<()>;
@@ -119,11 +121,11 @@ impl TrainingLoop {
         }
         let started = Instant::now();
         let step = self.step + 1;
-        let loss = problem.loss_and_gradients(step)?;
+        let lr = self.schedule.at(step, self.total);
+        let loss = problem.loss_and_gradients(step, lr)?;
         if !loss.is_finite() {
             return Err(FipsError::NonFiniteLoss { step, loss });
         }
-        let lr = self.schedule.at(step, self.total);
         problem.update(step, lr)?;
         self.step = step;
         self.losses.push(loss);
@@ -210,7 +212,7 @@ mod tests {
     }
 
     impl Trainable for Quadratic {
-        fn loss_and_gradients(&mut self, _step: usize) -> Result<f64> {
+        fn loss_and_gradients(&mut self, _step: usize, _lr: f64) -> Result<f64> {
             self.grad = 2.0 * (self.x - 3.0);
             Ok((self.x - 3.0).powi(2))
         }
@@ -279,7 +281,7 @@ mod tests {
     }
 
     impl Trainable for Scored {
-        fn loss_and_gradients(&mut self, step: usize) -> Result<f64> {
+        fn loss_and_gradients(&mut self, step: usize, _: f64) -> Result<f64> {
             self.step = step;
             Ok(1.0)
         }
@@ -365,7 +367,7 @@ mod tests {
     fn a_non_finite_loss_stops_before_the_update() {
         struct Bad(f64);
         impl Trainable for Bad {
-            fn loss_and_gradients(&mut self, _: usize) -> Result<f64> {
+            fn loss_and_gradients(&mut self, _: usize, _: f64) -> Result<f64> {
                 Ok(f64::NAN)
             }
             fn update(&mut self, _: usize, _: f64) -> Result<()> {

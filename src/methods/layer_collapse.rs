@@ -168,7 +168,7 @@ impl<F: Float> SlopeProblem<'_, F> {
 }
 
 impl<F: Float> Trainable for SlopeProblem<'_, F> {
-    fn loss_and_gradients(&mut self, step: usize) -> Result<f64> {
+    fn loss_and_gradients(&mut self, step: usize, _lr: f64) -> Result<f64> {
         let p = self.params;
         let rows = sample(&mut self.rng, self.z.nrows(), self.batch).into_vec();
         gather_rows(self.z, &rows, &mut self.xb);

@@ -396,7 +396,7 @@ struct ResidualProblem<'r, 'a, F: Float> {
 }
 
 impl<F: Float> Trainable for ResidualProblem<'_, '_, F> {
-    fn loss_and_gradients(&mut self, step: usize) -> Result<f64> {
+    fn loss_and_gradients(&mut self, step: usize, _lr: f64) -> Result<f64> {
         let rows = sample(&mut self.rng, self.inputs.tokens(), self.batch).into_vec();
         let x = self.inputs.batch(&rows, &mut self.buffer)?;
         let (loss, dp, dq) = self.residual.loss_and_gradients(x.view(), self.w);

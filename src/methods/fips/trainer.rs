@@ -566,18 +566,13 @@ impl<F: Float> FactorGradientSink<F> for VUpdate<'_, F> {
 
 impl<F: Float> Trainable for FactorProblem<'_, F> {
     /// The loss, `∂U` and the biases' gradients, and, fused into the backward pass, the whole
-    /// update of `V` (sparsifier and AdamW at the step's learning rate): the numbers of the
+    /// update of `V` (sparsifier and AdamW at the step's learning rate `lr`): the numbers of the
     /// dense-gradient step, bit for bit. After a non-finite loss (an error that ends the run)
     /// `V` may be partly updated.
-    fn loss_and_gradients(&mut self, step: usize) -> Result<f64> {
+    fn loss_and_gradients(&mut self, step: usize, lr: f64) -> Result<f64> {
         let state = self.training.as_mut().ok_or_else(internal_layout)?;
         let indices = state.sampler.next_batch();
         self.source.batch(indices, &mut state.xs, &mut state.ys)?;
-        // The engine's cosine schedule over the configured steps.
-        let lr = self
-            .config
-            .optimizer()
-            .learning_rate_at(step, self.config.steps());
         let adam = AdamWStep::<F>::new(self.config.optimizer(), lr, step);
         let mut plan = self.schedule.begin_step(
             step,
