@@ -276,13 +276,24 @@ pub(crate) fn squared_error_chunked<F: Float>(
         .zip(y.axis_chunks_iter(Axis(0), CHUNK_TOKENS))
     {
         let yhat = mlp.forward(zc)?;
-        ndarray::Zip::from(&yhat).and(&yc).for_each(|&p, &t| {
-            let (p, t) = (p.as_f64(), t.as_f64());
-            e += (p - t) * (p - t);
-            n += t * t;
-        });
+        add_squared_error(&mut e, &mut n, yhat.view(), yc.view());
     }
     Ok((e, n))
+}
+
+/// Adds `‖ŷ − y‖²` to `e` and `‖y‖²` to `n`, in `f64`, element by element in `ŷ`'s order (the one
+/// accumulation of [`squared_error_chunked`] and [`squared_error_streamed`]).
+fn add_squared_error<F: Float>(
+    e: &mut f64,
+    n: &mut f64,
+    yhat: ArrayView2<'_, F>,
+    y: ArrayView2<'_, F>,
+) {
+    ndarray::Zip::from(yhat).and(y).for_each(|&p, &t| {
+        let (p, t) = (p.as_f64(), t.as_f64());
+        *e += (p - t) * (p - t);
+        *n += t * t;
+    });
 }
 
 /// `(‖mlp(z) − original(z)‖², ‖original(z)‖²)` in `f64` over every token of block `block` of
@@ -303,11 +314,7 @@ pub(crate) fn squared_error_streamed<F: Float>(
         let zc = reader.rows(block, start, rows)?;
         let yc = original.forward(zc.view())?;
         let yhat = mlp.forward(zc.view())?;
-        ndarray::Zip::from(&yhat).and(&yc).for_each(|&p, &t| {
-            let (p, t) = (p.as_f64(), t.as_f64());
-            e += (p - t) * (p - t);
-            n += t * t;
-        });
+        add_squared_error(&mut e, &mut n, yhat.view(), yc.view());
         start += rows;
     }
     Ok((e, n))
