@@ -289,15 +289,22 @@ impl Checkpoint {
     }
 }
 
+/// Bytes per element of the float dtypes the crate reads (`F32`, `F64`, `F16`, `BF16`); `None`
+/// for any other dtype.
+pub(crate) fn float_bytes(dtype: Dtype) -> Option<usize> {
+    match dtype {
+        Dtype::F32 => Some(4),
+        Dtype::F64 => Some(8),
+        Dtype::F16 | Dtype::BF16 => Some(2),
+        _ => None,
+    }
+}
+
 /// Decodes little-endian floats of `info.dtype` into `F`.
 fn decode_floats<F: Float>(info: &TensorInfo, bytes: &[u8]) -> Result<Vec<F>> {
-    let size = match info.dtype {
-        Dtype::F32 => 4,
-        Dtype::F64 => 8,
-        Dtype::F16 | Dtype::BF16 => 2,
-        _ => 1, // rejected by `decode_floats_into` below
-    };
-    let mut out = vec![F::zero(); if size == 1 { 0 } else { bytes.len() / size }];
+    // Another dtype decodes nothing: `decode_floats_into` rejects it below.
+    let len = float_bytes(info.dtype).map_or(0, |size| bytes.len() / size);
+    let mut out = vec![F::zero(); len];
     decode_floats_into(&info.name, info.dtype, bytes, &mut out)?;
     Ok(out)
 }

@@ -16,7 +16,9 @@ use std::path::Path;
 use ndarray::{Array2, ArrayView2};
 use safetensors::Dtype;
 
-use crate::format::checkpoint::{Checkpoint, TensorData, decode_floats_into, write_safetensors};
+use crate::format::checkpoint::{
+    Checkpoint, TensorData, decode_floats_into, float_bytes, write_safetensors,
+};
 use crate::foundation::error::{FipsError, Result};
 use crate::foundation::float::{Float, ensure_finite};
 use crate::math::calibration::{Calibration, CalibrationReader, check_request, check_rows};
@@ -224,7 +226,7 @@ impl MlpInputs {
                 });
             }
             let dtype = self.file.info(&name)?.dtype;
-            let size = element_bytes(dtype).ok_or_else(|| {
+            let size = float_bytes(dtype).map(|s| s as u64).ok_or_else(|| {
                 format(format!(
                     "tensor {name:?} has dtype {dtype:?}, expected a float"
                 ))
@@ -253,16 +255,6 @@ impl MlpInputs {
             width,
             end: end_max,
         })
-    }
-}
-
-/// Bytes per element of a float dtype an MLP-input file may hold.
-fn element_bytes(dtype: Dtype) -> Option<u64> {
-    match dtype {
-        Dtype::F32 => Some(4),
-        Dtype::F64 => Some(8),
-        Dtype::F16 | Dtype::BF16 => Some(2),
-        _ => None,
     }
 }
 
