@@ -369,7 +369,6 @@ impl StreamedGroup<'_> {
         observer: &mut dyn Observer,
     ) -> Result<(MethodOutput<f32>, Duration)> {
         let (g, blocks, dense) = (self.g, self.blocks, self.dense);
-        let width = dense.first().map_or(0, |m| m.width());
         let mut run = |train: &dyn CalibrationReader<f32>, set: Option<&ValidationSet<f32>>| {
             let calibration_time = self.calibration_start.elapsed();
             observer.group_started(g, blocks, self.compressor.steps());
@@ -386,11 +385,28 @@ impl StreamedGroup<'_> {
                 run(&train, Some(&set))
             }
             Validation::Source(source) => {
-                let held = group_calibration(source, g, blocks, width, &mut Silent)?;
-                let set = ValidationSet::new(dense, &held)?;
-                drop(held);
+                let set = source_validation(source, g, blocks, dense)?;
                 run(reader, Some(&set))
             }
+        }
+    }
+}
+
+/// The validation set of group `g` (`blocks`, dense `dense`) on held-out inputs from their own
+/// `source` (e.g. the held-out paragraphs' captures of the text path): read from a file straight
+/// into the set, produced in memory otherwise.
+fn source_validation(
+    source: &CalibrationSource<'_>,
+    g: usize,
+    blocks: &[usize],
+    dense: &[crate::foundation::mlp::DenseMlp<f32>],
+) -> Result<ValidationSet<f32>> {
+    match source {
+        CalibrationSource::File(file) => ValidationSet::from_reader(dense, &file.stream(blocks)?),
+        _ => {
+            let width = dense.first().map_or(0, |m| m.width());
+            let held = group_calibration(source, g, blocks, width, &mut Silent)?;
+            ValidationSet::new(dense, &held)
         }
     }
 }

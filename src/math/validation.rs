@@ -7,6 +7,8 @@
 //! `Y` are the original blocks' outputs (the same relative error the reports give for the
 //! calibration set).
 
+use std::borrow::Cow;
+
 use ndarray::{Array2, Axis};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -96,29 +98,35 @@ pub struct ValidationSet<F> {
 impl<F: Float> ValidationSet<F> {
     /// The validation set of `blocks` on `inputs` (one `[tokens, d]` array per block).
     pub fn new(blocks: &[DenseMlp<F>], inputs: &Calibration<F>) -> Result<Self> {
-        if blocks.len() != inputs.blocks() {
-            return Err(FipsError::ShapeMismatch {
-                what: "validation inputs (one array per block)".into(),
-                expected: vec![blocks.len()],
-                got: vec![inputs.blocks()],
-            });
-        }
-        let targets = blocks
-            .iter()
-            .zip(inputs.inputs())
-            .map(|(mlp, z)| mlp.forward(z.view()))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
-            inputs: inputs.inputs().to_vec(),
-            targets,
-        })
+        Self::with_inputs(blocks, inputs.inputs().to_vec())
     }
 
     /// [`Self::new`] on inputs read from `inputs` (e.g. the held-out part of
     /// [`split_reader`]): the set is held in memory, `2 n T_val d` values for `T_val` held-out
-    /// tokens (the inputs and their targets).
+    /// tokens (the inputs and their targets), and the rows read are moved in, not copied.
     pub fn from_reader(blocks: &[DenseMlp<F>], inputs: &dyn CalibrationReader<F>) -> Result<Self> {
-        Self::new(blocks, read_whole(inputs)?.as_ref())
+        match read_whole(inputs)? {
+            Cow::Borrowed(calibration) => Self::new(blocks, calibration),
+            Cow::Owned(calibration) => Self::with_inputs(blocks, calibration.into_inputs()),
+        }
+    }
+
+    /// The set of `blocks` on `inputs` (checked `[tokens, d]` arrays, one per block), with the
+    /// targets `Y_b = MLP_b(Z_b)`.
+    fn with_inputs(blocks: &[DenseMlp<F>], inputs: Vec<Array2<F>>) -> Result<Self> {
+        if blocks.len() != inputs.len() {
+            return Err(FipsError::ShapeMismatch {
+                what: "validation inputs (one array per block)".into(),
+                expected: vec![blocks.len()],
+                got: vec![inputs.len()],
+            });
+        }
+        let targets = blocks
+            .iter()
+            .zip(&inputs)
+            .map(|(mlp, z)| mlp.forward(z.view()))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { inputs, targets })
     }
 
     /// Blocks.
