@@ -11,6 +11,7 @@ use ndarray::Array2;
 
 use crate::foundation::error::{FipsError, Result};
 use crate::foundation::float::Float;
+use crate::foundation::slicing::s;
 use crate::math::calibration::{Calibration, CalibrationReader, check_request, check_rows};
 
 /// Tokens `indices` of a reader, in that order: row `k` of every block is row `indices[k]` of the
@@ -82,11 +83,23 @@ impl<F: Float> CalibrationReader<F> for RowSubset<'_, F> {
         self.source.gather(block, &mapped, dst)
     }
 
+    /// Each run of consecutive source rows (the kept part of a hold-out is mostly such runs) is
+    /// one [`CalibrationReader::rows`] of the source: one read from a file, not one per row.
     fn rows(&self, block: usize, start: usize, rows: usize) -> Result<Array2<F>> {
         let end = check_rows(self, block, start, rows)?;
+        let wanted = &self.indices[start..end];
         let mut out = Array2::zeros((rows, self.width()));
-        self.source
-            .gather(block, &self.indices[start..end], &mut out)?;
+        let mut k = 0;
+        while let Some(&first) = wanted.get(k) {
+            let len = 1 + wanted[k + 1..]
+                .iter()
+                .zip(1..)
+                .take_while(|&(&t, step)| first.checked_add(step) == Some(t))
+                .count();
+            let run = self.source.rows(block, first, len)?;
+            out.slice_mut(s![k..k + len, ..]).assign(&run);
+            k += len;
+        }
         Ok(out)
     }
 }
@@ -160,6 +173,20 @@ mod tests {
         let whole = read_whole(reader).unwrap();
         assert_eq!(whole.tokens(), 3);
         assert_eq!(whole.inputs()[1].row(2), calib.inputs()[1].row(5));
+        // Runs of consecutive rows, read one run at a time, in any order and with repeats.
+        let order = vec![1, 2, 3, 5, 0, 4, 5, 5, 2, 3];
+        let runs = RowSubset::new(&calib, order.clone()).unwrap();
+        for (start, len) in [(0, 10), (2, 5), (9, 1), (4, 0)] {
+            let got = runs.rows(1, start, len).unwrap();
+            assert_eq!(got.dim(), (len, 2));
+            for (k, &t) in order[start..start + len].iter().enumerate() {
+                assert_eq!(
+                    got.row(k),
+                    calib.inputs()[1].row(t),
+                    "row {k} of {start}+{len}"
+                );
+            }
+        }
     }
 
     #[test]
