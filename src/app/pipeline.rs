@@ -283,7 +283,7 @@ pub fn compress_group(
         .collect::<Result<Vec<_>>>()?;
     let width = dense.first().map_or(0, |m| m.width());
     let calibration_start = Instant::now();
-    let out = if let CalibrationSource::File(file) = calibration {
+    let (out, calibration_time) = if let CalibrationSource::File(file) = calibration {
         // Streamed: the group's inputs are read from the file a batch and a chunk at a time.
         observer.calibration(g, 0, blocks.len());
         let streamed = file.stream(blocks)?;
@@ -320,7 +320,6 @@ pub fn compress_group(
         })?;
         (out, calibration_time)
     };
-    let (out, calibration_time) = out;
     observer.group_finished(g, &out.report);
     let originals = blocks
         .iter()
