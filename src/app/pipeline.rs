@@ -2,7 +2,9 @@
 //!
 //! Memory stays bounded by one group: calibration activations are captured (or read) for the
 //! blocks of one group, used, and dropped before the next group. With images, the model's forward
-//! pass stops after the group's last block.
+//! pass stops after the group's last block. From an MLP-input file a group's inputs are not even
+//! held whole: FiPS and SVD read them a batch and a chunk at a time (positioned reads), and only
+//! the held-out validation tokens are held in memory.
 
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
@@ -18,9 +20,9 @@ use crate::format::mlp_inputs::MlpInputs;
 use crate::foundation::activation::Activation;
 use crate::foundation::error::{FipsError, Result};
 use crate::foundation::slicing::s;
-use crate::math::calibration::Calibration;
-use crate::math::validation::{ValidationSet, holdout_count, split_tokens};
-use crate::methods::{Compressor, MethodReport, Progress};
+use crate::math::calibration::{Calibration, CalibrationReader};
+use crate::math::validation::{ValidationSet, holdout_count, split_reader, split_tokens};
+use crate::methods::{Compressor, MethodOutput, MethodReport, Progress};
 
 /// Tokens per block of data-free (Gaussian) calibration by default.
 pub const DATA_FREE_TOKENS: usize = 16384;
@@ -44,7 +46,8 @@ pub enum CalibrationSource<'a> {
         /// The calibration images.
         pixels: ArrayView4<'a, u8>,
     },
-    /// MLP inputs read from a file.
+    /// MLP inputs read from a file: by [`compress_group`] a batch and a chunk at a time
+    /// ([`MlpInputs::stream`]), by [`group_calibration`] whole.
     File(&'a MlpInputs),
     /// Data-free: standard Gaussian inputs with this many tokens per block.
     Gaussian {
@@ -258,6 +261,10 @@ pub fn model_manifest(
 /// groups (every method seeds its draws from its parameters, and data-free inputs and hold-outs
 /// from the seed and `g`), so a group run alone, in another process or after a restart gives the
 /// same bits.
+///
+/// From [`CalibrationSource::File`] the group's calibration is streamed from the file (see
+/// [`Compressor::compress`] for which methods still read it whole), with the same bits as reading
+/// it whole; the other sources are produced, and held, in memory.
 #[allow(clippy::too_many_arguments)]
 pub fn compress_group(
     checkpoint: &impl TensorStore,
@@ -276,27 +283,43 @@ pub fn compress_group(
         .collect::<Result<Vec<_>>>()?;
     let width = dense.first().map_or(0, |m| m.width());
     let calibration_start = Instant::now();
-    let calib = group_calibration(calibration, g, blocks, width, observer)?;
-    let (calib, held_out) = match validation {
-        Validation::None => (calib, None),
-        Validation::Holdout { fraction, seed } => {
-            // The split consumes `calib` block by block: no second copy of the calibration.
-            let (train, held) = split_tokens(calib, *fraction, *seed)?;
-            (train, Some(held))
-        }
-        Validation::Source(source) => {
-            let held = group_calibration(source, g, blocks, width, &mut Silent)?;
-            (calib, Some(held))
-        }
+    let (out, calibration_time) = if let CalibrationSource::File(file) = calibration {
+        // Streamed: the group's inputs are read from the file a batch and a chunk at a time.
+        observer.calibration(g, 0, blocks.len());
+        let streamed = file.stream(blocks)?;
+        observer.calibration(g, blocks.len(), blocks.len());
+        let parts = StreamedGroup {
+            g,
+            blocks,
+            dense: &dense,
+            compressor,
+            calibration_start,
+        };
+        parts.compress(&streamed, validation, observer)?
+    } else {
+        let calib = group_calibration(calibration, g, blocks, width, observer)?;
+        let (calib, held_out) = match validation {
+            Validation::None => (calib, None),
+            Validation::Holdout { fraction, seed } => {
+                // The split consumes `calib` block by block: no second copy of the calibration.
+                let (train, held) = split_tokens(calib, *fraction, *seed)?;
+                (train, Some(held))
+            }
+            Validation::Source(source) => {
+                let held = group_calibration(source, g, blocks, width, &mut Silent)?;
+                (calib, Some(held))
+            }
+        };
+        let held_out = held_out
+            .map(|held| ValidationSet::new(&dense, &held))
+            .transpose()?;
+        let calibration_time = calibration_start.elapsed();
+        observer.group_started(g, blocks, compressor.steps());
+        let out = compressor.compress_validated(&dense, &calib, held_out.as_ref(), &mut |p| {
+            observer.step(g, p)
+        })?;
+        (out, calibration_time)
     };
-    let held_out = held_out
-        .map(|held| ValidationSet::new(&dense, &held))
-        .transpose()?;
-    let calibration_time = calibration_start.elapsed();
-    observer.group_started(g, blocks, compressor.steps());
-    let out = compressor.compress_validated(&dense, &calib, held_out.as_ref(), &mut |p| {
-        observer.step(g, p)
-    })?;
     observer.group_finished(g, &out.report);
     let originals = blocks
         .iter()
@@ -320,6 +343,71 @@ pub fn compress_group(
         report: out.report,
         calibration_time,
     })
+}
+
+/// What [`compress_group`] needs to compress a group whose calibration is a reader of an
+/// MLP-input file.
+struct StreamedGroup<'a> {
+    g: usize,
+    blocks: &'a [usize],
+    dense: &'a [crate::foundation::mlp::DenseMlp<f32>],
+    compressor: &'a dyn Compressor<f32>,
+    calibration_start: Instant,
+}
+
+impl StreamedGroup<'_> {
+    /// Compresses the group from `reader`, never holding its inputs whole: a hold-out takes the
+    /// rows [`split_tokens`] would keep (in the same order) as the training reader
+    /// ([`split_reader`]), and only the held-out rows are read into memory, for the
+    /// [`ValidationSet`] (the same bits as [`split_tokens`] on the whole calibration). Returns the
+    /// output and the time the calibration and validation inputs took.
+    fn compress(
+        &self,
+        reader: &dyn CalibrationReader<f32>,
+        validation: &Validation<'_>,
+        observer: &mut dyn Observer,
+    ) -> Result<(MethodOutput<f32>, Duration)> {
+        let (g, blocks, dense) = (self.g, self.blocks, self.dense);
+        let mut run = |train: &dyn CalibrationReader<f32>, set: Option<&ValidationSet<f32>>| {
+            let calibration_time = self.calibration_start.elapsed();
+            observer.group_started(g, blocks, self.compressor.steps());
+            let out = self
+                .compressor
+                .compress_validated(dense, train, set, &mut |p| observer.step(g, p))?;
+            Ok((out, calibration_time))
+        };
+        match validation {
+            Validation::None => run(reader, None),
+            Validation::Holdout { fraction, seed } => {
+                let (train, held) = split_reader(reader, *fraction, *seed)?;
+                let set = ValidationSet::from_reader(dense, &held)?;
+                run(&train, Some(&set))
+            }
+            Validation::Source(source) => {
+                let set = source_validation(source, g, blocks, dense)?;
+                run(reader, Some(&set))
+            }
+        }
+    }
+}
+
+/// The validation set of group `g` (`blocks`, dense `dense`) on held-out inputs from their own
+/// `source` (e.g. the held-out paragraphs' captures of the text path): read from a file straight
+/// into the set, produced in memory otherwise.
+fn source_validation(
+    source: &CalibrationSource<'_>,
+    g: usize,
+    blocks: &[usize],
+    dense: &[crate::foundation::mlp::DenseMlp<f32>],
+) -> Result<ValidationSet<f32>> {
+    match source {
+        CalibrationSource::File(file) => ValidationSet::from_reader(dense, &file.stream(blocks)?),
+        _ => {
+            let width = dense.first().map_or(0, |m| m.width());
+            let held = group_calibration(source, g, blocks, width, &mut Silent)?;
+            ValidationSet::new(dense, &held)
+        }
+    }
 }
 
 /// The compression of a whole model from its manifest (without groups) and its groups in order.

@@ -115,6 +115,14 @@ impl<F: Float> Calibration<F> {
     pub fn is_data_free(&self) -> bool {
         self.data_free
     }
+
+    /// The same inputs labelled data-free (rows read back from a data-free reader).
+    pub(crate) fn labelled_data_free(self) -> Self {
+        Self {
+            data_free: true,
+            ..self
+        }
+    }
 }
 
 /// Where a trainer reads calibration inputs from: held in memory ([`Calibration`]) or read a few

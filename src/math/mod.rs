@@ -10,5 +10,6 @@ pub mod limits;
 pub mod objective;
 pub mod optim;
 pub mod sparsity;
+pub mod subset;
 pub mod validation;
 pub mod whitening;

@@ -7,6 +7,8 @@
 //! `Y` are the original blocks' outputs (the same relative error the reports give for the
 //! calibration set).
 
+use std::borrow::Cow;
+
 use ndarray::{Array2, Axis};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -15,7 +17,8 @@ use rand_chacha::ChaCha8Rng;
 use crate::foundation::error::{FipsError, Result, invalid};
 use crate::foundation::float::Float;
 use crate::foundation::mlp::DenseMlp;
-use crate::math::calibration::{Calibration, squared_error_chunked};
+use crate::math::calibration::{Calibration, CalibrationReader, squared_error_chunked};
+use crate::math::subset::{RowSubset, read_whole};
 
 /// How many of `n ≥ 2` items [`holdout`] holds out: `round(fraction · n)`, at least one, at
 /// most `n − 1`.
@@ -68,6 +71,23 @@ pub fn split_tokens<F: Float>(
     Ok((Calibration::new(train)?, Calibration::new(validation)?))
 }
 
+/// Splits any calibration reader by tokens without reading a row: `(training, validation)` are
+/// the kept and the held-out token positions of the same seeded [`holdout`] as
+/// [`split_tokens`], in the same (ascending) order, so training on the first and validating on
+/// the second gives the bits of [`split_tokens`] on the whole set — with a reader of an
+/// MLP-input file, neither part is ever held whole.
+pub fn split_reader<'a, F: Float>(
+    calibration: &'a dyn CalibrationReader<F>,
+    fraction: f64,
+    seed: u64,
+) -> Result<(RowSubset<'a, F>, RowSubset<'a, F>)> {
+    let (kept, held) = holdout(calibration.tokens(), fraction, seed)?;
+    Ok((
+        RowSubset::new(calibration, kept)?,
+        RowSubset::new(calibration, held)?,
+    ))
+}
+
 /// Held-out inputs of every block of a group and the original blocks' outputs on them.
 #[derive(Debug, Clone)]
 pub struct ValidationSet<F> {
@@ -78,22 +98,35 @@ pub struct ValidationSet<F> {
 impl<F: Float> ValidationSet<F> {
     /// The validation set of `blocks` on `inputs` (one `[tokens, d]` array per block).
     pub fn new(blocks: &[DenseMlp<F>], inputs: &Calibration<F>) -> Result<Self> {
-        if blocks.len() != inputs.blocks() {
+        Self::with_inputs(blocks, inputs.inputs().to_vec())
+    }
+
+    /// [`Self::new`] on inputs read from `inputs` (e.g. the held-out part of
+    /// [`split_reader`]): the set is held in memory, `2 n T_val d` values for `T_val` held-out
+    /// tokens (the inputs and their targets), and the rows read are moved in, not copied.
+    pub fn from_reader(blocks: &[DenseMlp<F>], inputs: &dyn CalibrationReader<F>) -> Result<Self> {
+        match read_whole(inputs)? {
+            Cow::Borrowed(calibration) => Self::new(blocks, calibration),
+            Cow::Owned(calibration) => Self::with_inputs(blocks, calibration.into_inputs()),
+        }
+    }
+
+    /// The set of `blocks` on `inputs` (checked `[tokens, d]` arrays, one per block), with the
+    /// targets `Y_b = MLP_b(Z_b)`.
+    fn with_inputs(blocks: &[DenseMlp<F>], inputs: Vec<Array2<F>>) -> Result<Self> {
+        if blocks.len() != inputs.len() {
             return Err(FipsError::ShapeMismatch {
                 what: "validation inputs (one array per block)".into(),
                 expected: vec![blocks.len()],
-                got: vec![inputs.blocks()],
+                got: vec![inputs.len()],
             });
         }
         let targets = blocks
             .iter()
-            .zip(inputs.inputs())
+            .zip(&inputs)
             .map(|(mlp, z)| mlp.forward(z.view()))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
-            inputs: inputs.inputs().to_vec(),
-            targets,
-        })
+        Ok(Self { inputs, targets })
     }
 
     /// Blocks.
@@ -327,5 +360,24 @@ mod tests {
         assert_eq!(val.inputs()[1], val.inputs()[0].mapv(|x| 2.0 * x));
         let (_, held) = holdout(50, 0.2, 4).unwrap();
         assert_eq!(val.inputs()[0].row(0), z.row(held[0]));
+        // The reader split takes the same rows, in the same order.
+        let (train_rows, val_rows) = split_reader(&calibration, 0.2, 4).unwrap();
+        for b in 0..2 {
+            assert_eq!(train_rows.rows(b, 0, 40).unwrap(), train.inputs()[b]);
+            assert_eq!(val_rows.rows(b, 0, 10).unwrap(), val.inputs()[b]);
+        }
+        let blocks = [crate::foundation::mlp::DenseMlp::standard(
+            crate::foundation::mlp::Linear::new(Array2::eye(3), None).unwrap(),
+            crate::foundation::mlp::Linear::new(Array2::eye(3), None).unwrap(),
+            crate::foundation::activation::Activation::Relu,
+        )
+        .unwrap()];
+        let one = Calibration::new(vec![z.clone()]).unwrap();
+        let (_, one_val) = split_tokens(one.clone(), 0.2, 4).unwrap();
+        let (_, one_rows) = split_reader(&one, 0.2, 4).unwrap();
+        let a = ValidationSet::new(&blocks, &one_val).unwrap();
+        let b = ValidationSet::from_reader(&blocks, &one_rows).unwrap();
+        assert_eq!((a.inputs, a.targets), (b.inputs, b.targets));
+        assert!(split_reader(&one, 1.0, 4).is_err());
     }
 }

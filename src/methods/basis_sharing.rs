@@ -17,7 +17,8 @@ use crate::foundation::float::Float;
 use crate::foundation::mlp::{DenseMlp, MatrixRole};
 use crate::foundation::slicing::s;
 use crate::math::budget::Budget;
-use crate::math::calibration::Calibration;
+use crate::math::calibration::{Calibration, CalibrationReader};
+use crate::math::subset::read_whole;
 use crate::math::whitening::{Gram, WhitenedSvd, block_input_grams, cholesky_with_jitter};
 use crate::methods::compressor::{Compressor, MethodOutput, Run};
 use crate::methods::params::{BasisSharingValidParams, MethodParams};
@@ -53,9 +54,12 @@ impl<F: Float> Compressor<F> for BasisSharingValidParams {
     fn compress(
         &self,
         blocks: &[DenseMlp<F>],
-        calibration: &Calibration<F>,
+        calibration: &dyn CalibrationReader<F>,
         _on_step: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
     ) -> Result<MethodOutput<F>> {
+        // Every token in memory at once (see `Compressor::compress`).
+        let whole = read_whole(calibration)?;
+        let calibration: &Calibration<F> = &whole;
         let start = Instant::now();
         let spec = validate_group(blocks, Some(calibration))?;
         let first = &blocks[0];

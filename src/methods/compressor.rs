@@ -7,7 +7,7 @@ use std::time::Instant;
 use crate::foundation::error::Result;
 use crate::foundation::float::Float;
 use crate::foundation::mlp::DenseMlp;
-use crate::math::calibration::Calibration;
+use crate::math::calibration::{Calibration, CalibrationReader};
 use crate::math::validation::ValidationSet;
 use crate::methods::params::MethodParams;
 use crate::methods::report::{Method, MethodDetails, MethodReport, Progress, ValidationReport};
@@ -38,10 +38,18 @@ pub trait Compressor<F: Float> {
 
     /// Compresses `blocks` given each block's MLP inputs; `on_step` sees every training step of
     /// methods that train, and `Break` ends the current training run early.
+    ///
+    /// `calibration` is a [`Calibration`] in memory or any other [`CalibrationReader`] (e.g. a
+    /// file's rows, `format::mlp_inputs::MlpInputs::stream`, or the kept rows of
+    /// [`split_reader`](crate::math::validation::split_reader)). FiPS and SVD (trained or not)
+    /// read it a batch and a chunk at a time, never whole; the closed-form baselines (SVD-LLM,
+    /// basis sharing, mixed rank, layer collapse) read it whole into memory first
+    /// ([`read_whole`](crate::math::subset::read_whole)), which keeps their Gram matrices
+    /// `ZᵀZ` the bits of one product over every token.
     fn compress(
         &self,
         blocks: &[DenseMlp<F>],
-        calibration: &Calibration<F>,
+        calibration: &dyn CalibrationReader<F>,
         on_step: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
     ) -> Result<MethodOutput<F>>;
 
@@ -51,7 +59,7 @@ pub trait Compressor<F: Float> {
     fn compress_validated(
         &self,
         blocks: &[DenseMlp<F>],
-        calibration: &Calibration<F>,
+        calibration: &dyn CalibrationReader<F>,
         validation: Option<&ValidationSet<F>>,
         on_step: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
     ) -> Result<MethodOutput<F>> {
@@ -80,7 +88,7 @@ pub(crate) struct Run {
 
 impl<F: Float> MethodOutput<F> {
     /// Measures `blocks` against the `originals` on the calibration inputs and wraps them with
-    /// their report.
+    /// their report (the closed-form methods, which hold the calibration in memory).
     pub(crate) fn measured(
         run: Run,
         originals: &[DenseMlp<F>],

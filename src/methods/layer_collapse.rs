@@ -26,8 +26,9 @@ use rand_chacha::ChaCha8Rng;
 use crate::foundation::error::{FipsError, Result, invalid};
 use crate::foundation::float::Float;
 use crate::foundation::mlp::{DenseMlp, MlpKind};
-use crate::math::calibration::{Calibration, forward_chunked, gather_rows};
+use crate::math::calibration::{Calibration, CalibrationReader, forward_chunked, gather_rows};
 use crate::math::optim::{AdamW, AdamWStep, Moments};
+use crate::math::subset::read_whole;
 use crate::methods::compressor::{Compressor, MethodOutput, Run};
 use crate::methods::engine::{Schedule, Trainable, TrainingLoop};
 use crate::methods::params::{LayerCollapseParams, LayerCollapseValidParams, MethodParams};
@@ -265,9 +266,12 @@ impl<F: Float> Compressor<F> for LayerCollapseValidParams {
     fn compress(
         &self,
         blocks: &[DenseMlp<F>],
-        calibration: &Calibration<F>,
+        calibration: &dyn CalibrationReader<F>,
         on_step: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
     ) -> Result<MethodOutput<F>> {
+        // Every token in memory at once (see `Compressor::compress`).
+        let whole = read_whole(calibration)?;
+        let calibration: &Calibration<F> = &whole;
         let start = Instant::now();
         let spec = validate_group(blocks, Some(calibration))?;
         if blocks[0].kind() != MlpKind::Standard {

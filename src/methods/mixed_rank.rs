@@ -32,8 +32,9 @@ use rand_distr::{Distribution, StandardNormal};
 use crate::foundation::error::{FipsError, Result, invalid};
 use crate::foundation::float::Float;
 use crate::foundation::mlp::{DenseMlp, MatrixRole, MlpKind};
-use crate::math::calibration::{Calibration, gather_rows};
+use crate::math::calibration::{Calibration, CalibrationReader, gather_rows};
 use crate::math::optim::{AdamW, AdamWStep, Moments};
+use crate::math::subset::read_whole;
 use crate::math::whitening::{WhitenedSvd, block_input_grams};
 use crate::methods::compressor::{Compressor, MethodOutput, Run};
 use crate::methods::engine::{Schedule, Trainable, TrainingLoop};
@@ -177,9 +178,12 @@ impl<F: Float> Compressor<F> for MixedRankValidParams {
     fn compress(
         &self,
         blocks: &[DenseMlp<F>],
-        calibration: &Calibration<F>,
+        calibration: &dyn CalibrationReader<F>,
         on_step: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
     ) -> Result<MethodOutput<F>> {
+        // Every token in memory at once (see `Compressor::compress`).
+        let whole = read_whole(calibration)?;
+        let calibration: &Calibration<F> = &whole;
         let start = Instant::now();
         let spec = validate_group(blocks, Some(calibration))?;
         let p = &self.0;

@@ -14,7 +14,7 @@ use crate::foundation::float::Float;
 use crate::foundation::mlp::{DenseMlp, MatrixRole};
 use crate::foundation::slicing::s;
 use crate::math::bases::BasisLayout;
-use crate::math::calibration::Calibration;
+use crate::math::calibration::CalibrationReader;
 use crate::methods::compressor::{Compressor, MethodOutput};
 use crate::methods::fips::trainer::{FactorTrainer, Factors};
 use crate::methods::guard::ParamGuard;
@@ -58,10 +58,10 @@ impl<F: Float> Compressor<F> for SvdValidParams {
     fn compress(
         &self,
         blocks: &[DenseMlp<F>],
-        calibration: &Calibration<F>,
+        calibration: &dyn CalibrationReader<F>,
         on_step: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
     ) -> Result<MethodOutput<F>> {
-        let spec = validate_group(blocks, Some(calibration))?;
+        let spec = validate_group(blocks, calibration.in_memory())?;
         let rank = self.rank(spec.shape.intermediate, spec.shape.width)?;
         let config = self.training_params(rank).check()?;
         let mut trainer = FactorTrainer::new(

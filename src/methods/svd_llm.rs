@@ -9,7 +9,8 @@ use std::time::Instant;
 use crate::foundation::error::Result;
 use crate::foundation::float::Float;
 use crate::foundation::mlp::{DenseMlp, MatrixRole};
-use crate::math::calibration::Calibration;
+use crate::math::calibration::{Calibration, CalibrationReader};
+use crate::math::subset::read_whole;
 use crate::math::whitening::{WhitenedSvd, block_input_grams};
 use crate::methods::compressor::{Compressor, MethodOutput, Run};
 use crate::methods::params::{MethodParams, SvdLlmValidParams};
@@ -28,9 +29,12 @@ impl<F: Float> Compressor<F> for SvdLlmValidParams {
     fn compress(
         &self,
         blocks: &[DenseMlp<F>],
-        calibration: &Calibration<F>,
+        calibration: &dyn CalibrationReader<F>,
         _on_step: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
     ) -> Result<MethodOutput<F>> {
+        // Every token in memory at once (see `Compressor::compress`).
+        let whole = read_whole(calibration)?;
+        let calibration: &Calibration<F> = &whole;
         let start = Instant::now();
         let spec = validate_group(blocks, Some(calibration))?;
         let (d, i) = (blocks[0].width(), blocks[0].intermediate());

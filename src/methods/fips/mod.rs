@@ -13,7 +13,7 @@ use crate::foundation::error::Result;
 use crate::foundation::float::Float;
 use crate::foundation::mlp::DenseMlp;
 use crate::math::budget::{Budget, GroupShape, rank_for_budget};
-use crate::math::calibration::{Calibration, CalibrationReader};
+use crate::math::calibration::CalibrationReader;
 use crate::math::validation::ValidationSet;
 use crate::methods::compressor::{Compressor, MethodOutput};
 use crate::methods::params::MethodParams;
@@ -35,7 +35,8 @@ impl FipsValidParams {
     }
 
     /// Compresses `blocks` (consecutive, same structure) using `calibration` (one input array per
-    /// block): a [`Calibration`] in memory, or a reader of an MLP-input file
+    /// block): a [`Calibration`](crate::math::calibration::Calibration) in memory, or a reader of
+    /// an MLP-input file
     /// ([`crate::format::mlp_inputs::MlpInputs::stream`]) that reads each mini-batch and each
     /// evaluation chunk from disk and recomputes their targets, so the calibration is never held
     /// whole (for the same seed, the same tokens are drawn and the same weights come out).
@@ -124,7 +125,7 @@ impl<F: Float> Compressor<F> for FipsValidParams {
     fn compress(
         &self,
         blocks: &[DenseMlp<F>],
-        calibration: &Calibration<F>,
+        calibration: &dyn CalibrationReader<F>,
         on_step: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
     ) -> Result<MethodOutput<F>> {
         self.compress_validated(blocks, calibration, None, on_step)
@@ -133,7 +134,7 @@ impl<F: Float> Compressor<F> for FipsValidParams {
     fn compress_validated(
         &self,
         blocks: &[DenseMlp<F>],
-        calibration: &Calibration<F>,
+        calibration: &dyn CalibrationReader<F>,
         validation: Option<&ValidationSet<F>>,
         on_step: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
     ) -> Result<MethodOutput<F>> {
