@@ -397,6 +397,12 @@ impl<F: Float> Objective<F> {
         self.split
     }
 
+    /// Elements of the buffers of `∂V` and of a decoded `V_j`, for tests.
+    #[cfg(test)]
+    pub(crate) fn factor_buffers(&self) -> (usize, usize) {
+        (self.ws.dv.len(), self.ws.vj.len())
+    }
+
     /// The contraction order in use (never `Auto`).
     pub(crate) fn order(&self) -> ContractionOrder {
         self.order

@@ -207,6 +207,15 @@ impl<F: Float> KeptEntries<F> {
         (scatter(&self.m, mask), scatter(&self.v, mask))
     }
 
+    /// Elements reserved by the largest of the three arrays, for tests.
+    #[cfg(test)]
+    pub(crate) fn reserved(&self) -> usize {
+        self.p
+            .capacity()
+            .max(self.m.capacity())
+            .max(self.v.capacity())
+    }
+
     /// The values in the dense layout of `mask` (zero outside it), for tests.
     #[cfg(test)]
     pub(crate) fn scattered_values(&self, mask: &[bool]) -> Vec<F> {
@@ -926,6 +935,94 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A parameter held as its kept values and moments only, updated one matrix at a time
+    /// ([`AdamWStep::apply_kept_matrix`]), equals the dense masked update bit for bit, and each
+    /// matrix decoded from it ([`KeptLayout::decode`]) equals the dense matrix.
+    #[test]
+    fn kept_values_updated_per_matrix_equal_the_dense_update_and_decode_to_it() {
+        use crate::foundation::slicing::s;
+        use ndarray::Array2;
+        let (rows, matrices, width) = (40, 5, 60);
+        let cols = matrices * width;
+        let f = |k: usize, m: usize| ((k * m) % 1009) as f32 / 500.0 - 1.0;
+        let mask = Array2::from_shape_fn((rows, cols), |(a, b)| (a * 31 + b * 17) % 3 == 0);
+        let flat_mask = mask.as_slice().unwrap();
+        let mut dense = Array2::from_shape_fn((rows, cols), |(a, b)| {
+            if mask[[a, b]] {
+                f(a * cols + b, 7)
+            } else {
+                0.0
+            }
+        });
+        let mut moments = Moments::zeros(dense.raw_dim());
+        let kept: Vec<f32> = dense
+            .iter()
+            .zip(flat_mask)
+            .filter(|(_, m)| **m)
+            .map(|(x, _)| *x)
+            .collect();
+        let mut entries = KeptEntries::from_values(kept);
+        entries.start_moments();
+        let layout = KeptLayout::new(flat_mask, rows, matrices, width);
+        assert_eq!(layout.kept(), entries.len());
+        for threads in [1, 2] {
+            for step in 1..=4 {
+                let g = Array2::from_shape_fn((rows, cols), |(a, b)| f(a * cols + b, 13 + step));
+                let update = AdamWStep::<f32>::new(&AdamW::default(), 1e-2, step);
+                update.apply_masked(dense.view_mut(), g.view(), &mut moments, mask.view());
+                for j in (0..matrices).rev() {
+                    let gj = g.slice(s![.., j * width..(j + 1) * width]).to_owned();
+                    update
+                        .apply_kept_matrix(
+                            &RowSplit::new(threads),
+                            gj.view(),
+                            &mut entries,
+                            flat_mask,
+                            &layout,
+                            j,
+                        )
+                        .unwrap();
+                }
+                let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                let values = entries.scattered_values(flat_mask);
+                assert_eq!(
+                    bits(&values),
+                    bits(dense.as_slice().unwrap()),
+                    "step {step}"
+                );
+                let (m, v) = entries.scattered(flat_mask);
+                let (dm, dv) = moments.parts();
+                assert_eq!(
+                    (&m[..], &v[..]),
+                    (dm.as_slice().unwrap(), dv.as_slice().unwrap())
+                );
+                for j in 0..matrices {
+                    let mut out = Array2::from_elem((rows, width), f32::NAN);
+                    layout
+                        .decode(entries.values(), flat_mask, j, out.view_mut())
+                        .unwrap();
+                    let expected = dense.slice(s![.., j * width..(j + 1) * width]).to_owned();
+                    assert_eq!(
+                        bits(out.as_slice().unwrap()),
+                        bits(expected.as_slice().unwrap())
+                    );
+                }
+            }
+        }
+        // A wrong shape is an error, not a panic.
+        let mut out = Array2::zeros((rows, width + 1));
+        assert!(
+            layout
+                .decode(entries.values(), flat_mask, 0, out.view_mut())
+                .is_err()
+        );
+        assert!(
+            layout
+                .decode(entries.values(), flat_mask, matrices, out.view_mut())
+                .is_err()
+        );
     }
 
     #[test]

@@ -705,22 +705,76 @@ impl<F: Float> Trainable for FactorProblem<'_, F> {
     }
 }
 
+/// The tests' dense reference of `V`: its values dense (zero outside the mask, but for GMP's
+/// entries pruned before a step's loss), its mask, and the moments of its kept entries.
+#[cfg(test)]
+#[derive(Debug)]
+struct DenseV<F> {
+    v: Array2<F>,
+    mask: Array2<bool>,
+    moments: KeptEntries<F>,
+}
+
 #[cfg(test)]
 impl<F: Float> FactorProblem<'_, F> {
-    /// The step as it was before `V`'s update was fused into the backward pass: the dense
-    /// gradient of `V`, the sparsifier on it, then AdamW on `U`, `V` (whole) and the biases. The
-    /// reference of `fused_update_of_v_equals_the_dense_gradient_step_bitwise`.
-    fn reference_step(&mut self, step: usize) -> Result<f64> {
+    /// `V` decoded whole (`r × fnI`), one matrix at a time from the kept values.
+    fn decoded_v(&self) -> Result<Array2<F>> {
+        let i = self.layout.width();
+        let mask = self.mask.as_slice().ok_or_else(internal_layout)?;
+        let mut v = Array2::zeros(self.mask.raw_dim());
+        for j in 0..self.layout.columns() / i.max(1) {
+            self.layout.decode(
+                self.kept.values(),
+                mask,
+                j,
+                v.slice_mut(s![.., j * i..(j + 1) * i]),
+            )?;
+        }
+        Ok(v)
+    }
+
+    /// A dense copy of `V`'s state, for [`Self::reference_step`].
+    fn dense_reference(&self) -> Result<DenseV<F>> {
+        Ok(DenseV {
+            v: self.decoded_v()?,
+            mask: self.mask.clone(),
+            moments: KeptEntries::zeros(self.kept.len()),
+        })
+    }
+
+    /// Replaces `V`'s kept values and mask by those of `dense` (moments not carried).
+    fn load_dense(&mut self, dense: &DenseV<F>) {
+        let values = dense
+            .v
+            .iter()
+            .zip(&dense.mask)
+            .filter(|(_, m)| **m)
+            .map(|(x, _)| *x)
+            .collect();
+        self.kept = KeptEntries::from_values(values);
+        self.mask = dense.mask.clone();
+        self.layout.refresh(self.mask.as_slice().unwrap_or(&[]));
+    }
+
+    /// The step as it was before `V`'s update was fused into the backward pass and `V` held as
+    /// its kept entries: `V` dense (`dense`), the dense gradient of `V`, the sparsifier on it,
+    /// then AdamW on `U`, `V` (whole) and the biases. The reference of
+    /// `fused_update_of_v_equals_the_dense_gradient_step_bitwise` (this problem's own `V` is
+    /// left as it is).
+    fn reference_step(&mut self, step: usize, dense: &mut DenseV<F>) -> Result<f64> {
+        use crate::math::objective::GroupParams;
         let state = self.training.as_mut().ok_or_else(internal_layout)?;
         let indices = state.sampler.next_batch();
         self.source.batch(indices, &mut state.xs, &mut state.ys)?;
-        let mut grads = self.params.zeros_like();
-        let loss = state.objective.loss_and_dense_gradients(
-            &self.params,
-            &state.xs,
-            &state.ys,
-            &mut grads,
-        )?;
+        let params = GroupParams {
+            u: self.u.clone(),
+            v: dense.v.clone(),
+            biases: self.biases.clone(),
+        };
+        let mut grads = params.zeros_like();
+        let loss = state
+            .objective
+            .loss_and_dense_gradients(&params, &state.xs, &state.ys, &mut grads)?;
         let lr = self
             .config
             .optimizer()
@@ -728,30 +782,29 @@ impl<F: Float> FactorProblem<'_, F> {
         let grad_v = grads.v.as_slice().ok_or_else(internal_layout)?;
         self.schedule.step(
             step,
-            contiguous(&mut self.params.v)?,
-            contiguous(&mut self.mask)?,
+            contiguous(&mut dense.v)?,
+            contiguous(&mut dense.mask)?,
             grad_v,
-            Some(&mut state.moments_v),
+            Some(&mut dense.moments),
         );
         let update = AdamWStep::<F>::new(self.config.optimizer(), lr, step);
         let split = state.objective.split();
         update.apply_split(
             &split,
-            self.params.u.view_mut(),
+            self.u.view_mut(),
             grads.u.view(),
             &mut state.moments_u,
             None,
         );
-        let mask = self.mask.as_slice().ok_or_else(internal_layout)?;
+        let mask = dense.mask.as_slice().ok_or_else(internal_layout)?;
         update.apply_kept(
             &split,
-            contiguous(&mut self.params.v)?,
+            contiguous(&mut dense.v)?,
             grad_v,
-            &mut state.moments_v,
+            &mut dense.moments,
             self.schedule.is_sparse().then_some(mask),
         );
         for ((b, g), m) in self
-            .params
             .biases
             .iter_mut()
             .zip(&grads.biases)
@@ -1101,9 +1154,10 @@ mod tests {
     }
 
     /// The update of `V` fused into the backward pass, one matrix at a time (no dense gradient of
-    /// `V`), gives the dense-gradient step's loss, `U`, `V`, mask, biases and moments bit for
-    /// bit at every step: RigL with several mask updates, GMP with pruning steps, dense, in both
-    /// contraction orders.
+    /// `V`), on `V` held as its kept entries (each matrix decoded when read), gives the dense
+    /// step's loss, `U`, `V`, mask, biases and moments bit for bit at every step: RigL with
+    /// several mask updates, GMP with pruning steps, dense, in both contraction orders. At every
+    /// step the trainer holds exactly one value and two moments per kept entry.
     #[test]
     fn fused_update_of_v_equals_the_dense_gradient_step_bitwise() {
         use crate::math::objective::ContractionOrder as Order;
@@ -1133,26 +1187,46 @@ mod tests {
                     .unwrap();
                 let mut fused = compressor.trainer(&group, &calibration).unwrap();
                 let mut reference = compressor.trainer(&group, &calibration).unwrap();
+                let mut dense = reference.0.problem.dense_reference().unwrap();
                 assert_eq!(fused.contraction(), order);
                 let mut mask_changes = 0;
+                let (r, i) = (fused.rank(), 20);
                 for step in 1..=60 {
-                    let before = reference.0.problem.mask.clone();
-                    let expected = reference.0.problem.reference_step(step).unwrap();
+                    let before = dense.mask.clone();
+                    let expected = reference
+                        .0
+                        .problem
+                        .reference_step(step, &mut dense)
+                        .unwrap();
                     let loss = fused.step().unwrap().unwrap().loss;
                     let (a, b) = (&fused.0.problem, &reference.0.problem);
                     let what = format!("{sparsifier} {order} step {step}");
                     assert_eq!(loss.to_bits(), expected.to_bits(), "{what}: loss");
-                    assert_eq!(a.mask, b.mask, "{what}: mask");
+                    assert_eq!(a.mask, dense.mask, "{what}: mask");
                     let bits = |x: &Array2<f32>| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-                    assert_eq!(bits(&a.params.u), bits(&b.params.u), "{what}: U");
-                    assert_eq!(bits(&a.params.v), bits(&b.params.v), "{what}: V");
-                    let (ma, mb) = (a.training.as_ref().unwrap(), b.training.as_ref().unwrap());
+                    assert_eq!(bits(&a.u), bits(&b.u), "{what}: U");
+                    // Decoding one matrix at a time gives the dense reference's V.
+                    assert_eq!(bits(&a.decoded_v().unwrap()), bits(&dense.v), "{what}: V");
                     let mask = a.mask.as_slice().unwrap();
-                    let (m1, v1) = ma.moments_v.scattered(mask);
-                    let (m2, v2) = mb.moments_v.scattered(mask);
+                    let (m1, v1) = a.kept.scattered(mask);
+                    let (m2, v2) = dense.moments.scattered(mask);
                     assert_eq!((m1, v1), (m2, v2), "{what}: moments of V");
-                    assert_eq!(ma.moments_v.len(), mb.moments_v.len());
-                    mask_changes += usize::from(before != b.mask);
+                    // Bounded memory: one value and two moments per kept entry, nothing reserved
+                    // beyond them, and no buffer of V's size in the step (factors first).
+                    let kept = mask.iter().filter(|&&m| m).count();
+                    assert_eq!(a.kept.values().len(), kept, "{what}: values");
+                    assert_eq!(a.kept.len(), kept, "{what}: moments");
+                    assert_eq!(a.kept.reserved(), kept, "{what}: reserved");
+                    assert_eq!(a.layout.kept(), kept, "{what}: layout");
+                    let buffers = a.training.as_ref().unwrap().objective.factor_buffers();
+                    match order {
+                        Order::FactorsFirst => assert_eq!(buffers, (r * i, r * i), "{what}"),
+                        _ => assert_eq!(buffers, (r * i * 9, 0), "{what}"),
+                    }
+                    if s > 0.0 {
+                        assert!(kept < mask.len(), "{what}: sparse");
+                    }
+                    mask_changes += usize::from(before != dense.mask);
                 }
                 match sparsifier {
                     // Updates at 5, 10, …, 45 = t_e; the drop fraction is 0 at t_e.
@@ -1163,6 +1237,7 @@ mod tests {
                 // The biases are absent here; U's moments follow from U's equality.
                 let (a, b) = (fused.finish().unwrap(), {
                     reference.0.run = TrainingLoop::new(0, Schedule::Constant(0.0));
+                    reference.0.problem.load_dense(&dense);
                     reference.finish().unwrap()
                 });
                 assert_eq!(
