@@ -11,8 +11,9 @@
 //!
 //! `V` and `∂V` are never held whole in the factors-first order: `V` lives in a store
 //! (`FactorStore`, the trainer's kept entries) that decodes one matrix `V_j` into a one-matrix
-//! buffer (`r × I`) right before a product reads it, and `∂V_j` is computed into another and
-//! handed to the store right after the step's last read of `V_j` (each `V_j` serves one block, so
+//! buffer (`r × I`) right before a product reads it, and `∂V_j` is computed into the same buffer
+//! after the products that read `V_j` and handed to the store right after the step's last read of
+//! `V_j` (each `V_j` serves one block, so
 //! `∂U` and the later blocks still see the values the loss was computed with), which may update
 //! `V_j` then. The weights-first order (chosen only when its dense `W` and `∂W`, `8 d f n I` bytes,
 //! are held anyway) decodes `V` whole into its `r × fnI` gradient buffer (`r < d`: less than `W`)
@@ -256,12 +257,10 @@ pub(crate) struct Workspace<F> {
     up: Array2<F>,
     /// Block output, then `G`: `T × d`.
     yhat: Array2<F>,
-    /// `∂V_j` of one matrix, `r × I` (factors first), or `V` then `∂V` whole, `r × fnI` (weights
-    /// first).
+    /// Factors first: `V_j` of one matrix, decoded from the store before the products that read
+    /// it, then `∂V_j` (`r × I`); weights first: `V`, then `∂V` whole (`r × fnI`).
     dv: Array2<F>,
-    /// `V_j` of one matrix, decoded from the store, `r × I` (factors first only).
-    vj: Array2<F>,
-    /// The matrix `vj` holds, if it still holds the store's values.
+    /// The matrix whose values `dv` holds (factors first), if any.
     decoded: Option<usize>,
 }
 
@@ -301,7 +300,6 @@ impl<F: Float> Workspace<F> {
             } else {
                 z(r, i, true)
             },
-            vj: z(r, i, !weights_first),
             decoded: None,
         }
     }
@@ -397,10 +395,10 @@ impl<F: Float> Objective<F> {
         self.split
     }
 
-    /// Elements of the buffers of `∂V` and of a decoded `V_j`, for tests.
+    /// Elements of the buffer of `V_j` and `∂V_j` (or `V` and `∂V`), for tests.
     #[cfg(test)]
-    pub(crate) fn factor_buffers(&self) -> (usize, usize) {
-        (self.ws.dv.len(), self.ws.vj.len())
+    pub(crate) fn factor_buffer(&self) -> usize {
+        self.ws.dv.len()
     }
 
     /// The contraction order in use (never `Auto`).
@@ -508,11 +506,12 @@ impl<F: Float> Objective<F> {
         loss
     }
 
-    /// `V_j` from `store` into the one-matrix buffer (factors first), unless it holds it already.
+    /// `V_j` from `store` into the one-matrix buffer (factors first), unless it holds it already
+    /// (the down projection's, from the forward pass to the backward pass).
     fn decode(&mut self, j: usize, store: &dyn FactorStore<F>) -> Result<()> {
         if self.ws.decoded != Some(j) {
             self.ws.decoded = None;
-            store.decode(j, self.ws.vj.view_mut())?;
+            store.decode(j, self.ws.dv.view_mut())?;
             self.ws.decoded = Some(j);
         }
         Ok(())
@@ -572,7 +571,7 @@ impl<F: Float> Objective<F> {
             }
             _ => {
                 self.decode(j, store)?;
-                general_mat_mul(F::one(), &self.ws.xu, &self.ws.vj, beta, out)
+                general_mat_mul(F::one(), &self.ws.xu, &self.ws.dv, beta, out)
             }
         }
         Ok(())
@@ -641,7 +640,7 @@ impl<F: Float> Objective<F> {
                 let wd = ws.w.slice(cols_d);
                 general_mat_mul(F::one(), &ws.a, &wd.t(), beta, &mut yhat);
             } else {
-                general_mat_mul(F::one(), &ws.a, &ws.vj.t(), F::zero(), &mut ws.c);
+                general_mat_mul(F::one(), &ws.a, &ws.dv.t(), F::zero(), &mut ws.c);
                 general_mat_mul(F::one(), &ws.c, &p.u.t(), beta, &mut yhat);
             }
         }
@@ -711,7 +710,7 @@ impl<F: Float> Objective<F> {
                 &mut ws.da.view_mut(),
             );
         } else {
-            // ∂U += Gᵀ C, then C ← G U (= ∂C), ∂V_d = ∂Cᵀ A, ∂A = ∂C V_d.
+            // ∂U += Gᵀ C, then C ← G U (= ∂C), ∂A = ∂C V_d, ∂V_d = ∂Cᵀ A.
             gemm(
                 one,
                 &ws.yhat.t(),
@@ -726,15 +725,16 @@ impl<F: Float> Objective<F> {
                 zero,
                 &mut ws.c.view_mut(),
             );
-            gemm(one, &ws.c.t(), &ws.a.view(), zero, &mut ws.dv.view_mut());
+            // The buffer holds V_d until ∂V_d overwrites it.
             gemm(
                 one,
                 &ws.c.view(),
-                &ws.vj.view(),
+                &ws.dv.view(),
                 zero,
                 &mut ws.da.view_mut(),
             );
             ws.decoded = None;
+            gemm(one, &ws.c.t(), &ws.a.view(), zero, &mut ws.dv.view_mut());
             store.consume(jd, ws.dv.view())?;
         }
 
@@ -774,10 +774,10 @@ impl<F: Float> Objective<F> {
                 self.decode(j, &*store)?;
                 let ws = &mut self.ws;
                 let dh = if m == 0 { &ws.da } else { &ws.up };
-                gemm(one, &ws.xu.t(), &dh.view(), zero, &mut ws.dv.view_mut());
                 let beta = if k == 0 { zero } else { one };
-                gemm(one, &dh.view(), &ws.vj.t(), beta, &mut ws.dxu.view_mut());
+                gemm(one, &dh.view(), &ws.dv.t(), beta, &mut ws.dxu.view_mut());
                 ws.decoded = None;
+                gemm(one, &ws.xu.t(), &dh.view(), zero, &mut ws.dv.view_mut());
                 store.consume(j, ws.dv.view())?;
             }
         }

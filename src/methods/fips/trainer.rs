@@ -1218,10 +1218,10 @@ mod tests {
                     assert_eq!(a.kept.len(), kept, "{what}: moments");
                     assert_eq!(a.kept.reserved(), kept, "{what}: reserved");
                     assert_eq!(a.layout.kept(), kept, "{what}: layout");
-                    let buffers = a.training.as_ref().unwrap().objective.factor_buffers();
+                    let buffer = a.training.as_ref().unwrap().objective.factor_buffer();
                     match order {
-                        Order::FactorsFirst => assert_eq!(buffers, (r * i, r * i), "{what}"),
-                        _ => assert_eq!(buffers, (r * i * 9, 0), "{what}"),
+                        Order::FactorsFirst => assert_eq!(buffer, r * i, "{what}"),
+                        _ => assert_eq!(buffer, r * i * 9, "{what}"),
                     }
                     if s > 0.0 {
                         assert!(kept < mask.len(), "{what}: sparse");
