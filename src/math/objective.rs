@@ -590,7 +590,7 @@ impl<F: Float> Objective<F> {
         let base = b * f;
         let weights_first = self.order == ContractionOrder::WeightsFirst;
         if !weights_first {
-            general_mat_mul(F::one(), &x, &p.u, F::zero(), &mut self.ws.xu);
+            general_mat_mul(F::one(), &x, p.u, F::zero(), &mut self.ws.xu);
         }
         let act = self.activation;
         match self.kind {
