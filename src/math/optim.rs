@@ -5,6 +5,7 @@ use ndarray::{Array, ArrayView, ArrayView2, ArrayViewMut, ArrayViewMut2, Dimensi
 use crate::foundation::error::{FipsError, Result, invalid};
 use crate::foundation::float::Float;
 use crate::foundation::kernels::RowSplit;
+use crate::math::bitmask::BitMask;
 
 /// AdamW hyper-parameters (PyTorch semantics) and the cosine schedule's floor.
 ///
@@ -275,9 +276,12 @@ impl<F: Float> KeptEntries<F> {
 
     /// Keeps the kept entries `i` (value `x`) with `keep(i, x)` and takes the others out of
     /// `mask` (row-major order: the `i`-th kept position is entry `i`). Needs the values.
-    pub(crate) fn retain(&mut self, mask: &mut [bool], mut keep: impl FnMut(usize, F) -> bool) {
+    pub(crate) fn retain(&mut self, mask: &mut BitMask, mut keep: impl FnMut(usize, F) -> bool) {
         let (mut read, mut write) = (0, 0);
-        for m in mask.iter_mut().filter(|m| **m) {
+        for k in 0..mask.len() {
+            if !mask.get(k) {
+                continue;
+            }
             let Some(&x) = self.p.get(read) else {
                 break;
             };
@@ -289,7 +293,7 @@ impl<F: Float> KeptEntries<F> {
                 }
                 write += 1;
             } else {
-                *m = false;
+                mask.set(k, false);
             }
             read += 1;
         }
@@ -328,7 +332,7 @@ pub(crate) struct KeptLayout {
 
 impl KeptLayout {
     /// The layout of `mask` (`rows × matrices · width`, row-major).
-    pub(crate) fn new(mask: &[bool], rows: usize, matrices: usize, width: usize) -> Self {
+    pub(crate) fn new(mask: &BitMask, rows: usize, matrices: usize, width: usize) -> Self {
         let mut layout = Self {
             rows,
             matrices,
@@ -340,12 +344,13 @@ impl KeptLayout {
     }
 
     /// Recounts after a change of the mask.
-    pub(crate) fn refresh(&mut self, mask: &[bool]) {
+    pub(crate) fn refresh(&mut self, mask: &BitMask) {
         self.starts.clear();
         let mut kept = 0;
-        for segment in mask.chunks(self.width.max(1)) {
+        let width = self.width.max(1);
+        for s in 0..mask.len().div_ceil(width) {
             self.starts.push(kept);
-            kept += segment.iter().filter(|&&m| m).count();
+            kept += mask.count_range(s * width, (s + 1) * width);
         }
         self.starts.push(kept);
     }
@@ -375,13 +380,14 @@ impl KeptLayout {
         self.starts.last().copied().unwrap_or(0)
     }
 
-    /// Matrix `j` (`rows × width`) of the parameter held as the kept values `values` of `mask`
-    /// (this layout's): `out[k, c] = values[start(k, j) + #kept before c in the row]` where
-    /// `mask` keeps the entry, else 0.
+    /// Matrix `j` (`rows × width`, rows contiguous) of the parameter held as the kept values
+    /// `values` of `mask` (this layout's): `out[k, c] = values[start(k, j) + #kept before c in
+    /// the row]` where `mask` keeps the entry, else 0. Each row is zeroed, then its kept values
+    /// are written at the mask's set bits.
     pub(crate) fn decode<F: Float>(
         &self,
         values: &[F],
-        mask: &[bool],
+        mask: &BitMask,
         j: usize,
         mut out: ArrayViewMut2<'_, F>,
     ) -> Result<()> {
@@ -398,13 +404,13 @@ impl KeptLayout {
             let kept = values
                 .get(self.starts[s]..self.starts[s + 1])
                 .ok_or_else(|| internal("decode"))?;
-            let keep = &mask[s * width..(s + 1) * width];
-            let mut next = 0;
-            // Branch-free: the read is clamped, the select keeps the value or zero.
-            for (o, &m) in row.iter_mut().zip(keep) {
-                let x = kept.get(next).copied().unwrap_or_else(F::zero);
-                *o = if m { x } else { F::zero() };
-                next += usize::from(m);
+            let at = s * width;
+            let row = row.as_slice_mut().ok_or_else(|| internal("decode rows"))?;
+            row.fill(F::zero());
+            for (k, &x) in mask.ones_in(at, at + width).zip(kept) {
+                if let Some(o) = row.get_mut(k - at) {
+                    *o = x;
+                }
             }
         }
         Ok(())
@@ -676,7 +682,7 @@ impl<F: Float> AdamWStep<F> {
         split: &RowSplit,
         grad: ArrayView2<'_, F>,
         entries: &mut KeptEntries<F>,
-        mask: &[bool],
+        mask: &BitMask,
         layout: &KeptLayout,
         j: usize,
     ) -> Result<()> {
@@ -718,7 +724,7 @@ impl<F: Float> AdamWStep<F> {
             consumed = end;
             let g = g_row.to_slice().ok_or_else(|| internal("gradient rows"))?;
             let at = k * cols + j * width;
-            row_parts.push((g, &mask[at..at + width], p_here, m_here, v_here));
+            row_parts.push((g, at, p_here, m_here, v_here));
         }
         let per_part = (split.chunk(rows * width, width) / width.max(1)).max(1);
         let mut parts = Vec::new();
@@ -734,10 +740,10 @@ impl<F: Float> AdamWStep<F> {
             parts,
             #[inline(always)]
             |part| {
-                for (g, keep, p, m, v) in part {
-                    let mut kept = p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut());
-                    for (&g, &keep) in g.iter().zip(keep) {
-                        if keep && let Some(((p, m), v)) = kept.next() {
+                for (g, at, p, m, v) in part {
+                    let kept = p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut());
+                    for (k, ((p, m), v)) in mask.ones_in(at, at + g.len()).zip(kept) {
+                        if let Some(&g) = g.get(k - at) {
                             self.update(p, g, m, v);
                         }
                     }
@@ -949,6 +955,7 @@ mod tests {
         let f = |k: usize, m: usize| ((k * m) % 1009) as f32 / 500.0 - 1.0;
         let mask = Array2::from_shape_fn((rows, cols), |(a, b)| (a * 31 + b * 17) % 3 == 0);
         let flat_mask = mask.as_slice().unwrap();
+        let bitmask = BitMask::from_bools(flat_mask);
         let mut dense = Array2::from_shape_fn((rows, cols), |(a, b)| {
             if mask[[a, b]] {
                 f(a * cols + b, 7)
@@ -965,7 +972,7 @@ mod tests {
             .collect();
         let mut entries = KeptEntries::from_values(kept);
         entries.start_moments();
-        let layout = KeptLayout::new(flat_mask, rows, matrices, width);
+        let layout = KeptLayout::new(&bitmask, rows, matrices, width);
         assert_eq!(layout.kept(), entries.len());
         for threads in [1, 2] {
             for step in 1..=4 {
@@ -979,7 +986,7 @@ mod tests {
                             &RowSplit::new(threads),
                             gj.view(),
                             &mut entries,
-                            flat_mask,
+                            &bitmask,
                             &layout,
                             j,
                         )
@@ -1001,7 +1008,7 @@ mod tests {
                 for j in 0..matrices {
                     let mut out = Array2::from_elem((rows, width), f32::NAN);
                     layout
-                        .decode(entries.values(), flat_mask, j, out.view_mut())
+                        .decode(entries.values(), &bitmask, j, out.view_mut())
                         .unwrap();
                     let expected = dense.slice(s![.., j * width..(j + 1) * width]).to_owned();
                     assert_eq!(
@@ -1015,12 +1022,12 @@ mod tests {
         let mut out = Array2::zeros((rows, width + 1));
         assert!(
             layout
-                .decode(entries.values(), flat_mask, 0, out.view_mut())
+                .decode(entries.values(), &bitmask, 0, out.view_mut())
                 .is_err()
         );
         assert!(
             layout
-                .decode(entries.values(), flat_mask, matrices, out.view_mut())
+                .decode(entries.values(), &bitmask, matrices, out.view_mut())
                 .is_err()
         );
     }

@@ -12,6 +12,7 @@ use ndarray::ArrayView2;
 use crate::foundation::error::{FipsError, Result, invalid};
 use crate::foundation::float::Float;
 use crate::foundation::kernels::RowSplit;
+use crate::math::bitmask::BitMask;
 use crate::math::budget::nonzeros_for_sparsity;
 use crate::math::optim::{AdamWStep, KeptEntries, KeptLayout};
 
@@ -309,15 +310,14 @@ impl MaskSchedule {
     /// A copy of `mask` pruned to the target sparsity by the magnitudes of its kept values
     /// `values` (row-major order of `mask`; as [`Self::finish`] would prune), leaving both as they
     /// are.
-    pub(crate) fn pruned_mask<F: Float>(&self, values: &[F], mask: &[bool]) -> Vec<bool> {
-        let mut pruned = mask.to_vec();
+    pub(crate) fn pruned_mask<F: Float>(&self, values: &[F], mask: &BitMask) -> BitMask {
+        let mut pruned = mask.clone();
         if self.is_sparse()
             && let Some(at) = drop_boundary(values, self.target_nnz())
         {
-            let mut kept = values.iter().enumerate();
-            for m in pruned.iter_mut().filter(|m| **m) {
-                if let Some((i, x)) = kept.next() {
-                    *m = !drops(at, i, *x);
+            for ((i, x), k) in values.iter().enumerate().zip(mask.ones()) {
+                if drops(at, i, *x) {
+                    pruned.set(k, false);
                 }
             }
         }
@@ -360,7 +360,7 @@ impl MaskSchedule {
         &mut self,
         t: usize,
         entries: &KeptEntries<F>,
-        mask: &[bool],
+        mask: &BitMask,
     ) -> StepPlan<F> {
         let values = entries.values();
         let active = values.len();
@@ -383,15 +383,12 @@ impl MaskSchedule {
         let Some(drop_at) = drop_boundary(values, active - count) else {
             return StepPlan::Unchanged;
         };
-        let mut kept = values.iter().enumerate();
-        let dropped: Vec<u32> = mask
+        let dropped: Vec<u32> = values
             .iter()
             .enumerate()
-            .filter(|(_, m)| **m)
-            .filter_map(|(k, _)| {
-                let (i, x) = kept.next()?;
-                drops(drop_at, i, *x).then_some(k as u32)
-            })
+            .zip(mask.ones())
+            .filter(|((i, x), _)| drops(drop_at, *i, **x))
+            .map(|(_, k)| k as u32)
             .collect();
         StepPlan::Regrow(Regrowth {
             active,
@@ -404,7 +401,7 @@ impl MaskSchedule {
     /// Ensures the final sparsity equals the target (after an early stop, or a schedule that had
     /// no pruning step left): keeps the target's count of kept entries (`entries`, with values,
     /// row-major order of `mask`) of largest `|v|`.
-    pub(crate) fn finish<F: Float>(&mut self, entries: &mut KeptEntries<F>, mask: &mut [bool]) {
+    pub(crate) fn finish<F: Float>(&mut self, entries: &mut KeptEntries<F>, mask: &mut BitMask) {
         if !self.is_sparse() {
             return;
         }
@@ -561,7 +558,7 @@ impl<F: Float> StepPlan<F> {
         j: usize,
         grad: ArrayView2<'_, F>,
         entries: &mut KeptEntries<F>,
-        mask: &mut [bool],
+        mask: &mut BitMask,
         layout: &KeptLayout,
     ) -> Result<()> {
         let (rows, width) = grad.dim();
@@ -582,12 +579,12 @@ impl<F: Float> StepPlan<F> {
                 for (k, g_row) in grad.rows().into_iter().enumerate() {
                     let (mut read, mut write) = (layout.start(k, j), layout.start(k, j));
                     let at_row = k * cols + j * width;
-                    for (keep, &g) in mask[at_row..at_row + width].iter_mut().zip(g_row) {
-                        if !*keep {
+                    for (c, &g) in g_row.iter().enumerate() {
+                        if !mask.get(at_row + c) {
                             continue;
                         }
                         if drops(*at, read, p[read]) {
-                            *keep = false;
+                            mask.set(at_row + c, false);
                         } else {
                             let (mut x, mut a, mut b) = (p[read], m[read], v[read]);
                             step.update(&mut x, g, &mut a, &mut b);
@@ -606,7 +603,7 @@ impl<F: Float> StepPlan<F> {
             let at = k * cols + j * width;
             for (c, &g) in g_row.iter().enumerate() {
                 let pos = at + c;
-                if mask[pos] {
+                if mask.get(pos) {
                     if let Ok(d) = r.dropped.binary_search(&(pos as u32)) {
                         r.dropped_gradients[d] = g;
                         r.best.offer(g, pos);
@@ -633,7 +630,7 @@ impl<F: Float> StepPlan<F> {
         self,
         step: &AdamWStep<F>,
         entries: &mut KeptEntries<F>,
-        mask: &mut [bool],
+        mask: &mut BitMask,
         layout: &KeptLayout,
     ) -> Result<()> {
         let r = match self {
@@ -641,8 +638,8 @@ impl<F: Float> StepPlan<F> {
             Self::Prune(_) => {
                 let width = layout.width().max(1);
                 let mut write = 0;
-                for (s, segment) in mask.chunks(width).enumerate() {
-                    let count = segment.iter().filter(|&&m| m).count();
+                for s in 0..mask.len().div_ceil(width) {
+                    let count = mask.count_range(s * width, (s + 1) * width);
                     entries.move_down(layout.segment_start(s), write, count);
                     write += count;
                 }
@@ -664,24 +661,25 @@ impl<F: Float> StepPlan<F> {
                 let is_grown = |k: usize| grown.binary_search_by_key(&k, |g| g.0).is_ok();
                 let is_dropped = |k: usize| dropped.binary_search(&(k as u32)).is_ok();
                 let mut compaction = entries.compaction();
-                for (k, m) in mask.iter_mut().enumerate() {
-                    if *m {
+                for k in 0..mask.len() {
+                    if mask.get(k) {
                         let stays = !is_dropped(k) || is_grown(k);
                         compaction.next(stays);
                         if !stays {
-                            *m = false;
+                            mask.set(k, false);
                         }
                     }
                 }
                 compaction.finish();
                 let mut expansion = entries.expansion(active);
                 for k in (0..mask.len()).rev() {
-                    let join = !mask[k] && is_grown(k);
-                    if mask[k] || join {
-                        expansion.next_back(mask[k]);
+                    let kept = mask.get(k);
+                    let join = !kept && is_grown(k);
+                    if kept || join {
+                        expansion.next_back(kept);
                     }
                     if join {
-                        mask[k] = true;
+                        mask.set(k, true);
                     }
                 }
                 grown
@@ -695,7 +693,8 @@ impl<F: Float> StepPlan<F> {
         // The regrown entries' update, at their index among the kept entries.
         let mut index = 0;
         let mut next = pending.iter().peekable();
-        for (k, &m) in mask.iter().enumerate() {
+        for k in 0..mask.len() {
+            let m = mask.get(k);
             let Some(&&(pos, g)) = next.peek() else {
                 break;
             };

@@ -21,6 +21,7 @@ use crate::foundation::kernels::RowSplit;
 use crate::foundation::mlp::DenseMlp;
 use crate::foundation::slicing::s;
 use crate::math::bases::BasisLayout;
+use crate::math::bitmask::BitMask;
 use crate::math::budget::{Budget, GroupShape, rank_for_budget};
 use crate::math::calibration::{Calibration, CalibrationReader, gather_rows};
 use crate::math::objective::{
@@ -51,8 +52,9 @@ pub(crate) struct Factors<'p, F> {
     pub u: &'p Array2<F>,
     /// The values of `V = [V_1 | … | V_fn]` (`r × fnI`).
     pub v: FactorValues<'p, F>,
-    /// The mask of `V`: entries outside it count as zero (`v` need not hold zeros there).
-    pub mask: &'p Array2<bool>,
+    /// The mask of `V` (`r × fnI`, row-major, one bit per entry): entries outside it count as zero
+    /// (`v` need not hold zeros there).
+    pub mask: &'p BitMask,
     /// One bias slot per matrix.
     pub biases: &'p [Option<Array1<F>>],
 }
@@ -66,7 +68,7 @@ pub(crate) enum FactorValues<'p, F> {
     /// factors' mask lies in `mask`.
     Kept {
         values: &'p [F],
-        mask: &'p [bool],
+        mask: &'p BitMask,
         layout: &'p KeptLayout,
     },
 }
@@ -75,8 +77,16 @@ impl<F: Float> Factors<'_, F> {
     /// `V_j` (`r × I`, zero outside the mask) and its mask: one matrix at a time, so that an
     /// assembler never holds `V` dense.
     pub(crate) fn factor(&self, j: usize) -> Result<(Array2<F>, Array2<bool>)> {
-        let i = self.spec.shape.intermediate;
-        let matrices = self.mask.ncols() / i.max(1);
+        let (r, i) = (self.rank, self.spec.shape.intermediate);
+        let matrices = self.spec.shape.matrices();
+        let columns = matrices * i;
+        if self.mask.len() != r * columns {
+            return Err(FipsError::ShapeMismatch {
+                what: "mask of the factors".into(),
+                expected: vec![r * columns],
+                got: vec![self.mask.len()],
+            });
+        }
         if j >= matrices {
             return Err(FipsError::IndexOutOfRange {
                 what: "factor",
@@ -84,11 +94,10 @@ impl<F: Float> Factors<'_, F> {
                 len: matrices,
             });
         }
-        let cols = s![.., j * i..(j + 1) * i];
-        let mask = self.mask.slice(cols).to_owned();
-        let mut v = Array2::zeros(mask.raw_dim());
+        let mask = Array2::from_shape_fn((r, i), |(k, c)| self.mask.get(k * columns + j * i + c));
+        let mut v = Array2::zeros((r, i));
         match self.v {
-            FactorValues::Dense(dense) => v.assign(&dense.slice(cols)),
+            FactorValues::Dense(dense) => v.assign(&dense.slice(s![.., j * i..(j + 1) * i])),
             FactorValues::Kept {
                 values,
                 mask: kept,
@@ -153,8 +162,8 @@ struct FactorProblem<'a, F: Float> {
     /// `V`'s kept entries, row-major order of the mask: their values, and their AdamW moments
     /// while training. `V` is never held dense: each matrix is decoded when a product reads it.
     kept: KeptEntries<F>,
-    /// The mask of `V` (`r × fnI`).
-    mask: Array2<bool>,
+    /// The mask of `V` (`r × fnI`, row-major), one bit per entry.
+    mask: BitMask,
     /// Where each matrix's rows start among the kept entries.
     layout: KeptLayout,
     /// One bias slot per matrix.
@@ -364,11 +373,9 @@ impl<'a, F: Float> FactorTrainer<'a, F> {
         // (only a mask is copied: the assembled factors zero the values outside it), measured
         // one dense block at a time, each block assembled alone when its error is measured.
         let init_errors = {
-            let m = Array2::from_shape_vec(
-                v.raw_dim(),
-                schedule.target_mask(v.as_slice().ok_or_else(internal_layout)?),
-            )
-            .map_err(|e| FipsError::Numerical(e.to_string()))?;
+            let m = BitMask::from_bools(
+                &schedule.target_mask(v.as_slice().ok_or_else(internal_layout)?),
+            );
             let pruned = Factors {
                 spec: &spec,
                 rank,
@@ -379,17 +386,15 @@ impl<'a, F: Float> FactorTrainer<'a, F> {
             };
             source.errors(|b| rebuild_block(assemble, layout, &pruned, b))?
         };
-        let mut mask = Array2::from_elem(v.raw_dim(), true);
-        schedule.prepare(contiguous(&mut v)?, contiguous(&mut mask)?);
-        // From here on V is held as its kept values only (compacted in its own buffer).
-        let mut kept = KeptEntries::from_values(compact(v, mask.as_slice().unwrap_or(&[]))?);
+        let mut bools = vec![true; v.len()];
+        schedule.prepare(contiguous(&mut v)?, &mut bools);
+        // From here on V is held as its kept values only (compacted in its own buffer), its mask
+        // as bits.
+        let mut kept = KeptEntries::from_values(compact(v, &bools)?);
+        let mask = BitMask::from_bools(&bools);
+        drop(bools);
         let matrices = shape.blocks * shape.matrices_per_block;
-        let kept_layout = KeptLayout::new(
-            mask.as_slice().unwrap_or(&[]),
-            rank,
-            matrices,
-            shape.intermediate,
-        );
+        let kept_layout = KeptLayout::new(&mask, rank, matrices, shape.intermediate);
         if steps > 0 {
             kept.start_moments();
         }
@@ -513,8 +518,8 @@ impl<'a, F: Float> FactorTrainer<'a, F> {
         problem.kept.release_moments();
         problem
             .schedule
-            .finish(&mut problem.kept, contiguous(&mut problem.mask)?);
-        let mask = problem.mask.as_slice().ok_or_else(internal_layout)?;
+            .finish(&mut problem.kept, &mut problem.mask);
+        let mask = &problem.mask;
         problem.layout.refresh(mask);
         let blocks = assemble(&Factors {
             spec: &spec,
@@ -528,10 +533,10 @@ impl<'a, F: Float> FactorTrainer<'a, F> {
             mask: &problem.mask,
             biases: &problem.biases,
         })?;
-        let nnz = problem.mask.iter().filter(|&&m| m).count();
+        let nnz = problem.mask.count();
         let entries = problem.mask.len();
         problem.kept = KeptEntries::from_values(Vec::new());
-        problem.mask = Array2::from_elem((0, 0), false);
+        problem.mask = BitMask::from_bools(&[]);
         let final_errors = problem.source.errors(|b| blocks.to_dense_mlp(b))?;
         let validation = problem
             .validator
@@ -579,10 +584,8 @@ impl<F: Float> FactorProblem<'_, F> {
         assemble: Assembler<F>,
     ) -> Result<CompressedBlocks<F>> {
         let values = self.kept.values();
-        let mask = self.mask.as_slice().ok_or_else(internal_layout)?;
-        let pruned =
-            Array2::from_shape_vec(self.mask.raw_dim(), self.schedule.pruned_mask(values, mask))
-                .map_err(|e| FipsError::Numerical(e.to_string()))?;
+        let mask = &self.mask;
+        let pruned = self.schedule.pruned_mask(values, mask);
         assemble(&Factors {
             spec,
             rank,
@@ -607,7 +610,7 @@ struct VUpdate<'s, F: Float> {
     split: RowSplit,
     plan: &'s mut StepPlan<F>,
     entries: &'s mut KeptEntries<F>,
-    mask: &'s mut [bool],
+    mask: &'s mut BitMask,
     layout: &'s KeptLayout,
 }
 
@@ -639,7 +642,7 @@ impl<F: Float> Trainable for FactorProblem<'_, F> {
         let indices = state.sampler.next_batch();
         self.source.batch(indices, &mut state.xs, &mut state.ys)?;
         let adam = AdamWStep::<F>::new(self.config.optimizer(), lr, step);
-        let mask = contiguous(&mut self.mask)?;
+        let mask = &mut self.mask;
         let mut plan = self.schedule.begin_step(step, &self.kept, mask);
         let loss = state.objective.loss_and_gradients(
             BasisParams {
@@ -720,8 +723,9 @@ impl<F: Float> FactorProblem<'_, F> {
     /// `V` decoded whole (`r × fnI`), one matrix at a time from the kept values.
     fn decoded_v(&self) -> Result<Array2<F>> {
         let i = self.layout.width();
-        let mask = self.mask.as_slice().ok_or_else(internal_layout)?;
-        let mut v = Array2::zeros(self.mask.raw_dim());
+        let columns = self.layout.columns();
+        let mask = &self.mask;
+        let mut v = Array2::zeros((mask.len() / columns.max(1), columns));
         for j in 0..self.layout.columns() / i.max(1) {
             self.layout.decode(
                 self.kept.values(),
@@ -737,7 +741,14 @@ impl<F: Float> FactorProblem<'_, F> {
     fn dense_reference(&self) -> Result<DenseV<F>> {
         Ok(DenseV {
             v: self.decoded_v()?,
-            mask: self.mask.clone(),
+            mask: Array2::from_shape_vec(
+                (
+                    self.mask.len() / self.layout.columns().max(1),
+                    self.layout.columns(),
+                ),
+                self.mask.to_bools(),
+            )
+            .map_err(|e| FipsError::Numerical(e.to_string()))?,
             moments: KeptEntries::zeros(self.kept.len()),
         })
     }
@@ -752,8 +763,8 @@ impl<F: Float> FactorProblem<'_, F> {
             .map(|(x, _)| *x)
             .collect();
         self.kept = KeptEntries::from_values(values);
-        self.mask = dense.mask.clone();
-        self.layout.refresh(self.mask.as_slice().unwrap_or(&[]));
+        self.mask = BitMask::from_bools(dense.mask.as_slice().unwrap_or(&[]));
+        self.layout.refresh(&self.mask);
     }
 
     /// The step as it was before `V`'s update was fused into the backward pass and `V` held as
@@ -993,6 +1004,7 @@ fn rebuild_block<F: Float>(
             v.slice_mut(cols).assign(&vk);
             mask.slice_mut(cols).assign(&mk);
         }
+        let mask = BitMask::from_bools(mask.as_slice().ok_or_else(internal_layout)?);
         let bases;
         let u = match layout {
             BasisLayout::Shared => f.u,
@@ -1202,18 +1214,23 @@ mod tests {
                     let (a, b) = (&fused.0.problem, &reference.0.problem);
                     let what = format!("{sparsifier} {order} step {step}");
                     assert_eq!(loss.to_bits(), expected.to_bits(), "{what}: loss");
-                    assert_eq!(a.mask, dense.mask, "{what}: mask");
+                    let mask = a.mask.to_bools();
+                    assert_eq!(&mask[..], dense.mask.as_slice().unwrap(), "{what}: mask");
                     let bits = |x: &Array2<f32>| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
                     assert_eq!(bits(&a.u), bits(&b.u), "{what}: U");
                     // Decoding one matrix at a time gives the dense reference's V.
                     assert_eq!(bits(&a.decoded_v().unwrap()), bits(&dense.v), "{what}: V");
-                    let mask = a.mask.as_slice().unwrap();
-                    let (m1, v1) = a.kept.scattered(mask);
-                    let (m2, v2) = dense.moments.scattered(mask);
+                    let (m1, v1) = a.kept.scattered(&mask);
+                    let (m2, v2) = dense.moments.scattered(&mask);
                     assert_eq!((m1, v1), (m2, v2), "{what}: moments of V");
                     // Bounded memory: one value and two moments per kept entry, nothing reserved
                     // beyond them, and no buffer of V's size in the step (factors first).
                     let kept = mask.iter().filter(|&&m| m).count();
+                    assert_eq!(a.mask.count(), kept, "{what}: bits");
+                    assert!(
+                        a.mask.bytes() <= mask.len().div_ceil(64) * 8,
+                        "{what}: bits"
+                    );
                     assert_eq!(a.kept.values().len(), kept, "{what}: values");
                     assert_eq!(a.kept.len(), kept, "{what}: moments");
                     assert_eq!(a.kept.reserved(), kept, "{what}: reserved");
