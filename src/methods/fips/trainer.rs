@@ -997,14 +997,16 @@ fn rebuild_block<F: Float>(
     // The slices are dropped once assembled, before the block is rebuilt dense.
     let block = {
         let mut v = Array2::zeros((r, m * i));
-        let mut mask = Array2::from_elem((r, m * i), false);
-        for k in 0..m {
-            let (vk, mk) = f.factor(b * m + k)?;
-            let cols = s![.., k * i..(k + 1) * i];
-            v.slice_mut(cols).assign(&vk);
-            mask.slice_mut(cols).assign(&mk);
-        }
-        let mask = BitMask::from_bools(mask.as_slice().ok_or_else(internal_layout)?);
+        let mask = {
+            let mut mask = Array2::from_elem((r, m * i), false);
+            for k in 0..m {
+                let (vk, mk) = f.factor(b * m + k)?;
+                let cols = s![.., k * i..(k + 1) * i];
+                v.slice_mut(cols).assign(&vk);
+                mask.slice_mut(cols).assign(&mk);
+            }
+            BitMask::from_bools(mask.as_slice().ok_or_else(internal_layout)?)
+        };
         let bases;
         let u = match layout {
             BasisLayout::Shared => f.u,
