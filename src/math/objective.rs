@@ -186,7 +186,7 @@ impl<F: Float> BasisGradients<F> {
 }
 
 /// The gradients the objective holds whole: `∂U` and the biases' (`∂V` goes to a
-/// [`FactorGradientSink`] one matrix at a time).
+/// [`FactorStore`] one matrix at a time).
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct BasisGradients<F> {
     /// `∂L/∂U`.
