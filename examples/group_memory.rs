@@ -18,16 +18,19 @@
 //! by default, for GMP). The `T` calibration tokens appear nowhere: they stay on disk.
 //!
 //! ```text
-//! training:  blocks 4W + batch inputs and targets 8 n B d + 5 E + 8 (1 − s₀) E + 4 E / (f n)
-//!   + 16 d r (V 4E, mask 1E; Adam moments of the kept entries only, 2 × 4 B each; the gradient
-//!   of one matrix of V, r × I, at a time; U, its gradient and its moments 16 d r)
-//! start:     4W + 5 E (V 4E, the initialisation pruned to the target: a mask 1E) + 8 d r (U, copy)
-//!   + max(10 E / n, 5 E / n + 4W / n, 4W / n + 4 C (3d + 2I)) (one block at a time: its slices
-//!   of V and the mask and their assembled copy, then the block rebuilt dense, then one chunk:
-//!   inputs, targets, the rebuilt block's output and hidden state)
-//! end:       4W + 8 d r + max(10 E, 5 E + 4W / n + 4 C (3d + 2I)) (V and its mask next to
-//!   their assembled copy, the training state released first; then V and the mask dropped and
-//!   the error measured one dense block at a time)
+//! training:  blocks 4W + batch inputs and targets 8 n B d + E / 8 + 12 (1 − s₀) E + 4 E / (f n)
+//!   + 16 d r (V held as its kept entries only: value and two Adam moments, 3 × 4 B each; the mask
+//!   one bit per entry; one matrix of V, r × I, decoded and then its gradient, at a time; U, its
+//!   gradient and its moments 16 d r)
+//! start:     4W + 8 d r (U, copy) + max(5 E + E / 8, 4 E + E / 8 + max(10 E / n, 5 E / n + 4W / n,
+//!   4W / n + 4 C (3d + 2I))) (V 4E dense from the initialisation, the target's mask as bits next
+//!   to it, and one block at a time: its values and mask and their assembled copy, then the block
+//!   rebuilt dense, then one chunk: inputs, targets, the rebuilt block's output and hidden state;
+//!   then V is compacted within its own buffer)
+//! end:       4W + 8 d r + max(4 (1 − s) E + E / 8 + 5 E + 5 E / (f n), 5 E + 4W / n + 4 C (3d + 2I))
+//!   (the kept values and the mask next to the assembled result, built one matrix at a time, the
+//!   training state released first; then they are dropped and the error measured one dense block
+//!   at a time)
 //! ```
 //!
 //! plus the step's other batch buffers (a few `B × I` arrays per block). The initialisation's
@@ -111,25 +114,30 @@ fn main() -> fips::Result<()> {
         Sparsifier::Gmp(g) if steps * 3 / 4 > 0 => g.initial_sparsity.min(s),
         _ => s,
     };
-    let moments = (8.0 * (1.0 - start_sparsity) * e as f64) as u64;
+    let kept = (12.0 * (1.0 - start_sparsity) * e as f64) as u64;
+    let kept_end = (4.0 * (1.0 - s) * e as f64) as u64;
+    let bits = e / 8;
     let basis = (d * rank) as u64;
     let matrices = (3 * n) as u64;
-    let training = 4 * w + calib + 5 * e + moments + 4 * e / matrices + 16 * basis;
+    let training = 4 * w + calib + bits + kept + 4 * e / matrices + 16 * basis;
     let (block, nn) = (4 * w / n as u64, n as u64);
-    let start =
-        4 * w + 5 * e + 8 * basis + (10 * e / nn).max(5 * e / nn + block).max(block + chunk);
-    let end = 4 * w + 8 * basis + (10 * e).max(5 * e + block + chunk);
+    let start = 4 * w
+        + 8 * basis
+        + (5 * e + bits)
+            .max(4 * e + bits + (10 * e / nn).max(5 * e / nn + block).max(block + chunk));
+    let end =
+        4 * w + 8 * basis + (kept_end + bits + 5 * e + 5 * e / matrices).max(5 * e + block + chunk);
     let predicted = training.max(start).max(end);
     println!(
         "group: d {d}, I {i}, n {n} gated, p {p}, s {s}, rank {rank}, {tokens} calibration tokens, {batch} per batch, {steps} steps, {}",
         sparsifier
     );
     println!(
-        "prediction: blocks 4W {:.3} GiB + batch inputs/targets 8nBd {:.3} GiB + V and mask 5E {:.3} GiB + moments 8(1 - {start_sparsity})E {:.3} GiB + one matrix's gradient 4E/(fn) {:.3} GiB + U 16dr {:.3} GiB = {:.3} GiB while training; {:.3} GiB at the start (5E + max(10E/n, 5E/n + a block, a block + a chunk {:.3} GiB)), {:.3} GiB at the end (max(10E, 5E + a block + a chunk))",
+        "prediction: blocks 4W {:.3} GiB + batch inputs/targets 8nBd {:.3} GiB + mask bits E/8 {:.3} GiB + kept values and moments 12(1 - {start_sparsity})E {:.3} GiB + one matrix of V, then its gradient 4E/(fn) {:.3} GiB + U 16dr {:.3} GiB = {:.3} GiB while training; {:.3} GiB at the start (max(5E + E/8, 4E + E/8 + max(10E/n, 5E/n + a block, a block + a chunk {:.3} GiB))), {:.3} GiB at the end (max(4(1 - s)E + E/8 + 5E + 5E/(fn), 5E + a block + a chunk))",
         gib(4 * w),
         gib(calib),
-        gib(5 * e),
-        gib(moments),
+        gib(bits),
+        gib(kept),
         gib(4 * e / matrices),
         gib(16 * basis),
         gib(training),

@@ -3,6 +3,7 @@
 //! foundation.
 
 pub mod bases;
+pub(crate) mod bitmask;
 pub mod budget;
 pub mod calibration;
 pub mod init;

@@ -9,12 +9,15 @@
 //! Finally `∂U = Σ_j ∂W_j V_jᵀ` and `∂V_j = Uᵀ ∂W_j`: the gradient with respect to the masked
 //! factor, dense (RigL's regrowth score); the optimiser masks it.
 //!
-//! `∂V` is never held whole in the factors-first order: `∂V_j` is computed into a one-matrix
-//! buffer (`r × I`) and handed to a sink (`FactorGradientSink`) right after the step's last read of
-//! `V_j` (each `V_j` serves one block, so `∂U` and the later blocks still see the values the loss
-//! was computed with), which may update `V_j` in place. The weights-first order (chosen only when
-//! its dense `W` and `∂W`, `8 d f n I` bytes, are held anyway) forms `∂V` whole, then hands it out
-//! one matrix at a time.
+//! `V` and `∂V` are never held whole in the factors-first order: `V` lives in a store
+//! (`FactorStore`, the trainer's kept entries) that decodes one matrix `V_j` into a one-matrix
+//! buffer (`r × I`) right before a product reads it, and `∂V_j` is computed into the same buffer
+//! after the products that read `V_j` and handed to the store right after the step's last read of
+//! `V_j` (each `V_j` serves one block, so
+//! `∂U` and the later blocks still see the values the loss was computed with), which may update
+//! `V_j` then. The weights-first order (chosen only when its dense `W` and `∂W`, `8 d f n I` bytes,
+//! are held anyway) decodes `V` whole into its `r × fnI` gradient buffer (`r < d`: less than `W`)
+//! and forms `∂V` whole there, then hands it out one matrix at a time.
 //!
 //! Two contraction orders compute the same values:
 //! - *weights first*: form `W = U V` (`d × fnI`) once per step, run the block on dense weights, and
@@ -139,7 +142,9 @@ impl StepShape {
     }
 }
 
-/// Trainable parameters of a group (and, with the same layout, their gradients).
+/// Trainable parameters of a group with a dense `V` (and, with the same layout, their gradients):
+/// the tests' reference layout (the trainer holds `V` as its kept entries).
+#[cfg(test)]
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct GroupParams<F> {
     /// Shared basis, `d × r`.
@@ -150,9 +155,9 @@ pub(crate) struct GroupParams<F> {
     pub biases: Vec<Option<Array1<F>>>,
 }
 
+#[cfg(test)]
 impl<F: Float> GroupParams<F> {
     /// Zeros of the same shapes.
-    #[cfg(test)]
     pub(crate) fn zeros_like(&self) -> Self {
         Self {
             u: Array2::zeros(self.u.raw_dim()),
@@ -163,10 +168,16 @@ impl<F: Float> GroupParams<F> {
 
     /// Zero gradients of `U` and the biases.
     pub(crate) fn gradients_like(&self) -> BasisGradients<F> {
-        BasisGradients {
-            u: Array2::zeros(self.u.raw_dim()),
-            biases: self
-                .biases
+        BasisGradients::zeros_like(&self.u, &self.biases)
+    }
+}
+
+impl<F: Float> BasisGradients<F> {
+    /// Zero gradients of `u` and `biases`.
+    pub(crate) fn zeros_like(u: &Array2<F>, biases: &[Option<Array1<F>>]) -> Self {
+        Self {
+            u: Array2::zeros(u.raw_dim()),
+            biases: biases
                 .iter()
                 .map(|b| b.as_ref().map(|b| Array1::zeros(b.raw_dim())))
                 .collect(),
@@ -175,7 +186,7 @@ impl<F: Float> GroupParams<F> {
 }
 
 /// The gradients the objective holds whole: `∂U` and the biases' (`∂V` goes to a
-/// [`FactorGradientSink`] one matrix at a time).
+/// [`FactorStore`] one matrix at a time).
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct BasisGradients<F> {
     /// `∂L/∂U`.
@@ -184,24 +195,47 @@ pub(crate) struct BasisGradients<F> {
     pub biases: Vec<Option<Array1<F>>>,
 }
 
-/// Receives `∂L/∂V_j` (`r × I`, rows contiguous) of every matrix `j` once per step, after the
-/// step's last read of `V_j`; may update `V_j` (columns `j I..(j + 1) I` of `v`) in place.
-pub(crate) trait FactorGradientSink<F> {
+/// Where the objective reads `V = [V_1 | … | V_fn]` and hands its gradient: `V_j` (`r × I`) is
+/// decoded on demand, and `∂L/∂V_j` (`r × I`, rows contiguous) of every matrix `j` arrives once per
+/// step, after the step's last read of `V_j`; the store may update `V_j` then.
+pub(crate) trait FactorStore<F> {
+    /// Writes `V_j` into `out` (`r × I`).
+    fn decode(&self, j: usize, out: ArrayViewMut2<'_, F>) -> Result<()>;
     /// Consumes the gradient of matrix `j`.
-    fn consume(&mut self, j: usize, grad: ArrayView2<'_, F>, v: &mut Array2<F>) -> Result<()>;
+    fn consume(&mut self, j: usize, grad: ArrayView2<'_, F>) -> Result<()>;
 }
 
-/// A sink that collects the gradient of the whole of `V` (tests and reference paths).
+/// A dense `V` that collects the gradient of the whole of `V` (tests and reference paths).
 #[cfg(test)]
-pub(crate) struct DenseGradient<'g, F>(pub &'g mut Array2<F>);
+pub(crate) struct DenseGradient<'g, F> {
+    /// `V`.
+    pub v: &'g Array2<F>,
+    /// `∂V`, written.
+    pub dv: &'g mut Array2<F>,
+}
 
 #[cfg(test)]
-impl<F: Float> FactorGradientSink<F> for DenseGradient<'_, F> {
-    fn consume(&mut self, j: usize, grad: ArrayView2<'_, F>, _v: &mut Array2<F>) -> Result<()> {
-        let i = grad.ncols();
-        self.0.slice_mut(s![.., j * i..(j + 1) * i]).assign(&grad);
+impl<F: Float> FactorStore<F> for DenseGradient<'_, F> {
+    fn decode(&self, j: usize, mut out: ArrayViewMut2<'_, F>) -> Result<()> {
+        let i = out.ncols();
+        out.assign(&self.v.slice(s![.., j * i..(j + 1) * i]));
         Ok(())
     }
+
+    fn consume(&mut self, j: usize, grad: ArrayView2<'_, F>) -> Result<()> {
+        let i = grad.ncols();
+        self.dv.slice_mut(s![.., j * i..(j + 1) * i]).assign(&grad);
+        Ok(())
+    }
+}
+
+/// The dense parameters the objective reads directly: `U` and the biases.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BasisParams<'p, F> {
+    /// `U`, `d × r` (or `d × r f n`).
+    pub u: &'p Array2<F>,
+    /// One bias slot per matrix, module order.
+    pub biases: &'p [Option<Array1<F>>],
 }
 
 /// Preallocated buffers of one training step (nothing large is allocated per step).
@@ -223,8 +257,11 @@ pub(crate) struct Workspace<F> {
     up: Array2<F>,
     /// Block output, then `G`: `T × d`.
     yhat: Array2<F>,
-    /// `∂V_j` of one matrix, `r × I` (factors first), or `∂V` whole, `r × fnI` (weights first).
+    /// Factors first: `V_j` of one matrix, decoded from the store before the products that read
+    /// it, then `∂V_j` (`r × I`); weights first: `V`, then `∂V` whole (`r × fnI`).
     dv: Array2<F>,
+    /// The matrix whose values `dv` holds (factors first), if any.
+    decoded: Option<usize>,
 }
 
 impl<F: Float> Workspace<F> {
@@ -263,6 +300,7 @@ impl<F: Float> Workspace<F> {
             } else {
                 z(r, i, true)
             },
+            decoded: None,
         }
     }
 }
@@ -357,30 +395,43 @@ impl<F: Float> Objective<F> {
         self.split
     }
 
+    /// Elements of the buffer of `V_j` and `∂V_j` (or `V` and `∂V`), for tests.
+    #[cfg(test)]
+    pub(crate) fn factor_buffer(&self) -> usize {
+        self.ws.dv.len()
+    }
+
     /// The contraction order in use (never `Auto`).
     pub(crate) fn order(&self) -> ContractionOrder {
         self.order
     }
 
-    /// `L` for the batch `xs[b]`, `ys[b]` (each `T × d`), writing `∂L/∂U` and the biases'
-    /// gradients into `grads` and handing `∂L/∂V_j` of every matrix to `sink` (which may update
-    /// `p.v` as it goes; the loss and every gradient are those of `p` as passed in).
+    /// `L` for the batch `xs[b]`, `ys[b]` (each `T × d`) with `U` and the biases `p` and `V` in
+    /// `store`, writing `∂L/∂U` and the biases' gradients into `grads` and handing `∂L/∂V_j` of
+    /// every matrix to `store` (which may update `V_j` as it goes; the loss and every gradient are
+    /// those of `V` as the step began).
     pub(crate) fn loss_and_gradients(
         &mut self,
-        p: &mut GroupParams<F>,
+        p: BasisParams<'_, F>,
+        store: &mut dyn FactorStore<F>,
         xs: &[Array2<F>],
         ys: &[Array2<F>],
         grads: &mut BasisGradients<F>,
-        sink: &mut dyn FactorGradientSink<F>,
     ) -> Result<f64> {
         let weights_first = self.order == ContractionOrder::WeightsFirst;
+        self.ws.decoded = None;
         if weights_first {
-            // W = U V, one GEMM per basis over the columns of the matrices it serves.
+            // V whole into the gradient buffer, then W = U V, one GEMM per basis over the
+            // columns of the matrices it serves.
+            for j in 0..self.shape.blocks * self.shape.matrices_per_block {
+                let cols = self.cols(j);
+                store.decode(j, self.ws.dv.slice_mut(cols))?;
+            }
             for (u_cols, v_cols) in self.basis_blocks() {
                 general_mat_mul(
                     F::one(),
                     &p.u.slice(s![.., u_cols]),
-                    &p.v.slice(s![.., v_cols.clone()]),
+                    &self.ws.dv.slice(s![.., v_cols.clone()]),
                     F::zero(),
                     &mut self.ws.w.slice_mut(s![.., v_cols]),
                 );
@@ -390,44 +441,41 @@ impl<F: Float> Objective<F> {
         }
         let mut loss = 0.0;
         for (b, (x, y)) in xs.iter().zip(ys).enumerate() {
-            self.forward_block(b, p, x.view())?;
+            self.forward_block(b, p, &*store, x.view())?;
             loss += self.output_gradient(b, y, grads)?;
-            self.backward_block(b, p, x.view(), grads, sink)?;
+            self.backward_block(b, p, store, x.view(), grads)?;
         }
         if weights_first {
-            // ∂U_k = ∂W_k V_kᵀ, ∂V_k = U_kᵀ ∂W_k for every basis k; V_k is read by nothing else,
-            // so its matrices go to the sink right after.
+            // ∂U_k = ∂W_k V_kᵀ, then ∂V_k = U_kᵀ ∂W_k over V_k's columns of the buffer, for every
+            // basis k; V_k is read by nothing else, so its matrices go to the store right after.
             let i = self.shape.intermediate;
             for (u_cols, v_cols) in self.basis_blocks() {
                 let ws = &mut self.ws;
                 let dw = ws.dw.slice(s![.., v_cols.clone()]);
-                let (u, v) = (
-                    p.u.slice(s![.., u_cols.clone()]),
-                    p.v.slice(s![.., v_cols.clone()]),
-                );
                 general_mat_mul(
                     F::one(),
                     &dw,
-                    &v.t(),
+                    &ws.dv.slice(s![.., v_cols.clone()]).t(),
                     F::zero(),
-                    &mut grads.u.slice_mut(s![.., u_cols]),
+                    &mut grads.u.slice_mut(s![.., u_cols.clone()]),
                 );
                 general_mat_mul(
                     F::one(),
-                    &u.t(),
+                    &p.u.slice(s![.., u_cols]).t(),
                     &dw,
                     F::zero(),
                     &mut ws.dv.slice_mut(s![.., v_cols.clone()]),
                 );
                 for j in v_cols.start / i..v_cols.end / i {
-                    sink.consume(j, ws.dv.slice(s![.., j * i..(j + 1) * i]), &mut p.v)?;
+                    store.consume(j, ws.dv.slice(s![.., j * i..(j + 1) * i]))?;
                 }
             }
         }
         Ok(loss)
     }
 
-    /// [`Self::loss_and_gradients`] with `∂V` collected whole into `dv` (tests).
+    /// [`Self::loss_and_gradients`] with a dense `V` (`p.v`) and `∂V` collected whole into
+    /// `grads.v` (tests).
     #[cfg(test)]
     pub(crate) fn loss_and_dense_gradients(
         &mut self,
@@ -436,16 +484,37 @@ impl<F: Float> Objective<F> {
         ys: &[Array2<F>],
         grads: &mut GroupParams<F>,
     ) -> Result<f64> {
-        let mut p = p.clone();
         let mut basis = BasisGradients {
             u: std::mem::take(&mut grads.u),
             biases: std::mem::take(&mut grads.biases),
         };
-        let loss =
-            self.loss_and_gradients(&mut p, xs, ys, &mut basis, &mut DenseGradient(&mut grads.v));
+        let loss = self.loss_and_gradients(
+            BasisParams {
+                u: &p.u,
+                biases: &p.biases,
+            },
+            &mut DenseGradient {
+                v: &p.v,
+                dv: &mut grads.v,
+            },
+            xs,
+            ys,
+            &mut basis,
+        );
         grads.u = basis.u;
         grads.biases = basis.biases;
         loss
+    }
+
+    /// `V_j` from `store` into the one-matrix buffer (factors first), unless it holds it already
+    /// (the down projection's, from the forward pass to the backward pass).
+    fn decode(&mut self, j: usize, store: &dyn FactorStore<F>) -> Result<()> {
+        if self.ws.decoded != Some(j) {
+            self.ws.decoded = None;
+            store.decode(j, self.ws.dv.view_mut())?;
+            self.ws.decoded = Some(j);
+        }
+        Ok(())
     }
 
     /// For every basis, its columns in `U` and the columns in `V` (and `W`) of the matrices it
@@ -486,11 +555,12 @@ impl<F: Float> Objective<F> {
         }
     }
 
-    /// `out = X W_j + b_j` (or `(X U) V_j + b_j`).
+    /// `out = X W_j + b_j` (or `(X U) V_j + b_j`, `V_j` decoded from `store`).
     fn up_forward(
-        &self,
+        &mut self,
         j: usize,
-        p: &GroupParams<F>,
+        p: BasisParams<'_, F>,
+        store: &dyn FactorStore<F>,
         x: ArrayView2<'_, F>,
         out: &mut Array2<F>,
     ) -> Result<()> {
@@ -499,25 +569,34 @@ impl<F: Float> Objective<F> {
             ContractionOrder::WeightsFirst => {
                 general_mat_mul(F::one(), &x, &self.ws.w.slice(self.cols(j)), beta, out)
             }
-            _ => general_mat_mul(F::one(), &self.ws.xu, &p.v.slice(self.cols(j)), beta, out),
+            _ => {
+                self.decode(j, store)?;
+                general_mat_mul(F::one(), &self.ws.xu, &self.ws.dv, beta, out)
+            }
         }
         Ok(())
     }
 
     /// Runs block `b` forward, leaving every intermediate the backward pass needs in the workspace.
-    fn forward_block(&mut self, b: usize, p: &GroupParams<F>, x: ArrayView2<'_, F>) -> Result<()> {
+    fn forward_block(
+        &mut self,
+        b: usize,
+        p: BasisParams<'_, F>,
+        store: &dyn FactorStore<F>,
+        x: ArrayView2<'_, F>,
+    ) -> Result<()> {
         let f = self.shape.matrices_per_block;
         let i = self.shape.intermediate;
         let base = b * f;
         let weights_first = self.order == ContractionOrder::WeightsFirst;
         if !weights_first {
-            general_mat_mul(F::one(), &x, &p.u, F::zero(), &mut self.ws.xu);
+            general_mat_mul(F::one(), &x, p.u, F::zero(), &mut self.ws.xu);
         }
         let act = self.activation;
         match self.kind {
             MlpKind::Standard => {
                 let mut a = std::mem::take(&mut self.ws.a);
-                let done = self.up_forward(base, p, x, &mut a).and_then(|()| {
+                let done = self.up_forward(base, p, store, x, &mut a).and_then(|()| {
                     self.split
                         .activate(act, flat_mut(&mut a)?, flat_mut(&mut self.ws.dact)?, i);
                     Ok(())
@@ -529,8 +608,8 @@ impl<F: Float> Objective<F> {
                 let mut gate = std::mem::take(&mut self.ws.gate);
                 let mut up = std::mem::take(&mut self.ws.up);
                 let done = self
-                    .up_forward(base, p, x, &mut gate)
-                    .and_then(|()| self.up_forward(base + 1, p, x, &mut up))
+                    .up_forward(base, p, store, x, &mut gate)
+                    .and_then(|()| self.up_forward(base + 1, p, store, x, &mut up))
                     .and_then(|()| {
                         let ws = &mut self.ws;
                         self.split.activate_gated(
@@ -550,6 +629,9 @@ impl<F: Float> Objective<F> {
         }
         let jd = base + f - 1;
         let cols_d = self.cols(jd);
+        if !weights_first {
+            self.decode(jd, store)?;
+        }
         let mut yhat = std::mem::take(&mut self.ws.yhat);
         let beta = self.prefill_bias(&mut yhat, p.biases[jd].as_ref());
         let ws = &mut self.ws;
@@ -558,8 +640,7 @@ impl<F: Float> Objective<F> {
                 let wd = ws.w.slice(cols_d);
                 general_mat_mul(F::one(), &ws.a, &wd.t(), beta, &mut yhat);
             } else {
-                let vd = p.v.slice(cols_d);
-                general_mat_mul(F::one(), &ws.a, &vd.t(), F::zero(), &mut ws.c);
+                general_mat_mul(F::one(), &ws.a, &ws.dv.t(), F::zero(), &mut ws.c);
                 general_mat_mul(F::one(), &ws.c, &p.u.t(), beta, &mut yhat);
             }
         }
@@ -593,10 +674,10 @@ impl<F: Float> Objective<F> {
     fn backward_block(
         &mut self,
         b: usize,
-        p: &mut GroupParams<F>,
+        p: BasisParams<'_, F>,
+        store: &mut dyn FactorStore<F>,
         x: ArrayView2<'_, F>,
         grads: &mut BasisGradients<F>,
-        sink: &mut dyn FactorGradientSink<F>,
     ) -> Result<()> {
         let f = self.shape.matrices_per_block;
         let i = self.shape.intermediate;
@@ -604,6 +685,10 @@ impl<F: Float> Objective<F> {
         let jd = base + f - 1;
         let cols = |j: usize| s![.., j * i..(j + 1) * i];
         let weights_first = self.order == ContractionOrder::WeightsFirst;
+        if !weights_first {
+            // Still in the buffer from the forward pass's last product.
+            self.decode(jd, &*store)?;
+        }
         let split = self.split;
         let ws = &mut self.ws;
         let (one, zero) = (F::one(), F::zero());
@@ -625,7 +710,7 @@ impl<F: Float> Objective<F> {
                 &mut ws.da.view_mut(),
             );
         } else {
-            // ∂U += Gᵀ C, then C ← G U (= ∂C), ∂V_d = ∂Cᵀ A, ∂A = ∂C V_d.
+            // ∂U += Gᵀ C, then C ← G U (= ∂C), ∂A = ∂C V_d, ∂V_d = ∂Cᵀ A.
             gemm(
                 one,
                 &ws.yhat.t(),
@@ -640,15 +725,17 @@ impl<F: Float> Objective<F> {
                 zero,
                 &mut ws.c.view_mut(),
             );
-            gemm(one, &ws.c.t(), &ws.a.view(), zero, &mut ws.dv.view_mut());
+            // The buffer holds V_d until ∂V_d overwrites it.
             gemm(
                 one,
                 &ws.c.view(),
-                &p.v.slice(cols(jd)),
+                &ws.dv.view(),
                 zero,
                 &mut ws.da.view_mut(),
             );
-            sink.consume(jd, ws.dv.view(), &mut p.v)?;
+            ws.decoded = None;
+            gemm(one, &ws.c.t(), &ws.a.view(), zero, &mut ws.dv.view_mut());
+            store.consume(jd, ws.dv.view())?;
         }
 
         // Activation (and gate): ∂A → ∂H of each up projection, with the up biases' gradients.
@@ -679,23 +766,23 @@ impl<F: Float> Objective<F> {
         // Up projections.
         for (k, &m) in ups.iter().enumerate() {
             let j = base + m;
-            let dh = if m == 0 { &ws.da } else { &ws.up };
             if weights_first {
+                let ws = &mut self.ws;
+                let dh = if m == 0 { &ws.da } else { &ws.up };
                 gemm(one, &x.t(), &dh.view(), zero, &mut ws.dw.slice_mut(cols(j)));
             } else {
-                gemm(one, &ws.xu.t(), &dh.view(), zero, &mut ws.dv.view_mut());
+                self.decode(j, &*store)?;
+                let ws = &mut self.ws;
+                let dh = if m == 0 { &ws.da } else { &ws.up };
                 let beta = if k == 0 { zero } else { one };
-                gemm(
-                    one,
-                    &dh.view(),
-                    &p.v.slice(cols(j)).t(),
-                    beta,
-                    &mut ws.dxu.view_mut(),
-                );
-                sink.consume(j, ws.dv.view(), &mut p.v)?;
+                gemm(one, &dh.view(), &ws.dv.t(), beta, &mut ws.dxu.view_mut());
+                ws.decoded = None;
+                gemm(one, &ws.xu.t(), &dh.view(), zero, &mut ws.dv.view_mut());
+                store.consume(j, ws.dv.view())?;
             }
         }
         if !weights_first {
+            let ws = &self.ws;
             gemm(one, &x.t(), &ws.dxu.view(), one, &mut grads.u.view_mut());
         }
         Ok(())

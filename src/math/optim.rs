@@ -1,10 +1,11 @@
 //! AdamW with decoupled weight decay and a per-step cosine learning-rate schedule.
 
-use ndarray::{Array, ArrayView, ArrayView2, ArrayViewMut, Dimension, Zip};
+use ndarray::{Array, ArrayView, ArrayView2, ArrayViewMut, ArrayViewMut2, Dimension, Zip};
 
 use crate::foundation::error::{FipsError, Result, invalid};
 use crate::foundation::float::Float;
 use crate::foundation::kernels::RowSplit;
+use crate::math::bitmask::BitMask;
 
 /// AdamW hyper-parameters (PyTorch semantics) and the cosine schedule's floor.
 ///
@@ -115,36 +116,75 @@ impl<F: Float, D: Dimension> Moments<F, D> {
     }
 }
 
-/// Adam's moment estimates of the kept entries of a masked parameter only: entry `j` belongs to
-/// the `j`-th kept position in row-major order of the mask (all positions without a mask).
-/// `2 × nnz` values instead of `2 × len`: at sparsity `s`, `8 (1 − s)` bytes per `f32` entry
-/// instead of 8. An entry outside the mask has, in the dense layout, zero moments (see
-/// [`AdamWStep::apply_masked`]), so nothing is lost: an entry that joins the mask starts at zero.
+/// The kept entries of a masked parameter only: their values and Adam's moment estimates, entry
+/// `j` belonging to the `j`-th kept position in row-major order of the mask (all positions
+/// without a mask). `3 × nnz` values instead of `3 × len`: at sparsity `s`, `12 (1 − s)` bytes
+/// per `f32` entry instead of 12 (plus the mask). An entry outside the mask is zero and has, in
+/// the dense layout, zero moments (see [`AdamWStep::apply_masked`]), so nothing is lost: an entry
+/// that joins the mask starts at zero.
+///
+/// Each of the three arrays is either empty or holds one element per kept entry: the values are
+/// absent where the parameter is held dense elsewhere (the tests' reference paths), the moments
+/// where nothing is trained (a trainer without steps, or after its last step).
 #[derive(Debug, Clone)]
-pub(crate) struct KeptMoments<F> {
+pub(crate) struct KeptEntries<F> {
+    p: Vec<F>,
     m: Vec<F>,
     v: Vec<F>,
 }
 
-impl<F: Float> KeptMoments<F> {
-    /// Zero moments for `kept` entries.
+impl<F: Float> KeptEntries<F> {
+    /// Zero moments for `kept` entries, without values (the tests' dense reference paths).
+    #[cfg(test)]
     pub(crate) fn zeros(kept: usize) -> Self {
         Self {
+            p: Vec::new(),
             m: vec![F::zero(); kept],
             v: vec![F::zero(); kept],
         }
     }
 
-    /// Kept entries.
-    pub(crate) fn len(&self) -> usize {
-        self.m.len()
+    /// The kept values `values` (row-major order of the mask), without moments.
+    pub(crate) fn from_values(values: Vec<F>) -> Self {
+        Self {
+            p: values,
+            m: Vec::new(),
+            v: Vec::new(),
+        }
     }
 
-    /// One AdamW update of the kept entry `index` (`p` its value, `g` its gradient); `false` if
+    /// Gives every kept entry zero moments (training starts).
+    pub(crate) fn start_moments(&mut self) {
+        let kept = self.p.len();
+        self.m = vec![F::zero(); kept];
+        self.v = vec![F::zero(); kept];
+    }
+
+    /// Drops the moments and their memory (training ended).
+    pub(crate) fn release_moments(&mut self) {
+        self.m = Vec::new();
+        self.v = Vec::new();
+    }
+
+    /// Kept entries.
+    pub(crate) fn len(&self) -> usize {
+        self.p.len().max(self.m.len())
+    }
+
+    /// The kept values (empty without values).
+    pub(crate) fn values(&self) -> &[F] {
+        &self.p
+    }
+
+    /// One AdamW update of the kept entry `index` (its gradient `g`) with its value; `false` if
     /// there is no such entry.
-    pub(crate) fn apply_one(&mut self, step: &AdamWStep<F>, index: usize, p: &mut F, g: F) -> bool {
-        match (self.m.get_mut(index), self.v.get_mut(index)) {
-            (Some(m), Some(v)) => {
+    pub(crate) fn apply_one(&mut self, step: &AdamWStep<F>, index: usize, g: F) -> bool {
+        match (
+            self.p.get_mut(index),
+            self.m.get_mut(index),
+            self.v.get_mut(index),
+        ) {
+            (Some(p), Some(m), Some(v)) => {
                 step.update(p, g, m, v);
                 true
             }
@@ -155,25 +195,37 @@ impl<F: Float> KeptMoments<F> {
     /// Moments from their two arrays, for tests.
     #[cfg(test)]
     pub(crate) fn from_parts(m: Vec<F>, v: Vec<F>) -> Self {
-        Self { m, v }
+        Self {
+            p: Vec::new(),
+            m,
+            v,
+        }
     }
 
     /// The moments in the dense layout of `mask` (zero outside it), for tests.
     #[cfg(test)]
     pub(crate) fn scattered(&self, mask: &[bool]) -> (Vec<F>, Vec<F>) {
-        let mut kept = self.m.iter().zip(&self.v);
-        let mut m = vec![F::zero(); mask.len()];
-        let mut v = vec![F::zero(); mask.len()];
-        for (k, &keep) in mask.iter().enumerate() {
-            if keep && let Some((&a, &b)) = kept.next() {
-                (m[k], v[k]) = (a, b);
-            }
-        }
-        (m, v)
+        (scatter(&self.m, mask), scatter(&self.v, mask))
+    }
+
+    /// Elements reserved by the largest of the three arrays, for tests.
+    #[cfg(test)]
+    pub(crate) fn reserved(&self) -> usize {
+        self.p
+            .capacity()
+            .max(self.m.capacity())
+            .max(self.v.capacity())
+    }
+
+    /// The values in the dense layout of `mask` (zero outside it), for tests.
+    #[cfg(test)]
+    pub(crate) fn scattered_values(&self, mask: &[bool]) -> Vec<F> {
+        scatter(&self.p, mask)
     }
 
     /// Returns the memory reserved beyond the kept entries (after a pruning that only shrinks).
     pub(crate) fn release_unused(&mut self) {
+        self.p.shrink_to_fit();
         self.m.shrink_to_fit();
         self.v.shrink_to_fit();
     }
@@ -182,27 +234,92 @@ impl<F: Float> KeptMoments<F> {
     /// [`Compaction::next`] once per entry kept before, in order, then [`Compaction::finish`].
     pub(crate) fn compaction(&mut self) -> Compaction<'_, F> {
         Compaction {
-            moments: self,
+            entries: self,
             read: 0,
             write: 0,
         }
     }
 
-    /// Starts a backward pass that inserts zero moments for entries joining the mask, growing to
-    /// `kept` entries: call [`Expansion::next_back`] once per entry kept after, last first.
+    /// Starts a backward pass that inserts zero entries (value and moments) for entries joining
+    /// the mask, growing to `kept` entries: call [`Expansion::next_back`] once per entry kept
+    /// after, last first.
     pub(crate) fn expansion(&mut self, kept: usize) -> Expansion<'_, F> {
-        let read = self.m.len();
-        self.m.resize(kept.max(read), F::zero());
-        self.v.resize(kept.max(read), F::zero());
+        let read = self.len();
+        for x in [&mut self.p, &mut self.m, &mut self.v] {
+            if !x.is_empty() {
+                x.resize(kept.max(read), F::zero());
+            }
+        }
         Expansion {
-            moments: self,
+            entries: self,
             read,
             write: kept,
         }
     }
+
+    /// Moves the kept entries of segment `[from, from + count)` to `[to, to + count)`, `to ≤ from`
+    /// (a compaction by whole segments).
+    pub(crate) fn move_down(&mut self, from: usize, to: usize, count: usize) {
+        for x in [&mut self.p, &mut self.m, &mut self.v] {
+            if !x.is_empty() && to < from {
+                x.copy_within(from..from + count, to);
+            }
+        }
+    }
+
+    /// Keeps the first `kept` entries.
+    pub(crate) fn truncate(&mut self, kept: usize) {
+        for x in [&mut self.p, &mut self.m, &mut self.v] {
+            x.truncate(kept);
+        }
+    }
+
+    /// Keeps the kept entries `i` (value `x`) with `keep(i, x)` and takes the others out of
+    /// `mask` (row-major order: the `i`-th kept position is entry `i`). Needs the values.
+    pub(crate) fn retain(&mut self, mask: &mut BitMask, mut keep: impl FnMut(usize, F) -> bool) {
+        let (mut read, mut write) = (0, 0);
+        for k in 0..mask.len() {
+            if !mask.get(k) {
+                continue;
+            }
+            let Some(&x) = self.p.get(read) else {
+                break;
+            };
+            if keep(read, x) {
+                for y in [&mut self.p, &mut self.m, &mut self.v] {
+                    if let Some(&z) = y.get(read) {
+                        y[write] = z;
+                    }
+                }
+                write += 1;
+            } else {
+                mask.set(k, false);
+            }
+            read += 1;
+        }
+        self.truncate(write);
+    }
+
+    /// The three arrays (each empty or one element per kept entry).
+    pub(crate) fn parts_mut(&mut self) -> (&mut [F], &mut [F], &mut [F]) {
+        (&mut self.p, &mut self.m, &mut self.v)
+    }
 }
 
-/// Where the kept entries of each matrix's rows start among a [`KeptMoments`]: the parameter is
+/// `kept` (one element per kept entry of `mask`, or empty) in the dense layout of `mask`.
+#[cfg(test)]
+fn scatter<F: Float>(kept: &[F], mask: &[bool]) -> Vec<F> {
+    let mut kept = kept.iter();
+    let mut out = vec![F::zero(); mask.len()];
+    for (o, &keep) in out.iter_mut().zip(mask) {
+        if keep && let Some(&x) = kept.next() {
+            *o = x;
+        }
+    }
+    out
+}
+
+/// Where the kept entries of each matrix's rows start among a [`KeptEntries`]: the parameter is
 /// `rows × (matrices · width)`, row-major, matrix `j` in columns `j · width..(j + 1) · width`;
 /// `starts[k · matrices + j]` counts the mask's kept entries before row `k` of matrix `j`.
 #[derive(Debug, Clone, PartialEq)]
@@ -215,7 +332,7 @@ pub(crate) struct KeptLayout {
 
 impl KeptLayout {
     /// The layout of `mask` (`rows × matrices · width`, row-major).
-    pub(crate) fn new(mask: &[bool], rows: usize, matrices: usize, width: usize) -> Self {
+    pub(crate) fn new(mask: &BitMask, rows: usize, matrices: usize, width: usize) -> Self {
         let mut layout = Self {
             rows,
             matrices,
@@ -227,12 +344,13 @@ impl KeptLayout {
     }
 
     /// Recounts after a change of the mask.
-    pub(crate) fn refresh(&mut self, mask: &[bool]) {
+    pub(crate) fn refresh(&mut self, mask: &BitMask) {
         self.starts.clear();
         let mut kept = 0;
-        for segment in mask.chunks(self.width.max(1)) {
+        let width = self.width.max(1);
+        for s in 0..mask.len().div_ceil(width) {
             self.starts.push(kept);
-            kept += segment.iter().filter(|&&m| m).count();
+            kept += mask.count_range(s * width, (s + 1) * width);
         }
         self.starts.push(kept);
     }
@@ -247,68 +365,135 @@ impl KeptLayout {
         self.starts.get(k * self.matrices + j).copied().unwrap_or(0)
     }
 
+    /// Columns of each matrix.
+    pub(crate) fn width(&self) -> usize {
+        self.width
+    }
+
+    /// Kept entries before segment `s` (row `s / matrices` of matrix `s % matrices`).
+    pub(crate) fn segment_start(&self, s: usize) -> usize {
+        self.starts.get(s).copied().unwrap_or(0)
+    }
+
     /// Kept entries in all.
     pub(crate) fn kept(&self) -> usize {
         self.starts.last().copied().unwrap_or(0)
     }
+
+    /// Matrix `j` (`rows × width`, rows contiguous) of the parameter held as the kept values
+    /// `values` of `mask` (this layout's): `out[k, c] = values[start(k, j) + #kept before c in
+    /// the row]` where `mask` keeps the entry, else 0. Each row is zeroed, then its kept values
+    /// are written at the mask's set bits.
+    pub(crate) fn decode<F: Float>(
+        &self,
+        values: &[F],
+        mask: &BitMask,
+        j: usize,
+        mut out: ArrayViewMut2<'_, F>,
+    ) -> Result<()> {
+        let (rows, width, matrices) = (self.rows, self.width, self.matrices);
+        if j >= matrices
+            || out.dim() != (rows, width)
+            || mask.len() != rows * matrices * width
+            || values.len() != self.kept()
+        {
+            return Err(internal("decode shapes"));
+        }
+        for (k, mut row) in out.rows_mut().into_iter().enumerate() {
+            let s = k * matrices + j;
+            let kept = values
+                .get(self.starts[s]..self.starts[s + 1])
+                .ok_or_else(|| internal("decode"))?;
+            let at = s * width;
+            let row = row.as_slice_mut().ok_or_else(|| internal("decode rows"))?;
+            row.fill(F::zero());
+            for (k, &x) in mask.ones_in(at, at + width).zip(kept) {
+                if let Some(o) = row.get_mut(k - at) {
+                    *o = x;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `rest[skip..skip + len]`, leaving what follows it in `rest`.
+fn take_segment<'a, F>(rest: &mut &'a mut [F], skip: usize, len: usize) -> Result<&'a mut [F]> {
+    let (_, after) = std::mem::take(rest)
+        .split_at_mut_checked(skip)
+        .ok_or_else(|| internal("entries"))?;
+    let (here, after) = after
+        .split_at_mut_checked(len)
+        .ok_or_else(|| internal("entries"))?;
+    *rest = after;
+    Ok(here)
 }
 
 fn internal(what: &str) -> FipsError {
     FipsError::Numerical(format!("internal layout of the kept entries: {what}"))
 }
 
-/// A forward pass over the entries kept before a mask update (see [`KeptMoments::compaction`]).
+/// A forward pass over the entries kept before a mask update (see [`KeptEntries::compaction`]).
 #[derive(Debug)]
 pub(crate) struct Compaction<'a, F: Float> {
-    moments: &'a mut KeptMoments<F>,
+    entries: &'a mut KeptEntries<F>,
     read: usize,
     write: usize,
 }
 
 impl<F: Float> Compaction<'_, F> {
-    /// The next previously kept entry: it stays (its moments move down) or leaves.
+    /// The next previously kept entry: it stays (its value and moments move down) or leaves.
     #[inline]
     pub(crate) fn next(&mut self, stays: bool) {
         if stays {
-            let KeptMoments { m, v } = &mut *self.moments;
-            m[self.write] = m[self.read];
-            v[self.write] = v[self.read];
+            for x in [
+                &mut self.entries.p,
+                &mut self.entries.m,
+                &mut self.entries.v,
+            ] {
+                if let Some(&y) = x.get(self.read) {
+                    x[self.write] = y;
+                }
+            }
             self.write += 1;
         }
         self.read += 1;
     }
 
-    /// Ends the pass: the moments of the entries that left are dropped (their memory stays
-    /// reserved; see [`KeptMoments::release_unused`]).
+    /// Ends the pass: the entries that left are dropped (their memory stays reserved; see
+    /// [`KeptEntries::release_unused`]).
     pub(crate) fn finish(self) {
         let kept = self.write;
-        self.moments.m.truncate(kept);
-        self.moments.v.truncate(kept);
+        self.entries.truncate(kept);
     }
 }
 
-/// A backward pass over the entries kept after a mask update (see [`KeptMoments::expansion`]).
+/// A backward pass over the entries kept after a mask update (see [`KeptEntries::expansion`]).
 #[derive(Debug)]
 pub(crate) struct Expansion<'a, F: Float> {
-    moments: &'a mut KeptMoments<F>,
+    entries: &'a mut KeptEntries<F>,
     read: usize,
     write: usize,
 }
 
 impl<F: Float> Expansion<'_, F> {
-    /// The previous kept entry, going backwards: one kept before (`existing`, its moments move
-    /// up) or one joining the mask (zero moments).
+    /// The previous kept entry, going backwards: one kept before (`existing`, its value and
+    /// moments move up) or one joining the mask (zero value and moments).
     #[inline]
     pub(crate) fn next_back(&mut self, existing: bool) {
-        let KeptMoments { m, v } = &mut *self.moments;
         self.write -= 1;
         if existing {
             self.read -= 1;
-            m[self.write] = m[self.read];
-            v[self.write] = v[self.read];
-        } else {
-            m[self.write] = F::zero();
-            v[self.write] = F::zero();
+        }
+        for x in [
+            &mut self.entries.p,
+            &mut self.entries.m,
+            &mut self.entries.v,
+        ] {
+            if x.is_empty() {
+                continue;
+            }
+            x[self.write] = if existing { x[self.read] } else { F::zero() };
         }
     }
 }
@@ -437,7 +622,7 @@ impl<F: Float> AdamWStep<F> {
         );
     }
 
-    /// [`Self::apply_split`] with moments of the kept entries only ([`KeptMoments`]): the same
+    /// [`Self::apply_split`] with moments of the kept entries only ([`KeptEntries`]): the same
     /// values as the dense layout, bit for bit. `param`, `grad` and `mask` are flat in the same
     /// order; entries outside `mask` are set to zero. (The trainer updates one matrix at a time,
     /// [`Self::apply_kept_matrix`]; this whole-parameter form is the reference of the tests.)
@@ -447,7 +632,7 @@ impl<F: Float> AdamWStep<F> {
         split: &RowSplit,
         param: &mut [F],
         grad: &[F],
-        moments: &mut KeptMoments<F>,
+        moments: &mut KeptEntries<F>,
         mask: Option<&[bool]>,
     ) {
         let n = split.chunk(param.len(), 1).max(1);
@@ -486,18 +671,18 @@ impl<F: Float> AdamWStep<F> {
         );
     }
 
-    /// [`Self::apply_kept`] on matrix `j` of a `rows × (matrices · width)` parameter only
-    /// (`layout`), with that matrix's gradient `grad` (`rows × width`, rows contiguous): the same
-    /// values, bit for bit, as the whole parameter's update restricted to the matrix. Entries
-    /// outside `mask` are set to zero. Rows are split over `split`'s threads.
+    /// [`Self::apply_kept`] on matrix `j` of a `rows × (matrices · width)` parameter held as its
+    /// kept entries only (`entries`, with values; `layout`), with that matrix's gradient `grad`
+    /// (`rows × width`, rows contiguous): the same values, bit for bit, as the dense update of
+    /// the whole parameter restricted to the matrix's kept entries (the others are zero and stay
+    /// so). Rows are split over `split`'s threads.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn apply_kept_matrix(
         &self,
         split: &RowSplit,
-        param: &mut [F],
         grad: ArrayView2<'_, F>,
-        moments: &mut KeptMoments<F>,
-        mask: &[bool],
+        entries: &mut KeptEntries<F>,
+        mask: &BitMask,
         layout: &KeptLayout,
         j: usize,
     ) -> Result<()> {
@@ -508,45 +693,38 @@ impl<F: Float> AdamWStep<F> {
             ref starts,
         } = *layout;
         let cols = matrices * width;
+        let kept = layout.kept();
         if j >= matrices
             || grad.dim() != (rows, width)
-            || param.len() != rows * cols
-            || mask.len() != param.len()
-            || layout.kept() != moments.len()
+            || mask.len() != rows * cols
+            || entries.p.len() != kept
+            || entries.m.len() != kept
+            || entries.v.len() != kept
         {
             return Err(internal("shapes"));
         }
-        let (mut m_rest, mut v_rest) = (moments.m.as_mut_slice(), moments.v.as_mut_slice());
+        let (mut p_rest, mut m_rest, mut v_rest) = (
+            entries.p.as_mut_slice(),
+            entries.m.as_mut_slice(),
+            entries.v.as_mut_slice(),
+        );
         let mut consumed = 0;
         let mut row_parts = Vec::with_capacity(rows);
-        for (k, (p_row, g_row)) in param.chunks_mut(cols).zip(grad.rows()).enumerate() {
+        for (k, g_row) in grad.rows().into_iter().enumerate() {
             let (start, end) = (starts[k * matrices + j], starts[k * matrices + j + 1]);
             let skip = start
                 .checked_sub(consumed)
                 .ok_or_else(|| internal("order"))?;
-            let (_, m_after) = std::mem::take(&mut m_rest)
-                .split_at_mut_checked(skip)
-                .ok_or_else(|| internal("moments"))?;
-            let (m_here, m_after) = m_after
-                .split_at_mut_checked(end - start)
-                .ok_or_else(|| internal("moments"))?;
-            let (_, v_after) = std::mem::take(&mut v_rest)
-                .split_at_mut_checked(skip)
-                .ok_or_else(|| internal("moments"))?;
-            let (v_here, v_after) = v_after
-                .split_at_mut_checked(end - start)
-                .ok_or_else(|| internal("moments"))?;
-            (m_rest, v_rest) = (m_after, v_after);
+            let len = end - start;
+            let (p_here, m_here, v_here) = (
+                take_segment(&mut p_rest, skip, len)?,
+                take_segment(&mut m_rest, skip, len)?,
+                take_segment(&mut v_rest, skip, len)?,
+            );
             consumed = end;
             let g = g_row.to_slice().ok_or_else(|| internal("gradient rows"))?;
             let at = k * cols + j * width;
-            row_parts.push((
-                &mut p_row[j * width..(j + 1) * width],
-                g,
-                &mask[at..at + width],
-                m_here,
-                v_here,
-            ));
+            row_parts.push((g, at, p_here, m_here, v_here));
         }
         let per_part = (split.chunk(rows * width, width) / width.max(1)).max(1);
         let mut parts = Vec::new();
@@ -562,12 +740,10 @@ impl<F: Float> AdamWStep<F> {
             parts,
             #[inline(always)]
             |part| {
-                for (p, g, keep, m, v) in part {
-                    let mut moments = m.iter_mut().zip(v.iter_mut());
-                    for ((p, &g), &keep) in p.iter_mut().zip(g).zip(keep) {
-                        if !keep {
-                            *p = F::zero();
-                        } else if let Some((m, v)) = moments.next() {
+                for (g, at, p, m, v) in part {
+                    let kept = p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut());
+                    for (k, ((p, m), v)) in mask.ones_in(at, at + g.len()).zip(kept) {
+                        if let Some(&g) = g.get(k - at) {
                             self.update(p, g, m, v);
                         }
                     }
@@ -710,7 +886,7 @@ mod tests {
                 let mut p1 = p0.clone();
                 let mut dense = Moments::zeros(p0.raw_dim());
                 let mut p2 = p0.clone();
-                let mut kept: Option<(KeptMoments<f32>, &ndarray::Array2<bool>)> = None;
+                let mut kept: Option<(KeptEntries<f32>, &ndarray::Array2<bool>)> = None;
                 for step in 1..=6 {
                     let g = ndarray::Array2::from_shape_fn((rows, cols), |(a, b)| {
                         f(a * cols + b, 13 + step)
@@ -724,8 +900,8 @@ mod tests {
                     }
                     // Remap the kept moments to the new mask as the sparsifier does.
                     let mut moments = match kept.take() {
-                        None if masked => KeptMoments::zeros(mask.iter().filter(|&&b| b).count()),
-                        None => KeptMoments::zeros(p0.len()),
+                        None if masked => KeptEntries::zeros(mask.iter().filter(|&&b| b).count()),
+                        None => KeptEntries::zeros(p0.len()),
                         Some((old, _)) if !masked => old,
                         Some((old, old_mask)) => {
                             let (m, v) = old.scattered(old_mask.as_slice().unwrap());
@@ -736,10 +912,7 @@ mod tests {
                                     .map(|(x, _)| *x)
                                     .collect()
                             };
-                            KeptMoments {
-                                m: gathered(&m),
-                                v: gathered(&v),
-                            }
+                            KeptEntries::from_parts(gathered(&m), gathered(&v))
                         }
                     };
                     update.apply_kept(
@@ -768,6 +941,95 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A parameter held as its kept values and moments only, updated one matrix at a time
+    /// ([`AdamWStep::apply_kept_matrix`]), equals the dense masked update bit for bit, and each
+    /// matrix decoded from it ([`KeptLayout::decode`]) equals the dense matrix.
+    #[test]
+    fn kept_values_updated_per_matrix_equal_the_dense_update_and_decode_to_it() {
+        use crate::foundation::slicing::s;
+        use ndarray::Array2;
+        let (rows, matrices, width) = (40, 5, 60);
+        let cols = matrices * width;
+        let f = |k: usize, m: usize| ((k * m) % 1009) as f32 / 500.0 - 1.0;
+        let mask = Array2::from_shape_fn((rows, cols), |(a, b)| (a * 31 + b * 17) % 3 == 0);
+        let flat_mask = mask.as_slice().unwrap();
+        let bitmask = BitMask::from_bools(flat_mask);
+        let mut dense = Array2::from_shape_fn((rows, cols), |(a, b)| {
+            if mask[[a, b]] {
+                f(a * cols + b, 7)
+            } else {
+                0.0
+            }
+        });
+        let mut moments = Moments::zeros(dense.raw_dim());
+        let kept: Vec<f32> = dense
+            .iter()
+            .zip(flat_mask)
+            .filter(|(_, m)| **m)
+            .map(|(x, _)| *x)
+            .collect();
+        let mut entries = KeptEntries::from_values(kept);
+        entries.start_moments();
+        let layout = KeptLayout::new(&bitmask, rows, matrices, width);
+        assert_eq!(layout.kept(), entries.len());
+        for threads in [1, 2] {
+            for step in 1..=4 {
+                let g = Array2::from_shape_fn((rows, cols), |(a, b)| f(a * cols + b, 13 + step));
+                let update = AdamWStep::<f32>::new(&AdamW::default(), 1e-2, step);
+                update.apply_masked(dense.view_mut(), g.view(), &mut moments, mask.view());
+                for j in (0..matrices).rev() {
+                    let gj = g.slice(s![.., j * width..(j + 1) * width]).to_owned();
+                    update
+                        .apply_kept_matrix(
+                            &RowSplit::new(threads),
+                            gj.view(),
+                            &mut entries,
+                            &bitmask,
+                            &layout,
+                            j,
+                        )
+                        .unwrap();
+                }
+                let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                let values = entries.scattered_values(flat_mask);
+                assert_eq!(
+                    bits(&values),
+                    bits(dense.as_slice().unwrap()),
+                    "step {step}"
+                );
+                let (m, v) = entries.scattered(flat_mask);
+                let (dm, dv) = moments.parts();
+                assert_eq!(
+                    (&m[..], &v[..]),
+                    (dm.as_slice().unwrap(), dv.as_slice().unwrap())
+                );
+                for j in 0..matrices {
+                    let mut out = Array2::from_elem((rows, width), f32::NAN);
+                    layout
+                        .decode(entries.values(), &bitmask, j, out.view_mut())
+                        .unwrap();
+                    let expected = dense.slice(s![.., j * width..(j + 1) * width]).to_owned();
+                    assert_eq!(
+                        bits(out.as_slice().unwrap()),
+                        bits(expected.as_slice().unwrap())
+                    );
+                }
+            }
+        }
+        // A wrong shape is an error, not a panic.
+        let mut out = Array2::zeros((rows, width + 1));
+        assert!(
+            layout
+                .decode(entries.values(), &bitmask, 0, out.view_mut())
+                .is_err()
+        );
+        assert!(
+            layout
+                .decode(entries.values(), &bitmask, matrices, out.view_mut())
+                .is_err()
+        );
     }
 
     #[test]

@@ -12,8 +12,9 @@ use ndarray::ArrayView2;
 use crate::foundation::error::{FipsError, Result, invalid};
 use crate::foundation::float::Float;
 use crate::foundation::kernels::RowSplit;
+use crate::math::bitmask::BitMask;
 use crate::math::budget::nonzeros_for_sparsity;
-use crate::math::optim::{AdamWStep, KeptLayout, KeptMoments};
+use crate::math::optim::{AdamWStep, KeptEntries, KeptLayout};
 
 /// Gradual magnitude pruning on an accelerated cubic schedule.
 ///
@@ -182,7 +183,7 @@ impl Sparsifier {
 ///
 /// Selections need no buffer of the size of the factor: the entry at the boundary of a selection
 /// is found by [`kth_smallest`] (a radix selection over the bit patterns of the magnitudes), and
-/// one pass then applies it. The Adam moments of the kept entries ([`KeptMoments`]), when given,
+/// one pass then applies it. The Adam moments of the kept entries ([`KeptEntries`]), when given,
 /// follow every change of the mask: kept entries keep theirs, entries joining start at zero.
 #[derive(Debug)]
 pub(crate) struct MaskSchedule {
@@ -231,6 +232,7 @@ impl MaskSchedule {
     }
 
     /// Current kept entries.
+    #[cfg(test)]
     pub(crate) fn nnz(&self) -> usize {
         self.nnz
     }
@@ -305,13 +307,19 @@ impl MaskSchedule {
         mask
     }
 
-    /// A copy of `mask` pruned to the target sparsity by the magnitudes of `values` (as
-    /// [`Self::finish`] would prune), leaving `values` and `mask` as they are.
-    pub(crate) fn pruned_mask<F: Float>(&self, values: &[F], mask: &[bool]) -> Vec<bool> {
-        let mut pruned = mask.to_vec();
-        if self.is_sparse() {
-            let active = pruned.iter().filter(|&&m| m).count();
-            select_and_drop(values, &mut pruned, active, self.target_nnz(), None);
+    /// A copy of `mask` pruned to the target sparsity by the magnitudes of its kept values
+    /// `values` (row-major order of `mask`; as [`Self::finish`] would prune), leaving both as they
+    /// are.
+    pub(crate) fn pruned_mask<F: Float>(&self, values: &[F], mask: &BitMask) -> BitMask {
+        let mut pruned = mask.clone();
+        if self.is_sparse()
+            && let Some(at) = drop_boundary(values, self.target_nnz())
+        {
+            for ((i, x), k) in values.iter().enumerate().zip(mask.ones()) {
+                if drops(at, i, *x) {
+                    pruned.set(k, false);
+                }
+            }
         }
         pruned
     }
@@ -327,7 +335,7 @@ impl MaskSchedule {
         values: &mut [F],
         mask: &mut [bool],
         grad: &[F],
-        moments: Option<&mut KeptMoments<F>>,
+        moments: Option<&mut KeptEntries<F>>,
     ) -> bool {
         if let Some(s) = self.gmp_sparsity_at(t) {
             let keep = nonzeros_for_sparsity(self.total_entries, s);
@@ -340,49 +348,47 @@ impl MaskSchedule {
         false
     }
 
-    /// The sparsifier's work at step `t` (1-based) when the gradient of `V` arrives one matrix at a
-    /// time during the step ([`StepPlan`]), with the same outcome, bit for bit, as [`Self::step`]
-    /// on the dense gradient followed by the optimiser's update. Called before the step's loss:
-    /// GMP's pruning changes `mask` and `moments` now (it reads only the values, which the loss
-    /// does not change) but leaves the values to the update of each matrix (the loss is computed
-    /// with them); RigL selects the entries to drop now and what to regrow once every gradient
-    /// was seen ([`StepPlan::finish`]).
+    /// The sparsifier's work at step `t` (1-based) when `V` is held as its kept entries
+    /// (`entries`, values and moments, row-major order of `mask`) and its gradient arrives one
+    /// matrix at a time during the step ([`StepPlan`]), with the same outcome, bit for bit, as
+    /// [`Self::step`] on the dense gradient followed by the optimiser's update. Called before the
+    /// step's loss, it changes nothing: the loss is computed with every kept value. GMP's pruning
+    /// selects the entries to drop now (by their values before the update: the `(|v|, position)`
+    /// boundary) and drops them as each matrix is updated; RigL selects the entries to drop now
+    /// and what to regrow once every gradient was seen ([`StepPlan::finish`]).
     pub(crate) fn begin_step<F: Float>(
         &mut self,
         t: usize,
-        values: &[F],
-        mask: &mut [bool],
-        moments: &mut KeptMoments<F>,
+        entries: &KeptEntries<F>,
+        mask: &BitMask,
     ) -> StepPlan<F> {
+        let values = entries.values();
+        let active = values.len();
         if let Some(s) = self.gmp_sparsity_at(t) {
             let keep = nonzeros_for_sparsity(self.total_entries, s);
-            let active = mask.iter().filter(|&&m| m).count();
             self.nnz = active.min(keep);
-            if active > keep {
-                select_and_drop(values, mask, active, keep, Some(&mut *moments));
-                moments.release_unused();
-                return StepPlan::MaskChanged;
-            }
-            return StepPlan::Unchanged;
+            return match drop_boundary(values, keep) {
+                Some(at) => StepPlan::Prune(at),
+                None => StepPlan::Unchanged,
+            };
         }
         let Some(fraction) = self.rigl_drop_fraction_at(t) else {
             return StepPlan::Unchanged;
         };
-        let active = mask.iter().filter(|&&m| m).count();
         let count = ((fraction * self.nnz as f64).round() as usize).min(active);
         // Positions are kept as `u32` (the trainer refuses larger factors).
-        if count == 0 || u32::try_from(values.len()).is_err() {
+        if count == 0 || u32::try_from(mask.len()).is_err() {
             return StepPlan::Unchanged;
         }
-        let key = |k: usize| values[k].magnitude_key();
-        let Some(drop_at) = kth_smallest(values.len(), count - 1, F::KEY_BITS, |k| {
-            mask[k].then(|| key(k))
-        }) else {
+        let Some(drop_at) = drop_boundary(values, active - count) else {
             return StepPlan::Unchanged;
         };
-        let dropped: Vec<u32> = (0..values.len())
-            .filter(|&k| mask[k] && (key(k), k) <= drop_at)
-            .map(|k| k as u32)
+        let dropped: Vec<u32> = values
+            .iter()
+            .enumerate()
+            .zip(mask.ones())
+            .filter(|((i, x), _)| drops(drop_at, *i, **x))
+            .map(|(_, k)| k as u32)
             .collect();
         StepPlan::Regrow(Regrowth {
             active,
@@ -393,11 +399,17 @@ impl MaskSchedule {
     }
 
     /// Ensures the final sparsity equals the target (after an early stop, or a schedule that had
-    /// no pruning step left).
-    pub(crate) fn finish<F: Float>(&mut self, values: &mut [F], mask: &mut [bool]) {
-        if self.is_sparse() {
-            let keep = self.target_nnz();
-            self.prune_to(values, mask, keep, None);
+    /// no pruning step left): keeps the target's count of kept entries (`entries`, with values,
+    /// row-major order of `mask`) of largest `|v|`.
+    pub(crate) fn finish<F: Float>(&mut self, entries: &mut KeptEntries<F>, mask: &mut BitMask) {
+        if !self.is_sparse() {
+            return;
+        }
+        let keep = self.target_nnz();
+        self.nnz = entries.len().min(keep);
+        if let Some(at) = drop_boundary(entries.values(), keep) {
+            entries.retain(mask, |i, x| !drops(at, i, x));
+            entries.release_unused();
         }
     }
 
@@ -408,7 +420,7 @@ impl MaskSchedule {
         values: &mut [F],
         mask: &mut [bool],
         keep: usize,
-        moments: Option<&mut KeptMoments<F>>,
+        moments: Option<&mut KeptEntries<F>>,
     ) -> bool {
         let active = mask.iter().filter(|&&m| m).count();
         self.nnz = active.min(keep);
@@ -438,7 +450,7 @@ impl MaskSchedule {
         mask: &mut [bool],
         grad: &[F],
         count: usize,
-        moments: Option<&mut KeptMoments<F>>,
+        moments: Option<&mut KeptEntries<F>>,
     ) -> bool {
         let active = mask.iter().filter(|&&m| m).count();
         let count = count.min(active);
@@ -463,7 +475,7 @@ impl MaskSchedule {
         let grown = |k: usize| (score(k), k) <= grow_at;
         // Forward: drop the entries that leave (dropped and not regrown); their values go to zero.
         let mut moments = moments;
-        let mut compaction = moments.as_deref_mut().map(KeptMoments::compaction);
+        let mut compaction = moments.as_deref_mut().map(KeptEntries::compaction);
         let mut leaving = 0;
         for (k, m) in mask.iter_mut().enumerate() {
             if *m {
@@ -508,15 +520,16 @@ impl MaskSchedule {
 
 /// What a step of the sparsifier does while the gradient of `V` arrives one matrix at a time
 /// (from [`MaskSchedule::begin_step`]): every matrix's kept entries get their AdamW update as its
-/// gradient arrives ([`StepPlan::update_matrix`]), except, at a RigL update, the entries chosen
-/// to drop (they may be regrown): those, and the entries that join, are updated by
-/// [`StepPlan::finish`] once the regrown set is known.
+/// gradient arrives ([`StepPlan::update_matrix`]), except, at a GMP pruning step, the entries
+/// chosen to drop (they leave the mask then), and at a RigL update, the entries chosen to drop
+/// (they may be regrown): those, and the entries that join, are updated by [`StepPlan::finish`]
+/// once the regrown set is known.
 #[derive(Debug)]
 pub(crate) enum StepPlan<F> {
     /// The mask stays.
     Unchanged,
-    /// GMP pruned the mask (and the moments); the values outside it are zeroed by the updates.
-    MaskChanged,
+    /// GMP prunes the kept entries at or below this `(|v| key, kept index)` boundary.
+    Prune((u64, usize)),
     /// A RigL update in progress.
     Regrow(Regrowth<F>),
 }
@@ -532,9 +545,11 @@ pub(crate) struct Regrowth<F> {
 }
 
 impl<F: Float> StepPlan<F> {
-    /// The update of matrix `j` (its gradient `grad`) of `values` (`layout`), moments
-    /// `moments`, mask `mask`: [`AdamWStep::apply_kept_matrix`], or at a RigL update, the same
-    /// but for the entries chosen to drop, with every candidate for regrowth scored.
+    /// The update of matrix `j` (its gradient `grad`) of the kept entries `entries` (values and
+    /// moments; `layout` of `mask` as the step began): [`AdamWStep::apply_kept_matrix`]; at a GMP
+    /// pruning step, the same but the entries chosen to drop leave `mask` (their entries are
+    /// moved out at [`Self::finish`]); at a RigL update, the same but for the entries chosen to
+    /// drop, with every candidate for regrowth scored.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn update_matrix(
         &mut self,
@@ -542,34 +557,61 @@ impl<F: Float> StepPlan<F> {
         split: &RowSplit,
         j: usize,
         grad: ArrayView2<'_, F>,
-        values: &mut [F],
-        mask: &[bool],
-        moments: &mut KeptMoments<F>,
+        entries: &mut KeptEntries<F>,
+        mask: &mut BitMask,
         layout: &KeptLayout,
     ) -> Result<()> {
-        let Self::Regrow(r) = self else {
-            return step.apply_kept_matrix(split, values, grad, moments, mask, layout, j);
-        };
         let (rows, width) = grad.dim();
         let cols = layout.columns();
-        if values.len() != rows * cols || mask.len() != values.len() {
-            return Err(FipsError::Numerical("RigL update: shapes".into()));
+        if mask.len() != rows * cols || entries.len() != layout.kept() {
+            return Err(FipsError::Numerical("sparsifier update: shapes".into()));
         }
+        let r = match self {
+            Self::Unchanged => {
+                return step.apply_kept_matrix(split, grad, entries, mask, layout, j);
+            }
+            Self::Prune(at) => {
+                // Each row's staying entries move to the front of its segment.
+                let (p, m, v) = entries.parts_mut();
+                if p.len() != m.len() || p.len() != v.len() {
+                    return Err(FipsError::Numerical("GMP update: moments".into()));
+                }
+                for (k, g_row) in grad.rows().into_iter().enumerate() {
+                    let (mut read, mut write) = (layout.start(k, j), layout.start(k, j));
+                    let at_row = k * cols + j * width;
+                    for (c, &g) in g_row.iter().enumerate() {
+                        if !mask.get(at_row + c) {
+                            continue;
+                        }
+                        if drops(*at, read, p[read]) {
+                            mask.set(at_row + c, false);
+                        } else {
+                            let (mut x, mut a, mut b) = (p[read], m[read], v[read]);
+                            step.update(&mut x, g, &mut a, &mut b);
+                            (p[write], m[write], v[write]) = (x, a, b);
+                            write += 1;
+                        }
+                        read += 1;
+                    }
+                }
+                return Ok(());
+            }
+            Self::Regrow(r) => r,
+        };
         for (k, g_row) in grad.rows().into_iter().enumerate() {
             let mut index = layout.start(k, j);
             let at = k * cols + j * width;
             for (c, &g) in g_row.iter().enumerate() {
                 let pos = at + c;
-                if mask[pos] {
+                if mask.get(pos) {
                     if let Ok(d) = r.dropped.binary_search(&(pos as u32)) {
                         r.dropped_gradients[d] = g;
                         r.best.offer(g, pos);
-                    } else if !moments.apply_one(step, index, &mut values[pos], g) {
+                    } else if !entries.apply_one(step, index, g) {
                         return Err(FipsError::Numerical("RigL update: moments".into()));
                     }
                     index += 1;
                 } else {
-                    values[pos] = F::zero();
                     r.best.offer(g, pos);
                 }
             }
@@ -577,20 +619,35 @@ impl<F: Float> StepPlan<F> {
         Ok(())
     }
 
-    /// Ends the step once every matrix was updated: at a RigL update, regrows the `count`
-    /// candidates (inactive or dropped) of largest `|∂L/∂V|` (ties: the lower position), drops the
-    /// other dropped entries (values to zero, moments removed), gives joining entries zero
-    /// moments, and applies the update to the regrown entries; the same as
-    /// [`MaskSchedule::step`]'s drop and growth followed by the update of every kept entry.
+    /// Ends the step once every matrix was updated (`layout` still that of the mask as the step
+    /// began; refresh it after). At a GMP pruning step, moves the staying entries of every
+    /// segment together. At a RigL update, regrows the `count` candidates (inactive or dropped)
+    /// of largest `|∂L/∂V|` (ties: the lower position), drops the other dropped entries (value and
+    /// moments removed), gives joining entries zero value and moments, and applies the update to
+    /// the regrown entries; the same as [`MaskSchedule::step`]'s drop and growth followed by the
+    /// update of every kept entry.
     pub(crate) fn finish(
         self,
         step: &AdamWStep<F>,
-        values: &mut [F],
-        mask: &mut [bool],
-        moments: &mut KeptMoments<F>,
+        entries: &mut KeptEntries<F>,
+        mask: &mut BitMask,
+        layout: &KeptLayout,
     ) -> Result<()> {
-        let Self::Regrow(r) = self else {
-            return Ok(());
+        let r = match self {
+            Self::Unchanged => return Ok(()),
+            Self::Prune(_) => {
+                let width = layout.width().max(1);
+                let mut write = 0;
+                for s in 0..mask.len().div_ceil(width) {
+                    let count = mask.count_range(s * width, (s + 1) * width);
+                    entries.move_down(layout.segment_start(s), write, count);
+                    write += count;
+                }
+                entries.truncate(write);
+                entries.release_unused();
+                return Ok(());
+            }
+            Self::Regrow(r) => r,
         };
         let Regrowth {
             active,
@@ -603,30 +660,26 @@ impl<F: Float> StepPlan<F> {
             Some(grown) => {
                 let is_grown = |k: usize| grown.binary_search_by_key(&k, |g| g.0).is_ok();
                 let is_dropped = |k: usize| dropped.binary_search(&(k as u32)).is_ok();
-                let mut compaction = moments.compaction();
-                for (k, m) in mask.iter_mut().enumerate() {
-                    if *m {
+                let mut compaction = entries.compaction();
+                for k in 0..mask.len() {
+                    if mask.get(k) {
                         let stays = !is_dropped(k) || is_grown(k);
                         compaction.next(stays);
                         if !stays {
-                            *m = false;
+                            mask.set(k, false);
                         }
                     }
                 }
                 compaction.finish();
-                for (v, &m) in values.iter_mut().zip(mask.iter()) {
-                    if !m {
-                        *v = F::zero();
-                    }
-                }
-                let mut expansion = moments.expansion(active);
+                let mut expansion = entries.expansion(active);
                 for k in (0..mask.len()).rev() {
-                    let join = !mask[k] && is_grown(k);
-                    if mask[k] || join {
-                        expansion.next_back(mask[k]);
+                    let kept = mask.get(k);
+                    let join = !kept && is_grown(k);
+                    if kept || join {
+                        expansion.next_back(kept);
                     }
                     if join {
-                        mask[k] = true;
+                        mask.set(k, true);
                     }
                 }
                 grown
@@ -640,12 +693,13 @@ impl<F: Float> StepPlan<F> {
         // The regrown entries' update, at their index among the kept entries.
         let mut index = 0;
         let mut next = pending.iter().peekable();
-        for (k, &m) in mask.iter().enumerate() {
+        for k in 0..mask.len() {
+            let m = mask.get(k);
             let Some(&&(pos, g)) = next.peek() else {
                 break;
             };
             if k == pos {
-                if !m || !moments.apply_one(step, index, &mut values[k], g) {
+                if !m || !entries.apply_one(step, index, g) {
                     return Err(FipsError::Numerical("RigL update: regrown entry".into()));
                 }
                 next.next();
@@ -723,6 +777,26 @@ impl<F: Float> BestScores<F> {
     }
 }
 
+/// The `(|v| key, index)` boundary at or below which the `values.len() − keep` entries of
+/// smallest `|v|` lie (ties: the lower index first), or `None` if none need to go.
+fn drop_boundary<F: Float>(values: &[F], keep: usize) -> Option<(u64, usize)> {
+    let len = values.len();
+    if len <= keep {
+        return None;
+    }
+    kth_smallest(len, len - keep - 1, F::KEY_BITS, |i| {
+        values.get(i).map(|x| x.magnitude_key())
+    })
+}
+
+/// Whether the kept entry `i` of value `x` lies at or below the boundary `at`
+/// ([`drop_boundary`]). Indices among the kept entries order as their positions do, so the
+/// selection is the one by `(|v|, position)`.
+#[inline]
+fn drops<F: Float>(at: (u64, usize), i: usize, x: F) -> bool {
+    (x.magnitude_key(), i) <= at
+}
+
 /// Drops the `active − keep` active entries of smallest `|v|` (ties: lower position first) from
 /// `mask`, and their moments; `active` is the current count of the mask. Leaves `values` as
 /// they are.
@@ -731,7 +805,7 @@ fn select_and_drop<F: Float>(
     mask: &mut [bool],
     active: usize,
     keep: usize,
-    moments: Option<&mut KeptMoments<F>>,
+    moments: Option<&mut KeptEntries<F>>,
 ) {
     if active <= keep {
         return;
@@ -742,7 +816,7 @@ fn select_and_drop<F: Float>(
     }) else {
         return;
     };
-    let mut compaction = moments.map(KeptMoments::compaction);
+    let mut compaction = moments.map(KeptEntries::compaction);
     for (k, m) in mask.iter_mut().enumerate() {
         if *m {
             let stays = (key(k), k) > at;
@@ -1012,7 +1086,7 @@ mod tests {
             let (mut v1, mut m1) = (values.clone(), mask.clone());
             reference_prune(&mut v1, &mut m1, keep);
             let mut s = MaskSchedule::new(Sparsifier::Rigl(RiglSchedule::default()), 0.5, n, 10);
-            let mut moments = KeptMoments::<F>::zeros(active);
+            let mut moments = KeptEntries::<F>::zeros(active);
             let (mut v2, mut m2) = (values.clone(), mask.clone());
             s.prune_to(&mut v2, &mut m2, keep, Some(&mut moments));
             assert_eq!(m1, m2, "prune mask, trial {trial}");
@@ -1088,7 +1162,7 @@ mod tests {
                             .map(|(x, _)| *x)
                             .collect()
                     };
-                    KeptMoments::from_parts(gather(&dense_m), gather(&dense_v))
+                    KeptEntries::from_parts(gather(&dense_m), gather(&dense_v))
                 };
                 let before = mask.clone();
                 let grad: Vec<f32> = tied(&mut rng, n, 50);

@@ -30,14 +30,13 @@ fn assemble_low_rank<F: Float>(f: &Factors<'_, F>) -> Result<CompressedBlocks<F>
     let factors = (0..spec.shape.matrices())
         .map(|j| {
             let uj = f.u.slice(s![.., j * rank..(j + 1) * rank]);
-            let vj = f.v.slice(s![.., j * i..(j + 1) * i]);
-            let (left, right) = match spec.kind.matrix_roles()[j % m] {
-                MatrixRole::Up => (vj.t().to_owned(), uj.t().to_owned()),
-                MatrixRole::Down => (uj.to_owned(), vj.to_owned()),
-            };
-            (left, right, f.biases[j].clone())
+            let (vj, _) = f.factor(j)?;
+            Ok(match spec.kind.matrix_roles()[j % m] {
+                MatrixRole::Up => (vj.t().to_owned(), uj.t().to_owned(), f.biases[j].clone()),
+                MatrixRole::Down => (uj.to_owned(), vj, f.biases[j].clone()),
+            })
         })
-        .collect();
+        .collect::<Result<Vec<_>>>()?;
     LowRankGroup::independent(spec.kind, spec.activation, (spec.shape.width, i), factors)
         .map(CompressedBlocks::LowRank)
 }

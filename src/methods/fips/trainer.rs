@@ -21,12 +21,13 @@ use crate::foundation::kernels::RowSplit;
 use crate::foundation::mlp::DenseMlp;
 use crate::foundation::slicing::s;
 use crate::math::bases::BasisLayout;
+use crate::math::bitmask::BitMask;
 use crate::math::budget::{Budget, GroupShape, rank_for_budget};
 use crate::math::calibration::{Calibration, CalibrationReader, gather_rows};
 use crate::math::objective::{
-    BasisGradients, ContractionOrder, FactorGradientSink, GroupParams, Objective, StepShape,
+    BasisGradients, BasisParams, ContractionOrder, FactorStore, Objective, StepShape,
 };
-use crate::math::optim::{AdamWStep, KeptLayout, KeptMoments, Moments};
+use crate::math::optim::{AdamWStep, KeptEntries, KeptLayout, Moments};
 use crate::math::sparsity::{MaskSchedule, StepPlan};
 use crate::math::validation::ValidationSet;
 use crate::methods::engine::{Schedule, Trainable, TrainingLoop};
@@ -49,12 +50,67 @@ pub(crate) struct Factors<'p, F> {
     pub rank: usize,
     /// `U` (`d × r`, or `d × r f n` with per-matrix bases).
     pub u: &'p Array2<F>,
-    /// `V = [V_1 | … | V_fn]`.
-    pub v: &'p Array2<F>,
-    /// The mask of `V`: entries outside it count as zero (`v` need not hold zeros there).
-    pub mask: &'p Array2<bool>,
+    /// The values of `V = [V_1 | … | V_fn]` (`r × fnI`).
+    pub v: FactorValues<'p, F>,
+    /// The mask of `V` (`r × fnI`, row-major, one bit per entry): entries outside it count as zero
+    /// (`v` need not hold zeros there).
+    pub mask: &'p BitMask,
     /// One bias slot per matrix.
     pub biases: &'p [Option<Array1<F>>],
+}
+
+/// How [`Factors`] hold the values of `V`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum FactorValues<'p, F> {
+    /// `V` dense.
+    Dense(&'p Array2<F>),
+    /// The kept values of `mask` (row-major order; `layout` of `mask`): every entry of the
+    /// factors' mask lies in `mask`.
+    Kept {
+        values: &'p [F],
+        mask: &'p BitMask,
+        layout: &'p KeptLayout,
+    },
+}
+
+impl<F: Float> Factors<'_, F> {
+    /// `V_j` (`r × I`, zero outside the mask) and its mask: one matrix at a time, so that an
+    /// assembler never holds `V` dense.
+    pub(crate) fn factor(&self, j: usize) -> Result<(Array2<F>, Array2<bool>)> {
+        let (r, i) = (self.rank, self.spec.shape.intermediate);
+        let matrices = self.spec.shape.matrices();
+        let columns = matrices * i;
+        if self.mask.len() != r * columns {
+            return Err(FipsError::ShapeMismatch {
+                what: "mask of the factors".into(),
+                expected: vec![r * columns],
+                got: vec![self.mask.len()],
+            });
+        }
+        if j >= matrices {
+            return Err(FipsError::IndexOutOfRange {
+                what: "factor",
+                index: j,
+                len: matrices,
+            });
+        }
+        let mask = Array2::from_shape_fn((r, i), |(k, c)| self.mask.get(k * columns + j * i + c));
+        let mut v = Array2::zeros((r, i));
+        match self.v {
+            FactorValues::Dense(dense) => v.assign(&dense.slice(s![.., j * i..(j + 1) * i])),
+            FactorValues::Kept {
+                values,
+                mask: kept,
+                layout,
+            } => layout.decode(values, kept, j, v.view_mut())?,
+        }
+        v.zip_mut_with(&mask, |x, &keep| {
+            if !keep {
+                *x = F::zero();
+            }
+        });
+        Ok((v, mask))
+    }
 }
 
 /// Turns trained factors into a compressed form.
@@ -101,8 +157,17 @@ pub(crate) struct FactorTrainer<'a, F: Float> {
 struct FactorProblem<'a, F: Float> {
     config: FipsValidParams,
     source: Source<'a, F>,
-    params: GroupParams<F>,
-    mask: Array2<bool>,
+    /// `U` (`d × r`, or `d × r f n` with per-matrix bases).
+    u: Array2<F>,
+    /// `V`'s kept entries, row-major order of the mask: their values, and their AdamW moments
+    /// while training. `V` is never held dense: each matrix is decoded when a product reads it.
+    kept: KeptEntries<F>,
+    /// The mask of `V` (`r × fnI`, row-major), one bit per entry.
+    mask: BitMask,
+    /// Where each matrix's rows start among the kept entries.
+    layout: KeptLayout,
+    /// One bias slot per matrix.
+    biases: Vec<Option<Array1<F>>>,
     schedule: MaskSchedule,
     training: Option<TrainingState<F>>,
     validator: Option<Validator<'a, F>>,
@@ -183,18 +248,14 @@ struct Validator<'a, F: Float> {
     assemble: Assembler<F>,
 }
 
-/// Buffers that exist only when there are steps to run. `V`'s gradient is never held whole: the
-/// objective hands it over one matrix at a time and each matrix's kept entries get their AdamW
-/// update then ([`VUpdate`]).
+/// Buffers that exist only when there are steps to run (`V`'s moments live with its kept
+/// values). `V`'s gradient is never held whole: the objective hands it over one matrix at a time
+/// and each matrix's kept entries get their AdamW update then ([`VUpdate`]).
 #[derive(Debug)]
 struct TrainingState<F: Float> {
     objective: Objective<F>,
     grads: BasisGradients<F>,
     moments_u: Moments<F, Ix2>,
-    /// Moments of `V`'s kept entries only (row-major order of the mask).
-    moments_v: KeptMoments<F>,
-    /// Where each matrix's rows start among the kept entries.
-    layout: KeptLayout,
     moments_b: Vec<Option<Moments<F, Ix1>>>,
     sampler: TokenSampler,
     xs: Vec<Array2<F>>,
@@ -298,16 +359,12 @@ impl<'a, F: Float> FactorTrainer<'a, F> {
             .iter()
             .flat_map(|b| (0..shape.matrices_per_block).map(move |j| b.oriented(j)))
             .collect();
-        let (u, v) = layout.init(&oriented, rank, config.tau(), config.init())?;
+        let (u, mut v) = layout.init(&oriented, rank, config.tau(), config.init())?;
         let init_time = init_start.elapsed();
-        let mut params = GroupParams {
-            u,
-            v,
-            biases: blocks
-                .iter()
-                .flat_map(|b| b.layers().iter().map(|l| l.bias().cloned()))
-                .collect(),
-        };
+        let biases: Vec<_> = blocks
+            .iter()
+            .flat_map(|b| b.layers().iter().map(|l| l.bias().cloned()))
+            .collect();
 
         let target = config.sparsity();
         let mut schedule = MaskSchedule::new(config.sparsifier(), target, entries, steps);
@@ -316,23 +373,31 @@ impl<'a, F: Float> FactorTrainer<'a, F> {
         // (only a mask is copied: the assembled factors zero the values outside it), measured
         // one dense block at a time, each block assembled alone when its error is measured.
         let init_errors = {
-            let m = Array2::from_shape_vec(
-                params.v.raw_dim(),
-                schedule.target_mask(params.v.as_slice().ok_or_else(internal_layout)?),
-            )
-            .map_err(|e| FipsError::Numerical(e.to_string()))?;
+            let m = BitMask::from_bools(
+                &schedule.target_mask(v.as_slice().ok_or_else(internal_layout)?),
+            );
             let pruned = Factors {
                 spec: &spec,
                 rank,
-                u: &params.u,
-                v: &params.v,
+                u: &u,
+                v: FactorValues::Dense(&v),
                 mask: &m,
-                biases: &params.biases,
+                biases: &biases,
             };
             source.errors(|b| rebuild_block(assemble, layout, &pruned, b))?
         };
-        let mut mask = Array2::from_elem(params.v.raw_dim(), true);
-        schedule.prepare(contiguous(&mut params.v)?, contiguous(&mut mask)?);
+        let mut bools = vec![true; v.len()];
+        schedule.prepare(contiguous(&mut v)?, &mut bools);
+        // From here on V is held as its kept values only (compacted in its own buffer), its mask
+        // as bits.
+        let mut kept = KeptEntries::from_values(compact(v, &bools)?);
+        let mask = BitMask::from_bools(&bools);
+        drop(bools);
+        let matrices = shape.blocks * shape.matrices_per_block;
+        let kept_layout = KeptLayout::new(&mask, rank, matrices, shape.intermediate);
+        if steps > 0 {
+            kept.start_moments();
+        }
 
         let training = (steps > 0).then(|| {
             let step_shape = StepShape {
@@ -356,17 +421,9 @@ impl<'a, F: Float> FactorTrainer<'a, F> {
                     BasisLayout::Shared => objective,
                     BasisLayout::PerMatrix => objective.with_per_matrix_bases(),
                 },
-                grads: params.gradients_like(),
-                moments_u: Moments::zeros(params.u.raw_dim()),
-                moments_v: KeptMoments::zeros(schedule.nnz()),
-                layout: KeptLayout::new(
-                    mask.as_slice().unwrap_or(&[]),
-                    rank,
-                    shape.blocks * shape.matrices_per_block,
-                    shape.intermediate,
-                ),
-                moments_b: params
-                    .biases
+                grads: BasisGradients::zeros_like(&u, &biases),
+                moments_u: Moments::zeros(u.raw_dim()),
+                moments_b: biases
                     .iter()
                     .map(|b| b.as_ref().map(|b| Moments::zeros(b.raw_dim())))
                     .collect(),
@@ -387,8 +444,11 @@ impl<'a, F: Float> FactorTrainer<'a, F> {
             problem: FactorProblem {
                 config,
                 source,
-                params,
+                u,
+                kept,
                 mask,
+                layout: kept_layout,
+                biases,
                 schedule,
                 training,
                 validator,
@@ -445,32 +505,38 @@ impl<'a, F: Float> FactorTrainer<'a, F> {
             start,
             init_time,
         } = self;
-        if let Some(bad) = first_non_finite(&problem.params) {
+        if let Some(bad) = first_non_finite(&problem.u, problem.kept.values(), &problem.biases) {
             return Err(FipsError::NonFiniteLoss {
                 step: run.steps_run(),
                 loss: bad,
             });
         }
         // The training state (gradients, moments, batch buffers) is not needed any more: release
-        // it before the factors are assembled, then the factors themselves once assembled.
+        // it before the factors are assembled (from the kept values, one matrix at a time), then
+        // the factors themselves once assembled.
         problem.training = None;
-        problem.schedule.finish(
-            contiguous(&mut problem.params.v)?,
-            contiguous(&mut problem.mask)?,
-        );
-        let p = &problem.params;
+        problem.kept.release_moments();
+        problem
+            .schedule
+            .finish(&mut problem.kept, &mut problem.mask);
+        let mask = &problem.mask;
+        problem.layout.refresh(mask);
         let blocks = assemble(&Factors {
             spec: &spec,
             rank,
-            u: &p.u,
-            v: &p.v,
+            u: &problem.u,
+            v: FactorValues::Kept {
+                values: problem.kept.values(),
+                mask,
+                layout: &problem.layout,
+            },
             mask: &problem.mask,
-            biases: &p.biases,
+            biases: &problem.biases,
         })?;
-        let nnz = problem.mask.iter().filter(|&&m| m).count();
+        let nnz = problem.mask.count();
         let entries = problem.mask.len();
-        problem.params.v = Array2::zeros((0, 0));
-        problem.mask = Array2::from_elem((0, 0), false);
+        problem.kept = KeptEntries::from_values(Vec::new());
+        problem.mask = BitMask::from_bools(&[]);
         let final_errors = problem.source.errors(|b| blocks.to_dense_mlp(b))?;
         let validation = problem
             .validator
@@ -517,48 +583,50 @@ impl<F: Float> FactorProblem<'_, F> {
         rank: usize,
         assemble: Assembler<F>,
     ) -> Result<CompressedBlocks<F>> {
-        let values = self.params.v.as_slice().ok_or_else(internal_layout)?;
-        let mask = self.mask.as_slice().ok_or_else(internal_layout)?;
-        let pruned =
-            Array2::from_shape_vec(self.mask.raw_dim(), self.schedule.pruned_mask(values, mask))
-                .map_err(|e| FipsError::Numerical(e.to_string()))?;
+        let values = self.kept.values();
+        let mask = &self.mask;
+        let pruned = self.schedule.pruned_mask(values, mask);
         assemble(&Factors {
             spec,
             rank,
-            u: &self.params.u,
-            v: &self.params.v,
+            u: &self.u,
+            v: FactorValues::Kept {
+                values,
+                mask,
+                layout: &self.layout,
+            },
             mask: &pruned,
-            biases: &self.params.biases,
+            biases: &self.biases,
         })
     }
 }
 
-/// The AdamW update of `V`, one matrix at a time as the objective hands its gradient over
-/// (after the step's last read of that matrix), under the sparsifier's plan for the step.
+/// `V` as the objective sees it during a step: its kept entries, each matrix decoded when a
+/// product reads it, and their AdamW update one matrix at a time as the objective hands its
+/// gradient over (after the step's last read of that matrix), under the sparsifier's plan for the
+/// step.
 struct VUpdate<'s, F: Float> {
     step: AdamWStep<F>,
     split: RowSplit,
     plan: &'s mut StepPlan<F>,
-    mask: &'s [bool],
-    moments: &'s mut KeptMoments<F>,
+    entries: &'s mut KeptEntries<F>,
+    mask: &'s mut BitMask,
     layout: &'s KeptLayout,
 }
 
-impl<F: Float> FactorGradientSink<F> for VUpdate<'_, F> {
-    fn consume(
-        &mut self,
-        j: usize,
-        grad: ndarray::ArrayView2<'_, F>,
-        v: &mut Array2<F>,
-    ) -> Result<()> {
+impl<F: Float> FactorStore<F> for VUpdate<'_, F> {
+    fn decode(&self, j: usize, out: ndarray::ArrayViewMut2<'_, F>) -> Result<()> {
+        self.layout.decode(self.entries.values(), self.mask, j, out)
+    }
+
+    fn consume(&mut self, j: usize, grad: ndarray::ArrayView2<'_, F>) -> Result<()> {
         self.plan.update_matrix(
             &self.step,
             &self.split,
             j,
             grad,
-            contiguous(v)?,
+            self.entries,
             self.mask,
-            self.moments,
             self.layout,
         )
     }
@@ -566,49 +634,36 @@ impl<F: Float> FactorGradientSink<F> for VUpdate<'_, F> {
 
 impl<F: Float> Trainable for FactorProblem<'_, F> {
     /// The loss, `∂U` and the biases' gradients, and, fused into the backward pass, the whole
-    /// update of `V` (sparsifier and AdamW at the step's learning rate `lr`): the numbers of the
-    /// dense-gradient step, bit for bit. After a non-finite loss (an error that ends the run)
-    /// `V` may be partly updated.
+    /// update of `V` (sparsifier and AdamW at the step's learning rate `lr`) on its kept entries:
+    /// the numbers of the dense-gradient step on a dense `V`, bit for bit. After a non-finite loss
+    /// (an error that ends the run) `V` may be partly updated.
     fn loss_and_gradients(&mut self, step: usize, lr: f64) -> Result<f64> {
         let state = self.training.as_mut().ok_or_else(internal_layout)?;
         let indices = state.sampler.next_batch();
         self.source.batch(indices, &mut state.xs, &mut state.ys)?;
         let adam = AdamWStep::<F>::new(self.config.optimizer(), lr, step);
-        let mut plan = self.schedule.begin_step(
-            step,
-            self.params.v.as_slice().ok_or_else(internal_layout)?,
-            contiguous(&mut self.mask)?,
-            &mut state.moments_v,
-        );
-        if matches!(plan, StepPlan::MaskChanged) {
-            state
-                .layout
-                .refresh(self.mask.as_slice().ok_or_else(internal_layout)?);
-        }
+        let mask = &mut self.mask;
+        let mut plan = self.schedule.begin_step(step, &self.kept, mask);
         let loss = state.objective.loss_and_gradients(
-            &mut self.params,
-            &state.xs,
-            &state.ys,
-            &mut state.grads,
+            BasisParams {
+                u: &self.u,
+                biases: &self.biases,
+            },
             &mut VUpdate {
                 step: adam,
                 split: state.objective.split(),
                 plan: &mut plan,
-                mask: self.mask.as_slice().ok_or_else(internal_layout)?,
-                moments: &mut state.moments_v,
-                layout: &state.layout,
+                entries: &mut self.kept,
+                mask: &mut *mask,
+                layout: &self.layout,
             },
+            &state.xs,
+            &state.ys,
+            &mut state.grads,
         )?;
-        if let StepPlan::Regrow(_) = plan {
-            plan.finish(
-                &adam,
-                contiguous(&mut self.params.v)?,
-                contiguous(&mut self.mask)?,
-                &mut state.moments_v,
-            )?;
-            state
-                .layout
-                .refresh(self.mask.as_slice().ok_or_else(internal_layout)?);
+        if !matches!(plan, StepPlan::Unchanged) {
+            plan.finish(&adam, &mut self.kept, mask, &self.layout)?;
+            self.layout.refresh(mask);
         }
         Ok(loss)
     }
@@ -620,13 +675,12 @@ impl<F: Float> Trainable for FactorProblem<'_, F> {
         let split = state.objective.split();
         update.apply_split(
             &split,
-            self.params.u.view_mut(),
+            self.u.view_mut(),
             state.grads.u.view(),
             &mut state.moments_u,
             None,
         );
         for ((b, g), m) in self
-            .params
             .biases
             .iter_mut()
             .zip(&state.grads.biases)
@@ -654,22 +708,84 @@ impl<F: Float> Trainable for FactorProblem<'_, F> {
     }
 }
 
+/// The tests' dense reference of `V`: its values dense (zero outside the mask, but for GMP's
+/// entries pruned before a step's loss), its mask, and the moments of its kept entries.
+#[cfg(test)]
+#[derive(Debug)]
+struct DenseV<F> {
+    v: Array2<F>,
+    mask: Array2<bool>,
+    moments: KeptEntries<F>,
+}
+
 #[cfg(test)]
 impl<F: Float> FactorProblem<'_, F> {
-    /// The step as it was before `V`'s update was fused into the backward pass: the dense
-    /// gradient of `V`, the sparsifier on it, then AdamW on `U`, `V` (whole) and the biases. The
-    /// reference of `fused_update_of_v_equals_the_dense_gradient_step_bitwise`.
-    fn reference_step(&mut self, step: usize) -> Result<f64> {
+    /// `V` decoded whole (`r × fnI`), one matrix at a time from the kept values.
+    fn decoded_v(&self) -> Result<Array2<F>> {
+        let i = self.layout.width();
+        let columns = self.layout.columns();
+        let mask = &self.mask;
+        let mut v = Array2::zeros((mask.len() / columns.max(1), columns));
+        for j in 0..self.layout.columns() / i.max(1) {
+            self.layout.decode(
+                self.kept.values(),
+                mask,
+                j,
+                v.slice_mut(s![.., j * i..(j + 1) * i]),
+            )?;
+        }
+        Ok(v)
+    }
+
+    /// A dense copy of `V`'s state, for [`Self::reference_step`].
+    fn dense_reference(&self) -> Result<DenseV<F>> {
+        Ok(DenseV {
+            v: self.decoded_v()?,
+            mask: Array2::from_shape_vec(
+                (
+                    self.mask.len() / self.layout.columns().max(1),
+                    self.layout.columns(),
+                ),
+                self.mask.to_bools(),
+            )
+            .map_err(|e| FipsError::Numerical(e.to_string()))?,
+            moments: KeptEntries::zeros(self.kept.len()),
+        })
+    }
+
+    /// Replaces `V`'s kept values and mask by those of `dense` (moments not carried).
+    fn load_dense(&mut self, dense: &DenseV<F>) {
+        let values = dense
+            .v
+            .iter()
+            .zip(&dense.mask)
+            .filter(|(_, m)| **m)
+            .map(|(x, _)| *x)
+            .collect();
+        self.kept = KeptEntries::from_values(values);
+        self.mask = BitMask::from_bools(dense.mask.as_slice().unwrap_or(&[]));
+        self.layout.refresh(&self.mask);
+    }
+
+    /// The step as it was before `V`'s update was fused into the backward pass and `V` held as
+    /// its kept entries: `V` dense (`dense`), the dense gradient of `V`, the sparsifier on it,
+    /// then AdamW on `U`, `V` (whole) and the biases. The reference of
+    /// `fused_update_of_v_equals_the_dense_gradient_step_bitwise` (this problem's own `V` is
+    /// left as it is).
+    fn reference_step(&mut self, step: usize, dense: &mut DenseV<F>) -> Result<f64> {
+        use crate::math::objective::GroupParams;
         let state = self.training.as_mut().ok_or_else(internal_layout)?;
         let indices = state.sampler.next_batch();
         self.source.batch(indices, &mut state.xs, &mut state.ys)?;
-        let mut grads = self.params.zeros_like();
-        let loss = state.objective.loss_and_dense_gradients(
-            &self.params,
-            &state.xs,
-            &state.ys,
-            &mut grads,
-        )?;
+        let params = GroupParams {
+            u: self.u.clone(),
+            v: dense.v.clone(),
+            biases: self.biases.clone(),
+        };
+        let mut grads = params.zeros_like();
+        let loss = state
+            .objective
+            .loss_and_dense_gradients(&params, &state.xs, &state.ys, &mut grads)?;
         let lr = self
             .config
             .optimizer()
@@ -677,30 +793,29 @@ impl<F: Float> FactorProblem<'_, F> {
         let grad_v = grads.v.as_slice().ok_or_else(internal_layout)?;
         self.schedule.step(
             step,
-            contiguous(&mut self.params.v)?,
-            contiguous(&mut self.mask)?,
+            contiguous(&mut dense.v)?,
+            contiguous(&mut dense.mask)?,
             grad_v,
-            Some(&mut state.moments_v),
+            Some(&mut dense.moments),
         );
         let update = AdamWStep::<F>::new(self.config.optimizer(), lr, step);
         let split = state.objective.split();
         update.apply_split(
             &split,
-            self.params.u.view_mut(),
+            self.u.view_mut(),
             grads.u.view(),
             &mut state.moments_u,
             None,
         );
-        let mask = self.mask.as_slice().ok_or_else(internal_layout)?;
+        let mask = dense.mask.as_slice().ok_or_else(internal_layout)?;
         update.apply_kept(
             &split,
-            contiguous(&mut self.params.v)?,
+            contiguous(&mut dense.v)?,
             grad_v,
-            &mut state.moments_v,
+            &mut dense.moments,
             self.schedule.is_sparse().then_some(mask),
         );
         for ((b, g), m) in self
-            .params
             .biases
             .iter_mut()
             .zip(&grads.biases)
@@ -833,14 +948,13 @@ impl<'a, F: Float> FipsTrainer<'a, F> {
     }
 }
 
-/// Splits the concatenated factor into per-matrix [`SparseFactor`]s and builds the shared-basis
-/// group.
+/// Splits the factors into per-matrix [`SparseFactor`]s, one matrix decoded at a time, and builds
+/// the shared-basis group.
 fn assemble_shared<F: Float>(f: &Factors<'_, F>) -> Result<CompressedBlocks<F>> {
-    let i = f.spec.shape.intermediate;
     let factors = (0..f.spec.shape.matrices())
         .map(|j| {
-            let cols = s![.., j * i..(j + 1) * i];
-            SparseFactor::new(f.v.slice(cols).to_owned(), f.mask.slice(cols).to_owned())
+            let (v, mask) = f.factor(j)?;
+            SparseFactor::new(v, mask)
         })
         .collect::<Result<Vec<_>>>()?;
     SharedBasisGroup::new(
@@ -872,7 +986,6 @@ fn rebuild_block<F: Float>(
             len: shape.blocks,
         });
     }
-    let cols = s![.., b * m * i..(b + 1) * m * i];
     let spec = GroupSpec {
         shape: GroupShape { blocks: 1, ..shape },
         ..*f.spec
@@ -883,8 +996,17 @@ fn rebuild_block<F: Float>(
         .ok_or_else(internal_layout)?;
     // The slices are dropped once assembled, before the block is rebuilt dense.
     let block = {
-        let v = f.v.slice(cols).to_owned();
-        let mask = f.mask.slice(cols).to_owned();
+        let mut v = Array2::zeros((r, m * i));
+        let mask = {
+            let mut mask = Array2::from_elem((r, m * i), false);
+            for k in 0..m {
+                let (vk, mk) = f.factor(b * m + k)?;
+                let cols = s![.., k * i..(k + 1) * i];
+                v.slice_mut(cols).assign(&vk);
+                mask.slice_mut(cols).assign(&mk);
+            }
+            BitMask::from_bools(mask.as_slice().ok_or_else(internal_layout)?)
+        };
         let bases;
         let u = match layout {
             BasisLayout::Shared => f.u,
@@ -897,7 +1019,7 @@ fn rebuild_block<F: Float>(
             spec: &spec,
             rank: r,
             u,
-            v: &v,
+            v: FactorValues::Dense(&v),
             mask: &mask,
             biases,
         })?
@@ -916,12 +1038,42 @@ fn contiguous<T>(a: &mut Array2<T>) -> Result<&mut [T]> {
 
 /// The first non-finite trained value, if any (weight decay and Adam keep finite inputs finite, but
 /// an overflow in `f32` would surface here rather than in a silently broken model).
-fn first_non_finite<F: Float>(p: &GroupParams<F>) -> Option<f64> {
-    p.u.iter()
-        .chain(p.v.iter())
-        .chain(p.biases.iter().flatten().flat_map(|b| b.iter()))
+fn first_non_finite<F: Float>(
+    u: &Array2<F>,
+    kept: &[F],
+    biases: &[Option<Array1<F>>],
+) -> Option<f64> {
+    u.iter()
+        .chain(kept)
+        .chain(biases.iter().flatten().flat_map(|b| b.iter()))
         .find(|x| !x.is_finite_())
         .map(|x| x.as_f64())
+}
+
+/// The kept values of `v` (row-major order of `mask`), compacted within `v`'s own buffer (no second
+/// `V`-sized buffer).
+fn compact<F: Float>(v: Array2<F>, mask: &[bool]) -> Result<Vec<F>> {
+    if v.len() != mask.len() {
+        return Err(internal_layout());
+    }
+    let mut raw = if v.is_standard_layout() {
+        match v.into_raw_vec_and_offset() {
+            (raw, Some(0) | None) => raw,
+            (_, Some(_)) => return Err(internal_layout()),
+        }
+    } else {
+        v.iter().copied().collect()
+    };
+    let mut write = 0;
+    for (read, &keep) in mask.iter().enumerate() {
+        if keep {
+            raw[write] = raw[read];
+            write += 1;
+        }
+    }
+    raw.truncate(write);
+    raw.shrink_to_fit();
+    Ok(raw)
 }
 
 /// Draws mini-batches of token indices: a seeded shuffle of all tokens, consumed in batches and
@@ -1016,9 +1168,10 @@ mod tests {
     }
 
     /// The update of `V` fused into the backward pass, one matrix at a time (no dense gradient of
-    /// `V`), gives the dense-gradient step's loss, `U`, `V`, mask, biases and moments bit for
-    /// bit at every step: RigL with several mask updates, GMP with pruning steps, dense, in both
-    /// contraction orders.
+    /// `V`), on `V` held as its kept entries (each matrix decoded when read), gives the dense
+    /// step's loss, `U`, `V`, mask, biases and moments bit for bit at every step: RigL with
+    /// several mask updates, GMP with pruning steps, dense, in both contraction orders. At every
+    /// step the trainer holds exactly one value and two moments per kept entry.
     #[test]
     fn fused_update_of_v_equals_the_dense_gradient_step_bitwise() {
         use crate::math::objective::ContractionOrder as Order;
@@ -1048,26 +1201,54 @@ mod tests {
                     .unwrap();
                 let mut fused = compressor.trainer(&group, &calibration).unwrap();
                 let mut reference = compressor.trainer(&group, &calibration).unwrap();
+                let mut dense = reference.0.problem.dense_reference().unwrap();
                 assert_eq!(fused.contraction(), order);
                 let mut mask_changes = 0;
+                let (r, i) = (fused.rank(), 20);
                 for step in 1..=60 {
-                    let before = reference.0.problem.mask.clone();
-                    let expected = reference.0.problem.reference_step(step).unwrap();
+                    let before = dense.mask.clone();
+                    let expected = reference
+                        .0
+                        .problem
+                        .reference_step(step, &mut dense)
+                        .unwrap();
                     let loss = fused.step().unwrap().unwrap().loss;
                     let (a, b) = (&fused.0.problem, &reference.0.problem);
                     let what = format!("{sparsifier} {order} step {step}");
                     assert_eq!(loss.to_bits(), expected.to_bits(), "{what}: loss");
-                    assert_eq!(a.mask, b.mask, "{what}: mask");
+                    let mask = a.mask.to_bools();
+                    assert_eq!(&mask[..], dense.mask.as_slice().unwrap(), "{what}: mask");
                     let bits = |x: &Array2<f32>| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-                    assert_eq!(bits(&a.params.u), bits(&b.params.u), "{what}: U");
-                    assert_eq!(bits(&a.params.v), bits(&b.params.v), "{what}: V");
-                    let (ma, mb) = (a.training.as_ref().unwrap(), b.training.as_ref().unwrap());
-                    let mask = a.mask.as_slice().unwrap();
-                    let (m1, v1) = ma.moments_v.scattered(mask);
-                    let (m2, v2) = mb.moments_v.scattered(mask);
+                    assert_eq!(bits(&a.u), bits(&b.u), "{what}: U");
+                    // Decoding one matrix at a time gives the dense reference's V.
+                    let (va, vb) = (bits(&a.decoded_v().unwrap()), bits(&dense.v));
+                    let first = va.iter().zip(&vb).position(|(x, y)| x != y);
+                    assert_eq!(first, None, "{what}: V differs first at this entry");
+                    assert_eq!(va.len(), vb.len(), "{what}: V");
+                    let (m1, v1) = a.kept.scattered(&mask);
+                    let (m2, v2) = dense.moments.scattered(&mask);
                     assert_eq!((m1, v1), (m2, v2), "{what}: moments of V");
-                    assert_eq!(ma.moments_v.len(), mb.moments_v.len());
-                    mask_changes += usize::from(before != b.mask);
+                    // Bounded memory: one value and two moments per kept entry, nothing reserved
+                    // beyond them, and no buffer of V's size in the step (factors first).
+                    let kept = mask.iter().filter(|&&m| m).count();
+                    assert_eq!(a.mask.count(), kept, "{what}: bits");
+                    assert!(
+                        a.mask.bytes() <= mask.len().div_ceil(64) * 8,
+                        "{what}: bits"
+                    );
+                    assert_eq!(a.kept.values().len(), kept, "{what}: values");
+                    assert_eq!(a.kept.len(), kept, "{what}: moments");
+                    assert_eq!(a.kept.reserved(), kept, "{what}: reserved");
+                    assert_eq!(a.layout.kept(), kept, "{what}: layout");
+                    let buffer = a.training.as_ref().unwrap().objective.factor_buffer();
+                    match order {
+                        Order::FactorsFirst => assert_eq!(buffer, r * i, "{what}"),
+                        _ => assert_eq!(buffer, r * i * 9, "{what}"),
+                    }
+                    if s > 0.0 {
+                        assert!(kept < mask.len(), "{what}: sparse");
+                    }
+                    mask_changes += usize::from(before != dense.mask);
                 }
                 match sparsifier {
                     // Updates at 5, 10, …, 45 = t_e; the drop fraction is 0 at t_e.
@@ -1078,6 +1259,7 @@ mod tests {
                 // The biases are absent here; U's moments follow from U's equality.
                 let (a, b) = (fused.finish().unwrap(), {
                     reference.0.run = TrainingLoop::new(0, Schedule::Constant(0.0));
+                    reference.0.problem.load_dense(&dense);
                     reference.finish().unwrap()
                 });
                 assert_eq!(
