@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::ops::ControlFlow;
 
 use fips::app::pipeline::{CalibrationSource, Silent, Validation, compress_group};
-use fips::format::mlp_inputs::{MlpInputs, write_mlp_inputs};
+use fips::format::mlp_inputs::{CalibrationRoute, MlpInputs, write_mlp_inputs};
 use fips::math::calibration::CalibrationReader;
 use fips::math::subset::RowSubset;
 use fips::math::validation::{ValidationSet, split_reader, split_tokens};
@@ -169,9 +169,10 @@ fn row_subset_of_a_file_checks_its_indices() {
 }
 
 /// Through `compress_group` on DeiT-tiny's blocks 0–1: the Gaussian source (produced and held in
-/// memory, split by `split_tokens`) against the same rows written to an MLP-input file (streamed,
-/// split by `split_reader`), with a hold-out, without a validation set and with the held-out
-/// inputs from their own file (the text path): the same compressed blocks, manifest and report.
+/// memory, split by `split_tokens`) against the same rows written to an MLP-input file, streamed
+/// (budget 0, split by `split_reader`) and read whole (a budget that fits), with a hold-out,
+/// without a validation set and with the held-out inputs from their own file (the text path):
+/// the same compressed blocks, manifest and report.
 #[test]
 fn compress_group_from_a_file_gives_the_bits_of_the_rows_in_memory() {
     let Some(data) =
@@ -202,8 +203,15 @@ fn compress_group_from_a_file_gives_the_bits_of_the_rows_in_memory() {
         "held.safetensors",
         &Calibration::<f32>::gaussian(2, 50, width, 99).unwrap(),
     );
+    // The same file under two budgets: 0 streams it, the default (well above the group's
+    // 8 n T d bytes) reads it whole.
+    let whole_file = MlpInputs::open(dir.join("train.safetensors")).unwrap();
+    let file = file.with_memory_budget(0);
+    assert_eq!(file.route(&[0, 1]), CalibrationRoute::Stream);
+    assert_eq!(whole_file.route(&[0, 1]), CalibrationRoute::Whole);
     let memory = CalibrationSource::Gaussian { tokens, seed };
     let streamed = CalibrationSource::File(&file);
+    let whole = CalibrationSource::File(&whole_file);
     let validations = [
         Validation::Holdout {
             fraction: 0.1,
@@ -231,20 +239,23 @@ fn compress_group_from_a_file_gives_the_bits_of_the_rows_in_memory() {
                 )
                 .unwrap()
             };
-            let (old, new) = (run(&memory), run(&streamed));
-            let name = format!("{} with {validation:?}", compressor.method());
-            assert!(old.blocks == new.blocks, "{name}: blocks differ");
-            assert_eq!(old.manifest, new.manifest, "{name}");
-            assert_eq!(comparable(&old.report), comparable(&new.report), "{name}");
-            assert!(
-                !new.report.data_free,
-                "{name}: rows read from a file are data"
-            );
-            assert_eq!(
-                new.report.validation.is_some(),
-                !matches!(validation, Validation::None),
-                "{name}"
-            );
+            let old = run(&memory);
+            for (route, source) in [("streamed", &streamed), ("whole", &whole)] {
+                let new = run(source);
+                let name = format!("{} with {validation:?}, {route}", compressor.method());
+                assert!(old.blocks == new.blocks, "{name}: blocks differ");
+                assert_eq!(old.manifest, new.manifest, "{name}");
+                assert_eq!(comparable(&old.report), comparable(&new.report), "{name}");
+                assert!(
+                    !new.report.data_free,
+                    "{name}: rows read from a file are data"
+                );
+                assert_eq!(
+                    new.report.validation.is_some(),
+                    !matches!(validation, Validation::None),
+                    "{name}"
+                );
+            }
         }
     }
     std::fs::remove_dir_all(dir).ok();

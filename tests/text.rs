@@ -618,6 +618,7 @@ fn compress_from_text_in_one_call_holds_out_validation_and_checks_first() {
         tokens: Some(4096),
         seed: 3,
         validation_fraction: 0.05,
+        calibration_memory: fips::format::mlp_inputs::DEFAULT_CALIBRATION_MEMORY,
         groups: Some("0-4".into()),
         group_size: 5,
         activation: None,

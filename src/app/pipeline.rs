@@ -2,9 +2,9 @@
 //!
 //! Memory stays bounded by one group: calibration activations are captured (or read) for the
 //! blocks of one group, used, and dropped before the next group. With images, the model's forward
-//! pass stops after the group's last block. From an MLP-input file a group's inputs are not even
-//! held whole: FiPS and SVD read them a batch and a chunk at a time (positioned reads), and only
-//! the held-out validation tokens are held in memory.
+//! pass stops after the group's last block. From an MLP-input file a group larger than the file's
+//! memory budget ([`MlpInputs::route`]) is not even held whole: FiPS and SVD read it a batch and a
+//! chunk at a time (positioned reads), and only the held-out validation tokens are held in memory.
 
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
@@ -16,7 +16,7 @@ use crate::format::block_groups::BlockGroups;
 use crate::format::compressed::{CompressedModel, GroupManifest, Manifest};
 use crate::format::hf::store::TensorStore;
 use crate::format::layout::MlpLayout;
-use crate::format::mlp_inputs::MlpInputs;
+use crate::format::mlp_inputs::{CalibrationRoute, MlpInputs};
 use crate::foundation::activation::Activation;
 use crate::foundation::error::{FipsError, Result};
 use crate::foundation::slicing::s;
@@ -46,8 +46,9 @@ pub enum CalibrationSource<'a> {
         /// The calibration images.
         pixels: ArrayView4<'a, u8>,
     },
-    /// MLP inputs read from a file: by [`compress_group`] a batch and a chunk at a time
-    /// ([`MlpInputs::stream`]), by [`group_calibration`] whole.
+    /// MLP inputs read from a file: by [`compress_group`] whole when the group fits the file's
+    /// memory budget, a batch and a chunk at a time ([`MlpInputs::stream`]) otherwise
+    /// ([`MlpInputs::route`]); by [`group_calibration`] whole.
     File(&'a MlpInputs),
     /// Data-free: standard Gaussian inputs with this many tokens per block.
     Gaussian {
@@ -262,9 +263,10 @@ pub fn model_manifest(
 /// from the seed and `g`), so a group run alone, in another process or after a restart gives the
 /// same bits.
 ///
-/// From [`CalibrationSource::File`] the group's calibration is streamed from the file (see
-/// [`Compressor::compress`] for which methods still read it whole), with the same bits as reading
-/// it whole; the other sources are produced, and held, in memory.
+/// From [`CalibrationSource::File`] the group's calibration is read whole when its inputs and
+/// targets (`8 n T d` bytes) fit the file's memory budget, and streamed from the file otherwise
+/// (see [`Compressor::compress`] for which methods still read it whole): the same bits either
+/// way. The other sources are produced, and held, in memory.
 #[allow(clippy::too_many_arguments)]
 pub fn compress_group(
     checkpoint: &impl TensorStore,
@@ -283,7 +285,13 @@ pub fn compress_group(
         .collect::<Result<Vec<_>>>()?;
     let width = dense.first().map_or(0, |m| m.width());
     let calibration_start = Instant::now();
-    let (out, calibration_time) = if let CalibrationSource::File(file) = calibration {
+    let streamed = match calibration {
+        CalibrationSource::File(file) if file.route(blocks) == CalibrationRoute::Stream => {
+            Some(file)
+        }
+        _ => None,
+    };
+    let (out, calibration_time) = if let Some(file) = streamed {
         // Streamed: the group's inputs are read from the file a batch and a chunk at a time.
         observer.calibration(g, 0, blocks.len());
         let streamed = file.stream(blocks)?;

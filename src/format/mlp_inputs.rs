@@ -53,11 +53,50 @@ pub fn write_mlp_inputs<F: Float>(
     write_safetensors(path, &tensors, metadata)
 }
 
-/// An open MLP-input file.
+/// The memory a group's calibration may take, by default, to be read whole from an MLP-input
+/// file: 1 GiB. Small models' groups fit (DeiT-tiny, 4 blocks × 49,250 tokens × 192: 303 MB;
+/// stories260k, 4 × 121,237 × 64: 248 MB) and keep the faster in-memory trainer (targets
+/// computed once); a 7B group (4 blocks, d 4096) fits at most 8,192 tokens, so a real 7B
+/// calibration (45k tokens: 5.5 GiB) streams. Any machine that trains a group spares 1 GiB.
+pub const DEFAULT_CALIBRATION_MEMORY: u64 = 1 << 30;
+
+/// How a group's calibration is taken from an MLP-input file (both give the same bits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CalibrationRoute {
+    /// Read whole: inputs and targets held in memory, `8 n T d` bytes (fastest).
+    Whole,
+    /// Streamed a batch and a chunk at a time ([`MlpInputs::stream`]): memory independent of `T`,
+    /// but each batch's targets are recomputed by the dense blocks.
+    Stream,
+}
+
+impl CalibrationRoute {
+    /// The bytes a group of `blocks` blocks, `tokens` tokens and width `width` takes held whole
+    /// in f32, inputs and targets: `8 n T d`; `None` when that overflows `u64`.
+    pub fn whole_bytes(blocks: usize, tokens: usize, width: usize) -> Option<u64> {
+        [blocks, tokens, width]
+            .into_iter()
+            .try_fold(8u64, |acc, x| acc.checked_mul(u64::try_from(x).ok()?))
+    }
+
+    /// [`Self::Whole`] when [`Self::whole_bytes`] is at most `budget` bytes; [`Self::Stream`]
+    /// when it is larger, overflows, or `budget` is 0 (0 always streams). Nothing is read or
+    /// allocated to decide.
+    pub fn choose(blocks: usize, tokens: usize, width: usize, budget: u64) -> Self {
+        match Self::whole_bytes(blocks, tokens, width) {
+            Some(bytes) if budget > 0 && bytes <= budget => Self::Whole,
+            _ => Self::Stream,
+        }
+    }
+}
+
+/// An open MLP-input file, with the memory budget that decides whether a group's calibration is
+/// read whole or streamed ([`MlpInputs::route`]).
 #[derive(Debug)]
 pub struct MlpInputs {
     file: Checkpoint,
     shapes: BTreeMap<usize, (usize, usize)>,
+    memory_budget: u64,
 }
 
 impl MlpInputs {
@@ -115,7 +154,43 @@ impl MlpInputs {
                 "format is {f:?}, expected {MLP_INPUTS_FORMAT:?}"
             )));
         }
-        Ok(Self { file, shapes })
+        Ok(Self {
+            file,
+            shapes,
+            memory_budget: DEFAULT_CALIBRATION_MEMORY,
+        })
+    }
+
+    /// The same file with another memory budget in bytes (default
+    /// [`DEFAULT_CALIBRATION_MEMORY`]; 0 always streams). It changes only the route, never the
+    /// bits.
+    pub fn with_memory_budget(mut self, bytes: u64) -> Self {
+        self.memory_budget = bytes;
+        self
+    }
+
+    /// The memory budget in bytes.
+    pub fn memory_budget(&self) -> u64 {
+        self.memory_budget
+    }
+
+    /// How the calibration of `blocks` is taken ([`CalibrationRoute::choose`] on the budget),
+    /// from the header alone; the largest token count and width among `blocks` bound the
+    /// estimate. A block missing from the file streams (the stream reports it as an error).
+    pub fn route(&self, blocks: &[usize]) -> CalibrationRoute {
+        let mut bound = Some((0, 0));
+        for &b in blocks {
+            bound = match (bound, self.shape(b)) {
+                (Some((t0, d0)), Some((t, d))) => Some((t0.max(t), d0.max(d))),
+                _ => None,
+            };
+        }
+        match bound {
+            Some((tokens, width)) => {
+                CalibrationRoute::choose(blocks.len(), tokens, width, self.memory_budget)
+            }
+            None => CalibrationRoute::Stream,
+        }
     }
 
     /// The block indices present, ascending.
@@ -425,6 +500,64 @@ mod tests {
             MlpInputs::open(&other),
             Err(FipsError::Format { .. })
         ));
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn the_route_reads_whole_what_fits_the_budget() {
+        use CalibrationRoute::{Stream, Whole};
+        let (n, t, d) = (4usize, 49_250usize, 192usize);
+        let bytes = 8 * (n as u64) * (t as u64) * (d as u64);
+        assert_eq!(CalibrationRoute::whole_bytes(n, t, d), Some(bytes));
+        assert_eq!(CalibrationRoute::choose(n, t, d, bytes - 1), Stream);
+        assert_eq!(CalibrationRoute::choose(n, t, d, bytes), Whole);
+        assert_eq!(CalibrationRoute::choose(n, t, d, bytes + 1), Whole);
+        assert_eq!(CalibrationRoute::choose(n, t, d, 0), Stream);
+        assert_eq!(CalibrationRoute::choose(1, 1, 1, 0), Stream);
+        assert_eq!(CalibrationRoute::choose(1, 1, 1, 8), Whole);
+        // 8 n T d past u64: streamed, never a wrapped small number.
+        let big = usize::MAX;
+        assert_eq!(CalibrationRoute::whole_bytes(big, 2, 1), None);
+        assert_eq!(
+            CalibrationRoute::whole_bytes(1 << 20, 1 << 20, 1 << 21),
+            None
+        );
+        assert_eq!(CalibrationRoute::choose(big, 2, 1, u64::MAX), Stream);
+        assert_eq!(
+            CalibrationRoute::choose(1 << 20, 1 << 20, 1 << 21, u64::MAX),
+            Stream
+        );
+        // A 7B group (4 blocks, d 4096) at the default budget: whole up to 8,192 tokens (exactly
+        // 1 GiB), streamed above and at 45k tokens; DeiT-tiny's group: whole.
+        let llama = |t| CalibrationRoute::choose(4, t, 4096, DEFAULT_CALIBRATION_MEMORY);
+        assert_eq!(llama(8192), Whole);
+        assert_eq!(llama(8193), Stream);
+        assert_eq!(llama(45_000), Stream);
+        assert_eq!(
+            CalibrationRoute::choose(n, t, d, DEFAULT_CALIBRATION_MEMORY),
+            Whole
+        );
+
+        // From a file's header: the budget the file carries decides.
+        let dir = std::env::temp_dir().join(format!("fips-route-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("acts.safetensors");
+        let z = Array2::from_shape_fn((5, 3), |(i, j)| (i + j) as f32);
+        write_mlp_inputs(
+            &path,
+            &[(0, z.view()), (1, z.view())],
+            Dtype::F32,
+            HashMap::new(),
+        )
+        .unwrap();
+        let file = MlpInputs::open(&path).unwrap();
+        assert_eq!(file.memory_budget(), DEFAULT_CALIBRATION_MEMORY);
+        assert_eq!(file.route(&[0, 1]), Whole);
+        let file = file.with_memory_budget(8 * 2 * 5 * 3 - 1);
+        assert_eq!(file.route(&[0, 1]), Stream);
+        assert_eq!(file.route(&[0]), Whole);
+        assert_eq!(file.route(&[0, 7]), Stream, "a missing block streams");
+        assert_eq!(file.with_memory_budget(0).route(&[0]), Stream);
         std::fs::remove_dir_all(dir).ok();
     }
 }

@@ -74,6 +74,12 @@ pub struct TextCompressOptions {
     /// Fraction of the calibration paragraphs held out (never trained on) to measure the
     /// per-block errors and the perplexity on text the compression has not seen.
     pub validation_fraction: f64,
+    /// Memory in bytes a group's captured calibration may take to be read whole (inputs and
+    /// targets, `8 n T d`); larger groups are streamed from the capture, 0 always streams
+    /// ([`MlpInputs::with_memory_budget`]; default
+    /// [`DEFAULT_CALIBRATION_MEMORY`](crate::format::mlp_inputs::DEFAULT_CALIBRATION_MEMORY)). Not part of
+    /// the run's settings: both routes give the same bits.
+    pub calibration_memory: u64,
     /// Explicit groups (e.g. `0-4`); `None`: consecutive groups of `group_size` blocks.
     pub groups: Option<String>,
     /// Blocks per group when `groups` is `None`.
@@ -208,7 +214,7 @@ pub fn compress_text_model(
         Job::Whole { out_dir },
         progress,
     )?;
-    prepared.compress_parts(compressor, observer, None)?;
+    prepared.compress_parts(compressor, observer, None, options.calibration_memory)?;
     let keep = options.keep_calibration || options.work_dir.is_some();
     prepared.finish(
         out_dir,
@@ -245,7 +251,12 @@ pub fn compress_text_group(
         Job::Group(group),
         progress,
     )?;
-    let computed = prepared.compress_parts(compressor, observer, Some(group))?;
+    let computed = prepared.compress_parts(
+        compressor,
+        observer,
+        Some(group),
+        options.calibration_memory,
+    )?;
     Ok(TextPart {
         group,
         computed: !computed.is_empty(),
@@ -574,19 +585,24 @@ fn prepare(
 
 impl Prepared {
     /// Compresses the groups (all, or only `only`) whose parts the work area lacks, from the
-    /// captures; returns the groups computed now.
+    /// captures (each group read whole when it fits `budget` bytes, streamed otherwise); returns
+    /// the groups computed now.
     fn compress_parts(
         &self,
         compressor: &dyn Compressor<f32>,
         observer: &mut dyn Observer,
         only: Option<usize>,
+        budget: u64,
     ) -> Result<Vec<usize>> {
         let dir = self.work.dir();
-        let inputs = MlpInputs::open(dir.join(CAPTURE_FILES[0]))?;
+        let open = |name: &str| {
+            Ok::<_, FipsError>(MlpInputs::open(dir.join(name))?.with_memory_budget(budget))
+        };
+        let inputs = open(CAPTURE_FILES[0])?;
         let validation = self
             .validation_capture
             .as_ref()
-            .map(|_| MlpInputs::open(dir.join(CAPTURE_FILES[1])))
+            .map(|_| open(CAPTURE_FILES[1]))
             .transpose()?;
         // Every group's report carries its per-block errors on the held-out tokens (which also
         // drive early stopping when it is set).

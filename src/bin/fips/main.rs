@@ -578,7 +578,12 @@ fn compress(args: CompressArgs, given: &[String]) -> Result<(), FipsError> {
         )?),
         None => None,
     };
-    let inputs_file = args.activations.as_ref().map(MlpInputs::open).transpose()?;
+    let budget = args.text.calibration_memory_bytes()?;
+    let inputs_file = args
+        .activations
+        .as_ref()
+        .map(|p| Ok::<_, FipsError>(MlpInputs::open(p)?.with_memory_budget(budget)))
+        .transpose()?;
     if let Some(file) = &inputs_file {
         file.check_groups(groups.groups(), &shapes)?;
     }

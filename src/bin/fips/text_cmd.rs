@@ -230,10 +230,31 @@ pub struct TextCompressArgs {
     /// group otherwise; 0 holds out nothing.
     #[arg(long, default_value_t = 0.05)]
     pub validation_fraction: f64,
+    /// Memory in MiB a group's calibration may take to be read whole from an MLP-input file
+    /// (--activations, and the text path's capture): inputs and targets, 8 × blocks × tokens ×
+    /// width bytes. A larger group is streamed from the file (memory independent of the tokens,
+    /// more CPU: targets recomputed per batch); 0 always streams. The bits are the same either way.
+    #[arg(long, value_name = "MIB", default_value_t = fips::format::mlp_inputs::DEFAULT_CALIBRATION_MEMORY >> 20)]
+    pub calibration_memory: u64,
     /// Keep the work area (out-dir/.fips-work: the captured calibration.safetensors and the
     /// groups' parts).
     #[arg(long, requires = "model")]
     pub keep_calibration: bool,
+}
+
+impl TextCompressArgs {
+    /// `--calibration-memory` in bytes.
+    pub fn calibration_memory_bytes(&self) -> Result<u64, FipsError> {
+        self.calibration_memory
+            .checked_mul(1 << 20)
+            .ok_or_else(|| FipsError::InvalidParameter {
+                name: "calibration-memory",
+                reason: format!(
+                    "{} MiB does not fit in 64-bit bytes",
+                    self.calibration_memory
+                ),
+            })
+    }
 }
 
 /// The general compress settings the text command uses (read only with the `text` feature).
@@ -286,6 +307,7 @@ pub fn compress(
         tokens: args.tokens,
         seed: settings.seed,
         validation_fraction: args.validation_fraction,
+        calibration_memory: args.calibration_memory_bytes()?,
         groups: settings.groups.map(str::to_string),
         group_size: settings.group_size,
         activation: settings.activation,
