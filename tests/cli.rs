@@ -347,4 +347,16 @@ fn bad_input_gives_an_error_message_not_a_panic() {
             "{log}"
         );
     }
+
+    // The calibration memory budget applies to a calibration read from a file only.
+    let out = fips(&[
+        "compress",
+        "--checkpoint",
+        &model.to_string_lossy(),
+        "--data-free",
+        "--calibration-memory",
+        "0",
+    ]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("calibration-memory"), "{}", text(&out));
 }

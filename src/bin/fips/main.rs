@@ -496,6 +496,15 @@ fn compress(args: CompressArgs, given: &[String]) -> Result<(), FipsError> {
             reason: "compress needs --checkpoint FILE or --model DIR --text FILE".into(),
         });
     };
+    if args.activations.is_none() && given.iter().any(|g| g == "calibration_memory") {
+        // Like a method flag the method does not use: refused, not silently ignored.
+        return Err(FipsError::InvalidParameter {
+            name: "calibration-memory",
+            reason: "applies to calibration read from a file (--activations, or --model with \
+                     --text); this run calibrates from images or Gaussian inputs in memory"
+                .into(),
+        });
+    }
     let start = Instant::now();
     let bars = Bars::new();
     if args.images.images.is_some() && !args.no_eval && args.eval_split == args.images.calib_split {
