@@ -39,6 +39,19 @@ fn comparable(report: &fips::MethodReport) -> fips::serde_json::Value {
     v
 }
 
+/// Writes `calibration` as an MLP-input file at `path`, block `b` under the name of block
+/// `b + first`, and opens it.
+fn write_file(path: &std::path::Path, calibration: &Calibration<f32>, first: usize) -> MlpInputs {
+    let views: Vec<_> = calibration
+        .inputs()
+        .iter()
+        .enumerate()
+        .map(|(b, z)| (b + first, z.view()))
+        .collect();
+    write_mlp_inputs(path, &views, Dtype::F32, HashMap::new()).unwrap();
+    MlpInputs::open(path).unwrap()
+}
+
 fn methods() -> Vec<Box<dyn Compressor<f32>>> {
     vec![
         Box::new(
@@ -84,15 +97,7 @@ fn streamed_split_gives_the_bits_of_the_whole_split() {
         seed: 5,
     });
     let calibration = common::gaussian_calibration::<f32>(2, 300, 12, 9);
-    let path = dir.join("acts.safetensors");
-    let views: Vec<_> = calibration
-        .inputs()
-        .iter()
-        .enumerate()
-        .map(|(b, z)| (b + 3, z.view()))
-        .collect();
-    write_mlp_inputs(&path, &views, Dtype::F32, HashMap::new()).unwrap();
-    let file = MlpInputs::open(&path).unwrap();
+    let file = write_file(&dir.join("acts.safetensors"), &calibration, 3);
     let (fraction, seed) = (0.1, 7);
     for compressor in methods() {
         let run = |calib: &dyn CalibrationReader<f32>, set: &ValidationSet<f32>| {
@@ -129,15 +134,7 @@ fn streamed_split_gives_the_bits_of_the_whole_split() {
 fn row_subset_of_a_file_checks_its_indices() {
     let dir = common::scratch("row-subset");
     let calibration: Calibration<f32> = common::gaussian_calibration(2, 20, 4, 1);
-    let path = dir.join("acts.safetensors");
-    let views: Vec<_> = calibration
-        .inputs()
-        .iter()
-        .enumerate()
-        .map(|(b, z)| (b, z.view()))
-        .collect();
-    write_mlp_inputs(&path, &views, Dtype::F32, HashMap::new()).unwrap();
-    let file = MlpInputs::open(&path).unwrap();
+    let file = write_file(&dir.join("acts.safetensors"), &calibration, 0);
     let streamed = file.stream(&[0, 1]).unwrap();
     assert!(matches!(
         RowSubset::<f32>::new(&streamed, vec![]),
@@ -187,17 +184,7 @@ fn compress_group_from_a_file_gives_the_bits_of_the_rows_in_memory() {
     let (tokens, seed) = (400, 11);
     // Group 0 of the Gaussian source: one draw, the same for both blocks, seeded by `seed + 0`.
     let drawn = Calibration::<f32>::gaussian(2, tokens, width, seed).unwrap();
-    let write = |name: &str, calib: &Calibration<f32>| {
-        let path = dir.join(name);
-        let views: Vec<_> = calib
-            .inputs()
-            .iter()
-            .enumerate()
-            .map(|(b, z)| (b, z.view()))
-            .collect();
-        write_mlp_inputs(&path, &views, Dtype::F32, HashMap::new()).unwrap();
-        MlpInputs::open(&path).unwrap()
-    };
+    let write = |name: &str, calib: &Calibration<f32>| write_file(&dir.join(name), calib, 0);
     let file = write("train.safetensors", &drawn);
     let held_file = write(
         "held.safetensors",
