@@ -11,6 +11,7 @@
 //! path, metadata={"format": "fips-mlp-inputs", "version": "1"})`.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
 use std::path::Path;
 
 use ndarray::{Array2, ArrayView2};
@@ -21,7 +22,7 @@ use crate::format::checkpoint::{
 };
 use crate::foundation::error::{FipsError, Result};
 use crate::foundation::float::{Float, ensure_finite};
-use crate::math::calibration::{Calibration, CalibrationReader, check_request, check_rows};
+use crate::math::calibration::{Calibration, CalibrationReader};
 
 /// The `format` metadata value of an MLP-input file.
 pub const MLP_INPUTS_FORMAT: &str = "fips-mlp-inputs";
@@ -408,14 +409,7 @@ impl<F: Float> CalibrationReader<F> for StreamedCalibration<'_> {
         self.width
     }
 
-    fn gather(&self, block: usize, indices: &[usize], dst: &mut Array2<F>) -> Result<()> {
-        check_request::<F>(
-            self,
-            block,
-            indices.iter().copied(),
-            indices.len(),
-            dst.dim(),
-        )?;
+    fn gather_valid(&self, block: usize, indices: &[usize], dst: &mut Array2<F>) -> Result<()> {
         self.check_len()?;
         let e = self.extents[block];
         let name = mlp_input_name(e.id);
@@ -435,8 +429,8 @@ impl<F: Float> CalibrationReader<F> for StreamedCalibration<'_> {
         )
     }
 
-    fn rows(&self, block: usize, start: usize, rows: usize) -> Result<Array2<F>> {
-        check_rows::<F>(self, block, start, rows)?;
+    fn rows_valid(&self, block: usize, range: Range<usize>) -> Result<Array2<F>> {
+        let (start, rows) = (range.start, range.len());
         self.check_len()?;
         let e = self.extents[block];
         let mut bytes = vec![0u8; rows * self.row_bytes(&e) as usize];

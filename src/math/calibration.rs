@@ -1,5 +1,7 @@
 //! Calibration activations: the MLP inputs `Z_b` of every block of a group.
 
+use std::ops::Range;
+
 use ndarray::{Array2, ArrayView2, Axis};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -147,11 +149,33 @@ pub trait CalibrationReader<F: Float>: std::fmt::Debug + Send + Sync {
 
     /// Copies rows `indices` of block `block` into the first `indices.len()` rows of `dst`
     /// (`[≥ indices.len(), d]`). Errors: a block or token out of range, a wrong `dst`, an
-    /// unreadable or non-finite row.
-    fn gather(&self, block: usize, indices: &[usize], dst: &mut Array2<F>) -> Result<()>;
+    /// unreadable or non-finite row. Checks the request against the reader's shape, then reads
+    /// it with [`Self::gather_valid`]; implement that one, not this.
+    fn gather(&self, block: usize, indices: &[usize], dst: &mut Array2<F>) -> Result<()> {
+        check_request(
+            self,
+            block,
+            indices.iter().copied(),
+            indices.len(),
+            dst.dim(),
+        )?;
+        self.gather_valid(block, indices, dst)
+    }
 
-    /// Rows `start .. start + rows` of block `block`, `[rows, d]`.
-    fn rows(&self, block: usize, start: usize, rows: usize) -> Result<Array2<F>>;
+    /// Rows `start .. start + rows` of block `block`, `[rows, d]`. Checks the request against
+    /// the reader's shape, then reads it with [`Self::rows_valid`]; implement that one, not this.
+    fn rows(&self, block: usize, start: usize, rows: usize) -> Result<Array2<F>> {
+        let end = check_rows(self, block, start, rows)?;
+        self.rows_valid(block, start..end)
+    }
+
+    /// [`Self::gather`] of a request already checked: `block < blocks`, every index `< tokens`,
+    /// `dst` at least `[indices.len(), d]`. Errors: an unreadable or non-finite row.
+    fn gather_valid(&self, block: usize, indices: &[usize], dst: &mut Array2<F>) -> Result<()>;
+
+    /// [`Self::rows`] of a request already checked: `block < blocks`, `range` within the tokens.
+    /// Errors: an unreadable or non-finite row.
+    fn rows_valid(&self, block: usize, range: Range<usize>) -> Result<Array2<F>>;
 
     /// The whole set, if it is held in memory: a trainer then computes every target once and
     /// keeps it, instead of recomputing each batch's targets from the dense blocks.
@@ -162,8 +186,8 @@ pub trait CalibrationReader<F: Float>: std::fmt::Debug + Send + Sync {
 
 /// Checks a gather or chunk request against a reader's shape: `block < blocks`, every index
 /// `< tokens`, `dst` wide enough and tall enough.
-pub(crate) fn check_request<F: Float>(
-    reader: &dyn CalibrationReader<F>,
+fn check_request<F: Float, R: CalibrationReader<F> + ?Sized>(
+    reader: &R,
     block: usize,
     indices: impl IntoIterator<Item = usize>,
     rows: usize,
@@ -195,8 +219,8 @@ pub(crate) fn check_request<F: Float>(
 }
 
 /// Checks a request for rows `start .. start + rows` of block `block` and returns its end.
-pub(crate) fn check_rows<F: Float>(
-    reader: &dyn CalibrationReader<F>,
+fn check_rows<F: Float, R: CalibrationReader<F> + ?Sized>(
+    reader: &R,
     block: usize,
     start: usize,
     rows: usize,
@@ -230,21 +254,13 @@ impl<F: Float> CalibrationReader<F> for Calibration<F> {
         self.data_free
     }
 
-    fn gather(&self, block: usize, indices: &[usize], dst: &mut Array2<F>) -> Result<()> {
-        check_request(
-            self,
-            block,
-            indices.iter().copied(),
-            indices.len(),
-            dst.dim(),
-        )?;
+    fn gather_valid(&self, block: usize, indices: &[usize], dst: &mut Array2<F>) -> Result<()> {
         gather_rows(self.inputs[block].view(), indices, dst);
         Ok(())
     }
 
-    fn rows(&self, block: usize, start: usize, rows: usize) -> Result<Array2<F>> {
-        let end = check_rows(self, block, start, rows)?;
-        Ok(self.inputs[block].slice(s![start..end, ..]).to_owned())
+    fn rows_valid(&self, block: usize, range: Range<usize>) -> Result<Array2<F>> {
+        Ok(self.inputs[block].slice(s![range, ..]).to_owned())
     }
 
     fn in_memory(&self) -> Option<&Calibration<F>> {

@@ -6,13 +6,14 @@
 //! copying a row: row `k` of the subset is row `indices[k]` of the source, in every block.
 
 use std::borrow::Cow;
+use std::ops::Range;
 
 use ndarray::Array2;
 
 use crate::foundation::error::{FipsError, Result};
 use crate::foundation::float::Float;
 use crate::foundation::slicing::s;
-use crate::math::calibration::{Calibration, CalibrationReader, check_request, check_rows};
+use crate::math::calibration::{Calibration, CalibrationReader};
 
 /// Tokens `indices` of a reader, in that order: row `k` of every block is row `indices[k]` of the
 /// source's block. Reads go to the source (positioned reads when it is a file): the subset holds
@@ -71,24 +72,16 @@ impl<F: Float> CalibrationReader<F> for RowSubset<'_, F> {
         self.source.is_data_free()
     }
 
-    fn gather(&self, block: usize, indices: &[usize], dst: &mut Array2<F>) -> Result<()> {
-        check_request(
-            self,
-            block,
-            indices.iter().copied(),
-            indices.len(),
-            dst.dim(),
-        )?;
+    fn gather_valid(&self, block: usize, indices: &[usize], dst: &mut Array2<F>) -> Result<()> {
         let mapped: Vec<usize> = indices.iter().map(|&k| self.indices[k]).collect();
         self.source.gather(block, &mapped, dst)
     }
 
     /// Each run of consecutive source rows (the kept part of a hold-out is mostly such runs) is
     /// one [`CalibrationReader::rows`] of the source: one read from a file, not one per row.
-    fn rows(&self, block: usize, start: usize, rows: usize) -> Result<Array2<F>> {
-        let end = check_rows(self, block, start, rows)?;
-        let wanted = &self.indices[start..end];
-        let mut out = Array2::zeros((rows, self.width()));
+    fn rows_valid(&self, block: usize, range: Range<usize>) -> Result<Array2<F>> {
+        let mut out = Array2::zeros((range.len(), self.width()));
+        let wanted = &self.indices[range];
         let mut k = 0;
         while let Some(&first) = wanted.get(k) {
             let len = 1 + wanted[k + 1..]
