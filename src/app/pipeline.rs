@@ -284,49 +284,52 @@ pub fn compress_group(
         .map(|&b| layout.load_block::<f32>(checkpoint, b, activation))
         .collect::<Result<Vec<_>>>()?;
     let width = dense.first().map_or(0, |m| m.width());
-    let calibration_start = Instant::now();
-    let streamed = match calibration {
-        CalibrationSource::File(file) if file.route(blocks) == CalibrationRoute::Stream => {
-            Some(file)
-        }
-        _ => None,
+    let run = GroupRun {
+        g,
+        blocks,
+        dense: &dense,
+        compressor,
+        calibration_start: Instant::now(),
     };
-    let (out, calibration_time) = if let Some(file) = streamed {
-        // Streamed: the group's inputs are read from the file a batch and a chunk at a time.
-        observer.calibration(g, 0, blocks.len());
-        let streamed = file.stream(blocks)?;
-        observer.calibration(g, blocks.len(), blocks.len());
-        let parts = StreamedGroup {
-            g,
-            blocks,
-            dense: &dense,
-            compressor,
-            calibration_start,
-        };
-        parts.compress(&streamed, validation, observer)?
-    } else {
-        let calib = group_calibration(calibration, g, blocks, width, observer)?;
-        let (calib, held_out) = match validation {
-            Validation::None => (calib, None),
-            Validation::Holdout { fraction, seed } => {
-                // The split consumes `calib` block by block: no second copy of the calibration.
-                let (train, held) = split_tokens(calib, *fraction, *seed)?;
-                (train, Some(held))
+    let (out, calibration_time) = match calibration {
+        CalibrationSource::File(file) if file.route(blocks) == CalibrationRoute::Stream => {
+            // Streamed: the group's inputs are read from the file a batch and a chunk at a time.
+            observer.calibration(g, 0, blocks.len());
+            let reader = file.stream(blocks)?;
+            observer.calibration(g, blocks.len(), blocks.len());
+            match validation {
+                Validation::None => run.compress(&reader, None, observer)?,
+                Validation::Holdout { fraction, seed } => {
+                    // Training reads the rows `split_tokens` would keep, in the same order; only
+                    // the held-out rows are read into memory, for the validation set (the same
+                    // bits as the split of the whole calibration).
+                    let (train, held) = split_reader(&reader, *fraction, *seed)?;
+                    let set = ValidationSet::from_reader(&dense, &held)?;
+                    run.compress(&train, Some(&set), observer)?
+                }
+                Validation::Source(source) => {
+                    let set = source_validation(source, g, blocks, &dense)?;
+                    run.compress(&reader, Some(&set), observer)?
+                }
             }
-            Validation::Source(source) => {
-                let held = group_calibration(source, g, blocks, width, &mut Silent)?;
-                (calib, Some(held))
+        }
+        _ => {
+            let calib = group_calibration(calibration, g, blocks, width, observer)?;
+            match validation {
+                Validation::None => run.compress(&calib, None, observer)?,
+                Validation::Holdout { fraction, seed } => {
+                    // The split consumes `calib` block by block: no second copy of the calibration.
+                    let (train, held) = split_tokens(calib, *fraction, *seed)?;
+                    let set = ValidationSet::new(&dense, &held)?;
+                    drop(held);
+                    run.compress(&train, Some(&set), observer)?
+                }
+                Validation::Source(source) => {
+                    let set = source_validation(source, g, blocks, &dense)?;
+                    run.compress(&calib, Some(&set), observer)?
+                }
             }
-        };
-        let held_out = held_out
-            .map(|held| ValidationSet::new(&dense, &held))
-            .transpose()?;
-        let calibration_time = calibration_start.elapsed();
-        observer.group_started(g, blocks, compressor.steps());
-        let out = compressor.compress_validated(&dense, &calib, held_out.as_ref(), &mut |p| {
-            observer.step(g, p)
-        })?;
-        (out, calibration_time)
+        }
     };
     observer.group_finished(g, &out.report);
     let originals = blocks
@@ -353,9 +356,9 @@ pub fn compress_group(
     })
 }
 
-/// What [`compress_group`] needs to compress a group whose calibration is a reader of an
-/// MLP-input file.
-struct StreamedGroup<'a> {
+/// One group's compression once its calibration and validation set are at hand: what
+/// [`compress_group`] does the same way for every calibration route.
+struct GroupRun<'a> {
     g: usize,
     blocks: &'a [usize],
     dense: &'a [crate::foundation::mlp::DenseMlp<f32>],
@@ -363,39 +366,21 @@ struct StreamedGroup<'a> {
     calibration_start: Instant,
 }
 
-impl StreamedGroup<'_> {
-    /// Compresses the group from `reader`, never holding its inputs whole: a hold-out takes the
-    /// rows [`split_tokens`] would keep (in the same order) as the training reader
-    /// ([`split_reader`]), and only the held-out rows are read into memory, for the
-    /// [`ValidationSet`] (the same bits as [`split_tokens`] on the whole calibration). Returns the
-    /// output and the time the calibration and validation inputs took.
+impl GroupRun<'_> {
+    /// Compresses the group from `train`, measured on `set`; returns the output and the time
+    /// the calibration and validation inputs took.
     fn compress(
         &self,
-        reader: &dyn CalibrationReader<f32>,
-        validation: &Validation<'_>,
+        train: &dyn CalibrationReader<f32>,
+        set: Option<&ValidationSet<f32>>,
         observer: &mut dyn Observer,
     ) -> Result<(MethodOutput<f32>, Duration)> {
-        let (g, blocks, dense) = (self.g, self.blocks, self.dense);
-        let mut run = |train: &dyn CalibrationReader<f32>, set: Option<&ValidationSet<f32>>| {
-            let calibration_time = self.calibration_start.elapsed();
-            observer.group_started(g, blocks, self.compressor.steps());
-            let out = self
-                .compressor
-                .compress_validated(dense, train, set, &mut |p| observer.step(g, p))?;
-            Ok((out, calibration_time))
-        };
-        match validation {
-            Validation::None => run(reader, None),
-            Validation::Holdout { fraction, seed } => {
-                let (train, held) = split_reader(reader, *fraction, *seed)?;
-                let set = ValidationSet::from_reader(dense, &held)?;
-                run(&train, Some(&set))
-            }
-            Validation::Source(source) => {
-                let set = source_validation(source, g, blocks, dense)?;
-                run(reader, Some(&set))
-            }
-        }
+        let calibration_time = self.calibration_start.elapsed();
+        observer.group_started(self.g, self.blocks, self.compressor.steps());
+        let out = self
+            .compressor
+            .compress_validated(self.dense, train, set, &mut |p| observer.step(self.g, p))?;
+        Ok((out, calibration_time))
     }
 }
 
