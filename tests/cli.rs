@@ -359,4 +359,22 @@ fn bad_input_gives_an_error_message_not_a_panic() {
     ]);
     assert!(!out.status.success());
     assert!(text(&out).contains("calibration-memory"), "{}", text(&out));
+    // A budget whose bytes overflow 64 bits is a typed error, not a wrap-around.
+    let out = fips(&[
+        "compress",
+        "--checkpoint",
+        &model.to_string_lossy(),
+        "--activations",
+        &dir.0.join("missing-acts.safetensors").to_string_lossy(),
+        "--calibration-memory",
+        "18446744073709551615",
+    ]);
+    assert!(!out.status.success());
+    let log = text(&out);
+    assert!(
+        log.contains("calibration-memory")
+            && log.contains("does not fit")
+            && !log.contains("panicked"),
+        "{log}"
+    );
 }
