@@ -20,7 +20,7 @@
 mod support;
 
 use fips::repr::sparse_blocked::KernelChoice;
-use fips::repr::sparse_mlp::CompactGroup;
+use fips::repr::sparse_mlp::{CompactGroup, ForwardBuffers};
 use fips::{Activation, DenseMlp, FipsError, GroupShape, Linear, MlpKind, rank_for_budget};
 use ndarray::{Array1, Array2};
 use rand::SeedableRng;
@@ -50,6 +50,7 @@ fn main() -> Result<()> {
         t.split(',').filter_map(|x| x.parse().ok()).collect()
     });
     let rounds: usize = args.get(3).and_then(|r| r.parse().ok()).unwrap_or(5);
+    let tiles = args.get(4).is_some_and(|a| a == "tiles");
     let (kind, act, d, i) = if big {
         (MlpKind::Gated, Activation::Silu, 4096, 11008)
     } else {
@@ -78,7 +79,11 @@ fn main() -> Result<()> {
     let factors = (0..f)
         .map(|j| {
             let (rows, cols) = if j + 1 < f { (i, rank) } else { (rank, i) };
-            support::random_quarter::<f32>(&mut rng, rows, cols)
+            if tiles {
+                support::random_quarter_tiles::<f32>(&mut rng, rows, cols)
+            } else {
+                support::random_quarter::<f32>(&mut rng, rows, cols)
+            }
         })
         .collect::<Result<Vec<_>>>()?;
     let biases = (0..f)
@@ -89,6 +94,8 @@ fn main() -> Result<()> {
     let c32v3 = c32.clone().with_kernel(KernelChoice::V3);
     let cbfv3 = cbf.clone().with_kernel(KernelChoice::V3);
     let seconds = if big { 2.0 } else { 0.4 };
+    let buf32 = std::cell::RefCell::new(ForwardBuffers::default());
+    let buf16 = std::cell::RefCell::new(ForwardBuffers::default());
     for &t in &tokens {
         let x = Array2::from_shape_vec((t, d), support::random_values::<f32>(&mut rng, t * d, 1.0))
             .map_err(|e| FipsError::Numerical(e.to_string()))?;
@@ -97,6 +104,14 @@ fn main() -> Result<()> {
             ("dense", Box::new(|| dense.forward(x).map(drop))),
             ("compact-f32", Box::new(|| c32.forward(0, x).map(drop))),
             ("compact-bf16", Box::new(|| cbf.forward(0, x).map(drop))),
+            (
+                "compact-f32-buf",
+                Box::new(|| c32.forward_with(0, x, &mut buf32.borrow_mut()).map(drop)),
+            ),
+            (
+                "compact-bf16-buf",
+                Box::new(|| cbf.forward_with(0, x, &mut buf16.borrow_mut()).map(drop)),
+            ),
         ];
         if t == 1 {
             cases.push(("compact-f32-v3", Box::new(|| c32v3.forward(0, x).map(drop))));
@@ -104,6 +119,9 @@ fn main() -> Result<()> {
                 "compact-bf16-v3",
                 Box::new(|| cbfv3.forward(0, x).map(drop)),
             ));
+        }
+        if let Ok(only) = std::env::var("FIPS_ONLY_CASE") {
+            cases.retain(|(name, _)| *name == only);
         }
         let mut per_pass: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
         for _ in 0..rounds {

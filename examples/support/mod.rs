@@ -101,3 +101,31 @@ pub fn random_quarter<S: StorageFloat>(
     let values = random_values(rng, pattern.nnz(), 1.0 / (rows as f32).sqrt());
     CompactMatrix::new(pattern, values)
 }
+
+/// A `rows × cols` compact matrix keeping whole 2×2 tiles (rows `2p, 2p + 1`, columns
+/// `2q, 2q + 1`) each with probability 1/4, values uniform in `±1/√rows`: the pattern FiPS
+/// trains with 2×2 mask tiles.
+pub fn random_quarter_tiles<S: StorageFloat>(
+    rng: &mut ChaCha8Rng,
+    rows: usize,
+    cols: usize,
+) -> Result<CompactMatrix<S>, FipsError> {
+    let row_bytes = cols.div_ceil(8);
+    let mut bits = vec![0u8; rows * row_bytes];
+    for p in 0..rows.div_ceil(2) {
+        let mut row = vec![0u8; row_bytes];
+        for q in 0..cols.div_ceil(2) {
+            if rng.next_u32() & 3 == 0 {
+                for c in 2 * q..(2 * q + 2).min(cols) {
+                    row[c / 8] |= 1 << (c % 8);
+                }
+            }
+        }
+        for i in 2 * p..(2 * p + 2).min(rows) {
+            bits[i * row_bytes..(i + 1) * row_bytes].copy_from_slice(&row);
+        }
+    }
+    let pattern = SparsePattern::from_bitmask(rows, cols, bits)?;
+    let values = random_values(rng, pattern.nnz(), 1.0 / (rows as f32).sqrt());
+    CompactMatrix::new(pattern, values)
+}

@@ -17,6 +17,7 @@ pub mod measure;
 pub mod shared_basis;
 pub mod sparse_blocked;
 pub mod sparse_mlp;
+pub mod sparse_tiled;
 
 use std::fmt;
 
