@@ -33,7 +33,15 @@ struct Rows {
 
 /// x tile-major: tile t, column c, 64 lanes.
 #[inline(always)]
-fn tiled_v4(simd: V4, m: &Tiled, x: &[f32], ncols: usize, tiles: usize, out: &mut [f32], tp: usize) {
+fn tiled_v4(
+    simd: V4,
+    m: &Tiled,
+    x: &[f32],
+    ncols: usize,
+    tiles: usize,
+    out: &mut [f32],
+    tp: usize,
+) {
     let f = simd.avx512f;
     for t in 0..tiles {
         let xt = &x[t * ncols * TT..(t + 1) * ncols * TT];
@@ -109,7 +117,14 @@ fn rows_v4(simd: V4, m: &Rows, x: &[f32], ncols: usize, tiles: usize, out: &mut 
 }
 
 #[inline(always)]
-fn tiled_gen<const NV: usize>(simd: V4, m: &Tiled, x: &[f32], ncols: usize, tp: usize, out: &mut [f32]) {
+fn tiled_gen<const NV: usize>(
+    simd: V4,
+    m: &Tiled,
+    x: &[f32],
+    ncols: usize,
+    tp: usize,
+    out: &mut [f32],
+) {
     let f = simd.avx512f;
     let w = NV * 16;
     let tiles = tp / w;
@@ -131,7 +146,9 @@ fn tiled_gen<const NV: usize>(simd: V4, m: &Tiled, x: &[f32], ncols: usize, tp: 
                 let v11 = f._mm512_set1_ps(v[3]);
                 for i in 0..NV {
                     let x0: &[f32; 16] = xs[16 * i..16 * i + 16].try_into().unwrap_or(&[0.0; 16]);
-                    let y0: &[f32; 16] = xs[w + 16 * i..w + 16 * i + 16].try_into().unwrap_or(&[0.0; 16]);
+                    let y0: &[f32; 16] = xs[w + 16 * i..w + 16 * i + 16]
+                        .try_into()
+                        .unwrap_or(&[0.0; 16]);
                     let x0: __m512 = pulp::cast(*x0);
                     let y0: __m512 = pulp::cast(*y0);
                     a[i] = f._mm512_fmadd_ps(v00, x0, a[i]);
@@ -154,7 +171,17 @@ fn tiled_gen<const NV: usize>(simd: V4, m: &Tiled, x: &[f32], ncols: usize, tp: 
 
 /// Panels of `pc` column pairs; `po[p * panels + k]` = first tile of pair p in panel k.
 #[inline(always)]
-fn tiled_panel<const NV: usize>(simd: V4, m: &Tiled, po: &[usize], panels: usize, pc: usize, x: &[f32], ncols: usize, tp: usize, out: &mut [f32]) {
+fn tiled_panel<const NV: usize>(
+    simd: V4,
+    m: &Tiled,
+    po: &[usize],
+    panels: usize,
+    pc: usize,
+    x: &[f32],
+    ncols: usize,
+    tp: usize,
+    out: &mut [f32],
+) {
     let f = simd.avx512f;
     let w = NV * 16;
     let tiles = tp / w;
@@ -169,13 +196,21 @@ fn tiled_panel<const NV: usize>(simd: V4, m: &Tiled, po: &[usize], panels: usize
                 let o1 = (2 * p + 1) * tp + t * w;
                 if k > 0 {
                     for i in 0..NV {
-                        let s0: &[f32; 16] = out[o0 + 16 * i..o0 + 16 * i + 16].try_into().unwrap_or(&[0.0; 16]);
-                        let s1: &[f32; 16] = out[o1 + 16 * i..o1 + 16 * i + 16].try_into().unwrap_or(&[0.0; 16]);
+                        let s0: &[f32; 16] = out[o0 + 16 * i..o0 + 16 * i + 16]
+                            .try_into()
+                            .unwrap_or(&[0.0; 16]);
+                        let s1: &[f32; 16] = out[o1 + 16 * i..o1 + 16 * i + 16]
+                            .try_into()
+                            .unwrap_or(&[0.0; 16]);
                         a[i] = pulp::cast(*s0);
                         b[i] = pulp::cast(*s1);
                     }
                 }
-                let end = if k + 1 < panels { po[p * panels + k + 1] } else { m.offs[p + 1] };
+                let end = if k + 1 < panels {
+                    po[p * panels + k + 1]
+                } else {
+                    m.offs[p + 1]
+                };
                 for e in po[p * panels + k]..end {
                     let c = m.cols[e] as usize;
                     let Some(xs) = xt.get(c * 2 * w..c * 2 * w + 2 * w) else {
@@ -187,8 +222,11 @@ fn tiled_panel<const NV: usize>(simd: V4, m: &Tiled, po: &[usize], panels: usize
                     let v10 = f._mm512_set1_ps(v[2]);
                     let v11 = f._mm512_set1_ps(v[3]);
                     for i in 0..NV {
-                        let x0: &[f32; 16] = xs[16 * i..16 * i + 16].try_into().unwrap_or(&[0.0; 16]);
-                        let y0: &[f32; 16] = xs[w + 16 * i..w + 16 * i + 16].try_into().unwrap_or(&[0.0; 16]);
+                        let x0: &[f32; 16] =
+                            xs[16 * i..16 * i + 16].try_into().unwrap_or(&[0.0; 16]);
+                        let y0: &[f32; 16] = xs[w + 16 * i..w + 16 * i + 16]
+                            .try_into()
+                            .unwrap_or(&[0.0; 16]);
                         let x0: __m512 = pulp::cast(*x0);
                         let y0: __m512 = pulp::cast(*y0);
                         a[i] = f._mm512_fmadd_ps(v00, x0, a[i]);
@@ -210,12 +248,20 @@ fn tiled_panel<const NV: usize>(simd: V4, m: &Tiled, po: &[usize], panels: usize
 }
 
 fn main() {
-    let a: Vec<usize> = std::env::args().skip(1).map(|s| s.parse().unwrap()).collect();
+    let a: Vec<usize> = std::env::args()
+        .skip(1)
+        .map(|s| s.parse().unwrap())
+        .collect();
     let (r, c, tp) = (a[0], a[1], a[2]);
     let tiles = tp / TT;
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     // Tiled 2x2 at density 0.25.
-    let mut t = Tiled { pairs: r / 2, offs: vec![0], cols: vec![], vals: vec![] };
+    let mut t = Tiled {
+        pairs: r / 2,
+        offs: vec![0],
+        cols: vec![],
+        vals: vec![],
+    };
     let mut dense = Array2::<f32>::zeros((r, c));
     for p in 0..r / 2 {
         for q in 0..c / 2 {
@@ -231,7 +277,12 @@ fn main() {
         }
         t.offs.push(t.cols.len());
     }
-    let mut u = Rows { rows: r, offs: vec![0], cols: vec![], vals: vec![] };
+    let mut u = Rows {
+        rows: r,
+        offs: vec![0],
+        cols: vec![],
+        vals: vec![],
+    };
     for _ in 0..r {
         for q in 0..c {
             if rng.random_bool(0.25) {
@@ -249,18 +300,33 @@ fn main() {
         }
     }
     let simd = V4::try_new().expect("avx512");
-    let mk = |w: usize| { let mut o = vec![0.0f32; c * tp]; for cc in 0..c { for tok in 0..tp { o[(tok / w) * c * w + cc * w + tok % w] = xd[[cc, tok]]; } } o };
+    let mk = |w: usize| {
+        let mut o = vec![0.0f32; c * tp];
+        for cc in 0..c {
+            for tok in 0..tp {
+                o[(tok / w) * c * w + cc * w + tok % w] = xd[[cc, tok]];
+            }
+        }
+        o
+    };
     let x128 = mk(128);
     let x192 = mk(192);
     let mut out = vec![0.0f32; r * tp];
     // check
     simd.vectorize(|| tiled_v4(simd, &t, &xt, c, tiles, &mut out, tp));
     let refm = dense.dot(&xd);
-    let err = out.iter().zip(refm.iter()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    let err = out
+        .iter()
+        .zip(refm.iter())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
     println!("max err tiled {err}");
     let nnz_t = t.vals.len() * 4;
     let nnz_u = u.vals.len();
-    let reps: usize = std::env::var("REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(300);
+    let reps: usize = std::env::var("REPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(300);
     for round in 0..3 {
         let g = |macs: usize, ns: u64| (macs * tp * reps) as f64 / ns as f64;
         let t0 = cpu_ns();
@@ -290,24 +356,44 @@ fn main() {
         }
         let t6 = cpu_ns();
         let mut pres = Vec::new();
-        for pc in std::env::var("PCS").ok().map(|s| s.split(",").map(|x| x.parse::<usize>().unwrap()).collect::<Vec<_>>()).unwrap_or(vec![16usize, 32, 48, 64, 96]) {
+        for pc in std::env::var("PCS")
+            .ok()
+            .map(|s| {
+                s.split(",")
+                    .map(|x| x.parse::<usize>().unwrap())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or(vec![16usize, 32, 48, 64, 96])
+        {
             let panels = (c / 2).div_ceil(pc);
             let mut po = vec![0usize; t.pairs * panels];
             for p in 0..t.pairs {
                 for k in 0..panels {
-                    po[p * panels + k] = t.offs[p] + t.cols[t.offs[p]..t.offs[p + 1]].iter().filter(|&&q| (q as usize) < k * pc).count();
+                    po[p * panels + k] = t.offs[p]
+                        + t.cols[t.offs[p]..t.offs[p + 1]]
+                            .iter()
+                            .filter(|&&q| (q as usize) < k * pc)
+                            .count();
                 }
             }
             let s0 = cpu_ns();
             for _ in 0..reps {
-                simd.vectorize(|| tiled_panel::<4>(simd, &t, &po, panels, pc, &xt, c, tp, &mut out));
+                simd.vectorize(|| {
+                    tiled_panel::<4>(simd, &t, &po, panels, pc, &xt, c, tp, &mut out)
+                });
             }
             let s1 = cpu_ns();
             for _ in 0..reps {
-                simd.vectorize(|| tiled_panel::<8>(simd, &t, &po, panels, pc, &x128, c, tp, &mut out));
+                simd.vectorize(|| {
+                    tiled_panel::<8>(simd, &t, &po, panels, pc, &x128, c, tp, &mut out)
+                });
             }
             let s2 = cpu_ns();
-            pres.push(format!("pc{pc}: {:.1}/{:.1}", g(nnz_t, s1 - s0), g(nnz_t, s2 - s1)));
+            pres.push(format!(
+                "pc{pc}: {:.1}/{:.1}",
+                g(nnz_t, s1 - s0),
+                g(nnz_t, s2 - s1)
+            ));
         }
         println!(
             "round {round}: tiled {:.1} GMAC/s ({:.3} ms), rows {:.1} GMAC/s ({:.3} ms), sgemm {:.1} GMAC/s ({:.3} ms)",
@@ -319,6 +405,11 @@ fn main() {
             (t3 - t2) as f64 / reps as f64 / 1e6
         );
         println!("   {}", pres.join("  "));
-        println!("   gen4 {:.1} gen8 {:.1} gen12 {:.1}", g(nnz_t, t4 - t3), g(nnz_t, t5 - t4), g(nnz_t, t6 - t5));
+        println!(
+            "   gen4 {:.1} gen8 {:.1} gen12 {:.1}",
+            g(nnz_t, t4 - t3),
+            g(nnz_t, t5 - t4),
+            g(nnz_t, t6 - t5)
+        );
     }
 }

@@ -549,7 +549,11 @@ impl<S: StorageFloat> CompactGroup<S> {
         let ct = ArrayView2::from_shape((r, tp), &ct[..])
             .map_err(|e| FipsError::Numerical(format!("token-minor buffer: {e}")))?;
         let mut y = Array2::<f32>::zeros((t, d));
-        self.times_basis_t(ct.slice_axis(Axis(1), Slice::from(..t)), y.view_mut(), panel);
+        self.times_basis_t(
+            ct.slice_axis(Axis(1), Slice::from(..t)),
+            y.view_mut(),
+            panel,
+        );
         if let Some(b) = &self.biases[jd] {
             for mut row in y.rows_mut() {
                 for (y, b) in row.iter_mut().zip(b) {
@@ -574,7 +578,9 @@ impl<S: StorageFloat> CompactGroup<S> {
             Factor::Blocked(b, _) => {
                 spmm_blocked(b, x, tp, out, bias, self.threads, self.kernel, inputs);
             }
-            Factor::Tiled(m, _) => spmm_tiled(m, x, tp, out, bias, self.threads, inputs),
+            Factor::Tiled(m, _) => {
+                spmm_tiled(m, x, tp, out, bias, self.threads, self.kernel, inputs);
+            }
             Factor::Rows(m) => spmm(m, x, tp, out, bias, self.threads),
         }
     }
@@ -1002,12 +1008,15 @@ pub(crate) fn spmm_tiled<S: StorageFloat>(
     out: &mut [f32],
     bias: Option<&[S]>,
     threads: usize,
+    kernel: KernelChoice,
     inputs: &mut Vec<f32>,
 ) {
     let pairs = m.pairs();
     let tiles = m.pair_tiles(0..pairs);
     let work = tiles.saturating_mul(4 * tp).max(m.rows() * tp);
-    let parts = threads.min(work / MIN_WORK_PER_THREAD).clamp(1, pairs.max(1));
+    let parts = threads
+        .min(work / MIN_WORK_PER_THREAD)
+        .clamp(1, pairs.max(1));
     let mut bounds = vec![0usize];
     for p in 1..parts {
         let target = tiles / parts * p;
@@ -1037,6 +1046,7 @@ pub(crate) fn spmm_tiled<S: StorageFloat>(
             out,
             bias,
             pairs,
+            kernel,
         });
     };
     run_parts(chunks, run);
@@ -1050,6 +1060,7 @@ struct TiledPairs<'a, S> {
     out: &'a mut [f32],
     bias: Option<&'a [S]>,
     pairs: Range<usize>,
+    kernel: KernelChoice,
 }
 
 impl<S: StorageFloat> pulp::WithSimd for TiledPairs<'_, S> {
@@ -1064,11 +1075,12 @@ impl<S: StorageFloat> pulp::WithSimd for TiledPairs<'_, S> {
             out,
             bias,
             pairs,
+            kernel,
         } = self;
         if std::any::TypeId::of::<V>() == std::any::TypeId::of::<pulp::Scalar>() {
-            tiled_rows::<S, false>(m, x, tp, out, bias, pairs);
+            tiled_rows::<S, false>(m, x, tp, out, bias, pairs, kernel);
         } else {
-            tiled_rows::<S, true>(m, x, tp, out, bias, pairs);
+            tiled_rows::<S, true>(m, x, tp, out, bias, pairs, kernel);
         }
     }
 }
@@ -1468,16 +1480,21 @@ mod tests {
                                 rng.random_bool(0.25)
                             });
                         let mask = Array2::from_shape_fn((r, i), |(a, b)| keep[[a / 2, b / 2]]);
-                        let v = Array2::from_shape_simple_fn((r, i), || rng.random_range(-1.0f32..1.0));
+                        let v =
+                            Array2::from_shape_simple_fn((r, i), || rng.random_range(-1.0f32..1.0));
                         SparseFactor::new(v, mask).unwrap()
                     })
                     .collect();
                 let biases = (0..f * n).map(|_| None).collect();
-                let g = CompressedGroup::new(kind, act, SharedBasis::new(u).unwrap(), factors, biases)
-                    .unwrap();
+                let g =
+                    CompressedGroup::new(kind, act, SharedBasis::new(u).unwrap(), factors, biases)
+                        .unwrap();
                 let compact = CompactGroup::<f32>::from_group(&g).unwrap();
                 assert!(
-                    compact.factors.iter().all(|f| matches!(f, Factor::Tiled(..))),
+                    compact
+                        .factors
+                        .iter()
+                        .all(|f| matches!(f, Factor::Tiled(..))),
                     "whole 2×2 tiles take the tiled layout"
                 );
                 assert_eq!(compact.to_group().unwrap(), g, "exact round trip");
@@ -1512,7 +1529,16 @@ mod tests {
             let kernels = [KernelChoice::Auto, KernelChoice::V3, KernelChoice::Generic];
             for (threads, kernel) in [1, 3].into_iter().flat_map(|n| kernels.map(|k| (n, k))) {
                 let mut out = vec![f32::NAN; rows * tp];
-                spmm_blocked(&b, &x, tp, &mut out, Some(&bias), threads, kernel, &mut vec![f32::NAN; 7]);
+                spmm_blocked(
+                    &b,
+                    &x,
+                    tp,
+                    &mut out,
+                    Some(&bias),
+                    threads,
+                    kernel,
+                    &mut vec![f32::NAN; 7],
+                );
                 for i in 0..rows {
                     for l in 0..t {
                         let want = f64::from(bias[i].to_f32())

@@ -19,9 +19,29 @@ use std::ops::Range;
 
 use crate::foundation::error::Result;
 use crate::repr::compact::{CompactMatrix, SparsePattern, StorageFloat};
+use crate::repr::sparse_blocked::KernelChoice;
 
-/// Tokens per window of the multi-token kernel (four 16-lane vectors per output row).
-const WINDOW: usize = 64;
+/// Most 16-token vectors per window: a window's two output rows take four chains of this many
+/// 16-lane registers (24 of 32 with AVX-512), plus two inputs and four broadcast values.
+const MAX_WINDOW_VECTORS: usize = 6;
+
+/// The token windows `(start, width)` of `tp` tokens (a multiple of 16): windows of four
+/// vectors (64 tokens) while more than six vectors remain, then one of the rest (four to six
+/// vectors, or the whole of fewer than four), so that no short window re-reads every value for a
+/// few tokens.
+fn windows(tp: usize) -> impl Iterator<Item = (usize, usize)> {
+    let mut start = 0;
+    std::iter::from_fn(move || {
+        let left = (tp - start) / 16;
+        if left == 0 {
+            return None;
+        }
+        let n = if left > MAX_WINDOW_VECTORS { 4 } else { left };
+        let window = (start, 16 * n);
+        start += 16 * n;
+        Some(window)
+    })
+}
 
 /// A sparse matrix stored as kept 2×2 tiles, row pair by row pair.
 #[derive(Debug, Clone, PartialEq)]
@@ -149,8 +169,8 @@ impl<S: StorageFloat> TiledMatrix<S> {
     }
 }
 
-/// Token-minor `x` (`cols × tp`) rearranged window-major for [`tiled_rows`]: windows of
-/// [`WINDOW`] tokens (the last one 16, 32 or 48 wide), window `k` starting at
+/// Token-minor `x` (`cols × tp`) rearranged window-major for [`tiled_rows`]: the windows of
+/// [`windows`], window `k` starting at
 /// `start_k · cols'` with `x[c, start_k + l]` at `c · w_k + l`; `cols'` is `cols` rounded up to
 /// even, the padding row zero. One token (`tp = 1`) is `x` padded to `cols'`. Written into
 /// `out` (grown as needed; its first `cols' · tp` values are all rewritten).
@@ -164,22 +184,21 @@ pub(crate) fn window_major(x: &[f32], cols: usize, tp: usize, out: &mut Vec<f32>
         out[cols..even].fill(0.0);
         return;
     }
-    let mut start = 0;
-    while start < tp {
-        let w = WINDOW.min(tp - start);
+    for (start, w) in windows(tp) {
         let base = start * even;
         for (c, row) in x.chunks_exact(tp).enumerate().take(cols) {
             out[base + c * w..base + c * w + w].copy_from_slice(&row[start..start + w]);
         }
         out[base + cols * w..base + even * w].fill(0.0);
-        start += w;
     }
 }
 
 /// `out[i, :] = bias[i] + Σ_c m[i, c] x[c, :]` for the rows of the row pairs `pairs` (`out`
 /// starts at row `2 · pairs.start`, token-minor `rows × tp`), `x` from [`window_major`], `tp` = 1
 /// or a multiple of 16. Fused multiply-adds when `FUSED` (the vector paths), plain ones
-/// otherwise (the scalar fallback, where a fused multiply-add is a library call).
+/// otherwise (the scalar fallback, where a fused multiply-add is a library call). Several
+/// tokens run the AVX-512 kernel where the processor has it and `kernel` is
+/// [`KernelChoice::Auto`], the portable one otherwise; both give the same bits.
 ///
 /// Token windows outermost, row pairs within: a window's inputs (`4 · cols · 64` bytes) are
 /// read from the second-level cache by every pair. (Walking column panels with the windows
@@ -193,6 +212,7 @@ pub(crate) fn tiled_rows<S: StorageFloat, const FUSED: bool>(
     out: &mut [f32],
     bias: Option<&[S]>,
     pairs: Range<usize>,
+    kernel: KernelChoice,
 ) {
     let first_row = 2 * pairs.start;
     let madd = |a: f32, b: f32, c: f32| if FUSED { a.mul_add(b, c) } else { a * b + c };
@@ -244,9 +264,13 @@ pub(crate) fn tiled_rows<S: StorageFloat, const FUSED: bool>(
         return;
     }
     let even = m.cols.next_multiple_of(2);
-    let mut start = 0;
-    while start < tp {
-        let w = WINDOW.min(tp - start);
+    #[cfg(target_arch = "x86_64")]
+    let v4 = if FUSED && kernel == KernelChoice::Auto {
+        pulp::x86::V4::try_new()
+    } else {
+        None
+    };
+    for (start, w) in windows(tp) {
         let xw = &x[start * even..(start + w) * even];
         let window = Window {
             m,
@@ -259,22 +283,21 @@ pub(crate) fn tiled_rows<S: StorageFloat, const FUSED: bool>(
             pairs: pairs.clone(),
         };
         #[cfg(target_arch = "x86_64")]
-        if FUSED
-            && w == WINDOW
-            && let Some(simd) = pulp::x86::V4::try_new()
-        {
-            window.run_v4(simd);
-            start += w;
+        if let Some(simd) = v4 {
+            match w / 16 {
+                1 => window.run_v4::<1>(simd),
+                2 => window.run_v4::<2>(simd),
+                3 => window.run_v4::<3>(simd),
+                4 => window.run_v4::<4>(simd),
+                5 => window.run_v4::<5>(simd),
+                _ => window.run_v4::<6>(simd),
+            }
             continue;
         }
-        match w / 16 {
-            1 => window.run::<1, FUSED>(),
-            2 => window.run::<2, FUSED>(),
-            3 => window.run::<3, FUSED>(),
-            _ => window.run::<4, FUSED>(),
-        }
-        start += w;
+        window.run::<FUSED>();
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = kernel;
 }
 
 /// One token window of [`tiled_rows`].
@@ -290,13 +313,12 @@ struct Window<'a, S> {
 }
 
 impl<S: StorageFloat> Window<'_, S> {
-    /// [`Window::run`] for a full window on AVX-512: each row's 64 sums in two chains of four
-    /// registers (sixteen in all), each input vector loaded once for two fused multiply-adds
-    /// (the generic version's nested arrays were kept in memory by LLVM at this width). Same
-    /// sums in the same order.
+    /// [`Window::run`] on AVX-512 for a window of `NV` vectors: each row's sums in two chains
+    /// of `NV` registers, each input vector loaded once for two fused multiply-adds. Same sums
+    /// in the same order.
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    fn run_v4(self, simd: pulp::x86::V4) {
+    fn run_v4<const NV: usize>(self, simd: pulp::x86::V4) {
         use std::arch::x86_64::__m512;
         let Window {
             m,
@@ -320,11 +342,12 @@ impl<S: StorageFloat> Window<'_, S> {
                 let z0 = f._mm512_set1_ps(b(i0));
                 let z1 = f._mm512_set1_ps(if i1 < m.rows { b(i1) } else { 0.0 });
                 let zero = f._mm512_setzero_ps();
-                let (mut a, mut a_odd) = ([z0; 4], [zero; 4]);
-                let (mut c, mut c_odd) = ([z1; 4], [zero; 4]);
+                let (mut a, mut a_odd) = ([z0; NV], [zero; NV]);
+                let (mut c, mut c_odd) = ([z1; NV], [zero; NV]);
+                let w = 16 * NV;
                 for t in m.offsets[p]..m.offsets[p + 1] {
                     let q = 2 * usize::from(m.columns[t]);
-                    let Some(xs) = x.get(q * WINDOW..q * WINDOW + 2 * WINDOW) else {
+                    let Some(xs) = x.get(q * w..q * w + 2 * w) else {
                         continue;
                     };
                     let v = m.values[t];
@@ -332,34 +355,33 @@ impl<S: StorageFloat> Window<'_, S> {
                     let v1 = f._mm512_set1_ps(v[1].to_f32());
                     let v2 = f._mm512_set1_ps(v[2].to_f32());
                     let v3 = f._mm512_set1_ps(v[3].to_f32());
-                    for k in 0..4 {
+                    for k in 0..NV {
                         let x0 = load(&xs[16 * k..16 * k + 16]);
-                        let x1 = load(&xs[WINDOW + 16 * k..WINDOW + 16 * k + 16]);
+                        let x1 = load(&xs[w + 16 * k..w + 16 * k + 16]);
                         a[k] = f._mm512_fmadd_ps(v0, x0, a[k]);
                         a_odd[k] = f._mm512_fmadd_ps(v1, x1, a_odd[k]);
                         c[k] = f._mm512_fmadd_ps(v2, x0, c[k]);
                         c_odd[k] = f._mm512_fmadd_ps(v3, x1, c_odd[k]);
                     }
                 }
-                for k in 0..4 {
-                    a[k] = f._mm512_add_ps(a[k], a_odd[k]);
-                    c[k] = f._mm512_add_ps(c[k], c_odd[k]);
-                }
                 let o0 = (i0 - first_row) * tp + start;
-                let ra: [f32; WINDOW] = pulp::cast(a);
-                out[o0..o0 + WINDOW].copy_from_slice(&ra);
-                if i1 < m.rows {
-                    let o1 = (i1 - first_row) * tp + start;
-                    let rc: [f32; WINDOW] = pulp::cast(c);
-                    out[o1..o1 + WINDOW].copy_from_slice(&rc);
+                let o1 = (i1 - first_row) * tp + start;
+                for k in 0..NV {
+                    let ra: [f32; 16] = pulp::cast(f._mm512_add_ps(a[k], a_odd[k]));
+                    out[o0 + 16 * k..o0 + 16 * k + 16].copy_from_slice(&ra);
+                    if i1 < m.rows {
+                        let rc: [f32; 16] = pulp::cast(f._mm512_add_ps(c[k], c_odd[k]));
+                        out[o1 + 16 * k..o1 + 16 * k + 16].copy_from_slice(&rc);
+                    }
                 }
             }
         });
     }
 
-    /// `NV` vectors of 16 tokens per output row, two chains per row.
+    /// The window 16 tokens at a time (one vector per chain), two chains per row: the
+    /// portable path (nested accumulator arrays wider than this were kept in memory by LLVM).
     #[inline(always)]
-    fn run<const NV: usize, const FUSED: bool>(self) {
+    fn run<const FUSED: bool>(self) {
         let Window {
             m,
             x,
@@ -370,47 +392,42 @@ impl<S: StorageFloat> Window<'_, S> {
             bias,
             pairs,
         } = self;
-        let w = 16 * NV;
+        let w = x.len() / m.cols.next_multiple_of(2);
         let madd = |a: f32, b: f32, c: f32| if FUSED { a.mul_add(b, c) } else { a * b + c };
         let b = |i: usize| bias.map_or(0.0, |b| b[i].to_f32());
-        for p in pairs {
-            let (i0, i1) = (2 * p, 2 * p + 1);
-            let mut a0 = [[b(i0); 16]; NV];
-            let mut a1 = [[if i1 < m.rows { b(i1) } else { 0.0 }; 16]; NV];
-            let mut a0_odd = [[0.0f32; 16]; NV];
-            let mut a1_odd = [[0.0f32; 16]; NV];
-            for t in m.offsets[p]..m.offsets[p + 1] {
-                let c = 2 * usize::from(m.columns[t]);
-                let Some(xs) = x.get(c * w..c * w + 2 * w) else {
-                    continue;
-                };
-                let (x0, x1) = xs.split_at(w);
-                let v = m.values[t];
-                let (v0, v1, v2, v3) = (v[0].to_f32(), v[1].to_f32(), v[2].to_f32(), v[3].to_f32());
-                for k in 0..NV {
+        for slice in 0..w / 16 {
+            for p in pairs.clone() {
+                let (i0, i1) = (2 * p, 2 * p + 1);
+                let mut a0 = [b(i0); 16];
+                let mut a1 = [if i1 < m.rows { b(i1) } else { 0.0 }; 16];
+                let (mut a0_odd, mut a1_odd) = ([0.0f32; 16], [0.0f32; 16]);
+                for t in m.offsets[p]..m.offsets[p + 1] {
+                    let c = 2 * usize::from(m.columns[t]);
+                    let (Some(x0), Some(x1)) = (
+                        x.get(c * w + 16 * slice..c * w + 16 * slice + 16),
+                        x.get((c + 1) * w + 16 * slice..(c + 1) * w + 16 * slice + 16),
+                    ) else {
+                        continue;
+                    };
+                    let v = m.values[t];
+                    let (v0, v1, v2, v3) =
+                        (v[0].to_f32(), v[1].to_f32(), v[2].to_f32(), v[3].to_f32());
                     for l in 0..16 {
-                        let (p0, p1) = (x0[16 * k + l], x1[16 * k + l]);
-                        a0[k][l] = madd(v0, p0, a0[k][l]);
-                        a0_odd[k][l] = madd(v1, p1, a0_odd[k][l]);
-                        a1[k][l] = madd(v2, p0, a1[k][l]);
-                        a1_odd[k][l] = madd(v3, p1, a1_odd[k][l]);
+                        a0[l] = madd(v0, x0[l], a0[l]);
+                        a0_odd[l] = madd(v1, x1[l], a0_odd[l]);
+                        a1[l] = madd(v2, x0[l], a1[l]);
+                        a1_odd[l] = madd(v3, x1[l], a1_odd[l]);
                     }
                 }
-            }
-            for k in 0..NV {
+                let o0 = (i0 - first_row) * tp + start + 16 * slice;
                 for l in 0..16 {
-                    a0[k][l] += a0_odd[k][l];
-                    a1[k][l] += a1_odd[k][l];
+                    out[o0 + l] = a0[l] + a0_odd[l];
                 }
-            }
-            let o0 = (i0 - first_row) * tp + start;
-            for k in 0..NV {
-                out[o0 + 16 * k..o0 + 16 * k + 16].copy_from_slice(&a0[k]);
-            }
-            if i1 < m.rows {
-                let o1 = (i1 - first_row) * tp + start;
-                for k in 0..NV {
-                    out[o1 + 16 * k..o1 + 16 * k + 16].copy_from_slice(&a1[k]);
+                if i1 < m.rows {
+                    let o1 = (i1 - first_row) * tp + start + 16 * slice;
+                    for l in 0..16 {
+                        out[o1 + l] = a1[l] + a1_odd[l];
+                    }
                 }
             }
         }
@@ -476,8 +493,12 @@ mod tests {
         assert_eq!(t.nnz(), m.nnz());
         assert_eq!(t.to_compact().unwrap(), m, "round trip {rows}×{cols}");
         let mut rng = ChaCha8Rng::seed_from_u64(seed + 7);
-        let x: Vec<f32> = (0..cols * tp).map(|_| rng.random_range(-1.0..1.0)).collect();
-        let bias_s: Vec<S> = (0..rows).map(|i| S::from_f32((i as f32 * 0.3).sin())).collect();
+        let x: Vec<f32> = (0..cols * tp)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        let bias_s: Vec<S> = (0..rows)
+            .map(|i| S::from_f32((i as f32 * 0.3).sin()))
+            .collect();
         let bias: Vec<f32> = bias_s.iter().map(|b| b.to_f32()).collect();
         let want = reference(&widened, &x, tp, &bias);
         let xw = windows(&x, cols, tp);
@@ -485,9 +506,25 @@ mod tests {
             let mut out = vec![f32::NAN; rows * tp];
             let pairs = 0..t.pairs();
             if fused {
-                tiled_rows::<S, true>(&t, &xw, tp, &mut out, Some(&bias_s), pairs);
+                tiled_rows::<S, true>(
+                    &t,
+                    &xw,
+                    tp,
+                    &mut out,
+                    Some(&bias_s),
+                    pairs,
+                    KernelChoice::Auto,
+                );
             } else {
-                tiled_rows::<S, false>(&t, &xw, tp, &mut out, Some(&bias_s), pairs);
+                tiled_rows::<S, false>(
+                    &t,
+                    &xw,
+                    tp,
+                    &mut out,
+                    Some(&bias_s),
+                    pairs,
+                    KernelChoice::Auto,
+                );
             }
             for (k, (&o, &w)) in out.iter().zip(&want).enumerate() {
                 assert!(
@@ -522,18 +559,38 @@ mod tests {
         let x: Vec<f32> = (0..70 * tp).map(|_| rng.random_range(-1.0..1.0)).collect();
         let mut out = vec![0.0f32; 96 * tp];
         let xw = windows(&x, 70, tp);
-        tiled_rows::<f32, true>(&t, &xw, tp, &mut out, None, 0..t.pairs());
+        tiled_rows::<f32, true>(
+            &t,
+            &xw,
+            tp,
+            &mut out,
+            None,
+            0..t.pairs(),
+            KernelChoice::Auto,
+        );
+        // The portable kernel (forced where AVX-512 exists) gives the same bits.
+        let mut portable = vec![0.0f32; 96 * tp];
+        tiled_rows::<f32, true>(
+            &t,
+            &xw,
+            tp,
+            &mut portable,
+            None,
+            0..t.pairs(),
+            KernelChoice::Generic,
+        );
+        assert_eq!(out, portable);
         // Two parts of the row pairs write the same values as one.
         let mut split = vec![0.0f32; 96 * tp];
         let (head, tail) = split.split_at_mut(40 * tp);
-        tiled_rows::<f32, true>(&t, &xw, tp, head, None, 0..20);
-        tiled_rows::<f32, true>(&t, &xw, tp, tail, None, 20..t.pairs());
+        tiled_rows::<f32, true>(&t, &xw, tp, head, None, 0..20, KernelChoice::Auto);
+        tiled_rows::<f32, true>(&t, &xw, tp, tail, None, 20..t.pairs(), KernelChoice::Auto);
         assert_eq!(out, split);
         for tok in [0, 63, 64, 200] {
             let col: Vec<f32> = (0..70).map(|c| x[c * tp + tok]).collect();
             let mut one = vec![0.0f32; 96];
             let xo = windows(&col, 70, 1);
-            tiled_rows::<f32, true>(&t, &xo, 1, &mut one, None, 0..t.pairs());
+            tiled_rows::<f32, true>(&t, &xo, 1, &mut one, None, 0..t.pairs(), KernelChoice::Auto);
             let got: Vec<f32> = (0..96).map(|i| out[i * tp + tok]).collect();
             assert_eq!(one, got, "token {tok}");
         }
@@ -547,7 +604,10 @@ mod tests {
         mask[[1, 0]] = true;
         let values = Array2::from_elem((4, 4), 1.0f32);
         let m = CompactMatrix::<f32>::from_dense(values.view(), mask.view()).unwrap();
-        assert!(TiledMatrix::from_compact(&m).is_none(), "three of a tile's four");
+        assert!(
+            TiledMatrix::from_compact(&m).is_none(),
+            "three of a tile's four"
+        );
         mask[[1, 1]] = true;
         let m = CompactMatrix::<f32>::from_dense(values.view(), mask.view()).unwrap();
         assert!(TiledMatrix::from_compact(&m).is_some());
