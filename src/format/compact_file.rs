@@ -51,7 +51,7 @@ use crate::repr::compact::{
 };
 use crate::repr::low_rank::{LowRankGroup, LowRankMatrix};
 use crate::repr::shared_basis::CompressedGroup;
-use crate::repr::sparse_mlp::CompactGroup;
+use crate::repr::sparse_mlp::{CompactGroup, ForwardBuffers};
 
 /// The header metadata key holding the format version (`"3"`).
 pub const FORMAT_VERSION_KEY: &str = "fips.format_version";
@@ -207,6 +207,16 @@ impl AnyCompactGroup {
     /// Block `block`'s output for `x` (`[tokens, d]`), from the compact form.
     pub fn forward(&self, block: usize, x: ArrayView2<'_, f32>) -> Result<Array2<f32>> {
         each!(self, g => g.forward(block, x))
+    }
+
+    /// [`AnyCompactGroup::forward`] reusing `buffers` (see [`CompactGroup::forward_with`]).
+    pub fn forward_with(
+        &self,
+        block: usize,
+        x: ArrayView2<'_, f32>,
+        buffers: &mut ForwardBuffers,
+    ) -> Result<Array2<f32>> {
+        each!(self, g => g.forward_with(block, x, buffers))
     }
 
     /// The group widened to `f32` (exact).

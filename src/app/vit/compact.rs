@@ -10,6 +10,7 @@ use ndarray::{Array2, ArrayView2, Axis};
 use super::VisionTransformer;
 use crate::format::checkpoint::Checkpoint;
 use crate::format::compact_file::{AnyCompactGroup, CompactBlocks, CompactModel};
+use crate::repr::sparse_mlp::ForwardBuffers;
 use crate::foundation::activation::Activation;
 use crate::foundation::error::{FipsError, Result, invalid};
 use crate::foundation::mlp::DenseMlp;
@@ -41,13 +42,15 @@ impl BlockMlp {
                 if x.nrows() <= COMPACT_TOKENS {
                     return group.forward(*position, x);
                 }
-                // Bounded scratch: the compact forward holds `(2r + f I)` floats per token.
+                // Bounded scratch: the compact forward holds about `(2r + 2 f I)` floats per
+                // token, reused from chunk to chunk.
                 let mut out = Array2::zeros(x.raw_dim());
+                let mut buffers = ForwardBuffers::default();
                 for (xc, mut oc) in x
                     .axis_chunks_iter(Axis(0), COMPACT_TOKENS)
                     .zip(out.axis_chunks_iter_mut(Axis(0), COMPACT_TOKENS))
                 {
-                    oc.assign(&group.forward(*position, xc)?);
+                    oc.assign(&group.forward_with(*position, xc, &mut buffers)?);
                 }
                 Ok(out)
             }
