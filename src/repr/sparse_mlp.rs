@@ -1498,6 +1498,14 @@ mod tests {
                     "whole 2×2 tiles take the tiled layout"
                 );
                 assert_eq!(compact.to_group().unwrap(), g, "exact round trip");
+                let mut buffers = ForwardBuffers::default();
+                for t in [200, 1, 33] {
+                    let x = Array2::from_shape_simple_fn((t, d), || rng.random_range(-1.0f32..1.0));
+                    assert_eq!(
+                        compact.forward_with(0, x.view(), &mut buffers).unwrap(),
+                        compact.forward(0, x.view()).unwrap()
+                    );
+                }
                 check_forward::<f32>(&g, 1e-5);
                 check_forward::<half::bf16>(&g, 1e-5);
             }
@@ -1653,6 +1661,69 @@ mod tests {
         let g = random_group(MlpKind::Gated, Activation::Silu, (64, 300, 700, 1), 0.25, 5);
         check_forward::<f32>(&g, 1e-5);
         check_forward::<half::bf16>(&g, 1e-5);
+    }
+
+    #[test]
+    fn tiled_products_split_over_threads_give_the_same_bits() {
+        let mut rng = ChaCha8Rng::seed_from_u64(21);
+        let (rows, cols) = (701usize, 300usize);
+        let keep =
+            Array2::from_shape_simple_fn((rows.div_ceil(2), cols / 2), || rng.random_bool(0.25));
+        let mask = Array2::from_shape_fn((rows, cols), |(i, c)| keep[[i / 2, c / 2]]);
+        let v = Array2::from_shape_simple_fn((rows, cols), || rng.random_range(-1.0f32..1.0));
+        let m = CompactMatrix::<f32>::from_dense(v.view(), mask.view()).unwrap();
+        let t = TiledMatrix::from_compact(&m).unwrap();
+        for tp in [1, 80] {
+            let x: Vec<f32> = (0..cols * tp)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            let bias: Vec<f32> = (0..rows).map(|i| i as f32 * 0.01).collect();
+            let run = |threads: usize| {
+                let mut out = vec![f32::NAN; rows * tp];
+                let mut inputs = Vec::new();
+                spmm_tiled(
+                    &t,
+                    &x,
+                    tp,
+                    &mut out,
+                    Some(&bias),
+                    threads,
+                    KernelChoice::Auto,
+                    &mut inputs,
+                );
+                out
+            };
+            let one = run(1);
+            assert!(one.iter().all(|v| v.is_finite()));
+            assert_eq!(one, run(3), "{tp} tokens");
+        }
+    }
+
+    #[test]
+    fn reused_buffers_give_the_bits_of_fresh_ones() {
+        // Buffers grown by a large call and left holding its values serve smaller and larger
+        // calls, blocked and tiled, f32 and bf16, exactly as fresh scratch does.
+        let g = random_group(MlpKind::Gated, Activation::Silu, (24, 37, 50, 2), 0.25, 8);
+        let c32 = CompactGroup::<f32>::from_group(&g).unwrap();
+        let cbf = CompactGroup::<half::bf16>::from_group(&g).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(12);
+        let mut b32 = ForwardBuffers::default();
+        let mut bbf = ForwardBuffers::default();
+        assert!(b32.is_empty());
+        for (t, block) in [(70, 0), (1, 1), (17, 0), (208, 1), (3, 1), (64, 0)] {
+            let x = Array2::from_shape_simple_fn((t, 24), || rng.random_range(-1.0f32..1.0));
+            assert_eq!(
+                c32.forward_with(block, x.view(), &mut b32).unwrap(),
+                c32.forward(block, x.view()).unwrap(),
+                "f32, {t} tokens"
+            );
+            assert_eq!(
+                cbf.forward_with(block, x.view(), &mut bbf).unwrap(),
+                cbf.forward(block, x.view()).unwrap(),
+                "bf16, {t} tokens"
+            );
+        }
+        assert!(!b32.is_empty());
     }
 
     #[test]

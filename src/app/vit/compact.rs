@@ -10,10 +10,10 @@ use ndarray::{Array2, ArrayView2, Axis};
 use super::VisionTransformer;
 use crate::format::checkpoint::Checkpoint;
 use crate::format::compact_file::{AnyCompactGroup, CompactBlocks, CompactModel};
-use crate::repr::sparse_mlp::ForwardBuffers;
 use crate::foundation::activation::Activation;
 use crate::foundation::error::{FipsError, Result, invalid};
 use crate::foundation::mlp::DenseMlp;
+use crate::repr::sparse_mlp::ForwardBuffers;
 
 /// Tokens per call of a compact block's forward pass (a compact block's input is split into
 /// chunks of this many rows, bounding its scratch to about `(2r + f I) · 512` floats).
