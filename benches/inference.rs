@@ -9,8 +9,10 @@
 //!   the time.
 //!
 //! Each shape runs `dense` (the crate's `DenseMlp::forward`, f32 BLAS), `compact-f32` and
-//! `compact-bf16` (`CompactGroup::forward`, values and basis stored as f32 or bf16). Weights are
-//! random; masks keep each entry with probability 1 − s. Throughput is in bytes of weights read
+//! `compact-bf16` (`CompactGroup::forward_with`, reusing its buffers, values and basis stored as
+//! f32 or bf16), and `compact-tiled-{f32,bf16}`: the same with masks kept in whole 2×2 tiles
+//! (FiPS with `--mask-tiles 2x2`), which take the tiled layout. Weights are random; masks keep
+//! each entry (or tile) with probability 1 − s. Throughput is in bytes of weights read
 //! per pass (dense: the three or two matrices and biases; compact: the basis twice, the block's
 //! values, patterns and biases), so criterion's GiB/s is directly comparable with:
 //! - `machine/read-bandwidth`: summing a 512 MiB buffer over the same threads;
@@ -31,7 +33,7 @@ mod support;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use fips::repr::sparse_blocked::KernelChoice;
-use fips::repr::sparse_mlp::CompactGroup;
+use fips::repr::sparse_mlp::{CompactGroup, ForwardBuffers};
 use fips::{
     Activation, DenseMlp, GroupShape, Linear, MlpKind, nonzeros_for_sparsity, rank_for_budget,
 };
@@ -67,16 +69,17 @@ fn dense_block(rng: &mut ChaCha8Rng, s: &Shape) -> DenseMlp<f32> {
     .expect("dense block")
 }
 
-fn compact_block(rng: &mut ChaCha8Rng, s: &Shape, rank: usize) -> CompactGroup<f32> {
+fn compact_block(rng: &mut ChaCha8Rng, s: &Shape, rank: usize, tiles: bool) -> CompactGroup<f32> {
     let (d, i) = (s.width, s.intermediate);
     let basis = support::random_values::<f32>(rng, d * rank, 1.0 / (d as f32).sqrt());
     let f = s.kind.matrices_per_block();
     let factors: Vec<_> = (0..f)
         .map(|j| {
-            if j + 1 < f {
-                support::random_quarter::<f32>(rng, i, rank).expect("valid bitmask")
+            let (rows, cols) = if j + 1 < f { (i, rank) } else { (rank, i) };
+            if tiles {
+                support::random_quarter_tiles::<f32>(rng, rows, cols).expect("valid bitmask")
             } else {
-                support::random_quarter::<f32>(rng, rank, i).expect("valid bitmask")
+                support::random_quarter::<f32>(rng, rows, cols).expect("valid bitmask")
             }
         })
         .collect();
@@ -145,8 +148,12 @@ fn bench_shape(c: &mut Criterion, s: &Shape, threads: usize) {
     let rank = rank_for_budget(shape, 0.5, 0.75).expect("rank");
     let mut rng = ChaCha8Rng::seed_from_u64(17);
     let dense = dense_block(&mut rng, s);
-    let compact = compact_block(&mut rng, s, rank).with_threads(threads);
+    let compact = compact_block(&mut rng, s, rank, false).with_threads(threads);
     let bf16 = support::to_storage::<half::bf16>(&compact)
+        .expect("converted block")
+        .with_threads(threads);
+    let tiled = compact_block(&mut rng, s, rank, true).with_threads(threads);
+    let tiled_bf16 = support::to_storage::<half::bf16>(&tiled)
         .expect("converted block")
         .with_threads(threads);
     let dense_bytes = (dense.weight_count() + dense.bias_count()) * 4;
@@ -175,14 +182,28 @@ fn bench_shape(c: &mut Criterion, s: &Shape, threads: usize) {
         group.bench_with_input(BenchmarkId::new("dense", t), &x, |b, x| {
             b.iter(|| dense.forward(x.view()).expect("dense forward"))
         });
-        group.throughput(Throughput::Bytes(compact.block_bytes_read() as u64));
-        group.bench_with_input(BenchmarkId::new("compact-f32", t), &x, |b, x| {
-            b.iter(|| compact.forward(0, x.view()).expect("compact forward"))
-        });
-        group.throughput(Throughput::Bytes(bf16.block_bytes_read() as u64));
-        group.bench_with_input(BenchmarkId::new("compact-bf16", t), &x, |b, x| {
-            b.iter(|| bf16.forward(0, x.view()).expect("bf16 forward"))
-        });
+        for (name, block) in [("compact-f32", &compact), ("compact-tiled-f32", &tiled)] {
+            group.throughput(Throughput::Bytes(block.block_bytes_read() as u64));
+            group.bench_with_input(BenchmarkId::new(name, t), &x, |b, x| {
+                let mut buffers = ForwardBuffers::default();
+                b.iter(|| {
+                    block
+                        .forward_with(0, x.view(), &mut buffers)
+                        .expect("compact forward")
+                })
+            });
+        }
+        for (name, block) in [("compact-bf16", &bf16), ("compact-tiled-bf16", &tiled_bf16)] {
+            group.throughput(Throughput::Bytes(block.block_bytes_read() as u64));
+            group.bench_with_input(BenchmarkId::new(name, t), &x, |b, x| {
+                let mut buffers = ForwardBuffers::default();
+                b.iter(|| {
+                    block
+                        .forward_with(0, x.view(), &mut buffers)
+                        .expect("bf16 forward")
+                })
+            });
+        }
         if t == 1 {
             for (name, kernel) in [("v3", KernelChoice::V3), ("generic", KernelChoice::Generic)] {
                 let f32_k = compact.clone().with_kernel(kernel);

@@ -564,6 +564,13 @@ impl<S: StorageFloat> CompactGroup<S> {
         Ok(y)
     }
 
+    fn plan(&self) -> KernelPlan {
+        KernelPlan {
+            threads: self.threads,
+            kernel: self.kernel,
+        }
+    }
+
     /// `out = S_j x (+ bias)` in the best layout available.
     fn product(
         &self,
@@ -576,10 +583,10 @@ impl<S: StorageFloat> CompactGroup<S> {
     ) {
         match &self.factors[j] {
             Factor::Blocked(b, _) => {
-                spmm_blocked(b, x, tp, out, bias, self.threads, self.kernel, inputs);
+                spmm_blocked(b, x, tp, out, bias, self.plan(), inputs);
             }
             Factor::Tiled(m, _) => {
-                spmm_tiled(m, x, tp, out, bias, self.threads, self.kernel, inputs);
+                spmm_tiled(m, x, tp, out, bias, self.plan(), inputs);
             }
             Factor::Rows(m) => spmm(m, x, tp, out, bias, self.threads),
         }
@@ -676,6 +683,13 @@ impl<S: StorageFloat> CompactGroup<S> {
             }
         }
     }
+}
+
+/// How a sparse product runs: at most `threads` threads, kernel `kernel`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct KernelPlan {
+    threads: usize,
+    kernel: KernelChoice,
 }
 
 /// Reusable scratch of [`CompactGroup::forward_with`]: the token-minor intermediates of one
@@ -936,8 +950,7 @@ pub(crate) fn spmm_blocked<S: StorageFloat>(
     tp: usize,
     out: &mut [f32],
     bias: Option<&[S]>,
-    threads: usize,
-    kernel: KernelChoice,
+    KernelPlan { threads, kernel }: KernelPlan,
     inputs: &mut Vec<f32>,
 ) {
     let blocks = m.blocks();
@@ -1007,8 +1020,7 @@ pub(crate) fn spmm_tiled<S: StorageFloat>(
     tp: usize,
     out: &mut [f32],
     bias: Option<&[S]>,
-    threads: usize,
-    kernel: KernelChoice,
+    KernelPlan { threads, kernel }: KernelPlan,
     inputs: &mut Vec<f32>,
 ) {
     let pairs = m.pairs();
@@ -1543,8 +1555,7 @@ mod tests {
                     tp,
                     &mut out,
                     Some(&bias),
-                    threads,
-                    kernel,
+                    KernelPlan { threads, kernel },
                     &mut vec![f32::NAN; 7],
                 );
                 for i in 0..rows {
@@ -1603,7 +1614,15 @@ mod tests {
         for bias in [Some(&bias[..]), None] {
             let run = |kernel| {
                 let mut out = vec![f32::NAN; rows];
-                spmm_blocked(&b, &x, 1, &mut out, bias, 1, kernel, &mut Vec::new());
+                spmm_blocked(
+                    &b,
+                    &x,
+                    1,
+                    &mut out,
+                    bias,
+                    KernelPlan { threads: 1, kernel },
+                    &mut Vec::new(),
+                );
                 out
             };
             let generic = run(KernelChoice::Generic);
@@ -1687,8 +1706,10 @@ mod tests {
                     tp,
                     &mut out,
                     Some(&bias),
-                    threads,
-                    KernelChoice::Auto,
+                    KernelPlan {
+                        threads,
+                        kernel: KernelChoice::Auto,
+                    },
                     &mut inputs,
                 );
                 out

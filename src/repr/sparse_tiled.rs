@@ -85,7 +85,7 @@ impl<S: StorageFloat> TiledMatrix<S> {
             let mut k = 0;
             while k < a.len() {
                 let c = a[k] as usize;
-                if c % 2 != 0 {
+                if !c.is_multiple_of(2) {
                     return None;
                 }
                 let wide = c + 1 < cols;
