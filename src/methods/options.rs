@@ -14,6 +14,7 @@ use crate::math::init::InitMethod;
 use crate::math::objective::ContractionOrder;
 use crate::math::optim::AdamW;
 use crate::math::sparsity::{GmpSchedule, RiglSchedule, Sparsifier};
+use crate::math::tiles::MaskTiles;
 use crate::math::validation::EarlyStopping;
 use crate::methods::compressor::Compressor;
 use crate::methods::fips::params::FipsParams;
@@ -166,6 +167,9 @@ pub struct MethodOptions {
     pub early_stop: Option<usize>,
     /// Relative improvement that counts for early stopping (fips; default 0).
     pub early_stop_tolerance: Option<f64>,
+    /// How the mask of FiPS's factors is structured (fips; default entry-wise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mask_tiles: Option<MaskTiles>,
 }
 
 impl MethodOptions {
@@ -194,6 +198,7 @@ impl MethodOptions {
             ("contraction", self.contraction.is_some()),
             ("early-stop", self.early_stop.is_some()),
             ("early-stop-tolerance", self.early_stop_tolerance.is_some()),
+            ("mask-tiles", self.mask_tiles.is_some()),
         ];
         flags
             .into_iter()
@@ -234,6 +239,7 @@ impl MethodOptions {
                     "contraction",
                     "early-stop",
                     "early-stop-tolerance",
+                    "mask-tiles",
                 ],
                 "fips has no residuals and no collapse; --svd-train belongs to svd",
             ),
@@ -329,6 +335,9 @@ impl MethodOptions {
             }));
         if let Some(t) = self.threads {
             params = params.threads(t);
+        }
+        if let Some(tiles) = self.mask_tiles {
+            params = params.mask_tiles(tiles);
         }
         params
     }

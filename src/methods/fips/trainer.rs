@@ -29,6 +29,7 @@ use crate::math::objective::{
 };
 use crate::math::optim::{AdamWStep, KeptEntries, KeptLayout, Moments};
 use crate::math::sparsity::{MaskSchedule, StepPlan};
+use crate::math::tiles::TileGrid;
 use crate::math::validation::ValidationSet;
 use crate::methods::engine::{Schedule, Trainable, TrainingLoop};
 use crate::methods::fips::params::FipsValidParams;
@@ -367,7 +368,10 @@ impl<'a, F: Float> FactorTrainer<'a, F> {
             .collect();
 
         let target = config.sparsity();
-        let mut schedule = MaskSchedule::new(config.sparsifier(), target, entries, steps);
+        let matrices = shape.blocks * shape.matrices_per_block;
+        let mut schedule = MaskSchedule::new(config.sparsifier(), target, entries, steps).tiled(
+            TileGrid::of(config.mask_tiles(), rank, matrices, shape.intermediate),
+        );
 
         // The untrained model at the budget: the initialisation pruned to the target sparsity
         // (only a mask is copied: the assembled factors zero the values outside it), measured
@@ -393,7 +397,6 @@ impl<'a, F: Float> FactorTrainer<'a, F> {
         let mut kept = KeptEntries::from_values(compact(v, &bools)?);
         let mask = BitMask::from_bools(&bools);
         drop(bools);
-        let matrices = shape.blocks * shape.matrices_per_block;
         let kept_layout = KeptLayout::new(&mask, rank, matrices, shape.intermediate);
         if steps > 0 {
             kept.start_moments();
@@ -664,6 +667,7 @@ impl<F: Float> Trainable for FactorProblem<'_, F> {
         if !matches!(plan, StepPlan::Unchanged) {
             plan.finish(&adam, &mut self.kept, mask, &self.layout)?;
             self.layout.refresh(mask);
+            self.schedule.recount(mask);
         }
         Ok(loss)
     }
@@ -1268,6 +1272,91 @@ mod tests {
                     "{sparsifier} {order}: final error"
                 );
             }
+        }
+    }
+
+    /// With 2×2 tiles (odd rank and odd `I`: edge tiles too) every mask of `V`, after the
+    /// initial pruning, after every RigL and GMP update, and after the final pruning of a run
+    /// stopped early, keeps or drops each tile whole, holds `target − 3 ≤ nnz ≤ target` entries
+    /// once at the target (never more), reports the actual sparsity, and the decoded `V` is zero
+    /// outside it.
+    #[test]
+    fn tiled_masks_stay_tile_closed_at_every_update() {
+        use crate::math::budget::{Budget, nonzeros_for_sparsity};
+        use crate::math::sparsity::{GmpSchedule, RiglSchedule, Sparsifier};
+        use crate::math::tiles::MaskTiles;
+        let mut rng = ChaCha8Rng::seed_from_u64(21);
+        let (d, i) = (12, 21);
+        let group = gated_blocks(&mut rng, 2, d, i);
+        let calibration = Calibration::<f32>::gaussian(2, 200, d, 4).unwrap();
+        let rigl = Sparsifier::Rigl(RiglSchedule {
+            drop_fraction: 0.3,
+            interval: 5,
+            end_fraction: 0.75,
+        });
+        let gmp = Sparsifier::Gmp(GmpSchedule {
+            interval: 4,
+            ..GmpSchedule::default()
+        });
+        for (sparsifier, stop) in [(rigl, 40), (gmp, 40), (gmp, 12)] {
+            let compressor = FipsParams::new()
+                .budget(Budget::Rank(7))
+                .sparsity(0.7)
+                .sparsifier(sparsifier)
+                .steps(40)
+                .batch_tokens(32)
+                .learning_rate(1e-2)
+                .mask_tiles(MaskTiles::Square2)
+                .check()
+                .unwrap();
+            assert_eq!(compressor.mask_tiles(), MaskTiles::Square2);
+            let mut t = compressor.trainer(&group, &calibration).unwrap();
+            let rank = t.rank();
+            let grid = TileGrid::of(MaskTiles::Square2, rank, 2 * 3, i).unwrap();
+            let entries = rank * 2 * 3 * i;
+            let target = nonzeros_for_sparsity(entries, 0.7);
+            let check = |p: &FactorProblem<'_, f32>, what: &str, at_target: bool| {
+                assert_eq!(p.mask.len(), entries, "{what}");
+                assert!(grid.closed(&p.mask), "{what}: a tile is split");
+                let nnz = p.mask.count();
+                assert_eq!(p.kept.len(), nnz, "{what}");
+                assert!(nnz < entries, "{what}: sparse");
+                if at_target {
+                    assert!(
+                        nnz <= target && target - nnz < 4,
+                        "{what}: {nnz} vs {target}"
+                    );
+                }
+                let v = p.decoded_v().unwrap();
+                let bools = p.mask.to_bools();
+                for (x, &m) in v.iter().zip(&bools) {
+                    assert!(m || *x == 0.0, "{what}: a value outside the mask");
+                }
+                let sparsity = 1.0 - nnz as f64 / entries as f64;
+                assert_eq!(p.schedule.sparsity(), sparsity, "{what}: reported sparsity");
+            };
+            let is_rigl = matches!(sparsifier, Sparsifier::Rigl(_));
+            check(&t.0.problem, &format!("{sparsifier} prepare"), is_rigl);
+            let mut changes = 0;
+            for step in 1..=stop {
+                let before = t.0.problem.mask.clone();
+                t.step().unwrap();
+                let what = format!("{sparsifier} step {step}");
+                check(&t.0.problem, &what, is_rigl || step >= 30);
+                changes += usize::from(before != t.0.problem.mask);
+            }
+            let least = if stop == 40 { 5 } else { 1 };
+            assert!(changes >= least, "{sparsifier}: {changes} mask updates");
+            // The final pruning (early stop: GMP short of the target).
+            let p = &mut t.0.problem;
+            assert_eq!(stop < 30, p.mask.count() > target, "{sparsifier} {stop}");
+            p.schedule.finish(&mut p.kept, &mut p.mask);
+            p.layout.refresh(&p.mask);
+            check(p, &format!("{sparsifier} finish after {stop}"), true);
+            let report = t.finish().unwrap().report;
+            let details = report.fips().unwrap();
+            assert!(details.nnz <= target && target - details.nnz < 4);
+            assert_eq!(details.sparsity, 1.0 - details.nnz as f64 / entries as f64);
         }
     }
 
