@@ -236,6 +236,7 @@ impl MaskSchedule {
     /// The schedule keeping and dropping the entries of `tiles` together (`None`: entry-wise);
     /// the grid covers `total_entries`.
     pub(crate) fn tiled(mut self, tiles: Option<TileGrid>) -> Self {
+        debug_assert!(tiles.is_none_or(|g| g.entries() == self.total_entries));
         self.tiles = tiles.filter(|g| g.entries() == self.total_entries);
         self
     }

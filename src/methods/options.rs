@@ -497,6 +497,53 @@ mod tests {
         ));
     }
 
+    /// `--mask-tiles` reaches FiPS's settings, is serialised only when given (so that the
+    /// settings and fingerprints of runs without it read and hash as before, and a tiled run's
+    /// differ), and belongs to fips alone.
+    #[test]
+    fn mask_tiles_is_a_fips_option_in_the_settings() {
+        use crate::math::tiles::MaskTiles;
+        let tiled = MethodOptions {
+            mask_tiles: Some(MaskTiles::Square2),
+            ..Default::default()
+        };
+        let p = tiled.fips_params(&VIT_DEFAULTS);
+        assert_eq!(p.clone().check().unwrap().mask_tiles(), MaskTiles::Square2);
+        let plain = MethodOptions::default().fips_params(&VIT_DEFAULTS);
+        assert_eq!(
+            plain.clone().check().unwrap().mask_tiles(),
+            MaskTiles::Entries
+        );
+        let json = |p: &FipsParams| serde_json::to_value(p).unwrap();
+        assert_eq!(json(&p)["mask_tiles"], "2x2");
+        assert!(json(&plain).get("mask_tiles").is_none());
+        let mut without = json(&p);
+        without.as_object_mut().unwrap().remove("mask_tiles");
+        assert_eq!(without, json(&plain), "the only difference");
+        let back: FipsParams = serde_json::from_value(json(&p)).unwrap();
+        assert_eq!(back, p);
+        let back: FipsParams = serde_json::from_value(json(&plain)).unwrap();
+        assert_eq!(back, plain);
+        assert!(
+            serde_json::to_value(MethodOptions::default())
+                .unwrap()
+                .get("mask_tiles")
+                .is_none()
+        );
+        assert!(matches!(
+            tiled.compressor(Method::Svd, &VIT_DEFAULTS),
+            Err(FipsError::UnusedParameter {
+                name: "mask-tiles",
+                ..
+            })
+        ));
+        for (text, tiles) in [("entries", MaskTiles::Entries), ("2x2", MaskTiles::Square2)] {
+            assert_eq!(text.parse::<MaskTiles>().unwrap(), tiles);
+            assert_eq!(tiles.to_string(), text);
+        }
+        assert!("4x4".parse::<MaskTiles>().is_err());
+    }
+
     #[test]
     fn early_stop_is_a_fips_option() {
         let es = MethodOptions {

@@ -1337,14 +1337,29 @@ mod tests {
             };
             let is_rigl = matches!(sparsifier, Sparsifier::Rigl(_));
             check(&t.0.problem, &format!("{sparsifier} prepare"), is_rigl);
-            let mut changes = 0;
+            let (mut changes, mut joined) = (0, 0);
             for step in 1..=stop {
                 let before = t.0.problem.mask.clone();
                 t.step().unwrap();
                 let what = format!("{sparsifier} step {step}");
                 check(&t.0.problem, &what, is_rigl || step >= 30);
                 changes += usize::from(before != t.0.problem.mask);
+                // Entries that joined started at zero with zero moments: after one AdamW step
+                // from there `m = (1 − β₁) g` and `v = (1 − β₂) g²`, so `v = 0.1 m²` (β defaults).
+                let p = &t.0.problem;
+                let (mask, before) = (p.mask.to_bools(), before.to_bools());
+                let (m, v) = p.kept.scattered(&mask);
+                for k in (0..entries).filter(|&k| mask[k] && !before[k]) {
+                    let fresh = 0.1 * m[k] * m[k];
+                    assert!(
+                        (v[k] - fresh).abs() <= 1e-3 * fresh,
+                        "{what}: entry {k} moments"
+                    );
+                    joined += 1;
+                }
+                assert!(is_rigl || joined == 0, "{what}: GMP only prunes");
             }
+            assert!(!is_rigl || joined > 0, "RigL regrew nothing new");
             let least = if stop == 40 { 5 } else { 1 };
             assert!(changes >= least, "{sparsifier}: {changes} mask updates");
             // The final pruning (early stop: GMP short of the target).
