@@ -6,7 +6,7 @@
 //! and at the matrix's last column (odd `I`): tiles never cross a matrix boundary, and the edge
 //! tiles are 1×2, 2×1 or 1×1. Selections rank tiles by the sum over their entries of the score
 //! the entry-wise selection uses, ties broken by the tile's index, and count kept entries by
-//! weight (a tile of `w` entries counts `w`): see [`weighted_kth_smallest`].
+//! weight (a tile of `w` entries counts `w` in the radix selection).
 
 use std::fmt;
 use std::str::FromStr;
@@ -200,16 +200,15 @@ impl TileGrid {
         if total <= keep {
             return None;
         }
+        let key = |t: usize| scores.get(t).map_or(0, |x| x.magnitude_key());
         let at = weighted_kth_smallest(self.len(), total - keep - 1, F::KEY_BITS, |t| {
-            active(t).then(|| (scores[t].magnitude_key(), self.weight(t)))
+            active(t).then(|| (key(t), self.weight(t)))
         })?;
-        let mut dropped = BitMask::from_bools(&vec![false; self.len()]);
+        let mut dropped = BitMask::zeros(self.len());
         let mut weight = 0;
-        for t in 0..self.len() {
-            if active(t) && (scores[t].magnitude_key(), t) <= at {
-                dropped.set(t, true);
-                weight += self.weight(t);
-            }
+        for t in (0..self.len()).filter(|&t| active(t) && (key(t), t) <= at) {
+            dropped.set(t, true);
+            weight += self.weight(t);
         }
         Some((dropped, weight))
     }
