@@ -382,6 +382,9 @@ impl MaskSchedule {
         grad: &[F],
         moments: Option<&mut KeptEntries<F>>,
     ) -> bool {
+        if let Some(grid) = self.tiles {
+            return self.tiled_step(&grid, t, values, mask, grad, moments);
+        }
         if let Some(s) = self.gmp_sparsity_at(t) {
             let keep = nonzeros_for_sparsity(self.total_entries, s);
             return self.prune_to(values, mask, keep, moments);
@@ -519,6 +522,100 @@ impl MaskSchedule {
             entries.retain(mask, |i, _, x| !drops(at, i, x));
             entries.release_unused();
         }
+    }
+
+    /// [`Self::step`] with tiles, on the dense gradient: the reference of the streamed tiled
+    /// update ([`Self::begin_step`], [`StepPlan`]). Growth sorts the candidate tiles (an
+    /// independent check of [`BestTiles`]).
+    #[cfg(test)]
+    fn tiled_step<F: Float>(
+        &mut self,
+        grid: &TileGrid,
+        t: usize,
+        values: &mut [F],
+        mask: &mut [bool],
+        grad: &[F],
+        moments: Option<&mut KeptEntries<F>>,
+    ) -> bool {
+        let len = values.len();
+        let active = mask.iter().filter(|&&m| m).count();
+        let kept_tile = |mask: &[bool], t: usize| grid.positions(t).next().is_some_and(|k| mask[k]);
+        let value_scores =
+            |mask: &[bool]| grid.scores((0..len).filter(|&k| mask[k]).map(|k| (k, values[k])));
+        let (keep, count) = if let Some(s) = self.gmp_sparsity_at(t) {
+            (nonzeros_for_sparsity(self.total_entries, s), None)
+        } else if let Some(fraction) = self.rigl_drop_fraction_at(t) {
+            let count = ((fraction * self.nnz as f64).round() as usize).min(active);
+            if count == 0 {
+                return false;
+            }
+            (active - count, Some(count))
+        } else {
+            return false;
+        };
+        let scores = value_scores(mask);
+        let Some((dropped, weight)) = grid.drop_to(&scores, |t| kept_tile(mask, t), keep) else {
+            return false;
+        };
+        // Growth (RigL): the candidate tiles by (largest Σ |g|, lower tile), as many whole tiles
+        // as fit in the budget.
+        let mut grown = BitMask::zeros(grid.len());
+        if count.is_some() {
+            let budget = self.target_nnz().max(active) - (active - weight);
+            let gradients = grid.scores((0..len).map(|k| (k, grad[k])));
+            let mut candidates: Vec<usize> = (0..grid.len())
+                .filter(|&t| !kept_tile(mask, t) || dropped.get(t))
+                .collect();
+            let flip = u64::MAX >> (64 - F::KEY_BITS);
+            candidates.sort_by_key(|&t| (gradients[t].magnitude_key() ^ flip, t));
+            let mut used = 0;
+            for t in candidates {
+                if used + grid.weight(t) > budget {
+                    break;
+                }
+                used += grid.weight(t);
+                grown.set(t, true);
+            }
+        }
+        let mut moments = moments;
+        let mut compaction = moments.as_deref_mut().map(KeptEntries::compaction);
+        for k in 0..len {
+            if mask[k] {
+                let tile = grid.tile_of(k);
+                let stays = !dropped.get(tile) || grown.get(tile);
+                if let Some(c) = compaction.as_mut() {
+                    c.next(stays);
+                }
+                if !stays {
+                    mask[k] = false;
+                    values[k] = F::zero();
+                }
+            }
+        }
+        if let Some(c) = compaction {
+            c.finish();
+        }
+        let joining = (0..len)
+            .filter(|&k| !mask[k] && grown.get(grid.tile_of(k)))
+            .count();
+        let after = mask.iter().filter(|&&m| m).count() + joining;
+        let mut expansion = moments.as_deref_mut().map(|m| m.expansion(after));
+        for k in (0..len).rev() {
+            let join = !mask[k] && grown.get(grid.tile_of(k));
+            if let Some(e) = expansion.as_mut()
+                && (mask[k] || join)
+            {
+                e.next_back(mask[k]);
+            }
+            if join {
+                mask[k] = true;
+            }
+        }
+        if let Some(m) = moments {
+            m.release_unused();
+        }
+        self.nnz = after;
+        true
     }
 
     /// Keeps the `keep` active entries of largest `|v|` (monotone: inactive entries stay

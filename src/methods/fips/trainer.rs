@@ -1174,7 +1174,8 @@ mod tests {
     /// The update of `V` fused into the backward pass, one matrix at a time (no dense gradient of
     /// `V`), on `V` held as its kept entries (each matrix decoded when read), gives the dense
     /// step's loss, `U`, `V`, mask, biases and moments bit for bit at every step: RigL with
-    /// several mask updates, GMP with pruning steps, dense, in both contraction orders. At every
+    /// several mask updates, GMP with pruning steps, dense, both sparsifiers again with 2×2 tiles
+    /// (against the tiled dense reference), in both contraction orders. At every
     /// step the trainer holds exactly one value and two moments per kept entry.
     #[test]
     fn fused_update_of_v_equals_the_dense_gradient_step_bitwise() {
@@ -1192,10 +1193,18 @@ mod tests {
             interval: 4,
             ..GmpSchedule::default()
         });
-        for (sparsifier, s) in [(rigl, 0.75), (gmp, 0.75), (Sparsifier::None, 0.0)] {
+        use crate::math::tiles::MaskTiles::{Entries, Square2};
+        for (sparsifier, s, tiles) in [
+            (rigl, 0.75, Entries),
+            (gmp, 0.75, Entries),
+            (Sparsifier::None, 0.0, Entries),
+            (rigl, 0.75, Square2),
+            (gmp, 0.75, Square2),
+        ] {
             for order in [Order::FactorsFirst, Order::WeightsFirst] {
                 let compressor = FipsParams::new()
                     .sparsity(s)
+                    .mask_tiles(tiles)
                     .sparsifier(sparsifier)
                     .steps(60)
                     .batch_tokens(32)
@@ -1218,7 +1227,7 @@ mod tests {
                         .unwrap();
                     let loss = fused.step().unwrap().unwrap().loss;
                     let (a, b) = (&fused.0.problem, &reference.0.problem);
-                    let what = format!("{sparsifier} {order} step {step}");
+                    let what = format!("{sparsifier} {tiles} {order} step {step}");
                     assert_eq!(loss.to_bits(), expected.to_bits(), "{what}: loss");
                     let mask = a.mask.to_bools();
                     assert_eq!(&mask[..], dense.mask.as_slice().unwrap(), "{what}: mask");
