@@ -16,7 +16,9 @@
 //! `s600-b512-lr2e-3`, `s900-b512-lr2e-3`, `s900-b256-lr2e-3`, `s1200-b256-lr2e-3`,
 //! `s300-lr2e-3-beta2` (Adam β₂ 0.99), `s900-lr2e-3`, `s900-views2`, `s300-lr2e-3-views1`,
 //! `s450-lr2e-3-views2` (`sN`: steps, `bN`: tokens per step, `viewsN`: extra random views per
-//! image), `defaults-2x2` (the defaults with the factors' mask in 2×2 tiles, [`fips::MaskTiles`]). Results of these runs are in `docs/results.md`.
+//! image), `defaults-2x2` (the defaults with the factors' mask in 2×2 tiles,
+//! [`fips::MaskTiles`]), `gmp` and `gmp-2x2` (the defaults with GMP's default schedule instead of
+//! RigL, without and with tiles). Results of these runs are in `docs/results.md`.
 //!
 //! Validation: a seeded 5 % of the 250 `calib/` images (13 images, 2561 tokens per block) is held
 //! out ([`fips::math::validation::holdout`]); every setting trains on the other 237 (and, for the
@@ -100,6 +102,17 @@ fn settings() -> Vec<Setting> {
         },
         Setting {
             name: "defaults-2x2",
+            tiles: MaskTiles::Square2,
+            ..base
+        },
+        Setting {
+            name: "gmp",
+            sparsifier: Sparsifier::Gmp(GmpSchedule::default()),
+            ..base
+        },
+        Setting {
+            name: "gmp-2x2",
+            sparsifier: Sparsifier::Gmp(GmpSchedule::default()),
             tiles: MaskTiles::Square2,
             ..base
         },
