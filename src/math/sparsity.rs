@@ -503,7 +503,8 @@ impl MaskSchedule {
 
     /// Ensures the final sparsity equals the target (after an early stop, or a schedule that had
     /// no pruning step left): keeps the target's count of kept entries (`entries`, with values,
-    /// row-major order of `mask`) of largest `|v|`.
+    /// row-major order of `mask`) of largest `|v|` (with tiles: the whole tiles of largest `Σ |v|`,
+    /// up to 3 entries short of the target).
     pub(crate) fn finish<F: Float>(&mut self, entries: &mut KeptEntries<F>, mask: &mut BitMask) {
         if !self.is_sparse() {
             return;
