@@ -16,7 +16,9 @@
 //! `s600-b512-lr2e-3`, `s900-b512-lr2e-3`, `s900-b256-lr2e-3`, `s1200-b256-lr2e-3`,
 //! `s300-lr2e-3-beta2` (Adam β₂ 0.99), `s900-lr2e-3`, `s900-views2`, `s300-lr2e-3-views1`,
 //! `s450-lr2e-3-views2` (`sN`: steps, `bN`: tokens per step, `viewsN`: extra random views per
-//! image). Results of these runs are in `docs/results.md`.
+//! image), `defaults-2x2` (the defaults with the factors' mask in 2×2 tiles,
+//! [`fips::MaskTiles`]), `gmp` and `gmp-2x2` (the defaults with GMP's default schedule instead of
+//! RigL, without and with tiles). Results of these runs are in `docs/results.md`.
 //!
 //! Validation: a seeded 5 % of the 250 `calib/` images (13 images, 2561 tokens per block) is held
 //! out ([`fips::math::validation::holdout`]); every setting trains on the other 237 (and, for the
@@ -48,7 +50,8 @@ use fips::app::vit::VisionTransformer;
 use fips::math::validation::{ValidationSet, holdout};
 use fips::methods::options::VIT_DEFAULTS;
 use fips::{
-    Budget, CompressedGroup, FipsParams, GmpSchedule, ParamGuard, RiglSchedule, Sparsifier,
+    Budget, CompressedGroup, FipsParams, GmpSchedule, MaskTiles, ParamGuard, RiglSchedule,
+    Sparsifier,
 };
 use ndarray::{Array4, Axis, concatenate};
 
@@ -65,6 +68,8 @@ struct Setting {
     views: usize,
     /// Adam's second-moment decay.
     beta2: f64,
+    /// The structure of the factors' mask.
+    tiles: MaskTiles,
 }
 
 const RIGL: Sparsifier = Sparsifier::Rigl(RiglSchedule {
@@ -83,6 +88,7 @@ fn settings() -> Vec<Setting> {
         sparsifier: RIGL,
         views: 0,
         beta2: 0.999,
+        tiles: MaskTiles::Entries,
     };
     let rigl_fast = Sparsifier::Rigl(RiglSchedule {
         interval: 25,
@@ -92,6 +98,22 @@ fn settings() -> Vec<Setting> {
         base,
         Setting {
             name: "defaults-es",
+            ..base
+        },
+        Setting {
+            name: "defaults-2x2",
+            tiles: MaskTiles::Square2,
+            ..base
+        },
+        Setting {
+            name: "gmp",
+            sparsifier: Sparsifier::Gmp(GmpSchedule::default()),
+            ..base
+        },
+        Setting {
+            name: "gmp-2x2",
+            sparsifier: Sparsifier::Gmp(GmpSchedule::default()),
+            tiles: MaskTiles::Square2,
             ..base
         },
         Setting {
@@ -407,6 +429,7 @@ fn main() -> fips::Result<()> {
                     beta2: s.beta2,
                     ..fips::AdamW::default()
                 })
+                .mask_tiles(s.tiles)
                 .check()?;
             let start = Instant::now();
             let mut trainer = compressor.trainer(&dense, cal)?;

@@ -97,6 +97,7 @@ pub use math::init::{InitMethod, SharedInit, shared_init};
 pub use math::objective::{ContractionOrder, StepShape};
 pub use math::optim::AdamW;
 pub use math::sparsity::{GmpSchedule, RiglSchedule, Sparsifier};
+pub use math::tiles::MaskTiles;
 pub use math::validation::{EarlyStopping, ValidationSet};
 pub use methods::fips::params::{FipsParams, FipsValidParams};
 pub use methods::fips::trainer::{FipsOutput, FipsTrainer};

@@ -269,6 +269,69 @@ fn compress_inspect_densify_and_eval_a_tiny_vit() {
     assert!(out.status.success(), "{}", text(&out));
 }
 
+/// `--mask-tiles 2x2` trains with tiled masks (the report's parameters say so and the achieved
+/// sparsity is within 3 entries of the target), and is part of the work area's settings: a rerun
+/// without it never resumes the tiled parts.
+#[test]
+fn mask_tiles_reach_the_report_and_the_work_area_settings() {
+    let dir = TempDir(std::env::temp_dir().join(format!("fips-cli-tiles-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let model = dir.0.join("model.safetensors");
+    write_tiny_vit(&model);
+    let model = model.to_string_lossy().into_owned();
+    let run = |out_dir: &Path, tiles: bool, only: bool| {
+        let out_dir = out_dir.to_string_lossy().into_owned();
+        let mut a = vec![
+            "compress",
+            "--checkpoint",
+            &model,
+            "--data-free",
+            "--steps",
+            "20",
+            "--batch-tokens",
+            "32",
+            "--groups",
+            "0-1,2-3",
+            "--sparsity",
+            "0.5",
+            "--out-dir",
+            &out_dir,
+        ];
+        if tiles {
+            a.extend(["--mask-tiles", "2x2"]);
+        }
+        if only {
+            a.extend(["--only-group", "0"]);
+        }
+        fips(&a)
+    };
+    let out_dir = dir.0.join("out");
+    let out = run(&out_dir, true, false);
+    assert!(out.status.success(), "{}", text(&out));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("report.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["parameters"]["mask_tiles"], "2x2", "{report}");
+    for group in report["groups"].as_array().unwrap() {
+        let details = &group["details"];
+        let nnz = details["nnz"].as_u64().unwrap();
+        let sparsity = details["sparsity"].as_f64().unwrap();
+        let entries = (nnz as f64 / (1.0 - sparsity)).round() as u64;
+        let target = entries / 2;
+        assert!(nnz <= target && target - nnz < 4, "{nnz} of {entries}");
+    }
+    // A part of a tiled run is never taken by a run without tiles.
+    let parts = dir.0.join("parts");
+    assert!(run(&parts, true, true).status.success());
+    let changed = run(&parts, false, false);
+    assert!(!changed.status.success());
+    let log = text(&changed);
+    assert!(
+        log.contains("mask_tiles") && log.contains("--fresh"),
+        "{log}"
+    );
+}
+
 #[test]
 fn bad_input_gives_an_error_message_not_a_panic() {
     let dir = TempDir(std::env::temp_dir().join(format!("fips-cli-bad-{}", std::process::id())));
@@ -326,6 +389,7 @@ fn bad_input_gives_an_error_message_not_a_panic() {
         ("svd", "--sparsity", "0.5"),
         ("mixed-rank", "--rank", "8"),
         ("layer-collapse", "--budget", "0.5"),
+        ("svd", "--mask-tiles", "2x2"),
     ] {
         let out = fips(&[
             "compress",

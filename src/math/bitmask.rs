@@ -24,6 +24,14 @@ impl BitMask {
         }
     }
 
+    /// A mask of `len` entries, none kept.
+    pub(crate) fn zeros(len: usize) -> Self {
+        Self {
+            words: vec![0; len.div_ceil(64)],
+            len,
+        }
+    }
+
     /// One `bool` per entry (tests).
     #[cfg(test)]
     pub(crate) fn to_bools(&self) -> Vec<bool> {
@@ -144,6 +152,7 @@ mod tests {
             let mut bits = BitMask::from_bools(&bools);
             assert_eq!(bits.len(), len);
             assert_eq!(bits.to_bools(), bools);
+            assert_eq!(BitMask::zeros(len), BitMask::from_bools(&vec![false; len]));
             assert_eq!(bits.count(), bools.iter().filter(|&&b| b).count());
             let ones: Vec<usize> = (0..len).filter(|&k| bools[k]).collect();
             assert_eq!(bits.ones().collect::<Vec<_>>(), ones);

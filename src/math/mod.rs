@@ -12,5 +12,6 @@ pub mod objective;
 pub mod optim;
 pub mod sparsity;
 pub mod subset;
+pub mod tiles;
 pub mod validation;
 pub mod whitening;

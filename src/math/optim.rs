@@ -274,9 +274,14 @@ impl<F: Float> KeptEntries<F> {
         }
     }
 
-    /// Keeps the kept entries `i` (value `x`) with `keep(i, x)` and takes the others out of
-    /// `mask` (row-major order: the `i`-th kept position is entry `i`). Needs the values.
-    pub(crate) fn retain(&mut self, mask: &mut BitMask, mut keep: impl FnMut(usize, F) -> bool) {
+    /// Keeps the kept entries `i` (position `k` in `mask`, value `x`) with `keep(i, k, x)` and
+    /// takes the others out of `mask` (row-major order: the `i`-th kept position is entry `i`).
+    /// Needs the values.
+    pub(crate) fn retain(
+        &mut self,
+        mask: &mut BitMask,
+        mut keep: impl FnMut(usize, usize, F) -> bool,
+    ) {
         let (mut read, mut write) = (0, 0);
         for k in 0..mask.len() {
             if !mask.get(k) {
@@ -285,7 +290,7 @@ impl<F: Float> KeptEntries<F> {
             let Some(&x) = self.p.get(read) else {
                 break;
             };
-            if keep(read, x) {
+            if keep(read, k, x) {
                 for y in [&mut self.p, &mut self.m, &mut self.v] {
                     if let Some(&z) = y.get(read) {
                         y[write] = z;

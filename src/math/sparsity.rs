@@ -15,6 +15,7 @@ use crate::foundation::kernels::RowSplit;
 use crate::math::bitmask::BitMask;
 use crate::math::budget::nonzeros_for_sparsity;
 use crate::math::optim::{AdamWStep, KeptEntries, KeptLayout};
+use crate::math::tiles::{BestTiles, TileGrid};
 
 /// Gradual magnitude pruning on an accelerated cubic schedule.
 ///
@@ -185,11 +186,16 @@ impl Sparsifier {
 /// is found by [`kth_smallest`] (a radix selection over the bit patterns of the magnitudes), and
 /// one pass then applies it. The Adam moments of the kept entries ([`KeptEntries`]), when given,
 /// follow every change of the mask: kept entries keep theirs, entries joining start at zero.
+///
+/// With tiles ([`Self::tiled`]) every selection ranks whole 2×2 tiles by the sum of their
+/// entries' scores (one score per tile, `E/4` values, held during the selection) and keeps whole
+/// tiles: see [`TileGrid::drop_to`] and [`BestTiles`].
 #[derive(Debug)]
 pub(crate) struct MaskSchedule {
     sparsifier: Sparsifier,
     target: f64,
     total_entries: usize,
+    tiles: Option<TileGrid>,
     /// `t_a` and `t_e` in steps.
     start_step: usize,
     end_step: usize,
@@ -220,9 +226,26 @@ impl MaskSchedule {
             },
             target,
             total_entries,
+            tiles: None,
             start_step: start,
             end_step: end,
             nnz: total_entries,
+        }
+    }
+
+    /// The schedule keeping and dropping the entries of `tiles` together (`None`: entry-wise);
+    /// the grid covers `total_entries`.
+    pub(crate) fn tiled(mut self, tiles: Option<TileGrid>) -> Self {
+        debug_assert!(tiles.is_none_or(|g| g.entries() == self.total_entries));
+        self.tiles = tiles.filter(|g| g.entries() == self.total_entries);
+        self
+    }
+
+    /// Sets the kept count from the mask after a tiled update (a RigL update of tiles may change
+    /// it by up to 3 entries; entry-wise updates keep the count they set).
+    pub(crate) fn recount(&mut self, mask: &BitMask) {
+        if self.tiles.is_some() {
+            self.nnz = mask.count();
         }
     }
 
@@ -292,6 +315,16 @@ impl MaskSchedule {
         self.nnz = values.len();
         if self.is_sparse() {
             let keep = nonzeros_for_sparsity(self.total_entries, self.initial_sparsity());
+            if let Some(grid) = self.tiles {
+                drop_dense_tiles(&grid, values, mask, keep);
+                for (v, &m) in values.iter_mut().zip(mask.iter()) {
+                    if !m {
+                        *v = F::zero();
+                    }
+                }
+                self.nnz = mask.iter().filter(|&&m| m).count();
+                return;
+            }
             self.prune_to(values, mask, keep, None);
         }
     }
@@ -302,7 +335,11 @@ impl MaskSchedule {
         let mut mask = vec![true; values.len()];
         if self.is_sparse() {
             let keep = self.target_nnz();
-            select_and_drop(values, &mut mask, values.len(), keep, None);
+            if let Some(grid) = self.tiles {
+                drop_dense_tiles(&grid, values, &mut mask, keep);
+            } else {
+                select_and_drop(values, &mut mask, values.len(), keep, None);
+            }
         }
         mask
     }
@@ -312,7 +349,15 @@ impl MaskSchedule {
     /// are.
     pub(crate) fn pruned_mask<F: Float>(&self, values: &[F], mask: &BitMask) -> BitMask {
         let mut pruned = mask.clone();
-        if self.is_sparse()
+        if let Some(grid) = self.tiles.filter(|_| self.is_sparse()) {
+            if let Some((dropped, _)) = drop_kept_tiles(&grid, values, mask, self.target_nnz()) {
+                for k in mask.ones() {
+                    if dropped.get(grid.tile_of(k)) {
+                        pruned.set(k, false);
+                    }
+                }
+            }
+        } else if self.is_sparse()
             && let Some(at) = drop_boundary(values, self.target_nnz())
         {
             for ((i, x), k) in values.iter().enumerate().zip(mask.ones()) {
@@ -337,6 +382,9 @@ impl MaskSchedule {
         grad: &[F],
         moments: Option<&mut KeptEntries<F>>,
     ) -> bool {
+        if let Some(grid) = self.tiles {
+            return self.tiled_step(&grid, t, values, mask, grad, moments);
+        }
         if let Some(s) = self.gmp_sparsity_at(t) {
             let keep = nonzeros_for_sparsity(self.total_entries, s);
             return self.prune_to(values, mask, keep, moments);
@@ -362,6 +410,9 @@ impl MaskSchedule {
         entries: &KeptEntries<F>,
         mask: &BitMask,
     ) -> StepPlan<F> {
+        if let Some(grid) = self.tiles {
+            return self.begin_tiled_step(&grid, t, entries, mask);
+        }
         let values = entries.values();
         let active = values.len();
         if let Some(s) = self.gmp_sparsity_at(t) {
@@ -394,23 +445,178 @@ impl MaskSchedule {
             active,
             dropped_gradients: vec![F::zero(); dropped.len()],
             dropped,
-            best: BestScores::new(count),
+            best: Best::Entries(BestScores::new(count)),
+        })
+    }
+
+    /// [`Self::begin_step`] with tiles: GMP drops the kept tiles of smallest `Σ |v|` down to the
+    /// scheduled count; RigL drops the kept tiles of smallest `Σ |v|` holding the update's count
+    /// (up to 3 entries more), and regrows, as whole tiles of largest `Σ |∂L/∂V|` among the
+    /// inactive and dropped ones, as many entries as bring the count back to at most the target
+    /// (the same number of entries when all tiles are 2×2 and the count is at the target).
+    fn begin_tiled_step<F: Float>(
+        &mut self,
+        grid: &TileGrid,
+        t: usize,
+        entries: &KeptEntries<F>,
+        mask: &BitMask,
+    ) -> StepPlan<F> {
+        let values = entries.values();
+        let active = values.len();
+        if let Some(s) = self.gmp_sparsity_at(t) {
+            let keep = nonzeros_for_sparsity(self.total_entries, s);
+            return match drop_kept_tiles(grid, values, mask, keep) {
+                Some((dropped, weight)) => {
+                    self.nnz = active - weight;
+                    StepPlan::PruneTiles(*grid, dropped)
+                }
+                None => StepPlan::Unchanged,
+            };
+        }
+        let Some(fraction) = self.rigl_drop_fraction_at(t) else {
+            return StepPlan::Unchanged;
+        };
+        let count = ((fraction * self.nnz as f64).round() as usize).min(active);
+        // Positions and tiles are kept as `u32` (the trainer refuses larger factors).
+        if count == 0 || u32::try_from(mask.len()).is_err() {
+            return StepPlan::Unchanged;
+        }
+        let Some((tiles, weight)) = drop_kept_tiles(grid, values, mask, active - count) else {
+            return StepPlan::Unchanged;
+        };
+        let dropped: Vec<u32> = mask
+            .ones()
+            .filter(|&k| tiles.get(grid.tile_of(k)))
+            .map(|k| k as u32)
+            .collect();
+        let budget = self
+            .target_nnz()
+            .max(active)
+            .saturating_sub(active - weight);
+        StepPlan::Regrow(Regrowth {
+            active,
+            dropped_gradients: vec![F::zero(); dropped.len()],
+            dropped,
+            best: Best::Tiles(BestTiles::new(*grid, budget)),
         })
     }
 
     /// Ensures the final sparsity equals the target (after an early stop, or a schedule that had
     /// no pruning step left): keeps the target's count of kept entries (`entries`, with values,
-    /// row-major order of `mask`) of largest `|v|`.
+    /// row-major order of `mask`) of largest `|v|` (with tiles: the whole tiles of largest `Σ |v|`,
+    /// up to 3 entries short of the target).
     pub(crate) fn finish<F: Float>(&mut self, entries: &mut KeptEntries<F>, mask: &mut BitMask) {
         if !self.is_sparse() {
             return;
         }
         let keep = self.target_nnz();
         self.nnz = entries.len().min(keep);
+        if let Some(grid) = self.tiles {
+            if let Some((dropped, weight)) = drop_kept_tiles(&grid, entries.values(), mask, keep) {
+                self.nnz = entries.len() - weight;
+                entries.retain(mask, |_, k, _| !dropped.get(grid.tile_of(k)));
+                entries.release_unused();
+            }
+            return;
+        }
         if let Some(at) = drop_boundary(entries.values(), keep) {
-            entries.retain(mask, |i, x| !drops(at, i, x));
+            entries.retain(mask, |i, _, x| !drops(at, i, x));
             entries.release_unused();
         }
+    }
+
+    /// [`Self::step`] with tiles, on the dense gradient: the reference of the streamed tiled
+    /// update ([`Self::begin_step`], [`StepPlan`]). Growth sorts the candidate tiles (an
+    /// independent check of [`BestTiles`]).
+    #[cfg(test)]
+    fn tiled_step<F: Float>(
+        &mut self,
+        grid: &TileGrid,
+        t: usize,
+        values: &mut [F],
+        mask: &mut [bool],
+        grad: &[F],
+        moments: Option<&mut KeptEntries<F>>,
+    ) -> bool {
+        let len = values.len();
+        let active = mask.iter().filter(|&&m| m).count();
+        let kept_tile = |mask: &[bool], t: usize| grid.positions(t).next().is_some_and(|k| mask[k]);
+        let value_scores =
+            |mask: &[bool]| grid.scores((0..len).filter(|&k| mask[k]).map(|k| (k, values[k])));
+        let (keep, count) = if let Some(s) = self.gmp_sparsity_at(t) {
+            (nonzeros_for_sparsity(self.total_entries, s), None)
+        } else if let Some(fraction) = self.rigl_drop_fraction_at(t) {
+            let count = ((fraction * self.nnz as f64).round() as usize).min(active);
+            if count == 0 {
+                return false;
+            }
+            (active - count, Some(count))
+        } else {
+            return false;
+        };
+        let scores = value_scores(mask);
+        let Some((dropped, weight)) = grid.drop_to(&scores, |t| kept_tile(mask, t), keep) else {
+            return false;
+        };
+        // Growth (RigL): the candidate tiles by (largest Σ |g|, lower tile), as many whole tiles
+        // as fit in the budget.
+        let mut grown = BitMask::zeros(grid.len());
+        if count.is_some() {
+            let budget = self.target_nnz().max(active) - (active - weight);
+            let gradients = grid.scores((0..len).map(|k| (k, grad[k])));
+            let mut candidates: Vec<usize> = (0..grid.len())
+                .filter(|&t| !kept_tile(mask, t) || dropped.get(t))
+                .collect();
+            let flip = u64::MAX >> (64 - F::KEY_BITS);
+            candidates.sort_by_key(|&t| (gradients[t].magnitude_key() ^ flip, t));
+            let mut used = 0;
+            for t in candidates {
+                if used + grid.weight(t) > budget {
+                    break;
+                }
+                used += grid.weight(t);
+                grown.set(t, true);
+            }
+        }
+        let mut moments = moments;
+        let mut compaction = moments.as_deref_mut().map(KeptEntries::compaction);
+        for k in 0..len {
+            if mask[k] {
+                let tile = grid.tile_of(k);
+                let stays = !dropped.get(tile) || grown.get(tile);
+                if let Some(c) = compaction.as_mut() {
+                    c.next(stays);
+                }
+                if !stays {
+                    mask[k] = false;
+                    values[k] = F::zero();
+                }
+            }
+        }
+        if let Some(c) = compaction {
+            c.finish();
+        }
+        let joining = (0..len)
+            .filter(|&k| !mask[k] && grown.get(grid.tile_of(k)))
+            .count();
+        let after = mask.iter().filter(|&&m| m).count() + joining;
+        let mut expansion = moments.as_deref_mut().map(|m| m.expansion(after));
+        for k in (0..len).rev() {
+            let join = !mask[k] && grown.get(grid.tile_of(k));
+            if let Some(e) = expansion.as_mut()
+                && (mask[k] || join)
+            {
+                e.next_back(mask[k]);
+            }
+            if join {
+                mask[k] = true;
+            }
+        }
+        if let Some(m) = moments {
+            m.release_unused();
+        }
+        self.nnz = after;
+        true
     }
 
     /// Keeps the `keep` active entries of largest `|v|` (monotone: inactive entries stay
@@ -530,6 +736,8 @@ pub(crate) enum StepPlan<F> {
     Unchanged,
     /// GMP prunes the kept entries at or below this `(|v| key, kept index)` boundary.
     Prune((u64, usize)),
+    /// GMP prunes the entries of these tiles (a set over the grid's tiles).
+    PruneTiles(TileGrid, BitMask),
     /// A RigL update in progress.
     Regrow(Regrowth<F>),
 }
@@ -541,7 +749,14 @@ pub(crate) struct Regrowth<F> {
     active: usize,
     dropped: Vec<u32>,
     dropped_gradients: Vec<F>,
-    best: BestScores<F>,
+    best: Best<F>,
+}
+
+/// The candidates for regrowth: entries, or whole tiles.
+#[derive(Debug)]
+enum Best<F> {
+    Entries(BestScores<F>),
+    Tiles(BestTiles<F>),
 }
 
 impl<F: Float> StepPlan<F> {
@@ -571,30 +786,15 @@ impl<F: Float> StepPlan<F> {
                 return step.apply_kept_matrix(split, grad, entries, mask, layout, j);
             }
             Self::Prune(at) => {
-                // Each row's staying entries move to the front of its segment.
-                let (p, m, v) = entries.parts_mut();
-                if p.len() != m.len() || p.len() != v.len() {
-                    return Err(FipsError::Numerical("GMP update: moments".into()));
-                }
-                for (k, g_row) in grad.rows().into_iter().enumerate() {
-                    let (mut read, mut write) = (layout.start(k, j), layout.start(k, j));
-                    let at_row = k * cols + j * width;
-                    for (c, &g) in g_row.iter().enumerate() {
-                        if !mask.get(at_row + c) {
-                            continue;
-                        }
-                        if drops(*at, read, p[read]) {
-                            mask.set(at_row + c, false);
-                        } else {
-                            let (mut x, mut a, mut b) = (p[read], m[read], v[read]);
-                            step.update(&mut x, g, &mut a, &mut b);
-                            (p[write], m[write], v[write]) = (x, a, b);
-                            write += 1;
-                        }
-                        read += 1;
-                    }
-                }
-                return Ok(());
+                let at = *at;
+                return prune_matrix(step, j, grad, entries, mask, layout, |read, _, x| {
+                    drops(at, read, x)
+                });
+            }
+            Self::PruneTiles(grid, dropped) => {
+                return prune_matrix(step, j, grad, entries, mask, layout, |_, pos, _| {
+                    dropped.get(grid.tile_of(pos))
+                });
             }
             Self::Regrow(r) => r,
         };
@@ -606,14 +806,35 @@ impl<F: Float> StepPlan<F> {
                 if mask.get(pos) {
                     if let Ok(d) = r.dropped.binary_search(&(pos as u32)) {
                         r.dropped_gradients[d] = g;
-                        r.best.offer(g, pos);
+                        if let Best::Entries(best) = &mut r.best {
+                            best.offer(g, pos);
+                        }
                     } else if !entries.apply_one(step, index, g) {
                         return Err(FipsError::Numerical("RigL update: moments".into()));
                     }
                     index += 1;
-                } else {
-                    r.best.offer(g, pos);
+                } else if let Best::Entries(best) = &mut r.best {
+                    best.offer(g, pos);
                 }
+            }
+        }
+        if let Best::Tiles(best) = &mut r.best {
+            // Every inactive or dropped tile of this matrix is a candidate, scored by `Σ |g|`.
+            let grid = *best.grid();
+            for (t, tile_rows, tile_cols) in grid.tiles_of_matrix(j) {
+                let first = tile_rows.start * cols + j * width + tile_cols.start;
+                if mask.get(first) && r.dropped.binary_search(&(first as u32)).is_err() {
+                    continue;
+                }
+                let mut gradients = [F::zero(); 4];
+                let mut score = F::zero();
+                let cells = tile_rows.flat_map(|k| tile_cols.clone().map(move |c| (k, c)));
+                for (slot, (k, c)) in gradients.iter_mut().zip(cells) {
+                    let g = grad[(k, c)];
+                    *slot = g;
+                    score += g.abs_();
+                }
+                best.offer(t, score, gradients);
             }
         }
         Ok(())
@@ -635,7 +856,7 @@ impl<F: Float> StepPlan<F> {
     ) -> Result<()> {
         let r = match self {
             Self::Unchanged => return Ok(()),
-            Self::Prune(_) => {
+            Self::Prune(_) | Self::PruneTiles(..) => {
                 let width = layout.width().max(1);
                 let mut write = 0;
                 for s in 0..mask.len().div_ceil(width) {
@@ -656,7 +877,12 @@ impl<F: Float> StepPlan<F> {
             best,
         } = r;
         // With fewer candidates than `count` nothing changes (never: the dropped are candidates).
-        let pending: Vec<(usize, F)> = match best.into_sorted() {
+        let tiled = matches!(best, Best::Tiles(_));
+        let best = match best {
+            Best::Entries(best) => best.into_sorted(),
+            Best::Tiles(best) => Some(best.into_entries()),
+        };
+        let pending: Vec<(usize, F)> = match best {
             Some(grown) => {
                 let is_grown = |k: usize| grown.binary_search_by_key(&k, |g| g.0).is_ok();
                 let is_dropped = |k: usize| dropped.binary_search(&(k as u32)).is_ok();
@@ -671,7 +897,13 @@ impl<F: Float> StepPlan<F> {
                     }
                 }
                 compaction.finish();
-                let mut expansion = entries.expansion(active);
+                // Entry-wise, as many join as left; tiles may regrow a few entries more.
+                let after = if tiled {
+                    entries.len() + grown.iter().filter(|&&(k, _)| !mask.get(k)).count()
+                } else {
+                    active
+                };
+                let mut expansion = entries.expansion(after);
                 for k in (0..mask.len()).rev() {
                     let kept = mask.get(k);
                     let join = !kept && is_grown(k);
@@ -775,6 +1007,81 @@ impl<F: Float> BestScores<F> {
         best.sort_unstable_by_key(|&(p, _)| p);
         Some(best)
     }
+}
+
+/// GMP's update of matrix `j` (its gradient `grad`) of the kept entries: the entries for which
+/// `drop(kept index, position, value)` holds leave `mask` (their entries are moved out at
+/// [`StepPlan::finish`]); every other kept entry gets its AdamW update and moves to the front of
+/// its row's segment.
+fn prune_matrix<F: Float>(
+    step: &AdamWStep<F>,
+    j: usize,
+    grad: ArrayView2<'_, F>,
+    entries: &mut KeptEntries<F>,
+    mask: &mut BitMask,
+    layout: &KeptLayout,
+    drop: impl Fn(usize, usize, F) -> bool,
+) -> Result<()> {
+    let (cols, width) = (layout.columns(), grad.dim().1);
+    let (p, m, v) = entries.parts_mut();
+    if p.len() != m.len() || p.len() != v.len() {
+        return Err(FipsError::Numerical("GMP update: moments".into()));
+    }
+    for (k, g_row) in grad.rows().into_iter().enumerate() {
+        let (mut read, mut write) = (layout.start(k, j), layout.start(k, j));
+        let at_row = k * cols + j * width;
+        for (c, &g) in g_row.iter().enumerate() {
+            if !mask.get(at_row + c) {
+                continue;
+            }
+            if drop(read, at_row + c, p[read]) {
+                mask.set(at_row + c, false);
+            } else {
+                let (mut x, mut a, mut b) = (p[read], m[read], v[read]);
+                step.update(&mut x, g, &mut a, &mut b);
+                (p[write], m[write], v[write]) = (x, a, b);
+                write += 1;
+            }
+            read += 1;
+        }
+    }
+    Ok(())
+}
+
+/// Drops the tiles of smallest `Σ |v|` from the dense `mask` (tile-closed) of `values` so that at
+/// most `keep` entries stay ([`TileGrid::drop_to`]); leaves `values` as they are.
+fn drop_dense_tiles<F: Float>(grid: &TileGrid, values: &[F], mask: &mut [bool], keep: usize) {
+    let active = |k: usize| mask.get(k).copied().unwrap_or(false);
+    let scores = grid.scores(
+        values
+            .iter()
+            .enumerate()
+            .filter(|&(k, _)| active(k))
+            .map(|(k, &x)| (k, x)),
+    );
+    let first = |t: usize| grid.positions(t).next().is_some_and(active);
+    let Some((dropped, _)) = grid.drop_to(&scores, first, keep) else {
+        return;
+    };
+    drop(scores);
+    for (k, m) in mask.iter_mut().enumerate() {
+        if dropped.get(grid.tile_of(k)) {
+            *m = false;
+        }
+    }
+}
+
+/// The tiles of smallest `Σ |v|` to drop from `mask` (tile-closed; `values` its kept values in
+/// row-major order) so that at most `keep` entries stay, and their entries
+/// ([`TileGrid::drop_to`]).
+fn drop_kept_tiles<F: Float>(
+    grid: &TileGrid,
+    values: &[F],
+    mask: &BitMask,
+    keep: usize,
+) -> Option<(BitMask, usize)> {
+    let scores = grid.scores(mask.ones().zip(values.iter().copied()));
+    grid.drop_to(&scores, |t| grid.kept(mask, t), keep)
 }
 
 /// The `(|v| key, index)` boundary at or below which the `values.len() − keep` entries of

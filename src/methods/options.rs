@@ -14,6 +14,7 @@ use crate::math::init::InitMethod;
 use crate::math::objective::ContractionOrder;
 use crate::math::optim::AdamW;
 use crate::math::sparsity::{GmpSchedule, RiglSchedule, Sparsifier};
+use crate::math::tiles::MaskTiles;
 use crate::math::validation::EarlyStopping;
 use crate::methods::compressor::Compressor;
 use crate::methods::fips::params::FipsParams;
@@ -166,6 +167,9 @@ pub struct MethodOptions {
     pub early_stop: Option<usize>,
     /// Relative improvement that counts for early stopping (fips; default 0).
     pub early_stop_tolerance: Option<f64>,
+    /// How the mask of FiPS's factors is structured (fips; default entry-wise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mask_tiles: Option<MaskTiles>,
 }
 
 impl MethodOptions {
@@ -194,6 +198,7 @@ impl MethodOptions {
             ("contraction", self.contraction.is_some()),
             ("early-stop", self.early_stop.is_some()),
             ("early-stop-tolerance", self.early_stop_tolerance.is_some()),
+            ("mask-tiles", self.mask_tiles.is_some()),
         ];
         flags
             .into_iter()
@@ -234,6 +239,7 @@ impl MethodOptions {
                     "contraction",
                     "early-stop",
                     "early-stop-tolerance",
+                    "mask-tiles",
                 ],
                 "fips has no residuals and no collapse; --svd-train belongs to svd",
             ),
@@ -329,6 +335,9 @@ impl MethodOptions {
             }));
         if let Some(t) = self.threads {
             params = params.threads(t);
+        }
+        if let Some(tiles) = self.mask_tiles {
+            params = params.mask_tiles(tiles);
         }
         params
     }
@@ -486,6 +495,53 @@ mod tests {
                 .sparsifier(),
             Sparsifier::Rigl(_)
         ));
+    }
+
+    /// `--mask-tiles` reaches FiPS's settings, is serialised only when given (so that the
+    /// settings and fingerprints of runs without it read and hash as before, and a tiled run's
+    /// differ), and belongs to fips alone.
+    #[test]
+    fn mask_tiles_is_a_fips_option_in_the_settings() {
+        use crate::math::tiles::MaskTiles;
+        let tiled = MethodOptions {
+            mask_tiles: Some(MaskTiles::Square2),
+            ..Default::default()
+        };
+        let p = tiled.fips_params(&VIT_DEFAULTS);
+        assert_eq!(p.clone().check().unwrap().mask_tiles(), MaskTiles::Square2);
+        let plain = MethodOptions::default().fips_params(&VIT_DEFAULTS);
+        assert_eq!(
+            plain.clone().check().unwrap().mask_tiles(),
+            MaskTiles::Entries
+        );
+        let json = |p: &FipsParams| serde_json::to_value(p).unwrap();
+        assert_eq!(json(&p)["mask_tiles"], "2x2");
+        assert!(json(&plain).get("mask_tiles").is_none());
+        let mut without = json(&p);
+        without.as_object_mut().unwrap().remove("mask_tiles");
+        assert_eq!(without, json(&plain), "the only difference");
+        let back: FipsParams = serde_json::from_value(json(&p)).unwrap();
+        assert_eq!(back, p);
+        let back: FipsParams = serde_json::from_value(json(&plain)).unwrap();
+        assert_eq!(back, plain);
+        assert!(
+            serde_json::to_value(MethodOptions::default())
+                .unwrap()
+                .get("mask_tiles")
+                .is_none()
+        );
+        assert!(matches!(
+            tiled.compressor(Method::Svd, &VIT_DEFAULTS),
+            Err(FipsError::UnusedParameter {
+                name: "mask-tiles",
+                ..
+            })
+        ));
+        for (text, tiles) in [("entries", MaskTiles::Entries), ("2x2", MaskTiles::Square2)] {
+            assert_eq!(text.parse::<MaskTiles>().unwrap(), tiles);
+            assert_eq!(tiles.to_string(), text);
+        }
+        assert!("4x4".parse::<MaskTiles>().is_err());
     }
 
     #[test]

@@ -34,7 +34,7 @@ use fips::methods::params::{
 };
 use fips::{
     Activation, AdamW, BlockGroups, Checkpoint, CompressedModel, ContractionOrder, FipsError,
-    InitMethod, Method, MlpLayout,
+    InitMethod, MaskTiles, Method, MlpLayout,
 };
 use ndarray::Array4;
 
@@ -252,6 +252,11 @@ struct CompressArgs {
     /// fips: relative improvement of the validation error that counts for --early-stop.
     #[arg(long, requires = "early_stop")]
     early_stop_tolerance: Option<f64>,
+    /// fips: structure of the factors' mask: entries, or 2x2 (entries of V kept or dropped in
+    /// 2×2 tiles, for faster sparse inference; the kept count may fall up to 3 short of the
+    /// target).
+    #[arg(long, default_value_t = MaskTiles::default())]
+    mask_tiles: MaskTiles,
     /// Override the MLP activation (default: the naming scheme's).
     #[arg(long)]
     activation: Option<Activation>,
@@ -440,6 +445,7 @@ fn method_options(args: &CompressArgs, given: &[String]) -> MethodOptions {
         contraction: set("contraction").then_some(args.contraction),
         early_stop: args.early_stop,
         early_stop_tolerance: args.early_stop_tolerance,
+        mask_tiles: set("mask_tiles").then_some(args.mask_tiles),
     }
 }
 

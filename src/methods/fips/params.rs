@@ -8,6 +8,7 @@ use crate::math::init::{DEFAULT_TAU, InitMethod};
 use crate::math::objective::ContractionOrder;
 use crate::math::optim::AdamW;
 use crate::math::sparsity::Sparsifier;
+use crate::math::tiles::MaskTiles;
 use crate::math::validation::EarlyStopping;
 use crate::methods::guard::ParamGuard;
 
@@ -45,6 +46,10 @@ pub struct FipsParams {
     contraction: ContractionOrder,
     threads: Option<usize>,
     early_stop: Option<EarlyStopping>,
+    /// Left out of the serialised settings when entry-wise, so that earlier settings (and their
+    /// fingerprints) read and hash as before.
+    #[serde(skip_serializing_if = "MaskTiles::is_entries")]
+    mask_tiles: MaskTiles,
 }
 
 /// Checked FiPS settings: every value is in range. They compress (see
@@ -78,6 +83,7 @@ impl Default for FipsParams {
             contraction: ContractionOrder::Auto,
             threads: None,
             early_stop: None,
+            mask_tiles: MaskTiles::Entries,
         }
     }
 }
@@ -183,6 +189,13 @@ impl FipsParams {
         self.early_stop = early_stop;
         self
     }
+
+    /// How the mask of the sparse factors is structured (default [`MaskTiles::Entries`]; with
+    /// [`MaskTiles::Square2`] entries are kept or dropped in 2×2 tiles of `V`).
+    pub fn mask_tiles(mut self, tiles: MaskTiles) -> Self {
+        self.mask_tiles = tiles;
+        self
+    }
 }
 
 impl ParamGuard for FipsParams {
@@ -267,6 +280,10 @@ impl FipsValidParams {
     /// Early stopping on the validation error, if set.
     pub fn early_stop(&self) -> Option<EarlyStopping> {
         self.0.early_stop
+    }
+    /// How the mask of the sparse factors is structured.
+    pub fn mask_tiles(&self) -> MaskTiles {
+        self.0.mask_tiles
     }
     /// The unchecked settings, to modify and check again.
     pub fn into_params(self) -> FipsParams {

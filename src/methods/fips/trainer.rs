@@ -29,6 +29,7 @@ use crate::math::objective::{
 };
 use crate::math::optim::{AdamWStep, KeptEntries, KeptLayout, Moments};
 use crate::math::sparsity::{MaskSchedule, StepPlan};
+use crate::math::tiles::TileGrid;
 use crate::math::validation::ValidationSet;
 use crate::methods::engine::{Schedule, Trainable, TrainingLoop};
 use crate::methods::fips::params::FipsValidParams;
@@ -367,7 +368,10 @@ impl<'a, F: Float> FactorTrainer<'a, F> {
             .collect();
 
         let target = config.sparsity();
-        let mut schedule = MaskSchedule::new(config.sparsifier(), target, entries, steps);
+        let matrices = shape.blocks * shape.matrices_per_block;
+        let mut schedule = MaskSchedule::new(config.sparsifier(), target, entries, steps).tiled(
+            TileGrid::of(config.mask_tiles(), rank, matrices, shape.intermediate),
+        );
 
         // The untrained model at the budget: the initialisation pruned to the target sparsity
         // (only a mask is copied: the assembled factors zero the values outside it), measured
@@ -393,7 +397,6 @@ impl<'a, F: Float> FactorTrainer<'a, F> {
         let mut kept = KeptEntries::from_values(compact(v, &bools)?);
         let mask = BitMask::from_bools(&bools);
         drop(bools);
-        let matrices = shape.blocks * shape.matrices_per_block;
         let kept_layout = KeptLayout::new(&mask, rank, matrices, shape.intermediate);
         if steps > 0 {
             kept.start_moments();
@@ -664,6 +667,7 @@ impl<F: Float> Trainable for FactorProblem<'_, F> {
         if !matches!(plan, StepPlan::Unchanged) {
             plan.finish(&adam, &mut self.kept, mask, &self.layout)?;
             self.layout.refresh(mask);
+            self.schedule.recount(mask);
         }
         Ok(loss)
     }
@@ -1170,7 +1174,8 @@ mod tests {
     /// The update of `V` fused into the backward pass, one matrix at a time (no dense gradient of
     /// `V`), on `V` held as its kept entries (each matrix decoded when read), gives the dense
     /// step's loss, `U`, `V`, mask, biases and moments bit for bit at every step: RigL with
-    /// several mask updates, GMP with pruning steps, dense, in both contraction orders. At every
+    /// several mask updates, GMP with pruning steps, dense, both sparsifiers again with 2×2 tiles
+    /// (against the tiled dense reference), in both contraction orders. At every
     /// step the trainer holds exactly one value and two moments per kept entry.
     #[test]
     fn fused_update_of_v_equals_the_dense_gradient_step_bitwise() {
@@ -1188,10 +1193,18 @@ mod tests {
             interval: 4,
             ..GmpSchedule::default()
         });
-        for (sparsifier, s) in [(rigl, 0.75), (gmp, 0.75), (Sparsifier::None, 0.0)] {
+        use crate::math::tiles::MaskTiles::{Entries, Square2};
+        for (sparsifier, s, tiles) in [
+            (rigl, 0.75, Entries),
+            (gmp, 0.75, Entries),
+            (Sparsifier::None, 0.0, Entries),
+            (rigl, 0.75, Square2),
+            (gmp, 0.75, Square2),
+        ] {
             for order in [Order::FactorsFirst, Order::WeightsFirst] {
                 let compressor = FipsParams::new()
                     .sparsity(s)
+                    .mask_tiles(tiles)
                     .sparsifier(sparsifier)
                     .steps(60)
                     .batch_tokens(32)
@@ -1214,7 +1227,7 @@ mod tests {
                         .unwrap();
                     let loss = fused.step().unwrap().unwrap().loss;
                     let (a, b) = (&fused.0.problem, &reference.0.problem);
-                    let what = format!("{sparsifier} {order} step {step}");
+                    let what = format!("{sparsifier} {tiles} {order} step {step}");
                     assert_eq!(loss.to_bits(), expected.to_bits(), "{what}: loss");
                     let mask = a.mask.to_bools();
                     assert_eq!(&mask[..], dense.mask.as_slice().unwrap(), "{what}: mask");
@@ -1268,6 +1281,106 @@ mod tests {
                     "{sparsifier} {order}: final error"
                 );
             }
+        }
+    }
+
+    /// With 2×2 tiles (odd rank and odd `I`: edge tiles too) every mask of `V`, after the
+    /// initial pruning, after every RigL and GMP update, and after the final pruning of a run
+    /// stopped early, keeps or drops each tile whole, holds `target − 3 ≤ nnz ≤ target` entries
+    /// once at the target (never more), reports the actual sparsity, and the decoded `V` is zero
+    /// outside it.
+    #[test]
+    fn tiled_masks_stay_tile_closed_at_every_update() {
+        use crate::math::budget::{Budget, nonzeros_for_sparsity};
+        use crate::math::sparsity::{GmpSchedule, RiglSchedule, Sparsifier};
+        use crate::math::tiles::MaskTiles;
+        let mut rng = ChaCha8Rng::seed_from_u64(21);
+        let (d, i) = (12, 21);
+        let group = gated_blocks(&mut rng, 2, d, i);
+        let calibration = Calibration::<f32>::gaussian(2, 200, d, 4).unwrap();
+        let rigl = Sparsifier::Rigl(RiglSchedule {
+            drop_fraction: 0.3,
+            interval: 5,
+            end_fraction: 0.75,
+        });
+        let gmp = Sparsifier::Gmp(GmpSchedule {
+            interval: 4,
+            ..GmpSchedule::default()
+        });
+        for (sparsifier, stop) in [(rigl, 40), (gmp, 40), (gmp, 12)] {
+            let compressor = FipsParams::new()
+                .budget(Budget::Rank(7))
+                .sparsity(0.7)
+                .sparsifier(sparsifier)
+                .steps(40)
+                .batch_tokens(32)
+                .learning_rate(1e-2)
+                .mask_tiles(MaskTiles::Square2)
+                .check()
+                .unwrap();
+            assert_eq!(compressor.mask_tiles(), MaskTiles::Square2);
+            let mut t = compressor.trainer(&group, &calibration).unwrap();
+            let rank = t.rank();
+            let grid = TileGrid::of(MaskTiles::Square2, rank, 2 * 3, i).unwrap();
+            let entries = rank * 2 * 3 * i;
+            let target = nonzeros_for_sparsity(entries, 0.7);
+            let check = |p: &FactorProblem<'_, f32>, what: &str, at_target: bool| {
+                assert_eq!(p.mask.len(), entries, "{what}");
+                assert!(grid.closed(&p.mask), "{what}: a tile is split");
+                let nnz = p.mask.count();
+                assert_eq!(p.kept.len(), nnz, "{what}");
+                assert!(nnz < entries, "{what}: sparse");
+                if at_target {
+                    assert!(
+                        nnz <= target && target - nnz < 4,
+                        "{what}: {nnz} vs {target}"
+                    );
+                }
+                let v = p.decoded_v().unwrap();
+                let bools = p.mask.to_bools();
+                for (x, &m) in v.iter().zip(&bools) {
+                    assert!(m || *x == 0.0, "{what}: a value outside the mask");
+                }
+                let sparsity = 1.0 - nnz as f64 / entries as f64;
+                assert_eq!(p.schedule.sparsity(), sparsity, "{what}: reported sparsity");
+            };
+            let is_rigl = matches!(sparsifier, Sparsifier::Rigl(_));
+            check(&t.0.problem, &format!("{sparsifier} prepare"), is_rigl);
+            let (mut changes, mut joined) = (0, 0);
+            for step in 1..=stop {
+                let before = t.0.problem.mask.clone();
+                t.step().unwrap();
+                let what = format!("{sparsifier} step {step}");
+                check(&t.0.problem, &what, is_rigl || step >= 30);
+                changes += usize::from(before != t.0.problem.mask);
+                // Entries that joined started at zero with zero moments: after one AdamW step
+                // from there `m = (1 − β₁) g` and `v = (1 − β₂) g²`, so `v = 0.1 m²` (β defaults).
+                let p = &t.0.problem;
+                let (mask, before) = (p.mask.to_bools(), before.to_bools());
+                let (m, v) = p.kept.scattered(&mask);
+                for k in (0..entries).filter(|&k| mask[k] && !before[k]) {
+                    let fresh = 0.1 * m[k] * m[k];
+                    assert!(
+                        (v[k] - fresh).abs() <= 1e-3 * fresh,
+                        "{what}: entry {k} moments"
+                    );
+                    joined += 1;
+                }
+                assert!(is_rigl || joined == 0, "{what}: GMP only prunes");
+            }
+            assert!(!is_rigl || joined > 0, "RigL regrew nothing new");
+            let least = if stop == 40 { 5 } else { 1 };
+            assert!(changes >= least, "{sparsifier}: {changes} mask updates");
+            // The final pruning (early stop: GMP short of the target).
+            let p = &mut t.0.problem;
+            assert_eq!(stop < 30, p.mask.count() > target, "{sparsifier} {stop}");
+            p.schedule.finish(&mut p.kept, &mut p.mask);
+            p.layout.refresh(&p.mask);
+            check(p, &format!("{sparsifier} finish after {stop}"), true);
+            let report = t.finish().unwrap().report;
+            let details = report.fips().unwrap();
+            assert!(details.nnz <= target && target - details.nnz < 4);
+            assert_eq!(details.sparsity, 1.0 - details.nnz as f64 / entries as f64);
         }
     }
 
