@@ -108,6 +108,14 @@ fn run_one(args: &Args, path: &str) -> Res<()> {
     let compact_blocks = (0..vit.config().depth)
         .filter(|&b| matches!(vit.block_mlp(b), Ok(BlockMlp::Compact { .. })))
         .count();
+    // Factors of the groups (each counted at its first block) held in the tiled layout.
+    let (mut tiled, mut factors) = (0, 0);
+    for b in 0..vit.config().depth {
+        if let Ok(BlockMlp::Compact { group, position: 0 }) = vit.block_mlp(b) {
+            tiled += group.tiled_factor_count();
+            factors += group.factor_count();
+        }
+    }
     let start = Instant::now();
     let mut parts = Vec::new();
     for chunk in items.chunks(IMAGE_BATCH) {
@@ -130,6 +138,7 @@ fn run_one(args: &Args, path: &str) -> Res<()> {
         "file_bytes": std::fs::metadata(&file)?.len(),
         "parameters": vit.parameter_count(),
         "compact_blocks": compact_blocks,
+        "tiled_factors": format!("{tiled}/{factors}"),
         "depth": vit.config().depth,
         "images": labels.len(),
         "top1": acc.top1,

@@ -209,6 +209,16 @@ impl AnyCompactGroup {
         each!(self, g => g.forward(block, x))
     }
 
+    /// Sparse factors held in the tiled layout (see [`CompactGroup::tiled_factor_count`]).
+    pub fn tiled_factor_count(&self) -> usize {
+        each!(self, g => g.tiled_factor_count())
+    }
+
+    /// Sparse factors.
+    pub fn factor_count(&self) -> usize {
+        each!(self, g => g.factor_count())
+    }
+
     /// [`AnyCompactGroup::forward`] reusing `buffers` (see [`CompactGroup::forward_with`]).
     pub fn forward_with(
         &self,

@@ -331,6 +331,15 @@ impl<S: StorageFloat> CompactGroup<S> {
         })
     }
 
+    /// Number of sparse factors held in the tiled layout ([`crate::repr::sparse_tiled`]): those
+    /// whose kept entries form whole 2×2 tiles (FiPS trained with [`crate::MaskTiles::Square2`]).
+    pub fn tiled_factor_count(&self) -> usize {
+        self.factors
+            .iter()
+            .filter(|f| matches!(f, Factor::Tiled(..)))
+            .count()
+    }
+
     /// Number of sparse factors.
     pub fn factor_count(&self) -> usize {
         self.factors.len()

@@ -1,5 +1,5 @@
 //! The inference layout of a sparse matrix whose kept entries come in whole 2×2 tiles (FiPS
-//! trained with 2×2 mask tiles, `fips compress --mask-tiles 2x2`): row pairs, each a list of kept tiles.
+//! trained with [`crate::MaskTiles::Square2`] masks, `fips compress --mask-tiles 2x2`): row pairs, each a list of kept tiles.
 //!
 //! Tile `(p, q)` covers rows `2p, 2p + 1` and columns `2q, 2q + 1`; its four values are stored
 //! together as `[m[2p, 2q], m[2p, 2q + 1], m[2p + 1, 2q], m[2p + 1, 2q + 1]]` (zero where the
