@@ -590,14 +590,11 @@ impl<S: StorageFloat> CompactGroup<S> {
         bias: Option<&[S]>,
         inputs: &mut Vec<f32>,
     ) {
+        let plan = self.plan();
         match &self.factors[j] {
-            Factor::Blocked(b, _) => {
-                spmm_blocked(b, x, tp, out, bias, self.plan(), inputs);
-            }
-            Factor::Tiled(m, _) => {
-                spmm_tiled(m, x, tp, out, bias, self.plan(), inputs);
-            }
-            Factor::Rows(m) => spmm(m, x, tp, out, bias, self.threads),
+            Factor::Blocked(b, _) => split_product(b, x, tp, out, bias, plan, inputs),
+            Factor::Tiled(m, _) => split_product(m, x, tp, out, bias, plan, inputs),
+            Factor::Rows(m) => split_product(m, x, tp, out, bias, plan, inputs),
         }
     }
 
@@ -752,48 +749,137 @@ fn widen_panel<S: StorageFloat>(src: &[S], dst: &mut [f32]) {
     pulp::Arch::new().dispatch(|| S::widen(src, dst));
 }
 
+/// A sparse layout whose products split over threads by contiguous units of output rows (rows,
+/// 128-row blocks, row pairs), each part writing its own rows.
+trait SplitProduct<S: StorageFloat>: Sync {
+    /// Units of output rows.
+    fn units(&self) -> usize;
+    /// Output rows of units `0..k`.
+    fn rows_before(&self, k: usize) -> usize;
+    /// Kept entries (multiply-adds per token) of units `0..k`, non-decreasing in `k`.
+    fn nnz_before(&self, k: usize) -> usize;
+    /// The inputs as the kernels read them: `x` itself, or a copy rearranged into `inputs`.
+    fn arrange<'a>(&self, x: &'a [f32], tp: usize, inputs: &'a mut Vec<f32>) -> &'a [f32];
+    /// `out = bias + m x` for the rows of `part.units`, with fused multiply-adds when `FUSED`
+    /// (called inside `pulp`'s dispatch: plain ones only for the scalar fallback).
+    fn product<const FUSED: bool>(&self, part: Part<'_, S>);
+}
+
+/// One thread's share of a sparse product.
+struct Part<'a, S> {
+    /// Inputs as [`SplitProduct::arrange`] gave them.
+    x: &'a [f32],
+    tp: usize,
+    /// The rows of `units`, token-minor.
+    out: &'a mut [f32],
+    bias: Option<&'a [S]>,
+    units: Range<usize>,
+    kernel: KernelChoice,
+}
+
 /// `out[i, :] = bias[i] + Σ_k m[i, k] x[k, :]` for token-minor `x` (`cols × tp`) and `out`
-/// (`rows × tp`), `tp` = 1 or a multiple of 16; rows split over at most `threads` threads.
-pub(crate) fn spmm<S: StorageFloat>(
-    m: &CompactMatrix<S>,
+/// (`rows × tp`), `tp` = 1 or a multiple of 16: units split over at most `plan.threads` threads
+/// (parts of equal kept entries, none below [`MIN_WORK_PER_THREAD`] multiply-adds), each part
+/// compiled for the vector extensions `pulp` detects. The bits do not depend on the split.
+fn split_product<S: StorageFloat, L: SplitProduct<S>>(
+    m: &L,
     x: &[f32],
     tp: usize,
     out: &mut [f32],
     bias: Option<&[S]>,
-    threads: usize,
+    plan: KernelPlan,
+    inputs: &mut Vec<f32>,
 ) {
-    let rows = m.rows();
-    let nnz = m.nnz();
-    let work = nnz.saturating_mul(tp).max(rows * tp);
-    let parts = threads.min(work / MIN_WORK_PER_THREAD).clamp(1, rows);
-    // Row boundaries splitting the kept entries evenly.
-    let offsets = m.pattern().offsets();
-    let mut bounds = Vec::with_capacity(parts + 1);
-    bounds.push(0usize);
+    let units = m.units();
+    let nnz = m.nnz_before(units);
+    let work = nnz.saturating_mul(tp).max(m.rows_before(units) * tp);
+    let parts = plan
+        .threads
+        .min(work / MIN_WORK_PER_THREAD)
+        .clamp(1, units.max(1));
+    let mut bounds = vec![0usize];
     for p in 1..parts {
+        // The first unit at which the kept entries before it reach the part's share.
         let target = nnz / parts * p;
-        let row = offsets.partition_point(|&o| o < target).min(rows);
-        bounds.push(row.max(*bounds.last().unwrap_or(&0)));
+        let (mut lo, mut hi) = (*bounds.last().unwrap_or(&0), units);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if m.nnz_before(mid) < target {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        bounds.push(lo);
     }
-    bounds.push(rows);
+    bounds.push(units);
     let mut chunks = Vec::with_capacity(parts);
     let mut rest = out;
     for w in bounds.windows(2) {
-        let (head, tail) = rest.split_at_mut((w[1] - w[0]) * tp);
+        let rows = m.rows_before(w[1]) - m.rows_before(w[0]);
+        let (head, tail) = rest.split_at_mut(rows * tp);
         chunks.push((w[0]..w[1], head));
         rest = tail;
     }
-    let run = |(range, out): (Range<usize>, &mut [f32])| {
-        pulp::Arch::new().dispatch(Rows {
+    let x = m.arrange(x, tp, inputs);
+    run_parts(chunks, |(units, out)| {
+        pulp::Arch::new().dispatch(Dispatch {
             m,
-            x,
-            tp,
-            out,
-            bias,
-            range,
+            part: Part {
+                x,
+                tp,
+                out,
+                bias,
+                units,
+                kernel: plan.kernel,
+            },
+            _storage: std::marker::PhantomData,
         });
-    };
-    run_parts(chunks, run);
+    });
+}
+
+/// [`SplitProduct::product`] inside `pulp`'s dispatch.
+struct Dispatch<'a, S, L> {
+    m: &'a L,
+    part: Part<'a, S>,
+    _storage: std::marker::PhantomData<S>,
+}
+
+impl<S: StorageFloat, L: SplitProduct<S>> pulp::WithSimd for Dispatch<'_, S, L> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<V: pulp::Simd>(self, _simd: V) {
+        // Fused multiply-adds wherever the dispatch found vector FMA; plain ones otherwise.
+        if std::any::TypeId::of::<V>() == std::any::TypeId::of::<pulp::Scalar>() {
+            self.m.product::<false>(self.part);
+        } else {
+            self.m.product::<true>(self.part);
+        }
+    }
+}
+
+impl<S: StorageFloat> SplitProduct<S> for CompactMatrix<S> {
+    fn units(&self) -> usize {
+        self.rows()
+    }
+
+    fn rows_before(&self, k: usize) -> usize {
+        k
+    }
+
+    fn nnz_before(&self, k: usize) -> usize {
+        self.pattern().offsets()[k]
+    }
+
+    fn arrange<'a>(&self, x: &'a [f32], _tp: usize, _inputs: &'a mut Vec<f32>) -> &'a [f32] {
+        x
+    }
+
+    #[inline(always)]
+    fn product<const FUSED: bool>(&self, part: Part<'_, S>) {
+        rows_kernel::<S, FUSED>(self, part);
+    }
 }
 
 /// Runs `work` on every part: the first on the calling thread, the others on scoped threads.
@@ -951,212 +1037,92 @@ impl<S: StorageFloat> pulp::WithSimd for DotRows<'_, S> {
     }
 }
 
-/// [`spmm`] for the blocked layout: row blocks split over at most `threads` threads; one token
-/// with the kernel `kernel` selects (AVX-512, else AVX2 + FMA, else the generic walk).
-pub(crate) fn spmm_blocked<S: StorageFloat>(
-    m: &BlockedMatrix<S>,
-    x: &[f32],
-    tp: usize,
-    out: &mut [f32],
-    bias: Option<&[S]>,
-    KernelPlan { threads, kernel }: KernelPlan,
-    inputs: &mut Vec<f32>,
-) {
-    let blocks = m.blocks();
-    let nnz = m.block_nnz(0..blocks);
-    let work = nnz.saturating_mul(tp).max(m.rows() * tp);
-    let parts = threads.min(work / MIN_WORK_PER_THREAD).clamp(1, blocks);
-    let mut bounds = vec![0usize];
-    for p in 1..parts {
-        let target = nnz / parts * p;
-        let mut k = *bounds.last().unwrap_or(&0);
-        while k < blocks && m.block_nnz(0..k) < target {
-            k += 1;
+/// The blocked layout splits by 128-row blocks; one token takes the kernel `kernel` selects
+/// (AVX-512, else AVX2 + FMA, else the generic walk).
+impl<S: StorageFloat> SplitProduct<S> for BlockedMatrix<S> {
+    fn units(&self) -> usize {
+        self.blocks()
+    }
+
+    fn rows_before(&self, k: usize) -> usize {
+        (k * BLOCK_ROWS).min(self.rows())
+    }
+
+    fn nnz_before(&self, k: usize) -> usize {
+        self.block_nnz(0..k)
+    }
+
+    fn arrange<'a>(&self, x: &'a [f32], tp: usize, inputs: &'a mut Vec<f32>) -> &'a [f32] {
+        if tp > 16 {
+            tile_major(x, self.cols(), tp, inputs);
+            &inputs[..]
+        } else {
+            x
         }
-        bounds.push(k);
     }
-    bounds.push(blocks);
-    let mut chunks = Vec::with_capacity(parts);
-    let mut rest = out;
-    for w in bounds.windows(2) {
-        let rows = (w[1] * BLOCK_ROWS).min(m.rows()) - (w[0] * BLOCK_ROWS).min(m.rows());
-        let (head, tail) = rest.split_at_mut(rows * tp);
-        chunks.push((w[0]..w[1], head));
-        rest = tail;
-    }
-    let x = if tp > 16 {
-        tile_major(x, m.cols(), tp, inputs);
-        &inputs[..]
-    } else {
-        x
-    };
-    let run = |(blocks, out): (Range<usize>, &mut [f32])| {
+
+    #[inline(always)]
+    fn product<const FUSED: bool>(&self, part: Part<'_, S>) {
+        let Part {
+            x,
+            tp,
+            out,
+            bias,
+            units,
+            kernel,
+        } = part;
         // One token: the expand kernels (accumulators in registers, no scatter), AVX-512 first.
         #[cfg(target_arch = "x86_64")]
-        if tp == 1 {
+        if tp == 1 && FUSED {
             if kernel == KernelChoice::Auto
                 && let Some(simd) = pulp::x86::V4::try_new()
             {
-                simd.vectorize(|| one_token_v4(simd, m, x, out, bias, blocks));
+                simd.vectorize(|| one_token_v4(simd, self, x, out, bias, units));
                 return;
             }
             if kernel != KernelChoice::Generic
                 && let Some(simd) = pulp::x86::V3::try_new()
             {
-                simd.vectorize(|| one_token_v3(simd, m, x, out, bias, blocks));
+                simd.vectorize(|| one_token_v3(simd, self, x, out, bias, units));
                 return;
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
         let _ = kernel;
-        pulp::Arch::new().dispatch(Blocks {
-            m,
-            x,
-            tp,
-            out,
-            bias,
-            blocks,
-        });
-    };
-    run_parts(chunks, run);
+        blocked_rows::<S, FUSED>(self, x, tp, out, bias, units);
+    }
 }
 
-/// [`spmm`] for the tiled layout: row pairs split over at most `threads` threads by kept
-/// tiles.
-pub(crate) fn spmm_tiled<S: StorageFloat>(
-    m: &TiledMatrix<S>,
-    x: &[f32],
-    tp: usize,
-    out: &mut [f32],
-    bias: Option<&[S]>,
-    KernelPlan { threads, kernel }: KernelPlan,
-    inputs: &mut Vec<f32>,
-) {
-    let pairs = m.pairs();
-    let tiles = m.pair_tiles(0..pairs);
-    let work = tiles.saturating_mul(4 * tp).max(m.rows() * tp);
-    let parts = threads
-        .min(work / MIN_WORK_PER_THREAD)
-        .clamp(1, pairs.max(1));
-    let mut bounds = vec![0usize];
-    for p in 1..parts {
-        let target = tiles / parts * p;
-        let lo = *bounds.last().unwrap_or(&0);
-        let mut k = lo;
-        while k < pairs && m.pair_tiles(0..k) < target {
-            k += 1;
-        }
-        bounds.push(k);
+/// The tiled layout splits by row pairs.
+impl<S: StorageFloat> SplitProduct<S> for TiledMatrix<S> {
+    fn units(&self) -> usize {
+        self.pairs()
     }
-    bounds.push(pairs);
-    let mut chunks = Vec::with_capacity(parts);
-    let mut rest = out;
-    for w in bounds.windows(2) {
-        let rows = (2 * w[1]).min(m.rows()) - (2 * w[0]).min(m.rows());
-        let (head, tail) = rest.split_at_mut(rows * tp);
-        chunks.push((w[0]..w[1], head));
-        rest = tail;
+
+    fn rows_before(&self, k: usize) -> usize {
+        (2 * k).min(self.rows())
     }
-    window_major(x, m.cols(), tp, inputs);
-    let x = &inputs[..];
-    let run = |(pairs, out): (Range<usize>, &mut [f32])| {
-        pulp::Arch::new().dispatch(TiledPairs {
-            m,
+
+    fn nnz_before(&self, k: usize) -> usize {
+        4 * self.pair_tiles(0..k)
+    }
+
+    fn arrange<'a>(&self, x: &'a [f32], tp: usize, inputs: &'a mut Vec<f32>) -> &'a [f32] {
+        window_major(x, self.cols(), tp, inputs);
+        &inputs[..]
+    }
+
+    #[inline(always)]
+    fn product<const FUSED: bool>(&self, part: Part<'_, S>) {
+        let Part {
             x,
             tp,
             out,
             bias,
-            pairs,
+            units,
             kernel,
-        });
-    };
-    run_parts(chunks, run);
-}
-
-/// One thread's share of [`spmm_tiled`], compiled for the vector extensions `pulp` detects.
-struct TiledPairs<'a, S> {
-    m: &'a TiledMatrix<S>,
-    x: &'a [f32],
-    tp: usize,
-    out: &'a mut [f32],
-    bias: Option<&'a [S]>,
-    pairs: Range<usize>,
-    kernel: KernelChoice,
-}
-
-impl<S: StorageFloat> pulp::WithSimd for TiledPairs<'_, S> {
-    type Output = ();
-
-    #[inline(always)]
-    fn with_simd<V: pulp::Simd>(self, _simd: V) {
-        let TiledPairs {
-            m,
-            x,
-            tp,
-            out,
-            bias,
-            pairs,
-            kernel,
-        } = self;
-        if std::any::TypeId::of::<V>() == std::any::TypeId::of::<pulp::Scalar>() {
-            tiled_rows::<S, false>(m, x, tp, out, bias, pairs, kernel);
-        } else {
-            tiled_rows::<S, true>(m, x, tp, out, bias, pairs, kernel);
-        }
-    }
-}
-
-struct Blocks<'a, S> {
-    m: &'a BlockedMatrix<S>,
-    x: &'a [f32],
-    tp: usize,
-    out: &'a mut [f32],
-    bias: Option<&'a [S]>,
-    blocks: Range<usize>,
-}
-
-impl<S: StorageFloat> pulp::WithSimd for Blocks<'_, S> {
-    type Output = ();
-
-    #[inline(always)]
-    fn with_simd<V: pulp::Simd>(self, _simd: V) {
-        let Blocks {
-            m,
-            x,
-            tp,
-            out,
-            bias,
-            blocks,
-        } = self;
-        if std::any::TypeId::of::<V>() == std::any::TypeId::of::<pulp::Scalar>() {
-            blocked_rows::<S, false>(m, x, tp, out, bias, blocks);
-        } else {
-            blocked_rows::<S, true>(m, x, tp, out, bias, blocks);
-        }
-    }
-}
-
-/// One thread's share of [`spmm`], compiled for the vector extensions `pulp` detects.
-struct Rows<'a, S> {
-    m: &'a CompactMatrix<S>,
-    x: &'a [f32],
-    tp: usize,
-    out: &'a mut [f32],
-    bias: Option<&'a [S]>,
-    range: Range<usize>,
-}
-
-impl<S: StorageFloat> pulp::WithSimd for Rows<'_, S> {
-    type Output = ();
-
-    #[inline(always)]
-    fn with_simd<V: pulp::Simd>(self, _simd: V) {
-        // Fused multiply-adds wherever the dispatch found vector FMA; plain ones otherwise.
-        if std::any::TypeId::of::<V>() == std::any::TypeId::of::<pulp::Scalar>() {
-            rows_kernel::<S, false>(self);
-        } else {
-            rows_kernel::<S, true>(self);
-        }
+        } = part;
+        tiled_rows::<S, FUSED>(self, x, tp, out, bias, units, kernel);
     }
 }
 
@@ -1167,15 +1133,15 @@ fn madd<const FUSED: bool>(a: f32, b: f32, c: f32) -> f32 {
 }
 
 #[inline(always)]
-fn rows_kernel<S: StorageFloat, const FUSED: bool>(k: Rows<'_, S>) {
-    let Rows {
-        m,
+fn rows_kernel<S: StorageFloat, const FUSED: bool>(m: &CompactMatrix<S>, part: Part<'_, S>) {
+    let Part {
         x,
         tp,
         out,
         bias,
-        range,
-    } = k;
+        units: range,
+        ..
+    } = part;
     let start = range.start;
     let pattern = m.pattern();
     let mut columns: Vec<u32> = Vec::new();
@@ -1533,7 +1499,7 @@ mod tests {
         }
     }
 
-    /// `spmm_blocked` (every kernel: one token, 16- and 32-token tiles, threads) against the
+    /// `split_product` on the blocked layout (every kernel: one token, 16- and 32-token tiles, threads) against the
     /// dense product in f64, on random patterns with an empty row, an empty column and a full row.
     fn check_products<S: StorageFloat>(rows: usize, cols: usize, density: f64, seed: u64) {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -1558,7 +1524,7 @@ mod tests {
             let kernels = [KernelChoice::Auto, KernelChoice::V3, KernelChoice::Generic];
             for (threads, kernel) in [1, 3].into_iter().flat_map(|n| kernels.map(|k| (n, k))) {
                 let mut out = vec![f32::NAN; rows * tp];
-                spmm_blocked(
+                split_product(
                     &b,
                     &x,
                     tp,
@@ -1623,7 +1589,7 @@ mod tests {
         for bias in [Some(&bias[..]), None] {
             let run = |kernel| {
                 let mut out = vec![f32::NAN; rows];
-                spmm_blocked(
+                split_product(
                     &b,
                     &x,
                     1,
@@ -1709,7 +1675,7 @@ mod tests {
             let run = |threads: usize| {
                 let mut out = vec![f32::NAN; rows * tp];
                 let mut inputs = Vec::new();
-                spmm_tiled(
+                split_product(
                     &t,
                     &x,
                     tp,
