@@ -10,6 +10,7 @@ pub mod init;
 pub mod limits;
 pub mod objective;
 pub mod optim;
+pub(crate) mod select;
 pub mod sparsity;
 pub mod subset;
 pub mod tiles;

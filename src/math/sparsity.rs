@@ -15,6 +15,7 @@ use crate::foundation::kernels::RowSplit;
 use crate::math::bitmask::BitMask;
 use crate::math::budget::nonzeros_for_sparsity;
 use crate::math::optim::{AdamWStep, KeptEntries, KeptLayout};
+use crate::math::select::kth_smallest;
 use crate::math::tiles::{BestTiles, TileGrid};
 
 /// Gradual magnitude pruning on an accelerated cubic schedule.
@@ -1136,60 +1137,6 @@ fn select_and_drop<F: Float>(
     if let Some(c) = compaction {
         c.finish();
     }
-}
-
-/// Bits of the key decided per pass of [`kth_smallest`] (a histogram of `2^16` counts).
-const RADIX_BITS: u32 = 16;
-
-/// The element of 0-based rank `rank` among the candidates `k ∈ 0..len` (those with
-/// `key(k) = Some(x)`), ordered by `(x, k)`: returns that `(x, k)`, or `None` if there are at
-/// most `rank` candidates. The candidates of rank `≤ rank` are then exactly those with
-/// `(x, k) ≤` the result.
-///
-/// Radix selection over `key_bits`-bit keys, [`RADIX_BITS`] bits per pass: each pass counts the
-/// candidates sharing the prefix decided so far by their next digit and descends into the digit
-/// holding the rank; a last pass finds the position among the candidates with exactly that key.
-/// `⌈key_bits / 16⌉ + 1` passes over the candidates (O(len) time), `2^16` counts of memory.
-pub(crate) fn kth_smallest(
-    len: usize,
-    rank: usize,
-    key_bits: u32,
-    key: impl Fn(usize) -> Option<u64>,
-) -> Option<(u64, usize)> {
-    let mut rank = rank;
-    let mut prefix = 0u64;
-    let mut decided = 0u32;
-    let mut counts = vec![0usize; 1 << RADIX_BITS];
-    while decided < key_bits {
-        let width = RADIX_BITS.min(key_bits - decided);
-        let shift = key_bits - decided - width;
-        let digits = &mut counts[..1 << width];
-        digits.fill(0);
-        let digit_mask = (1u64 << width) - 1;
-        for x in (0..len).filter_map(&key) {
-            let high = x >> shift;
-            if high >> width == prefix {
-                digits[(high & digit_mask) as usize] += 1;
-            }
-        }
-        let mut below = 0usize;
-        let mut found = None;
-        for (digit, &n) in digits.iter().enumerate() {
-            if rank < below + n {
-                found = Some(digit as u64);
-                break;
-            }
-            below += n;
-        }
-        let digit = found?;
-        rank -= below;
-        prefix = (prefix << width) | digit;
-        decided += width;
-    }
-    (0..len)
-        .filter(|&k| key(k) == Some(prefix))
-        .nth(rank)
-        .map(|k| (prefix, k))
 }
 
 #[cfg(test)]

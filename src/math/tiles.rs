@@ -14,6 +14,7 @@ use std::str::FromStr;
 use crate::foundation::error::{FipsError, invalid};
 use crate::foundation::float::Float;
 use crate::math::bitmask::BitMask;
+use crate::math::select::weighted_kth_smallest;
 
 /// How the mask of FiPS's sparse factors is structured.
 #[derive(
@@ -212,65 +213,6 @@ impl TileGrid {
         }
         Some((dropped, weight))
     }
-}
-
-/// The candidate holding weight-rank `rank` among the candidates `k ∈ 0..len` (those with
-/// `key(k) = Some((x, w))`, `w` entries each), ordered by `(x, k)`: the one whose cumulative
-/// weight range `[below, below + w)` contains `rank`, returned as `(x, k)`; `None` if the
-/// candidates' weights sum to at most `rank`. The candidates `≤` the result hold at least
-/// `rank + 1` and less than `rank + 1 + w` entries; those `<` it hold at most `rank`.
-///
-/// [`kth_smallest`](crate::math::sparsity::kth_smallest) with weights: a radix selection over
-/// `key_bits`-bit keys, 16 bits per pass, summing weights instead of counting.
-pub(crate) fn weighted_kth_smallest(
-    len: usize,
-    rank: usize,
-    key_bits: u32,
-    key: impl Fn(usize) -> Option<(u64, usize)>,
-) -> Option<(u64, usize)> {
-    const RADIX_BITS: u32 = 16;
-    let mut rank = rank;
-    let mut prefix = 0u64;
-    let mut decided = 0u32;
-    let mut sums = vec![0usize; 1 << RADIX_BITS];
-    while decided < key_bits {
-        let width = RADIX_BITS.min(key_bits - decided);
-        let shift = key_bits - decided - width;
-        let digits = &mut sums[..1 << width];
-        digits.fill(0);
-        let digit_mask = (1u64 << width) - 1;
-        for (x, w) in (0..len).filter_map(&key) {
-            let high = x >> shift;
-            if high >> width == prefix {
-                digits[(high & digit_mask) as usize] += w;
-            }
-        }
-        let mut below = 0usize;
-        let mut found = None;
-        for (digit, &n) in digits.iter().enumerate() {
-            if rank < below + n {
-                found = Some(digit as u64);
-                break;
-            }
-            below += n;
-        }
-        let digit = found?;
-        rank -= below;
-        prefix = (prefix << width) | digit;
-        decided += width;
-    }
-    let mut below = 0usize;
-    for k in 0..len {
-        if let Some((x, w)) = key(k)
-            && x == prefix
-        {
-            if rank < below + w {
-                return Some((prefix, k));
-            }
-            below += w;
-        }
-    }
-    None
 }
 
 /// The candidates for regrowth with the largest tile score `Σ |∂L/∂V|` seen so far, each with
