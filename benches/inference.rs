@@ -31,7 +31,11 @@
 #[path = "../examples/support/mod.rs"]
 mod support;
 
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::measurement::WallTime;
+use criterion::{
+    BenchmarkGroup, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main,
+};
+use fips::repr::compact::StorageFloat;
 use fips::repr::sparse_blocked::KernelChoice;
 use fips::repr::sparse_mlp::{CompactGroup, ForwardBuffers};
 use fips::{
@@ -182,28 +186,10 @@ fn bench_shape(c: &mut Criterion, s: &Shape, threads: usize) {
         group.bench_with_input(BenchmarkId::new("dense", t), &x, |b, x| {
             b.iter(|| dense.forward(x.view()).expect("dense forward"))
         });
-        for (name, block) in [("compact-f32", &compact), ("compact-tiled-f32", &tiled)] {
-            group.throughput(Throughput::Bytes(block.block_bytes_read() as u64));
-            group.bench_with_input(BenchmarkId::new(name, t), &x, |b, x| {
-                let mut buffers = ForwardBuffers::default();
-                b.iter(|| {
-                    block
-                        .forward_with(0, x.view(), &mut buffers)
-                        .expect("compact forward")
-                })
-            });
-        }
-        for (name, block) in [("compact-bf16", &bf16), ("compact-tiled-bf16", &tiled_bf16)] {
-            group.throughput(Throughput::Bytes(block.block_bytes_read() as u64));
-            group.bench_with_input(BenchmarkId::new(name, t), &x, |b, x| {
-                let mut buffers = ForwardBuffers::default();
-                b.iter(|| {
-                    block
-                        .forward_with(0, x.view(), &mut buffers)
-                        .expect("bf16 forward")
-                })
-            });
-        }
+        bench_compact(&mut group, "compact-f32", &compact, &x);
+        bench_compact(&mut group, "compact-tiled-f32", &tiled, &x);
+        bench_compact(&mut group, "compact-bf16", &bf16, &x);
+        bench_compact(&mut group, "compact-tiled-bf16", &tiled_bf16, &x);
         if t == 1 {
             for (name, kernel) in [("v3", KernelChoice::V3), ("generic", KernelChoice::Generic)] {
                 let f32_k = compact.clone().with_kernel(kernel);
@@ -224,6 +210,24 @@ fn bench_shape(c: &mut Criterion, s: &Shape, threads: usize) {
         }
     }
     group.finish();
+}
+
+/// One compact block's forward pass, its buffers reused from pass to pass.
+fn bench_compact<S: StorageFloat>(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    name: &str,
+    block: &CompactGroup<S>,
+    x: &Array2<f32>,
+) {
+    group.throughput(Throughput::Bytes(block.block_bytes_read() as u64));
+    group.bench_with_input(BenchmarkId::new(name, x.nrows()), x, |b, x| {
+        let mut buffers = ForwardBuffers::default();
+        b.iter(|| {
+            block
+                .forward_with(0, x.view(), &mut buffers)
+                .expect("compact forward")
+        })
+    });
 }
 
 fn inference(c: &mut Criterion) {

@@ -97,9 +97,7 @@ pub fn random_quarter<S: StorageFloat>(
             row[row_bytes - 1] &= (1u8 << (cols % 8)) - 1;
         }
     }
-    let pattern = SparsePattern::from_bitmask(rows, cols, bits)?;
-    let values = random_values(rng, pattern.nnz(), 1.0 / (rows as f32).sqrt());
-    CompactMatrix::new(pattern, values)
+    with_random_values(rng, rows, cols, bits)
 }
 
 /// A `rows × cols` compact matrix keeping whole 2×2 tiles (rows `2p, 2p + 1`, columns
@@ -125,6 +123,16 @@ pub fn random_quarter_tiles<S: StorageFloat>(
             bits[i * row_bytes..(i + 1) * row_bytes].copy_from_slice(&row);
         }
     }
+    with_random_values(rng, rows, cols, bits)
+}
+
+/// The compact matrix of a row-major bitmask, values uniform in `±1/√rows`.
+fn with_random_values<S: StorageFloat>(
+    rng: &mut ChaCha8Rng,
+    rows: usize,
+    cols: usize,
+    bits: Vec<u8>,
+) -> Result<CompactMatrix<S>, FipsError> {
     let pattern = SparsePattern::from_bitmask(rows, cols, bits)?;
     let values = random_values(rng, pattern.nnz(), 1.0 / (rows as f32).sqrt());
     CompactMatrix::new(pattern, values)
