@@ -253,8 +253,9 @@ struct CompressArgs {
     #[arg(long, requires = "early_stop")]
     early_stop_tolerance: Option<f64>,
     /// fips: structure of the factors' mask: entries, or 2x2 (entries of V kept or dropped in
-    /// 2×2 tiles, for faster sparse inference; the kept count may fall up to 3 short of the
-    /// target).
+    /// 2×2 tiles, for faster sparse inference at many tokens; the kept count may fall up to 3
+    /// short of the target). 2x2 costs accuracy: DeiT-tiny at p = 0.5 loses 11.2 points of
+    /// top-1 against 0.8 with entries.
     #[arg(long, default_value_t = MaskTiles::default())]
     mask_tiles: MaskTiles,
     /// Override the MLP activation (default: the naming scheme's).
