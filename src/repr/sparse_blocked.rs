@@ -162,12 +162,10 @@ impl<S: StorageFloat> BlockedMatrix<S> {
 }
 
 /// Rearranges token-minor `x` (`cols × tp`, `tp` a multiple of 16) tile-major: tile `t` holds
-/// `x[c, 16 t + l]` at `t · cols · 16 + 16 c + l`, written into `out` (grown as needed).
-pub(crate) fn tile_major(x: &[f32], cols: usize, tp: usize, out: &mut Vec<f32>) {
+/// `x[c, 16 t + l]` at `t · cols · 16 + 16 c + l`, written into `out` (at least `cols · tp`
+/// values).
+pub(crate) fn tile_major(x: &[f32], cols: usize, tp: usize, out: &mut [f32]) {
     let tiles = tp / 16;
-    if out.len() < cols * tp {
-        out.resize(cols * tp, 0.0);
-    }
     for (c, row) in x.chunks_exact(tp).enumerate().take(cols) {
         for (t, chunk) in row.chunks_exact(16).enumerate().take(tiles) {
             let s = (t * cols + c) * 16;

@@ -833,7 +833,6 @@ fn split_product<S: StorageFloat, L: SplitProduct<S>>(
                 units,
                 kernel: plan.kernel,
             },
-            _storage: std::marker::PhantomData,
         });
     });
 }
@@ -842,7 +841,6 @@ fn split_product<S: StorageFloat, L: SplitProduct<S>>(
 struct Dispatch<'a, S, L> {
     m: &'a L,
     part: Part<'a, S>,
-    _storage: std::marker::PhantomData<S>,
 }
 
 impl<S: StorageFloat, L: SplitProduct<S>> pulp::WithSimd for Dispatch<'_, S, L> {
@@ -1054,8 +1052,9 @@ impl<S: StorageFloat> SplitProduct<S> for BlockedMatrix<S> {
 
     fn arrange<'a>(&self, x: &'a [f32], tp: usize, inputs: &'a mut Vec<f32>) -> &'a [f32] {
         if tp > 16 {
-            tile_major(x, self.cols(), tp, inputs);
-            &inputs[..]
+            let tiles = sized(inputs, self.cols() * tp);
+            tile_major(x, self.cols(), tp, tiles);
+            tiles
         } else {
             x
         }
@@ -1108,21 +1107,14 @@ impl<S: StorageFloat> SplitProduct<S> for TiledMatrix<S> {
     }
 
     fn arrange<'a>(&self, x: &'a [f32], tp: usize, inputs: &'a mut Vec<f32>) -> &'a [f32] {
-        window_major(x, self.cols(), tp, inputs);
-        &inputs[..]
+        let windows = sized(inputs, self.cols().next_multiple_of(2) * tp);
+        window_major(x, self.cols(), tp, windows);
+        windows
     }
 
     #[inline(always)]
-    fn product<const FUSED: bool>(&self, part: Part<'_, S>) {
-        let Part {
-            x,
-            tp,
-            out,
-            bias,
-            units,
-            kernel,
-        } = part;
-        tiled_rows::<S, FUSED>(self, x, tp, out, bias, units, kernel);
+    fn product<const FUSED: bool>(&self, p: Part<'_, S>) {
+        tiled_rows::<S, FUSED>(self, p.x, p.tp, p.out, p.bias, p.units, p.kernel);
     }
 }
 

@@ -173,12 +173,9 @@ impl<S: StorageFloat> TiledMatrix<S> {
 /// [`windows`], window `k` starting at
 /// `start_k · cols'` with `x[c, start_k + l]` at `c · w_k + l`; `cols'` is `cols` rounded up to
 /// even, the padding row zero. One token (`tp = 1`) is `x` padded to `cols'`. Written into
-/// `out` (grown as needed; its first `cols' · tp` values are all rewritten).
-pub(crate) fn window_major(x: &[f32], cols: usize, tp: usize, out: &mut Vec<f32>) {
+/// `out` (at least `cols' · tp` values, the first `cols' · tp` all rewritten).
+pub(crate) fn window_major(x: &[f32], cols: usize, tp: usize, out: &mut [f32]) {
     let even = cols.next_multiple_of(2);
-    if out.len() < even * tp {
-        out.resize(even * tp, 0.0);
-    }
     if tp == 1 {
         out[..cols].copy_from_slice(&x[..cols]);
         out[cols..even].fill(0.0);
@@ -190,6 +187,16 @@ pub(crate) fn window_major(x: &[f32], cols: usize, tp: usize, out: &mut Vec<f32>
             out[base + c * w..base + c * w + w].copy_from_slice(&row[start..start + w]);
         }
         out[base + cols * w..base + even * w].fill(0.0);
+    }
+}
+
+/// The value row `i`'s sum starts from: its bias, or zero without one or past the last row
+/// (the partner of an odd last row).
+#[inline(always)]
+fn start_value<S: StorageFloat>(bias: Option<&[S]>, rows: usize, i: usize) -> f32 {
+    match bias {
+        Some(b) if i < rows => b[i].to_f32(),
+        _ => 0.0,
     }
 }
 
@@ -216,7 +223,6 @@ pub(crate) fn tiled_rows<S: StorageFloat, const FUSED: bool>(
 ) {
     let first_row = 2 * pairs.start;
     let madd = |a: f32, b: f32, c: f32| if FUSED { a.mul_add(b, c) } else { a * b + c };
-    let b = |i: usize| bias.map_or(0.0, |b| b[i].to_f32());
     let widen = |v: &[S; 4]| -> [f32; 4] { std::array::from_fn(|j| v[j].to_f32()) };
     if tp == 1 {
         // Four row pairs at a time, each with its four chains (even and odd columns of both
@@ -230,8 +236,8 @@ pub(crate) fn tiled_rows<S: StorageFloat, const FUSED: bool>(
             let mut end = [0usize; LANES];
             for j in 0..n {
                 let (i0, i1) = (2 * (p0 + j), 2 * (p0 + j) + 1);
-                acc[j][0] = b(i0);
-                acc[j][2] = if i1 < m.rows { b(i1) } else { 0.0 };
+                acc[j][0] = start_value(bias, m.rows, i0);
+                acc[j][2] = start_value(bias, m.rows, i1);
                 next[j] = m.offsets[p0 + j];
                 end[j] = m.offsets[p0 + j + 1];
             }
@@ -331,7 +337,6 @@ impl<S: StorageFloat> Window<'_, S> {
             pairs,
         } = self;
         let f = simd.avx512f;
-        let b = |i: usize| bias.map_or(0.0, |b| b[i].to_f32());
         let load = |s: &[f32]| -> __m512 {
             let a: [f32; 16] = s.try_into().unwrap_or([0.0; 16]);
             pulp::cast(a)
@@ -339,8 +344,8 @@ impl<S: StorageFloat> Window<'_, S> {
         simd.vectorize(|| {
             for p in pairs {
                 let (i0, i1) = (2 * p, 2 * p + 1);
-                let z0 = f._mm512_set1_ps(b(i0));
-                let z1 = f._mm512_set1_ps(if i1 < m.rows { b(i1) } else { 0.0 });
+                let z0 = f._mm512_set1_ps(start_value(bias, m.rows, i0));
+                let z1 = f._mm512_set1_ps(start_value(bias, m.rows, i1));
                 let zero = f._mm512_setzero_ps();
                 let (mut a, mut a_odd) = ([z0; NV], [zero; NV]);
                 let (mut c, mut c_odd) = ([z1; NV], [zero; NV]);
@@ -394,12 +399,11 @@ impl<S: StorageFloat> Window<'_, S> {
         } = self;
         let w = x.len() / m.cols.next_multiple_of(2);
         let madd = |a: f32, b: f32, c: f32| if FUSED { a.mul_add(b, c) } else { a * b + c };
-        let b = |i: usize| bias.map_or(0.0, |b| b[i].to_f32());
         for slice in 0..w / 16 {
             for p in pairs.clone() {
                 let (i0, i1) = (2 * p, 2 * p + 1);
-                let mut a0 = [b(i0); 16];
-                let mut a1 = [if i1 < m.rows { b(i1) } else { 0.0 }; 16];
+                let mut a0 = [start_value(bias, m.rows, i0); 16];
+                let mut a1 = [start_value(bias, m.rows, i1); 16];
                 let (mut a0_odd, mut a1_odd) = ([0.0f32; 16], [0.0f32; 16]);
                 for t in m.offsets[p]..m.offsets[p + 1] {
                     let c = 2 * usize::from(m.columns[t]);
@@ -456,7 +460,7 @@ mod tests {
     /// kernels read must be rewritten.
     fn windows(x: &[f32], cols: usize, tp: usize) -> Vec<f32> {
         let mut out = vec![f32::NAN; cols.next_multiple_of(2) * tp + 9];
-        window_major(x, cols, tp, &mut out);
+        window_major(x, cols, tp, &mut out[..]);
         out
     }
 
