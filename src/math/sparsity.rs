@@ -242,12 +242,10 @@ impl MaskSchedule {
         self
     }
 
-    /// Sets the kept count from the mask after a tiled update (a RigL update of tiles may change
-    /// it by up to 3 entries; entry-wise updates keep the count they set).
+    /// Sets the kept count from the mask after a mask update (a RigL update of tiles may change
+    /// it by up to 3 entries; an entry-wise update leaves the count it planned).
     pub(crate) fn recount(&mut self, mask: &BitMask) {
-        if self.tiles.is_some() {
-            self.nnz = mask.count();
-        }
+        self.nnz = mask.count();
     }
 
     /// Whether the factors carry a mask at all.
@@ -424,14 +422,9 @@ impl MaskSchedule {
                 None => StepPlan::Unchanged,
             };
         }
-        let Some(fraction) = self.rigl_drop_fraction_at(t) else {
+        let Some(count) = self.rigl_count(t, active, mask) else {
             return StepPlan::Unchanged;
         };
-        let count = ((fraction * self.nnz as f64).round() as usize).min(active);
-        // Positions are kept as `u32` (the trainer refuses larger factors).
-        if count == 0 || u32::try_from(mask.len()).is_err() {
-            return StepPlan::Unchanged;
-        }
         let Some(drop_at) = drop_boundary(values, active - count) else {
             return StepPlan::Unchanged;
         };
@@ -448,6 +441,15 @@ impl MaskSchedule {
             dropped,
             best: Best::Entries(BestScores::new(count)),
         })
+    }
+
+    /// RigL's count of entries to drop at step `t` from `active` kept ones, if `t` is an update
+    /// step that drops any (positions and tiles are kept as `u32`: the trainer refuses larger
+    /// factors).
+    fn rigl_count(&self, t: usize, active: usize, mask: &BitMask) -> Option<usize> {
+        let fraction = self.rigl_drop_fraction_at(t)?;
+        let count = ((fraction * self.nnz as f64).round() as usize).min(active);
+        (count > 0 && u32::try_from(mask.len()).is_ok()).then_some(count)
     }
 
     /// [`Self::begin_step`] with tiles: GMP drops the kept tiles of smallest `Σ |v|` down to the
@@ -474,14 +476,9 @@ impl MaskSchedule {
                 None => StepPlan::Unchanged,
             };
         }
-        let Some(fraction) = self.rigl_drop_fraction_at(t) else {
+        let Some(count) = self.rigl_count(t, active, mask) else {
             return StepPlan::Unchanged;
         };
-        let count = ((fraction * self.nnz as f64).round() as usize).min(active);
-        // Positions and tiles are kept as `u32` (the trainer refuses larger factors).
-        if count == 0 || u32::try_from(mask.len()).is_err() {
-            return StepPlan::Unchanged;
-        }
         let Some((tiles, weight)) = drop_kept_tiles(grid, values, mask, active - count) else {
             return StepPlan::Unchanged;
         };
@@ -541,7 +538,7 @@ impl MaskSchedule {
     ) -> bool {
         let len = values.len();
         let active = mask.iter().filter(|&&m| m).count();
-        let kept_tile = |mask: &[bool], t: usize| grid.positions(t).next().is_some_and(|k| mask[k]);
+        let kept_tile = |mask: &[bool], t: usize| grid.kept_by(t, |k| mask[k]);
         let value_scores =
             |mask: &[bool]| grid.scores((0..len).filter(|&k| mask[k]).map(|k| (k, values[k])));
         let (keep, count) = if let Some(s) = self.gmp_sparsity_at(t) {
@@ -1060,8 +1057,7 @@ fn drop_dense_tiles<F: Float>(grid: &TileGrid, values: &[F], mask: &mut [bool], 
             .filter(|&(k, _)| active(k))
             .map(|(k, &x)| (k, x)),
     );
-    let first = |t: usize| grid.positions(t).next().is_some_and(active);
-    let Some((dropped, _)) = grid.drop_to(&scores, first, keep) else {
+    let Some((dropped, _)) = grid.drop_to(&scores, |t| grid.kept_by(t, active), keep) else {
         return;
     };
     drop(scores);

@@ -147,20 +147,23 @@ impl TileGrid {
         (0..self.rows.div_ceil(2)).flat_map(move |a| {
             (0..tile_cols).map(move |b| {
                 let t = (a * self.matrices + j) * tile_cols + b;
-                let (row, col) = (2 * a, 2 * b);
-                (
-                    t,
-                    row..(row + 2).min(self.rows),
-                    col..(col + 2).min(self.width),
-                )
+                let (row, _, col, h, w) = self.geometry(t);
+                (t, row..row + h, col..col + w)
             })
         })
     }
 
-    /// Whether tile `t` is kept (its first entry; masks of a tiled schedule are tile-closed).
+    /// Whether tile `t` is kept by a mask read through `kept_entry` (its first entry: masks of
+    /// a tiled schedule are tile-closed).
+    #[inline]
+    pub(crate) fn kept_by(&self, t: usize, kept_entry: impl Fn(usize) -> bool) -> bool {
+        self.positions(t).next().is_some_and(kept_entry)
+    }
+
+    /// Whether tile `t` is kept by `mask` ([`Self::kept_by`]).
     #[inline]
     pub(crate) fn kept(&self, mask: &BitMask, t: usize) -> bool {
-        self.positions(t).next().is_some_and(|k| mask.get(k))
+        self.kept_by(t, |k| mask.get(k))
     }
 
     /// Whether every tile of `mask` is wholly kept or wholly dropped.
