@@ -1177,13 +1177,12 @@ mod tests {
     /// several mask updates, GMP with pruning steps, dense, both sparsifiers again with 2×2 tiles
     /// (against the tiled dense reference), in both contraction orders. At every
     /// step the trainer holds exactly one value and two moments per kept entry.
-    #[test]
-    fn fused_update_of_v_equals_the_dense_gradient_step_bitwise() {
-        use crate::math::objective::ContractionOrder as Order;
+    /// RigL and GMP schedules that change the mask several times within a few dozen steps.
+    fn short_schedules() -> (
+        crate::math::sparsity::Sparsifier,
+        crate::math::sparsity::Sparsifier,
+    ) {
         use crate::math::sparsity::{GmpSchedule, RiglSchedule, Sparsifier};
-        let mut rng = ChaCha8Rng::seed_from_u64(12);
-        let group = gated_blocks(&mut rng, 3, 12, 20);
-        let calibration = Calibration::<f32>::gaussian(3, 200, 12, 4).unwrap();
         let rigl = Sparsifier::Rigl(RiglSchedule {
             drop_fraction: 0.3,
             interval: 5,
@@ -1193,6 +1192,17 @@ mod tests {
             interval: 4,
             ..GmpSchedule::default()
         });
+        (rigl, gmp)
+    }
+
+    #[test]
+    fn fused_update_of_v_equals_the_dense_gradient_step_bitwise() {
+        use crate::math::objective::ContractionOrder as Order;
+        use crate::math::sparsity::Sparsifier;
+        let mut rng = ChaCha8Rng::seed_from_u64(12);
+        let group = gated_blocks(&mut rng, 3, 12, 20);
+        let calibration = Calibration::<f32>::gaussian(3, 200, 12, 4).unwrap();
+        let (rigl, gmp) = short_schedules();
         use crate::math::tiles::MaskTiles::{Entries, Square2};
         for (sparsifier, s, tiles) in [
             (rigl, 0.75, Entries),
@@ -1292,21 +1302,13 @@ mod tests {
     #[test]
     fn tiled_masks_stay_tile_closed_at_every_update() {
         use crate::math::budget::{Budget, nonzeros_for_sparsity};
-        use crate::math::sparsity::{GmpSchedule, RiglSchedule, Sparsifier};
+        use crate::math::sparsity::Sparsifier;
         use crate::math::tiles::MaskTiles;
         let mut rng = ChaCha8Rng::seed_from_u64(21);
         let (d, i) = (12, 21);
         let group = gated_blocks(&mut rng, 2, d, i);
         let calibration = Calibration::<f32>::gaussian(2, 200, d, 4).unwrap();
-        let rigl = Sparsifier::Rigl(RiglSchedule {
-            drop_fraction: 0.3,
-            interval: 5,
-            end_fraction: 0.75,
-        });
-        let gmp = Sparsifier::Gmp(GmpSchedule {
-            interval: 4,
-            ..GmpSchedule::default()
-        });
+        let (rigl, gmp) = short_schedules();
         for (sparsifier, stop) in [(rigl, 40), (gmp, 40), (gmp, 12)] {
             let compressor = FipsParams::new()
                 .budget(Budget::Rank(7))
