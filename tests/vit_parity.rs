@@ -81,3 +81,63 @@ fn captured_mlp_inputs_are_what_the_forward_pass_uses() {
     assert!(vit.forward(images.slice(s![.., ..2, .., ..])).is_err());
     let _ = images.len_of(Axis(0));
 }
+
+/// `LN(x)` row by row with the checkpoint's affine `name.weight`, `name.bias` (timm's ε = 1e-6).
+fn layer_norm(
+    model: &Checkpoint,
+    name: &str,
+    x: ndarray::ArrayView2<'_, f32>,
+) -> ndarray::Array2<f32> {
+    let gamma = model.read_vector::<f32>(&format!("{name}.weight")).unwrap();
+    let beta = model.read_vector::<f32>(&format!("{name}.bias")).unwrap();
+    let mut out = x.to_owned();
+    for mut row in out.rows_mut() {
+        let n = row.len() as f64;
+        let mean = row.iter().map(|&v| v as f64).sum::<f64>() / n;
+        let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+        let inv = 1.0 / (var + 1e-6).sqrt();
+        for ((v, g), b) in row.iter_mut().zip(&gamma).zip(&beta) {
+            *v = (((*v as f64 - mean) * inv) as f32) * g + b;
+        }
+    }
+    out
+}
+
+#[test]
+fn captured_streams_are_the_mlp_inputs_and_the_residual_they_join() {
+    let Some(dir) =
+        common::data_dir("captured_streams_are_the_mlp_inputs_and_the_residual_they_join")
+    else {
+        return;
+    };
+    let model = Checkpoint::open(dir.join("deit-tiny/model.safetensors")).unwrap();
+    let vit = VisionTransformer::from_checkpoint(&model, None).unwrap();
+    let (pixels, _) = parity_inputs(&dir);
+    let images = preprocess(pixels.slice(s![..2, .., .., ..]));
+    let inputs = vit.forward_capture(images.view(), 0..12).unwrap();
+    let streams = vit.forward_capture_streams(images.view(), 0..12).unwrap();
+    assert_eq!(streams.len(), 12);
+    let close = |a: &ndarray::Array2<f32>, b: &ndarray::Array2<f32>, tol: f32| {
+        let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let diff = (a - b).iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        assert!(diff <= tol * scale.max(1.0), "{diff} vs scale {scale}");
+    };
+    for (b, ((z, mid), captured)) in streams.iter().zip(&inputs).enumerate() {
+        // The MLP input is the captured one, bit for bit, and it is norm2 of the stream beside it.
+        assert_eq!(z, captured);
+        close(
+            &layer_norm(&model, &format!("blocks.{b}.norm2"), mid.view()),
+            z,
+            1e-4,
+        );
+    }
+    // The last block's output `x + MLP(LN₂ x)`, normed, through the head, is the model's logits.
+    let (z, mid) = &streams[11];
+    let out = mid + &vit.mlp(11).unwrap().forward(z.view()).unwrap();
+    let cls = out.slice(s![..;197, ..]);
+    let normed = layer_norm(&model, "norm", cls);
+    let head = model.read_matrix::<f32>("head.weight").unwrap();
+    let bias = model.read_vector::<f32>("head.bias").unwrap();
+    let logits = normed.dot(&head.t()) + &bias;
+    close(&logits, &vit.forward(images.view()).unwrap(), 1e-4);
+}

@@ -365,6 +365,20 @@ impl VisionTransformer {
         images: ArrayView4<'_, f32>,
         blocks: Range<usize>,
     ) -> Result<Vec<Array2<f32>>> {
+        Ok(self
+            .forward_capture_streams(images, blocks)?
+            .into_iter()
+            .map(|(z, _)| z)
+            .collect())
+    }
+
+    /// As [`Self::forward_capture`], with each block's residual stream after attention beside
+    /// its MLP input: `(LN₂ x, x)`, the block's output being `x + MLP(LN₂ x)`.
+    pub fn forward_capture_streams(
+        &self,
+        images: ArrayView4<'_, f32>,
+        blocks: Range<usize>,
+    ) -> Result<Vec<(Array2<f32>, Array2<f32>)>> {
         self.check_images(images)?;
         if blocks.is_empty() || blocks.end > self.blocks.len() {
             return Err(invalid(
@@ -379,11 +393,12 @@ impl VisionTransformer {
         let mut captured = Vec::with_capacity(blocks.len());
         for (b, block) in self.blocks[..blocks.end].iter().enumerate() {
             let z = self.attention_residual(block, &mut x);
+            let stream = blocks.contains(&b).then(|| x.clone());
             if b + 1 < blocks.end {
                 x += &block.mlp.forward(z.view())?;
             }
-            if blocks.contains(&b) {
-                captured.push(z);
+            if let Some(stream) = stream {
+                captured.push((z, stream));
             }
         }
         Ok(captured)

@@ -19,6 +19,8 @@ use crate::foundation::slicing::s;
 #[derive(Debug, Clone)]
 pub struct Calibration<F> {
     inputs: Vec<Array2<F>>,
+    /// Explicit per-block targets `[tokens, d]` (default: the dense blocks' outputs `MLP_b(Z_b)`).
+    targets: Option<Vec<Array2<F>>>,
     data_free: bool,
 }
 
@@ -50,8 +52,46 @@ impl<F: Float> Calibration<F> {
         }
         Ok(Self {
             inputs,
+            targets: None,
             data_free: false,
         })
+    }
+
+    /// The same inputs with explicit targets `Y_b` (`[tokens, d]` per block) for the blocks to
+    /// reproduce instead of the dense blocks' own outputs `MLP_b(Z_b)` (e.g. a teacher's outputs,
+    /// or the original model's residual stream less the compressed model's). FiPS and trained SVD
+    /// train toward them and report their errors against them; the closed-form baselines refuse
+    /// them. (On DeiT-tiny, residual-correcting targets made the whole model worse:
+    /// `docs/results.md`, "Calibration levers scored end to end".)
+    ///
+    /// Errors: a block count or shape that differs from the inputs', non-finite values.
+    pub fn with_targets(self, targets: Vec<Array2<F>>) -> Result<Self> {
+        if targets.len() != self.inputs.len() {
+            return Err(FipsError::ShapeMismatch {
+                what: "calibration targets (blocks)".into(),
+                expected: vec![self.inputs.len()],
+                got: vec![targets.len()],
+            });
+        }
+        for (b, (y, z)) in targets.iter().zip(&self.inputs).enumerate() {
+            if y.dim() != z.dim() {
+                return Err(FipsError::ShapeMismatch {
+                    what: format!("calibration targets of block {b}"),
+                    expected: z.shape().to_vec(),
+                    got: y.shape().to_vec(),
+                });
+            }
+            ensure_finite(y, || format!("calibration targets of block {b}"))?;
+        }
+        Ok(Self {
+            targets: Some(targets),
+            ..self
+        })
+    }
+
+    /// The explicit targets, if [`Self::with_targets`] set them.
+    pub fn targets(&self) -> Option<&[Array2<F>]> {
+        self.targets.as_deref()
     }
 
     /// Data-free calibration: i.i.d. standard Gaussian inputs, the same draw for every block.
@@ -72,6 +112,7 @@ impl<F: Float> Calibration<F> {
         });
         Ok(Self {
             inputs: vec![z; blocks],
+            targets: None,
             data_free: true,
         })
     }
@@ -111,6 +152,11 @@ impl<F: Float> Calibration<F> {
     /// The per-block input matrices, taking the set apart.
     pub fn into_inputs(self) -> Vec<Array2<F>> {
         self.inputs
+    }
+
+    /// The inputs and the explicit targets, if any, taking the set apart.
+    pub fn into_parts(self) -> (Vec<Array2<F>>, Option<Vec<Array2<F>>>) {
+        (self.inputs, self.targets)
     }
 
     /// Whether the inputs are synthetic Gaussian noise rather than captured activations.
@@ -181,6 +227,25 @@ pub trait CalibrationReader<F: Float>: std::fmt::Debug + Send + Sync {
     /// keeps it, instead of recomputing each batch's targets from the dense blocks.
     fn in_memory(&self) -> Option<&Calibration<F>> {
         None
+    }
+}
+
+/// Refuses a calibration with explicit targets ([`Calibration::with_targets`]) for `method`,
+/// which fits the original blocks' own outputs in closed form (only the trained methods, FiPS and
+/// trained SVD, reproduce given targets).
+pub(crate) fn refuse_targets<F: Float>(
+    reader: &dyn CalibrationReader<F>,
+    method: &str,
+) -> Result<()> {
+    match reader.in_memory().and_then(Calibration::targets) {
+        Some(_) => Err(FipsError::InvalidParameter {
+            name: "targets",
+            reason: format!(
+                "{method} fits the original blocks' own outputs: explicit calibration targets \
+                 are for the trained methods (FiPS, trained SVD)"
+            ),
+        }),
+        None => Ok(()),
     }
 }
 
@@ -386,6 +451,40 @@ mod tests {
         assert!(matches!(
             Calibration::new(vec![Array2::zeros((3, 4)), z]),
             Err(FipsError::NonFinite { .. })
+        ));
+    }
+
+    #[test]
+    fn explicit_targets_are_checked_and_kept() {
+        let z = Array2::from_shape_fn((4, 3), |(i, j)| (i + j) as f64);
+        let calibration = Calibration::new(vec![z.clone(), z.clone()]).unwrap();
+        assert!(calibration.targets().is_none());
+        let shape = |r: Result<Calibration<f64>>| matches!(r, Err(FipsError::ShapeMismatch { .. }));
+        assert!(shape(calibration.clone().with_targets(vec![z.clone()])));
+        assert!(shape(
+            calibration
+                .clone()
+                .with_targets(vec![z.clone(), Array2::zeros((4, 2))])
+        ));
+        let mut bad = z.clone();
+        bad[[1, 1]] = f64::NAN;
+        assert!(matches!(
+            calibration.clone().with_targets(vec![z.clone(), bad]),
+            Err(FipsError::NonFinite { .. })
+        ));
+        let given = calibration
+            .clone()
+            .with_targets(vec![-z.clone(), 2.0 * &z])
+            .unwrap();
+        assert_eq!(given.targets().unwrap(), &[-z.clone(), 2.0 * &z][..]);
+        assert_eq!(given.inputs(), calibration.inputs());
+        assert!(refuse_targets(&calibration, "m").is_ok());
+        assert!(matches!(
+            refuse_targets(&given, "m"),
+            Err(FipsError::InvalidParameter {
+                name: "targets",
+                ..
+            })
         ));
     }
 

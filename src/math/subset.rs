@@ -28,8 +28,10 @@ impl<'a, F: Float> RowSubset<'a, F> {
     /// Tokens `indices` of `source` (repeats allowed, any order).
     ///
     /// Errors: no indices ([`FipsError::EmptyCalibration`]), an index `≥ source.tokens()`
-    /// ([`FipsError::IndexOutOfRange`]).
+    /// ([`FipsError::IndexOutOfRange`]), a source with explicit targets (it reads inputs only:
+    /// split such a set with `split_tokens`).
     pub fn new(source: &'a dyn CalibrationReader<F>, indices: Vec<usize>) -> Result<Self> {
+        crate::math::calibration::refuse_targets(source, "a row subset (read by its inputs)")?;
         if indices.is_empty() {
             return Err(FipsError::EmptyCalibration {
                 reason: format!(

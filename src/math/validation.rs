@@ -62,13 +62,18 @@ pub fn split_tokens<F: Float>(
     seed: u64,
 ) -> Result<(Calibration<F>, Calibration<F>)> {
     let (kept, held) = holdout(calibration.tokens(), fraction, seed)?;
-    let blocks = calibration.blocks();
-    let (mut train, mut validation) = (Vec::with_capacity(blocks), Vec::with_capacity(blocks));
-    for z in calibration.into_inputs() {
-        train.push(z.select(Axis(0), &kept));
-        validation.push(z.select(Axis(0), &held));
+    let (inputs, targets) = calibration.into_parts();
+    let part = |arrays: &[Array2<F>], rows: &[usize]| -> Vec<Array2<F>> {
+        arrays.iter().map(|z| z.select(Axis(0), rows)).collect()
+    };
+    let mut train = Calibration::new(part(&inputs, &kept))?;
+    let mut validation = Calibration::new(part(&inputs, &held))?;
+    drop(inputs);
+    if let Some(targets) = targets {
+        train = train.with_targets(part(&targets, &kept))?;
+        validation = validation.with_targets(part(&targets, &held))?;
     }
-    Ok((Calibration::new(train)?, Calibration::new(validation)?))
+    Ok((train, validation))
 }
 
 /// Splits any calibration reader by tokens without reading a row: `(training, validation)` are
@@ -98,7 +103,18 @@ pub struct ValidationSet<F> {
 impl<F: Float> ValidationSet<F> {
     /// The validation set of `blocks` on `inputs` (one `[tokens, d]` array per block).
     pub fn new(blocks: &[DenseMlp<F>], inputs: &Calibration<F>) -> Result<Self> {
-        Self::with_inputs(blocks, inputs.inputs().to_vec())
+        match inputs.targets() {
+            Some(_) if blocks.len() != inputs.blocks() => Err(FipsError::ShapeMismatch {
+                what: "validation inputs (one array per block)".into(),
+                expected: vec![blocks.len()],
+                got: vec![inputs.blocks()],
+            }),
+            Some(targets) => Ok(Self {
+                inputs: inputs.inputs().to_vec(),
+                targets: targets.to_vec(),
+            }),
+            None => Self::with_inputs(blocks, inputs.inputs().to_vec()),
+        }
     }
 
     /// [`Self::new`] on inputs read from `inputs` (e.g. the held-out part of
@@ -379,5 +395,41 @@ mod tests {
         let b = ValidationSet::from_reader(&blocks, &one_rows).unwrap();
         assert_eq!((a.inputs, a.targets), (b.inputs, b.targets));
         assert!(split_reader(&one, 1.0, 4).is_err());
+    }
+
+    /// A split keeps explicit targets aligned with their inputs, the validation set measures
+    /// against them, and the reader split (inputs only) refuses them.
+    #[test]
+    fn token_split_carries_explicit_targets() {
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let z: Array2<f64> =
+            Array2::from_shape_simple_fn((40, 3), || StandardNormal.sample(&mut rng));
+        let y = z.mapv(|x| x * x - 1.0);
+        let calibration = Calibration::new(vec![z.clone()])
+            .unwrap()
+            .with_targets(vec![y.clone()])
+            .unwrap();
+        let (train, val) = split_tokens(calibration.clone(), 0.25, 9).unwrap();
+        let (kept, held) = holdout(40, 0.25, 9).unwrap();
+        assert_eq!(train.targets().unwrap()[0], y.select(Axis(0), &kept));
+        assert_eq!(val.targets().unwrap()[0], y.select(Axis(0), &held));
+        assert_eq!(val.inputs()[0], z.select(Axis(0), &held));
+        let identity = [crate::foundation::mlp::DenseMlp::standard(
+            crate::foundation::mlp::Linear::new(Array2::eye(3), None).unwrap(),
+            crate::foundation::mlp::Linear::new(Array2::eye(3), None).unwrap(),
+            crate::foundation::activation::Activation::Relu,
+        )
+        .unwrap()];
+        let set = ValidationSet::new(&identity, &val).unwrap();
+        assert_eq!(set.targets[0], y.select(Axis(0), &held));
+        // The identity-ReLU block's error against the given targets, not against its own output.
+        assert!(set.relative_error(&identity).unwrap() > 0.1);
+        assert!(matches!(
+            split_reader(&calibration, 0.25, 9),
+            Err(FipsError::InvalidParameter {
+                name: "targets",
+                ..
+            })
+        ));
     }
 }

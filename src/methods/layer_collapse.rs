@@ -270,6 +270,7 @@ impl<F: Float> Compressor<F> for LayerCollapseValidParams {
         on_step: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
     ) -> Result<MethodOutput<F>> {
         // Every token in memory at once (see `Compressor::compress`).
+        crate::math::calibration::refuse_targets(calibration, "LayerCollapse")?;
         let whole = read_whole(calibration)?;
         let calibration: &Calibration<F> = &whole;
         let start = Instant::now();

@@ -33,6 +33,7 @@ impl<F: Float> Compressor<F> for SvdLlmValidParams {
         _on_step: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
     ) -> Result<MethodOutput<F>> {
         // Every token in memory at once (see `Compressor::compress`).
+        crate::math::calibration::refuse_targets(calibration, "SVD-LLM")?;
         let whole = read_whole(calibration)?;
         let calibration: &Calibration<F> = &whole;
         let start = Instant::now();

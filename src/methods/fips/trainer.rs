@@ -180,7 +180,7 @@ enum Source<'a, F: Float> {
     /// The calibration in memory, with every target `Y_b = MLP_b(Z_b)` computed once.
     Memory {
         calibration: &'a Calibration<F>,
-        targets: Vec<Array2<F>>,
+        targets: std::borrow::Cow<'a, [Array2<F>]>,
     },
     /// Inputs read per batch and per chunk; each batch's targets recomputed by the dense blocks.
     Streamed {
@@ -346,7 +346,10 @@ impl<'a, F: Float> FactorTrainer<'a, F> {
         let source = match calibration.in_memory() {
             Some(calibration) => Source::Memory {
                 calibration,
-                targets: targets(blocks, calibration)?,
+                targets: match calibration.targets() {
+                    Some(given) => std::borrow::Cow::Borrowed(given),
+                    None => std::borrow::Cow::Owned(targets(blocks, calibration)?),
+                },
             },
             None => Source::Streamed {
                 reader: calibration,
@@ -1500,6 +1503,70 @@ mod tests {
                 "{steps} steps: snapshot {snapshot} vs report {}",
                 report.rel_error
             );
+        }
+    }
+
+    /// Explicit targets equal to the blocks' own outputs train the same bits as none; other
+    /// targets are what the trainer fits (and reports its errors against), and the closed-form
+    /// baselines refuse them.
+    #[test]
+    fn explicit_targets_are_what_the_group_is_trained_to_reproduce() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let group = blocks(&mut rng, 2, 8, 16);
+        let other = blocks(&mut rng, 2, 8, 16);
+        let calibration = Calibration::gaussian(2, 300, 8, 6).unwrap();
+        let own = targets(&group, &calibration).unwrap();
+        let shifted = targets(&other, &calibration).unwrap();
+        let compressor = FipsParams::new()
+            .sparsity(0.5)
+            .steps(60)
+            .batch_tokens(64)
+            .learning_rate(1e-2)
+            .check()
+            .unwrap();
+        let run = |calibration: &Calibration<f64>| {
+            compressor
+                .compress_with_validation(&group, calibration, None, |_| {
+                    std::ops::ControlFlow::Continue(())
+                })
+                .unwrap()
+        };
+        let plain = run(&calibration);
+        let same = run(&calibration.clone().with_targets(own.clone()).unwrap());
+        assert_eq!(plain.group, same.group);
+        assert_eq!(
+            plain.report.rel_error.to_bits(),
+            same.report.rel_error.to_bits()
+        );
+        let given = calibration.clone().with_targets(shifted.clone()).unwrap();
+        let toward = run(&given);
+        // The report measures the trained group against the given targets ...
+        let trained = dense(&toward.group);
+        let against_given = crate::repr::block_errors(&trained, &calibration, &shifted).unwrap();
+        assert!((toward.report.rel_error - against_given.overall()).abs() <= 1e-12);
+        // ... which it fits better than the group trained on the blocks' own outputs does.
+        let plain_vs_given =
+            crate::repr::block_errors(&dense(&plain.group), &calibration, &shifted).unwrap();
+        assert!(
+            against_given.overall() < 0.8 * plain_vs_given.overall(),
+            "{} vs {}",
+            against_given.overall(),
+            plain_vs_given.overall()
+        );
+        use crate::methods::params::{BasisSharingParams, SvdLlmParams};
+        use crate::methods::{Compressor, ParamGuard};
+        let baselines: [Box<dyn Compressor<f64>>; 2] = [
+            Box::new(SvdLlmParams::new().check().unwrap()),
+            Box::new(BasisSharingParams::new().check().unwrap()),
+        ];
+        for baseline in baselines {
+            assert!(matches!(
+                baseline.compress(&group, &given, &mut |_| std::ops::ControlFlow::Continue(())),
+                Err(FipsError::InvalidParameter {
+                    name: "targets",
+                    ..
+                })
+            ));
         }
     }
 }
