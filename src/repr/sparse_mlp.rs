@@ -1076,19 +1076,67 @@ impl<S: StorageFloat> SplitProduct<S> for BlockedMatrix<S> {
             if kernel == KernelChoice::Auto
                 && let Some(simd) = pulp::x86::V4::try_new()
             {
-                simd.vectorize(|| one_token_v4(simd, self, x, out, bias, units));
+                simd.vectorize(OneToken {
+                    simd,
+                    m: self,
+                    x,
+                    out,
+                    bias,
+                    units,
+                });
                 return;
             }
             if kernel != KernelChoice::Generic
                 && let Some(simd) = pulp::x86::V3::try_new()
             {
-                simd.vectorize(|| one_token_v3(simd, self, x, out, bias, units));
+                simd.vectorize(OneToken {
+                    simd,
+                    m: self,
+                    x,
+                    out,
+                    bias,
+                    units,
+                });
                 return;
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
         let _ = kernel;
         blocked_rows::<S, FUSED>(self, x, tp, out, bias, units);
+    }
+}
+
+/// A one-token kernel call handed to `pulp`'s `vectorize`. Its `call` is `#[inline(always)]`, so
+/// the kernel is compiled inside `vectorize`'s target-feature function. (A closure there is not
+/// always inlined: compiled on its own, without the features, every AVX2 intrinsic of the V3
+/// kernel became a function call, 35× slower.)
+#[cfg(target_arch = "x86_64")]
+struct OneToken<'a, S, Isa> {
+    simd: Isa,
+    m: &'a BlockedMatrix<S>,
+    x: &'a [f32],
+    out: &'a mut [f32],
+    bias: Option<&'a [S]>,
+    units: Range<usize>,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<S: StorageFloat> pulp::NullaryFnOnce for OneToken<'_, S, pulp::x86::V4> {
+    type Output = ();
+
+    #[inline(always)]
+    fn call(self) {
+        one_token_v4(self.simd, self.m, self.x, self.out, self.bias, self.units);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<S: StorageFloat> pulp::NullaryFnOnce for OneToken<'_, S, pulp::x86::V3> {
+    type Output = ();
+
+    #[inline(always)]
+    fn call(self) {
+        one_token_v3(self.simd, self.m, self.x, self.out, self.bias, self.units);
     }
 }
 
