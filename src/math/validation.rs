@@ -62,16 +62,26 @@ pub fn split_tokens<F: Float>(
     seed: u64,
 ) -> Result<(Calibration<F>, Calibration<F>)> {
     let (kept, held) = holdout(calibration.tokens(), fraction, seed)?;
-    let (inputs, targets) = calibration.into_parts();
-    let part = |arrays: &[Array2<F>], rows: &[usize]| -> Vec<Array2<F>> {
-        arrays.iter().map(|z| z.select(Axis(0), rows)).collect()
+    // Block by block, each block dropped once split: no second copy of the whole set.
+    let split = |arrays: Vec<Array2<F>>| {
+        let (mut a, mut b) = (
+            Vec::with_capacity(arrays.len()),
+            Vec::with_capacity(arrays.len()),
+        );
+        for z in arrays {
+            a.push(z.select(Axis(0), &kept));
+            b.push(z.select(Axis(0), &held));
+        }
+        (a, b)
     };
-    let mut train = Calibration::new(part(&inputs, &kept))?;
-    let mut validation = Calibration::new(part(&inputs, &held))?;
-    drop(inputs);
+    let (inputs, targets) = calibration.into_parts();
+    let (train_inputs, held_inputs) = split(inputs);
+    let mut train = Calibration::new(train_inputs)?;
+    let mut validation = Calibration::new(held_inputs)?;
     if let Some(targets) = targets {
-        train = train.with_targets(part(&targets, &kept))?;
-        validation = validation.with_targets(part(&targets, &held))?;
+        let (train_targets, held_targets) = split(targets);
+        train = train.with_targets(train_targets)?;
+        validation = validation.with_targets(held_targets)?;
     }
     Ok((train, validation))
 }
