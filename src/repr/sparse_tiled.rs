@@ -306,6 +306,25 @@ pub(crate) fn tiled_rows<S: StorageFloat, const FUSED: bool>(
     let _ = kernel;
 }
 
+/// [`Window::run_v4`]'s call handed to `pulp`'s `vectorize`: a struct whose `call` is
+/// `#[inline(always)]`, so that the kernel is compiled inside the target-feature function (a
+/// closure there is not always inlined; see `sparse_mlp`'s one-token kernels).
+#[cfg(target_arch = "x86_64")]
+struct WindowV4<'a, S, const NV: usize> {
+    simd: pulp::x86::V4,
+    window: Window<'a, S>,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<S: StorageFloat, const NV: usize> pulp::NullaryFnOnce for WindowV4<'_, S, NV> {
+    type Output = ();
+
+    #[inline(always)]
+    fn call(self) {
+        self.window.kernel_v4::<NV>(self.simd);
+    }
+}
+
 /// One token window of [`tiled_rows`].
 struct Window<'a, S> {
     m: &'a TiledMatrix<S>,
@@ -325,6 +344,14 @@ impl<S: StorageFloat> Window<'_, S> {
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     fn run_v4<const NV: usize>(self, simd: pulp::x86::V4) {
+        simd.vectorize(WindowV4::<S, NV> { simd, window: self });
+    }
+
+    /// The body of [`Window::run_v4`], compiled inside `vectorize`'s target-feature function
+    /// through [`WindowV4`].
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn kernel_v4<const NV: usize>(self, simd: pulp::x86::V4) {
         use std::arch::x86_64::__m512;
         let Window {
             m,
@@ -341,46 +368,44 @@ impl<S: StorageFloat> Window<'_, S> {
             let a: [f32; 16] = s.try_into().unwrap_or([0.0; 16]);
             pulp::cast(a)
         };
-        simd.vectorize(|| {
-            for p in pairs {
-                let (i0, i1) = (2 * p, 2 * p + 1);
-                let z0 = f._mm512_set1_ps(start_value(bias, m.rows, i0));
-                let z1 = f._mm512_set1_ps(start_value(bias, m.rows, i1));
-                let zero = f._mm512_setzero_ps();
-                let (mut a, mut a_odd) = ([z0; NV], [zero; NV]);
-                let (mut c, mut c_odd) = ([z1; NV], [zero; NV]);
-                let w = 16 * NV;
-                for t in m.offsets[p]..m.offsets[p + 1] {
-                    let q = 2 * usize::from(m.columns[t]);
-                    let Some(xs) = x.get(q * w..q * w + 2 * w) else {
-                        continue;
-                    };
-                    let v = m.values[t];
-                    let v0 = f._mm512_set1_ps(v[0].to_f32());
-                    let v1 = f._mm512_set1_ps(v[1].to_f32());
-                    let v2 = f._mm512_set1_ps(v[2].to_f32());
-                    let v3 = f._mm512_set1_ps(v[3].to_f32());
-                    for k in 0..NV {
-                        let x0 = load(&xs[16 * k..16 * k + 16]);
-                        let x1 = load(&xs[w + 16 * k..w + 16 * k + 16]);
-                        a[k] = f._mm512_fmadd_ps(v0, x0, a[k]);
-                        a_odd[k] = f._mm512_fmadd_ps(v1, x1, a_odd[k]);
-                        c[k] = f._mm512_fmadd_ps(v2, x0, c[k]);
-                        c_odd[k] = f._mm512_fmadd_ps(v3, x1, c_odd[k]);
-                    }
-                }
-                let o0 = (i0 - first_row) * tp + start;
-                let o1 = (i1 - first_row) * tp + start;
+        for p in pairs {
+            let (i0, i1) = (2 * p, 2 * p + 1);
+            let z0 = f._mm512_set1_ps(start_value(bias, m.rows, i0));
+            let z1 = f._mm512_set1_ps(start_value(bias, m.rows, i1));
+            let zero = f._mm512_setzero_ps();
+            let (mut a, mut a_odd) = ([z0; NV], [zero; NV]);
+            let (mut c, mut c_odd) = ([z1; NV], [zero; NV]);
+            let w = 16 * NV;
+            for t in m.offsets[p]..m.offsets[p + 1] {
+                let q = 2 * usize::from(m.columns[t]);
+                let Some(xs) = x.get(q * w..q * w + 2 * w) else {
+                    continue;
+                };
+                let v = m.values[t];
+                let v0 = f._mm512_set1_ps(v[0].to_f32());
+                let v1 = f._mm512_set1_ps(v[1].to_f32());
+                let v2 = f._mm512_set1_ps(v[2].to_f32());
+                let v3 = f._mm512_set1_ps(v[3].to_f32());
                 for k in 0..NV {
-                    let ra: [f32; 16] = pulp::cast(f._mm512_add_ps(a[k], a_odd[k]));
-                    out[o0 + 16 * k..o0 + 16 * k + 16].copy_from_slice(&ra);
-                    if i1 < m.rows {
-                        let rc: [f32; 16] = pulp::cast(f._mm512_add_ps(c[k], c_odd[k]));
-                        out[o1 + 16 * k..o1 + 16 * k + 16].copy_from_slice(&rc);
-                    }
+                    let x0 = load(&xs[16 * k..16 * k + 16]);
+                    let x1 = load(&xs[w + 16 * k..w + 16 * k + 16]);
+                    a[k] = f._mm512_fmadd_ps(v0, x0, a[k]);
+                    a_odd[k] = f._mm512_fmadd_ps(v1, x1, a_odd[k]);
+                    c[k] = f._mm512_fmadd_ps(v2, x0, c[k]);
+                    c_odd[k] = f._mm512_fmadd_ps(v3, x1, c_odd[k]);
                 }
             }
-        });
+            let o0 = (i0 - first_row) * tp + start;
+            let o1 = (i1 - first_row) * tp + start;
+            for k in 0..NV {
+                let ra: [f32; 16] = pulp::cast(f._mm512_add_ps(a[k], a_odd[k]));
+                out[o0 + 16 * k..o0 + 16 * k + 16].copy_from_slice(&ra);
+                if i1 < m.rows {
+                    let rc: [f32; 16] = pulp::cast(f._mm512_add_ps(c[k], c_odd[k]));
+                    out[o1 + 16 * k..o1 + 16 * k + 16].copy_from_slice(&rc);
+                }
+            }
+        }
     }
 
     /// The window 16 tokens at a time (one vector per chain), two chains per row: the
