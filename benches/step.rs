@@ -101,15 +101,16 @@ fn bench_step(c: &mut Criterion) {
             tokens: case.tokens,
             width: case.width,
             intermediate: case.intermediate,
-            rank: trainer.rank(),
+            rank: trainer.trained_rank(),
             blocks: BLOCKS,
             matrices_per_block: 2,
         };
         let flops = shape.flops(trainer.contraction());
         println!(
-            "{}: rank {}, {} order, {:.2} GFLOP per step ({:.2} dense-equivalent)",
+            "{}: rank {} (trained {}), {} order, {:.2} GFLOP per step ({:.2} dense-equivalent)",
             case.name,
             trainer.rank(),
+            trainer.trained_rank(),
             trainer.contraction(),
             flops / 1e9,
             shape.dense_equivalent_flops() / 1e9

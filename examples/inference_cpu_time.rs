@@ -6,6 +6,8 @@
 //! ```sh
 //! OPENBLAS_NUM_THREADS=1 cargo run --release --example inference_cpu_time -- deit 1,16,197 7
 //! OPENBLAS_NUM_THREADS=1 cargo run --release --example inference_cpu_time -- 7b 1,16 3
+//! OPENBLAS_NUM_THREADS=1 cargo run --release --example inference_cpu_time -- \
+//!     file out/deit/compressed.safetensors 1,16,197 5
 //! ```
 //!
 //! Arguments: shape (`deit`: d = 192, I = 768, standard GELU; `7b`: d = 4096, I = 11008, gated
@@ -43,8 +45,95 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 type Case<'a> = (&'static str, Box<dyn Fn() -> Result<()> + 'a>);
 
+/// Runs every case for `seconds` per round, `rounds` times, and prints the median CPU time per
+/// pass and the median ratio to the first case (dense) of the same round.
+fn measure(label: &str, t: usize, cases: &[Case<'_>], rounds: usize, seconds: f64) -> Result<()> {
+    let mut per_pass: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+    for _ in 0..rounds {
+        for (k, (_, run)) in cases.iter().enumerate() {
+            run()?;
+            let start = std::time::Instant::now();
+            let c0 = cpu_ns();
+            let mut n = 0u32;
+            while start.elapsed().as_secs_f64() < seconds {
+                run()?;
+                n += 1;
+            }
+            let ns = cpu_ns().saturating_sub(c0) as f64;
+            per_pass[k].push(ns / f64::from(n.max(1)) / 1e3);
+        }
+    }
+    for (k, (name, _)) in cases.iter().enumerate() {
+        let ratios = per_pass[k]
+            .iter()
+            .zip(&per_pass[0])
+            .map(|(a, b)| a / b)
+            .collect::<Vec<_>>();
+        let (lo, hi) = ratios
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(l, h), &r| (l.min(r), h.max(r)));
+        println!(
+            "{label} t={t:4} {name:16} CPU time per pass: median {:10.1} µs; ratio to dense: \
+             median {:.3} (range {lo:.3}–{hi:.3})",
+            median(per_pass[k].clone()),
+            median(ratios),
+        );
+    }
+    Ok(())
+}
+
+/// The `file PATH` mode: block 0 of each shared-basis group of a compressed file.
+fn from_file(path: &str, tokens: &[usize], rounds: usize) -> Result<()> {
+    use fips::format::compact_file::{CompactBlocks, CompactModel};
+    let model = CompactModel::read(path, None)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(17);
+    for (g, blocks) in model.groups.iter().enumerate() {
+        let CompactBlocks::SharedBasis(group) = blocks else {
+            continue;
+        };
+        let group = group.clone().with_threads(1);
+        let dense = blocks.to_dense_mlp(0)?;
+        println!(
+            "group {g}: rank {}, {:?} storage, {} of {} factors tiled",
+            group.rank(),
+            group.dtype(),
+            group.tiled_factor_count(),
+            group.factor_count()
+        );
+        let buffers = std::cell::RefCell::new(ForwardBuffers::default());
+        for &t in tokens {
+            let d = dense.width();
+            let x =
+                Array2::from_shape_vec((t, d), support::random_values::<f32>(&mut rng, t * d, 1.0))
+                    .map_err(|e| FipsError::Numerical(e.to_string()))?;
+            let x = x.view();
+            let cases: Vec<Case<'_>> = vec![
+                ("dense", Box::new(|| dense.forward(x).map(drop))),
+                (
+                    "compact-buf",
+                    Box::new(|| {
+                        group
+                            .forward_with(0, x, &mut buffers.borrow_mut())
+                            .map(drop)
+                    }),
+                ),
+            ];
+            measure(&format!("group {g}"), t, &cases, rounds, 0.4)?;
+        }
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).is_some_and(|a| a == "file") {
+        let path = args.get(2).map_or("compressed.safetensors", String::as_str);
+        let tokens: Vec<usize> = args.get(3).map_or(vec![1, 16, 197], |t| {
+            t.split(',').filter_map(|x| x.parse().ok()).collect()
+        });
+        let rounds = args.get(4).and_then(|r| r.parse().ok()).unwrap_or(5);
+        return from_file(path, &tokens, rounds);
+    }
     let big = args.get(1).is_some_and(|a| a == "7b");
     let tokens: Vec<usize> = args.get(2).map_or(vec![1, 16, 197], |t| {
         t.split(',').filter_map(|x| x.parse().ok()).collect()
@@ -123,38 +212,8 @@ fn main() -> Result<()> {
         if let Ok(only) = std::env::var("FIPS_ONLY_CASE") {
             cases.retain(|(name, _)| *name == only);
         }
-        let mut per_pass: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
-        for _ in 0..rounds {
-            for (k, (_, run)) in cases.iter().enumerate() {
-                run()?;
-                let start = std::time::Instant::now();
-                let c0 = cpu_ns();
-                let mut n = 0u32;
-                while start.elapsed().as_secs_f64() < seconds {
-                    run()?;
-                    n += 1;
-                }
-                let ns = cpu_ns().saturating_sub(c0) as f64;
-                per_pass[k].push(ns / f64::from(n.max(1)) / 1e3);
-            }
-        }
-        for (k, (name, _)) in cases.iter().enumerate() {
-            let ratios = per_pass[k]
-                .iter()
-                .zip(&per_pass[0])
-                .map(|(a, b)| a / b)
-                .collect::<Vec<_>>();
-            let (lo, hi) = ratios
-                .iter()
-                .fold((f64::MAX, f64::MIN), |(l, h), &r| (l.min(r), h.max(r)));
-            println!(
-                "{} t={t:4} {name:16} CPU time per pass: median {:10.1} µs; ratio to dense: \
-                 median {:.3} (range {lo:.3}–{hi:.3})",
-                if big { "7b" } else { "deit-tiny" },
-                median(per_pass[k].clone()),
-                median(ratios),
-            );
-        }
+        let label = if big { "7b" } else { "deit-tiny" };
+        measure(label, t, &cases, rounds, seconds)?;
     }
     Ok(())
 }

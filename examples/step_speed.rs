@@ -134,7 +134,7 @@ fn main() -> fips::Result<()> {
         tokens,
         width: d,
         intermediate: i,
-        rank: trainer.rank(),
+        rank: trainer.trained_rank(),
         blocks: n,
         matrices_per_block: kind.matrices_per_block(),
     };
@@ -170,9 +170,10 @@ fn main() -> fips::Result<()> {
     );
     let blas = std::env::var("OPENBLAS_NUM_THREADS").unwrap_or_else(|_| "default".into());
     println!(
-        "case {case}: d {d}, I {i}, n {n}, {kind}, T {tokens}, rank {}, {} order, {:.3} GFLOP/step; \
-         step threads {threads}, OPENBLAS_NUM_THREADS {blas}, {steps} rounds",
+        "case {case}: d {d}, I {i}, n {n}, {kind}, T {tokens}, rank {} (trained {}), {} order, \
+         {:.3} GFLOP/step; step threads {threads}, OPENBLAS_NUM_THREADS {blas}, {steps} rounds",
         trainer.rank(),
+        trainer.trained_rank(),
         trainer.contraction(),
         flops / 1e9
     );

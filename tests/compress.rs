@@ -488,3 +488,71 @@ fn gated_groups_compress() {
     let diff = (&y - &y_dense).mapv(f64::abs).sum_axis(Axis(0)).sum();
     assert!(diff < 1e-8, "forward paths disagree by {diff}");
 }
+
+/// With `r > d` the initialisation pads `U` with zero columns; RigL prunes their rows of `V` at
+/// the start and they never receive gradient, so they stay unused. The report counts them, and
+/// dropping them leaves every rebuilt weight, the kept entries of the other rows and the error
+/// as they were, with `d` fewer parameters per component.
+#[test]
+fn unused_rank_is_reported_and_dropping_it_changes_no_weight() {
+    let blocks = group_f64();
+    let calib = gaussian_calibration(N, 256, D, 2);
+    let out = FipsParams::new()
+        .sparsity(0.75)
+        .sparsifier(Sparsifier::Rigl(RiglSchedule {
+            interval: 7,
+            ..Default::default()
+        }))
+        .steps(40)
+        .batch_tokens(64)
+        .learning_rate(1e-3)
+        .check()
+        .unwrap()
+        .compress(&blocks, &calib)
+        .unwrap();
+    let trained = out.group;
+    let details = out.report.fips().unwrap();
+    assert!(
+        trained.rank() > D,
+        "the budget pads the basis: rank {}",
+        trained.rank()
+    );
+    let padded = trained.rank() - D;
+    assert_eq!(details.unused_rank, trained.unused_rank());
+    assert_eq!(
+        details.unused_rank, padded,
+        "every padded component stays unused"
+    );
+    let (compact, dropped) = trained.clone().without_unused_rank().unwrap();
+    assert_eq!(dropped, details.unused_rank);
+    assert_eq!(compact.rank(), trained.rank() - dropped);
+    assert_eq!(compact.nnz(), trained.nnz());
+    let (before, after) = (trained.parameter_count(), compact.parameter_count());
+    assert_eq!(
+        before.compressed_weights() - after.compressed_weights(),
+        D * dropped
+    );
+    for b in 0..N {
+        for m in 0..2 {
+            let (w, c) = (
+                trained.dense_weight(b, m).unwrap(),
+                compact.dense_weight(b, m).unwrap(),
+            );
+            for (x, y) in w.iter().zip(&c) {
+                assert!((x - y).abs() <= 1e-12 * (1.0 + x.abs()), "{x} vs {y}");
+            }
+        }
+    }
+    let error = relative_error(
+        &blocks,
+        &(0..N)
+            .map(|b| compact.to_dense_mlp(b).unwrap())
+            .collect::<Vec<_>>(),
+        &calib,
+    );
+    assert!(
+        (error - out.report.rel_error).abs() <= 1e-9,
+        "{error} vs {}",
+        out.report.rel_error
+    );
+}

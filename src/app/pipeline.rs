@@ -331,7 +331,13 @@ pub fn compress_group(
             }
         }
     };
-    observer.group_finished(g, &out.report);
+    // Rank components that contribute nothing are not written (the rebuilt weights keep their
+    // values; FiPS's report counts them as `unused_rank`): the report counts the parameters
+    // written.
+    let compressed = out.blocks.without_unused_rank()?;
+    let mut report = out.report;
+    report.parameters = compressed.parameter_count();
+    observer.group_finished(g, &report);
     let originals = blocks
         .iter()
         .map(|&b| layout.block(b))
@@ -347,11 +353,11 @@ pub fn compress_group(
         })
         .map(|(w, bias, dtype)| Ok((w.clone(), bias, checkpoint.info(&w)?.shape.clone(), dtype)))
         .collect::<Result<Vec<_>>>()?;
-    let manifest = GroupManifest::describe(&out.blocks, blocks, layout.kind(), originals)?;
+    let manifest = GroupManifest::describe(&compressed, blocks, layout.kind(), originals)?;
     Ok(GroupResult {
-        blocks: out.blocks,
+        blocks: compressed,
         manifest,
-        report: out.report,
+        report,
         calibration_time,
     })
 }

@@ -199,6 +199,11 @@ impl AnyCompactGroup {
         each!(self, g => g.width())
     }
 
+    /// Rank r of the shared basis.
+    pub fn rank(&self) -> usize {
+        each!(self, g => g.rank())
+    }
+
     /// Bytes of the stored form.
     pub fn stored_bytes(&self) -> usize {
         each!(self, g => g.stored_bytes())

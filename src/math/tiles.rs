@@ -1,12 +1,14 @@
-//! Tile-structured masks of the factors `V`: entries kept or dropped together in 2×2 tiles, so
-//! that an inference kernel can reuse each loaded input value for several multiply-adds.
+//! Tile-structured masks of the factors `V`: entries kept or dropped together in tiles of 2×2,
+//! 1×2 or 2×1 entries, so that an inference kernel can reuse each loaded input value for several
+//! multiply-adds (the tiled inference layout serves 2×2 tiles; the pair shapes are kept for
+//! experiments, see `docs/results.md`).
 //!
-//! `V` is `r × M·I` (row-major; matrix `j` in columns `j·I..(j+1)·I`). Tile `(a, j, b)` holds the
-//! entries of rows `2a, 2a+1` and columns `j·I + 2b, j·I + 2b+1`, cut at the last row (odd `r`)
-//! and at the matrix's last column (odd `I`): tiles never cross a matrix boundary, and the edge
-//! tiles are 1×2, 2×1 or 1×1. Selections rank tiles by the sum over their entries of the score
-//! the entry-wise selection uses, ties broken by the tile's index, and count kept entries by
-//! weight (a tile of `w` entries counts `w` in the radix selection).
+//! `V` is `r × M·I` (row-major; matrix `j` in columns `j·I..(j+1)·I`). With tiles of height `h`
+//! and width `w`, tile `(a, j, b)` holds the entries of rows `h·a .. h·a + h` and columns
+//! `j·I + w·b .. j·I + w·b + w`, cut at the last row and at the matrix's last column: tiles never
+//! cross a matrix boundary, and the edge tiles are smaller. Selections rank tiles by the sum over
+//! their entries of the score the entry-wise selection uses, ties broken by the tile's index, and
+//! count kept entries by weight (a tile of `n` entries counts `n` in the radix selection).
 
 use std::fmt;
 use std::str::FromStr;
@@ -31,6 +33,13 @@ pub enum MaskTiles {
     /// one score per tile (`E/4` values) during a mask update besides today's buffers.
     #[serde(rename = "2x2")]
     Square2,
+    /// Entries are kept or dropped in pairs along a row of `V`: row `k` × columns `2b, 2b+1` of
+    /// one matrix (two neighbouring hidden units share their rank rows).
+    #[serde(rename = "1x2")]
+    Wide2,
+    /// Entries are kept or dropped in pairs along a column of `V`: rows `2a, 2a+1` × column `c`.
+    #[serde(rename = "2x1")]
+    Tall2,
 }
 
 impl MaskTiles {
@@ -45,6 +54,8 @@ impl fmt::Display for MaskTiles {
         f.write_str(match self {
             Self::Entries => "entries",
             Self::Square2 => "2x2",
+            Self::Wide2 => "1x2",
+            Self::Tall2 => "2x1",
         })
     }
 }
@@ -55,33 +66,43 @@ impl FromStr for MaskTiles {
         match s {
             "entries" => Ok(Self::Entries),
             "2x2" => Ok(Self::Square2),
+            "1x2" => Ok(Self::Wide2),
+            "2x1" => Ok(Self::Tall2),
             other => Err(invalid(
                 "mask_tiles",
-                format!("unknown mask tiles {other:?} (entries, 2x2)"),
+                format!("unknown mask tiles {other:?} (entries, 2x2, 1x2, 2x1)"),
             )),
         }
     }
 }
 
-/// The 2×2 tiles of an `r × M·I` factor. Tile `t = (a·M + j)·B + b` with `B = ⌈I/2⌉`.
+/// The tiles of an `r × M·I` factor. Tile `t = (a·M + j)·B + b` with `B = ⌈I/w⌉`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct TileGrid {
     rows: usize,
     matrices: usize,
     width: usize,
+    /// Tile height and width (1 or 2).
+    th: usize,
+    tw: usize,
 }
 
 impl TileGrid {
     /// The tiles of `tiles` over an `rows × matrices · width` factor (`None` for entry-wise masks).
     pub(crate) fn of(tiles: MaskTiles, rows: usize, matrices: usize, width: usize) -> Option<Self> {
-        match tiles {
-            MaskTiles::Entries => None,
-            MaskTiles::Square2 => Some(Self {
-                rows,
-                matrices,
-                width,
-            }),
-        }
+        let (th, tw) = match tiles {
+            MaskTiles::Entries => return None,
+            MaskTiles::Square2 => (2, 2),
+            MaskTiles::Wide2 => (1, 2),
+            MaskTiles::Tall2 => (2, 1),
+        };
+        Some(Self {
+            rows,
+            matrices,
+            width,
+            th,
+            tw,
+        })
     }
 
     /// Entries of the factor.
@@ -90,12 +111,12 @@ impl TileGrid {
     }
 
     fn tile_cols(&self) -> usize {
-        self.width.div_ceil(2)
+        self.width.div_ceil(self.tw)
     }
 
     /// Tiles in all.
     pub(crate) fn len(&self) -> usize {
-        self.rows.div_ceil(2) * self.matrices * self.tile_cols()
+        self.rows.div_ceil(self.th) * self.matrices * self.tile_cols()
     }
 
     /// The tile of entry `pos`.
@@ -104,7 +125,7 @@ impl TileGrid {
         let columns = self.matrices * self.width;
         let (k, col) = (pos / columns, pos % columns);
         let (j, c) = (col / self.width, col % self.width);
-        ((k / 2) * self.matrices + j) * self.tile_cols() + c / 2
+        ((k / self.th) * self.matrices + j) * self.tile_cols() + c / self.tw
     }
 
     /// Tile `t`'s first row, its matrix, its first column within the matrix, its height and
@@ -113,13 +134,13 @@ impl TileGrid {
         let b = t % self.tile_cols();
         let aj = t / self.tile_cols();
         let (a, j) = (aj / self.matrices, aj % self.matrices);
-        let (row, col) = (2 * a, 2 * b);
+        let (row, col) = (self.th * a, self.tw * b);
         (
             row,
             j,
             col,
-            (self.rows - row).min(2),
-            (self.width - col).min(2),
+            (self.rows - row).min(self.th),
+            (self.width - col).min(self.tw),
         )
     }
 
@@ -144,7 +165,7 @@ impl TileGrid {
         j: usize,
     ) -> impl Iterator<Item = (usize, std::ops::Range<usize>, std::ops::Range<usize>)> + '_ {
         let tile_cols = self.tile_cols();
-        (0..self.rows.div_ceil(2)).flat_map(move |a| {
+        (0..self.rows.div_ceil(self.th)).flat_map(move |a| {
             (0..tile_cols).map(move |b| {
                 let t = (a * self.matrices + j) * tile_cols + b;
                 let (row, _, col, h, w) = self.geometry(t);
@@ -310,18 +331,30 @@ mod tests {
     /// Tiles cover every entry once, never cross a matrix boundary, and have the edge sizes.
     #[test]
     fn tiles_partition_the_factor() {
-        for (r, m, i) in [(4, 2, 6), (5, 3, 7), (1, 1, 1), (3, 2, 1)] {
-            let grid = TileGrid::of(MaskTiles::Square2, r, m, i).unwrap();
+        let shapes = [(4, 2, 6), (5, 3, 7), (1, 1, 1), (3, 2, 1)];
+        let kinds = [MaskTiles::Square2, MaskTiles::Wide2, MaskTiles::Tall2];
+        for ((r, m, i), kind) in shapes.into_iter().flat_map(|s| kinds.map(|k| (s, k))) {
+            let (th, tw) = match kind {
+                MaskTiles::Wide2 => (1, 2),
+                MaskTiles::Tall2 => (2, 1),
+                _ => (2, 2),
+            };
+            let grid = TileGrid::of(kind, r, m, i).unwrap();
+            assert_eq!(grid.len(), r.div_ceil(th) * m * i.div_ceil(tw), "{kind}");
             let mut seen = vec![0usize; grid.entries()];
             for t in 0..grid.len() {
                 let positions: Vec<usize> = grid.positions(t).collect();
                 assert_eq!(positions.len(), grid.weight(t));
-                assert!((1..=4).contains(&positions.len()));
+                assert!((1..=th * tw).contains(&positions.len()));
                 let matrix = |k: usize| (k % (m * i)) / i;
                 for &k in &positions {
                     seen[k] += 1;
                     assert_eq!(grid.tile_of(k), t);
                     assert_eq!(matrix(k), matrix(positions[0]), "{r} {m} {i} tile {t}");
+                    // Same row band and column band as the tile's first entry.
+                    let (k0, c0) = (positions[0] / (m * i), positions[0] % i);
+                    assert_eq!((k / (m * i)) / th, k0 / th, "{kind} tile {t}");
+                    assert_eq!((k % i) / tw, c0 / tw, "{kind} tile {t}");
                 }
             }
             assert!(seen.iter().all(|&n| n == 1));

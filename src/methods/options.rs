@@ -537,7 +537,12 @@ mod tests {
                 ..
             })
         ));
-        for (text, tiles) in [("entries", MaskTiles::Entries), ("2x2", MaskTiles::Square2)] {
+        for (text, tiles) in [
+            ("entries", MaskTiles::Entries),
+            ("2x2", MaskTiles::Square2),
+            ("1x2", MaskTiles::Wide2),
+            ("2x1", MaskTiles::Tall2),
+        ] {
             assert_eq!(text.parse::<MaskTiles>().unwrap(), tiles);
             assert_eq!(tiles.to_string(), text);
         }

@@ -245,8 +245,13 @@ pub enum MethodDetails {
 /// FiPS's measurements of one group.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FipsDetails {
-    /// Rank r of the shared basis.
+    /// Rank r of the shared basis as trained (the budget's).
     pub rank: usize,
+    /// Components of the trained basis that contribute nothing (no kept entry in their row of
+    /// any `V_j`, or a zero column of `U`); [`crate::SharedBasisGroup::without_unused_rank`]
+    /// drops them (the `fips` command does before writing the group).
+    #[serde(default)]
+    pub unused_rank: usize,
     /// Target sparsity of `V`.
     pub target_sparsity: f64,
     /// Achieved sparsity `1 − nnz / (r f n I)`.
@@ -355,8 +360,8 @@ impl fmt::Display for MethodDetails {
         match self {
             Self::Fips(d) => write!(
                 f,
-                "nnz={} rank={} rel_error_init={:.4} sparsifier={} sparsity={:.4}",
-                d.nnz, d.rank, d.rel_error_init, d.sparsifier, d.sparsity
+                "nnz={} rank={} unused_rank={} rel_error_init={:.4} sparsifier={} sparsity={:.4}",
+                d.nnz, d.rank, d.unused_rank, d.rel_error_init, d.sparsifier, d.sparsity
             ),
             Self::Svd(d) => write!(f, "rank={} rel_error_svd={:.4}", d.rank, d.rel_error_svd),
             Self::SvdLlm(d) => write!(f, "rank={}", d.rank),

@@ -78,6 +78,15 @@ pub enum CompressedBlocks<F> {
 }
 
 impl<F: Float> CompressedBlocks<F> {
+    /// The same blocks with a shared basis' unused rank components dropped
+    /// ([`SharedBasisGroup::without_unused_rank`]); the other forms unchanged.
+    pub fn without_unused_rank(self) -> Result<Self> {
+        match self {
+            Self::SharedBasis(g) => Ok(Self::SharedBasis(g.without_unused_rank()?.0)),
+            other => Ok(other),
+        }
+    }
+
     /// Number of blocks.
     pub fn blocks(&self) -> usize {
         match self {

@@ -1,11 +1,12 @@
 //! The shared-basis form (FiPS): one shared basis, the sparse factor of every matrix, and the biases.
 
-use ndarray::{Array1, Array2, ArrayView2, Zip, linalg::general_mat_mul};
+use ndarray::{Array1, Array2, ArrayView2, Axis, Zip, linalg::general_mat_mul};
 
 use crate::foundation::activation::Activation;
 use crate::foundation::error::{FipsError, Result};
 use crate::foundation::float::{Float, ensure_finite};
 use crate::foundation::mlp::{DenseMlp, Linear, MatrixRole, MlpKind};
+use crate::foundation::slicing::s;
 use crate::math::budget::{GroupShape, ParameterCount};
 use crate::repr::factors::{SharedBasis, SparseFactor};
 
@@ -81,6 +82,97 @@ impl<F: Float> SharedBasisGroup<F> {
             factors,
             biases,
         })
+    }
+
+    /// The rank components that contribute to some weight: `k` such that column `k` of `U` is
+    /// nonzero and some factor keeps an entry in its row `k`.
+    fn used_components(&self) -> Vec<usize> {
+        let u = self.basis.view();
+        (0..self.rank())
+            .filter(|&k| {
+                u.column(k).iter().any(|&x| x != F::zero())
+                    && self
+                        .factors
+                        .iter()
+                        .any(|v| v.mask().row(k).iter().any(|&m| m))
+            })
+            .collect()
+    }
+
+    /// How many rank components contribute nothing (see [`Self::without_unused_rank`]).
+    pub fn unused_rank(&self) -> usize {
+        self.rank() - self.used_components().len()
+    }
+
+    /// The same group without the rank components that contribute nothing: component `k` goes
+    /// when no factor keeps an entry in its row `k`, or when column `k` of `U` is zero. Every
+    /// rebuilt weight `U V_j` keeps its value (only zero terms leave each sum), the factors keep
+    /// every kept entry of the other rows, and the basis loses `d` parameters per component
+    /// dropped. Returns the group and the number of components dropped; at least one stays.
+    ///
+    /// FiPS's over-complete initialisation (`r > d`) pads `U` with zero columns; when the
+    /// sparsifier prunes every entry of their rows at the start (RigL does: the padded rows hold
+    /// the top rows divided by `τ`) they never receive gradient again. The `fips` command drops
+    /// them before it writes a group; the library's [`crate::FipsTrainer::finish`] returns the
+    /// group as trained (rank and sparsity those of the budget) and reports the count.
+    pub fn without_unused_rank(self) -> Result<(Self, usize)> {
+        let r = self.rank();
+        let used = self.used_components();
+        let keep = if used.is_empty() { vec![0] } else { used };
+        if keep.len() == r {
+            return Ok((self, 0));
+        }
+        let basis = SharedBasis::new(self.basis.view().select(Axis(1), &keep))?;
+        let factors = self
+            .factors
+            .iter()
+            .map(|v| {
+                SparseFactor::new(
+                    v.values().select(Axis(0), &keep),
+                    v.mask().select(Axis(0), &keep),
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let dropped = r - keep.len();
+        let group = Self::new(self.kind, self.activation, basis, factors, self.biases)?;
+        Ok((group, dropped))
+    }
+
+    /// The same group at rank `rank ≥ r`: `U` padded with zero columns and every factor with
+    /// empty rows (components that contribute nothing; [`Self::without_unused_rank`] undoes it).
+    pub fn with_rank(self, rank: usize) -> Result<Self> {
+        let (d, r) = (self.width(), self.rank());
+        if rank < r {
+            return Err(FipsError::ShapeMismatch {
+                what: "padded rank (at least the group's)".into(),
+                expected: vec![r],
+                got: vec![rank],
+            });
+        }
+        if rank == r {
+            return Ok(self);
+        }
+        let mut u = Array2::zeros((d, rank));
+        u.slice_mut(s![.., ..r]).assign(&self.basis.view());
+        let factors = self
+            .factors
+            .iter()
+            .map(|v| {
+                let i = v.cols();
+                let mut values = Array2::zeros((rank, i));
+                values.slice_mut(s![..r, ..]).assign(&v.values());
+                let mut mask = Array2::from_elem((rank, i), false);
+                mask.slice_mut(s![..r, ..]).assign(&v.mask());
+                SparseFactor::new(values, mask)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Self::new(
+            self.kind,
+            self.activation,
+            SharedBasis::new(u)?,
+            factors,
+            self.biases,
+        )
     }
 
     /// Standard or gated blocks.
@@ -275,3 +367,98 @@ pub(crate) fn factors_first_is_cheaper(tokens: usize, d: usize, r: usize, i: usi
 
 /// The former name of [`SharedBasisGroup`].
 pub type CompressedGroup<F> = SharedBasisGroup<F>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    /// A factor's values and mask.
+    type Factor = (Array2<f64>, Array2<bool>);
+
+    /// A standard two-block group (`d = 4`, `r = 7`, `I = 5`) with random values and masks.
+    fn group(rng: &mut ChaCha8Rng) -> (Array2<f64>, Vec<Factor>) {
+        let u = Array2::from_shape_simple_fn((4, 7), || rng.random_range(-1.0..1.0));
+        let factors = (0..4)
+            .map(|_| {
+                let v = Array2::from_shape_simple_fn((7, 5), || rng.random_range(-1.0..1.0));
+                let m = Array2::from_shape_simple_fn((7, 5), || rng.random_bool(0.5));
+                (v, m)
+            })
+            .collect();
+        (u, factors)
+    }
+
+    fn assemble(u: Array2<f64>, factors: &[Factor]) -> SharedBasisGroup<f64> {
+        let factors = factors
+            .iter()
+            .map(|(v, m)| SparseFactor::new(v.clone(), m.clone()).unwrap())
+            .collect();
+        let biases = vec![None; 4];
+        let basis = SharedBasis::new(u).unwrap();
+        SharedBasisGroup::new(MlpKind::Standard, Activation::Gelu, basis, factors, biases).unwrap()
+    }
+
+    /// Components with an empty row in every factor or a zero column of `U` go, and nothing
+    /// else: every dense weight keeps its value, the kept entries of the other rows stay, and
+    /// the basis loses `d` parameters per component.
+    #[test]
+    fn unused_rank_is_dropped_and_the_weights_keep_their_values() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let (mut u, mut factors) = group(&mut rng);
+        // Row 3: no kept entry anywhere. Row 1: empty in one factor only (it stays). Column 6 of
+        // U: zero, while row 6 keeps entries (they go with it).
+        for (j, (_, m)) in factors.iter_mut().enumerate() {
+            m.row_mut(3).fill(false);
+            if j == 0 {
+                m.row_mut(1).fill(false);
+            }
+            m[[6, 0]] = true;
+        }
+        factors[2].1.row_mut(1).fill(true);
+        u.column_mut(6).fill(0.0);
+        let whole = assemble(u, &factors);
+        let row6: usize = factors
+            .iter()
+            .map(|(_, m)| m.row(6).iter().filter(|&&x| x).count())
+            .sum();
+        assert_eq!(whole.unused_rank(), 2);
+        let (compact, dropped) = whole.clone().without_unused_rank().unwrap();
+        assert_eq!(dropped, 2);
+        assert_eq!(compact.rank(), 5);
+        assert_eq!(compact.nnz(), whole.nnz() - row6);
+        let (before, after) = (whole.parameter_count(), compact.parameter_count());
+        assert_eq!(before.basis - after.basis, 2 * 4);
+        for b in 0..2 {
+            for m in 0..2 {
+                let (w, c) = (
+                    whole.dense_weight(b, m).unwrap(),
+                    compact.dense_weight(b, m).unwrap(),
+                );
+                for (x, y) in w.iter().zip(&c) {
+                    assert!((x - y).abs() <= 1e-12 * (1.0 + x.abs()), "{x} vs {y}");
+                }
+            }
+        }
+        // The kept rows, in order: 0, 1, 2, 4, 5.
+        for (j, (v, m)) in factors.iter().enumerate() {
+            let f = &compact.factors()[j];
+            for (new, old) in [0, 1, 2, 4, 5].into_iter().enumerate() {
+                assert_eq!(f.mask().row(new), m.row(old));
+                for ((&a, &b), &k) in f.values().row(new).iter().zip(v.row(old)).zip(m.row(old)) {
+                    assert_eq!(a, if k { b } else { 0.0 });
+                }
+            }
+        }
+        // Nothing to drop: the same group back; everything unused: one component stays.
+        let (again, none) = compact.clone().without_unused_rank().unwrap();
+        assert_eq!((none, &again), (0, &compact));
+        for (_, m) in factors.iter_mut() {
+            m.fill(false);
+        }
+        let empty = assemble(Array2::ones((4, 7)), &factors);
+        let (one, dropped) = empty.without_unused_rank().unwrap();
+        assert_eq!((one.rank(), dropped), (1, 6));
+    }
+}

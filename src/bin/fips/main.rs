@@ -255,7 +255,8 @@ struct CompressArgs {
     /// fips: structure of the factors' mask: entries, or 2x2 (entries of V kept or dropped in
     /// 2×2 tiles, for faster sparse inference at many tokens; the kept count may fall up to 3
     /// short of the target). 2x2 costs accuracy: DeiT-tiny at p = 0.5 loses 11.2 points of
-    /// top-1 against 0.8 with entries.
+    /// top-1 against 0.8 with entries. 1x2 and 2x1 (pairs along a row or a column of V) are
+    /// for experiments: no inference kernel uses them, and they cost accuracy too.
     #[arg(long, default_value_t = MaskTiles::default())]
     mask_tiles: MaskTiles,
     /// Override the MLP activation (default: the naming scheme's).

@@ -147,7 +147,12 @@ pub(crate) struct FactorTrainer<'a, F: Float> {
     run: TrainingLoop,
     assemble: Assembler<F>,
     spec: GroupSpec,
+    /// Components trained: the budget's rank less a tail left out of training (see `new`).
+    trained_rank: usize,
+    /// The budget's rank, of the group handed back.
     rank: usize,
+    /// Entries of `V` at the budget's rank (`r f n I`).
+    entries: usize,
     init_errors: BlockErrors,
     start: Instant,
     init_time: Duration,
@@ -363,7 +368,7 @@ impl<'a, F: Float> FactorTrainer<'a, F> {
             .iter()
             .flat_map(|b| (0..shape.matrices_per_block).map(move |j| b.oriented(j)))
             .collect();
-        let (u, mut v) = layout.init(&oriented, rank, config.tau(), config.init())?;
+        let (mut u, mut v) = layout.init(&oriented, rank, config.tau(), config.init())?;
         let init_time = init_start.elapsed();
         let biases: Vec<_> = blocks
             .iter()
@@ -395,9 +400,37 @@ impl<'a, F: Float> FactorTrainer<'a, F> {
         };
         let mut bools = vec![true; v.len()];
         schedule.prepare(contiguous(&mut v)?, &mut bools);
+        // RigL prunes straight to the target, and takes every padded component's row (the
+        // padding is the top rows over τ): a component with a zero column of `U` and no kept
+        // entry never receives gradient again (`∂V_k = U_kᵀ ∂W = 0`, `∂U_k = ∂W V_kᵀ = 0`).
+        // The tail of such components is left out of training (every step multiplies through
+        // `rank` components only); the group handed back is padded to the budget's rank again.
+        // Their rows hold no kept entry: the kept values are the same without them, and only
+        // the mask is cut (no copy of `V`).
+        let budget_rank = rank;
+        let cols = v.ncols();
+        let rank = if layout == BasisLayout::Shared
+            && config.mask_tiles().is_entries()
+            && !keeps_padded_rank()
+        {
+            let used = |k: usize| {
+                u.column(k).iter().any(|&x| x != F::zero())
+                    || bools
+                        .get(k * cols..(k + 1) * cols)
+                        .is_some_and(|r| r.contains(&true))
+            };
+            let live = (0..rank).rev().find(|&k| used(k)).map_or(1, |k| k + 1);
+            if live < rank {
+                u = u.slice(s![.., ..live]).to_owned();
+            }
+            live
+        } else {
+            rank
+        };
         // From here on V is held as its kept values only (compacted in its own buffer), its mask
         // as bits.
         let mut kept = KeptEntries::from_values(compact(v, &bools)?);
+        bools.truncate(rank * cols);
         let mask = BitMask::from_bools(&bools);
         drop(bools);
         let kept_layout = KeptLayout::new(&mask, rank, matrices, shape.intermediate);
@@ -462,16 +495,23 @@ impl<'a, F: Float> FactorTrainer<'a, F> {
             run,
             assemble,
             spec,
-            rank,
+            trained_rank: rank,
+            rank: budget_rank,
+            entries,
             init_errors,
             start,
             init_time,
         })
     }
 
-    /// Rank of each basis.
+    /// Rank of each basis (the budget's).
     pub(crate) fn rank(&self) -> usize {
         self.rank
+    }
+
+    /// Components trained: the budget's rank less the unused tail left out (see `new`).
+    pub(crate) fn trained_rank(&self) -> usize {
+        self.trained_rank
     }
 
     /// The group's dense shape.
@@ -506,7 +546,9 @@ impl<'a, F: Float> FactorTrainer<'a, F> {
             run,
             assemble,
             spec,
-            rank,
+            trained_rank: rank,
+            rank: budget_rank,
+            entries,
             init_errors,
             start,
             init_time,
@@ -539,8 +581,8 @@ impl<'a, F: Float> FactorTrainer<'a, F> {
             mask: &problem.mask,
             biases: &problem.biases,
         })?;
+        let blocks = with_budget_rank(blocks, budget_rank)?;
         let nnz = problem.mask.count();
-        let entries = problem.mask.len();
         problem.kept = KeptEntries::from_values(Vec::new());
         problem.mask = BitMask::from_bools(&[]);
         let final_errors = problem.source.errors(|b| blocks.to_dense_mlp(b))?;
@@ -560,7 +602,7 @@ impl<'a, F: Float> FactorTrainer<'a, F> {
         Ok(Trained {
             blocks,
             spec,
-            rank,
+            rank: budget_rank,
             nnz,
             entries,
             contraction,
@@ -873,9 +915,16 @@ impl<'a, F: Float> FipsTrainer<'a, F> {
         .map(Self)
     }
 
-    /// Rank r of the shared basis.
+    /// Rank r of the shared basis (the budget's; the finished group's).
     pub fn rank(&self) -> usize {
         self.0.rank()
+    }
+
+    /// Components being trained: [`Self::rank`] less the padded components that RigL's first
+    /// pruning left with no kept entry (they can never receive gradient, so the steps leave them
+    /// out; the finished group carries them as zero columns of `U` and empty rows of `V`).
+    pub fn trained_rank(&self) -> usize {
+        self.0.trained_rank()
     }
 
     /// The group's dense shape.
@@ -903,10 +952,11 @@ impl<'a, F: Float> FipsTrainer<'a, F> {
     /// training (see [`crate::math::validation`]).
     pub fn snapshot(&self) -> Result<SharedBasisGroup<F>> {
         let t = &self.0;
-        match t
-            .problem
-            .assemble_pruned(&t.spec, t.rank, assemble_shared)?
-        {
+        match with_budget_rank(
+            t.problem
+                .assemble_pruned(&t.spec, t.trained_rank, assemble_shared)?,
+            t.rank,
+        )? {
             CompressedBlocks::SharedBasis(group) => Ok(group),
             _ => Err(FipsError::Numerical(
                 "the shared-basis assembler returned another form".into(),
@@ -924,6 +974,7 @@ impl<'a, F: Float> FipsTrainer<'a, F> {
                 "the shared-basis assembler returned another form".into(),
             ));
         };
+        let unused_rank = group.unused_rank();
         let report = MethodReport {
             method: Method::Fips,
             kind: t.spec.kind,
@@ -939,6 +990,7 @@ impl<'a, F: Float> FipsTrainer<'a, F> {
             validation: t.validation,
             details: MethodDetails::Fips(FipsDetails {
                 rank: t.rank,
+                unused_rank,
                 target_sparsity: config.sparsity(),
                 sparsity: 1.0 - t.nnz as f64 / t.entries as f64,
                 nnz: t.nnz,
@@ -952,6 +1004,21 @@ impl<'a, F: Float> FipsTrainer<'a, F> {
             }),
         };
         Ok(FipsOutput { group, report })
+    }
+}
+
+/// `blocks` with a shared basis trained at a lower rank padded to the budget's `rank` (zero
+/// columns of `U`, empty rows of every factor: the components left out of training, as they
+/// would have stayed).
+fn with_budget_rank<F: Float>(
+    blocks: CompressedBlocks<F>,
+    rank: usize,
+) -> Result<CompressedBlocks<F>> {
+    match blocks {
+        CompressedBlocks::SharedBasis(g) if g.rank() < rank => {
+            Ok(CompressedBlocks::SharedBasis(g.with_rank(rank)?))
+        }
+        other => Ok(other),
     }
 }
 
@@ -1083,6 +1150,18 @@ fn compact<F: Float>(v: Array2<F>, mask: &[bool]) -> Result<Vec<F>> {
     Ok(raw)
 }
 
+/// Whether training keeps an unused padded tail of components (only tests do, to compare).
+fn keeps_padded_rank() -> bool {
+    #[cfg(test)]
+    {
+        tests::KEEP_PADDED_RANK.with(std::cell::Cell::get)
+    }
+    #[cfg(not(test))]
+    {
+        false
+    }
+}
+
 /// Draws mini-batches of token indices: a seeded shuffle of all tokens, consumed in batches and
 /// reshuffled when fewer than a batch remain (every token is seen once per epoch).
 #[derive(Debug)]
@@ -1119,6 +1198,90 @@ impl TokenSampler {
 
 #[cfg(test)]
 mod tests {
+    thread_local! {
+        /// Set by a test to train an unused padded tail as well ([`super::keeps_padded_rank`]).
+        pub(super) static KEEP_PADDED_RANK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// With `r > d` RigL's first pruning empties every padded component; training leaves them
+    /// out (fewer multiply-adds per step) and hands back the group at the budget's rank. The
+    /// result equals training them: the same masks, the same loss curve and weights to
+    /// rounding (only zero terms leave the sums), the padded components still zero and empty.
+    #[test]
+    fn an_empty_padded_tail_is_left_out_of_training_without_changing_the_result() {
+        use crate::math::sparsity::{RiglSchedule, Sparsifier};
+        let mut rng = ChaCha8Rng::seed_from_u64(31);
+        let (d, i) = (12, 20);
+        let group = blocks(&mut rng, 3, d, i);
+        let calibration = Calibration::<f64>::gaussian(3, 300, d, 8).unwrap();
+        let compressor = FipsParams::new()
+            .sparsity(0.75)
+            .sparsifier(Sparsifier::Rigl(RiglSchedule {
+                interval: 10,
+                ..RiglSchedule::default()
+            }))
+            .steps(60)
+            .batch_tokens(48)
+            .learning_rate(1e-2)
+            .check()
+            .unwrap();
+        let run = |keep: bool| {
+            KEEP_PADDED_RANK.with(|k| k.set(keep));
+            let mut t = compressor.trainer(&group, &calibration).unwrap();
+            let ranks = (t.rank(), t.trained_rank());
+            while t.step().unwrap().is_some() {}
+            KEEP_PADDED_RANK.with(|k| k.set(false));
+            (ranks, t.finish().unwrap())
+        };
+        let ((rank, trained), left_out) = run(false);
+        let ((rank_kept, trained_kept), kept) = run(true);
+        assert!(rank > d, "the budget pads the basis: rank {rank}");
+        assert_eq!((rank_kept, trained_kept), (rank, rank));
+        assert_eq!(
+            trained, d,
+            "every padded component is empty after the first pruning"
+        );
+        let (a, b) = (&left_out.group, &kept.group);
+        assert_eq!((a.rank(), a.nnz()), (b.rank(), b.nnz()));
+        for (fa, fb) in a.factors().iter().zip(b.factors()) {
+            assert_eq!(fa.mask(), fb.mask());
+            assert!(
+                fa.mask()
+                    .rows()
+                    .into_iter()
+                    .skip(d)
+                    .all(|r| !r.iter().any(|&m| m))
+            );
+        }
+        assert!(
+            a.basis()
+                .view()
+                .columns()
+                .into_iter()
+                .skip(d)
+                .all(|c| c.iter().all(|&x| x == 0.0))
+        );
+        for b_ in 0..3 {
+            for m in 0..2 {
+                let (x, y) = (
+                    a.dense_weight(b_, m).unwrap(),
+                    b.dense_weight(b_, m).unwrap(),
+                );
+                for (p, q) in x.iter().zip(&y) {
+                    assert!((p - q).abs() <= 1e-9 * (1.0 + q.abs()), "{p} vs {q}");
+                }
+            }
+        }
+        let (la, lb) = (&left_out.report.loss_curve, &kept.report.loss_curve);
+        assert_eq!(la.len(), 60);
+        for (p, q) in la.iter().zip(lb) {
+            assert!((p - q).abs() <= 1e-9 * q.abs(), "loss {p} vs {q}");
+        }
+        let details = left_out.report.fips().unwrap();
+        assert_eq!((details.rank, details.unused_rank), (rank, rank - d));
+        assert_eq!(details.sparsity, kept.report.fips().unwrap().sparsity);
+    }
+
     use super::*;
     use crate::foundation::activation::Activation;
     use crate::foundation::mlp::Linear;
@@ -1206,13 +1369,15 @@ mod tests {
         let group = gated_blocks(&mut rng, 3, 12, 20);
         let calibration = Calibration::<f32>::gaussian(3, 200, 12, 4).unwrap();
         let (rigl, gmp) = short_schedules();
-        use crate::math::tiles::MaskTiles::{Entries, Square2};
+        use crate::math::tiles::MaskTiles::{Entries, Square2, Tall2, Wide2};
         for (sparsifier, s, tiles) in [
             (rigl, 0.75, Entries),
             (gmp, 0.75, Entries),
             (Sparsifier::None, 0.0, Entries),
             (rigl, 0.75, Square2),
             (gmp, 0.75, Square2),
+            (rigl, 0.75, Wide2),
+            (gmp, 0.75, Tall2),
         ] {
             for order in [Order::FactorsFirst, Order::WeightsFirst] {
                 let compressor = FipsParams::new()
@@ -1230,7 +1395,7 @@ mod tests {
                 let mut dense = reference.0.problem.dense_reference().unwrap();
                 assert_eq!(fused.contraction(), order);
                 let mut mask_changes = 0;
-                let (r, i) = (fused.rank(), 20);
+                let (r, i) = (fused.trained_rank(), 20);
                 for step in 1..=60 {
                     let before = dense.mask.clone();
                     let expected = reference
@@ -1297,7 +1462,7 @@ mod tests {
         }
     }
 
-    /// With 2×2 tiles (odd rank and odd `I`: edge tiles too) every mask of `V`, after the
+    /// With 2×2, 1×2 or 2×1 tiles (odd rank and odd `I`: edge tiles too) every mask of `V`, after the
     /// initial pruning, after every RigL and GMP update, and after the final pruning of a run
     /// stopped early, keeps or drops each tile whole, holds `target − 3 ≤ nnz ≤ target` entries
     /// once at the target (never more), reports the actual sparsity, and the decoded `V` is zero
@@ -1312,7 +1477,9 @@ mod tests {
         let group = gated_blocks(&mut rng, 2, d, i);
         let calibration = Calibration::<f32>::gaussian(2, 200, d, 4).unwrap();
         let (rigl, gmp) = short_schedules();
-        for (sparsifier, stop) in [(rigl, 40), (gmp, 40), (gmp, 12)] {
+        let kinds = [MaskTiles::Square2, MaskTiles::Wide2, MaskTiles::Tall2];
+        let runs = [(rigl, 40), (gmp, 40), (gmp, 12)];
+        for (kind, (sparsifier, stop)) in kinds.into_iter().flat_map(|k| runs.map(|r| (k, r))) {
             let compressor = FipsParams::new()
                 .budget(Budget::Rank(7))
                 .sparsity(0.7)
@@ -1320,13 +1487,13 @@ mod tests {
                 .steps(40)
                 .batch_tokens(32)
                 .learning_rate(1e-2)
-                .mask_tiles(MaskTiles::Square2)
+                .mask_tiles(kind)
                 .check()
                 .unwrap();
-            assert_eq!(compressor.mask_tiles(), MaskTiles::Square2);
+            assert_eq!(compressor.mask_tiles(), kind);
             let mut t = compressor.trainer(&group, &calibration).unwrap();
             let rank = t.rank();
-            let grid = TileGrid::of(MaskTiles::Square2, rank, 2 * 3, i).unwrap();
+            let grid = TileGrid::of(kind, rank, 2 * 3, i).unwrap();
             let entries = rank * 2 * 3 * i;
             let target = nonzeros_for_sparsity(entries, 0.7);
             let check = |p: &FactorProblem<'_, f32>, what: &str, at_target: bool| {
@@ -1350,12 +1517,16 @@ mod tests {
                 assert_eq!(p.schedule.sparsity(), sparsity, "{what}: reported sparsity");
             };
             let is_rigl = matches!(sparsifier, Sparsifier::Rigl(_));
-            check(&t.0.problem, &format!("{sparsifier} prepare"), is_rigl);
+            check(
+                &t.0.problem,
+                &format!("{kind} {sparsifier} prepare"),
+                is_rigl,
+            );
             let (mut changes, mut joined) = (0, 0);
             for step in 1..=stop {
                 let before = t.0.problem.mask.clone();
                 t.step().unwrap();
-                let what = format!("{sparsifier} step {step}");
+                let what = format!("{kind} {sparsifier} step {step}");
                 check(&t.0.problem, &what, is_rigl || step >= 30);
                 changes += usize::from(before != t.0.problem.mask);
                 // Entries that joined started at zero with zero moments: after one AdamW step
@@ -1381,7 +1552,7 @@ mod tests {
             assert_eq!(stop < 30, p.mask.count() > target, "{sparsifier} {stop}");
             p.schedule.finish(&mut p.kept, &mut p.mask);
             p.layout.refresh(&p.mask);
-            check(p, &format!("{sparsifier} finish after {stop}"), true);
+            check(p, &format!("{kind} {sparsifier} finish after {stop}"), true);
             let report = t.finish().unwrap().report;
             let details = report.fips().unwrap();
             assert!(details.nnz <= target && target - details.nnz < 4);
