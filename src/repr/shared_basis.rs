@@ -369,8 +369,32 @@ pub(crate) fn factors_first_is_cheaper(tokens: usize, d: usize, r: usize, i: usi
 pub type CompressedGroup<F> = SharedBasisGroup<F>;
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// Every rebuilt weight `U V_j` of `a` is within `tol` (relative, plus `tol` absolute) of
+    /// `b`'s.
+    pub(crate) fn assert_same_weights(
+        a: &SharedBasisGroup<f64>,
+        b: &SharedBasisGroup<f64>,
+        tol: f64,
+    ) {
+        assert_eq!((a.blocks(), a.kind()), (b.blocks(), b.kind()));
+        for block in 0..a.blocks() {
+            for m in 0..a.kind().matrices_per_block() {
+                let (x, y) = (
+                    a.dense_weight(block, m).unwrap(),
+                    b.dense_weight(block, m).unwrap(),
+                );
+                for (p, q) in x.iter().zip(&y) {
+                    assert!(
+                        (p - q).abs() <= tol * (1.0 + q.abs()),
+                        "block {block} matrix {m}: {p} vs {q}"
+                    );
+                }
+            }
+        }
+    }
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
@@ -430,17 +454,7 @@ mod tests {
         assert_eq!(compact.nnz(), whole.nnz() - row6);
         let (before, after) = (whole.parameter_count(), compact.parameter_count());
         assert_eq!(before.basis - after.basis, 2 * 4);
-        for b in 0..2 {
-            for m in 0..2 {
-                let (w, c) = (
-                    whole.dense_weight(b, m).unwrap(),
-                    compact.dense_weight(b, m).unwrap(),
-                );
-                for (x, y) in w.iter().zip(&c) {
-                    assert!((x - y).abs() <= 1e-12 * (1.0 + x.abs()), "{x} vs {y}");
-                }
-            }
-        }
+        assert_same_weights(&compact, &whole, 1e-12);
         // The kept rows, in order: 0, 1, 2, 4, 5.
         for (j, (v, m)) in factors.iter().enumerate() {
             let f = &compact.factors()[j];

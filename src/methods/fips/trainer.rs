@@ -1261,17 +1261,7 @@ mod tests {
                 .skip(d)
                 .all(|c| c.iter().all(|&x| x == 0.0))
         );
-        for b_ in 0..3 {
-            for m in 0..2 {
-                let (x, y) = (
-                    a.dense_weight(b_, m).unwrap(),
-                    b.dense_weight(b_, m).unwrap(),
-                );
-                for (p, q) in x.iter().zip(&y) {
-                    assert!((p - q).abs() <= 1e-9 * (1.0 + q.abs()), "{p} vs {q}");
-                }
-            }
-        }
+        crate::repr::shared_basis::tests::assert_same_weights(a, b, 1e-9);
         let (la, lb) = (&left_out.report.loss_curve, &kept.report.loss_curve);
         assert_eq!(la.len(), 60);
         for (p, q) in la.iter().zip(lb) {
