@@ -111,20 +111,11 @@ pub struct ValidationSet<F> {
 }
 
 impl<F: Float> ValidationSet<F> {
-    /// The validation set of `blocks` on `inputs` (one `[tokens, d]` array per block).
+    /// The validation set of `blocks` on `inputs` (one `[tokens, d]` array per block), measured
+    /// against the inputs' explicit targets if they have them.
     pub fn new(blocks: &[DenseMlp<F>], inputs: &Calibration<F>) -> Result<Self> {
-        match inputs.targets() {
-            Some(_) if blocks.len() != inputs.blocks() => Err(FipsError::ShapeMismatch {
-                what: "validation inputs (one array per block)".into(),
-                expected: vec![blocks.len()],
-                got: vec![inputs.blocks()],
-            }),
-            Some(targets) => Ok(Self {
-                inputs: inputs.inputs().to_vec(),
-                targets: targets.to_vec(),
-            }),
-            None => Self::with_inputs(blocks, inputs.inputs().to_vec()),
-        }
+        let targets = inputs.targets().map(<[Array2<F>]>::to_vec);
+        Self::from_parts(blocks, inputs.inputs().to_vec(), targets)
     }
 
     /// [`Self::new`] on inputs read from `inputs` (e.g. the held-out part of
@@ -133,13 +124,21 @@ impl<F: Float> ValidationSet<F> {
     pub fn from_reader(blocks: &[DenseMlp<F>], inputs: &dyn CalibrationReader<F>) -> Result<Self> {
         match read_whole(inputs)? {
             Cow::Borrowed(calibration) => Self::new(blocks, calibration),
-            Cow::Owned(calibration) => Self::with_inputs(blocks, calibration.into_inputs()),
+            Cow::Owned(calibration) => {
+                let (inputs, targets) = calibration.into_parts();
+                Self::from_parts(blocks, inputs, targets)
+            }
         }
     }
 
     /// The set of `blocks` on `inputs` (checked `[tokens, d]` arrays, one per block), with the
-    /// targets `Y_b = MLP_b(Z_b)`.
-    fn with_inputs(blocks: &[DenseMlp<F>], inputs: Vec<Array2<F>>) -> Result<Self> {
+    /// given targets (checked against the inputs by [`Calibration::with_targets`]) or else
+    /// `Y_b = MLP_b(Z_b)`.
+    fn from_parts(
+        blocks: &[DenseMlp<F>],
+        inputs: Vec<Array2<F>>,
+        targets: Option<Vec<Array2<F>>>,
+    ) -> Result<Self> {
         if blocks.len() != inputs.len() {
             return Err(FipsError::ShapeMismatch {
                 what: "validation inputs (one array per block)".into(),
@@ -147,11 +146,14 @@ impl<F: Float> ValidationSet<F> {
                 got: vec![inputs.len()],
             });
         }
-        let targets = blocks
-            .iter()
-            .zip(&inputs)
-            .map(|(mlp, z)| mlp.forward(z.view()))
-            .collect::<Result<Vec<_>>>()?;
+        let targets = match targets {
+            Some(targets) => targets,
+            None => blocks
+                .iter()
+                .zip(&inputs)
+                .map(|(mlp, z)| mlp.forward(z.view()))
+                .collect::<Result<Vec<_>>>()?,
+        };
         Ok(Self { inputs, targets })
     }
 
