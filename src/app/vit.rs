@@ -365,11 +365,7 @@ impl VisionTransformer {
         images: ArrayView4<'_, f32>,
         blocks: Range<usize>,
     ) -> Result<Vec<Array2<f32>>> {
-        Ok(self
-            .forward_capture_streams(images, blocks)?
-            .into_iter()
-            .map(|(z, _)| z)
-            .collect())
+        self.capture(images, blocks, |z, _| z)
     }
 
     /// As [`Self::forward_capture`], with each block's residual stream after attention beside
@@ -379,6 +375,18 @@ impl VisionTransformer {
         images: ArrayView4<'_, f32>,
         blocks: Range<usize>,
     ) -> Result<Vec<(Array2<f32>, Array2<f32>)>> {
+        self.capture(images, blocks, |z, x| (z, x.clone()))
+    }
+
+    /// Runs the blocks up to the last of `blocks` and keeps `keep(z, x)` for each block in
+    /// `blocks`: its MLP input `z = LN₂ x` and the residual stream `x` after attention (only
+    /// what `keep` takes is copied).
+    fn capture<T>(
+        &self,
+        images: ArrayView4<'_, f32>,
+        blocks: Range<usize>,
+        mut keep: impl FnMut(Array2<f32>, &Array2<f32>) -> T,
+    ) -> Result<Vec<T>> {
         self.check_images(images)?;
         if blocks.is_empty() || blocks.end > self.blocks.len() {
             return Err(invalid(
@@ -393,12 +401,16 @@ impl VisionTransformer {
         let mut captured = Vec::with_capacity(blocks.len());
         for (b, block) in self.blocks[..blocks.end].iter().enumerate() {
             let z = self.attention_residual(block, &mut x);
-            let stream = blocks.contains(&b).then(|| x.clone());
-            if b + 1 < blocks.end {
-                x += &block.mlp.forward(z.view())?;
+            let y = if b + 1 < blocks.end {
+                Some(block.mlp.forward(z.view())?)
+            } else {
+                None
+            };
+            if blocks.contains(&b) {
+                captured.push(keep(z, &x));
             }
-            if let Some(stream) = stream {
-                captured.push((z, stream));
+            if let Some(y) = y {
+                x += &y;
             }
         }
         Ok(captured)
