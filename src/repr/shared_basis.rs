@@ -84,11 +84,11 @@ impl<F: Float> SharedBasisGroup<F> {
         })
     }
 
-    /// The rank components that contribute to some weight: `k` such that column `k` of `U` is
-    /// nonzero and some factor keeps an entry in its row `k`.
-    fn used_components(&self) -> Vec<usize> {
+    /// The rank components [`Self::without_unused_rank`] keeps: `k` such that column `k` of `U`
+    /// is nonzero and some factor keeps an entry in its row `k` (component 0 if there is none).
+    fn kept_components(&self) -> Vec<usize> {
         let u = self.basis.view();
-        (0..self.rank())
+        let used: Vec<usize> = (0..self.rank())
             .filter(|&k| {
                 u.column(k).iter().any(|&x| x != F::zero())
                     && self
@@ -96,12 +96,14 @@ impl<F: Float> SharedBasisGroup<F> {
                         .iter()
                         .any(|v| v.mask().row(k).iter().any(|&m| m))
             })
-            .collect()
+            .collect();
+        if used.is_empty() { vec![0] } else { used }
     }
 
-    /// How many rank components contribute nothing (see [`Self::without_unused_rank`]).
+    /// How many rank components contribute nothing: the count [`Self::without_unused_rank`]
+    /// drops.
     pub fn unused_rank(&self) -> usize {
-        self.rank() - self.used_components().len()
+        self.rank() - self.kept_components().len()
     }
 
     /// The same group without the rank components that contribute nothing: component `k` goes
@@ -117,8 +119,7 @@ impl<F: Float> SharedBasisGroup<F> {
     /// group as trained (rank and sparsity those of the budget) and reports the count.
     pub fn without_unused_rank(self) -> Result<(Self, usize)> {
         let r = self.rank();
-        let used = self.used_components();
-        let keep = if used.is_empty() { vec![0] } else { used };
+        let keep = self.kept_components();
         if keep.len() == r {
             return Ok((self, 0));
         }
@@ -472,6 +473,7 @@ pub(crate) mod tests {
             m.fill(false);
         }
         let empty = assemble(Array2::ones((4, 7)), &factors);
+        assert_eq!(empty.unused_rank(), 6);
         let (one, dropped) = empty.without_unused_rank().unwrap();
         assert_eq!((one.rank(), dropped), (1, 6));
     }
