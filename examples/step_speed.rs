@@ -2,7 +2,7 @@
 //! time (so that the ratio survives a machine shared with other work).
 //!
 //! ```sh
-//! cargo run --release --example step_speed -- CASE [STEPS] [THREADS|auto] [TOKENS]
+//! cargo run --release --example step_speed -- CASE [STEPS] [THREADS|auto] [TOKENS] [ORDER]
 //! OPENBLAS_NUM_THREADS=1 cargo run --release --example step_speed -- stories 200 1
 //! ```
 //!
@@ -11,6 +11,7 @@
 //! 5 blocks, 1024 tokens); all at p = 0.5, s = 0.75 (RigL). `THREADS` is the step's thread setting
 //! ([`fips::FipsParams::threads`]); BLAS threads come from `OPENBLAS_NUM_THREADS`; `auto` applies
 //! [`fips::foundation::thread_plan::step_threads`] to both (re-running itself with the variable set).
+//! `ORDER` is the contraction order (`auto`, the default, `factors-first` or `weights-first`).
 //!
 //! It prints, for the step and for one plain sgemm of the dominant shape (T × d by d × I), the
 //! median wall time and the process CPU time per call, the GFLOP/s of both, and the step/sgemm
@@ -82,6 +83,10 @@ fn main() -> fips::Result<()> {
         .next()
         .and_then(|s| s.parse().ok())
         .unwrap_or(default_tokens);
+    let order: fips::ContractionOrder = match args.next() {
+        Some(o) => o.parse()?,
+        None => fips::ContractionOrder::Auto,
+    };
     // `auto`: the thread plan for this shape on this machine, OpenBLAS included (re-runs itself
     // with OPENBLAS_NUM_THREADS set).
     let threads = match threads_arg.as_str() {
@@ -128,6 +133,7 @@ fn main() -> fips::Result<()> {
         .steps(1 << 30)
         .batch_tokens(tokens)
         .threads(threads)
+        .contraction(order)
         .check()?;
     let mut trainer = compressor.trainer(&blocks, &calibration)?;
     let shape = StepShape {

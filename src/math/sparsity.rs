@@ -124,6 +124,15 @@ fn check_fraction(name: &'static str, x: f64) -> Result<()> {
 }
 
 impl Sparsifier {
+    /// This sparsifier with RigL's initial drop fraction set to `drop_fraction` (any other
+    /// sparsifier unchanged).
+    pub fn with_rigl_drop_fraction(self, drop_fraction: f64) -> Self {
+        match self {
+            Self::Rigl(r) => Self::Rigl(RiglSchedule { drop_fraction, ..r }),
+            other => other,
+        }
+    }
+
     /// Validates the schedule against the target sparsity `s`.
     pub(crate) fn check(&self, sparsity: f64) -> Result<()> {
         match self {

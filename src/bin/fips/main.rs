@@ -25,9 +25,7 @@ use fips::format::compact_file::{CompactModel, is_compact, read_manifest, size_b
 use fips::format::compressed::{COMPRESSED_FORMAT, MANIFEST_KEY};
 use fips::format::mlp_inputs::{MlpInputs, write_mlp_inputs};
 use fips::math::budget::{DEFAULT_BUDGET_FRACTION, DEFAULT_SPARSITY};
-use fips::methods::options::{
-    DEFAULT_SEED, DEFAULT_SPARSIFIER_INTERVAL, MethodOptions, SparsifierKind, VIT_DEFAULTS,
-};
+use fips::methods::options::{DEFAULT_SEED, MethodOptions, SparsifierKind, VIT_DEFAULTS};
 use fips::methods::params::{
     DEFAULT_COLLAPSE_LAMBDA, DEFAULT_COLLAPSE_STEPS, DEFAULT_RANK_GRID, DEFAULT_RESIDUAL_RANK,
     DEFAULT_RESIDUAL_STEPS,
@@ -189,9 +187,14 @@ struct CompressArgs {
     /// How V reaches its sparsity [default: rigl; gmp with --model, the text defaults].
     #[arg(long, value_enum)]
     sparsifier: Option<SparsifierArg>,
-    /// Steps between sparsifier updates (GMP pruning events, RigL drop/grow).
-    #[arg(long, default_value_t = DEFAULT_SPARSIFIER_INTERVAL)]
+    /// Steps between sparsifier updates (GMP pruning events, RigL drop/grow) [50 with --model,
+    /// the text defaults].
+    #[arg(long, default_value_t = VIT_DEFAULTS.sparsifier_interval)]
     sparsifier_interval: usize,
+    /// RigL's initial drop fraction: the share of kept entries of V swapped at its first update,
+    /// decaying to 0 by 3/4 of the steps [0.05 with --model, the text defaults].
+    #[arg(long, default_value_t = VIT_DEFAULTS.rigl_drop_fraction)]
+    rigl_drop_fraction: f64,
     /// Consecutive blocks per group (groups never mix shapes).
     #[arg(long, default_value_t = DEFAULT_GROUP_SIZE, conflicts_with = "groups")]
     group_size: usize,
@@ -430,6 +433,7 @@ fn method_options(args: &CompressArgs, given: &[String]) -> MethodOptions {
         sparsity: pick(given, "sparsity", args.sparsity),
         sparsifier: args.sparsifier.map(Into::into),
         sparsifier_interval: pick(given, "sparsifier_interval", args.sparsifier_interval),
+        rigl_drop_fraction: pick(given, "rigl_drop_fraction", args.rigl_drop_fraction),
         steps: pick(given, "steps", args.steps),
         svd_train: args.svd_train,
         residual_rank: pick(given, "residual_rank", args.residual_rank),
