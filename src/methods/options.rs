@@ -46,12 +46,12 @@ pub struct TrainingDefaults {
 }
 
 /// Settings for small ViTs calibrated on a few hundred images (~50k tokens per block), chosen on
-/// DeiT-tiny's held-out calibration images (never on `eval/`) so that a whole model compresses in
-/// about a minute and a half on two cores: the `fips` command's defaults. 1000 steps of 384
-/// tokens at lr 2e-3 with RigL swapping up to a fifth of the kept entries every 10 steps reach a
-/// lower validation error than 900 steps of 1024 tokens with the reference's timid RigL
-/// (α 0.05, Δt 50) in 0.6 of the time (`docs/results.md`, "RigL's exploration"). (The
-/// library's own defaults, [`FipsParams::new`], are the reference code's DeiT-B settings.)
+/// DeiT-tiny's held-out calibration images (never on `eval/`): the `fips` command's defaults
+/// (DeiT-tiny in about two and a half minutes on two cores). 1000 steps of 384 tokens at lr 2e-3
+/// with RigL swapping up to a fifth of the kept entries every 10 steps reach a lower validation
+/// error in every group than 900 steps of 1024 tokens with the reference's RigL (α 0.05, Δt 50),
+/// in 0.63 of the time (`docs/results.md`, "RigL's exploration"). (The library's own defaults,
+/// [`FipsParams::new`], are the reference code's DeiT-B settings.)
 pub const VIT_DEFAULTS: TrainingDefaults = TrainingDefaults {
     steps: 1000,
     batch_tokens: 384,
