@@ -56,7 +56,6 @@ use fips::app::metrics::{Accuracy, agreement};
 use fips::app::pipeline::{self, CalibrationSource, Silent};
 use fips::app::vit::VisionTransformer;
 use fips::math::validation::{ValidationSet, holdout};
-use fips::methods::options::VIT_DEFAULTS;
 use fips::{
     Budget, CompressedGroup, FipsParams, GmpSchedule, MaskTiles, ParamGuard, RiglSchedule,
     Sparsifier,
@@ -89,7 +88,7 @@ impl Setting {
             steps: 900,
             batch: 1024,
             lr: 1e-3,
-            min_lr: VIT_DEFAULTS.min_learning_rate,
+            min_lr: 1e-5,
             sparsifier: Sparsifier::Rigl(RiglSchedule::default()),
             views: 0,
             beta2: 0.999,
