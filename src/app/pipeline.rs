@@ -20,6 +20,7 @@ use crate::format::mlp_inputs::{CalibrationRoute, MlpInputs};
 use crate::foundation::activation::Activation;
 use crate::foundation::error::{FipsError, Result};
 use crate::foundation::slicing::s;
+use crate::foundation::thread_plan;
 use crate::math::calibration::{Calibration, CalibrationReader};
 use crate::math::validation::{ValidationSet, holdout_count, split_reader, split_tokens};
 use crate::methods::{Compressor, MethodOutput, MethodReport, Progress};
@@ -193,17 +194,16 @@ pub fn group_calibration(
             }
             let total = pixels.len_of(Axis(0));
             let mut chunks: Vec<Vec<Array2<f32>>> = vec![Vec::new(); blocks.len()];
-            let mut done = 0;
             observer.calibration(group, 0, total);
-            while done < total {
-                let end = (done + IMAGE_BATCH).min(total);
-                let batch = preprocess(pixels.slice(s![done..end, .., .., ..]));
-                let captured = vit.forward_capture(batch.view(), first..last + 1)?;
+            let batches = over_image_batches(
+                pixels,
+                |done| observer.calibration(group, done, total),
+                |batch| vit.forward_capture(preprocess(batch).view(), first..last + 1),
+            )?;
+            for captured in batches {
                 for (dst, z) in chunks.iter_mut().zip(captured) {
                     dst.push(z);
                 }
-                done = end;
-                observer.calibration(group, done, total);
             }
             let inputs = chunks
                 .iter()
@@ -530,17 +530,38 @@ pub fn classify(
     observer: &mut dyn Observer,
 ) -> Result<Array2<f32>> {
     let total = pixels.len_of(Axis(0));
-    let mut parts = Vec::new();
-    let mut done = 0;
     observer.classification(0, total);
-    while done < total {
-        let end = (done + IMAGE_BATCH).min(total);
-        parts.push(vit.forward(preprocess(pixels.slice(s![done..end, .., .., ..])).view())?);
-        done = end;
-        observer.classification(done, total);
-    }
+    let parts = over_image_batches(
+        pixels,
+        |done| observer.classification(done, total),
+        |batch| vit.forward(preprocess(batch).view()),
+    )?;
     let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
     concatenate(Axis(0), &views).map_err(|e| FipsError::Numerical(e.to_string()))
+}
+
+/// `work` on every batch of [`IMAGE_BATCH`] images of `pixels`, the results in order; `progress`
+/// gets the images done after each batch. With OpenBLAS on one thread, one batch per core at once
+/// ([`thread_plan::pass_workers`]: the ViT's GEMMs then whole on a core each).
+fn over_image_batches<T: Send>(
+    pixels: ArrayView4<'_, u8>,
+    mut progress: impl FnMut(usize),
+    work: impl Fn(ArrayView4<'_, u8>) -> Result<T> + Sync,
+) -> Result<Vec<T>> {
+    let total = pixels.len_of(Axis(0));
+    let starts: Vec<usize> = (0..total).step_by(IMAGE_BATCH).collect();
+    let mut out = Vec::with_capacity(starts.len());
+    thread_plan::map_in_rounds(
+        &starts,
+        thread_plan::pass_workers(),
+        |&start| work(pixels.slice(s![start..(start + IMAGE_BATCH).min(total), .., .., ..])),
+        |r| {
+            out.push(r);
+            progress((out.len() * IMAGE_BATCH).min(total));
+            Ok(())
+        },
+    )?;
+    Ok(out)
 }
 
 /// MLP weight parameters before and after: `(dense, compressed)` over every block of the layout

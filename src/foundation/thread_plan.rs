@@ -14,6 +14,8 @@
 //! process starts, and this crate has no unsafe code to change it later: a program applies the plan
 //! with [`run_with_blas_threads`], which re-runs it with the variable set.
 
+use crate::foundation::error::{FipsError, Result};
+
 /// GEMMs of fewer multiply-adds per call than this (`2²⁵`, about 0.3 ms on one core) run on one
 /// thread.
 pub const SERIAL_GEMM_MACS: usize = 1 << 25;
@@ -29,6 +31,104 @@ pub fn step_threads(tokens: usize, width: usize, intermediate: usize, available:
     } else {
         available.max(1)
     }
+}
+
+/// OpenBLAS's thread count as this process started with it: `OPENBLAS_NUM_THREADS`, else
+/// `GOTO_NUM_THREADS`, else `OMP_NUM_THREADS` (the variables OpenBLAS reads, in its order), if
+/// one is set to a positive number; `None` means OpenBLAS's own default (every core).
+pub fn blas_threads() -> Option<usize> {
+    [
+        "OPENBLAS_NUM_THREADS",
+        "GOTO_NUM_THREADS",
+        "OMP_NUM_THREADS",
+    ]
+    .iter()
+    .find_map(|v| std::env::var(v).ok())
+    .and_then(|v| v.trim().parse::<usize>().ok())
+    .filter(|&n| n > 0)
+}
+
+/// Workers the `blocks` of a group's factors-first step run on, each block's GEMMs on one thread:
+/// up to `threads` (at most one per block) when OpenBLAS runs on one thread ([`blas_threads`]),
+/// else one (the blocks one after the other, each GEMM split by OpenBLAS). Blocks are independent
+/// but for the sum of their `∂U`, so a worker per core keeps every core on a whole GEMM; measured
+/// on DeiT-tiny at 384 tokens, two one-thread workers did a step in 0.6 of the time two-thread
+/// GEMMs took (`docs/results.md`, "Blocks in parallel").
+pub fn block_workers(blocks: usize, threads: usize) -> usize {
+    if blas_threads() == Some(1) {
+        threads.clamp(1, blocks.max(1))
+    } else {
+        1
+    }
+}
+
+/// Training GEMMs of fewer multiply-adds per call than this (`2²⁷`) run faster whole, one per
+/// core, with the blocks of a group in parallel ([`block_workers`]), than split across cores by
+/// OpenBLAS: measured on DeiT-tiny (`T × 192 × 768`, 4 blocks, two cores) the step took 24 ms
+/// against 36 ms at 384 tokens (57 M multiply-adds per call), while at 1024 tokens (151 M) the
+/// two-thread GEMMs were faster (51 against 58 ms).
+pub const BLOCK_PARALLEL_MACS: usize = 1 << 27;
+
+/// OpenBLAS threads a program that trains groups of at least `blocks` blocks with mini-batches
+/// of `tokens` tokens through `width × intermediate` MLPs should run with, `available` cores
+/// allowed: one (and the blocks in parallel instead, [`block_workers`]) when there are cores and
+/// blocks to spread and the typical GEMM is below [`BLOCK_PARALLEL_MACS`], else `available`.
+pub fn planned_blas_threads(
+    tokens: usize,
+    width: usize,
+    intermediate: usize,
+    blocks: usize,
+    available: usize,
+) -> usize {
+    let per_call = tokens.saturating_mul(width).saturating_mul(intermediate);
+    if available > 1 && blocks > 1 && per_call < BLOCK_PARALLEL_MACS {
+        1
+    } else {
+        available.max(1)
+    }
+}
+
+/// Workers for work made of independent whole GEMMs (image batches through a ViT, chunks of
+/// calibration tokens through an MLP): one per core when OpenBLAS runs on one thread
+/// ([`blas_threads`]), else one (OpenBLAS splits each GEMM itself).
+pub fn pass_workers() -> usize {
+    if blas_threads() == Some(1) {
+        available_threads()
+    } else {
+        1
+    }
+}
+
+/// `work` on every item, `workers` items at a time (the first of a round on the calling thread,
+/// the others on scoped threads), each round's results handed to `each` in item order before the
+/// next round starts: at most `workers` results exist at once.
+pub fn map_in_rounds<I: Sync, T: Send>(
+    items: &[I],
+    workers: usize,
+    work: impl Fn(&I) -> Result<T> + Sync,
+    mut each: impl FnMut(T) -> Result<()>,
+) -> Result<()> {
+    let work = &work;
+    for round in items.chunks(workers.max(1)) {
+        let results: Vec<Result<T>> = std::thread::scope(|scope| {
+            let others: Vec<_> = round[1..]
+                .iter()
+                .map(|item| scope.spawn(move || work(item)))
+                .collect();
+            let mut results = Vec::with_capacity(round.len());
+            results.extend(round.first().map(work));
+            results.extend(others.into_iter().map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(FipsError::Numerical("a worker thread panicked".into()))
+                })
+            }));
+            results
+        });
+        for r in results {
+            each(r?)?;
+        }
+    }
+    Ok(())
 }
 
 /// The cores this process may use (`std::thread::available_parallelism`, 1 if unknown).
@@ -80,5 +180,63 @@ mod tests {
         assert_eq!(threads(at, 2), 2);
         let below = shape(SERIAL_GEMM_MACS / (64 * 64) - 1, 64, 64, 64);
         assert_eq!(threads(below, 2), 1);
+    }
+
+    #[test]
+    fn rounds_keep_the_item_order_and_stop_at_the_first_error() {
+        let items: Vec<usize> = (0..7).collect();
+        for workers in [1, 2, 3, 8] {
+            let mut seen = Vec::new();
+            map_in_rounds(
+                &items,
+                workers,
+                |&i| Ok(i * i),
+                |v| {
+                    seen.push(v);
+                    Ok(())
+                },
+            )
+            .unwrap();
+            assert_eq!(seen, vec![0, 1, 4, 9, 16, 25, 36], "{workers} workers");
+            let mut seen = Vec::new();
+            let err = map_in_rounds(
+                &items,
+                workers,
+                |&i| {
+                    if i == 4 {
+                        Err(FipsError::Numerical("item 4".into()))
+                    } else {
+                        Ok(i)
+                    }
+                },
+                |v| {
+                    seen.push(v);
+                    Ok(())
+                },
+            );
+            assert!(matches!(err, Err(FipsError::Numerical(m)) if m == "item 4"));
+            assert_eq!(seen, (0..4).collect::<Vec<_>>(), "{workers} workers");
+        }
+    }
+
+    #[test]
+    fn small_gemms_of_several_blocks_get_one_blas_thread_and_the_blocks_in_parallel() {
+        // DeiT-tiny groups of 4 blocks: 384 tokens (57 M multiply-adds per call) one BLAS thread,
+        // 1024 tokens (151 M) every core; DeiT-B always every core.
+        assert_eq!(planned_blas_threads(384, 192, 768, 4, 2), 1);
+        assert_eq!(planned_blas_threads(1024, 192, 768, 4, 2), 2);
+        assert_eq!(planned_blas_threads(384, 768, 3072, 4, 8), 8);
+        // Nothing to spread: one core, or one block per group.
+        assert_eq!(planned_blas_threads(384, 192, 768, 4, 1), 1);
+        assert_eq!(planned_blas_threads(384, 192, 768, 1, 4), 4);
+        // The line sits at BLOCK_PARALLEL_MACS.
+        assert_eq!(
+            planned_blas_threads(BLOCK_PARALLEL_MACS / 64, 8, 8, 2, 2),
+            2
+        );
+        assert_eq!(
+            planned_blas_threads(BLOCK_PARALLEL_MACS / 64 - 1, 8, 8, 2, 2),
+            1
+        );
     }
 }

@@ -11,6 +11,7 @@ use crate::foundation::error::{FipsError, Result};
 use crate::foundation::float::{Float, ensure_finite};
 use crate::foundation::mlp::DenseMlp;
 use crate::foundation::slicing::s;
+use crate::foundation::thread_plan::{map_in_rounds, pass_workers};
 
 /// The MLP inputs of each block of a group, `Z_b` of shape `[tokens, d]`, one per block.
 ///
@@ -337,36 +338,51 @@ impl<F: Float> CalibrationReader<F> for Calibration<F> {
 pub(crate) const CHUNK_TOKENS: usize = 4096;
 
 /// `mlp(z)` computed in chunks of [`CHUNK_TOKENS`] rows, so the `[tokens, I]` hidden state is never
-/// held whole.
+/// held whole (one chunk per core at once with OpenBLAS on one thread,
+/// [`pass_workers`]).
 pub(crate) fn forward_chunked<F: Float>(
     mlp: &DenseMlp<F>,
     z: ArrayView2<'_, F>,
 ) -> Result<Array2<F>> {
     let mut y = Array2::zeros((z.nrows(), mlp.width()));
-    for (zc, mut yc) in z
-        .axis_chunks_iter(Axis(0), CHUNK_TOKENS)
-        .zip(y.axis_chunks_iter_mut(Axis(0), CHUNK_TOKENS))
-    {
-        yc.assign(&mlp.forward(zc)?);
-    }
+    let chunks: Vec<_> = z.axis_chunks_iter(Axis(0), CHUNK_TOKENS).collect();
+    let mut out = y.axis_chunks_iter_mut(Axis(0), CHUNK_TOKENS);
+    map_in_rounds(
+        &chunks,
+        pass_workers(),
+        |zc| mlp.forward(zc.view()),
+        |yhat| {
+            if let Some(mut yc) = out.next() {
+                yc.assign(&yhat);
+            }
+            Ok(())
+        },
+    )?;
     Ok(y)
 }
 
 /// `(‖mlp(z) − y‖², ‖y‖²)` in `f64`, `mlp(z)` computed in chunks of [`CHUNK_TOKENS`] rows (no
-/// `[tokens, I]` hidden state, no copy of `z` or `y`).
+/// `[tokens, I]` hidden state, no copy of `z` or `y`; one chunk per core at once with OpenBLAS on
+/// one thread, [`pass_workers`], accumulated in chunk order: the same bits either way).
 pub(crate) fn squared_error_chunked<F: Float>(
     mlp: &DenseMlp<F>,
     z: &Array2<F>,
     y: &Array2<F>,
 ) -> Result<(f64, f64)> {
     let (mut e, mut n) = (0.0f64, 0.0f64);
-    for (zc, yc) in z
-        .axis_chunks_iter(Axis(0), CHUNK_TOKENS)
-        .zip(y.axis_chunks_iter(Axis(0), CHUNK_TOKENS))
-    {
-        let yhat = mlp.forward(zc)?;
-        add_squared_error(&mut e, &mut n, yhat.view(), yc.view());
-    }
+    let chunks: Vec<_> = z.axis_chunks_iter(Axis(0), CHUNK_TOKENS).collect();
+    let mut targets = y.axis_chunks_iter(Axis(0), CHUNK_TOKENS);
+    map_in_rounds(
+        &chunks,
+        pass_workers(),
+        |zc| mlp.forward(zc.view()),
+        |yhat| {
+            if let Some(yc) = targets.next() {
+                add_squared_error(&mut e, &mut n, yhat.view(), yc);
+            }
+            Ok(())
+        },
+    )?;
     Ok((e, n))
 }
 

@@ -31,7 +31,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use ndarray::{Array1, Array2, ArrayView2, ArrayViewMut2, linalg::general_mat_mul};
+use ndarray::{Array1, Array2, ArrayView2, ArrayViewMut2, Axis, linalg::general_mat_mul};
 
 use crate::foundation::activation::Activation;
 use crate::foundation::error::{FipsError, Result, invalid};
@@ -39,7 +39,7 @@ use crate::foundation::float::Float;
 use crate::foundation::kernels::{RowSplit, add_column_sums};
 use crate::foundation::mlp::MlpKind;
 use crate::foundation::slicing::s;
-use crate::foundation::thread_plan::step_threads;
+use crate::foundation::thread_plan::{block_workers, step_threads};
 
 /// The contraction order of the training step.
 #[derive(
@@ -244,6 +244,21 @@ pub(crate) struct Workspace<F> {
     /// Dense weights `U V` and their gradient, `d × fnI` (weights first only).
     w: Array2<F>,
     dw: Array2<F>,
+    /// Factors first on one worker: `V_j` of one matrix, decoded from the store before the
+    /// products that read it, then `∂V_j` (`r × I`). Weights first, or blocks in parallel: `V`,
+    /// then `∂V`, whole (`r × fnI`).
+    dv: Array2<F>,
+    /// The matrix whose values `dv` holds (factors first on one worker), if any.
+    decoded: Option<usize>,
+    /// One set of block buffers per worker.
+    blocks: Vec<BlockBuffers<F>>,
+    /// `∂U` of every worker but the first (blocks in parallel), `d × r`.
+    du: Vec<Array2<F>>,
+}
+
+/// The buffers one block's forward and backward pass run in (one set per worker).
+#[derive(Debug)]
+struct BlockBuffers<F> {
     /// `X U`, `A V_dᵀ` (later `G U`), `∂(X U)`: `T × r` (factors first only).
     xu: Array2<F>,
     c: Array2<F>,
@@ -257,50 +272,60 @@ pub(crate) struct Workspace<F> {
     up: Array2<F>,
     /// Block output, then `G`: `T × d`.
     yhat: Array2<F>,
-    /// Factors first: `V_j` of one matrix, decoded from the store before the products that read
-    /// it, then `∂V_j` (`r × I`); weights first: `V`, then `∂V` whole (`r × fnI`).
-    dv: Array2<F>,
-    /// The matrix whose values `dv` holds (factors first), if any.
-    decoded: Option<usize>,
+}
+
+/// `rows × cols` zeros, or an empty array when the buffer is not needed.
+fn zeros_if<F: Float>(rows: usize, cols: usize, needed: bool) -> Array2<F> {
+    if needed {
+        Array2::zeros((rows, cols))
+    } else {
+        Array2::zeros((0, 0))
+    }
+}
+
+impl<F: Float> BlockBuffers<F> {
+    fn new(shape: &StepShape, kind: MlpKind, weights_first: bool) -> Self {
+        let (t, d, i, r) = (shape.tokens, shape.width, shape.intermediate, shape.rank);
+        let gated = kind == MlpKind::Gated;
+        Self {
+            xu: zeros_if(t, r, !weights_first),
+            c: zeros_if(t, r, !weights_first),
+            dxu: zeros_if(t, r, !weights_first),
+            a: zeros_if(t, i, true),
+            dact: zeros_if(t, i, true),
+            da: zeros_if(t, i, true),
+            gate: zeros_if(t, i, gated),
+            up: zeros_if(t, i, gated),
+            yhat: zeros_if(t, d, true),
+        }
+    }
 }
 
 impl<F: Float> Workspace<F> {
-    fn new(shape: &StepShape, kind: MlpKind, order: ContractionOrder) -> Self {
+    fn new(shape: &StepShape, kind: MlpKind, order: ContractionOrder, workers: usize) -> Self {
         let StepShape {
-            tokens: t,
             width: d,
             intermediate: i,
             rank: r,
             blocks: n,
             matrices_per_block: f,
+            ..
         } = *shape;
         let weights_first = order == ContractionOrder::WeightsFirst;
-        let gated = kind == MlpKind::Gated;
-        let z = |rows: usize, cols: usize, on: bool| {
-            if on {
-                Array2::zeros((rows, cols))
-            } else {
-                Array2::zeros((0, 0))
-            }
-        };
+        let whole_v = weights_first || workers > 1;
         Self {
-            w: z(d, f * n * i, weights_first),
-            dw: z(d, f * n * i, weights_first),
-            xu: z(t, r, !weights_first),
-            c: z(t, r, !weights_first),
-            dxu: z(t, r, !weights_first),
-            a: z(t, i, true),
-            dact: z(t, i, true),
-            da: z(t, i, true),
-            gate: z(t, i, gated),
-            up: z(t, i, gated),
-            yhat: z(t, d, true),
-            dv: if weights_first {
-                z(r, f * n * i, true)
+            w: zeros_if(d, f * n * i, weights_first),
+            dw: zeros_if(d, f * n * i, weights_first),
+            dv: if whole_v {
+                zeros_if(r, f * n * i, true)
             } else {
-                z(r, i, true)
+                zeros_if(r, i, true)
             },
             decoded: None,
+            blocks: (0..workers.max(1))
+                .map(|_| BlockBuffers::new(shape, kind, weights_first))
+                .collect(),
+            du: (1..workers.max(1)).map(|_| Array2::zeros((d, r))).collect(),
         }
     }
 }
@@ -317,6 +342,79 @@ pub(crate) struct Objective<F> {
     per_matrix_bases: bool,
     split: RowSplit,
     ws: Workspace<F>,
+}
+
+/// What every block's pass reads besides its data: the problem's kind and shape, and the thread
+/// split of its elementwise passes.
+#[derive(Debug, Clone, Copy)]
+struct Pass {
+    kind: MlpKind,
+    activation: Activation,
+    shape: StepShape,
+    split: RowSplit,
+}
+
+/// Where one block's pass reads its matrices and writes their gradients.
+enum BlockMatrices<'a, F> {
+    /// Weights first: the block's columns of `W` and of `∂W` (`d × f I`).
+    Weights {
+        w: ArrayView2<'a, F>,
+        dw: ArrayViewMut2<'a, F>,
+    },
+    /// Factors first, one matrix at a time: `V_j` decoded from `store` into `buf` (`r × I`) before
+    /// a product reads it, `∂V_j` computed into `buf` and handed to `store` after its last read.
+    Decoded {
+        buf: &'a mut Array2<F>,
+        decoded: &'a mut Option<usize>,
+        store: &'a mut dyn FactorStore<F>,
+    },
+    /// Factors first, the block's columns of `V` decoded beforehand (`r × f I`): each `∂V_j`
+    /// overwrites its `V_j` after the last read, for the caller to hand to the store.
+    Whole { v: ArrayViewMut2<'a, F> },
+}
+
+impl<F: Float> BlockMatrices<'_, F> {
+    /// `V_j`, the block's matrix `m` (`j` overall), to read (factors first).
+    fn v(&mut self, j: usize, m: usize, i: usize) -> Result<ArrayView2<'_, F>> {
+        match self {
+            Self::Decoded {
+                buf,
+                decoded,
+                store,
+            } => {
+                if **decoded != Some(j) {
+                    **decoded = None;
+                    store.decode(j, buf.view_mut())?;
+                    **decoded = Some(j);
+                }
+                Ok(buf.view())
+            }
+            Self::Whole { v } => Ok(v.slice(s![.., m * i..(m + 1) * i])),
+            Self::Weights { .. } => Err(FipsError::Numerical(
+                "internal: the weights-first order reads no factor".into(),
+            )),
+        }
+    }
+
+    /// The buffer `∂V_j` is written to (it may hold `V_j`, whose last read must be done).
+    fn gradient(&mut self, m: usize, i: usize) -> ArrayViewMut2<'_, F> {
+        match self {
+            Self::Decoded { buf, decoded, .. } => {
+                **decoded = None;
+                buf.view_mut()
+            }
+            Self::Whole { v } => v.slice_mut(s![.., m * i..(m + 1) * i]),
+            Self::Weights { dw, .. } => dw.slice_mut(s![.., m * i..(m + 1) * i]),
+        }
+    }
+
+    /// `∂V_j` is complete: to the store now (one matrix at a time), or later by the caller.
+    fn done(&mut self, j: usize) -> Result<()> {
+        match self {
+            Self::Decoded { buf, store, .. } => store.consume(j, buf.view()),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// `C ← α A B + β C`.
@@ -351,10 +449,20 @@ fn bias_slice<F: Float>(b: Option<&mut Array1<F>>) -> Result<Option<&mut [F]>> {
     .transpose()
 }
 
+/// One block's work in a step: its index, inputs, targets and bias gradients (its `f` slots).
+struct BlockJob<'a, F> {
+    b: usize,
+    x: ArrayView2<'a, F>,
+    y: &'a Array2<F>,
+    bias_grads: &'a mut [Option<Array1<F>>],
+}
+
 impl<F: Float> Objective<F> {
     /// An objective for mini-batches of `shape.tokens` tokens; `order` resolves `Auto`; elementwise
     /// passes use at most `threads` threads, one for small shapes
-    /// ([`crate::foundation::thread_plan::step_threads`]).
+    /// ([`crate::foundation::thread_plan::step_threads`]). With OpenBLAS on one thread
+    /// ([`block_workers`]) the factors-first order runs the blocks on up to `threads` workers, and
+    /// `Auto` counts that in.
     pub(crate) fn new(
         kind: MlpKind,
         activation: Activation,
@@ -362,7 +470,39 @@ impl<F: Float> Objective<F> {
         order: ContractionOrder,
         threads: usize,
     ) -> Self {
+        let workers = block_workers(shape.blocks, threads);
+        let order = match order {
+            // Blocks in parallel divide the factors-first order's time by the workers.
+            ContractionOrder::Auto if workers > 1 => {
+                if shape.flops(ContractionOrder::FactorsFirst) / (workers as f64)
+                    < shape.flops(ContractionOrder::WeightsFirst)
+                {
+                    ContractionOrder::FactorsFirst
+                } else {
+                    ContractionOrder::WeightsFirst
+                }
+            }
+            other => shape.resolve(other),
+        };
+        Self::with_workers(kind, activation, shape, order, threads, workers)
+    }
+
+    /// [`Self::new`] with the factors-first order's block workers given (one in the
+    /// weights-first order).
+    pub(crate) fn with_workers(
+        kind: MlpKind,
+        activation: Activation,
+        shape: StepShape,
+        order: ContractionOrder,
+        threads: usize,
+        workers: usize,
+    ) -> Self {
         let order = shape.resolve(order);
+        let workers = if order == ContractionOrder::FactorsFirst {
+            workers.clamp(1, shape.blocks.max(1))
+        } else {
+            1
+        };
         Self {
             kind,
             activation,
@@ -375,17 +515,17 @@ impl<F: Float> Objective<F> {
                 shape.intermediate,
                 threads,
             )),
-            ws: Workspace::new(&shape, kind, order),
+            ws: Workspace::new(&shape, kind, order, workers),
         }
     }
 
     /// The same objective with one basis per matrix (`U` is `d × r f n`); forces the weights-first
-    /// order.
+    /// order (and one worker).
     pub(crate) fn with_per_matrix_bases(mut self) -> Self {
         self.per_matrix_bases = true;
         if self.order != ContractionOrder::WeightsFirst {
             self.order = ContractionOrder::WeightsFirst;
-            self.ws = Workspace::new(&self.shape, self.kind, self.order);
+            self.ws = Workspace::new(&self.shape, self.kind, self.order, 1);
         }
         self
     }
@@ -393,6 +533,11 @@ impl<F: Float> Objective<F> {
     /// The thread split of the elementwise passes (the optimiser uses it too).
     pub(crate) fn split(&self) -> RowSplit {
         self.split
+    }
+
+    /// Workers the blocks of a step run on (1: one after the other).
+    pub(crate) fn workers(&self) -> usize {
+        self.ws.blocks.len()
     }
 
     /// Elements of the buffer of `V_j` and `∂V_j` (or `V` and `∂V`), for tests.
@@ -404,6 +549,16 @@ impl<F: Float> Objective<F> {
     /// The contraction order in use (never `Auto`).
     pub(crate) fn order(&self) -> ContractionOrder {
         self.order
+    }
+
+    /// The block passes' context, with the elementwise passes on `split`.
+    fn pass(&self, split: RowSplit) -> Pass {
+        Pass {
+            kind: self.kind,
+            activation: self.activation,
+            shape: self.shape,
+            split,
+        }
     }
 
     /// `L` for the batch `xs[b]`, `ys[b]` (each `T × d`) with `U` and the biases `p` and `V` in
@@ -419,14 +574,25 @@ impl<F: Float> Objective<F> {
         grads: &mut BasisGradients<F>,
     ) -> Result<f64> {
         let weights_first = self.order == ContractionOrder::WeightsFirst;
+        let parallel = self.workers() > 1;
+        let (f, i) = (self.shape.matrices_per_block, self.shape.intermediate);
+        let matrices = self.shape.blocks * f;
+        if xs.len() != self.shape.blocks || ys.len() != self.shape.blocks {
+            return Err(FipsError::ShapeMismatch {
+                what: "mini-batch blocks (inputs, targets)".into(),
+                expected: vec![self.shape.blocks, self.shape.blocks],
+                got: vec![xs.len(), ys.len()],
+            });
+        }
         self.ws.decoded = None;
-        if weights_first {
-            // V whole into the gradient buffer, then W = U V, one GEMM per basis over the
-            // columns of the matrices it serves.
-            for j in 0..self.shape.blocks * self.shape.matrices_per_block {
-                let cols = self.cols(j);
-                store.decode(j, self.ws.dv.slice_mut(cols))?;
+        if weights_first || parallel {
+            // V whole into the gradient buffer.
+            for j in 0..matrices {
+                store.decode(j, self.ws.dv.slice_mut(s![.., j * i..(j + 1) * i]))?;
             }
+        }
+        if weights_first {
+            // W = U V, one GEMM per basis over the columns of the matrices it serves.
             for (u_cols, v_cols) in self.basis_blocks() {
                 general_mat_mul(
                     F::one(),
@@ -439,16 +605,62 @@ impl<F: Float> Objective<F> {
         } else {
             grads.u.fill(F::zero());
         }
-        let mut loss = 0.0;
-        for (b, (x, y)) in xs.iter().zip(ys).enumerate() {
-            self.forward_block(b, p, &*store, x.view())?;
-            loss += self.output_gradient(b, y, grads)?;
-            self.backward_block(b, p, store, x.view(), grads)?;
-        }
+        let loss = if parallel {
+            let loss = self.blocks_in_parallel(p, xs, ys, grads)?;
+            // Every ∂V_j to the store, in the order one worker hands them over.
+            for b in 0..self.shape.blocks {
+                for m in std::iter::once(f - 1).chain(0..f - 1) {
+                    let j = b * f + m;
+                    store.consume(j, self.ws.dv.slice(s![.., j * i..(j + 1) * i]))?;
+                }
+            }
+            loss
+        } else {
+            let pass = self.pass(self.split);
+            let Workspace {
+                w,
+                dw,
+                dv,
+                decoded,
+                blocks,
+                ..
+            } = &mut self.ws;
+            let h = blocks.first_mut().ok_or_else(|| {
+                FipsError::Numerical("internal: a step without block buffers".into())
+            })?;
+            let mut loss = 0.0;
+            for (b, ((x, y), bias_grads)) in xs
+                .iter()
+                .zip(ys)
+                .zip(grads.biases.chunks_mut(f))
+                .enumerate()
+            {
+                let cols = s![.., b * f * i..(b + 1) * f * i];
+                let mats = if weights_first {
+                    BlockMatrices::Weights {
+                        w: w.slice(cols),
+                        dw: dw.slice_mut(cols),
+                    }
+                } else {
+                    BlockMatrices::Decoded {
+                        buf: &mut *dv,
+                        decoded: &mut *decoded,
+                        store: &mut *store,
+                    }
+                };
+                let job = BlockJob {
+                    b,
+                    x: x.view(),
+                    y,
+                    bias_grads,
+                };
+                loss += pass.run(job, mats, p, h, &mut grads.u.view_mut())?;
+            }
+            loss
+        };
         if weights_first {
             // ∂U_k = ∂W_k V_kᵀ, then ∂V_k = U_kᵀ ∂W_k over V_k's columns of the buffer, for every
             // basis k; V_k is read by nothing else, so its matrices go to the store right after.
-            let i = self.shape.intermediate;
             for (u_cols, v_cols) in self.basis_blocks() {
                 let ws = &mut self.ws;
                 let dw = ws.dw.slice(s![.., v_cols.clone()]);
@@ -506,15 +718,78 @@ impl<F: Float> Objective<F> {
         loss
     }
 
-    /// `V_j` from `store` into the one-matrix buffer (factors first), unless it holds it already
-    /// (the down projection's, from the forward pass to the backward pass).
-    fn decode(&mut self, j: usize, store: &dyn FactorStore<F>) -> Result<()> {
-        if self.ws.decoded != Some(j) {
-            self.ws.decoded = None;
-            store.decode(j, self.ws.dv.view_mut())?;
-            self.ws.decoded = Some(j);
+    /// Factors first, `V` decoded whole into the buffer: the blocks split into contiguous runs, one
+    /// per worker, each with its own buffers and `∂U` (the first worker's is `grads.u`, the others
+    /// are added to it in order) and its elementwise passes on its own thread. Each block's `∂V_j`
+    /// overwrites its `V_j` in the buffer. Returns the loss, summed in block order.
+    fn blocks_in_parallel(
+        &mut self,
+        p: BasisParams<'_, F>,
+        xs: &[Array2<F>],
+        ys: &[Array2<F>],
+        grads: &mut BasisGradients<F>,
+    ) -> Result<f64> {
+        let (n, f, i) = (
+            self.shape.blocks,
+            self.shape.matrices_per_block,
+            self.shape.intermediate,
+        );
+        let pass = self.pass(RowSplit::new(1));
+        let Workspace { dv, blocks, du, .. } = &mut self.ws;
+        let per_worker = n.div_ceil(blocks.len());
+        let mut jobs = xs
+            .iter()
+            .zip(ys)
+            .zip(dv.axis_chunks_iter_mut(Axis(1), f * i))
+            .zip(grads.biases.chunks_mut(f))
+            .enumerate()
+            .map(|(b, (((x, y), v), bias_grads))| {
+                let job = BlockJob {
+                    b,
+                    x: x.view(),
+                    y,
+                    bias_grads,
+                };
+                (job, v)
+            });
+        for d in du.iter_mut() {
+            d.fill(F::zero());
         }
-        Ok(())
+        let dus = std::iter::once(grads.u.view_mut()).chain(du.iter_mut().map(|d| d.view_mut()));
+        let mut runs = Vec::with_capacity(blocks.len());
+        for (h, du) in blocks.iter_mut().zip(dus) {
+            let run: Vec<_> = jobs.by_ref().take(per_worker).collect();
+            runs.push((h, du, run));
+        }
+        type Run<'h, 'a, F> = (
+            &'h mut BlockBuffers<F>,
+            ArrayViewMut2<'a, F>,
+            Vec<(BlockJob<'a, F>, ArrayViewMut2<'a, F>)>,
+        );
+        let work = |(h, mut du, run): Run<'_, '_, F>| {
+            run.into_iter()
+                .map(|(job, v)| pass.run(job, BlockMatrices::Whole { v }, p, h, &mut du))
+                .collect::<Result<Vec<f64>>>()
+        };
+        let mut runs = runs.into_iter();
+        let first = runs.next();
+        let losses: Vec<Result<Vec<f64>>> = std::thread::scope(|scope| {
+            let others: Vec<_> = runs.map(|r| scope.spawn(move || work(r))).collect();
+            let mut out = vec![first.map_or_else(|| Ok(Vec::new()), work)];
+            out.extend(others.into_iter().map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(FipsError::Numerical("a block worker panicked".into())))
+            }));
+            out
+        });
+        let mut loss = 0.0;
+        for part in losses {
+            loss += part?.into_iter().sum::<f64>();
+        }
+        for d in du.iter() {
+            grads.u += d;
+        }
+        Ok(loss)
     }
 
     /// For every basis, its columns in `U` and the columns in `V` (and `W`) of the matrices it
@@ -530,19 +805,31 @@ impl<F: Float> Objective<F> {
             vec![(0..r, 0..matrices * i)]
         }
     }
+}
 
-    /// Columns of matrix `j` in the concatenated layout.
-    fn cols(
+impl Pass {
+    /// Block `job.b` forward, its loss and `G`, and backward: returns `mean((Ŷ − Y)²)`, writes the
+    /// block's bias gradients, adds its share of `∂U` to `du` (factors first) and writes its `∂W` or
+    /// `∂V_j` through `mats`.
+    fn run<F: Float>(
         &self,
-        j: usize,
-    ) -> ndarray::SliceInfo<[ndarray::SliceInfoElem; 2], ndarray::Ix2, ndarray::Ix2> {
-        let i = self.shape.intermediate;
-        s![.., j * i..(j + 1) * i]
+        job: BlockJob<'_, F>,
+        mut mats: BlockMatrices<'_, F>,
+        p: BasisParams<'_, F>,
+        h: &mut BlockBuffers<F>,
+        du: &mut ArrayViewMut2<'_, F>,
+    ) -> Result<f64> {
+        let f = self.shape.matrices_per_block;
+        self.forward(job.b, p, &mut mats, job.x, h)?;
+        let db = bias_slice(job.bias_grads[f - 1].as_mut())?;
+        let loss = self.output_gradient(job.y, h, db)?;
+        self.backward(job.b, p, &mut mats, job.x, h, du, job.bias_grads)?;
+        Ok(loss)
     }
 
     /// Fills every row of `out` with `bias` and returns the GEMM β that adds the product to it (1),
     /// or 0 without a bias: the bias costs no pass of its own.
-    fn prefill_bias(&self, out: &mut Array2<F>, bias: Option<&Array1<F>>) -> Result<F> {
+    fn prefill_bias<F: Float>(&self, out: &mut Array2<F>, bias: Option<&Array1<F>>) -> Result<F> {
         match bias {
             Some(b) => {
                 let row = b
@@ -555,112 +842,95 @@ impl<F: Float> Objective<F> {
         }
     }
 
-    /// `out = X W_j + b_j` (or `(X U) V_j + b_j`, `V_j` decoded from `store`).
-    fn up_forward(
-        &mut self,
+    /// `out = X W_j + b_j` (or `(X U) V_j + b_j`) for the block's matrix `m` (`j` overall).
+    #[allow(clippy::too_many_arguments)]
+    fn up_forward<F: Float>(
+        &self,
         j: usize,
+        m: usize,
         p: BasisParams<'_, F>,
-        store: &dyn FactorStore<F>,
+        mats: &mut BlockMatrices<'_, F>,
         x: ArrayView2<'_, F>,
+        xu: &Array2<F>,
         out: &mut Array2<F>,
     ) -> Result<()> {
+        let i = self.shape.intermediate;
         let beta = self.prefill_bias(out, p.biases[j].as_ref())?;
-        match self.order {
-            ContractionOrder::WeightsFirst => {
-                general_mat_mul(F::one(), &x, &self.ws.w.slice(self.cols(j)), beta, out)
+        match mats {
+            BlockMatrices::Weights { w, .. } => general_mat_mul(
+                F::one(),
+                &x,
+                &w.slice(s![.., m * i..(m + 1) * i]),
+                beta,
+                out,
+            ),
+            _ => general_mat_mul(F::one(), xu, &mats.v(j, m, i)?, beta, out),
+        }
+        Ok(())
+    }
+
+    /// Runs block `b` forward, leaving every intermediate the backward pass needs in `h`.
+    fn forward<F: Float>(
+        &self,
+        b: usize,
+        p: BasisParams<'_, F>,
+        mats: &mut BlockMatrices<'_, F>,
+        x: ArrayView2<'_, F>,
+        h: &mut BlockBuffers<F>,
+    ) -> Result<()> {
+        let f = self.shape.matrices_per_block;
+        let i = self.shape.intermediate;
+        let base = b * f;
+        let weights_first = matches!(mats, BlockMatrices::Weights { .. });
+        if !weights_first {
+            general_mat_mul(F::one(), &x, p.u, F::zero(), &mut h.xu);
+        }
+        let act = self.activation;
+        match self.kind {
+            MlpKind::Standard => {
+                self.up_forward(base, 0, p, mats, x, &h.xu, &mut h.a)?;
+                self.split
+                    .activate(act, flat_mut(&mut h.a)?, flat_mut(&mut h.dact)?, i);
+            }
+            MlpKind::Gated => {
+                self.up_forward(base, 0, p, mats, x, &h.xu, &mut h.gate)?;
+                self.up_forward(base + 1, 1, p, mats, x, &h.xu, &mut h.up)?;
+                self.split.activate_gated(
+                    act,
+                    flat_mut(&mut h.gate)?,
+                    flat(&h.up)?,
+                    flat_mut(&mut h.a)?,
+                    flat_mut(&mut h.dact)?,
+                    i,
+                );
+            }
+        }
+        let (md, jd) = (f - 1, base + f - 1);
+        let beta = self.prefill_bias(&mut h.yhat, p.biases[jd].as_ref())?;
+        match mats {
+            BlockMatrices::Weights { w, .. } => {
+                let wd = w.slice(s![.., md * i..(md + 1) * i]);
+                general_mat_mul(F::one(), &h.a, &wd.t(), beta, &mut h.yhat);
             }
             _ => {
-                self.decode(j, store)?;
-                general_mat_mul(F::one(), &self.ws.xu, &self.ws.dv, beta, out)
+                general_mat_mul(F::one(), &h.a, &mats.v(jd, md, i)?.t(), F::zero(), &mut h.c);
+                general_mat_mul(F::one(), &h.c, &p.u.t(), beta, &mut h.yhat);
             }
         }
         Ok(())
     }
 
-    /// Runs block `b` forward, leaving every intermediate the backward pass needs in the workspace.
-    fn forward_block(
-        &mut self,
-        b: usize,
-        p: BasisParams<'_, F>,
-        store: &dyn FactorStore<F>,
-        x: ArrayView2<'_, F>,
-    ) -> Result<()> {
-        let f = self.shape.matrices_per_block;
-        let i = self.shape.intermediate;
-        let base = b * f;
-        let weights_first = self.order == ContractionOrder::WeightsFirst;
-        if !weights_first {
-            general_mat_mul(F::one(), &x, p.u, F::zero(), &mut self.ws.xu);
-        }
-        let act = self.activation;
-        match self.kind {
-            MlpKind::Standard => {
-                let mut a = std::mem::take(&mut self.ws.a);
-                let done = self.up_forward(base, p, store, x, &mut a).and_then(|()| {
-                    self.split
-                        .activate(act, flat_mut(&mut a)?, flat_mut(&mut self.ws.dact)?, i);
-                    Ok(())
-                });
-                self.ws.a = a;
-                done?;
-            }
-            MlpKind::Gated => {
-                let mut gate = std::mem::take(&mut self.ws.gate);
-                let mut up = std::mem::take(&mut self.ws.up);
-                let done = self
-                    .up_forward(base, p, store, x, &mut gate)
-                    .and_then(|()| self.up_forward(base + 1, p, store, x, &mut up))
-                    .and_then(|()| {
-                        let ws = &mut self.ws;
-                        self.split.activate_gated(
-                            act,
-                            flat_mut(&mut gate)?,
-                            flat(&up)?,
-                            flat_mut(&mut ws.a)?,
-                            flat_mut(&mut ws.dact)?,
-                            i,
-                        );
-                        Ok(())
-                    });
-                self.ws.gate = gate;
-                self.ws.up = up;
-                done?;
-            }
-        }
-        let jd = base + f - 1;
-        let cols_d = self.cols(jd);
-        if !weights_first {
-            self.decode(jd, store)?;
-        }
-        let mut yhat = std::mem::take(&mut self.ws.yhat);
-        let beta = self.prefill_bias(&mut yhat, p.biases[jd].as_ref());
-        let ws = &mut self.ws;
-        if let Ok(beta) = beta {
-            if weights_first {
-                let wd = ws.w.slice(cols_d);
-                general_mat_mul(F::one(), &ws.a, &wd.t(), beta, &mut yhat);
-            } else {
-                general_mat_mul(F::one(), &ws.a, &ws.dv.t(), F::zero(), &mut ws.c);
-                general_mat_mul(F::one(), &ws.c, &p.u.t(), beta, &mut yhat);
-            }
-        }
-        ws.yhat = yhat;
-        beta.map(|_| ())
-    }
-
     /// Turns the block output into `G = 2 (Ŷ − Y) / (T d)` in place, writes the down projection's
-    /// bias gradient `1ᵀ G`, and returns `mean((Ŷ − Y)²)`.
-    fn output_gradient(
-        &mut self,
-        b: usize,
+    /// bias gradient `1ᵀ G` into `db`, and returns `mean((Ŷ − Y)²)`.
+    fn output_gradient<F: Float>(
+        &self,
         y: &Array2<F>,
-        grads: &mut BasisGradients<F>,
+        h: &mut BlockBuffers<F>,
+        db: Option<&mut [F]>,
     ) -> Result<f64> {
         let count = y.len() as f64;
-        let jd = (b + 1) * self.shape.matrices_per_block - 1;
-        let db = bias_slice(grads.biases[jd].as_mut())?;
         let sum = self.split.output_gradient(
-            flat_mut(&mut self.ws.yhat)?,
+            flat_mut(&mut h.yhat)?,
             flat(y)?,
             F::cast(2.0 / count),
             self.shape.width,
@@ -669,93 +939,81 @@ impl<F: Float> Objective<F> {
         Ok(sum / count)
     }
 
-    /// Back-propagates block `b` from `G` (in the workspace) into `grads` and, factors first,
-    /// hands `∂V_j` of the block's matrices to `sink` after their last read.
-    fn backward_block(
-        &mut self,
+    /// Back-propagates block `b` from `G` (in `h`): its bias gradients into `bias_grads` (its `f`
+    /// slots), `∂W` or `∂V_j` through `mats` after each matrix's last read, and, factors first, its
+    /// share of `∂U` added to `du`.
+    #[allow(clippy::too_many_arguments)]
+    fn backward<F: Float>(
+        &self,
         b: usize,
         p: BasisParams<'_, F>,
-        store: &mut dyn FactorStore<F>,
+        mats: &mut BlockMatrices<'_, F>,
         x: ArrayView2<'_, F>,
-        grads: &mut BasisGradients<F>,
+        h: &mut BlockBuffers<F>,
+        du: &mut ArrayViewMut2<'_, F>,
+        bias_grads: &mut [Option<Array1<F>>],
     ) -> Result<()> {
         let f = self.shape.matrices_per_block;
         let i = self.shape.intermediate;
         let base = b * f;
-        let jd = base + f - 1;
-        let cols = |j: usize| s![.., j * i..(j + 1) * i];
-        let weights_first = self.order == ContractionOrder::WeightsFirst;
-        if !weights_first {
-            // Still in the buffer from the forward pass's last product.
-            self.decode(jd, &*store)?;
-        }
-        let split = self.split;
-        let ws = &mut self.ws;
+        let (md, jd) = (f - 1, base + f - 1);
+        let cols = |m: usize| s![.., m * i..(m + 1) * i];
+        let weights_first = matches!(mats, BlockMatrices::Weights { .. });
         let (one, zero) = (F::one(), F::zero());
 
         // Down projection.
-        if weights_first {
-            gemm(
-                one,
-                &ws.yhat.t(),
-                &ws.a.view(),
-                zero,
-                &mut ws.dw.slice_mut(cols(jd)),
-            );
-            gemm(
-                one,
-                &ws.yhat.view(),
-                &ws.w.slice(cols(jd)),
-                zero,
-                &mut ws.da.view_mut(),
-            );
-        } else {
-            // ∂U += Gᵀ C, then C ← G U (= ∂C), ∂A = ∂C V_d, ∂V_d = ∂Cᵀ A.
-            gemm(
-                one,
-                &ws.yhat.t(),
-                &ws.c.view(),
-                one,
-                &mut grads.u.view_mut(),
-            );
-            gemm(
-                one,
-                &ws.yhat.view(),
-                &p.u.view(),
-                zero,
-                &mut ws.c.view_mut(),
-            );
-            // The buffer holds V_d until ∂V_d overwrites it.
-            gemm(
-                one,
-                &ws.c.view(),
-                &ws.dv.view(),
-                zero,
-                &mut ws.da.view_mut(),
-            );
-            ws.decoded = None;
-            gemm(one, &ws.c.t(), &ws.a.view(), zero, &mut ws.dv.view_mut());
-            store.consume(jd, ws.dv.view())?;
+        match mats {
+            BlockMatrices::Weights { w, dw } => {
+                gemm(
+                    one,
+                    &h.yhat.t(),
+                    &h.a.view(),
+                    zero,
+                    &mut dw.slice_mut(cols(md)),
+                );
+                gemm(
+                    one,
+                    &h.yhat.view(),
+                    &w.slice(cols(md)),
+                    zero,
+                    &mut h.da.view_mut(),
+                );
+            }
+            _ => {
+                // ∂U += Gᵀ C, then C ← G U (= ∂C), ∂A = ∂C V_d, ∂V_d = ∂Cᵀ A.
+                gemm(one, &h.yhat.t(), &h.c.view(), one, du);
+                gemm(one, &h.yhat.view(), &p.u.view(), zero, &mut h.c.view_mut());
+                gemm(
+                    one,
+                    &h.c.view(),
+                    &mats.v(jd, md, i)?,
+                    zero,
+                    &mut h.da.view_mut(),
+                );
+                gemm(one, &h.c.t(), &h.a.view(), zero, &mut mats.gradient(md, i));
+                mats.done(jd)?;
+            }
         }
 
         // Activation (and gate): ∂A → ∂H of each up projection, with the up biases' gradients.
         let ups: &[usize] = match self.kind {
             MlpKind::Standard => {
-                let db = bias_slice(grads.biases[base].as_mut())?;
-                split.backprop_activation(flat_mut(&mut ws.da)?, flat(&ws.dact)?, i, db);
+                let db = bias_slice(bias_grads[0].as_mut())?;
+                self.split
+                    .backprop_activation(flat_mut(&mut h.da)?, flat(&h.dact)?, i, db);
                 &[0]
             }
             MlpKind::Gated => {
                 // ∂H_u = ∂A ⊙ act(H_g) into `up`; ∂H_g = ∂A ⊙ act'(H_g) ⊙ H_u in place.
-                split.backprop_gate(
-                    flat_mut(&mut ws.up)?,
-                    flat_mut(&mut ws.da)?,
-                    flat(&ws.gate)?,
-                    flat(&ws.dact)?,
+                self.split.backprop_gate(
+                    flat_mut(&mut h.up)?,
+                    flat_mut(&mut h.da)?,
+                    flat(&h.gate)?,
+                    flat(&h.dact)?,
                     i,
                 );
-                for (m, dh) in [(0, &ws.da), (1, &ws.up)] {
-                    if let Some(db) = bias_slice(grads.biases[base + m].as_mut())? {
+                for (m, dh) in [(0, &h.da), (1, &h.up)] {
+                    if let Some(db) = bias_slice(bias_grads[m].as_mut())? {
                         add_column_sums(flat(dh)?, i, db);
                     }
                 }
@@ -766,24 +1024,24 @@ impl<F: Float> Objective<F> {
         // Up projections.
         for (k, &m) in ups.iter().enumerate() {
             let j = base + m;
+            let dh = if m == 0 { &h.da } else { &h.up };
             if weights_first {
-                let ws = &mut self.ws;
-                let dh = if m == 0 { &ws.da } else { &ws.up };
-                gemm(one, &x.t(), &dh.view(), zero, &mut ws.dw.slice_mut(cols(j)));
+                gemm(one, &x.t(), &dh.view(), zero, &mut mats.gradient(m, i));
             } else {
-                self.decode(j, &*store)?;
-                let ws = &mut self.ws;
-                let dh = if m == 0 { &ws.da } else { &ws.up };
                 let beta = if k == 0 { zero } else { one };
-                gemm(one, &dh.view(), &ws.dv.t(), beta, &mut ws.dxu.view_mut());
-                ws.decoded = None;
-                gemm(one, &ws.xu.t(), &dh.view(), zero, &mut ws.dv.view_mut());
-                store.consume(j, ws.dv.view())?;
+                gemm(
+                    one,
+                    &dh.view(),
+                    &mats.v(j, m, i)?.t(),
+                    beta,
+                    &mut h.dxu.view_mut(),
+                );
+                gemm(one, &h.xu.t(), &dh.view(), zero, &mut mats.gradient(m, i));
+                mats.done(j)?;
             }
         }
         if !weights_first {
-            let ws = &self.ws;
-            gemm(one, &x.t(), &ws.dxu.view(), one, &mut grads.u.view_mut());
+            gemm(one, &x.t(), &h.dxu.view(), one, du);
         }
         Ok(())
     }
@@ -821,6 +1079,18 @@ mod tests {
         seed: u64,
         per_matrix: bool,
     ) -> Problem {
+        problem_of_blocks(kind, activation, masked, with_bias, seed, per_matrix, 2)
+    }
+
+    fn problem_of_blocks(
+        kind: MlpKind,
+        activation: Activation,
+        masked: bool,
+        with_bias: bool,
+        seed: u64,
+        per_matrix: bool,
+        blocks: usize,
+    ) -> Problem {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let f = kind.matrices_per_block();
         let shape = StepShape {
@@ -828,7 +1098,7 @@ mod tests {
             width: 5,
             intermediate: 6,
             rank: 4,
-            blocks: 2,
+            blocks,
             matrices_per_block: f,
         };
         let (t, d, i, r, n) = (
@@ -1041,6 +1311,83 @@ mod tests {
             ] {
                 check_gradients_with_bases(MlpKind::Standard, act, order, false, true, true);
                 check_gradients_with_bases(MlpKind::Gated, act, order, true, false, true);
+            }
+        }
+    }
+
+    /// A dense `V` that also records the order the gradients arrive in.
+    struct RecordingStore<'g> {
+        dense: DenseGradient<'g, f64>,
+        order: Vec<usize>,
+    }
+
+    impl FactorStore<f64> for RecordingStore<'_> {
+        fn decode(&self, j: usize, out: ArrayViewMut2<'_, f64>) -> Result<()> {
+            self.dense.decode(j, out)
+        }
+
+        fn consume(&mut self, j: usize, grad: ArrayView2<'_, f64>) -> Result<()> {
+            self.order.push(j);
+            self.dense.consume(j, grad)
+        }
+    }
+
+    #[test]
+    fn blocks_in_parallel_give_the_loss_and_gradients_of_one_worker() {
+        for (kind, activation) in [
+            (MlpKind::Standard, Activation::Gelu),
+            (MlpKind::Gated, Activation::Silu),
+        ] {
+            let pb = problem_of_blocks(kind, activation, true, true, 5, false, 5);
+            let run = |workers: usize| {
+                let mut objective = Objective::with_workers(
+                    kind,
+                    activation,
+                    pb.shape,
+                    ContractionOrder::FactorsFirst,
+                    1,
+                    workers,
+                );
+                assert_eq!(objective.workers(), workers.min(5));
+                let mut dv = Array2::zeros(pb.params.v.raw_dim());
+                let mut store = RecordingStore {
+                    dense: DenseGradient {
+                        v: &pb.params.v,
+                        dv: &mut dv,
+                    },
+                    order: Vec::new(),
+                };
+                let mut grads = pb.params.gradients_like();
+                let params = BasisParams {
+                    u: &pb.params.u,
+                    biases: &pb.params.biases,
+                };
+                let loss = objective
+                    .loss_and_gradients(params, &mut store, &pb.xs, &pb.ys, &mut grads)
+                    .unwrap();
+                let order = store.order;
+                (loss, grads, dv, order)
+            };
+            let (loss, grads, dv, order) = run(1);
+            assert!(loss > 0.0 && grads.u.iter().any(|&g| g != 0.0));
+            for workers in [2, 3, 8] {
+                let (l, g, v, o) = run(workers);
+                // Every block's numbers are its own (the loss summed in block order): the same
+                // bits; ∂U is summed per worker first, so only its rounding may differ.
+                assert_eq!(
+                    l.to_bits(),
+                    loss.to_bits(),
+                    "{kind} {workers} workers: loss"
+                );
+                assert_eq!(v, dv, "{kind} {workers} workers: ∂V");
+                assert_eq!(g.biases, grads.biases, "{kind} {workers} workers: biases");
+                assert_eq!(o, order, "{kind} {workers} workers: hand-over order");
+                let scale = grads.u.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+                let worst = (&g.u - &grads.u).iter().fold(0.0f64, |m, x| m.max(x.abs()));
+                assert!(
+                    worst <= 1e-13 * scale,
+                    "{kind} {workers} workers: ∂U off by {worst}"
+                );
             }
         }
     }

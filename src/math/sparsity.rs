@@ -805,13 +805,18 @@ impl<F: Float> StepPlan<F> {
             }
             Self::Regrow(r) => r,
         };
+        // Positions ascend over the rows of the matrix: a cursor into the dropped ones.
+        let mut d = r.dropped.partition_point(|&x| (x as usize) < j * width);
         for (k, g_row) in grad.rows().into_iter().enumerate() {
             let mut index = layout.start(k, j);
             let at = k * cols + j * width;
             for (c, &g) in g_row.iter().enumerate() {
                 let pos = at + c;
                 if mask.get(pos) {
-                    if let Ok(d) = r.dropped.binary_search(&(pos as u32)) {
+                    while r.dropped.get(d).is_some_and(|&x| (x as usize) < pos) {
+                        d += 1;
+                    }
+                    if r.dropped.get(d).is_some_and(|&x| x as usize == pos) {
                         r.dropped_gradients[d] = g;
                         if let Best::Entries(best) = &mut r.best {
                             best.offer(g, pos);
@@ -891,34 +896,62 @@ impl<F: Float> StepPlan<F> {
         };
         let pending: Vec<(usize, F)> = match best {
             Some(grown) => {
-                let is_grown = |k: usize| grown.binary_search_by_key(&k, |g| g.0).is_ok();
-                let is_dropped = |k: usize| dropped.binary_search(&(k as u32)).is_ok();
+                // One pass over the kept positions, with cursors into the (ascending) dropped
+                // and grown positions.
+                let (mut d, mut g) = (0, 0);
+                let mut cleared = Vec::with_capacity(dropped.len());
                 let mut compaction = entries.compaction();
-                for k in 0..mask.len() {
-                    if mask.get(k) {
-                        let stays = !is_dropped(k) || is_grown(k);
-                        compaction.next(stays);
-                        if !stays {
-                            mask.set(k, false);
+                for k in mask.ones() {
+                    while dropped.get(d).is_some_and(|&x| (x as usize) < k) {
+                        d += 1;
+                    }
+                    let stays = dropped.get(d).is_none_or(|&x| x as usize != k) || {
+                        while grown.get(g).is_some_and(|&(x, _)| x < k) {
+                            g += 1;
                         }
+                        grown.get(g).is_some_and(|&(x, _)| x == k)
+                    };
+                    compaction.next(stays);
+                    if !stays {
+                        cleared.push(k);
                     }
                 }
                 compaction.finish();
+                for k in cleared {
+                    mask.set(k, false);
+                }
                 // Entry-wise, as many join as left; tiles may regrow a few entries more.
                 let after = if tiled {
                     entries.len() + grown.iter().filter(|&&(k, _)| !mask.get(k)).count()
                 } else {
                     active
                 };
+                // Descending over the kept positions and the grown ones that join them.
+                let kept: Vec<usize> = mask.ones().collect();
                 let mut expansion = entries.expansion(after);
-                for k in (0..mask.len()).rev() {
-                    let kept = mask.get(k);
-                    let join = !kept && is_grown(k);
-                    if kept || join {
-                        expansion.next_back(kept);
-                    }
-                    if join {
-                        mask.set(k, true);
+                let (mut a, mut b) = (kept.len(), grown.len());
+                loop {
+                    let existing = a.checked_sub(1).map(|i| kept[i]);
+                    let joining = b.checked_sub(1).map(|i| grown[i].0);
+                    match (existing, joining) {
+                        (None, None) => break,
+                        (Some(x), Some(y)) if y > x => {
+                            expansion.next_back(false);
+                            mask.set(y, true);
+                            b -= 1;
+                        }
+                        (Some(x), y) => {
+                            expansion.next_back(true);
+                            a -= 1;
+                            if y == Some(x) {
+                                b -= 1;
+                            }
+                        }
+                        (None, Some(y)) => {
+                            expansion.next_back(false);
+                            mask.set(y, true);
+                            b -= 1;
+                        }
                     }
                 }
                 grown
@@ -930,22 +963,23 @@ impl<F: Float> StepPlan<F> {
                 .collect(),
         };
         // The regrown entries' update, at their index among the kept entries.
-        let mut index = 0;
         let mut next = pending.iter().peekable();
-        for k in 0..mask.len() {
-            let m = mask.get(k);
+        for (index, k) in mask.ones().enumerate() {
             let Some(&&(pos, g)) = next.peek() else {
                 break;
             };
-            if k == pos {
-                if !m || !entries.apply_one(step, index, g) {
+            if pos < k {
+                break;
+            }
+            if pos == k {
+                if !entries.apply_one(step, index, g) {
                     return Err(FipsError::Numerical("RigL update: regrown entry".into()));
                 }
                 next.next();
             }
-            if m {
-                index += 1;
-            }
+        }
+        if next.peek().is_some() {
+            return Err(FipsError::Numerical("RigL update: regrown entry".into()));
         }
         Ok(())
     }

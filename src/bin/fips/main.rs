@@ -24,6 +24,7 @@ use fips::format::block_groups::DEFAULT_GROUP_SIZE;
 use fips::format::compact_file::{CompactModel, is_compact, read_manifest, size_breakdown};
 use fips::format::compressed::{COMPRESSED_FORMAT, MANIFEST_KEY};
 use fips::format::mlp_inputs::{MlpInputs, write_mlp_inputs};
+use fips::foundation::thread_plan;
 use fips::math::budget::{DEFAULT_BUDGET_FRACTION, DEFAULT_SPARSITY};
 use fips::methods::options::{DEFAULT_SEED, MethodOptions, SparsifierKind, VIT_DEFAULTS};
 use fips::methods::params::{
@@ -414,6 +415,42 @@ fn main() -> ExitCode {
     }
 }
 
+/// Runs this command again with OpenBLAS on one thread (and exits with its code) when OpenBLAS's
+/// thread count is not set and the training GEMMs are small enough for the blocks of a group to
+/// run in parallel instead ([`thread_plan::planned_blas_threads`]); returns when this process
+/// should carry on.
+fn plan_blas_threads(
+    tokens: usize,
+    shapes: &[(usize, usize)],
+    groups: &BlockGroups,
+    threads: Option<usize>,
+) -> Result<(), FipsError> {
+    if thread_plan::blas_threads().is_some() {
+        return Ok(());
+    }
+    let cores = threads.unwrap_or_else(thread_plan::available_threads);
+    let blocks = groups.groups().iter().map(Vec::len).min().unwrap_or(1);
+    let (width, intermediate) = shapes
+        .iter()
+        .fold((0, 0), |(d, i), &(w, m)| (d.max(w), i.max(m)));
+    if thread_plan::planned_blas_threads(tokens, width, intermediate, blocks, cores) != 1 {
+        return Ok(());
+    }
+    println!(
+        "small GEMMs ({tokens} x {width} x {intermediate}): OpenBLAS on 1 thread, the blocks of \
+         each group on {} workers (set OPENBLAS_NUM_THREADS to choose)",
+        cores.min(blocks)
+    );
+    match thread_plan::run_with_blas_threads(1) {
+        Ok(None) => Ok(()),
+        Ok(Some(code)) => std::process::exit(code),
+        Err(e) => Err(FipsError::Io {
+            path: std::env::current_exe().unwrap_or_default(),
+            source: e,
+        }),
+    }
+}
+
 /// The ids of the compress flags given on the command line (not defaulted).
 fn explicit_options(matches: &ArgMatches) -> Vec<String> {
     matches
@@ -531,12 +568,15 @@ fn compress(args: CompressArgs, given: &[String]) -> Result<(), FipsError> {
     let compressor = method_options(&args, given).compressor(args.method.into(), &VIT_DEFAULTS)?;
     let checkpoint = Checkpoint::open(checkpoint_path)?;
     let layout = MlpLayout::detect(&checkpoint)?;
-    println!("{}: {layout}", checkpoint_path.display());
     let shapes = layout.block_shapes()?;
     let groups = match &args.groups {
         Some(spec) => BlockGroups::parse(spec, &shapes)?,
         None => BlockGroups::consecutive(&shapes, args.group_size)?,
     };
+    if compressor.steps() > 0 {
+        plan_blas_threads(args.batch_tokens, &shapes, &groups, args.threads)?;
+    }
+    println!("{}: {layout}", checkpoint_path.display());
     let activation = args.activation.unwrap_or(layout.default_activation());
     // No output may be an input (checked before any work).
     let mut outputs = vec![
