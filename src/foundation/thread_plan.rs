@@ -14,6 +14,7 @@
 //! process starts, and this crate has no unsafe code to change it later: a program applies the plan
 //! with [`run_with_blas_threads`], which re-runs it with the variable set.
 
+use crate::foundation::blas::configured_threads;
 use crate::foundation::error::{FipsError, Result};
 
 /// GEMMs of fewer multiply-adds per call than this (`2²⁵`, about 0.3 ms on one core) run on one
@@ -33,29 +34,15 @@ pub fn step_threads(tokens: usize, width: usize, intermediate: usize, available:
     }
 }
 
-/// OpenBLAS's thread count as this process started with it: `OPENBLAS_NUM_THREADS`, else
-/// `GOTO_NUM_THREADS`, else `OMP_NUM_THREADS` (the variables OpenBLAS reads, in its order), if
-/// one is set to a positive number; `None` means OpenBLAS's own default (every core).
-pub fn blas_threads() -> Option<usize> {
-    [
-        "OPENBLAS_NUM_THREADS",
-        "GOTO_NUM_THREADS",
-        "OMP_NUM_THREADS",
-    ]
-    .iter()
-    .find_map(|v| std::env::var(v).ok())
-    .and_then(|v| v.trim().parse::<usize>().ok())
-    .filter(|&n| n > 0)
-}
-
 /// Workers the `blocks` of a group's factors-first step run on, each block's GEMMs on one thread:
-/// up to `threads` (at most one per block) when OpenBLAS runs on one thread ([`blas_threads`]),
+/// up to `threads` (at most one per block) when the BLAS backend runs on one thread
+/// ([`configured_threads`]),
 /// else one (the blocks one after the other, each GEMM split by OpenBLAS). Blocks are independent
 /// but for the sum of their `∂U`, so a worker per core keeps every core on a whole GEMM; measured
-/// on DeiT-tiny at 384 tokens, two one-thread workers did a step in 0.6 of the time two-thread
+/// on DeiT-tiny at 384 tokens, two one-thread workers did a step in 0.68 of the time two-thread
 /// GEMMs took (`docs/results.md`, "Blocks in parallel").
 pub fn block_workers(blocks: usize, threads: usize) -> usize {
-    if blas_threads() == Some(1) {
+    if configured_threads() == Some(1) {
         threads.clamp(1, blocks.max(1))
     } else {
         1
@@ -69,10 +56,11 @@ pub fn block_workers(blocks: usize, threads: usize) -> usize {
 /// two-thread GEMMs were faster (51 against 58 ms).
 pub const BLOCK_PARALLEL_MACS: usize = 1 << 27;
 
-/// OpenBLAS threads a program that trains groups of at least `blocks` blocks with mini-batches
-/// of `tokens` tokens through `width × intermediate` MLPs should run with, `available` cores
-/// allowed: one (and the blocks in parallel instead, [`block_workers`]) when there are cores and
-/// blocks to spread and the typical GEMM is below [`BLOCK_PARALLEL_MACS`], else `available`.
+/// OpenBLAS threads a program that trains groups of up to `blocks` blocks with mini-batches of
+/// `tokens` tokens through `width × intermediate` MLPs should run with, `available` cores
+/// allowed: one when the typical GEMM is too small to split ([`SERIAL_GEMM_MACS`]) or when there
+/// are cores and blocks to spread and it is below [`BLOCK_PARALLEL_MACS`] (the blocks then run in
+/// parallel instead, [`block_workers`]); else `available`.
 pub fn planned_blas_threads(
     tokens: usize,
     width: usize,
@@ -81,7 +69,9 @@ pub fn planned_blas_threads(
     available: usize,
 ) -> usize {
     let per_call = tokens.saturating_mul(width).saturating_mul(intermediate);
-    if available > 1 && blocks > 1 && per_call < BLOCK_PARALLEL_MACS {
+    if per_call < SERIAL_GEMM_MACS
+        || (available > 1 && blocks > 1 && per_call < BLOCK_PARALLEL_MACS)
+    {
         1
     } else {
         available.max(1)
@@ -89,10 +79,10 @@ pub fn planned_blas_threads(
 }
 
 /// Workers for work made of independent whole GEMMs (image batches through a ViT, chunks of
-/// calibration tokens through an MLP): one per core when OpenBLAS runs on one thread
-/// ([`blas_threads`]), else one (OpenBLAS splits each GEMM itself).
+/// calibration tokens through an MLP): one per core when the BLAS backend runs on one thread
+/// ([`configured_threads`]), else one (OpenBLAS splits each GEMM itself).
 pub fn pass_workers() -> usize {
-    if blas_threads() == Some(1) {
+    if configured_threads() == Some(1) {
         available_threads()
     } else {
         1
@@ -229,6 +219,8 @@ mod tests {
         // Nothing to spread: one core, or one block per group.
         assert_eq!(planned_blas_threads(384, 192, 768, 4, 1), 1);
         assert_eq!(planned_blas_threads(384, 192, 768, 1, 4), 4);
+        // Too small to split at all (stories260k: 1024 × 64 × 172): one, even for one block.
+        assert_eq!(planned_blas_threads(1024, 64, 172, 1, 4), 1);
         // The line sits at BLOCK_PARALLEL_MACS.
         assert_eq!(
             planned_blas_threads(BLOCK_PARALLEL_MACS / 64, 8, 8, 2, 2),

@@ -198,7 +198,7 @@ pub(crate) struct BasisGradients<F> {
 /// Where the objective reads `V = [V_1 | … | V_fn]` and hands its gradient: `V_j` (`r × I`) is
 /// decoded on demand, and `∂L/∂V_j` (`r × I`, rows contiguous) of every matrix `j` arrives once per
 /// step, after the step's last read of `V_j`; the store may update `V_j` then.
-pub(crate) trait FactorStore<F> {
+pub(crate) trait FactorStore<F>: Sync {
     /// Writes `V_j` into `out` (`r × I`).
     fn decode(&self, j: usize, out: ArrayViewMut2<'_, F>) -> Result<()>;
     /// Consumes the gradient of matrix `j`.
@@ -585,8 +585,8 @@ impl<F: Float> Objective<F> {
             });
         }
         self.ws.decoded = None;
-        if weights_first || parallel {
-            // V whole into the gradient buffer.
+        if weights_first {
+            // V whole into the gradient buffer (blocks in parallel: each worker decodes its own).
             for j in 0..matrices {
                 store.decode(j, self.ws.dv.slice_mut(s![.., j * i..(j + 1) * i]))?;
             }
@@ -606,7 +606,7 @@ impl<F: Float> Objective<F> {
             grads.u.fill(F::zero());
         }
         let loss = if parallel {
-            let loss = self.blocks_in_parallel(p, xs, ys, grads)?;
+            let loss = self.blocks_in_parallel(p, &*store, xs, ys, grads)?;
             // Every ∂V_j to the store, in the order one worker hands them over.
             for b in 0..self.shape.blocks {
                 for m in std::iter::once(f - 1).chain(0..f - 1) {
@@ -718,13 +718,14 @@ impl<F: Float> Objective<F> {
         loss
     }
 
-    /// Factors first, `V` decoded whole into the buffer: the blocks split into contiguous runs, one
-    /// per worker, each with its own buffers and `∂U` (the first worker's is `grads.u`, the others
+    /// Factors first, `V` whole in the buffer (each worker decodes its blocks' matrices from
+    /// `store`): the blocks split into contiguous runs, one per worker, each with its own buffers and `∂U` (the first worker's is `grads.u`, the others
     /// are added to it in order) and its elementwise passes on its own thread. Each block's `∂V_j`
     /// overwrites its `V_j` in the buffer. Returns the loss, summed in block order.
     fn blocks_in_parallel(
         &mut self,
         p: BasisParams<'_, F>,
+        store: &dyn FactorStore<F>,
         xs: &[Array2<F>],
         ys: &[Array2<F>],
         grads: &mut BasisGradients<F>,
@@ -768,7 +769,13 @@ impl<F: Float> Objective<F> {
         );
         let work = |(h, mut du, run): Run<'_, '_, F>| {
             run.into_iter()
-                .map(|(job, v)| pass.run(job, BlockMatrices::Whole { v }, p, h, &mut du))
+                .map(|(job, mut v)| {
+                    for m in 0..f {
+                        let j = job.b * f + m;
+                        store.decode(j, v.slice_mut(s![.., m * i..(m + 1) * i]))?;
+                    }
+                    pass.run(job, BlockMatrices::Whole { v }, p, h, &mut du)
+                })
                 .collect::<Result<Vec<f64>>>()
         };
         let mut runs = runs.into_iter();

@@ -415,39 +415,30 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs this command again with OpenBLAS on one thread (and exits with its code) when OpenBLAS's
-/// thread count is not set and the training GEMMs are small enough for the blocks of a group to
-/// run in parallel instead ([`thread_plan::planned_blas_threads`]); returns when this process
-/// should carry on.
-fn plan_blas_threads(
+/// Says which BLAS thread count suits this run when the environment sets none
+/// ([`thread_plan::planned_blas_threads`]; OpenBLAS reads it only at start-up, so it is the
+/// caller's to set): with small training GEMMs, one BLAS thread and the blocks of a group in
+/// parallel is faster than OpenBLAS's default of every core.
+fn blas_thread_hint(
     tokens: usize,
     shapes: &[(usize, usize)],
     groups: &BlockGroups,
     threads: Option<usize>,
-) -> Result<(), FipsError> {
-    if thread_plan::blas_threads().is_some() {
-        return Ok(());
+) {
+    if fips::foundation::blas::configured_threads().is_some() {
+        return;
     }
     let cores = threads.unwrap_or_else(thread_plan::available_threads);
-    let blocks = groups.groups().iter().map(Vec::len).min().unwrap_or(1);
+    let blocks = groups.groups().iter().map(Vec::len).max().unwrap_or(1);
     let (width, intermediate) = shapes
         .iter()
         .fold((0, 0), |(d, i), &(w, m)| (d.max(w), i.max(m)));
-    if thread_plan::planned_blas_threads(tokens, width, intermediate, blocks, cores) != 1 {
-        return Ok(());
-    }
-    println!(
-        "small GEMMs ({tokens} x {width} x {intermediate}): OpenBLAS on 1 thread, the blocks of \
-         each group on {} workers (set OPENBLAS_NUM_THREADS to choose)",
-        cores.min(blocks)
-    );
-    match thread_plan::run_with_blas_threads(1) {
-        Ok(None) => Ok(()),
-        Ok(Some(code)) => std::process::exit(code),
-        Err(e) => Err(FipsError::Io {
-            path: std::env::current_exe().unwrap_or_default(),
-            source: e,
-        }),
+    if thread_plan::planned_blas_threads(tokens, width, intermediate, blocks, cores) == 1 {
+        println!(
+            "note: the training GEMMs are small ({tokens} x {width} x {intermediate}): with \
+             OPENBLAS_NUM_THREADS=1 in the environment the blocks of a group train in parallel, \
+             one core each, which is faster here than OpenBLAS's default of every core"
+        );
     }
 }
 
@@ -574,7 +565,7 @@ fn compress(args: CompressArgs, given: &[String]) -> Result<(), FipsError> {
         None => BlockGroups::consecutive(&shapes, args.group_size)?,
     };
     if compressor.steps() > 0 {
-        plan_blas_threads(args.batch_tokens, &shapes, &groups, args.threads)?;
+        blas_thread_hint(args.batch_tokens, &shapes, &groups, args.threads);
     }
     println!("{}: {layout}", checkpoint_path.display());
     let activation = args.activation.unwrap_or(layout.default_activation());

@@ -300,6 +300,20 @@ pub fn compress(
     let compressor = settings
         .options
         .compressor(settings.method, &TEXT_DEFAULTS)?;
+    let shapes = fips::format::hf::HfFolder::open(model)?
+        .mlp_layout()?
+        .block_shapes()?;
+    let groups = match settings.groups {
+        Some(spec) => fips::format::block_groups::BlockGroups::parse(spec, &shapes)?,
+        None => fips::format::block_groups::BlockGroups::consecutive(&shapes, settings.group_size)?,
+    };
+    if compressor.steps() > 0 {
+        let tokens = settings
+            .options
+            .batch_tokens
+            .unwrap_or(TEXT_DEFAULTS.batch_tokens);
+        super::blas_thread_hint(tokens, &shapes, &groups, settings.options.threads);
+    }
     let parameters = serde_json::to_string(&compressor.parameters())
         .map_err(|e| FipsError::Numerical(e.to_string()))?;
     println!("method {}: {parameters}", compressor.method());
@@ -319,17 +333,6 @@ pub fn compress(
     };
     let bars = super::progress::Bars::new();
     let bar = bars.bar(0, "capturing tokens");
-    let groups = {
-        let shapes = fips::format::hf::HfFolder::open(model)?
-            .mlp_layout()?
-            .block_shapes()?;
-        match settings.groups {
-            Some(spec) => fips::format::block_groups::BlockGroups::parse(spec, &shapes)?,
-            None => {
-                fips::format::block_groups::BlockGroups::consecutive(&shapes, settings.group_size)?
-            }
-        }
-    };
     let mut observer = bars.observer(groups.len());
     let mut progress = |done: usize, total: usize| {
         bar.set_length(total as u64);
