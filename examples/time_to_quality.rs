@@ -18,7 +18,9 @@
 //! share of the steps, `gmp` (GMP's default schedule) or `gmpN` (GMP every N steps), `viewsN`
 //! extra random views per image, `beta2` (Adam β₂ 0.99), `2x2`, `1x2`, `2x1` (the factors' mask
 //! in 2×2 tiles or pairs along a row or a column of `V`, [`fips::MaskTiles`]); e.g.
-//! `s1000-b384-lr2e-3-rigl10-drop0.2` (the new defaults). Without `--configs` the levers of the
+//! `s800-b384-lr3e-3-rigl10-drop0.15` (the `fips` command's defaults; run it with
+//! `OPENBLAS_NUM_THREADS=1` to train the blocks of a group in parallel, as `make demo` does, and the
+//! reference defaults with two BLAS threads, their fastest). Without `--configs` the levers of the
 //! first table in `docs/results.md` run. Results of these runs are in `docs/results.md`.
 //!
 //! Validation: a seeded 5 % of the 250 `calib/` images (13 images, 2561 tokens per block) is held

@@ -36,11 +36,10 @@ pub fn step_threads(tokens: usize, width: usize, intermediate: usize, available:
 
 /// Workers the `blocks` of a group's factors-first step run on, each block's GEMMs on one thread:
 /// up to `threads` (at most one per block) when the BLAS backend runs on one thread
-/// ([`configured_threads`]),
-/// else one (the blocks one after the other, each GEMM split by OpenBLAS). Blocks are independent
-/// but for the sum of their `∂U`, so a worker per core keeps every core on a whole GEMM; measured
-/// on DeiT-tiny at 384 tokens, two one-thread workers did a step in 0.68 of the time two-thread
-/// GEMMs took (`docs/results.md`, "Blocks in parallel").
+/// ([`configured_threads`]), else one (the blocks one after the other, each GEMM split by
+/// OpenBLAS). Blocks are independent but for the sum of their `∂U`, so a worker per core keeps
+/// every core on a whole GEMM; measured on DeiT-tiny at 384 tokens, two one-thread workers did a
+/// step in 0.68 of the time two-thread GEMMs took (`docs/results.md`, "Blocks in parallel").
 pub fn block_workers(blocks: usize, threads: usize) -> usize {
     if configured_threads() == Some(1) {
         threads.clamp(1, blocks.max(1))
