@@ -338,27 +338,38 @@ impl<F: Float> CalibrationReader<F> for Calibration<F> {
 pub(crate) const CHUNK_TOKENS: usize = 4096;
 
 /// `mlp(z)` computed in chunks of [`CHUNK_TOKENS`] rows, so the `[tokens, I]` hidden state is never
-/// held whole (one chunk per core at once with OpenBLAS on one thread,
-/// [`pass_workers`]).
+/// held whole (one chunk per core at once with OpenBLAS on one thread, [`pass_workers`]).
 pub(crate) fn forward_chunked<F: Float>(
     mlp: &DenseMlp<F>,
     z: ArrayView2<'_, F>,
 ) -> Result<Array2<F>> {
     let mut y = Array2::zeros((z.nrows(), mlp.width()));
-    let chunks: Vec<_> = z.axis_chunks_iter(Axis(0), CHUNK_TOKENS).collect();
     let mut out = y.axis_chunks_iter_mut(Axis(0), CHUNK_TOKENS);
+    forward_each_chunk(mlp, z, |yhat| {
+        if let Some(mut yc) = out.next() {
+            yc.assign(&yhat);
+        }
+    })?;
+    Ok(y)
+}
+
+/// `mlp` on every chunk of [`CHUNK_TOKENS`] rows of `z`, one chunk per core at once with OpenBLAS
+/// on one thread ([`pass_workers`]); `each` gets the outputs in chunk order.
+fn forward_each_chunk<F: Float>(
+    mlp: &DenseMlp<F>,
+    z: ArrayView2<'_, F>,
+    mut each: impl FnMut(Array2<F>),
+) -> Result<()> {
+    let chunks: Vec<_> = z.axis_chunks_iter(Axis(0), CHUNK_TOKENS).collect();
     map_in_rounds(
         &chunks,
         pass_workers(),
         |zc| mlp.forward(zc.view()),
         |yhat| {
-            if let Some(mut yc) = out.next() {
-                yc.assign(&yhat);
-            }
+            each(yhat);
             Ok(())
         },
-    )?;
-    Ok(y)
+    )
 }
 
 /// `(‖mlp(z) − y‖², ‖y‖²)` in `f64`, `mlp(z)` computed in chunks of [`CHUNK_TOKENS`] rows (no
@@ -370,19 +381,12 @@ pub(crate) fn squared_error_chunked<F: Float>(
     y: &Array2<F>,
 ) -> Result<(f64, f64)> {
     let (mut e, mut n) = (0.0f64, 0.0f64);
-    let chunks: Vec<_> = z.axis_chunks_iter(Axis(0), CHUNK_TOKENS).collect();
     let mut targets = y.axis_chunks_iter(Axis(0), CHUNK_TOKENS);
-    map_in_rounds(
-        &chunks,
-        pass_workers(),
-        |zc| mlp.forward(zc.view()),
-        |yhat| {
-            if let Some(yc) = targets.next() {
-                add_squared_error(&mut e, &mut n, yhat.view(), yc);
-            }
-            Ok(())
-        },
-    )?;
+    forward_each_chunk(mlp, z.view(), |yhat| {
+        if let Some(yc) = targets.next() {
+            add_squared_error(&mut e, &mut n, yhat.view(), yc);
+        }
+    })?;
     Ok((e, n))
 }
 

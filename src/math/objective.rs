@@ -1085,17 +1085,6 @@ mod tests {
         with_bias: bool,
         seed: u64,
         per_matrix: bool,
-    ) -> Problem {
-        problem_of_blocks(kind, activation, masked, with_bias, seed, per_matrix, 2)
-    }
-
-    fn problem_of_blocks(
-        kind: MlpKind,
-        activation: Activation,
-        masked: bool,
-        with_bias: bool,
-        seed: u64,
-        per_matrix: bool,
         blocks: usize,
     ) -> Problem {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -1231,7 +1220,7 @@ mod tests {
         with_bias: bool,
         per_matrix: bool,
     ) {
-        let pb = problem(kind, activation, masked, with_bias, 11, per_matrix);
+        let pb = problem(kind, activation, masked, with_bias, 11, per_matrix, 2);
         let mut objective = Objective::new(kind, activation, pb.shape, order, 2);
         if per_matrix {
             objective = objective.with_per_matrix_bases();
@@ -1345,7 +1334,7 @@ mod tests {
             (MlpKind::Standard, Activation::Gelu),
             (MlpKind::Gated, Activation::Silu),
         ] {
-            let pb = problem_of_blocks(kind, activation, true, true, 5, false, 5);
+            let pb = problem(kind, activation, true, true, 5, false, 5);
             let run = |workers: usize| {
                 let mut objective = Objective::with_workers(
                     kind,
