@@ -34,14 +34,23 @@ pub fn step_threads(tokens: usize, width: usize, intermediate: usize, available:
     }
 }
 
-/// Workers the `blocks` of a group's factors-first step run on, each block's GEMMs on one thread:
-/// up to `threads` (at most one per block) when the BLAS backend runs on one thread
-/// ([`configured_threads`]), else one (the blocks one after the other, each GEMM split by
-/// OpenBLAS). Blocks are independent but for the sum of their `∂U`, so a worker per core keeps
-/// every core on a whole GEMM; measured on DeiT-tiny at 384 tokens, two one-thread workers did a
-/// step in 0.68 of the time two-thread GEMMs took (`docs/results.md`, "Blocks in parallel").
-pub fn block_workers(blocks: usize, threads: usize) -> usize {
-    if configured_threads() == Some(1) {
+/// Workers the `blocks` of a group's factors-first step (`tokens × width × intermediate` GEMMs)
+/// run on, each block's GEMMs on one thread: up to `threads` (at most one per block) when the BLAS
+/// backend runs on one thread ([`configured_threads`]) and the GEMMs are below
+/// [`BLOCK_PARALLEL_MACS`], else one (the blocks one after the other). Blocks are independent but
+/// for the sum of their `∂U`, so a worker per core keeps every core on a whole GEMM; measured on
+/// DeiT-tiny at 384 tokens, two one-thread workers did a step in 0.68 of the time two-thread GEMMs
+/// took (`docs/results.md`, "Blocks in parallel"). Each extra worker holds its own `T × I` and
+/// `T × r` buffers and `∂U`, and the step holds `V` whole: the size bound keeps that small.
+pub fn block_workers(
+    tokens: usize,
+    width: usize,
+    intermediate: usize,
+    blocks: usize,
+    threads: usize,
+) -> usize {
+    let per_call = tokens.saturating_mul(width).saturating_mul(intermediate);
+    if configured_threads() == Some(1) && per_call < BLOCK_PARALLEL_MACS {
         threads.clamp(1, blocks.max(1))
     } else {
         1

@@ -470,7 +470,13 @@ impl<F: Float> Objective<F> {
         order: ContractionOrder,
         threads: usize,
     ) -> Self {
-        let workers = block_workers(shape.blocks, threads);
+        let workers = block_workers(
+            shape.tokens,
+            shape.width,
+            shape.intermediate,
+            shape.blocks,
+            threads,
+        );
         let order = match order {
             // Blocks in parallel divide the factors-first order's time by the workers.
             ContractionOrder::Auto if workers > 1 => {
