@@ -194,11 +194,10 @@ pub fn decode_split(
     let mut pixels = Array4::zeros((items.len(), side, side, 3));
     on_image(0, items.len());
     // A few images per core at once; progress after each.
-    let parts: Vec<&[LabeledImage]> = items.chunks(DECODE_CHUNK).collect();
     let mut rows = pixels.axis_chunks_iter_mut(Axis(0), DECODE_CHUNK);
     let mut done = 0;
     crate::foundation::thread_plan::map_in_rounds(
-        &parts,
+        items.chunks(DECODE_CHUNK),
         crate::foundation::thread_plan::available_threads(),
         |part| {
             part.iter()

@@ -549,12 +549,11 @@ fn over_image_batches<T: Send>(
     work: impl Fn(ArrayView4<'_, u8>) -> Result<T> + Sync,
 ) -> Result<Vec<T>> {
     let total = pixels.len_of(Axis(0));
-    let starts: Vec<usize> = (0..total).step_by(IMAGE_BATCH).collect();
-    let mut out = Vec::with_capacity(starts.len());
+    let mut out = Vec::with_capacity(total.div_ceil(IMAGE_BATCH));
     thread_plan::map_in_rounds(
-        &starts,
+        (0..total).step_by(IMAGE_BATCH),
         thread_plan::pass_workers(),
-        |&start| work(pixels.slice(s![start..(start + IMAGE_BATCH).min(total), .., .., ..])),
+        |start| work(pixels.slice(s![start..(start + IMAGE_BATCH).min(total), .., .., ..])),
         |r| {
             out.push(r);
             progress((out.len() * IMAGE_BATCH).min(total));

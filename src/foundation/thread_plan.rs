@@ -99,22 +99,23 @@ pub fn pass_workers() -> usize {
 
 /// `work` on every item, `workers` items at a time (the first of a round on the calling thread,
 /// the others on scoped threads), each round's results handed to `each` in item order before the
-/// next round starts: at most `workers` results exist at once.
-pub fn map_in_rounds<I: Sync, T: Send>(
-    items: &[I],
+/// next round starts: at most `workers` results exist at once. Items are moved into `work`, so
+/// they may carry mutable borrows (each worker's own buffers).
+pub fn map_in_rounds<I: Send, T: Send>(
+    items: impl IntoIterator<Item = I>,
     workers: usize,
-    work: impl Fn(&I) -> Result<T> + Sync,
+    work: impl Fn(I) -> Result<T> + Sync,
     mut each: impl FnMut(T) -> Result<()>,
 ) -> Result<()> {
     let work = &work;
-    for round in items.chunks(workers.max(1)) {
+    let mut items = items.into_iter().peekable();
+    while items.peek().is_some() {
+        let mut round = items.by_ref().take(workers.max(1));
+        let first = round.next();
         let results: Vec<Result<T>> = std::thread::scope(|scope| {
-            let others: Vec<_> = round[1..]
-                .iter()
-                .map(|item| scope.spawn(move || work(item)))
-                .collect();
-            let mut results = Vec::with_capacity(round.len());
-            results.extend(round.first().map(work));
+            let others: Vec<_> = round.map(|item| scope.spawn(move || work(item))).collect();
+            let mut results = Vec::with_capacity(others.len() + 1);
+            results.extend(first.map(work));
             results.extend(others.into_iter().map(|h| {
                 h.join().unwrap_or_else(|_| {
                     Err(FipsError::Numerical("a worker thread panicked".into()))
@@ -186,9 +187,9 @@ mod tests {
         for workers in [1, 2, 3, 8] {
             let mut seen = Vec::new();
             map_in_rounds(
-                &items,
+                items.iter().copied(),
                 workers,
-                |&i| Ok(i * i),
+                |i| Ok(i * i),
                 |v| {
                     seen.push(v);
                     Ok(())
@@ -198,9 +199,9 @@ mod tests {
             assert_eq!(seen, vec![0, 1, 4, 9, 16, 25, 36], "{workers} workers");
             let mut seen = Vec::new();
             let err = map_in_rounds(
-                &items,
+                items.iter().copied(),
                 workers,
-                |&i| {
+                |i| {
                     if i == 4 {
                         Err(FipsError::Numerical("item 4".into()))
                     } else {

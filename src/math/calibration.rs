@@ -360,11 +360,10 @@ fn forward_each_chunk<F: Float>(
     z: ArrayView2<'_, F>,
     mut each: impl FnMut(Array2<F>),
 ) -> Result<()> {
-    let chunks: Vec<_> = z.axis_chunks_iter(Axis(0), CHUNK_TOKENS).collect();
     map_in_rounds(
-        &chunks,
+        z.axis_chunks_iter(Axis(0), CHUNK_TOKENS),
         pass_workers(),
-        |zc| mlp.forward(zc.view()),
+        |zc| mlp.forward(zc),
         |yhat| {
             each(yhat);
             Ok(())

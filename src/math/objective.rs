@@ -39,7 +39,7 @@ use crate::foundation::float::Float;
 use crate::foundation::kernels::{RowSplit, add_column_sums};
 use crate::foundation::mlp::MlpKind;
 use crate::foundation::slicing::s;
-use crate::foundation::thread_plan::{block_workers, step_threads};
+use crate::foundation::thread_plan::{block_workers, map_in_rounds, step_threads};
 
 /// The contraction order of the training step.
 #[derive(
@@ -592,13 +592,11 @@ impl<F: Float> Objective<F> {
         }
         self.ws.decoded = None;
         if weights_first {
-            // V whole into the gradient buffer (blocks in parallel: each worker decodes its own).
+            // V whole into the gradient buffer, then W = U V, one GEMM per basis over the
+            // columns of the matrices it serves.
             for j in 0..matrices {
                 store.decode(j, self.ws.dv.slice_mut(s![.., j * i..(j + 1) * i]))?;
             }
-        }
-        if weights_first {
-            // W = U V, one GEMM per basis over the columns of the matrices it serves.
             for (u_cols, v_cols) in self.basis_blocks() {
                 general_mat_mul(
                     F::one(),
@@ -725,9 +723,11 @@ impl<F: Float> Objective<F> {
     }
 
     /// Factors first, `V` whole in the buffer (each worker decodes its blocks' matrices from
-    /// `store`): the blocks split into contiguous runs, one per worker, each with its own buffers and `∂U` (the first worker's is `grads.u`, the others
-    /// are added to it in order) and its elementwise passes on its own thread. Each block's `∂V_j`
-    /// overwrites its `V_j` in the buffer. Returns the loss, summed in block order.
+    /// `store`): the blocks split into contiguous runs, one per worker
+    /// ([`map_in_rounds`], one round), each with its own buffers and `∂U` (the first worker's is
+    /// `grads.u`, the others are added to it in order) and its elementwise passes on its own
+    /// thread. Each block's `∂V_j` overwrites its `V_j` in the buffer. Returns the loss, summed per
+    /// worker in block order, then over the workers in order.
     fn blocks_in_parallel(
         &mut self,
         p: BasisParams<'_, F>,
@@ -743,7 +743,8 @@ impl<F: Float> Objective<F> {
         );
         let pass = self.pass(RowSplit::new(1));
         let Workspace { dv, blocks, du, .. } = &mut self.ws;
-        let per_worker = n.div_ceil(blocks.len());
+        let workers = blocks.len();
+        let per_worker = n.div_ceil(workers);
         let mut jobs = xs
             .iter()
             .zip(ys)
@@ -763,42 +764,31 @@ impl<F: Float> Objective<F> {
             d.fill(F::zero());
         }
         let dus = std::iter::once(grads.u.view_mut()).chain(du.iter_mut().map(|d| d.view_mut()));
-        let mut runs = Vec::with_capacity(blocks.len());
-        for (h, du) in blocks.iter_mut().zip(dus) {
-            let run: Vec<_> = jobs.by_ref().take(per_worker).collect();
-            runs.push((h, du, run));
-        }
-        type Run<'h, 'a, F> = (
-            &'h mut BlockBuffers<F>,
-            ArrayViewMut2<'a, F>,
-            Vec<(BlockJob<'a, F>, ArrayViewMut2<'a, F>)>,
-        );
-        let work = |(h, mut du, run): Run<'_, '_, F>| {
-            run.into_iter()
-                .map(|(job, mut v)| {
-                    for m in 0..f {
-                        let j = job.b * f + m;
-                        store.decode(j, v.slice_mut(s![.., m * i..(m + 1) * i]))?;
-                    }
-                    pass.run(job, BlockMatrices::Whole { v }, p, h, &mut du)
-                })
-                .collect::<Result<Vec<f64>>>()
-        };
-        let mut runs = runs.into_iter();
-        let first = runs.next();
-        let losses: Vec<Result<Vec<f64>>> = std::thread::scope(|scope| {
-            let others: Vec<_> = runs.map(|r| scope.spawn(move || work(r))).collect();
-            let mut out = vec![first.map_or_else(|| Ok(Vec::new()), work)];
-            out.extend(others.into_iter().map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(FipsError::Numerical("a block worker panicked".into())))
-            }));
-            out
-        });
+        let runs: Vec<_> = blocks
+            .iter_mut()
+            .zip(dus)
+            .map(|(h, du)| (h, du, jobs.by_ref().take(per_worker).collect::<Vec<_>>()))
+            .collect();
         let mut loss = 0.0;
-        for part in losses {
-            loss += part?.into_iter().sum::<f64>();
-        }
+        map_in_rounds(
+            runs,
+            workers,
+            |(h, mut du, run)| {
+                run.into_iter()
+                    .map(|(job, mut v)| {
+                        for m in 0..f {
+                            let j = job.b * f + m;
+                            store.decode(j, v.slice_mut(s![.., m * i..(m + 1) * i]))?;
+                        }
+                        pass.run(job, BlockMatrices::Whole { v }, p, h, &mut du)
+                    })
+                    .sum::<Result<f64>>()
+            },
+            |part| {
+                loss += part;
+                Ok(())
+            },
+        )?;
         for d in du.iter() {
             grads.u += d;
         }
