@@ -161,23 +161,47 @@ impl<S: StorageFloat> BlockedMatrix<S> {
     }
 }
 
-/// Rearranges token-minor `x` (`cols × tp`, `tp` a multiple of 16) tile-major: tile `t` holds
-/// `x[c, 16 t + l]` at `t · cols · 16 + 16 c + l`, written into `out` (at least `cols · tp`
-/// values).
+/// Tokens per tile of the rearranged inputs of the many-token kernels.
+pub const TILE_TOKENS: usize = 64;
+
+/// Rearranges token-minor `x` (`cols × tp`, `tp` a multiple of 16) tile-major: the tile of
+/// tokens `[f, f + TILE_TOKENS)` (`f` a multiple of [`TILE_TOKENS`]) holds `x[c, f + l]` at
+/// `f · cols + c · TILE_TOKENS + l` (the last tile padded to the full width), written into `out`
+/// (at least [`tile_major_len`] values). For `tp ≤ TILE_TOKENS` the kernels read `x` itself (one
+/// tile of width `tp`).
 pub(crate) fn tile_major(x: &[f32], cols: usize, tp: usize, out: &mut [f32]) {
-    let tiles = tp / 16;
     for (c, row) in x.chunks_exact(tp).enumerate().take(cols) {
-        for (t, chunk) in row.chunks_exact(16).enumerate().take(tiles) {
-            let s = (t * cols + c) * 16;
-            out[s..s + 16].copy_from_slice(chunk);
+        for (t, chunk) in row.chunks(TILE_TOKENS).enumerate() {
+            let s = (t * cols + c) * TILE_TOKENS;
+            if let Some(dst) = out.get_mut(s..s + chunk.len()) {
+                dst.copy_from_slice(chunk);
+            }
         }
     }
 }
 
+/// Values [`tile_major`] writes.
+pub(crate) fn tile_major_len(cols: usize, tp: usize) -> usize {
+    cols * tp.next_multiple_of(TILE_TOKENS)
+}
+
+/// Distance between consecutive input rows within a tile of the kernels' inputs.
+#[inline(always)]
+fn tile_stride(tp: usize) -> usize {
+    tp.min(TILE_TOKENS)
+}
+
+/// Where the 16 tokens `16 s ..` of input row `c` start in the kernels' inputs.
+#[inline(always)]
+fn slab_start(s: usize, cols: usize, tp: usize, c: usize) -> usize {
+    let first = (16 * s) / TILE_TOKENS * TILE_TOKENS;
+    first * cols + c * tile_stride(tp) + (16 * s - first)
+}
+
 /// `out[i, :] = bias[i] + Σ_c m[i, c] x[c, :]` for the rows of `blocks` (`out` starts at the first
 /// of them) and token-minor `out` (`rows × tp`), `tp` = 1 or a multiple of 16. The inputs are
-/// given tile-major: `x[t · cols · 16 + 16 c + l]` is input row `c`, token `16 t + l` (for
-/// `tp = 1`, simply `x[c]`), so each tile's inputs are read as one sequential stream.
+/// given tile-major ([`tile_major`]; for `tp = 1`, simply `x[c]`), so each tile's inputs are
+/// read as one sequential stream.
 #[inline(always)]
 pub(crate) fn blocked_rows<S: StorageFloat, const FUSED: bool>(
     m: &BlockedMatrix<S>,
@@ -558,7 +582,7 @@ fn block_tile<const L: usize, const FUSED: bool>(
     for (c, words) in masks.chunks_exact(WORDS).enumerate() {
         let mut xr = [0.0f32; L];
         for (h, part) in xr.chunks_exact_mut(16).enumerate() {
-            let s = ((t + h) * cols + c) * 16;
+            let s = slab_start(t + h, cols, tp, c);
             if let Some(xs) = x.get(s..s + 16) {
                 part.copy_from_slice(xs);
             }
@@ -583,6 +607,290 @@ fn block_tile<const L: usize, const FUSED: bool>(
             dst.copy_from_slice(a);
         }
     }
+}
+
+/// Input columns per segment of [`BlockRows`]: a segment's inputs for a tile of
+/// [`TILE_TOKENS`] tokens (32 KiB in `f32`) stay in the first-level cache while its rows walk them.
+const SEGMENT_COLS: usize = 128;
+
+/// One block's kept entries by column segment ([`SEGMENT_COLS`] inputs), then row: segment `s`
+/// of row `i` has its entries at `starts[s · BLOCK_ROWS + i] .. starts[s · BLOCK_ROWS + i + 1]`,
+/// columns increasing, each as (position of its input row in a tile, value as `f32`). Scratch
+/// of [`many_tokens`], refilled per block.
+#[derive(Debug, Default)]
+struct BlockRows {
+    starts: Vec<usize>,
+    entries: Vec<(u32, f32)>,
+}
+
+/// Calls `f(column, slot)` for every kept entry of a block with column masks `masks`, by
+/// increasing column (slot: the entry's segment and row, `segment · BLOCK_ROWS + row`).
+#[inline(always)]
+fn each_entry(masks: &[u64], mut f: impl FnMut(usize, usize)) {
+    for (c, words) in masks.chunks_exact(WORDS).enumerate() {
+        let base = c / SEGMENT_COLS * BLOCK_ROWS;
+        for (w, &word) in words.iter().enumerate() {
+            let mut bits = word;
+            while bits != 0 {
+                f(
+                    c,
+                    base + (w * 64 + bits.trailing_zeros() as usize) % BLOCK_ROWS,
+                );
+                bits &= bits - 1;
+            }
+        }
+    }
+}
+
+impl BlockRows {
+    /// Fills the rows of block `k` of `m` for inputs `stride` apart: a count per segment and
+    /// row, then one walk of the block's column-major entries that drops each into its place
+    /// (so columns arrive increasing).
+    fn fill<S: StorageFloat>(&mut self, m: &BlockedMatrix<S>, k: usize, stride: usize) {
+        let masks = &m.masks[k * m.cols * WORDS..(k + 1) * m.cols * WORDS];
+        let stored = &m.values[m.block_offsets[k]..m.block_offsets[k + 1]];
+        let slots = m.cols.div_ceil(SEGMENT_COLS) * BLOCK_ROWS;
+        let next = &mut self.starts;
+        next.clear();
+        next.resize(slots + 1, 0);
+        each_entry(masks, |_, slot| {
+            if let Some(n) = next.get_mut(slot + 1) {
+                *n += 1;
+            }
+        });
+        for s in 0..slots {
+            next[s + 1] += next[s];
+        }
+        let entries = &mut self.entries;
+        entries.resize(stored.len(), (0, 0.0));
+        let mut p = 0usize;
+        // `next[s]` walks slot `s`'s range; afterwards it holds the range's end, the start of
+        // slot `s + 1`, so shifting by one slot restores the starts.
+        each_entry(masks, |c, slot| {
+            if let Some(n) = next.get_mut(slot)
+                && let (Some(e), Some(&v)) = (entries.get_mut(*n), stored.get(p))
+            {
+                *e = ((c * stride) as u32, v.to_f32());
+                *n += 1;
+            }
+            p += 1;
+        });
+        next.copy_within(0..slots, 1);
+        next[0] = 0;
+    }
+
+    /// Segments.
+    fn segments(&self) -> usize {
+        (self.starts.len() - 1) / BLOCK_ROWS
+    }
+
+    /// Entries of segment `s` of row `i`.
+    #[inline(always)]
+    fn entries(&self, s: usize, i: usize) -> &[(u32, f32)] {
+        let slot = s * BLOCK_ROWS + i;
+        &self.entries[self.starts[slot]..self.starts[slot + 1]]
+    }
+}
+
+/// Whether [`many_tokens`] runs a product with `cols` inputs on `tp` tokens: from two full tiles
+/// of tokens on, where listing each block's entries by row (once per product) costs less than
+/// it saves. Measured on DeiT-tiny shapes (`examples/inference_cpu_time`): at 64 tokens the
+/// column walk of [`blocked_rows`] is faster, at 128 the register kernel. (And only while every
+/// input position fits the entries' `u32`.)
+pub(crate) fn many_tokens_pay(cols: usize, tp: usize) -> bool {
+    tp >= 2 * TILE_TOKENS
+        && cols
+            .checked_mul(TILE_TOKENS)
+            .is_some_and(|n| u32::try_from(n).is_ok())
+}
+
+/// Many tokens, vector registers: `out[i, :] = bias[i] + Σ_c m[i, c] x[c, :]` for the rows of
+/// `blocks`, `tp` a multiple of 16, inputs tile-major ([`tile_major`]). Each block's entries are
+/// first listed by column segment and row ([`BlockRows`]); then for every tile of up to
+/// [`TILE_TOKENS`] tokens, every segment and every pair of rows, the rows' accumulators (a few
+/// vector registers each, two independent chains of fused multiply-adds) take one multiply-add
+/// per kept entry with the input row `x[c, tile]` (in the first-level cache) and are stored once
+/// per segment. The column-major walk of [`blocked_rows`] loads and stores a row's accumulators
+/// for every kept entry, which bounds it by the store rate. Same sums in the same order (bias,
+/// then the kept entries by increasing column, fused): the bits of [`blocked_rows`] with `FUSED`.
+#[inline(always)]
+pub(crate) fn many_tokens<S: StorageFloat, V: pulp::Simd>(
+    simd: V,
+    m: &BlockedMatrix<S>,
+    x: &[f32],
+    tp: usize,
+    out: &mut [f32],
+    bias: Option<&[S]>,
+    blocks: Range<usize>,
+) {
+    let cols = m.cols;
+    let first_row = blocks.start * BLOCK_ROWS;
+    let lanes = V::F32_LANES;
+    let stride = tile_stride(tp);
+    let mut rows = BlockRows::default();
+    for k in blocks {
+        let r0 = k * BLOCK_ROWS;
+        let nr = BLOCK_ROWS.min(m.rows - r0);
+        rows.fill(m, k, stride);
+        let bias = |i: usize| bias.map_or(0.0, |b| b[r0 + i].to_f32());
+        for first in (0..tp).step_by(TILE_TOKENS) {
+            let width = TILE_TOKENS.min(tp - first);
+            let Some(tile) = x.get(first * cols..first * cols + cols * stride) else {
+                continue;
+            };
+            for segment in 0..rows.segments() {
+                let t = Tile {
+                    rows: &rows,
+                    segment,
+                    x: tile,
+                    width,
+                    nr,
+                    first_out: (r0 - first_row) * tp + first,
+                    tp,
+                };
+                match width / lanes {
+                    1 => t.run::<V, 1>(simd, &bias, out),
+                    2 => t.run::<V, 2>(simd, &bias, out),
+                    3 => t.run::<V, 3>(simd, &bias, out),
+                    4 => t.run::<V, 4>(simd, &bias, out),
+                    6 => t.run::<V, 6>(simd, &bias, out),
+                    8 => t.run::<V, 8>(simd, &bias, out),
+                    _ => t.run_scalar(&bias, out),
+                }
+            }
+        }
+    }
+}
+
+/// One tile of tokens and one column segment of one block in [`many_tokens`].
+struct Tile<'a> {
+    rows: &'a BlockRows,
+    segment: usize,
+    /// The tile's inputs: input row `c`, token `l` at `c · stride + l` (the positions the
+    /// entries hold).
+    x: &'a [f32],
+    width: usize,
+    nr: usize,
+    /// Position in `out` of the block's first row, first token of the tile.
+    first_out: usize,
+    tp: usize,
+}
+
+impl Tile<'_> {
+    /// The accumulators row `i` starts the segment from: its bias in the first segment, the
+    /// sums so far (in `out`) in the others.
+    #[inline(always)]
+    fn start<V: pulp::Simd, const N: usize>(
+        &self,
+        simd: V,
+        i: usize,
+        bias: &impl Fn(usize) -> f32,
+        out: &[f32],
+    ) -> [V::f32s; N] {
+        let lanes = V::F32_LANES;
+        let mut acc = [simd.splat_f32s(bias(i)); N];
+        let o = self.first_out + i * self.tp;
+        if self.segment > 0
+            && let Some(sums) = out.get(o..o + N * lanes)
+        {
+            for (j, a) in acc.iter_mut().enumerate() {
+                *a = load::<V>(&sums[j * lanes..(j + 1) * lanes]);
+            }
+        }
+        acc
+    }
+
+    /// Stores row `i`'s accumulators.
+    #[inline(always)]
+    fn store<V: pulp::Simd, const N: usize>(&self, i: usize, acc: &[V::f32s; N], out: &mut [f32]) {
+        let o = self.first_out + i * self.tp;
+        if let Some(dst) = out.get_mut(o..o + N * V::F32_LANES) {
+            dst.copy_from_slice(pulp::bytemuck::cast_slice(acc));
+        }
+    }
+
+    /// `acc += v · x[c, tile]`, the tile in `N` vectors of `V`.
+    #[inline(always)]
+    fn madd<V: pulp::Simd, const N: usize>(
+        &self,
+        simd: V,
+        (o, v): (u32, f32),
+        acc: &mut [V::f32s; N],
+    ) {
+        let lanes = V::F32_LANES;
+        let o = o as usize;
+        let Some(xs) = self.x.get(o..o + N * lanes) else {
+            return;
+        };
+        let v = simd.splat_f32s(v);
+        for (j, a) in acc.iter_mut().enumerate() {
+            *a = simd.mul_add_f32s(v, load::<V>(&xs[j * lanes..(j + 1) * lanes]), *a);
+        }
+    }
+
+    /// The segment's rows, two at a time (independent chains), in `N` vectors of `V` per row
+    /// (`N · lanes = width`).
+    #[inline(always)]
+    fn run<V: pulp::Simd, const N: usize>(
+        &self,
+        simd: V,
+        bias: &impl Fn(usize) -> f32,
+        out: &mut [f32],
+    ) {
+        let mut i = 0;
+        while i < self.nr {
+            let ea = self.rows.entries(self.segment, i);
+            let mut a = self.start::<V, N>(simd, i, bias, out);
+            if i + 1 < self.nr {
+                let eb = self.rows.entries(self.segment, i + 1);
+                let mut b = self.start::<V, N>(simd, i + 1, bias, out);
+                let both = ea.len().min(eb.len());
+                for (&ta, &tb) in ea[..both].iter().zip(&eb[..both]) {
+                    self.madd::<V, N>(simd, ta, &mut a);
+                    self.madd::<V, N>(simd, tb, &mut b);
+                }
+                for &t in &eb[both..] {
+                    self.madd::<V, N>(simd, t, &mut b);
+                }
+                self.store::<V, N>(i + 1, &b, out);
+                for &t in &ea[both..] {
+                    self.madd::<V, N>(simd, t, &mut a);
+                }
+            } else {
+                for &t in ea {
+                    self.madd::<V, N>(simd, t, &mut a);
+                }
+            }
+            self.store::<V, N>(i, &a, out);
+            i += 2;
+        }
+    }
+
+    /// The tile one lane at a time (for a vector width that does not divide the tile's).
+    fn run_scalar(&self, bias: &impl Fn(usize) -> f32, out: &mut [f32]) {
+        for i in 0..self.nr {
+            let entries = self.rows.entries(self.segment, i);
+            let o = self.first_out + i * self.tp;
+            let Some(dst) = out.get_mut(o..o + self.width) else {
+                continue;
+            };
+            for (l, d) in dst.iter_mut().enumerate() {
+                let mut a = if self.segment == 0 { bias(i) } else { *d };
+                for &(c, v) in entries {
+                    if let Some(&x) = self.x.get(c as usize + l) {
+                        a = v.mul_add(x, a);
+                    }
+                }
+                *d = a;
+            }
+        }
+    }
+}
+
+/// One vector of `V` from the first lanes of `xs` (any alignment).
+#[inline(always)]
+fn load<V: pulp::Simd>(xs: &[f32]) -> V::f32s {
+    pulp::bytemuck::pod_read_unaligned(pulp::bytemuck::cast_slice(&xs[..V::F32_LANES]))
 }
 
 #[cfg(test)]

@@ -46,7 +46,8 @@ use crate::repr::compact::{CompactMatrix, PatternEncoding, StorageDtype, Storage
 use crate::repr::factors::{SharedBasis, SparseFactor};
 use crate::repr::shared_basis::CompressedGroup;
 use crate::repr::sparse_blocked::{
-    BLOCK_ROWS, BlockedMatrix, KernelChoice, blocked_rows, tile_major,
+    BLOCK_ROWS, BlockedMatrix, KernelChoice, TILE_TOKENS, blocked_rows, many_tokens,
+    many_tokens_pay, tile_major, tile_major_len,
 };
 #[cfg(target_arch = "x86_64")]
 use crate::repr::sparse_blocked::{one_token_v3, one_token_v4};
@@ -1051,9 +1052,17 @@ impl<S: StorageFloat> SplitProduct<S> for BlockedMatrix<S> {
     }
 
     fn arrange<'a>(&self, x: &'a [f32], tp: usize, inputs: &'a mut Vec<f32>) -> &'a [f32] {
-        if tp > 16 {
-            let tiles = sized(inputs, self.cols() * tp);
-            tile_major(x, self.cols(), tp, tiles);
+        if tp > 1 {
+            // On a 64-byte boundary, so that no vector load of the kernels splits a cache line.
+            let len = tile_major_len(self.cols(), tp);
+            let buf = sized(inputs, len + 16);
+            let skip = buf.as_ptr().align_offset(64).min(16);
+            let tiles = &mut buf[skip..skip + len];
+            if tp > TILE_TOKENS {
+                tile_major(x, self.cols(), tp, tiles);
+            } else {
+                tiles[..x.len()].copy_from_slice(x);
+            }
             tiles
         } else {
             x
@@ -1100,6 +1109,38 @@ impl<S: StorageFloat> SplitProduct<S> for BlockedMatrix<S> {
                 return;
             }
         }
+        // Many tokens: accumulators in vector registers, AVX-512 first.
+        #[cfg(target_arch = "x86_64")]
+        if FUSED && many_tokens_pay(self.cols(), tp) {
+            if kernel == KernelChoice::Auto
+                && let Some(simd) = pulp::x86::V4::try_new()
+            {
+                simd.vectorize(ManyTokens {
+                    simd,
+                    m: self,
+                    x,
+                    tp,
+                    out,
+                    bias,
+                    units,
+                });
+                return;
+            }
+            if kernel != KernelChoice::Generic
+                && let Some(simd) = pulp::x86::V3::try_new()
+            {
+                simd.vectorize(ManyTokens {
+                    simd,
+                    m: self,
+                    x,
+                    tp,
+                    out,
+                    bias,
+                    units,
+                });
+                return;
+            }
+        }
         #[cfg(not(target_arch = "x86_64"))]
         let _ = kernel;
         blocked_rows::<S, FUSED>(self, x, tp, out, bias, units);
@@ -1137,6 +1178,31 @@ impl<S: StorageFloat> pulp::NullaryFnOnce for OneToken<'_, S, pulp::x86::V3> {
     #[inline(always)]
     fn call(self) {
         one_token_v3(self.simd, self.m, self.x, self.out, self.bias, self.units);
+    }
+}
+
+/// A many-token kernel call handed to `pulp`'s `vectorize` (compiled inside its target-feature
+/// function, as [`OneToken`]).
+#[cfg(target_arch = "x86_64")]
+struct ManyTokens<'a, S, Isa> {
+    simd: Isa,
+    m: &'a BlockedMatrix<S>,
+    x: &'a [f32],
+    tp: usize,
+    out: &'a mut [f32],
+    bias: Option<&'a [S]>,
+    units: Range<usize>,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<S: StorageFloat, Isa: pulp::Simd> pulp::NullaryFnOnce for ManyTokens<'_, S, Isa> {
+    type Output = ();
+
+    #[inline(always)]
+    fn call(self) {
+        many_tokens(
+            self.simd, self.m, self.x, self.tp, self.out, self.bias, self.units,
+        );
     }
 }
 
@@ -1556,7 +1622,7 @@ mod tests {
         let bias: Vec<S> = (0..rows)
             .map(|i| S::from_f32((i as f32 * 0.37).sin()))
             .collect();
-        for t in [1usize, 15, 16, 17, 197] {
+        for t in [1usize, 15, 16, 17, 120, 197] {
             let tp = if t == 1 { 1 } else { t.next_multiple_of(16) };
             let x: Vec<f32> = (0..cols * tp)
                 .map(|_| rng.random_range(-1.0..1.0))
@@ -1687,6 +1753,83 @@ mod tests {
             check_one_token_kernels::<half::bf16>(rows, cols, density, seed);
             check_one_token_kernels::<half::f16>(rows, cols, density, seed);
         }
+    }
+
+    /// The many-token kernels (vector registers from 128 tokens on, AVX-512 or AVX2, and the
+    /// generic column walk) add the same terms in the same order: bit-identical results on one
+    /// and on three threads, for whole and ragged last tiles of tokens, several 128-column
+    /// segments, ragged last blocks, empty rows and columns and a full row.
+    fn check_many_token_kernels<S: StorageFloat>(
+        rows: usize,
+        cols: usize,
+        density: f64,
+        seed: u64,
+    ) {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut mask = Array2::from_shape_simple_fn((rows, cols), || rng.random_bool(density));
+        if rows > 2 && cols > 2 {
+            mask.row_mut(1).fill(false);
+            mask.column_mut(2).fill(false);
+            mask.row_mut(0).fill(true);
+        }
+        let values = Array2::from_shape_simple_fn((rows, cols), || rng.random_range(-1.0f32..1.0));
+        let m = CompactMatrix::<S>::from_dense(values.view(), mask.view()).unwrap();
+        let b = BlockedMatrix::from_compact(&m);
+        let bias: Vec<S> = (0..rows).map(|i| S::from_f32((i as f32).sin())).collect();
+        for tp in [128, 144, 208] {
+            assert!(crate::repr::sparse_blocked::many_tokens_pay(cols, tp));
+            let x: Vec<f32> = (0..cols * tp)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            for bias in [Some(&bias[..]), None] {
+                let run = |kernel, threads| {
+                    let mut out = vec![f32::NAN; rows * tp];
+                    split_product(
+                        &b,
+                        &x,
+                        tp,
+                        &mut out,
+                        bias,
+                        KernelPlan { threads, kernel },
+                        &mut vec![f32::NAN; 5],
+                    );
+                    out
+                };
+                let generic = run(KernelChoice::Generic, 1);
+                for (kernel, threads) in [
+                    (KernelChoice::Auto, 1),
+                    (KernelChoice::V3, 1),
+                    (KernelChoice::Auto, 3),
+                    (KernelChoice::Generic, 3),
+                ] {
+                    let got = run(kernel, threads);
+                    let same = got
+                        .iter()
+                        .zip(&generic)
+                        .all(|(a, b)| a.to_bits() == b.to_bits() || (*a == 0.0 && *b == 0.0));
+                    assert!(
+                        same,
+                        "{:?} {rows}×{cols} density {density} tp {tp} {kernel:?} threads {threads}",
+                        S::DTYPE
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn many_token_kernels_agree_exactly() {
+        for (rows, cols, density, seed) in [
+            (3, 5, 0.5, 1),
+            (130, 37, 0.25, 2),
+            (257, 300, 0.25, 3),
+            (200, 129, 0.9, 4),
+            (128, 256, 0.0, 5),
+        ] {
+            check_many_token_kernels::<f32>(rows, cols, density, seed);
+            check_many_token_kernels::<half::bf16>(rows, cols, density, seed);
+        }
+        check_many_token_kernels::<half::f16>(130, 200, 0.25, 6);
     }
 
     #[test]
