@@ -1052,17 +1052,14 @@ impl<S: StorageFloat> SplitProduct<S> for BlockedMatrix<S> {
     }
 
     fn arrange<'a>(&self, x: &'a [f32], tp: usize, inputs: &'a mut Vec<f32>) -> &'a [f32] {
-        if tp > 1 {
-            // On a 64-byte boundary, so that no vector load of the kernels splits a cache line.
+        if tp > TILE_TOKENS {
+            // On a 64-byte boundary, so that no vector load of the register kernel splits a
+            // cache line.
             let len = tile_major_len(self.cols(), tp);
             let buf = sized(inputs, len + 16);
             let skip = buf.as_ptr().align_offset(64).min(16);
             let tiles = &mut buf[skip..skip + len];
-            if tp > TILE_TOKENS {
-                tile_major(x, self.cols(), tp, tiles);
-            } else {
-                tiles[..x.len()].copy_from_slice(x);
-            }
+            tile_major(x, self.cols(), tp, tiles);
             tiles
         } else {
             x
@@ -1079,43 +1076,14 @@ impl<S: StorageFloat> SplitProduct<S> for BlockedMatrix<S> {
             units,
             kernel,
         } = part;
-        // One token: the expand kernels (accumulators in registers, no scatter), AVX-512 first.
+        // One token: the expand kernels (accumulators in registers, no scatter); from 128
+        // tokens on, the register kernel (rows' accumulators in registers). AVX-512 first.
         #[cfg(target_arch = "x86_64")]
-        if tp == 1 && FUSED {
+        if FUSED && (tp == 1 || many_tokens_pay(self.cols(), tp)) {
             if kernel == KernelChoice::Auto
                 && let Some(simd) = pulp::x86::V4::try_new()
             {
-                simd.vectorize(OneToken {
-                    simd,
-                    m: self,
-                    x,
-                    out,
-                    bias,
-                    units,
-                });
-                return;
-            }
-            if kernel != KernelChoice::Generic
-                && let Some(simd) = pulp::x86::V3::try_new()
-            {
-                simd.vectorize(OneToken {
-                    simd,
-                    m: self,
-                    x,
-                    out,
-                    bias,
-                    units,
-                });
-                return;
-            }
-        }
-        // Many tokens: accumulators in vector registers, AVX-512 first.
-        #[cfg(target_arch = "x86_64")]
-        if FUSED && many_tokens_pay(self.cols(), tp) {
-            if kernel == KernelChoice::Auto
-                && let Some(simd) = pulp::x86::V4::try_new()
-            {
-                simd.vectorize(ManyTokens {
+                simd.vectorize(VectorKernel {
                     simd,
                     m: self,
                     x,
@@ -1129,7 +1097,7 @@ impl<S: StorageFloat> SplitProduct<S> for BlockedMatrix<S> {
             if kernel != KernelChoice::Generic
                 && let Some(simd) = pulp::x86::V3::try_new()
             {
-                simd.vectorize(ManyTokens {
+                simd.vectorize(VectorKernel {
                     simd,
                     m: self,
                     x,
@@ -1147,44 +1115,13 @@ impl<S: StorageFloat> SplitProduct<S> for BlockedMatrix<S> {
     }
 }
 
-/// A one-token kernel call handed to `pulp`'s `vectorize`. Its `call` is `#[inline(always)]`, so
-/// the kernel is compiled inside `vectorize`'s target-feature function. (A closure there is not
-/// always inlined: compiled on its own, without the features, every AVX2 intrinsic of the V3
-/// kernel became a function call, 35× slower.)
+/// A vector kernel call (one token, or many with [`many_tokens`]) handed to `pulp`'s
+/// `vectorize`. Its `call` is `#[inline(always)]`, so the kernel is compiled inside
+/// `vectorize`'s target-feature function. (A closure there is not always inlined: compiled on
+/// its own, without the features, every AVX2 intrinsic of the V3 kernel became a function call,
+/// 35× slower.)
 #[cfg(target_arch = "x86_64")]
-struct OneToken<'a, S, Isa> {
-    simd: Isa,
-    m: &'a BlockedMatrix<S>,
-    x: &'a [f32],
-    out: &'a mut [f32],
-    bias: Option<&'a [S]>,
-    units: Range<usize>,
-}
-
-#[cfg(target_arch = "x86_64")]
-impl<S: StorageFloat> pulp::NullaryFnOnce for OneToken<'_, S, pulp::x86::V4> {
-    type Output = ();
-
-    #[inline(always)]
-    fn call(self) {
-        one_token_v4(self.simd, self.m, self.x, self.out, self.bias, self.units);
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-impl<S: StorageFloat> pulp::NullaryFnOnce for OneToken<'_, S, pulp::x86::V3> {
-    type Output = ();
-
-    #[inline(always)]
-    fn call(self) {
-        one_token_v3(self.simd, self.m, self.x, self.out, self.bias, self.units);
-    }
-}
-
-/// A many-token kernel call handed to `pulp`'s `vectorize` (compiled inside its target-feature
-/// function, as [`OneToken`]).
-#[cfg(target_arch = "x86_64")]
-struct ManyTokens<'a, S, Isa> {
+struct VectorKernel<'a, S, Isa> {
     simd: Isa,
     m: &'a BlockedMatrix<S>,
     x: &'a [f32],
@@ -1195,14 +1132,48 @@ struct ManyTokens<'a, S, Isa> {
 }
 
 #[cfg(target_arch = "x86_64")]
-impl<S: StorageFloat, Isa: pulp::Simd> pulp::NullaryFnOnce for ManyTokens<'_, S, Isa> {
+impl<S: StorageFloat> pulp::NullaryFnOnce for VectorKernel<'_, S, pulp::x86::V4> {
     type Output = ();
 
     #[inline(always)]
     fn call(self) {
-        many_tokens(
-            self.simd, self.m, self.x, self.tp, self.out, self.bias, self.units,
-        );
+        let Self {
+            simd,
+            m,
+            x,
+            tp,
+            out,
+            bias,
+            units,
+        } = self;
+        if tp == 1 {
+            one_token_v4(simd, m, x, out, bias, units);
+        } else {
+            many_tokens(simd, m, x, tp, out, bias, units);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<S: StorageFloat> pulp::NullaryFnOnce for VectorKernel<'_, S, pulp::x86::V3> {
+    type Output = ();
+
+    #[inline(always)]
+    fn call(self) {
+        let Self {
+            simd,
+            m,
+            x,
+            tp,
+            out,
+            bias,
+            units,
+        } = self;
+        if tp == 1 {
+            one_token_v3(simd, m, x, out, bias, units);
+        } else {
+            many_tokens(simd, m, x, tp, out, bias, units);
+        }
     }
 }
 
@@ -1605,10 +1576,14 @@ mod tests {
         }
     }
 
-    /// `split_product` on the blocked layout (every kernel: one token, 16- and 32-token tiles, threads) against the
-    /// dense product in f64, on random patterns with an empty row, an empty column and a full row.
-    fn check_products<S: StorageFloat>(rows: usize, cols: usize, density: f64, seed: u64) {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    /// A random `rows × cols` matrix keeping each entry with probability `density`, with an
+    /// empty row (1), an empty column (2) and a full row (0) where the shape allows.
+    fn random_sparse<S: StorageFloat>(
+        rows: usize,
+        cols: usize,
+        density: f64,
+        rng: &mut ChaCha8Rng,
+    ) -> CompactMatrix<S> {
         let mut mask = Array2::from_shape_simple_fn((rows, cols), || rng.random_bool(density));
         if rows > 2 && cols > 2 {
             mask.row_mut(1).fill(false);
@@ -1616,7 +1591,22 @@ mod tests {
             mask.row_mut(0).fill(true);
         }
         let values = Array2::from_shape_simple_fn((rows, cols), || rng.random_range(-1.0f32..1.0));
-        let m = CompactMatrix::<S>::from_dense(values.view(), mask.view()).unwrap();
+        CompactMatrix::<S>::from_dense(values.view(), mask.view()).unwrap()
+    }
+
+    /// Same bits everywhere (either sign of zero counting as the same).
+    fn same_bits(a: &[f32], b: &[f32]) -> bool {
+        a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|(a, b)| a.to_bits() == b.to_bits() || (*a == 0.0 && *b == 0.0))
+    }
+
+    /// `split_product` on the blocked layout (every kernel: one token, 16- and 32-token tiles, threads) against the
+    /// dense product in f64, on random patterns with an empty row, an empty column and a full row.
+    fn check_products<S: StorageFloat>(rows: usize, cols: usize, density: f64, seed: u64) {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let m = random_sparse::<S>(rows, cols, density, &mut rng);
         let dense = m.to_dense();
         let b = BlockedMatrix::from_compact(&m);
         let bias: Vec<S> = (0..rows)
@@ -1681,14 +1671,7 @@ mod tests {
     /// columns, a full row, an empty matrix, for every storage type.
     fn check_one_token_kernels<S: StorageFloat>(rows: usize, cols: usize, density: f64, seed: u64) {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let mut mask = Array2::from_shape_simple_fn((rows, cols), || rng.random_bool(density));
-        if rows > 2 && cols > 2 {
-            mask.row_mut(1).fill(false);
-            mask.column_mut(2).fill(false);
-            mask.row_mut(0).fill(true);
-        }
-        let values = Array2::from_shape_simple_fn((rows, cols), || rng.random_range(-1.0f32..1.0));
-        let m = CompactMatrix::<S>::from_dense(values.view(), mask.view()).unwrap();
+        let m = random_sparse::<S>(rows, cols, density, &mut rng);
         let b = BlockedMatrix::from_compact(&m);
         let bias: Vec<S> = (0..rows).map(|i| S::from_f32((i as f32).cos())).collect();
         let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-1.0..1.0)).collect();
@@ -1709,10 +1692,7 @@ mod tests {
             let generic = run(KernelChoice::Generic);
             for kernel in [KernelChoice::Auto, KernelChoice::V3] {
                 let got = run(kernel);
-                let same = got
-                    .iter()
-                    .zip(&generic)
-                    .all(|(a, b)| a.to_bits() == b.to_bits() || (*a == 0.0 && *b == 0.0));
+                let same = same_bits(&got, &generic);
                 assert!(
                     same,
                     "{:?} {rows}×{cols} density {density} {kernel:?}: {got:?} vs {generic:?}",
@@ -1766,14 +1746,7 @@ mod tests {
         seed: u64,
     ) {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let mut mask = Array2::from_shape_simple_fn((rows, cols), || rng.random_bool(density));
-        if rows > 2 && cols > 2 {
-            mask.row_mut(1).fill(false);
-            mask.column_mut(2).fill(false);
-            mask.row_mut(0).fill(true);
-        }
-        let values = Array2::from_shape_simple_fn((rows, cols), || rng.random_range(-1.0f32..1.0));
-        let m = CompactMatrix::<S>::from_dense(values.view(), mask.view()).unwrap();
+        let m = random_sparse::<S>(rows, cols, density, &mut rng);
         let b = BlockedMatrix::from_compact(&m);
         let bias: Vec<S> = (0..rows).map(|i| S::from_f32((i as f32).sin())).collect();
         for tp in [128, 144, 208] {
@@ -1803,10 +1776,7 @@ mod tests {
                     (KernelChoice::Generic, 3),
                 ] {
                     let got = run(kernel, threads);
-                    let same = got
-                        .iter()
-                        .zip(&generic)
-                        .all(|(a, b)| a.to_bits() == b.to_bits() || (*a == 0.0 && *b == 0.0));
+                    let same = same_bits(&got, &generic);
                     assert!(
                         same,
                         "{:?} {rows}×{cols} density {density} tp {tp} {kernel:?} threads {threads}",
