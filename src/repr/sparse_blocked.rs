@@ -642,6 +642,40 @@ fn each_entry(masks: &[u64], mut f: impl FnMut(usize, usize)) {
     }
 }
 
+/// `counts[s · BLOCK_ROWS + i]` = the kept entries of row `i` among the columns of segment `s`,
+/// for a block with column masks `masks`. Counted bit-sliced: per 64-row word, eight 64-bit
+/// planes hold the 64 counts' binary digits, and each column's word is added to them with a
+/// ripple of carries, a few word operations per column instead of a few per kept entry.
+fn count_rows(masks: &[u64], counts: &mut [usize]) {
+    for (s, segment) in masks.chunks(SEGMENT_COLS * WORDS).enumerate() {
+        for w in 0..WORDS {
+            // A count is at most SEGMENT_COLS = 128 < 2⁸.
+            let mut planes = [0u64; 8];
+            for words in segment.chunks_exact(WORDS) {
+                let mut carry = words[w];
+                for plane in planes.iter_mut() {
+                    if carry == 0 {
+                        break;
+                    }
+                    let next = *plane & carry;
+                    *plane ^= carry;
+                    carry = next;
+                }
+            }
+            let first = s * BLOCK_ROWS + w * 64;
+            if let Some(out) = counts.get_mut(first..first + 64) {
+                for (b, count) in out.iter_mut().enumerate() {
+                    *count = planes
+                        .iter()
+                        .enumerate()
+                        .map(|(p, plane)| (((plane >> b) & 1) as usize) << p)
+                        .sum();
+                }
+            }
+        }
+    }
+}
+
 impl BlockRows {
     /// Fills the rows of block `k` of `m` for inputs `stride` apart: a count per segment and
     /// row, then one walk of the block's column-major entries that drops each into its place
@@ -653,11 +687,7 @@ impl BlockRows {
         let next = &mut self.starts;
         next.clear();
         next.resize(slots + 1, 0);
-        each_entry(masks, |_, slot| {
-            if let Some(n) = next.get_mut(slot + 1) {
-                *n += 1;
-            }
-        });
+        count_rows(masks, &mut next[1..]);
         for s in 0..slots {
             next[s + 1] += next[s];
         }
