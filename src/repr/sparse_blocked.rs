@@ -115,15 +115,25 @@ impl<S: StorageFloat> BlockedMatrix<S> {
     /// (rows increasing within a column, so each row's columns come in increasing order).
     fn for_each(&self, mut f: impl FnMut(usize, usize, S)) {
         for k in 0..self.blocks() {
-            let mut p = self.block_offsets[k];
-            for c in 0..self.cols {
-                for w in 0..WORDS {
-                    let mut bits = self.masks[(k * self.cols + c) * WORDS + w];
-                    while bits != 0 {
-                        let i = k * BLOCK_ROWS + w * 64 + bits.trailing_zeros() as usize;
-                        bits &= bits - 1;
-                        f(i, c, self.values[p]);
-                        p += 1;
+            self.for_each_in_block(k, |i, c, v| f(k * BLOCK_ROWS + i, c, v));
+        }
+    }
+
+    /// Calls `f(row within the block, column, value)` for every kept entry of block `k`, column
+    /// by column (rows increasing within a column).
+    #[inline(always)]
+    fn for_each_in_block(&self, k: usize, mut f: impl FnMut(usize, usize, S)) {
+        let masks = &self.masks[k * self.cols * WORDS..(k + 1) * self.cols * WORDS];
+        let values = &self.values[self.block_offsets[k]..self.block_offsets[k + 1]];
+        let mut values = values.iter();
+        for (c, words) in masks.chunks_exact(WORDS).enumerate() {
+            for (w, &word) in words.iter().enumerate() {
+                let mut bits = word;
+                while bits != 0 {
+                    let i = w * 64 + bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    if let Some(&v) = values.next() {
+                        f(i, c, v);
                     }
                 }
             }
@@ -623,25 +633,6 @@ struct BlockRows {
     entries: Vec<(u32, f32)>,
 }
 
-/// Calls `f(column, slot)` for every kept entry of a block with column masks `masks`, by
-/// increasing column (slot: the entry's segment and row, `segment · BLOCK_ROWS + row`).
-#[inline(always)]
-fn each_entry(masks: &[u64], mut f: impl FnMut(usize, usize)) {
-    for (c, words) in masks.chunks_exact(WORDS).enumerate() {
-        let base = c / SEGMENT_COLS * BLOCK_ROWS;
-        for (w, &word) in words.iter().enumerate() {
-            let mut bits = word;
-            while bits != 0 {
-                f(
-                    c,
-                    base + (w * 64 + bits.trailing_zeros() as usize) % BLOCK_ROWS,
-                );
-                bits &= bits - 1;
-            }
-        }
-    }
-}
-
 /// `counts[s · BLOCK_ROWS + i]` = the kept entries of row `i` among the columns of segment `s`,
 /// for a block with column masks `masks`. Counted bit-sliced: per 64-row word, eight 64-bit
 /// planes hold the 64 counts' binary digits, and each column's word is added to them with a
@@ -682,7 +673,6 @@ impl BlockRows {
     /// (so columns arrive increasing).
     fn fill<S: StorageFloat>(&mut self, m: &BlockedMatrix<S>, k: usize, stride: usize) {
         let masks = &m.masks[k * m.cols * WORDS..(k + 1) * m.cols * WORDS];
-        let stored = &m.values[m.block_offsets[k]..m.block_offsets[k + 1]];
         let slots = m.cols.div_ceil(SEGMENT_COLS) * BLOCK_ROWS;
         let next = &mut self.starts;
         next.clear();
@@ -692,18 +682,17 @@ impl BlockRows {
             next[s + 1] += next[s];
         }
         let entries = &mut self.entries;
-        entries.resize(stored.len(), (0, 0.0));
-        let mut p = 0usize;
+        entries.resize(m.block_nnz(k..k + 1), (0, 0.0));
         // `next[s]` walks slot `s`'s range; afterwards it holds the range's end, the start of
         // slot `s + 1`, so shifting by one slot restores the starts.
-        each_entry(masks, |c, slot| {
+        m.for_each_in_block(k, |i, c, v| {
+            let slot = c / SEGMENT_COLS * BLOCK_ROWS + i;
             if let Some(n) = next.get_mut(slot)
-                && let (Some(e), Some(&v)) = (entries.get_mut(*n), stored.get(p))
+                && let Some(e) = entries.get_mut(*n)
             {
                 *e = ((c * stride) as u32, v.to_f32());
                 *n += 1;
             }
-            p += 1;
         });
         next.copy_within(0..slots, 1);
         next[0] = 0;
@@ -929,6 +918,70 @@ mod tests {
     use ndarray::Array2;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
+
+    /// `many_tokens` with pulp's portable vectors of 1, 8 and 16 lanes (so every arm of its
+    /// width match runs, the one-lane fallback included) gives the bits of the fused column walk
+    /// on 128 to 208 tokens (last tiles of 16, 32, 48 and 64), several segments, a ragged last
+    /// block.
+    #[test]
+    fn register_kernel_gives_the_bits_of_the_column_walk_at_every_vector_width() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let (rows, cols) = (200, 300);
+        let mask = Array2::from_shape_simple_fn((rows, cols), || rng.random_bool(0.25));
+        let values = Array2::from_shape_simple_fn((rows, cols), || rng.random_range(-1.0f32..1.0));
+        let m = BlockedMatrix::from_compact(
+            &CompactMatrix::<f32>::from_dense(values.view(), mask.view()).unwrap(),
+        );
+        let bias: Vec<f32> = (0..rows).map(|i| (i as f32).cos()).collect();
+        for tp in [128, 144, 160, 176, 208] {
+            let x: Vec<f32> = (0..cols * tp)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            let mut tiles = vec![0.0; tile_major_len(cols, tp)];
+            tile_major(&x, cols, tp, &mut tiles);
+            let blocks = 0..m.blocks();
+            let mut walk = vec![f32::NAN; rows * tp];
+            blocked_rows::<f32, true>(&m, &tiles, tp, &mut walk, Some(&bias), blocks.clone());
+            let mut one = vec![f32::NAN; rows * tp];
+            many_tokens(
+                pulp::Scalar,
+                &m,
+                &tiles,
+                tp,
+                &mut one,
+                Some(&bias),
+                blocks.clone(),
+            );
+            let mut eight = vec![f32::NAN; rows * tp];
+            many_tokens(
+                pulp::Scalar256b,
+                &m,
+                &tiles,
+                tp,
+                &mut eight,
+                Some(&bias),
+                blocks.clone(),
+            );
+            let mut sixteen = vec![f32::NAN; rows * tp];
+            many_tokens(
+                pulp::Scalar512b,
+                &m,
+                &tiles,
+                tp,
+                &mut sixteen,
+                Some(&bias),
+                blocks,
+            );
+            for got in [&one, &eight, &sixteen] {
+                assert!(
+                    got.iter()
+                        .zip(&walk)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "tp {tp}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn blocked_layout_round_trips_exactly() {
