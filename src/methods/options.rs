@@ -323,40 +323,44 @@ impl MethodOptions {
         )
     }
 
-    fn optimizer(&self, defaults: &TrainingDefaults) -> AdamW {
-        let base = AdamW::default();
-        AdamW {
+    /// `defaults` with every training setting these options give put in its place.
+    fn training(&self, defaults: &TrainingDefaults) -> TrainingDefaults {
+        TrainingDefaults {
+            steps: self.steps.unwrap_or(defaults.steps),
+            batch_tokens: self.batch_tokens.unwrap_or(defaults.batch_tokens),
             learning_rate: self.learning_rate.unwrap_or(defaults.learning_rate),
             min_learning_rate: self.min_learning_rate.unwrap_or(defaults.min_learning_rate),
             weight_decay: self.weight_decay.unwrap_or(defaults.weight_decay),
-            ..base
+            sparsifier: self.sparsifier.unwrap_or(defaults.sparsifier),
+            sparsifier_interval: self
+                .sparsifier_interval
+                .unwrap_or(defaults.sparsifier_interval),
+            rigl_drop_fraction: self
+                .rigl_drop_fraction
+                .unwrap_or(defaults.rigl_drop_fraction),
+        }
+    }
+
+    fn optimizer(&self, defaults: &TrainingDefaults) -> AdamW {
+        let t = self.training(defaults);
+        AdamW {
+            learning_rate: t.learning_rate,
+            min_learning_rate: t.min_learning_rate,
+            weight_decay: t.weight_decay,
+            ..AdamW::default()
         }
     }
 
     /// FiPS's settings from these options (defaults from `defaults` and the library).
     pub fn fips_params(&self, defaults: &TrainingDefaults) -> FipsParams {
-        let interval = self
-            .sparsifier_interval
-            .unwrap_or(defaults.sparsifier_interval);
-        let sparsifier = self
-            .sparsifier
-            .unwrap_or(defaults.sparsifier)
-            .schedule(interval)
-            .with_rigl_drop_fraction(
-                self.rigl_drop_fraction
-                    .unwrap_or(defaults.rigl_drop_fraction),
-            );
-        let base = FipsParams::new();
-        let mut params = base
+        let mut params = self
+            .training(defaults)
+            .apply(FipsParams::new())
             .budget(self.budget_or_rank())
             .sparsity(
                 self.sparsity
                     .unwrap_or(crate::math::budget::DEFAULT_SPARSITY),
             )
-            .sparsifier(sparsifier)
-            .steps(self.steps.unwrap_or(defaults.steps))
-            .batch_tokens(self.batch_tokens.unwrap_or(defaults.batch_tokens))
-            .optimizer(self.optimizer(defaults))
             .seed(self.seed.unwrap_or(DEFAULT_SEED))
             .init(self.init.unwrap_or_default())
             .contraction(self.contraction.unwrap_or_default())
@@ -541,6 +545,34 @@ mod tests {
                 ..RiglSchedule::default()
             })
         );
+        // Every training setting given replaces the defaults' one.
+        let all = MethodOptions {
+            steps: Some(3),
+            batch_tokens: Some(17),
+            learning_rate: Some(0.25),
+            min_learning_rate: Some(0.125),
+            weight_decay: Some(0.5),
+            sparsifier: Some(SparsifierKind::Gmp),
+            sparsifier_interval: Some(9),
+            ..Default::default()
+        }
+        .fips_params(&VIT_DEFAULTS)
+        .check()
+        .unwrap();
+        assert_eq!((all.steps(), all.batch_tokens()), (3, 17));
+        let o = all.optimizer();
+        assert_eq!(
+            (o.learning_rate, o.min_learning_rate, o.weight_decay),
+            (0.25, 0.125, 0.5)
+        );
+        assert_eq!(
+            (o.beta1, o.beta2),
+            (AdamW::default().beta1, AdamW::default().beta2)
+        );
+        assert!(matches!(
+            all.sparsifier(),
+            Sparsifier::Gmp(GmpSchedule { interval: 9, .. })
+        ));
         // A drop fraction where RigL does not run is rejected by name.
         for (options, defaults) in [
             (given.clone(), &TEXT_DEFAULTS),
