@@ -4,12 +4,13 @@
 //!
 //! ```sh
 //! cargo run --release --features images --example calibration_levers -- \
-//!     [--modes independent,inputs,residual] [--steps N] [--budgets P0,P1,P2] [--holdout F]
+//!     [--modes independent,inputs,residual] [--steps N] [--budgets P0,P1,P2] [--holdout F] \
+//!     [--cls-weight W] [--split-seed S]
 //! ```
 //!
 //! Holds out a seeded 20 % of the `calib/` images (never `eval/`); trains every DeiT-tiny group
-//! of 4 blocks on the rest with the `fips compress` defaults (s = 0.75, 900 steps of 1024 tokens,
-//! lr 1e-3 → 1e-5, RigL; p = 0.5 per group unless
+//! of 4 blocks on the rest with the `fips compress` defaults (s = 0.75, `VIT_DEFAULTS`; p = 0.5
+//! per group unless
 //! `--budgets` gives each group its own, e.g. `0.55,0.475,0.475`, the same total) in one of
 //! three ways, and after each group scores the model on the held-out images (top-1 agreement with
 //! the dense model, mean KL(dense ‖ compressed) of the class probabilities, relative logit
@@ -19,12 +20,16 @@
 //!   dense blocks on those inputs;
 //! - `residual`: the same inputs, targets the dense model's block output less the compressed
 //!   model's residual stream after attention (the MLP also corrects the upstream error).
+//!
+//! `--cls-weight W` weighs each image's class token as `W` tokens in training (default: the
+//! `fips compress` default, [`DEFAULT_CLASS_TOKEN_WEIGHT`]; 1 weighs every token alike);
+//! `--split-seed S` draws another held-out split (default 2024).
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use fips::app::images::{load_pixels, read_labels, split};
-use fips::app::pipeline::{IMAGE_BATCH, Silent, classify};
+use fips::app::pipeline::{DEFAULT_CLASS_TOKEN_WEIGHT, IMAGE_BATCH, Silent, classify};
 use fips::app::vit::{VisionTransformer, preprocess};
 use fips::math::calibration::Calibration;
 use fips::math::validation::holdout;
@@ -122,6 +127,8 @@ fn main() -> fips::Result<()> {
     let mut steps = VIT_DEFAULTS.steps;
     let mut fraction = 0.2;
     let mut budgets: Vec<f64> = vec![0.5; 3];
+    let mut cls_weight = DEFAULT_CLASS_TOKEN_WEIGHT;
+    let mut split_seed = 2024u64;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let v = args.next().unwrap_or_default();
@@ -132,6 +139,8 @@ fn main() -> fips::Result<()> {
             }
             "--steps" => v.parse().map(|s| steps = s).is_ok(),
             "--holdout" => v.parse().map(|f| fraction = f).is_ok(),
+            "--cls-weight" => v.parse().map(|k| cls_weight = k).is_ok(),
+            "--split-seed" => v.parse().map(|k| split_seed = k).is_ok(),
             "--budgets" => v
                 .split(',')
                 .map(str::parse)
@@ -158,7 +167,7 @@ fn main() -> fips::Result<()> {
     let set = data.join("imagenet-sample");
     let labels = read_labels(&set)?;
     let calib = load_pixels(&split(&labels, "calib"))?;
-    let (train_idx, val_idx) = holdout(calib.len_of(Axis(0)), fraction, 2024)?;
+    let (train_idx, val_idx) = holdout(calib.len_of(Axis(0)), fraction, split_seed)?;
     let train = calib.select(Axis(0), &train_idx);
     let val = calib.select(Axis(0), &val_idx);
     let shapes: Vec<_> = (0..layout.blocks())
@@ -205,6 +214,9 @@ fn main() -> fips::Result<()> {
                     .collect::<fips::Result<Vec<_>>>()?;
                 cal = cal.with_targets(targets)?;
             }
+            // Each image's class token weighs `--cls-weight` tokens (as in `fips compress`).
+            let class_rows: Vec<usize> = (0..cal.tokens()).step_by(vit.config().tokens()).collect();
+            let cal = cal.with_repeated_rows(&class_rows, cls_weight.saturating_sub(1))?;
             // The `fips compress` defaults for images, with this group's budget.
             let params = MethodOptions {
                 budget: Some(budgets[g]),

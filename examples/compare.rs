@@ -71,6 +71,7 @@ impl Setup {
         let calibration = CalibrationSource::Images {
             vit: &self.vit,
             pixels: self.calib.view(),
+            class_token_weight: pipeline::DEFAULT_CLASS_TOKEN_WEIGHT,
         };
         let result = pipeline::compress_checkpoint(
             &self.checkpoint,

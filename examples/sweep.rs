@@ -76,6 +76,7 @@ fn main() -> fips::Result<()> {
             let calibration = CalibrationSource::Images {
                 vit: &vit,
                 pixels: calib.view(),
+                class_token_weight: pipeline::DEFAULT_CLASS_TOKEN_WEIGHT,
             };
             let result = pipeline::compress_checkpoint(
                 &checkpoint,

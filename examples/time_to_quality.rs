@@ -348,6 +348,9 @@ fn main() -> fips::Result<()> {
             &CalibrationSource::Images {
                 vit: &vit,
                 pixels: val.view(),
+                // Every token alike: the validation error here is a per-token mean (the class-token
+                // weight is a whole-model lever, scored by `calibration_levers`).
+                class_token_weight: 1,
             },
             g,
             blocks,
@@ -362,6 +365,9 @@ fn main() -> fips::Result<()> {
                 &CalibrationSource::Images {
                     vit: &vit,
                     pixels: pixels.view(),
+                    // Every token alike: the validation error here is a per-token mean (the class-token
+                    // weight is a whole-model lever, scored by `calibration_levers`).
+                    class_token_weight: 1,
                 },
                 g,
                 blocks,

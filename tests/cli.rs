@@ -384,6 +384,43 @@ fn bad_input_gives_an_error_message_not_a_panic() {
         text(&out)
     );
 
+    // The class-token weight belongs to image calibration and has a range.
+    let out = fips(&[
+        "compress",
+        "--checkpoint",
+        &model.to_string_lossy(),
+        "--data-free",
+        "--class-token-weight",
+        "3",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("class-token-weight") && !text(&out).contains("panicked"),
+        "{}",
+        text(&out)
+    );
+    let images = dir.0.join("images");
+    write_images(&images);
+    let out = fips(&[
+        "compress",
+        "--checkpoint",
+        &model.to_string_lossy(),
+        "--images",
+        &images.to_string_lossy(),
+        "--heads",
+        "1",
+        "--class-token-weight",
+        "0",
+        "--out-dir",
+        &dir.0.join("out-weight").to_string_lossy(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("`class-token-weight`: must be in 1..=1000, got 0"),
+        "{}",
+        text(&out)
+    );
+
     // A flag the chosen method does not use is an error that names it, not silently ignored.
     for (method, flag, value) in [
         ("svd", "--sparsity", "0.5"),

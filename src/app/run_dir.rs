@@ -123,6 +123,10 @@ pub enum CalibrationSettings {
         pixels: String,
         /// The ViT's attention heads.
         heads: usize,
+        /// Weight of the class tokens among the training tokens (absent in settings written
+        /// before it existed, which all used 1).
+        #[serde(default = "one", skip_serializing_if = "is_one")]
+        class_token_weight: usize,
     },
     /// Read from an MLP-input file.
     File {
@@ -155,7 +159,11 @@ impl CalibrationSettings {
     /// [`CalibrationSource::File`].
     pub fn of(source: &CalibrationSource<'_>, file: Option<&Path>) -> Result<Self> {
         Ok(match *source {
-            CalibrationSource::Images { vit, pixels } => {
+            CalibrationSource::Images {
+                vit,
+                pixels,
+                class_token_weight,
+            } => {
                 let mut f = fingerprint::Fingerprint::new();
                 match pixels.as_slice() {
                     Some(bytes) => f.update(bytes),
@@ -165,6 +173,7 @@ impl CalibrationSettings {
                     images: pixels.shape()[0],
                     pixels: f.hex(),
                     heads: vit.config().heads,
+                    class_token_weight,
                 }
             }
             CalibrationSource::File(_) => Self::File {
@@ -176,6 +185,14 @@ impl CalibrationSettings {
             CalibrationSource::Gaussian { tokens, seed } => Self::Gaussian { tokens, seed },
         })
     }
+}
+
+fn one() -> usize {
+    1
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
 }
 
 /// The held-out validation tokens of a run: a seeded fraction of each group's calibration tokens

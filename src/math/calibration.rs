@@ -90,6 +90,50 @@ impl<F: Float> Calibration<F> {
         })
     }
 
+    /// The same set with the rows `rows` of every block (and of the targets) appended `extra`
+    /// more times, after the original rows and in the order given: in the mean squared error
+    /// over the set, and in mini-batches drawn uniformly from it, each such row then weighs
+    /// `1 + extra` (e.g. a ViT's class tokens, the only rows its head reads).
+    ///
+    /// Errors: a row past the set's tokens, a total row count that overflows.
+    pub fn with_repeated_rows(self, rows: &[usize], extra: usize) -> Result<Self> {
+        if rows.is_empty() || extra == 0 {
+            return Ok(self);
+        }
+        let tokens = self.tokens();
+        if let Some(&bad) = rows.iter().find(|&&r| r >= tokens) {
+            return Err(FipsError::IndexOutOfRange {
+                what: "repeated calibration row",
+                index: bad,
+                len: tokens,
+            });
+        }
+        let total = rows
+            .len()
+            .checked_mul(extra)
+            .and_then(|n| n.checked_add(tokens))
+            .ok_or_else(|| FipsError::InvalidParameter {
+                name: "repeated rows",
+                reason: format!("{} rows repeated {extra} times overflow", rows.len()),
+            })?;
+        let mut order = Vec::with_capacity(total);
+        order.extend(0..tokens);
+        for _ in 0..extra {
+            order.extend_from_slice(rows);
+        }
+        let repeat = |arrays: Vec<Array2<F>>| -> Vec<Array2<F>> {
+            arrays
+                .into_iter()
+                .map(|z| z.select(Axis(0), &order))
+                .collect()
+        };
+        Ok(Self {
+            inputs: repeat(self.inputs),
+            targets: self.targets.map(repeat),
+            data_free: self.data_free,
+        })
+    }
+
     /// The explicit targets, if [`Self::with_targets`] set them.
     pub fn targets(&self) -> Option<&[Array2<F>]> {
         self.targets.as_deref()
@@ -450,6 +494,34 @@ pub(crate) fn gather_rows<F: Float>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Repeated rows are appended, in order, `extra` times to inputs and targets alike; the
+    /// original rows are untouched; a row past the set is a typed error.
+    #[test]
+    fn repeated_rows_are_appended_to_inputs_and_targets() {
+        let z = Array2::from_shape_fn((5, 2), |(t, j)| (10 * t + j) as f64);
+        let y = z.mapv(|v| -v);
+        let cal = Calibration::new(vec![z.clone(), z.clone() + 1.0])
+            .unwrap()
+            .with_targets(vec![y.clone(), y.clone()])
+            .unwrap();
+        let out = cal.clone().with_repeated_rows(&[0, 3], 2).unwrap();
+        assert_eq!(out.tokens(), 5 + 2 * 2);
+        let order = [0, 1, 2, 3, 4, 0, 3, 0, 3];
+        for (b, shift) in [(0, 0.0), (1, 1.0)] {
+            assert_eq!(out.input(b).unwrap(), z.select(Axis(0), &order) + shift);
+            assert_eq!(out.targets().unwrap()[b], y.select(Axis(0), &order));
+        }
+        assert_eq!(cal.clone().with_repeated_rows(&[2], 0).unwrap().tokens(), 5);
+        assert!(matches!(
+            cal.with_repeated_rows(&[5], 1),
+            Err(FipsError::IndexOutOfRange {
+                index: 5,
+                len: 5,
+                ..
+            })
+        ));
+    }
 
     #[test]
     fn rejects_empty_ragged_and_nonfinite() {

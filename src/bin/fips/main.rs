@@ -164,6 +164,11 @@ struct CompressArgs {
     text: text_cmd::TextCompressArgs,
     #[command(flatten)]
     images: ImageArgs,
+    /// With --images: how much each image's class token weighs among the training tokens (the
+    /// head reads only it; 1 weighs every token alike). Chosen on held-out calibration images
+    /// [default: 10].
+    #[arg(long, requires = "images")]
+    class_token_weight: Option<usize>,
     /// Calibrate from an MLP-input file (`blocks.{b}.mlp_input`, see `fips capture`) instead of images.
     #[arg(long, conflicts_with = "images")]
     activations: Option<PathBuf>,
@@ -507,6 +512,12 @@ fn decode(
 }
 
 fn compress(args: CompressArgs, given: &[String]) -> Result<(), FipsError> {
+    if args.class_token_weight.is_some() && args.images.images.is_none() {
+        return Err(FipsError::InvalidParameter {
+            name: "class-token-weight",
+            reason: "it weighs the class tokens of images captured with --images".into(),
+        });
+    }
     if let Some(model) = &args.text.model {
         let options = method_options(&args, given);
         let settings = text_cmd::CompressSettings {
@@ -643,6 +654,9 @@ fn compress(args: CompressArgs, given: &[String]) -> Result<(), FipsError> {
         (Some(vit), Some((pixels, _)), _) => CalibrationSource::Images {
             vit,
             pixels: pixels.view(),
+            class_token_weight: args
+                .class_token_weight
+                .unwrap_or(pipeline::DEFAULT_CLASS_TOKEN_WEIGHT),
         },
         (_, _, Some(file)) => CalibrationSource::File(file),
         _ if args.data_free => CalibrationSource::Gaussian {
@@ -1154,9 +1168,11 @@ fn capture(
         Some(spec) => BlockGroups::parse(spec, &shapes)?,
         None => BlockGroups::consecutive(&shapes, shapes.len().max(1))?,
     };
+    // The file holds every token once (a weight belongs to the run that trains on it).
     let calibration = CalibrationSource::Images {
         vit: &vit,
         pixels: pixels.view(),
+        class_token_weight: 1,
     };
     let mut observer = bars.observer(groups.len());
     let mut captured = Vec::new();
