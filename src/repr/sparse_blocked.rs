@@ -172,13 +172,19 @@ impl<S: StorageFloat> BlockedMatrix<S> {
 }
 
 /// Tokens per tile of the rearranged inputs of the many-token kernels.
-pub const TILE_TOKENS: usize = 64;
+pub const TILE_TOKENS: usize = 128;
+
+/// Tokens from which [`many_tokens`] runs (see [`many_tokens_pay`]).
+const MANY_TOKENS: usize = 128;
+
+/// Vectors of accumulators per row in [`many_tokens`]: a pair of rows holds `2 ×` this many.
+const MAX_ROW_VECTORS: usize = 8;
 
 /// Rearranges token-minor `x` (`cols × tp`, `tp` a multiple of 16) tile-major: the tile of
 /// tokens `[f, f + TILE_TOKENS)` (`f` a multiple of [`TILE_TOKENS`]) holds `x[c, f + l]` at
 /// `f · cols + c · TILE_TOKENS + l` (the last tile padded to the full width), written into `out`
-/// (at least [`tile_major_len`] values). For `tp ≤ TILE_TOKENS` the kernels read `x` itself (one
-/// tile of width `tp`).
+/// (at least [`tile_major_len`] values). For `tp ≤ TILE_TOKENS` this is a plain copy (one tile of
+/// width `tp`): the column walk then reads `x` itself, the register kernel an aligned copy.
 pub(crate) fn tile_major(x: &[f32], cols: usize, tp: usize, out: &mut [f32]) {
     for (c, row) in x.chunks_exact(tp).enumerate().take(cols) {
         for (t, chunk) in row.chunks(TILE_TOKENS).enumerate() {
@@ -620,7 +626,8 @@ fn block_tile<const L: usize, const FUSED: bool>(
 }
 
 /// Input columns per segment of [`BlockRows`]: a segment's inputs for a tile of
-/// [`TILE_TOKENS`] tokens (32 KiB in `f32`) stay in the first-level cache while its rows walk them.
+/// [`TILE_TOKENS`] tokens (64 KiB in `f32`) stay in the first- and second-level caches while its
+/// rows walk them.
 const SEGMENT_COLS: usize = 128;
 
 /// One block's kept entries by column segment ([`SEGMENT_COLS`] inputs), then row: segment `s`
@@ -711,13 +718,13 @@ impl BlockRows {
     }
 }
 
-/// Whether [`many_tokens`] runs a product with `cols` inputs on `tp` tokens: from two full tiles
-/// of tokens on, where listing each block's entries by row (once per product) costs less than
+/// Whether [`many_tokens`] runs a product with `cols` inputs on `tp` tokens: from
+/// [`MANY_TOKENS`] on, where listing each block's entries by row (once per product) costs less than
 /// it saves. Measured on DeiT-tiny shapes (`examples/inference_cpu_time`): at 64 tokens the
 /// column walk of [`blocked_rows`] is faster, at 128 the register kernel. (And only while every
 /// input position fits the entries' `u32`.)
 pub(crate) fn many_tokens_pay(cols: usize, tp: usize) -> bool {
-    tp >= 2 * TILE_TOKENS
+    tp >= MANY_TOKENS
         && cols
             .checked_mul(TILE_TOKENS)
             .is_some_and(|n| u32::try_from(n).is_ok())
@@ -752,29 +759,42 @@ pub(crate) fn many_tokens<S: StorageFloat, V: pulp::Simd>(
         let nr = BLOCK_ROWS.min(m.rows - r0);
         rows.fill(m, k, stride);
         let bias = |i: usize| bias.map_or(0.0, |b| b[r0 + i].to_f32());
+        // Each tile in passes of at most `MAX_ROW_VECTORS` vectors per row (AVX-512: a whole
+        // tile of 128 tokens, so each entry is read once per tile; AVX2: 64 tokens); without
+        // vectors (one lane), the whole tile a lane at a time.
+        let pass = if lanes > 1 {
+            MAX_ROW_VECTORS * lanes
+        } else {
+            TILE_TOKENS
+        };
         for first in (0..tp).step_by(TILE_TOKENS) {
             let width = TILE_TOKENS.min(tp - first);
             let Some(tile) = x.get(first * cols..first * cols + cols * stride) else {
                 continue;
             };
-            for segment in 0..rows.segments() {
-                let t = Tile {
-                    rows: &rows,
-                    segment,
-                    x: tile,
-                    width,
-                    nr,
-                    first_out: (r0 - first_row) * tp + first,
-                    tp,
-                };
-                match width / lanes {
-                    1 => t.run::<V, 1>(simd, &bias, out),
-                    2 => t.run::<V, 2>(simd, &bias, out),
-                    3 => t.run::<V, 3>(simd, &bias, out),
-                    4 => t.run::<V, 4>(simd, &bias, out),
-                    6 => t.run::<V, 6>(simd, &bias, out),
-                    8 => t.run::<V, 8>(simd, &bias, out),
-                    _ => t.run_scalar(&bias, out),
+            for lane0 in (0..width).step_by(pass) {
+                let w = pass.min(width - lane0);
+                for segment in 0..rows.segments() {
+                    let t = Tile {
+                        rows: &rows,
+                        segment,
+                        x: &tile[lane0..],
+                        width: w,
+                        nr,
+                        first_out: (r0 - first_row) * tp + first + lane0,
+                        tp,
+                    };
+                    match w / lanes {
+                        1 => t.run::<V, 1>(simd, &bias, out),
+                        2 => t.run::<V, 2>(simd, &bias, out),
+                        3 => t.run::<V, 3>(simd, &bias, out),
+                        4 => t.run::<V, 4>(simd, &bias, out),
+                        5 => t.run::<V, 5>(simd, &bias, out),
+                        6 => t.run::<V, 6>(simd, &bias, out),
+                        7 => t.run::<V, 7>(simd, &bias, out),
+                        8 => t.run::<V, 8>(simd, &bias, out),
+                        _ => t.run_scalar(&bias, out),
+                    }
                 }
             }
         }
@@ -921,8 +941,8 @@ mod tests {
 
     /// `many_tokens` with pulp's portable vectors of 1, 8 and 16 lanes (so every arm of its
     /// width match runs, the one-lane fallback included) gives the bits of the fused column walk
-    /// on 128 to 208 tokens (last tiles of 16, 32, 48 and 64), several segments, a ragged last
-    /// block.
+    /// on 128 to 256 tokens (a full tile of 128, then last tiles of 16 to 128: every count of
+    /// vectors per row from 1 to 8), several segments, a ragged last block.
     #[test]
     fn register_kernel_gives_the_bits_of_the_column_walk_at_every_vector_width() {
         let mut rng = ChaCha8Rng::seed_from_u64(11);
@@ -933,7 +953,7 @@ mod tests {
             &CompactMatrix::<f32>::from_dense(values.view(), mask.view()).unwrap(),
         );
         let bias: Vec<f32> = (0..rows).map(|i| (i as f32).cos()).collect();
-        for tp in [128, 144, 160, 176, 208] {
+        for tp in [128, 144, 160, 176, 192, 208, 224, 240, 256] {
             let x: Vec<f32> = (0..cols * tp)
                 .map(|_| rng.random_range(-1.0..1.0))
                 .collect();

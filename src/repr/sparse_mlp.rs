@@ -1052,9 +1052,9 @@ impl<S: StorageFloat> SplitProduct<S> for BlockedMatrix<S> {
     }
 
     fn arrange<'a>(&self, x: &'a [f32], tp: usize, inputs: &'a mut Vec<f32>) -> &'a [f32] {
-        if tp > TILE_TOKENS {
+        if tp > TILE_TOKENS || many_tokens_pay(self.cols(), tp) {
             // On a 64-byte boundary, so that no vector load of the register kernel splits a
-            // cache line.
+            // cache line (also when one tile holds all the tokens).
             let len = tile_major_len(self.cols(), tp);
             let buf = sized(inputs, len + 16);
             let skip = buf.as_ptr().align_offset(64).min(16);
