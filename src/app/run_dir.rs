@@ -915,4 +915,27 @@ mod tests {
         differences("", &a, &b, &mut out);
         assert_eq!(out, vec!["p.steps: 10 -> 20", "y: null -> true"]);
     }
+
+    /// The class-token weight is part of an image run's settings (so a work area trained with
+    /// another weight is not reused); settings written before it existed read as weight 1, and
+    /// weight 1 writes them as before.
+    #[test]
+    fn class_token_weight_is_in_the_image_settings() {
+        let images = |w| CalibrationSettings::Images {
+            images: 2,
+            pixels: "ab".into(),
+            heads: 3,
+            class_token_weight: w,
+        };
+        let old = serde_json::json!({"source": "images", "images": 2, "pixels": "ab", "heads": 3});
+        assert_eq!(serde_json::to_value(images(1)).unwrap(), old);
+        let parsed: CalibrationSettings = serde_json::from_value(old).unwrap();
+        assert_eq!(parsed, images(1));
+        let ten = serde_json::to_value(images(10)).unwrap();
+        assert_eq!(ten["class_token_weight"], 10);
+        assert_ne!(
+            serde_json::from_value::<CalibrationSettings>(ten).unwrap(),
+            images(1)
+        );
+    }
 }
