@@ -5,7 +5,7 @@
 //! ```sh
 //! cargo run --release --features images --example calibration_levers -- \
 //!     [--modes independent,inputs,residual] [--steps N] [--budgets P0,P1,P2] [--holdout F] \
-//!     [--cls-weight W] [--split-seed S]
+//!     [--cls-weight W] [--split-seed S] [--group-size G]
 //! ```
 //!
 //! Holds out a seeded 20 % of the `calib/` images (never `eval/`); trains every DeiT-tiny group
@@ -23,7 +23,8 @@
 //!
 //! `--cls-weight W` weighs each image's class token as `W` tokens in training (default: the
 //! `fips compress` default, [`DEFAULT_CLASS_TOKEN_WEIGHT`]; 1 weighs every token alike);
-//! `--split-seed S` draws another held-out split (default 2024).
+//! `--split-seed S` draws another held-out split (default 2024); `--group-size G` puts `G`
+//! consecutive blocks in a group (default 4).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -126,9 +127,10 @@ fn main() -> fips::Result<()> {
     ];
     let mut steps = VIT_DEFAULTS.steps;
     let mut fraction = 0.2;
-    let mut budgets: Vec<f64> = vec![0.5; 3];
+    let mut budgets: Vec<f64> = Vec::new();
     let mut cls_weight = DEFAULT_CLASS_TOKEN_WEIGHT;
     let mut split_seed = 2024u64;
+    let mut group_size = 4usize;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let v = args.next().unwrap_or_default();
@@ -141,6 +143,7 @@ fn main() -> fips::Result<()> {
             "--holdout" => v.parse().map(|f| fraction = f).is_ok(),
             "--cls-weight" => v.parse().map(|k| cls_weight = k).is_ok(),
             "--split-seed" => v.parse().map(|k| split_seed = k).is_ok(),
+            "--group-size" => v.parse().map(|k| group_size = k).is_ok(),
             "--budgets" => v
                 .split(',')
                 .map(str::parse)
@@ -173,7 +176,10 @@ fn main() -> fips::Result<()> {
     let shapes: Vec<_> = (0..layout.blocks())
         .map(|b| layout.block(b).map(|t| (t.width, t.intermediate)))
         .collect::<fips::Result<_>>()?;
-    let groups = BlockGroups::consecutive(&shapes, 4)?;
+    let groups = BlockGroups::consecutive(&shapes, group_size)?;
+    if budgets.is_empty() {
+        budgets = vec![0.5; groups.len()];
+    }
     if budgets.len() != groups.len() {
         eprintln!("--budgets needs {} values", groups.len());
         std::process::exit(2);
