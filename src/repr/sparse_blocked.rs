@@ -733,10 +733,10 @@ pub(crate) fn many_tokens_pay(cols: usize, tp: usize) -> bool {
 /// Many tokens, vector registers: `out[i, :] = bias[i] + Σ_c m[i, c] x[c, :]` for the rows of
 /// `blocks`, `tp` a multiple of 16, inputs tile-major ([`tile_major`]). Each block's entries are
 /// first listed by column segment and row ([`BlockRows`]); then for every tile of up to
-/// [`TILE_TOKENS`] tokens, every segment and every pair of rows, the rows' accumulators (a few
-/// vector registers each, two independent chains of fused multiply-adds) take one multiply-add
-/// per kept entry with the input row `x[c, tile]` (in the first-level cache) and are stored once
-/// per segment. The column-major walk of [`blocked_rows`] loads and stores a row's accumulators
+/// [`TILE_TOKENS`] tokens (in passes of at most [`MAX_ROW_VECTORS`] vectors per row), every
+/// segment and every pair of rows, the rows' accumulators (vector registers, two independent
+/// chains of fused multiply-adds) take one multiply-add per kept entry and vector with the input
+/// row `x[c, pass]` (in the caches) and are stored once per segment. The column-major walk of [`blocked_rows`] loads and stores a row's accumulators
 /// for every kept entry, which bounds it by the store rate. Same sums in the same order (bias,
 /// then the kept entries by increasing column, fused): the bits of [`blocked_rows`] with `FUSED`.
 #[inline(always)]
@@ -753,20 +753,20 @@ pub(crate) fn many_tokens<S: StorageFloat, V: pulp::Simd>(
     let first_row = blocks.start * BLOCK_ROWS;
     let lanes = V::F32_LANES;
     let stride = tile_stride(tp);
+    // Each tile in passes of at most `MAX_ROW_VECTORS` vectors per row (AVX-512: a whole tile
+    // of 128 tokens, so each entry is read once per tile; AVX2: 64 tokens); without vectors
+    // (one lane), the whole tile a lane at a time.
+    let pass = if lanes > 1 {
+        MAX_ROW_VECTORS * lanes
+    } else {
+        TILE_TOKENS
+    };
     let mut rows = BlockRows::default();
     for k in blocks {
         let r0 = k * BLOCK_ROWS;
         let nr = BLOCK_ROWS.min(m.rows - r0);
         rows.fill(m, k, stride);
         let bias = |i: usize| bias.map_or(0.0, |b| b[r0 + i].to_f32());
-        // Each tile in passes of at most `MAX_ROW_VECTORS` vectors per row (AVX-512: a whole
-        // tile of 128 tokens, so each entry is read once per tile; AVX2: 64 tokens); without
-        // vectors (one lane), the whole tile a lane at a time.
-        let pass = if lanes > 1 {
-            MAX_ROW_VECTORS * lanes
-        } else {
-            TILE_TOKENS
-        };
         for first in (0..tp).step_by(TILE_TOKENS) {
             let width = TILE_TOKENS.min(tp - first);
             let Some(tile) = x.get(first * cols..first * cols + cols * stride) else {
@@ -801,16 +801,17 @@ pub(crate) fn many_tokens<S: StorageFloat, V: pulp::Simd>(
     }
 }
 
-/// One tile of tokens and one column segment of one block in [`many_tokens`].
+/// One pass over a tile of tokens (`width` of them) and one column segment of one block in
+/// [`many_tokens`].
 struct Tile<'a> {
     rows: &'a BlockRows,
     segment: usize,
-    /// The tile's inputs: input row `c`, token `l` at `c · stride + l` (the positions the
-    /// entries hold).
+    /// The pass's inputs: input row `c`, token `l` of the pass at `c · stride + l` (the
+    /// positions the entries hold).
     x: &'a [f32],
     width: usize,
     nr: usize,
-    /// Position in `out` of the block's first row, first token of the tile.
+    /// Position in `out` of the block's first row, first token of the pass.
     first_out: usize,
     tp: usize,
 }
@@ -905,7 +906,8 @@ impl Tile<'_> {
         }
     }
 
-    /// The tile one lane at a time (for a vector width that does not divide the tile's).
+    /// The pass one lane at a time (without vector registers, or for a vector width that does
+    /// not divide the pass's).
     fn run_scalar(&self, bias: &impl Fn(usize) -> f32, out: &mut [f32]) {
         for i in 0..self.nr {
             let entries = self.rows.entries(self.segment, i);
