@@ -95,7 +95,8 @@ impl<F: Float> Calibration<F> {
     /// over the set, and in mini-batches drawn uniformly from it, each such row then weighs
     /// `1 + extra` (e.g. a ViT's class tokens, the only rows its head reads).
     ///
-    /// Errors: a row past the set's tokens, a total row count that overflows.
+    /// Errors: a row past the set's tokens; more new values than
+    /// [`MAX_GENERATED_ELEMENTS`](crate::math::limits::MAX_GENERATED_ELEMENTS).
     pub fn with_repeated_rows(self, rows: &[usize], extra: usize) -> Result<Self> {
         if rows.is_empty() || extra == 0 {
             return Ok(self);
@@ -108,15 +109,17 @@ impl<F: Float> Calibration<F> {
                 len: tokens,
             });
         }
-        let total = rows
+        let added = rows
             .len()
             .checked_mul(extra)
-            .and_then(|n| n.checked_add(tokens))
             .ok_or_else(|| FipsError::InvalidParameter {
                 name: "repeated rows",
                 reason: format!("{} rows repeated {extra} times overflow", rows.len()),
             })?;
-        let mut order = Vec::with_capacity(total);
+        // The copies are new values: bounded like generated inputs (targets included).
+        let arrays = self.inputs.len() * if self.targets.is_some() { 2 } else { 1 };
+        crate::math::limits::check_generated(arrays, added, self.width())?;
+        let mut order = Vec::with_capacity(tokens + added);
         order.extend(0..tokens);
         for _ in 0..extra {
             order.extend_from_slice(rows);
@@ -513,6 +516,14 @@ mod tests {
             assert_eq!(out.targets().unwrap()[b], y.select(Axis(0), &order));
         }
         assert_eq!(cal.clone().with_repeated_rows(&[2], 0).unwrap().tokens(), 5);
+        // Counts that would overflow or ask for more than the generated-values bound are
+        // typed errors before anything is allocated.
+        for extra in [usize::MAX / 2, 1 << 28] {
+            assert!(matches!(
+                cal.clone().with_repeated_rows(&[0, 1], extra),
+                Err(FipsError::InvalidParameter { .. })
+            ));
+        }
         assert!(matches!(
             cal.with_repeated_rows(&[5], 1),
             Err(FipsError::IndexOutOfRange {
