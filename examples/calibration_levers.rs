@@ -5,7 +5,10 @@
 //! ```sh
 //! cargo run --release --features images --example calibration_levers -- \
 //!     [--modes independent,inputs,residual] [--steps N] [--budgets P0,P1,P2] [--holdout F] \
-//!     [--cls-weight W] [--split-seed S] [--group-size G]
+//!     [--cls-weight W] [--split-seed S] [--group-size G] [--views N] [--view-area A] \
+//!     [--train-images N] \
+//!     [--distill-steps N] [--distill-images B] [--distill-lr LR[,LR...]] [--distill-views A[,A...]] \
+//!     [--distill-min-lr LR] [--distill-temperature T] [--score-every K]
 //! ```
 //!
 //! Holds out a seeded 20 % of the `calib/` images (never `eval/`); trains every DeiT-tiny group
@@ -24,11 +27,23 @@
 //! `--cls-weight W` weighs each image's class token as `W` tokens in training (default: the
 //! `fips compress` default, [`DEFAULT_CLASS_TOKEN_WEIGHT`]; 1 weighs every token alike);
 //! `--split-seed S` draws another held-out split (default 2024); `--group-size G` puts `G`
-//! consecutive blocks in a group (default 4).
+//! consecutive blocks in a group (default 4). `--views N` fits the groups on the training images
+//! and `N` seeded random-resized-crop-and-flip views of each (crops of at least `--view-area` of
+//! the image, default 0.35). `--train-images N` fits on a seeded `N` of the split's training
+//! images (the same held-out images).
+//!
+//! `--distill-steps N` then distills all groups end to end (`fips::app::distill`) on the training
+//! images (`DistillParams::default()` unless given), once per learning rate × view setting
+//! (`--distill-views 0` the images as they are, `A` a fresh random view of at least `A` of the
+//! area per image and step), scoring the held-out
+//! images every `--score-every` steps. Every run also scores the compressed model on its training
+//! images (the gap to the held-out images is what the block-wise fit overfits).
 
 use std::path::PathBuf;
 use std::time::Instant;
 
+use fips::app::augment::random_views;
+use fips::app::distill::{DistillParams, Distiller, PlacedGroup};
 use fips::app::images::{load_pixels, read_labels, split};
 use fips::app::pipeline::{DEFAULT_CLASS_TOKEN_WEIGHT, IMAGE_BATCH, Silent, classify};
 use fips::app::vit::{VisionTransformer, preprocess};
@@ -131,6 +146,16 @@ fn main() -> fips::Result<()> {
     let mut cls_weight = DEFAULT_CLASS_TOKEN_WEIGHT;
     let mut split_seed = 2024u64;
     let mut group_size = 4usize;
+    let mut distill = DistillParams {
+        steps: 0,
+        ..DistillParams::default()
+    };
+    let mut score_every = 25usize;
+    let mut views = 0usize;
+    let mut train_images = usize::MAX;
+    let mut view_area = 0.35f64;
+    let mut distill_lrs = vec![distill.learning_rate];
+    let mut distill_views: Vec<f64> = vec![distill.view_min_area.unwrap_or(0.0)];
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let v = args.next().unwrap_or_default();
@@ -144,6 +169,26 @@ fn main() -> fips::Result<()> {
             "--cls-weight" => v.parse().map(|k| cls_weight = k).is_ok(),
             "--split-seed" => v.parse().map(|k| split_seed = k).is_ok(),
             "--group-size" => v.parse().map(|k| group_size = k).is_ok(),
+            "--distill-steps" => v.parse().map(|k| distill.steps = k).is_ok(),
+            "--distill-images" => v.parse().map(|k| distill.images_per_step = k).is_ok(),
+            "--distill-lr" => v
+                .split(',')
+                .map(str::parse)
+                .collect::<Result<Vec<f64>, _>>()
+                .map(|k| distill_lrs = k)
+                .is_ok(),
+            "--distill-views" => v
+                .split(',')
+                .map(str::parse)
+                .collect::<Result<Vec<f64>, _>>()
+                .map(|k| distill_views = k)
+                .is_ok(),
+            "--distill-min-lr" => v.parse().map(|k| distill.min_learning_rate = k).is_ok(),
+            "--distill-temperature" => v.parse().map(|k| distill.temperature = k).is_ok(),
+            "--views" => v.parse().map(|k| views = k).is_ok(),
+            "--train-images" => v.parse().map(|k| train_images = k).is_ok(),
+            "--view-area" => v.parse().map(|k| view_area = k).is_ok(),
+            "--score-every" => v.parse().map(|k| score_every = k).is_ok(),
             "--budgets" => v
                 .split(',')
                 .map(str::parse)
@@ -170,9 +215,23 @@ fn main() -> fips::Result<()> {
     let set = data.join("imagenet-sample");
     let labels = read_labels(&set)?;
     let calib = load_pixels(&split(&labels, "calib"))?;
-    let (train_idx, val_idx) = holdout(calib.len_of(Axis(0)), fraction, split_seed)?;
+    let (mut train_idx, val_idx) = holdout(calib.len_of(Axis(0)), fraction, split_seed)?;
+    if train_images < train_idx.len() {
+        use rand::{SeedableRng, seq::SliceRandom};
+        train_idx.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(5));
+        train_idx.truncate(train_images);
+        train_idx.sort_unstable();
+    }
     let train = calib.select(Axis(0), &train_idx);
     let val = calib.select(Axis(0), &val_idx);
+    // Block-wise calibration images: the training images and `--views` random views of each.
+    let fit = if views == 0 {
+        train.clone()
+    } else {
+        let extra = random_views(train.view(), views, view_area, 7)?;
+        concatenate(Axis(0), &[train.view(), extra.view()])
+            .map_err(|e| fips::FipsError::Numerical(e.to_string()))?
+    };
     let shapes: Vec<_> = (0..layout.blocks())
         .map(|b| layout.block(b).map(|t| (t.width, t.intermediate)))
         .collect::<fips::Result<_>>()?;
@@ -193,6 +252,7 @@ fn main() -> fips::Result<()> {
     for mode in &modes {
         let start = Instant::now();
         let mut student = vit.clone();
+        let mut placed = Vec::new();
         for (g, blocks) in groups.groups().iter().enumerate() {
             let (Some(&first), Some(&last)) = (blocks.first(), blocks.last()) else {
                 continue;
@@ -207,11 +267,11 @@ fn main() -> fips::Result<()> {
             } else {
                 &student
             };
-            let captured = streams(source, train.view(), range.clone())?;
+            let captured = streams(source, fit.view(), range.clone())?;
             let inputs: Vec<_> = captured.iter().map(|(z, _)| z.clone()).collect();
             let mut cal = Calibration::new(inputs)?;
             if mode == "residual" {
-                let teacher = streams(&vit, train.view(), range.clone())?;
+                let teacher = streams(&vit, fit.view(), range.clone())?;
                 let targets = teacher
                     .iter()
                     .zip(&captured)
@@ -237,6 +297,10 @@ fn main() -> fips::Result<()> {
             for (p, &b) in blocks.iter().enumerate() {
                 student.set_mlp(b, group.to_dense_mlp(p)?)?;
             }
+            placed.push(PlacedGroup {
+                blocks: blocks.clone(),
+                group,
+            });
             let logits = classify(&student, val.view(), &mut Silent)?;
             let (agree, kl, rel) = metrics(&dense_logits, &logits);
             println!(
@@ -244,6 +308,47 @@ fn main() -> fips::Result<()> {
                 agree * 100.0,
                 start.elapsed().as_secs_f64()
             );
+        }
+        let (agree, kl, rel) = metrics(
+            &classify(&vit, train.view(), &mut Silent)?,
+            &classify(&student, train.view(), &mut Silent)?,
+        );
+        println!(
+            "{mode:<12} on the training images: agreement {:.1} %  KL {kl:.4}  logit rel {rel:.4}",
+            agree * 100.0
+        );
+        if distill.steps == 0 {
+            continue;
+        }
+
+        for (&lr, &views) in distill_lrs
+            .iter()
+            .flat_map(|lr| distill_views.iter().map(move |v| (lr, v)))
+        {
+            let params = DistillParams {
+                learning_rate: lr,
+                view_min_area: (views > 0.0).then_some(views),
+                ..distill
+            };
+            let start = Instant::now();
+            let mut distiller =
+                Distiller::new(&vit, placed.clone(), train.view(), params.check()?)?;
+            let mut losses = Vec::new();
+            while let Some(loss) = distiller.step()? {
+                losses.push(loss);
+                let done = distiller.steps_done();
+                if done % score_every == 0 || done == distill.steps {
+                    let logits = classify(distiller.student(), val.view(), &mut Silent)?;
+                    let (agree, kl, rel) = metrics(&dense_logits, &logits);
+                    let mean = losses.iter().sum::<f64>() / losses.len() as f64;
+                    losses.clear();
+                    println!(
+                        "{mode:<12} lr {lr:e} views {views}: distilled {done:>4} steps: agreement {:.1} %  KL {kl:.4}  logit rel {rel:.4}  (train loss {mean:.4}, {:.0} s)",
+                        agree * 100.0,
+                        start.elapsed().as_secs_f64()
+                    );
+                }
+            }
         }
     }
     Ok(())

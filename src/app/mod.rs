@@ -7,6 +7,9 @@
 pub mod augment;
 #[cfg(feature = "images")]
 #[cfg_attr(docsrs, doc(cfg(feature = "images")))]
+pub mod distill;
+#[cfg(feature = "images")]
+#[cfg_attr(docsrs, doc(cfg(feature = "images")))]
 pub mod images;
 #[cfg(feature = "images")]
 #[cfg_attr(docsrs, doc(cfg(feature = "images")))]

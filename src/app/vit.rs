@@ -22,8 +22,12 @@ use crate::foundation::mlp::{DenseMlp, Linear};
 use crate::foundation::slicing::s;
 
 mod compact;
+mod grad;
+#[cfg(test)]
+pub(crate) mod test_support;
 
 pub use compact::BlockMlp;
+pub use grad::MlpGradient;
 
 /// ImageNet channel means of `pixel / 255`.
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -76,18 +80,34 @@ impl LayerNorm {
 
     /// `(x − mean) / √(var + ε) · w + b` along each row (two-pass mean and variance).
     fn apply(&self, x: ArrayView2<'_, f32>) -> Array2<f32> {
+        let (mut out, _) = self.normalise(x);
+        self.scale(&mut out);
+        out
+    }
+
+    /// `x̂ = (x − mean) / √(var + ε)` along each row, and each row's `1 / √(var + ε)`.
+    fn normalise(&self, x: ArrayView2<'_, f32>) -> (Array2<f32>, Array1<f32>) {
         let mut out = x.to_owned();
+        let mut inverse = Array1::zeros(x.nrows());
         let n = x.ncols() as f32;
-        for mut row in out.rows_mut() {
+        for (mut row, inv_out) in out.rows_mut().into_iter().zip(inverse.iter_mut()) {
             let mean = row.sum() / n;
             let var = row.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / n;
             let inv = 1.0 / (var + self.eps).sqrt();
+            row.mapv_inplace(|v| (v - mean) * inv);
+            *inv_out = inv;
+        }
+        (out, inverse)
+    }
+
+    /// `x̂ ← x̂ · w + b` along each row.
+    fn scale(&self, normalised: &mut Array2<f32>) {
+        for mut row in normalised.rows_mut() {
             Zip::from(&mut row)
                 .and(&self.weight)
                 .and(&self.bias)
-                .for_each(|v, &w, &b| *v = (*v - mean) * inv * w + b);
+                .for_each(|v, &w, &b| *v = *v * w + b);
         }
-        out
     }
 }
 
@@ -471,25 +491,34 @@ impl VisionTransformer {
 
     /// `x ← x + proj(MHA(LN₁ x))`; returns `LN₂ x`, the MLP input.
     fn attention_residual(&self, block: &Block, x: &mut Array2<f32>) -> Array2<f32> {
+        let h = block.norm1.apply(x.view());
+        let Attention { attended, .. } = self.attention(block, h.view());
+        let mut projected = Array2::zeros((x.nrows(), self.config.width));
+        block.proj.forward_into(attended.view(), &mut projected);
+        *x += &projected;
+        block.norm2.apply(x.view())
+    }
+
+    /// Multi-head self-attention of `h = LN₁ x` (`[B · T, d]`), before the output projection.
+    fn attention(&self, block: &Block, h: ArrayView2<'_, f32>) -> Attention {
         let VitConfig {
             width: d, heads, ..
         } = self.config;
         let t = self.config.tokens();
         let dh = d / heads;
-        let h = block.norm1.apply(x.view());
-        let mut qkv = Array2::zeros((x.nrows(), 3 * d));
-        block.qkv.forward_into(h.view(), &mut qkv);
-        let images = x.nrows() / t;
-        let mut attended = Array2::<f32>::zeros((x.nrows(), d));
+        let mut qkv = Array2::zeros((h.nrows(), 3 * d));
+        block.qkv.forward_into(h, &mut qkv);
+        let images = h.nrows() / t;
+        let mut attended = Array2::<f32>::zeros((h.nrows(), d));
         // Scores of every (image, head) pair: the GEMMs run on this thread (BLAS parallelises
         // them), the softmax over all of them is split across threads.
-        let mut scores = Array3::<f32>::zeros((images * heads, t, t));
+        let mut probs = Array3::<f32>::zeros((images * heads, t, t));
         let scale = 1.0 / (dh as f32).sqrt();
         let qkv_of = |b: usize, head: usize, part: usize| {
             let c = part * d + head * dh;
             qkv.slice(s![b * t..(b + 1) * t, c..c + dh])
         };
-        for (k, mut sc) in scores.outer_iter_mut().enumerate() {
+        for (k, mut sc) in probs.outer_iter_mut().enumerate() {
             let (b, head) = (k / heads, k % heads);
             general_mat_mul(
                 scale,
@@ -499,19 +528,28 @@ impl VisionTransformer {
                 &mut sc,
             );
         }
-        if let Some(flat) = scores.as_slice_mut() {
+        if let Some(flat) = probs.as_slice_mut() {
             RowSplit::available().softmax_rows(flat, t);
         }
-        for (k, sc) in scores.outer_iter().enumerate() {
+        for (k, sc) in probs.outer_iter().enumerate() {
             let (b, head) = (k / heads, k % heads);
             let mut out = attended.slice_mut(s![b * t..(b + 1) * t, head * dh..(head + 1) * dh]);
             general_mat_mul(1.0, &sc, &qkv_of(b, head, 2), 0.0, &mut out);
         }
-        let mut projected = Array2::zeros((x.nrows(), d));
-        block.proj.forward_into(attended.view(), &mut projected);
-        *x += &projected;
-        block.norm2.apply(x.view())
+        Attention {
+            qkv,
+            probs,
+            attended,
+        }
     }
+}
+
+/// One block's attention: the `[q | k | v]` projection `[B · T, 3d]`, the attention
+/// probabilities `[B · heads, T, T]` (image-major) and the heads' outputs `[B · T, d]`.
+struct Attention {
+    qkv: Array2<f32>,
+    probs: Array3<f32>,
+    attended: Array2<f32>,
 }
 
 /// NHWC `u8` pixels → NCHW `f32` model input `(pixel / 255 − mean) / std` with ImageNet statistics.

@@ -1,0 +1,383 @@
+//! Reverse mode through the whole ViT: the gradient of a loss on the logits with respect to every
+//! block's MLP weights and biases (what end-to-end distillation of compressed MLPs trains).
+//!
+//! Rules, row by row over tokens:
+//! - linear `y = x Wᵀ + b`: `∂W = ∂yᵀ x`, `∂b = Σ_rows ∂y`, `∂x = ∂y W`;
+//! - LayerNorm `y = x̂ ⊙ w + b`, `x̂ = (x − μ) / σ`: with `g = ∂y ⊙ w`,
+//!   `∂x = (g − mean(g) − x̂ · mean(g ⊙ x̂)) / σ`;
+//! - attention `a = P v`, `P = softmax(s)`, `s = q kᵀ / √d_h`: `∂v = Pᵀ ∂a`, `∂P = ∂a vᵀ`,
+//!   `∂s = P ⊙ (∂P − rowsum(∂P ⊙ P))`, `∂q = ∂s k / √d_h`, `∂k = ∂sᵀ q / √d_h`.
+//!
+//! The activations kept for the backward pass are, per block and token, `x̂₁`, `q k v`, a row of
+//! attention probabilities per head, `x̂₂`, the MLP input and its pre-activation: about
+//! `(6d + heads · T + I)` floats (≈ 22 MB per DeiT-tiny image over its 12 blocks).
+
+use ndarray::{Array1, Array2, Array3, ArrayView2, ArrayView4, Axis, Zip, linalg::general_mat_mul};
+
+use super::{Attention, LayerNorm, VisionTransformer, VitConfig};
+use crate::foundation::error::{FipsError, Result, invalid};
+use crate::foundation::mlp::{DenseMlp, MlpKind};
+use crate::foundation::slicing::s;
+
+/// `∂L/∂θ` of one block's MLP, each in its parameter's own layout.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MlpGradient {
+    /// `∂L/∂W_fc1`, `[I, d]`.
+    pub fc1_weight: Array2<f32>,
+    /// `∂L/∂b_fc1`, `[I]`.
+    pub fc1_bias: Array1<f32>,
+    /// `∂L/∂W_fc2`, `[d, I]`.
+    pub fc2_weight: Array2<f32>,
+    /// `∂L/∂b_fc2`, `[d]`.
+    pub fc2_bias: Array1<f32>,
+}
+
+impl MlpGradient {
+    /// `self ← self + other` (gradients of two parts of a batch).
+    pub(crate) fn add(&mut self, other: &MlpGradient) {
+        self.fc1_weight += &other.fc1_weight;
+        self.fc1_bias += &other.fc1_bias;
+        self.fc2_weight += &other.fc2_weight;
+        self.fc2_bias += &other.fc2_bias;
+    }
+}
+
+/// What one block keeps from the forward pass for the backward pass.
+struct BlockTape {
+    /// `x̂` of `norm1` and its rows' `1/σ`.
+    normalised1: (Array2<f32>, Array1<f32>),
+    /// `[q | k | v]`, `[B · T, 3d]`.
+    qkv: Array2<f32>,
+    /// Attention probabilities `[B · heads, T, T]`.
+    probs: Array3<f32>,
+    /// `x̂` of `norm2` and its rows' `1/σ`.
+    normalised2: (Array2<f32>, Array1<f32>),
+    /// The MLP input `LN₂ x`, `[B · T, d]`.
+    mlp_input: Array2<f32>,
+    /// fc1's output before the activation, `[B · T, I]`.
+    pre_activation: Array2<f32>,
+}
+
+impl LayerNorm {
+    /// `∂L/∂x` from `∂L/∂y` for the rows normalised as `(x̂, 1/σ)`.
+    fn backward(
+        &self,
+        (normalised, inverse): &(Array2<f32>, Array1<f32>),
+        dy: ArrayView2<'_, f32>,
+    ) -> Array2<f32> {
+        let n = normalised.ncols() as f32;
+        let mut dx = Array2::zeros(normalised.raw_dim());
+        for (((mut dx_row, x_row), dy_row), &inv) in dx
+            .rows_mut()
+            .into_iter()
+            .zip(normalised.rows())
+            .zip(dy.rows())
+            .zip(inverse)
+        {
+            Zip::from(&mut dx_row)
+                .and(&dy_row)
+                .and(&self.weight)
+                .for_each(|g, &d, &w| *g = d * w);
+            let mean_g = dx_row.sum() / n;
+            let mean_gx = dx_row.iter().zip(x_row).map(|(&g, &x)| g * x).sum::<f32>() / n;
+            Zip::from(&mut dx_row)
+                .and(&x_row)
+                .for_each(|g, &x| *g = (*g - mean_g - x * mean_gx) * inv);
+        }
+        dx
+    }
+}
+
+impl VisionTransformer {
+    /// The logits `[B, classes]` of normalised images `[B, 3, H, W]` and, with
+    /// `∂L/∂logits = loss_gradient(logits)`, the gradient of `L` with respect to every block's MLP
+    /// (block order). Every MLP must be dense with two matrices (fc1, fc2).
+    pub fn mlp_gradients(
+        &self,
+        images: ArrayView4<'_, f32>,
+        loss_gradient: impl FnOnce(ArrayView2<'_, f32>) -> Result<Array2<f32>>,
+    ) -> Result<(Array2<f32>, Vec<MlpGradient>)> {
+        self.check_images(images)?;
+        let mlps = (0..self.blocks.len())
+            .map(|b| {
+                let mlp = self.mlp(b)?;
+                if mlp.kind() != MlpKind::Standard {
+                    return Err(invalid(
+                        "block",
+                        format!("block {b}'s MLP is gated; gradients need fc1 and fc2"),
+                    ));
+                }
+                Ok(mlp)
+            })
+            .collect::<Result<Vec<&DenseMlp<f32>>>>()?;
+        let VitConfig { width: d, .. } = self.config;
+        let t = self.config.tokens();
+        let mut x = self.embed(images);
+        let mut tapes = Vec::with_capacity(self.blocks.len());
+        for (block, mlp) in self.blocks.iter().zip(&mlps) {
+            let normalised1 = block.norm1.normalise(x.view());
+            let mut h = normalised1.0.clone();
+            block.norm1.scale(&mut h);
+            let Attention {
+                qkv,
+                probs,
+                attended,
+            } = self.attention(block, h.view());
+            let mut projected = Array2::zeros((x.nrows(), d));
+            block.proj.forward_into(attended.view(), &mut projected);
+            x += &projected;
+            let normalised2 = block.norm2.normalise(x.view());
+            let mut mlp_input = normalised2.0.clone();
+            block.norm2.scale(&mut mlp_input);
+            let [fc1, fc2] = mlp.layers() else {
+                return Err(invalid(
+                    "block",
+                    "a standard MLP has two layers".to_string(),
+                ));
+            };
+            let mut pre_activation = Array2::zeros((x.nrows(), fc1.out_features()));
+            fc1.forward_into(mlp_input.view(), &mut pre_activation);
+            let act = mlp.activation();
+            let hidden = pre_activation.mapv(|v| act.apply(v));
+            let mut y = Array2::zeros((x.nrows(), d));
+            fc2.forward_into(hidden.view(), &mut y);
+            x += &y;
+            tapes.push(BlockTape {
+                normalised1,
+                qkv,
+                probs,
+                normalised2,
+                mlp_input,
+                pre_activation,
+            });
+        }
+        let normalised = self.norm.normalise(x.slice(s![..;t, ..]));
+        let mut cls = normalised.0.clone();
+        self.norm.scale(&mut cls);
+        let logits = self.head.forward(cls.view())?;
+        let dlogits = loss_gradient(logits.view())?;
+        if dlogits.dim() != logits.dim() {
+            return Err(FipsError::ShapeMismatch {
+                what: "gradient of the loss with respect to the logits".into(),
+                expected: logits.shape().to_vec(),
+                got: dlogits.shape().to_vec(),
+            });
+        }
+        let dcls = self
+            .norm
+            .backward(&normalised, dlogits.dot(self.head.weight()).view());
+        let mut dx = Array2::<f32>::zeros(x.raw_dim());
+        dx.slice_mut(s![..;t, ..]).assign(&dcls);
+        let mut gradients = Vec::with_capacity(self.blocks.len());
+        for ((block, mlp), tape) in self.blocks.iter().zip(&mlps).zip(&tapes).rev() {
+            let [fc1, fc2] = mlp.layers() else {
+                return Err(invalid(
+                    "block",
+                    "a standard MLP has two layers".to_string(),
+                ));
+            };
+            let act = mlp.activation();
+            // The MLP: x ← x + fc2(act(fc1 z)).
+            let hidden = tape.pre_activation.mapv(|v| act.apply(v));
+            let fc2_weight = dx.t().dot(&hidden);
+            let fc2_bias = dx.sum_axis(Axis(0));
+            let mut dpre = dx.dot(fc2.weight());
+            Zip::from(&mut dpre)
+                .and(&tape.pre_activation)
+                .for_each(|g, &a| *g *= act.derivative(a));
+            let fc1_weight = dpre.t().dot(&tape.mlp_input);
+            let fc1_bias = dpre.sum_axis(Axis(0));
+            let dz = dpre.dot(fc1.weight());
+            dx += &block.norm2.backward(&tape.normalised2, dz.view());
+            gradients.push(MlpGradient {
+                fc1_weight,
+                fc1_bias,
+                fc2_weight,
+                fc2_bias,
+            });
+            // Attention: x ← x + proj(MHA(LN₁ x)).
+            let dattended = dx.dot(block.proj.weight());
+            let dqkv = self.attention_backward(&tape.qkv, &tape.probs, dattended.view());
+            let dh = dqkv.dot(block.qkv.weight());
+            dx += &block.norm1.backward(&tape.normalised1, dh.view());
+        }
+        gradients.reverse();
+        Ok((logits, gradients))
+    }
+
+    /// `∂L/∂[q | k | v]` from `∂L/∂(heads' outputs)`, `[B · T, d]`.
+    fn attention_backward(
+        &self,
+        qkv: &Array2<f32>,
+        probs: &Array3<f32>,
+        dattended: ArrayView2<'_, f32>,
+    ) -> Array2<f32> {
+        let VitConfig {
+            width: d, heads, ..
+        } = self.config;
+        let t = self.config.tokens();
+        let dh = d / heads;
+        let scale = 1.0 / (dh as f32).sqrt();
+        let mut dqkv = Array2::<f32>::zeros(qkv.raw_dim());
+        let mut dp = Array2::<f32>::zeros((t, t));
+        for (k, p) in probs.outer_iter().enumerate() {
+            let (b, head) = (k / heads, k % heads);
+            let rows = b * t..(b + 1) * t;
+            let cols = |part: usize| part * d + head * dh..part * d + (head + 1) * dh;
+            let da = dattended.slice(s![rows.clone(), head * dh..(head + 1) * dh]);
+            let v = qkv.slice(s![rows.clone(), cols(2)]);
+            general_mat_mul(
+                1.0,
+                &p.t(),
+                &da,
+                0.0,
+                &mut dqkv.slice_mut(s![rows.clone(), cols(2)]),
+            );
+            general_mat_mul(1.0, &da, &v.t(), 0.0, &mut dp);
+            for (mut g, p_row) in dp.rows_mut().into_iter().zip(p.rows()) {
+                let dot = g.iter().zip(p_row).map(|(&g, &p)| g * p).sum::<f32>();
+                Zip::from(&mut g)
+                    .and(&p_row)
+                    .for_each(|g, &p| *g = p * (*g - dot) * scale);
+            }
+            let q = qkv.slice(s![rows.clone(), cols(0)]);
+            let key = qkv.slice(s![rows.clone(), cols(1)]);
+            general_mat_mul(
+                1.0,
+                &dp,
+                &key,
+                0.0,
+                &mut dqkv.slice_mut(s![rows.clone(), cols(0)]),
+            );
+            general_mat_mul(
+                1.0,
+                &dp.t(),
+                &q,
+                0.0,
+                &mut dqkv.slice_mut(s![rows, cols(1)]),
+            );
+        }
+        dqkv
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::{CLASSES, tiny_vit};
+    use super::*;
+    use crate::foundation::mlp::Linear;
+    use ndarray::{Array4, array};
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    fn random(rng: &mut ChaCha8Rng, shape: (usize, usize), scale: f32) -> Array2<f32> {
+        Array2::from_shape_fn(shape, |_| scale * (rng.random::<f32>() - 0.5))
+    }
+
+    fn images(seed: u64, n: usize) -> Array4<f32> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        Array4::from_shape_fn((n, 3, 8, 8), |_| rng.random::<f32>() * 2.0 - 1.0)
+    }
+
+    /// `L = Σ c ⊙ logits` (so `∂L/∂logits = c`) in `f64`.
+    fn loss(vit: &VisionTransformer, x: &Array4<f32>, c: &Array2<f32>) -> f64 {
+        let logits = vit.forward(x.view()).unwrap();
+        logits
+            .iter()
+            .zip(c)
+            .map(|(&l, &c)| l as f64 * c as f64)
+            .sum()
+    }
+
+    fn with_weight(
+        vit: &VisionTransformer,
+        block: usize,
+        layer: usize,
+        edit: impl Fn(&mut Array2<f32>, &mut Array1<f32>),
+    ) -> VisionTransformer {
+        let mlp = vit.mlp(block).unwrap();
+        let mut layers: Vec<Linear<f32>> = mlp.layers().to_vec();
+        let (mut w, b) = layers[layer].clone().into_parts();
+        let mut b = b.unwrap();
+        edit(&mut w, &mut b);
+        layers[layer] = Linear::new(w, Some(b)).unwrap();
+        let mut out = vit.clone();
+        out.set_mlp(
+            block,
+            DenseMlp::from_layers(MlpKind::Standard, layers, mlp.activation()).unwrap(),
+        )
+        .unwrap();
+        out
+    }
+
+    #[test]
+    fn forward_is_unchanged_by_the_gradient_pass() {
+        let vit = tiny_vit(1);
+        let x = images(2, 3);
+        let (logits, grads) = vit
+            .mlp_gradients(x.view(), |l| Ok(Array2::zeros(l.raw_dim())))
+            .unwrap();
+        assert_eq!(logits, vit.forward(x.view()).unwrap());
+        assert_eq!(grads.len(), 2);
+        assert!(grads.iter().all(|g| g.fc1_weight.iter().all(|&v| v == 0.0)));
+    }
+
+    /// Every MLP weight's and bias's gradient against central differences of `L` (`f32` model,
+    /// `f64` sums, step 1e-2): wrong signs, a missing LayerNorm or softmax term or a transposed
+    /// product each break it by far more than the tolerance.
+    #[test]
+    fn mlp_gradients_match_finite_differences() {
+        let vit = tiny_vit(3);
+        let x = images(4, 2);
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let c = random(&mut rng, (2, CLASSES), 2.0);
+        let (_, grads) = vit.mlp_gradients(x.view(), |_| Ok(c.clone())).unwrap();
+        let h = 1e-2f32;
+        let mut worst = 0.0f64;
+        let mut largest = 0.0f64;
+        for (block, g) in grads.iter().enumerate() {
+            for layer in 0..2 {
+                let (gw, gb) = if layer == 0 {
+                    (&g.fc1_weight, &g.fc1_bias)
+                } else {
+                    (&g.fc2_weight, &g.fc2_bias)
+                };
+                let entries: Vec<Option<(usize, usize)>> = (0..gw.nrows())
+                    .flat_map(|i| (0..gw.ncols()).map(move |j| Some((i, j))))
+                    .chain((0..gb.len()).map(|_| None))
+                    .collect();
+                for (k, entry) in entries.into_iter().enumerate() {
+                    let bump = |sign: f32| {
+                        with_weight(&vit, block, layer, |w, b| match entry {
+                            Some(ij) => w[ij] += sign * h,
+                            None => b[k - gw.len()] += sign * h,
+                        })
+                    };
+                    let numeric =
+                        (loss(&bump(1.0), &x, &c) - loss(&bump(-1.0), &x, &c)) / (2.0 * h as f64);
+                    let analytic = match entry {
+                        Some(ij) => gw[ij],
+                        None => gb[k - gw.len()],
+                    } as f64;
+                    worst = worst.max((numeric - analytic).abs());
+                    largest = largest.max(analytic.abs());
+                }
+            }
+        }
+        assert!(largest > 0.1, "gradients too small to test: {largest}");
+        assert!(
+            worst < 2e-3 * largest.max(1.0),
+            "worst difference {worst}, largest gradient {largest}"
+        );
+    }
+
+    #[test]
+    fn a_wrong_loss_gradient_shape_is_an_error() {
+        let vit = tiny_vit(1);
+        let x = images(2, 2);
+        let err = vit
+            .mlp_gradients(x.view(), |_| Ok(array![[1.0f32]]))
+            .unwrap_err();
+        assert!(matches!(err, FipsError::ShapeMismatch { .. }), "{err}");
+    }
+}
