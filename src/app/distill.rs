@@ -17,7 +17,7 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
 use crate::app::augment::random_view;
-use crate::app::vit::{MlpGradient, VisionTransformer, VitConfig, preprocess};
+use crate::app::vit::{MAX_TAPE_VALUES, MlpGradient, VisionTransformer, preprocess};
 use crate::foundation::activation::Activation;
 use crate::foundation::error::{FipsError, Result, invalid};
 use crate::foundation::kernels::RowSplit;
@@ -31,10 +31,6 @@ use crate::repr::shared_basis::SharedBasisGroup;
 
 /// Most images in one distillation step (each keeps about 22 MB of activations in DeiT-tiny).
 pub const MAX_IMAGES_PER_STEP: usize = 256;
-
-/// Most activation values one step keeps for its backward pass (4 GiB of `f32`):
-/// `images · depth · T · (6d + heads · T + I)`, see [`VisionTransformer::mlp_gradients`].
-pub const MAX_TAPE_VALUES: usize = 1 << 30;
 
 /// Settings of end-to-end distillation. The defaults are the best of those tried on held-out
 /// DeiT-tiny calibration images (`docs/results.md`, "Where the agreement is lost"): 60 steps of 16
@@ -174,7 +170,7 @@ struct GroupState {
 }
 
 impl GroupState {
-    fn new(placed: PlacedGroup) -> Result<Self> {
+    fn new(placed: PlacedGroup) -> Self {
         let PlacedGroup { blocks, group } = placed;
         let kind = group.kind();
         let activation = group.activation();
@@ -184,7 +180,7 @@ impl GroupState {
             .zip(group.biases())
             .map(|(f, b)| {
                 let (values, mask) = f.clone().into_parts();
-                Ok(FactorState {
+                FactorState {
                     moments: Moments::zeros(values.raw_dim()),
                     values,
                     mask,
@@ -192,18 +188,18 @@ impl GroupState {
                         let m = Moments::zeros(b.raw_dim());
                         (b, m)
                     }),
-                })
+                }
             })
-            .collect::<Result<Vec<_>>>()?;
+            .collect();
         let u = group.basis().view().to_owned();
-        Ok(Self {
+        Self {
             blocks,
             kind,
             activation,
             u_moments: Moments::zeros(u.raw_dim()),
             u,
             factors,
-        })
+        }
     }
 
     fn group(&self) -> Result<SharedBasisGroup<f32>> {
@@ -302,7 +298,9 @@ pub struct Distiller<'a> {
     params: DistillParams,
     teacher: &'a VisionTransformer,
     pixels: ArrayView4<'a, u8>,
-    teacher_logits: Array2<f32>,
+    /// The teacher's logits of `pixels`, when the images are shown as they are (with views,
+    /// each step computes the logits of its views).
+    teacher_logits: Option<Array2<f32>>,
     student: VisionTransformer,
     groups: Vec<GroupState>,
     order: Vec<usize>,
@@ -325,10 +323,13 @@ impl<'a> Distiller<'a> {
         if n == 0 {
             return Err(invalid("images", "distillation needs at least one image"));
         }
-        let config = *teacher.config();
-        let depth = config.depth;
-        let intermediate = teacher.mlp(0)?.intermediate();
-        let tape = tape_values(&config, intermediate, params.images_per_step);
+        let depth = teacher.config().depth;
+        // Every MLP of the teacher dense (the student's gradients need it), and a step's
+        // activations bounded, before any work.
+        for b in 0..depth {
+            teacher.mlp(b)?;
+        }
+        let tape = teacher.tape_values(params.images_per_step);
         if tape.is_none_or(|v| v > MAX_TAPE_VALUES) {
             return Err(invalid(
                 "images_per_step",
@@ -375,10 +376,9 @@ impl<'a> Distiller<'a> {
                 student.set_mlp(b, placed.group.to_dense_mlp(k)?)?;
             }
         }
-        let teacher_logits = if params.view_min_area.is_some() {
-            Array2::zeros((0, 0))
-        } else {
-            logits_of(teacher, pixels)?
+        let teacher_logits = match params.view_min_area {
+            Some(_) => None,
+            None => Some(logits_of(teacher, pixels)?),
         };
         let mut rng = ChaCha8Rng::seed_from_u64(params.seed);
         let mut order: Vec<usize> = (0..n).collect();
@@ -389,10 +389,7 @@ impl<'a> Distiller<'a> {
             pixels,
             teacher_logits,
             student,
-            groups: groups
-                .into_iter()
-                .map(GroupState::new)
-                .collect::<Result<_>>()?,
+            groups: groups.into_iter().map(GroupState::new).collect(),
             order,
             next: 0,
             rng,
@@ -433,7 +430,7 @@ impl<'a> Distiller<'a> {
             .map(|start| start..(start + chunk).min(total))
             .collect();
         let (student, teacher, stored) = (&self.student, self.teacher, &self.teacher_logits);
-        let (tau, views) = (self.params.temperature, self.params.view_min_area.is_some());
+        let tau = self.params.temperature;
         let mut loss = 0.0;
         let mut gradients: Vec<MlpGradient> = Vec::new();
         thread_plan::map_in_rounds(
@@ -441,10 +438,9 @@ impl<'a> Distiller<'a> {
             workers,
             |range| {
                 let images = preprocess(pixels.slice(s![range.clone(), .., .., ..]));
-                let t = if views {
-                    teacher.forward(images.view())?
-                } else {
-                    stored.select(Axis(0), &batch[range.clone()])
+                let t = match stored {
+                    Some(logits) => logits.select(Axis(0), &batch[range.clone()]),
+                    None => teacher.forward(images.view())?,
                 };
                 let share = range.len() as f64 / total as f64;
                 let mut part_loss = 0.0;
@@ -511,19 +507,6 @@ impl<'a> Distiller<'a> {
     }
 }
 
-/// `images · depth · T · (6d + heads · T + I)`: the activation values one step keeps for its
-/// backward pass; `None` on overflow.
-fn tape_values(config: &VitConfig, intermediate: usize, images: usize) -> Option<usize> {
-    let tokens = config.tokens();
-    tokens
-        .checked_mul(config.heads)?
-        .checked_add(config.width.checked_mul(6)?)?
-        .checked_add(intermediate)?
-        .checked_mul(tokens)?
-        .checked_mul(config.depth)?
-        .checked_mul(images)
-}
-
 /// `vit`'s logits of `pixels`, 32 images at a time (bounding the preprocessed copy).
 fn logits_of(vit: &VisionTransformer, pixels: ArrayView4<'_, u8>) -> Result<Array2<f32>> {
     let mut logits = Array2::zeros((pixels.len_of(Axis(0)), vit.config().num_classes));
@@ -572,7 +555,8 @@ fn log_softmax(row: impl Iterator<Item = f64> + Clone) -> Vec<f64> {
 mod tests {
     use super::*;
     use crate::app::pipeline::{Silent, classify};
-    use crate::app::vit::test_support::{HIDDEN, WIDTH, tiny_vit};
+    use crate::app::vit::VitConfig;
+    use crate::app::vit::test_support::{HIDDEN, WIDTH, random_vit, tiny_vit};
     use ndarray::{Array4, array};
     use rand::Rng;
 
@@ -685,8 +669,7 @@ mod tests {
             let mut state = GroupState::new(PlacedGroup {
                 blocks: vec![0, 1],
                 group: group.clone(),
-            })
-            .unwrap();
+            });
             edit(&mut state);
             let rebuilt = state.group().unwrap();
             let mut student = teacher.clone();
@@ -812,21 +795,52 @@ mod tests {
 
     #[test]
     fn the_activations_kept_for_the_backward_pass_are_counted_and_bounded() {
-        let deit_tiny = VitConfig {
-            width: 192,
-            depth: 12,
-            heads: 3,
-            patch_size: 16,
-            image_size: 224,
-            num_classes: 1000,
-            layer_norm_eps: 1e-6,
-        };
+        let deit_tiny = random_vit(
+            1,
+            VitConfig {
+                width: 192,
+                depth: 12,
+                heads: 3,
+                patch_size: 16,
+                image_size: 224,
+                num_classes: 1000,
+                layer_norm_eps: 1e-6,
+            },
+            768,
+        );
         // 197 tokens × (3 · 197 + 6 · 192 + 768) = 197 × 2511 per block and image.
-        assert_eq!(tape_values(&deit_tiny, 768, 1), Some(12 * 197 * 2511));
+        assert_eq!(deit_tiny.tape_values(1), Some(12 * 197 * 2511));
         // 256 images of DeiT-tiny (1.5 · 10⁹ values) are refused; 16 (95 · 10⁶) are not.
-        assert!(tape_values(&deit_tiny, 768, MAX_IMAGES_PER_STEP).unwrap() > MAX_TAPE_VALUES);
-        assert!(tape_values(&deit_tiny, 768, 16).unwrap() < MAX_TAPE_VALUES);
-        assert_eq!(tape_values(&deit_tiny, usize::MAX / 2, 1), None);
+        assert!(deit_tiny.tape_values(MAX_IMAGES_PER_STEP).unwrap() > MAX_TAPE_VALUES);
+        assert!(deit_tiny.tape_values(16).unwrap() < MAX_TAPE_VALUES);
+        assert_eq!(deit_tiny.tape_values(usize::MAX / 2), None);
+        // The distiller refuses such a step before any work.
+        let px = Array4::<u8>::zeros((1, 224, 224, 3));
+        let group = PlacedGroup {
+            blocks: vec![0],
+            group: SharedBasisGroup::new(
+                MlpKind::Standard,
+                Activation::Gelu,
+                SharedBasis::new(Array2::zeros((192, 4))).unwrap(),
+                vec![
+                    SparseFactor::dense(Array2::zeros((4, 768))).unwrap(),
+                    SparseFactor::dense(Array2::zeros((4, 768))).unwrap(),
+                ],
+                vec![None, None],
+            )
+            .unwrap(),
+        };
+        let params = DistillParams {
+            images_per_step: MAX_IMAGES_PER_STEP,
+            ..DistillParams::default()
+        };
+        assert!(matches!(
+            Distiller::new(&deit_tiny, vec![group], px.view(), params.check().unwrap()),
+            Err(FipsError::InvalidParameter {
+                name: "images_per_step",
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -22,7 +22,9 @@ use crate::foundation::error::{FipsError, Result};
 use crate::foundation::slicing::s;
 use crate::foundation::thread_plan;
 use crate::math::calibration::{Calibration, CalibrationReader};
-use crate::math::validation::{ValidationSet, holdout, holdout_count, split_reader, split_tokens};
+use crate::math::validation::{
+    ValidationSet, holdout, holdout_count, split_reader, split_tokens_at,
+};
 use crate::methods::{Compressor, MethodOutput, MethodReport, Progress};
 
 /// Tokens per block of data-free (Gaussian) calibration by default.
@@ -392,15 +394,12 @@ pub fn compress_group(
                     run.compress(&weight_class_tokens(calib, None, class)?, None, observer)?
                 }
                 Validation::Holdout { fraction, seed } => {
-                    let kept = match class {
-                        Some(_) => Some(holdout(calib.tokens(), *fraction, *seed)?.0),
-                        None => None,
-                    };
+                    let (kept, held) = holdout(calib.tokens(), *fraction, *seed)?;
                     // The split consumes `calib` block by block: no second copy of the calibration.
-                    let (train, held) = split_tokens(calib, *fraction, *seed)?;
+                    let (train, held) = split_tokens_at(calib, &kept, &held)?;
                     let set = ValidationSet::new(&dense, &held)?;
                     drop(held);
-                    let train = weight_class_tokens(train, kept.as_deref(), class)?;
+                    let train = weight_class_tokens(train, Some(&kept), class)?;
                     run.compress(&train, Some(&set), observer)?
                 }
                 Validation::Source(source) => {
@@ -663,6 +662,7 @@ pub fn mlp_parameters(layout: &MlpLayout, model: &CompressedModel) -> (usize, us
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::math::validation::split_tokens;
 
     /// Row `t` of every block holds `t`, so the rows of a set name their capture positions.
     fn numbered(tokens: usize) -> Calibration<f32> {

@@ -27,7 +27,7 @@ mod grad;
 pub(crate) mod test_support;
 
 pub use compact::BlockMlp;
-pub use grad::MlpGradient;
+pub use grad::{MAX_TAPE_VALUES, MlpGradient};
 
 /// ImageNet channel means of `pixel / 255`.
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];

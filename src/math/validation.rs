@@ -62,6 +62,24 @@ pub fn split_tokens<F: Float>(
     seed: u64,
 ) -> Result<(Calibration<F>, Calibration<F>)> {
     let (kept, held) = holdout(calibration.tokens(), fraction, seed)?;
+    split_tokens_at(calibration, &kept, &held)
+}
+
+/// [`split_tokens`] at given positions: the rows `kept` of every block (and target) train, the
+/// rows `held` validate (for a caller that needs the positions of a [`holdout`] too).
+pub(crate) fn split_tokens_at<F: Float>(
+    calibration: Calibration<F>,
+    kept: &[usize],
+    held: &[usize],
+) -> Result<(Calibration<F>, Calibration<F>)> {
+    let tokens = calibration.tokens();
+    if let Some(&bad) = kept.iter().chain(held).find(|&&t| t >= tokens) {
+        return Err(FipsError::IndexOutOfRange {
+            what: "split calibration token",
+            index: bad,
+            len: tokens,
+        });
+    }
     // Block by block, each block dropped once split: no second copy of the whole set.
     let split = |arrays: Vec<Array2<F>>| {
         let (mut a, mut b) = (
@@ -69,8 +87,8 @@ pub fn split_tokens<F: Float>(
             Vec::with_capacity(arrays.len()),
         );
         for z in arrays {
-            a.push(z.select(Axis(0), &kept));
-            b.push(z.select(Axis(0), &held));
+            a.push(z.select(Axis(0), kept));
+            b.push(z.select(Axis(0), held));
         }
         (a, b)
     };
@@ -375,6 +393,22 @@ mod tests {
         assert!(stop.observe(100, 0.499), "0.499 vs 0.5 at step 50: < 1 %");
         assert!(EarlyStop::new(0, 0.1).is_err());
         assert!(EarlyStop::new(10, 1.0).is_err());
+    }
+
+    /// Split positions past the set are a typed error, not a panic in `select`.
+    #[test]
+    fn split_positions_past_the_set_are_an_error() {
+        let cal = Calibration::new(vec![Array2::<f64>::zeros((4, 2))]).unwrap();
+        assert!(matches!(
+            split_tokens_at(cal.clone(), &[0, 1], &[4]),
+            Err(FipsError::IndexOutOfRange {
+                index: 4,
+                len: 4,
+                ..
+            })
+        ));
+        let (train, held) = split_tokens_at(cal, &[0, 3], &[1]).unwrap();
+        assert_eq!((train.tokens(), held.tokens()), (2, 1));
     }
 
     #[test]

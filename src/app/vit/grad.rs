@@ -16,8 +16,12 @@ use ndarray::{Array1, Array2, Array3, ArrayView2, ArrayView4, Axis, Zip, linalg:
 
 use super::{Attention, LayerNorm, VisionTransformer, VitConfig};
 use crate::foundation::error::{FipsError, Result, invalid};
-use crate::foundation::mlp::{DenseMlp, MlpKind};
+use crate::foundation::mlp::MlpKind;
 use crate::foundation::slicing::s;
+
+/// Most activation values [`VisionTransformer::mlp_gradients`] keeps for its backward pass at
+/// once (4 GiB of `f32`): `images · T · Σ_blocks (6d + heads · T + I_b)`.
+pub const MAX_TAPE_VALUES: usize = 1 << 30;
 
 /// `∂L/∂θ` of one block's MLP, each in its parameter's own layout.
 #[derive(Debug, Clone, PartialEq)]
@@ -98,23 +102,34 @@ impl VisionTransformer {
         loss_gradient: impl FnOnce(ArrayView2<'_, f32>) -> Result<Array2<f32>>,
     ) -> Result<(Array2<f32>, Vec<MlpGradient>)> {
         self.check_images(images)?;
+        // Each block's `(fc1, fc2, activation)`, checked once.
         let mlps = (0..self.blocks.len())
-            .map(|b| {
-                let mlp = self.mlp(b)?;
-                if mlp.kind() != MlpKind::Standard {
-                    return Err(invalid(
-                        "block",
-                        format!("block {b}'s MLP is gated; gradients need fc1 and fc2"),
-                    ));
+            .map(|b| match self.mlp(b)?.layers() {
+                [fc1, fc2] if self.mlp(b)?.kind() == MlpKind::Standard => {
+                    Ok((fc1, fc2, self.mlp(b)?.activation()))
                 }
-                Ok(mlp)
+                _ => Err(invalid(
+                    "block",
+                    format!("block {b}'s MLP is gated; gradients need fc1 and fc2"),
+                )),
             })
-            .collect::<Result<Vec<&DenseMlp<f32>>>>()?;
+            .collect::<Result<Vec<_>>>()?;
+        let values = self.tape_values(images.len_of(Axis(0)));
+        if values.is_none_or(|v| v > MAX_TAPE_VALUES) {
+            return Err(invalid(
+                "images",
+                format!(
+                    "{} images keep more than {MAX_TAPE_VALUES} activation values for the \
+                     backward pass (MAX_TAPE_VALUES); pass fewer at once",
+                    images.len_of(Axis(0))
+                ),
+            ));
+        }
         let VitConfig { width: d, .. } = self.config;
         let t = self.config.tokens();
         let mut x = self.embed(images);
         let mut tapes = Vec::with_capacity(self.blocks.len());
-        for (block, mlp) in self.blocks.iter().zip(&mlps) {
+        for (block, &(fc1, fc2, act)) in self.blocks.iter().zip(&mlps) {
             let normalised1 = block.norm1.normalise(x.view());
             let mut h = normalised1.0.clone();
             block.norm1.scale(&mut h);
@@ -129,15 +144,8 @@ impl VisionTransformer {
             let normalised2 = block.norm2.normalise(x.view());
             let mut mlp_input = normalised2.0.clone();
             block.norm2.scale(&mut mlp_input);
-            let [fc1, fc2] = mlp.layers() else {
-                return Err(invalid(
-                    "block",
-                    "a standard MLP has two layers".to_string(),
-                ));
-            };
             let mut pre_activation = Array2::zeros((x.nrows(), fc1.out_features()));
             fc1.forward_into(mlp_input.view(), &mut pre_activation);
-            let act = mlp.activation();
             let hidden = pre_activation.mapv(|v| act.apply(v));
             let mut y = Array2::zeros((x.nrows(), d));
             fc2.forward_into(hidden.view(), &mut y);
@@ -169,22 +177,19 @@ impl VisionTransformer {
         let mut dx = Array2::<f32>::zeros(x.raw_dim());
         dx.slice_mut(s![..;t, ..]).assign(&dcls);
         let mut gradients = Vec::with_capacity(self.blocks.len());
-        for ((block, mlp), tape) in self.blocks.iter().zip(&mlps).zip(&tapes).rev() {
-            let [fc1, fc2] = mlp.layers() else {
-                return Err(invalid(
-                    "block",
-                    "a standard MLP has two layers".to_string(),
-                ));
-            };
-            let act = mlp.activation();
-            // The MLP: x ← x + fc2(act(fc1 z)).
-            let hidden = tape.pre_activation.mapv(|v| act.apply(v));
+        for ((block, &(fc1, fc2, act)), mut tape) in self.blocks.iter().zip(&mlps).zip(tapes).rev()
+        {
+            // The MLP: x ← x + fc2(act(fc1 z)). One pass gives the activation (recomputed, not
+            // kept) and its slope, which replaces the pre-activation in the tape.
+            let mut hidden = Array2::<f32>::zeros(tape.pre_activation.raw_dim());
+            Zip::from(&mut hidden)
+                .and(&mut tape.pre_activation)
+                .for_each(|h, a| (*h, *a) = act.apply_with_derivative(*a));
+            let slope = &tape.pre_activation;
             let fc2_weight = dx.t().dot(&hidden);
             let fc2_bias = dx.sum_axis(Axis(0));
             let mut dpre = dx.dot(fc2.weight());
-            Zip::from(&mut dpre)
-                .and(&tape.pre_activation)
-                .for_each(|g, &a| *g *= act.derivative(a));
+            dpre *= slope;
             let fc1_weight = dpre.t().dot(&tape.mlp_input);
             let fc1_bias = dpre.sum_axis(Axis(0));
             let dz = dpre.dot(fc1.weight());
@@ -203,6 +208,24 @@ impl VisionTransformer {
         }
         gradients.reverse();
         Ok((logits, gradients))
+    }
+
+    /// The activation values [`Self::mlp_gradients`] keeps for its backward pass on `images`
+    /// images: `images · T · Σ_blocks (6d + heads · T + I_b)` (`x̂₁`, `q k v`, `x̂₂`, the MLP input,
+    /// a row of attention probabilities per head, the pre-activation); `None` on overflow or when
+    /// a block's MLP is not dense (no gradients then).
+    pub(crate) fn tape_values(&self, images: usize) -> Option<usize> {
+        let VitConfig { width, heads, .. } = self.config;
+        let tokens = self.config.tokens();
+        let per_token = tokens
+            .checked_mul(heads)?
+            .checked_add(width.checked_mul(6)?)?;
+        let mut total = 0usize;
+        for b in 0..self.blocks.len() {
+            let intermediate = self.mlp(b).ok()?.intermediate();
+            total = total.checked_add(per_token.checked_add(intermediate)?)?;
+        }
+        total.checked_mul(tokens)?.checked_mul(images)
     }
 
     /// `∂L/∂[q | k | v]` from `∂L/∂(heads' outputs)`, `[B · T, d]`.
@@ -265,7 +288,7 @@ impl VisionTransformer {
 mod tests {
     use super::super::test_support::{CLASSES, tiny_vit};
     use super::*;
-    use crate::foundation::mlp::Linear;
+    use crate::foundation::mlp::{DenseMlp, Linear};
     use ndarray::{Array4, array};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;

@@ -32,10 +32,10 @@ fn linear(rng: &mut ChaCha8Rng, out: usize, input: usize) -> Linear<f32> {
     }
 }
 
-fn norm(rng: &mut ChaCha8Rng) -> LayerNorm {
+fn norm(rng: &mut ChaCha8Rng, width: usize) -> LayerNorm {
     LayerNorm {
-        weight: vector(rng, WIDTH, 0.4, 1.0),
-        bias: vector(rng, WIDTH, 0.2, 0.0),
+        weight: vector(rng, width, 0.4, 1.0),
+        bias: vector(rng, width, 0.2, 0.0),
         eps: 1e-6,
     }
 }
@@ -43,15 +43,33 @@ fn norm(rng: &mut ChaCha8Rng) -> LayerNorm {
 /// A two-block ViT of width 8 with two heads, 4 × 4 patches of 8 × 8 images (5 tokens), random
 /// weights.
 pub(crate) fn tiny_vit(seed: u64) -> VisionTransformer {
+    random_vit(
+        seed,
+        VitConfig {
+            width: WIDTH,
+            depth: 2,
+            heads: 2,
+            patch_size: 4,
+            image_size: 8,
+            num_classes: CLASSES,
+            layer_norm_eps: 1e-6,
+        },
+        HIDDEN,
+    )
+}
+
+/// A ViT of shape `config` with MLPs `hidden` wide and random weights.
+pub(crate) fn random_vit(seed: u64, config: VitConfig, hidden: usize) -> VisionTransformer {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let blocks = (0..2)
+    let width = config.width;
+    let blocks = (0..config.depth)
         .map(|_| {
-            let norm1 = norm(&mut rng);
-            let qkv = linear(&mut rng, 3 * WIDTH, WIDTH);
-            let proj = linear(&mut rng, WIDTH, WIDTH);
-            let norm2 = norm(&mut rng);
-            let fc1 = linear(&mut rng, HIDDEN, WIDTH);
-            let fc2 = linear(&mut rng, WIDTH, HIDDEN);
+            let norm1 = norm(&mut rng, width);
+            let qkv = linear(&mut rng, 3 * width, width);
+            let proj = linear(&mut rng, width, width);
+            let norm2 = norm(&mut rng, width);
+            let fc1 = linear(&mut rng, hidden, width);
+            let fc2 = linear(&mut rng, width, hidden);
             let mlp = match DenseMlp::standard(fc1, fc2, Activation::Gelu) {
                 Ok(m) => m,
                 Err(e) => panic!("{e}"),
@@ -65,22 +83,15 @@ pub(crate) fn tiny_vit(seed: u64) -> VisionTransformer {
             }
         })
         .collect();
+    let patch_inputs = 3 * config.patch_size * config.patch_size;
     VisionTransformer {
-        config: VitConfig {
-            width: WIDTH,
-            depth: 2,
-            heads: 2,
-            patch_size: 4,
-            image_size: 8,
-            num_classes: CLASSES,
-            layer_norm_eps: 1e-6,
-        },
-        patch_weight: random(&mut rng, (WIDTH, 48), 0.5),
-        patch_bias: vector(&mut rng, WIDTH, 0.2, 0.0),
-        cls_token: vector(&mut rng, WIDTH, 1.0, 0.0),
-        pos_embed: random(&mut rng, (5, WIDTH), 1.0),
+        patch_weight: random(&mut rng, (width, patch_inputs), 0.5),
+        patch_bias: vector(&mut rng, width, 0.2, 0.0),
+        cls_token: vector(&mut rng, width, 1.0, 0.0),
+        pos_embed: random(&mut rng, (config.tokens(), width), 1.0),
         blocks,
-        norm: norm(&mut rng),
-        head: linear(&mut rng, CLASSES, WIDTH),
+        norm: norm(&mut rng, width),
+        head: linear(&mut rng, config.num_classes, width),
+        config,
     }
 }
