@@ -5,8 +5,8 @@
 //! ```sh
 //! cargo run --release --features images --example calibration_levers -- \
 //!     [--modes independent,inputs,residual] [--steps N] [--budgets P0,P1,P2] [--holdout F] \
-//!     [--cls-weight W] [--split-seed S] [--group-size G] [--views N] [--view-area A] \
-//!     [--train-images N] \
+//!     [--cls-weight W[,W1,W2]] [--split-seed S] [--group-size G] [--views N] [--view-area A] \
+//!     [--train-images N] [--cls-views N] [--cls-view-weight K[,K1,K2]] \
 //!     [--distill-steps N] [--distill-images B] [--distill-lr LR[,LR...]] [--distill-views A[,A...]] \
 //!     [--distill-min-lr LR] [--distill-temperature T] [--score-every K]
 //! ```
@@ -25,12 +25,15 @@
 //!   model's residual stream after attention (the MLP also corrects the upstream error).
 //!
 //! `--cls-weight W` weighs each image's class token as `W` tokens in training (default: the
-//! `fips compress` default, [`DEFAULT_CLASS_TOKEN_WEIGHT`]; 1 weighs every token alike);
+//! `fips compress` default, [`DEFAULT_CLASS_TOKEN_WEIGHT`]; 1 weighs every token alike; a list
+//! gives each group its own, the last repeated);
 //! `--split-seed S` draws another held-out split (default 2024); `--group-size G` puts `G`
 //! consecutive blocks in a group (default 4). `--views N` fits the groups on the training images
 //! and `N` seeded random-resized-crop-and-flip views of each (crops of at least `--view-area` of
 //! the image, default 0.35). `--train-images N` fits on a seeded `N` of the split's training
-//! images (the same held-out images).
+//! images (the same held-out images). `--cls-views N` adds the class-token rows (only those) of
+//! `N` seeded random views of every training image to each block's calibration, each weighing
+//! `--cls-view-weight K` tokens (default 1; a list gives each group its own); `independent` only.
 //!
 //! `--distill-steps N` then distills all groups end to end (`fips::app::distill`) on the training
 //! images (`DistillParams::default()` unless given), once per learning rate × view setting
@@ -143,7 +146,7 @@ fn main() -> fips::Result<()> {
     let mut steps = VIT_DEFAULTS.steps;
     let mut fraction = 0.2;
     let mut budgets: Vec<f64> = Vec::new();
-    let mut cls_weight = DEFAULT_CLASS_TOKEN_WEIGHT;
+    let mut cls_weights = vec![DEFAULT_CLASS_TOKEN_WEIGHT];
     let mut split_seed = 2024u64;
     let mut group_size = 4usize;
     let mut distill = DistillParams {
@@ -154,6 +157,8 @@ fn main() -> fips::Result<()> {
     let mut views = 0usize;
     let mut train_images = usize::MAX;
     let mut view_area = 0.35f64;
+    let mut cls_views = 0usize;
+    let mut cls_view_weights = vec![1usize];
     let mut distill_lrs = vec![distill.learning_rate];
     let mut distill_views: Vec<f64> = vec![distill.view_min_area.unwrap_or(0.0)];
     let mut args = std::env::args().skip(1);
@@ -166,7 +171,12 @@ fn main() -> fips::Result<()> {
             }
             "--steps" => v.parse().map(|s| steps = s).is_ok(),
             "--holdout" => v.parse().map(|f| fraction = f).is_ok(),
-            "--cls-weight" => v.parse().map(|k| cls_weight = k).is_ok(),
+            "--cls-weight" => v
+                .split(',')
+                .map(str::parse)
+                .collect::<Result<Vec<usize>, _>>()
+                .map(|k| cls_weights = k)
+                .is_ok(),
             "--split-seed" => v.parse().map(|k| split_seed = k).is_ok(),
             "--group-size" => v.parse().map(|k| group_size = k).is_ok(),
             "--distill-steps" => v.parse().map(|k| distill.steps = k).is_ok(),
@@ -188,6 +198,13 @@ fn main() -> fips::Result<()> {
             "--views" => v.parse().map(|k| views = k).is_ok(),
             "--train-images" => v.parse().map(|k| train_images = k).is_ok(),
             "--view-area" => v.parse().map(|k| view_area = k).is_ok(),
+            "--cls-views" => v.parse().map(|k| cls_views = k).is_ok(),
+            "--cls-view-weight" => v
+                .split(',')
+                .map(str::parse)
+                .collect::<Result<Vec<usize>, _>>()
+                .map(|k| cls_view_weights = k)
+                .is_ok(),
             "--score-every" => v.parse().map(|k| score_every = k).is_ok(),
             "--budgets" => v
                 .split(',')
@@ -207,6 +224,10 @@ fn main() -> fips::Result<()> {
         .find(|m| !["independent", "inputs", "residual"].contains(&m.as_str()))
     {
         eprintln!("unknown mode {m:?}: independent, inputs or residual");
+        std::process::exit(2);
+    }
+    if cls_views > 0 && modes.iter().any(|m| m != "independent") {
+        eprintln!("--cls-views runs with --modes independent only");
         std::process::exit(2);
     }
     let checkpoint = Checkpoint::open(data.join("deit-tiny/model.safetensors"))?;
@@ -231,6 +252,31 @@ fn main() -> fips::Result<()> {
         let extra = random_views(train.view(), views, view_area, 7)?;
         concatenate(Axis(0), &[train.view(), extra.view()])
             .map_err(|e| fips::FipsError::Numerical(e.to_string()))?
+    };
+    // Class-token rows (MLP inputs) of `--cls-views` random views of every training image, per block.
+    let view_cls: Vec<Array2<f32>> = if cls_views == 0 {
+        Vec::new()
+    } else {
+        let extra = random_views(train.view(), cls_views, view_area, 13)?;
+        let t = vit.config().tokens();
+        let mut per_block: Vec<Vec<Array2<f32>>> = vec![Vec::new(); layout.blocks()];
+        let mut done = 0;
+        while done < extra.len_of(Axis(0)) {
+            let end = (done + 64).min(extra.len_of(Axis(0)));
+            let captured = streams(
+                &vit,
+                extra.slice(s![done..end, .., .., ..]),
+                0..layout.blocks(),
+            )?;
+            for (b, (z, _)) in captured.into_iter().enumerate() {
+                per_block[b].push(z.slice(s![..;t, ..]).to_owned());
+            }
+            done = end;
+        }
+        per_block
+            .iter()
+            .map(|p| cat(p))
+            .collect::<fips::Result<_>>()?
     };
     let shapes: Vec<_> = (0..layout.blocks())
         .map(|b| layout.block(b).map(|t| (t.width, t.intermediate)))
@@ -268,7 +314,13 @@ fn main() -> fips::Result<()> {
                 &student
             };
             let captured = streams(source, fit.view(), range.clone())?;
-            let inputs: Vec<_> = captured.iter().map(|(z, _)| z.clone()).collect();
+            let mut inputs: Vec<_> = captured.iter().map(|(z, _)| z.clone()).collect();
+            let real_rows = inputs.first().map_or(0, |z| z.nrows());
+            if !view_cls.is_empty() {
+                for (z, &b) in inputs.iter_mut().zip(blocks) {
+                    *z = cat(&[z.clone(), view_cls[b].clone()])?;
+                }
+            }
             let mut cal = Calibration::new(inputs)?;
             if mode == "residual" {
                 let teacher = streams(&vit, fit.view(), range.clone())?;
@@ -281,8 +333,15 @@ fn main() -> fips::Result<()> {
                 cal = cal.with_targets(targets)?;
             }
             // Each image's class token weighs `--cls-weight` tokens (as in `fips compress`).
-            let class_rows: Vec<usize> = (0..cal.tokens()).step_by(vit.config().tokens()).collect();
-            let cal = cal.with_repeated_rows(&class_rows, cls_weight.saturating_sub(1))?;
+            let class_rows: Vec<usize> = (0..real_rows).step_by(vit.config().tokens()).collect();
+            let cls_weight = cls_weights[g.min(cls_weights.len() - 1)];
+            let view_rows: Vec<usize> = (real_rows..cal.tokens()).collect();
+            let cal = cal
+                .with_repeated_rows(&class_rows, cls_weight.saturating_sub(1))?
+                .with_repeated_rows(
+                    &view_rows,
+                    cls_view_weights[g.min(cls_view_weights.len() - 1)].saturating_sub(1),
+                )?;
             // The `fips compress` defaults for images, with this group's budget.
             let params = MethodOptions {
                 budget: Some(budgets[g]),

@@ -120,16 +120,21 @@ fn sparsity_and_parameter_count_are_exact() {
             }),
         ] {
             for steps in [0, 1, 53] {
-                let out = FipsParams::new()
-                    .sparsity(target)
-                    .sparsifier(sparsifier)
-                    .steps(steps)
-                    .batch_tokens(64)
-                    .learning_rate(1e-3)
-                    .check()
-                    .unwrap()
-                    .compress(&blocks, &calib)
-                    .unwrap();
+                let compress = |spend: bool| {
+                    FipsParams::new()
+                        .spend_unused_rank(spend)
+                        .sparsity(target)
+                        .sparsifier(sparsifier)
+                        .steps(steps)
+                        .batch_tokens(64)
+                        .learning_rate(1e-3)
+                        .check()
+                        .unwrap()
+                        .compress(&blocks, &calib)
+                        .unwrap()
+                };
+                // The reference's count: the padded components' parameters are not given to V.
+                let out = compress(false);
                 let g = &out.group;
                 let entries = g.rank() * N * 2 * I;
                 assert_eq!(
@@ -157,6 +162,19 @@ fn sparsity_and_parameter_count_are_exact() {
                 }
                 assert_eq!(out.report.fips().unwrap().sparsity, g.sparsity());
                 assert_eq!(out.report.fips().unwrap().nnz, g.nnz());
+                // The default gives the parameters of components that can never train to V:
+                // at least the reference's count, never above the budget, and the report counts
+                // the group handed back.
+                let spent = compress(true);
+                let spent_count = spent.group.parameter_count();
+                let (written, _) = g.clone().without_unused_rank().unwrap();
+                assert!(spent_count.compressed_weights() as f64 <= budget);
+                assert!(
+                    spent_count.compressed_weights()
+                        >= written.parameter_count().compressed_weights()
+                );
+                assert_eq!(spent.report.parameters, spent_count);
+                assert_eq!(spent.report.fips().unwrap().nnz, spent.group.nnz());
             }
         }
     }
@@ -498,6 +516,7 @@ fn unused_rank_is_reported_and_dropping_it_changes_no_weight() {
     let blocks = group_f64();
     let calib = gaussian_calibration(N, 256, D, 2);
     let out = FipsParams::new()
+        .spend_unused_rank(false)
         .sparsity(0.75)
         .sparsifier(Sparsifier::Rigl(RiglSchedule {
             interval: 7,

@@ -101,6 +101,28 @@ impl VisionTransformer {
         images: ArrayView4<'_, f32>,
         loss_gradient: impl FnOnce(ArrayView2<'_, f32>) -> Result<Array2<f32>>,
     ) -> Result<(Array2<f32>, Vec<MlpGradient>)> {
+        self.reverse_mode(images, loss_gradient, |_, _| {})
+    }
+
+    /// [`Self::mlp_gradients`], handing `observe(b, ∂L/∂y_b)` the gradient with respect to block
+    /// `b`'s MLP output (`[B · T, d]`, the residual stream's gradient right after that MLP) as the
+    /// backward pass reaches it.
+    pub fn mlp_gradients_observed(
+        &self,
+        images: ArrayView4<'_, f32>,
+        loss_gradient: impl FnOnce(ArrayView2<'_, f32>) -> Result<Array2<f32>>,
+        observe: impl FnMut(usize, ArrayView2<'_, f32>),
+    ) -> Result<(Array2<f32>, Vec<MlpGradient>)> {
+        self.reverse_mode(images, loss_gradient, observe)
+    }
+
+    /// The forward pass with its tape, then the backward pass, calling `observe` per block.
+    fn reverse_mode(
+        &self,
+        images: ArrayView4<'_, f32>,
+        loss_gradient: impl FnOnce(ArrayView2<'_, f32>) -> Result<Array2<f32>>,
+        mut observe: impl FnMut(usize, ArrayView2<'_, f32>),
+    ) -> Result<(Array2<f32>, Vec<MlpGradient>)> {
         self.check_images(images)?;
         // Each block's `(fc1, fc2, activation)`, checked once.
         let mlps = (0..self.blocks.len())
@@ -177,8 +199,10 @@ impl VisionTransformer {
         let mut dx = Array2::<f32>::zeros(x.raw_dim());
         dx.slice_mut(s![..;t, ..]).assign(&dcls);
         let mut gradients = Vec::with_capacity(self.blocks.len());
-        for ((block, &(fc1, fc2, act)), mut tape) in self.blocks.iter().zip(&mlps).zip(tapes).rev()
+        for (b, ((block, &(fc1, fc2, act)), mut tape)) in
+            self.blocks.iter().zip(&mlps).zip(tapes).enumerate().rev()
         {
+            observe(b, dx.view());
             // The MLP: x ← x + fc2(act(fc1 z)). One pass gives the activation (recomputed, not
             // kept) and its slope, which replaces the pre-activation in the tape.
             let mut hidden = Array2::<f32>::zeros(tape.pre_activation.raw_dim());
@@ -392,6 +416,40 @@ mod tests {
             worst < 2e-3 * largest.max(1.0),
             "worst difference {worst}, largest gradient {largest}"
         );
+    }
+
+    /// The observer sees each block's `∂L/∂y_b` once, last block first, and it is the gradient
+    /// the block's fc2 bias sums (`∂b_fc2 = Σ_rows ∂y`); the gradients equal `mlp_gradients`'.
+    #[test]
+    fn the_observer_sees_each_blocks_output_gradient() {
+        let vit = tiny_vit(3);
+        let x = images(4, 2);
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let c = random(&mut rng, (2, CLASSES), 2.0);
+        let mut seen = Vec::new();
+        let (_, grads) = vit
+            .mlp_gradients_observed(
+                x.view(),
+                |_| Ok(c.clone()),
+                |b, dy| seen.push((b, dy.to_owned())),
+            )
+            .unwrap();
+        let (_, plain) = vit.mlp_gradients(x.view(), |_| Ok(c.clone())).unwrap();
+        assert_eq!(grads, plain);
+        let order: Vec<usize> = seen.iter().map(|(b, _)| *b).collect();
+        assert_eq!(order, (0..grads.len()).rev().collect::<Vec<_>>());
+        for (b, dy) in &seen {
+            assert_eq!(dy.nrows(), 2 * vit.config().tokens());
+            let sums = dy.sum_axis(Axis(0));
+            let expected = &grads[*b].fc2_bias;
+            assert!(expected.iter().any(|&v| v != 0.0));
+            for (s, e) in sums.iter().zip(expected) {
+                assert!(
+                    (s - e).abs() <= 1e-5 * e.abs().max(1.0),
+                    "block {b}: {s} vs {e}"
+                );
+            }
+        }
     }
 
     #[test]

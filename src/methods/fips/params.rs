@@ -50,6 +50,10 @@ pub struct FipsParams {
     /// fingerprints) read and hash as before.
     #[serde(skip_serializing_if = "MaskTiles::is_entries")]
     mask_tiles: MaskTiles,
+    /// Settings written before this field existed read as `false` (how they were trained), so a
+    /// work area trained otherwise is not reused.
+    #[serde(default)]
+    spend_unused_rank: bool,
 }
 
 /// Checked FiPS settings: every value is in range. They compress (see
@@ -84,6 +88,7 @@ impl Default for FipsParams {
             threads: None,
             early_stop: None,
             mask_tiles: MaskTiles::Entries,
+            spend_unused_rank: true,
         }
     }
 }
@@ -196,6 +201,19 @@ impl FipsParams {
         self.mask_tiles = tiles;
         self
     }
+
+    /// Whether the basis parameters of components that can never train are given to `V`
+    /// (default `true`). With `r > d` the initialisation pads `U` with zero columns; under RigL a
+    /// padded component whose row of `V` keeps no entry at the start never receives gradient, so
+    /// its `d` parameters of `U` would count against the budget unused. With this set `V` keeps
+    /// `d` more entries for each such component (its sparsity ends slightly below the target,
+    /// reported as `FipsDetails::sparsity`), so the group holds the budget's parameters; `false`
+    /// keeps the reference's count (sparsity exactly the target, the padded parameters unused).
+    /// Entry-wise masks with one shared basis only.
+    pub fn spend_unused_rank(mut self, spend: bool) -> Self {
+        self.spend_unused_rank = spend;
+        self
+    }
 }
 
 impl ParamGuard for FipsParams {
@@ -285,6 +303,10 @@ impl FipsValidParams {
     pub fn mask_tiles(&self) -> MaskTiles {
         self.0.mask_tiles
     }
+    /// Whether the basis parameters of components that can never train go to `V`.
+    pub fn spend_unused_rank(&self) -> bool {
+        self.0.spend_unused_rank
+    }
     /// The unchecked settings, to modify and check again.
     pub fn into_params(self) -> FipsParams {
         self.0
@@ -340,6 +362,20 @@ mod tests {
             })),
             "gmp.interval",
         );
+    }
+
+    /// Settings written before `spend_unused_rank` existed read as `false` (how they trained),
+    /// while new settings default to `true` and round-trip.
+    #[test]
+    fn older_settings_read_without_spending_the_unused_rank() {
+        let mut old = serde_json::to_value(FipsParams::new()).unwrap();
+        old.as_object_mut().unwrap().remove("spend_unused_rank");
+        let read: FipsParams = serde_json::from_value(old).unwrap();
+        assert!(!read.check().unwrap().spend_unused_rank());
+        assert!(FipsParams::new().check().unwrap().spend_unused_rank());
+        let text = serde_json::to_string(&FipsParams::new().spend_unused_rank(false)).unwrap();
+        let back: FipsParams = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, FipsParams::new().spend_unused_rank(false));
     }
 
     #[test]

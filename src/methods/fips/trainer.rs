@@ -22,7 +22,7 @@ use crate::foundation::mlp::DenseMlp;
 use crate::foundation::slicing::s;
 use crate::math::bases::BasisLayout;
 use crate::math::bitmask::BitMask;
-use crate::math::budget::{Budget, GroupShape, rank_for_budget};
+use crate::math::budget::{Budget, GroupShape, nonzeros_for_sparsity, rank_for_budget};
 use crate::math::calibration::{Calibration, CalibrationReader, gather_rows};
 use crate::math::objective::{
     BasisGradients, BasisParams, ContractionOrder, FactorStore, Objective, StepShape,
@@ -153,6 +153,9 @@ pub(crate) struct FactorTrainer<'a, F: Float> {
     rank: usize,
     /// Entries of `V` at the budget's rank (`r f n I`).
     entries: usize,
+    /// Dead components whose basis parameters `V` keeps as entries instead
+    /// ([`respent_sparsity`]).
+    spent_components: usize,
     init_errors: BlockErrors,
     start: Instant,
     init_time: Duration,
@@ -375,8 +378,15 @@ impl<'a, F: Float> FactorTrainer<'a, F> {
             .flat_map(|b| b.layers().iter().map(|l| l.bias().cloned()))
             .collect();
 
-        let target = config.sparsity();
         let matrices = shape.blocks * shape.matrices_per_block;
+        let (target, spent_components) = if config.spend_unused_rank()
+            && layout == BasisLayout::Shared
+            && config.mask_tiles().is_entries()
+        {
+            respent_sparsity(&config, &u, &v, entries, steps, shape.width)?
+        } else {
+            (config.sparsity(), 0)
+        };
         let mut schedule = MaskSchedule::new(config.sparsifier(), target, entries, steps).tiled(
             TileGrid::of(config.mask_tiles(), rank, matrices, shape.intermediate),
         );
@@ -498,6 +508,7 @@ impl<'a, F: Float> FactorTrainer<'a, F> {
             trained_rank: rank,
             rank: budget_rank,
             entries,
+            spent_components,
             init_errors,
             start,
             init_time,
@@ -549,6 +560,7 @@ impl<'a, F: Float> FactorTrainer<'a, F> {
             trained_rank: rank,
             rank: budget_rank,
             entries,
+            spent_components: _,
             init_errors,
             start,
             init_time,
@@ -965,9 +977,12 @@ impl<'a, F: Float> FipsTrainer<'a, F> {
     }
 
     /// Prunes to the target sparsity (if the schedule has not yet), evaluates the trained group on
-    /// the whole calibration set and returns it with its report.
+    /// the whole calibration set and returns it with its report: at the budget's rank, or, where
+    /// [`FipsParams::spend_unused_rank`](crate::FipsParams::spend_unused_rank) (the default) gave
+    /// dead components' parameters to `V`, without its unused components.
     pub fn finish(self) -> Result<FipsOutput<F>> {
         let config = self.0.problem.config.clone();
+        let spent = self.0.spent_components;
         let t = self.0.finish()?;
         let CompressedBlocks::SharedBasis(group) = t.blocks else {
             return Err(FipsError::Numerical(
@@ -975,6 +990,13 @@ impl<'a, F: Float> FipsTrainer<'a, F> {
             ));
         };
         let unused_rank = group.unused_rank();
+        // Dead components' parameters went to `V`: the group is handed back without them, so
+        // that its count is what it holds (within the budget).
+        let group = if spent > 0 && unused_rank > 0 {
+            group.without_unused_rank()?.0
+        } else {
+            group
+        };
         let report = MethodReport {
             method: Method::Fips,
             kind: t.spec.kind,
@@ -1150,6 +1172,55 @@ fn compact<F: Float>(v: Array2<F>, mask: &[bool]) -> Result<Vec<F>> {
     Ok(raw)
 }
 
+/// The sparsity of `V` once the basis parameters of dead components are given to `V`, and how
+/// many components' parameters were given.
+///
+/// With `r > min(d, f n I)` the initialisation pads `U` with zero columns; a padded component
+/// whose row of `V` keeps no entry under the starting mask can never receive gradient
+/// (`∂V_k = U_kᵀ ∂W = 0`, `∂U_k = ∂W V_kᵀ = 0`), so its `d` basis parameters would be counted in
+/// the budget and never used. With `k` such components `V` keeps `nnz + k d` entries instead of
+/// `nnz` (chosen by the same global magnitude rule), so the trained group holds the budget's
+/// `r d + nnz` parameters. A larger keep may wake some padded rows; `k` is taken at the larger
+/// keep (`k' ≤ k`), which keeps the total within the budget: `(r − k'') d + nnz + k' d ≤ r d + nnz`
+/// for `k'' ≥ k'` dead at `nnz + k' d`. Only where the mask starts at the target (RigL, or no
+/// training); GMP starts dense and keeps every component alive.
+fn respent_sparsity<F: Float>(
+    config: &FipsValidParams,
+    u: &Array2<F>,
+    v: &Array2<F>,
+    entries: usize,
+    steps: usize,
+    width: usize,
+) -> Result<(f64, usize)> {
+    let target = config.sparsity();
+    let probe = |sparsity: f64| MaskSchedule::new(config.sparsifier(), sparsity, entries, steps);
+    if !probe(target).is_sparse() || probe(target).initial_sparsity() < target {
+        return Ok((target, 0));
+    }
+    let values = v.as_slice().ok_or_else(internal_layout)?;
+    let cols = v.ncols();
+    let dead = |sparsity: f64| {
+        let mask = probe(sparsity).target_mask(values);
+        (0..v.nrows())
+            .filter(|&k| {
+                u.column(k).iter().all(|&x| x == F::zero())
+                    && !mask[k * cols..(k + 1) * cols].contains(&true)
+            })
+            .count()
+    };
+    let base = nonzeros_for_sparsity(entries, target);
+    let sparsity_of = |dead: usize| {
+        let keep = base.saturating_add(dead.saturating_mul(width)).min(entries);
+        1.0 - keep as f64 / entries as f64
+    };
+    let first = dead(target);
+    if first == 0 {
+        return Ok((target, 0));
+    }
+    let given = dead(sparsity_of(first));
+    Ok((sparsity_of(given), given))
+}
+
 /// Whether training keeps an unused padded tail of components (only tests do, to compare).
 fn keeps_padded_rank() -> bool {
     #[cfg(test)]
@@ -1270,6 +1341,79 @@ mod tests {
         let details = left_out.report.fips().unwrap();
         assert_eq!((details.rank, details.unused_rank), (rank, rank - d));
         assert_eq!(details.sparsity, kept.report.fips().unwrap().sparsity);
+    }
+
+    /// With `r > d` the padded components RigL never wakes hold `(r − d) d` parameters of `U`
+    /// the budget counts; by default `V` keeps that many more entries instead, so the written
+    /// group (unused rank dropped) holds the budget's `r d + nnz` parameters and no more, while
+    /// `spend_unused_rank(false)` keeps the reference's count (sparsity exactly the target).
+    #[test]
+    fn unused_basis_parameters_are_given_to_v_within_the_budget() {
+        use crate::math::sparsity::{RiglSchedule, Sparsifier};
+        let mut rng = ChaCha8Rng::seed_from_u64(31);
+        let (d, i, blocks_n) = (12, 20, 3);
+        let group = blocks(&mut rng, blocks_n, d, i);
+        let calibration = Calibration::<f64>::gaussian(blocks_n, 300, d, 8).unwrap();
+        let params = FipsParams::new()
+            .sparsity(0.75)
+            .sparsifier(Sparsifier::Rigl(RiglSchedule {
+                interval: 10,
+                ..RiglSchedule::default()
+            }))
+            .steps(30)
+            .batch_tokens(48)
+            .learning_rate(1e-2);
+        let run = |spend: bool| {
+            let compressor = params.clone().spend_unused_rank(spend).check().unwrap();
+            let mut t = compressor.trainer(&group, &calibration).unwrap();
+            let trained = t.trained_rank();
+            while t.step().unwrap().is_some() {}
+            let out = t.finish().unwrap();
+            (trained, out)
+        };
+        let (trained_ref, reference) = run(false);
+        let (trained, spent) = run(true);
+        let rank = reference.group.rank();
+        assert!(rank > d, "the budget pads the basis: rank {rank}");
+        assert_eq!(trained_ref, d, "RigL empties every padded component");
+        let entries = rank * 2 * blocks_n * i;
+        let base = nonzeros_for_sparsity(entries, 0.75);
+        assert_eq!(
+            reference.group.nnz(),
+            base,
+            "the reference keeps the target's count"
+        );
+        assert_eq!(
+            reference.report.fips().unwrap().sparsity,
+            reference.group.sparsity()
+        );
+        let budget = rank * d + base;
+        let written = |g: &SharedBasisGroup<f64>| {
+            let (g, _) = g.clone().without_unused_rank().unwrap();
+            g.parameter_count().basis + g.nnz()
+        };
+        assert_eq!(written(&reference.group), d * d + base);
+        // V got `d` entries for each component dead at its larger keep; the group, its dead
+        // components dropped, is within the budget and above the reference.
+        let extra = spent.group.nnz() - base;
+        assert!(
+            extra > 0 && extra.is_multiple_of(d),
+            "extra entries {extra}"
+        );
+        assert!(
+            extra / d <= rank - trained,
+            "{extra} entries for {} dead",
+            rank - trained
+        );
+        assert!(written(&spent.group) <= budget);
+        assert_eq!(
+            written(&spent.group),
+            budget - (rank - trained - extra / d) * d
+        );
+        let details = spent.report.fips().unwrap();
+        assert_eq!(details.target_sparsity, 0.75);
+        assert!(details.sparsity < 0.75);
+        assert_eq!(details.nnz, spent.group.nnz());
     }
 
     use super::*;
