@@ -6,7 +6,7 @@
 //! cargo run --release --features images --example calibration_levers -- \
 //!     [--modes independent,inputs,residual] [--steps N] [--budgets P0,P1,P2] [--holdout F] \
 //!     [--cls-weight W[,W1,W2]] [--split-seed S] [--group-size G] [--views N] [--view-area A] \
-//!     [--train-images N] [--cls-views N] [--cls-view-weight K[,K1,K2]] \
+//!     [--train-images N] [--cls-views N] [--cls-view-weight K[,K1,K2]] [--sparsifier gmp|rigl] \
 //!     [--distill-steps N] [--distill-images B] [--distill-lr LR[,LR...]] [--distill-views A[,A...]] \
 //!     [--distill-min-lr LR] [--distill-temperature T] [--score-every K]
 //! ```
@@ -34,6 +34,7 @@
 //! images (the same held-out images). `--cls-views N` adds the class-token rows (only those) of
 //! `N` seeded random views of every training image to each block's calibration, each weighing
 //! `--cls-view-weight K` tokens (default 1; a list gives each group its own); `independent` only.
+//! `--sparsifier gmp` trains with GMP instead of the image default (RigL).
 //!
 //! `--distill-steps N` then distills all groups end to end (`fips::app::distill`) on the training
 //! images (`DistillParams::default()` unless given), once per learning rate × view setting
@@ -158,6 +159,7 @@ fn main() -> fips::Result<()> {
     let mut train_images = usize::MAX;
     let mut view_area = 0.35f64;
     let mut cls_views = 0usize;
+    let mut gmp = false;
     let mut cls_view_weights = vec![1usize];
     let mut distill_lrs = vec![distill.learning_rate];
     let mut distill_views: Vec<f64> = vec![distill.view_min_area.unwrap_or(0.0)];
@@ -199,6 +201,13 @@ fn main() -> fips::Result<()> {
             "--train-images" => v.parse().map(|k| train_images = k).is_ok(),
             "--view-area" => v.parse().map(|k| view_area = k).is_ok(),
             "--cls-views" => v.parse().map(|k| cls_views = k).is_ok(),
+            "--sparsifier" => match v.as_str() {
+                "gmp" | "rigl" => {
+                    gmp = v == "gmp";
+                    true
+                }
+                _ => false,
+            },
             "--cls-view-weight" => v
                 .split(',')
                 .map(str::parse)
@@ -346,6 +355,7 @@ fn main() -> fips::Result<()> {
             let params = MethodOptions {
                 budget: Some(budgets[g]),
                 steps: Some(steps),
+                sparsifier: gmp.then_some(fips::methods::options::SparsifierKind::Gmp),
                 ..MethodOptions::default()
             }
             .fips_params(&VIT_DEFAULTS)
