@@ -62,6 +62,11 @@ fn cat(parts: &[Array2<f32>]) -> fips::Result<Array2<f32>> {
     concatenate(Axis(0), &views).map_err(|e| fips::FipsError::Numerical(e.to_string()))
 }
 
+/// A comma-separated list of values, `None` if any does not parse.
+fn list<T: std::str::FromStr>(v: &str) -> Option<Vec<T>> {
+    v.split(',').map(|x| x.parse().ok()).collect()
+}
+
 /// Index of the largest value.
 fn argmax(row: ndarray::ArrayView1<'_, f32>) -> usize {
     row.iter()
@@ -173,28 +178,13 @@ fn main() -> fips::Result<()> {
             }
             "--steps" => v.parse().map(|s| steps = s).is_ok(),
             "--holdout" => v.parse().map(|f| fraction = f).is_ok(),
-            "--cls-weight" => v
-                .split(',')
-                .map(str::parse)
-                .collect::<Result<Vec<usize>, _>>()
-                .map(|k| cls_weights = k)
-                .is_ok(),
+            "--cls-weight" => list::<usize>(&v).map(|k| cls_weights = k).is_some(),
             "--split-seed" => v.parse().map(|k| split_seed = k).is_ok(),
             "--group-size" => v.parse().map(|k| group_size = k).is_ok(),
             "--distill-steps" => v.parse().map(|k| distill.steps = k).is_ok(),
             "--distill-images" => v.parse().map(|k| distill.images_per_step = k).is_ok(),
-            "--distill-lr" => v
-                .split(',')
-                .map(str::parse)
-                .collect::<Result<Vec<f64>, _>>()
-                .map(|k| distill_lrs = k)
-                .is_ok(),
-            "--distill-views" => v
-                .split(',')
-                .map(str::parse)
-                .collect::<Result<Vec<f64>, _>>()
-                .map(|k| distill_views = k)
-                .is_ok(),
+            "--distill-lr" => list::<f64>(&v).map(|k| distill_lrs = k).is_some(),
+            "--distill-views" => list::<f64>(&v).map(|k| distill_views = k).is_some(),
             "--distill-min-lr" => v.parse().map(|k| distill.min_learning_rate = k).is_ok(),
             "--distill-temperature" => v.parse().map(|k| distill.temperature = k).is_ok(),
             "--views" => v.parse().map(|k| views = k).is_ok(),
@@ -208,19 +198,9 @@ fn main() -> fips::Result<()> {
                 }
                 _ => false,
             },
-            "--cls-view-weight" => v
-                .split(',')
-                .map(str::parse)
-                .collect::<Result<Vec<usize>, _>>()
-                .map(|k| cls_view_weights = k)
-                .is_ok(),
+            "--cls-view-weight" => list::<usize>(&v).map(|k| cls_view_weights = k).is_some(),
             "--score-every" => v.parse().map(|k| score_every = k).is_ok(),
-            "--budgets" => v
-                .split(',')
-                .map(str::parse)
-                .collect::<Result<Vec<f64>, _>>()
-                .map(|b| budgets = b)
-                .is_ok(),
+            "--budgets" => list::<f64>(&v).map(|b| budgets = b).is_some(),
             _ => false,
         };
         if !parsed {

@@ -423,13 +423,10 @@ impl<'a, F: Float> FactorTrainer<'a, F> {
             && config.mask_tiles().is_entries()
             && !keeps_padded_rank()
         {
-            let used = |k: usize| {
-                u.column(k).iter().any(|&x| x != F::zero())
-                    || bools
-                        .get(k * cols..(k + 1) * cols)
-                        .is_some_and(|r| r.contains(&true))
-            };
-            let live = (0..rank).rev().find(|&k| used(k)).map_or(1, |k| k + 1);
+            let live = (0..rank)
+                .rev()
+                .find(|&k| component_used(&u, &bools, cols, k))
+                .map_or(1, |k| k + 1);
             if live < rank {
                 u = u.slice(s![.., ..live]).to_owned();
             }
@@ -1194,7 +1191,8 @@ fn respent_sparsity<F: Float>(
 ) -> Result<(f64, usize)> {
     let target = config.sparsity();
     let probe = |sparsity: f64| MaskSchedule::new(config.sparsifier(), sparsity, entries, steps);
-    if !probe(target).is_sparse() || probe(target).initial_sparsity() < target {
+    let at_target = probe(target);
+    if !at_target.is_sparse() || at_target.initial_sparsity() < target {
         return Ok((target, 0));
     }
     let values = v.as_slice().ok_or_else(internal_layout)?;
@@ -1202,10 +1200,7 @@ fn respent_sparsity<F: Float>(
     let dead = |sparsity: f64| {
         let mask = probe(sparsity).target_mask(values);
         (0..v.nrows())
-            .filter(|&k| {
-                u.column(k).iter().all(|&x| x == F::zero())
-                    && !mask[k * cols..(k + 1) * cols].contains(&true)
-            })
+            .filter(|&k| !component_used(u, &mask, cols, k))
             .count()
     };
     let base = nonzeros_for_sparsity(entries, target);
@@ -1219,6 +1214,16 @@ fn respent_sparsity<F: Float>(
     }
     let given = dead(sparsity_of(first));
     Ok((sparsity_of(given), given))
+}
+
+/// Whether component `k` can take part in training: a nonzero column of `U`, or a kept entry in
+/// its row of `V` (mask `mask`, row-major with `cols` columns). A component with neither never
+/// receives gradient (`∂V_k = U_kᵀ ∂W = 0`, `∂U_k = ∂W V_kᵀ = 0`).
+fn component_used<F: Float>(u: &Array2<F>, mask: &[bool], cols: usize, k: usize) -> bool {
+    u.column(k).iter().any(|&x| x != F::zero())
+        || mask
+            .get(k * cols..(k + 1) * cols)
+            .is_some_and(|r| r.contains(&true))
 }
 
 /// Whether training keeps an unused padded tail of components (only tests do, to compare).
