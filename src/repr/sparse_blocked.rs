@@ -411,14 +411,21 @@ fn one_token_block<T: StorageFloat>(
     for (c, words) in masks.chunks_exact(WORDS).enumerate() {
         let xc = f._mm512_set1_ps(x[c]);
         for (h, &word) in words.iter().enumerate() {
+            // One bounds check per word: every chunk's 16 values lie in these 72.
+            let Ok(run) = <&[T; VALUE_PAD]>::try_from(&vals[p..p + VALUE_PAD]) else {
+                break;
+            };
+            let mut o = 0usize;
             for q in 0..4 {
                 let bits = (word >> (16 * q)) as u16;
-                let s = &vals[p..p + 16];
+                // `o` (the kept entries of the word's rows above the chunk) is at most 48.
+                let s = &run[o % 64..o % 64 + 16];
                 let chunk: [f32; 16] = std::array::from_fn(|l| s[l].to_f32());
                 let e = f._mm512_maskz_expand_ps(bits, pulp::cast::<[f32; 16], __m512>(chunk));
                 acc[h * 4 + q] = f._mm512_fmadd_ps(e, xc, acc[h * 4 + q]);
-                p += bits.count_ones() as usize;
+                o += bits.count_ones() as usize;
             }
+            p += o;
         }
     }
     *sums = pulp::cast(pack8::<_, [f32; 16]>(acc));
