@@ -277,13 +277,22 @@ pub(crate) fn blocked_rows<S: StorageFloat, const FUSED: bool>(
         }
         // Tiles of 32 tokens (two 16-token slabs), then one of 16 if the count is odd.
         let slabs = tp / 16;
+        let o = r0 - first_row;
         let mut t = 0;
         while t + 2 <= slabs {
-            block_tile::<32, FUSED>(masks, &value, x, cols, t, nr, &b, out, r0 - first_row, tp);
+            if widen {
+                block_tile::<_, 32, FUSED>(masks, &widened, x, cols, t, nr, &b, out, o, tp);
+            } else {
+                block_tile::<_, 32, FUSED>(masks, stored, x, cols, t, nr, &b, out, o, tp);
+            }
             t += 2;
         }
         if t < slabs {
-            block_tile::<16, FUSED>(masks, &value, x, cols, t, nr, &b, out, r0 - first_row, tp);
+            if widen {
+                block_tile::<_, 16, FUSED>(masks, &widened, x, cols, t, nr, &b, out, o, tp);
+            } else {
+                block_tile::<_, 16, FUSED>(masks, stored, x, cols, t, nr, &b, out, o, tp);
+            }
         }
     }
 }
@@ -584,9 +593,9 @@ fn v3_half<T: StorageFloat, const H: usize>(
 /// `L`-lane accumulators live in the first-level cache while the inputs stream by column.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn block_tile<const L: usize, const FUSED: bool>(
+fn block_tile<T: StorageFloat, const L: usize, const FUSED: bool>(
     masks: &[u64],
-    value: &impl Fn(usize) -> f32,
+    vals: &[T],
     x: &[f32],
     cols: usize,
     t: usize,
@@ -611,12 +620,17 @@ fn block_tile<const L: usize, const FUSED: bool>(
             }
         }
         for (w, &word) in words.iter().enumerate() {
+            // One bounds check per word: its kept values are the next `count_ones` of `vals`.
+            let n = word.count_ones() as usize;
+            let Some(run) = vals.get(p..p + n) else {
+                break;
+            };
+            p += n;
             let mut bits = word;
-            while bits != 0 {
+            for v in run {
                 let i = (w * 64 + bits.trailing_zeros() as usize) % BLOCK_ROWS;
-                bits &= bits - 1;
-                let v = value(p);
-                p += 1;
+                bits &= bits.wrapping_sub(1);
+                let v = v.to_f32();
                 let a = &mut acc[i];
                 for l in 0..L {
                     a[l] = madd(v, xr[l], a[l]);
