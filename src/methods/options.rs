@@ -194,6 +194,11 @@ pub struct MethodOptions {
     /// How the mask of FiPS's factors is structured (fips; default entry-wise).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mask_tiles: Option<MaskTiles>,
+    /// fips: keep the reference's parameter count, leaving the basis parameters of padded
+    /// components that can never train unused instead of giving them to `V`
+    /// ([`FipsParams::spend_unused_rank`]`(false)`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep_unused_rank: bool,
 }
 
 impl MethodOptions {
@@ -224,6 +229,7 @@ impl MethodOptions {
             ("early-stop", self.early_stop.is_some()),
             ("early-stop-tolerance", self.early_stop_tolerance.is_some()),
             ("mask-tiles", self.mask_tiles.is_some()),
+            ("keep-unused-rank", self.keep_unused_rank),
         ];
         flags
             .into_iter()
@@ -266,6 +272,7 @@ impl MethodOptions {
                     "early-stop",
                     "early-stop-tolerance",
                     "mask-tiles",
+                    "keep-unused-rank",
                 ],
                 "fips has no residuals and no collapse; --svd-train belongs to svd",
             ),
@@ -372,6 +379,9 @@ impl MethodOptions {
         }
         if let Some(tiles) = self.mask_tiles {
             params = params.mask_tiles(tiles);
+        }
+        if self.keep_unused_rank {
+            params = params.spend_unused_rank(false);
         }
         params
     }
@@ -620,6 +630,49 @@ mod tests {
                 .sparsifier(),
             Sparsifier::Rigl(_)
         ));
+    }
+
+    /// `--keep-unused-rank` turns off spending the unused rank, is serialised only when given
+    /// (the settings and fingerprints of runs without it stay as before), reads back, and
+    /// belongs to fips alone.
+    #[test]
+    fn keep_unused_rank_is_a_fips_option_in_the_settings() {
+        let keep = MethodOptions {
+            keep_unused_rank: true,
+            ..Default::default()
+        };
+        assert!(
+            !keep
+                .fips_params(&VIT_DEFAULTS)
+                .check()
+                .unwrap()
+                .spend_unused_rank()
+        );
+        let plain = MethodOptions::default();
+        assert!(
+            plain
+                .fips_params(&VIT_DEFAULTS)
+                .check()
+                .unwrap()
+                .spend_unused_rank()
+        );
+        let json = |o: &MethodOptions| serde_json::to_value(o).unwrap();
+        assert_eq!(json(&keep)["keep_unused_rank"], true);
+        assert!(json(&plain).get("keep_unused_rank").is_none());
+        let back: MethodOptions = serde_json::from_value(json(&keep)).unwrap();
+        assert!(back.keep_unused_rank);
+        let back: MethodOptions = serde_json::from_value(json(&plain)).unwrap();
+        assert!(!back.keep_unused_rank);
+        assert!(keep.compressor(Method::Fips, &VIT_DEFAULTS).is_ok());
+        for method in [Method::Svd, Method::MixedRank, Method::LayerCollapse] {
+            assert!(matches!(
+                keep.compressor(method, &VIT_DEFAULTS),
+                Err(FipsError::UnusedParameter {
+                    name: "keep-unused-rank",
+                    ..
+                })
+            ));
+        }
     }
 
     /// `--mask-tiles` reaches FiPS's settings, is serialised only when given (so that the

@@ -268,6 +268,12 @@ struct CompressArgs {
     /// for experiments: no inference kernel uses them, and they cost accuracy too.
     #[arg(long, default_value_t = MaskTiles::default())]
     mask_tiles: MaskTiles,
+    /// fips: keep the reference's parameter count. By default, when the rank exceeds the width
+    /// (DeiT-tiny at p = 0.5, s = 0.75), the basis parameters of padded components that RigL can
+    /// never train are given to V, so the group holds the whole budget; with this flag they stay
+    /// unused and are dropped from the file (it then holds about 95 % of the budget).
+    #[arg(long)]
+    keep_unused_rank: bool,
     /// Override the MLP activation (default: the naming scheme's).
     #[arg(long)]
     activation: Option<Activation>,
@@ -485,6 +491,7 @@ fn method_options(args: &CompressArgs, given: &[String]) -> MethodOptions {
         early_stop: args.early_stop,
         early_stop_tolerance: args.early_stop_tolerance,
         mask_tiles: set("mask_tiles").then_some(args.mask_tiles),
+        keep_unused_rank: args.keep_unused_rank,
     }
 }
 
