@@ -8,7 +8,8 @@
 //!     [--cls-weight W[,W1,W2]] [--split-seed S] [--group-size G] [--views N] [--view-area A] \
 //!     [--train-images N] [--cls-views N] [--cls-view-weight K[,K1,K2]] [--sparsifier gmp|rigl] \
 //!     [--distill-steps N] [--distill-images B] [--distill-lr LR[,LR...]] [--distill-views A[,A...]] \
-//!     [--distill-min-lr LR] [--distill-temperature T] [--score-every K]
+//!     [--distill-min-lr LR] [--distill-temperature T] [--score-every K] [--weight-decay WD] \
+//!     [--lr LR] [--batch-tokens B]
 //! ```
 //!
 //! Holds out a seeded 20 % of the `calib/` images (never `eval/`); trains every DeiT-tiny group
@@ -34,7 +35,9 @@
 //! images (the same held-out images). `--cls-views N` adds the class-token rows (only those) of
 //! `N` seeded random views of every training image to each block's calibration, each weighing
 //! `--cls-view-weight K` tokens (default 1; a list gives each group its own); `independent` only.
-//! `--sparsifier gmp` trains with GMP instead of the image default (RigL).
+//! `--sparsifier gmp` trains with GMP instead of the image default (RigL). `--weight-decay`,
+//! `--lr` and `--batch-tokens` replace the `fips compress` defaults' AdamW decay, peak learning
+//! rate and tokens per step.
 //!
 //! `--distill-steps N` then distills all groups end to end (`fips::app::distill`) on the training
 //! images (`DistillParams::default()` unless given), once per learning rate × view setting
@@ -165,6 +168,9 @@ fn main() -> fips::Result<()> {
     let mut view_area = 0.35f64;
     let mut cls_views = 0usize;
     let mut gmp = false;
+    let mut weight_decay = None;
+    let mut learning_rate = None;
+    let mut batch_tokens = None;
     let mut cls_view_weights = vec![1usize];
     let mut distill_lrs = vec![distill.learning_rate];
     let mut distill_views: Vec<f64> = vec![distill.view_min_area.unwrap_or(0.0)];
@@ -201,6 +207,9 @@ fn main() -> fips::Result<()> {
             "--cls-view-weight" => list::<usize>(&v).map(|k| cls_view_weights = k).is_some(),
             "--score-every" => v.parse().map(|k| score_every = k).is_ok(),
             "--budgets" => list::<f64>(&v).map(|b| budgets = b).is_some(),
+            "--weight-decay" => v.parse().map(|k| weight_decay = Some(k)).is_ok(),
+            "--lr" => v.parse().map(|k| learning_rate = Some(k)).is_ok(),
+            "--batch-tokens" => v.parse().map(|k| batch_tokens = Some(k)).is_ok(),
             _ => false,
         };
         if !parsed {
@@ -336,6 +345,9 @@ fn main() -> fips::Result<()> {
                 budget: Some(budgets[g]),
                 steps: Some(steps),
                 sparsifier: gmp.then_some(fips::methods::options::SparsifierKind::Gmp),
+                weight_decay,
+                learning_rate,
+                batch_tokens,
                 ..MethodOptions::default()
             }
             .fips_params(&VIT_DEFAULTS)

@@ -393,19 +393,48 @@ pub(crate) fn one_token_v4<S: StorageFloat>(
             k,
             &mut widened,
             &mut sums,
-            |vals, p, sums| one_token_block(simd, masks, x, vals, p, &init, sums),
-            |vals, p, sums| one_token_block(simd, masks, x, vals, p, &init, sums),
+            |vals, p, sums| one_token_chunks(simd, masks, x, vals, p, &init, sums, nr),
+            |vals, p, sums| one_token_chunks(simd, masks, x, vals, p, &init, sums, nr),
         );
         out[r0 - first_row..r0 - first_row + nr].copy_from_slice(&sums[..nr]);
     }
 }
 
+/// [`one_token_block`] over the block's first `⌈nr / 16⌉` chunks only: the chunks past a
+/// block's last row (in the last block of a matrix whose rows are not a multiple of 128) keep
+/// nothing and are skipped.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn one_token_chunks<T: StorageFloat>(
+    simd: pulp::x86::V4,
+    masks: &[u64],
+    x: &[f32],
+    vals: &[T],
+    p: usize,
+    init: &[f32; BLOCK_ROWS],
+    sums: &mut [f32; BLOCK_ROWS],
+    nr: usize,
+) {
+    match nr.div_ceil(16) {
+        1 => one_token_block::<T, 1>(simd, masks, x, vals, p, init, sums),
+        2 => one_token_block::<T, 2>(simd, masks, x, vals, p, init, sums),
+        3 => one_token_block::<T, 3>(simd, masks, x, vals, p, init, sums),
+        4 => one_token_block::<T, 4>(simd, masks, x, vals, p, init, sums),
+        5 => one_token_block::<T, 5>(simd, masks, x, vals, p, init, sums),
+        6 => one_token_block::<T, 6>(simd, masks, x, vals, p, init, sums),
+        7 => one_token_block::<T, 7>(simd, masks, x, vals, p, init, sums),
+        _ => one_token_block::<T, 8>(simd, masks, x, vals, p, init, sums),
+    }
+}
+
 /// One block of [`one_token_v4`]: `sums` = the 128 row sums (eight 16-lane registers, starting
 /// at `init`) of the block with column masks `masks`, its values read from `vals[p..]` (16 from
-/// each chunk's first, of which the chunk's mask keeps its own).
+/// each chunk's first, of which the chunk's mask keeps its own), over the first `CHUNKS` 16-row
+/// chunks (the others must keep nothing).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn one_token_block<T: StorageFloat>(
+fn one_token_block<T: StorageFloat, const CHUNKS: usize>(
     simd: pulp::x86::V4,
     masks: &[u64],
     x: &[f32],
@@ -419,13 +448,13 @@ fn one_token_block<T: StorageFloat>(
     let mut acc: [__m512; 8] = pack8(pulp::cast::<_, [[f32; 16]; 8]>(*init));
     for (c, words) in masks.chunks_exact(WORDS).enumerate() {
         let xc = f._mm512_set1_ps(x[c]);
-        for (h, &word) in words.iter().enumerate() {
+        for (h, &word) in words.iter().enumerate().take(CHUNKS.div_ceil(4)) {
             // One bounds check per word: every chunk's 16 values lie in these 72.
             let Ok(run) = <&[T; VALUE_PAD]>::try_from(&vals[p..p + VALUE_PAD]) else {
                 break;
             };
             let mut o = 0usize;
-            for q in 0..4 {
+            for q in 0..4.min(CHUNKS - 4 * h) {
                 let bits = (word >> (16 * q)) as u16;
                 // `o` (the kept entries of the word's rows above the chunk) is at most 48.
                 let s = &run[o % 64..o % 64 + 16];

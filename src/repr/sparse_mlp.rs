@@ -1728,6 +1728,14 @@ mod tests {
             (129, 65, 0.25, 7),
             (300, 200, 0.25, 8),
             (384, 130, 0.05, 9),
+            // Last blocks of every chunk count from 1 to 8 (the AVX-512 kernel skips the
+            // chunks past a block's last row).
+            (144, 17, 0.4, 10),
+            (176, 17, 0.4, 11),
+            (192, 33, 0.4, 12),
+            (208, 17, 0.4, 13),
+            (240, 17, 0.4, 14),
+            (255, 17, 0.4, 15),
         ] {
             check_one_token_kernels::<f32>(rows, cols, density, seed);
             check_one_token_kernels::<half::bf16>(rows, cols, density, seed);
