@@ -533,16 +533,18 @@ pub(crate) fn one_token_v3<S: StorageFloat>(
             k,
             &mut widened,
             &mut sums,
-            |vals, p, sums| one_token_block_v3(simd, masks, x, vals, p, &init, sums),
-            |vals, p, sums| one_token_block_v3(simd, masks, x, vals, p, &init, sums),
+            |vals, p, sums| one_token_block_v3(simd, masks, x, vals, p, &init, sums, nr),
+            |vals, p, sums| one_token_block_v3(simd, masks, x, vals, p, &init, sums, nr),
         );
         out[r0 - first_row..r0 - first_row + nr].copy_from_slice(&sums[..nr]);
     }
 }
 
-/// One block of [`one_token_v3`]: `sums` = the 128 row sums, starting at `init`, of the block
-/// with column masks `masks`, its values read from `vals[p..]`.
+/// One block of [`one_token_v3`]: `sums` = the first `nr` of the 128 row sums, starting at
+/// `init`, of the block with column masks `masks`, its values read from `vals[p..]` (the second
+/// half walked only when the block has rows there).
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn one_token_block_v3<T: StorageFloat>(
     simd: pulp::x86::V3,
@@ -552,9 +554,12 @@ fn one_token_block_v3<T: StorageFloat>(
     p: usize,
     init: &[f32; BLOCK_ROWS],
     sums: &mut [f32; BLOCK_ROWS],
+    nr: usize,
 ) {
     v3_half::<T, 0>(simd, masks, x, vals, p, init, sums);
-    v3_half::<T, 1>(simd, masks, x, vals, p, init, sums);
+    if nr > 64 {
+        v3_half::<T, 1>(simd, masks, x, vals, p, init, sums);
+    }
 }
 
 /// Half `H` (rows `64 H .. 64 H + 64`) of [`one_token_block_v3`]: eight 8-lane accumulators
