@@ -50,7 +50,7 @@ use crate::repr::sparse_blocked::{
     many_tokens_pay, tile_major, tile_major_len,
 };
 #[cfg(target_arch = "x86_64")]
-use crate::repr::sparse_blocked::{one_token_v3, one_token_v4};
+use crate::repr::sparse_blocked::{one_token_v3, one_token_v4, slabs_pay, slabs_v4};
 use crate::repr::sparse_tiled::{TiledMatrix, tiled_rows, window_major};
 
 /// Below this many multiply-adds per thread a sparse product stays on one thread (a scoped
@@ -1079,7 +1079,7 @@ impl<S: StorageFloat> SplitProduct<S> for BlockedMatrix<S> {
         // One token: the expand kernels (accumulators in registers, no scatter); from 128
         // tokens on, the register kernel (rows' accumulators in registers). AVX-512 first.
         #[cfg(target_arch = "x86_64")]
-        if FUSED && (tp == 1 || many_tokens_pay(self.cols(), tp)) {
+        if FUSED && (tp == 1 || many_tokens_pay(self.cols(), tp) || slabs_pay(self, tp)) {
             if kernel == KernelChoice::Auto
                 && let Some(simd) = pulp::x86::V4::try_new()
             {
@@ -1095,6 +1095,7 @@ impl<S: StorageFloat> SplitProduct<S> for BlockedMatrix<S> {
                 return;
             }
             if kernel != KernelChoice::Generic
+                && (tp == 1 || many_tokens_pay(self.cols(), tp))
                 && let Some(simd) = pulp::x86::V3::try_new()
             {
                 simd.vectorize(VectorKernel {
@@ -1148,6 +1149,8 @@ impl<S: StorageFloat> pulp::NullaryFnOnce for VectorKernel<'_, S, pulp::x86::V4>
         } = self;
         if tp == 1 {
             one_token_v4(simd, m, x, out, bias, units);
+        } else if slabs_pay(m, tp) {
+            slabs_v4(simd, m, x, tp, out, bias, units);
         } else {
             many_tokens(simd, m, x, tp, out, bias, units);
         }
@@ -1753,12 +1756,27 @@ mod tests {
         density: f64,
         seed: u64,
     ) {
+        check_vector_kernels::<S>(rows, cols, density, seed, &[128, 144, 208]);
+    }
+
+    /// The vector kernel for `tps` tokens (the register kernel from 128 tokens, the 16-token
+    /// slabs for dense enough factors) against the generic column walk, bit for bit.
+    fn check_vector_kernels<S: StorageFloat>(
+        rows: usize,
+        cols: usize,
+        density: f64,
+        seed: u64,
+        tps: &[usize],
+    ) {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let m = random_sparse::<S>(rows, cols, density, &mut rng);
         let b = BlockedMatrix::from_compact(&m);
         let bias: Vec<S> = (0..rows).map(|i| S::from_f32((i as f32).sin())).collect();
-        for tp in [128, 144, 208] {
-            assert!(crate::repr::sparse_blocked::many_tokens_pay(cols, tp));
+        for &tp in tps {
+            assert!(
+                crate::repr::sparse_blocked::many_tokens_pay(cols, tp)
+                    || crate::repr::sparse_blocked::slabs_pay(&b, tp)
+            );
             let x: Vec<f32> = (0..cols * tp)
                 .map(|_| rng.random_range(-1.0..1.0))
                 .collect();
@@ -1808,6 +1826,24 @@ mod tests {
             check_many_token_kernels::<half::bf16>(rows, cols, density, seed);
         }
         check_many_token_kernels::<half::f16>(130, 200, 0.25, 6);
+    }
+
+    /// 16 tokens on factors dense enough for the slab kernel: ragged last blocks (every chunk
+    /// count), several blocks, one column, a full matrix; f32, bf16 and f16.
+    #[test]
+    fn sixteen_token_slabs_agree_exactly() {
+        for (rows, cols, density, seed) in [
+            (3, 5, 0.5, 1),
+            (130, 37, 0.4, 2),
+            (257, 300, 0.35, 3),
+            (200, 129, 0.9, 4),
+            (192, 1, 1.0, 5),
+            (240, 64, 0.5, 6),
+        ] {
+            check_vector_kernels::<f32>(rows, cols, density, seed, &[16]);
+            check_vector_kernels::<half::bf16>(rows, cols, density, seed, &[16]);
+            check_vector_kernels::<half::f16>(rows, cols, density, seed, &[16]);
+        }
     }
 
     #[test]
