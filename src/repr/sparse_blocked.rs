@@ -469,20 +469,25 @@ fn one_token_block<T: StorageFloat, const CHUNKS: usize>(
     *sums = pulp::cast(pack8::<_, [f32; 16]>(acc));
 }
 
-/// Whether [`slabs_v4`] runs a product of `m` on `tp` tokens: at 16 tokens, for factors at
-/// least [`SLAB_DENSITY`] dense. Its cost is set by the slots (sixteen multiply-adds per 16 rows
-/// and column, kept or not), the column walk's by the kept entries (one accumulator load, fused
-/// multiply-add and store each), so the walk wins on sparse factors and the slabs on denser ones:
-/// measured on an Intel Xeon (DeiT-tiny shapes, 16 tokens), entry-wise random masks at density
-/// 0.25 took 1.26–1.28 of the dense block with the slabs against 1.15–1.18 with the walk, the
-/// trained file's factors (density 0.44–0.55) 0.63–0.67 against 0.68–0.88. From 32 tokens the
-/// walk's 32-token tiles share each entry's overhead between two slabs, and it stays.
+/// Whether [`slabs_v4`] runs a product of `m` on `tp` tokens: below [`MANY_TOKENS`], for
+/// factors at least [`SLAB_DENSITY`] dense. Its cost is set by the slots (sixteen multiply-adds
+/// per 16 rows, column and 16 tokens, kept or not), the column walk's by the kept entries (one
+/// accumulator load, fused multiply-add and store each), so the walk wins on sparse factors and
+/// the slabs on denser ones. Measured on an Intel Xeon (DeiT-tiny shapes): at 16 tokens,
+/// entry-wise random masks at density 0.25 took 1.26–1.28 of the dense block with the slabs
+/// against 1.15–1.18 with the walk, the trained file's factors (density 0.44–0.55) 0.66–0.68
+/// against 0.68–1.02; on those, at 32 / 64 / 96 tokens, 0.97–1.00 / 1.26–1.33 / 1.46–1.50
+/// against up to 1.25 / 1.69 / 1.90. From 128 tokens the register kernel ([`many_tokens`]) is
+/// faster.
 pub(crate) fn slabs_pay<S: StorageFloat>(m: &BlockedMatrix<S>, tp: usize) -> bool {
     let slots = m.rows as f64 * m.cols as f64;
-    tp == 16 && slots > 0.0 && m.nnz() as f64 >= SLAB_DENSITY * slots
+    tp.is_multiple_of(16)
+        && tp < MANY_TOKENS
+        && slots > 0.0
+        && m.nnz() as f64 >= SLAB_DENSITY * slots
 }
 
-/// Density of kept entries from which [`slabs_v4`] runs 16-token products (see [`slabs_pay`]).
+/// Density of kept entries from which [`slabs_v4`] runs (see [`slabs_pay`]).
 const SLAB_DENSITY: f64 = 0.3;
 
 /// Tokens in slabs of 16 (`tp` a multiple of 16), AVX-512:
@@ -562,6 +567,7 @@ impl SlabBlock<'_> {
         use std::arch::x86_64::__m512;
         let f = simd.avx512f;
         let tp = self.tp;
+        let cols = self.masks.len() / WORDS;
         for s in 0..tp / 16 {
             for q in 0..self.nr.div_ceil(16) {
                 let (h, shift) = (q / 4, 16 * (q % 4));
@@ -577,10 +583,8 @@ impl SlabBlock<'_> {
                     let word = words[h];
                     let bits = (word >> shift) as u16;
                     let o = p + starts[h] + (word & below).count_ones() as usize;
-                    let (Some(v), Some(xs)) = (
-                        vals.get(o..o + 16),
-                        self.x.get(c * tp + 16 * s..c * tp + 16 * s + 16),
-                    ) else {
+                    let xs = slab_start(s, cols, tp, c);
+                    let (Some(v), Some(xs)) = (vals.get(o..o + 16), self.x.get(xs..xs + 16)) else {
                         break;
                     };
                     let chunk: [f32; 16] = std::array::from_fn(|l| v[l].to_f32());
