@@ -119,6 +119,14 @@ impl<S: StorageFloat> BlockedMatrix<S> {
         }
     }
 
+    /// Block `k`'s first row, its row count and its column masks (`cols × 2` words).
+    #[inline(always)]
+    fn block(&self, k: usize) -> (usize, usize, &[u64]) {
+        let r0 = k * BLOCK_ROWS;
+        let masks = &self.masks[k * self.cols * WORDS..(k + 1) * self.cols * WORDS];
+        (r0, BLOCK_ROWS.min(self.rows - r0), masks)
+    }
+
     /// Calls `f(row within the block, column, value)` for every kept entry of block `k`, column
     /// by column (rows increasing within a column).
     #[inline(always)]
@@ -232,9 +240,7 @@ pub(crate) fn blocked_rows<S: StorageFloat, const FUSED: bool>(
     let mut widened: Vec<f32> = Vec::new();
     let madd = |a: f32, b: f32, c: f32| if FUSED { a.mul_add(b, c) } else { a * b + c };
     for k in blocks {
-        let r0 = k * BLOCK_ROWS;
-        let nr = BLOCK_ROWS.min(m.rows - r0);
-        let masks = &m.masks[k * cols * WORDS..(k + 1) * cols * WORDS];
+        let (r0, nr, masks) = m.block(k);
         let stored = &m.values[m.block_offsets[k]..m.block_offsets[k + 1]];
         // Half-precision values are widened a block at a time into an f32 scratch (vector
         // conversions, once per block), so that the tiles broadcast every value straight from
@@ -379,13 +385,10 @@ pub(crate) fn one_token_v4<S: StorageFloat>(
     bias: Option<&[S]>,
     blocks: Range<usize>,
 ) {
-    let cols = m.cols;
     let first_row = blocks.start * BLOCK_ROWS;
     let mut widened = Vec::new();
     for k in blocks {
-        let r0 = k * BLOCK_ROWS;
-        let nr = BLOCK_ROWS.min(m.rows - r0);
-        let masks = &m.masks[k * cols * WORDS..(k + 1) * cols * WORDS];
+        let (r0, nr, masks) = m.block(k);
         let init = block_bias(bias, r0, nr);
         let mut sums = [0.0f32; BLOCK_ROWS];
         with_block_values(
@@ -516,9 +519,7 @@ pub(crate) fn slabs_v4<S: StorageFloat>(
     // Position of every (column, word)'s first value within its block.
     let mut starts = Vec::with_capacity(cols * WORDS);
     for k in blocks {
-        let r0 = k * BLOCK_ROWS;
-        let nr = BLOCK_ROWS.min(m.rows - r0);
-        let masks = &m.masks[k * cols * WORDS..(k + 1) * cols * WORDS];
+        let (r0, nr, masks) = m.block(k);
         starts.clear();
         let mut p = 0usize;
         for &word in masks {
@@ -658,13 +659,10 @@ pub(crate) fn one_token_v3<S: StorageFloat>(
     bias: Option<&[S]>,
     blocks: Range<usize>,
 ) {
-    let cols = m.cols;
     let first_row = blocks.start * BLOCK_ROWS;
     let mut widened = Vec::new();
     for k in blocks {
-        let r0 = k * BLOCK_ROWS;
-        let nr = BLOCK_ROWS.min(m.rows - r0);
-        let masks = &m.masks[k * cols * WORDS..(k + 1) * cols * WORDS];
+        let (r0, nr, masks) = m.block(k);
         let init = block_bias(bias, r0, nr);
         let mut sums = [0.0f32; BLOCK_ROWS];
         with_block_values(
@@ -957,8 +955,7 @@ pub(crate) fn many_tokens<S: StorageFloat, V: pulp::Simd>(
     };
     let mut rows = BlockRows::default();
     for k in blocks {
-        let r0 = k * BLOCK_ROWS;
-        let nr = BLOCK_ROWS.min(m.rows - r0);
+        let (r0, nr, _) = m.block(k);
         rows.fill(m, k, stride);
         let bias = |i: usize| bias.map_or(0.0, |b| b[r0 + i].to_f32());
         for first in (0..tp).step_by(TILE_TOKENS) {
