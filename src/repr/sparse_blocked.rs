@@ -238,7 +238,6 @@ pub(crate) fn blocked_rows<S: StorageFloat, const FUSED: bool>(
     let cols = m.cols;
     let first_row = blocks.start * BLOCK_ROWS;
     let mut widened: Vec<f32> = Vec::new();
-    let madd = |a: f32, b: f32, c: f32| if FUSED { a.mul_add(b, c) } else { a * b + c };
     for k in blocks {
         let (r0, nr, masks) = m.block(k);
         let stored = &m.values[m.block_offsets[k]..m.block_offsets[k + 1]];
@@ -251,55 +250,62 @@ pub(crate) fn blocked_rows<S: StorageFloat, const FUSED: bool>(
             widened.resize(stored.len(), 0.0);
             S::widen(stored, &mut widened);
         }
-        let value = |p: usize| {
-            if widen {
-                widened[p]
-            } else {
-                stored[p].to_f32()
-            }
-        };
         let b = |i: usize| bias.map_or(0.0, |b| b[r0 + i].to_f32());
-        if tp == 1 {
-            let mut acc = [0.0f32; BLOCK_ROWS];
-            for (i, a) in acc.iter_mut().enumerate().take(nr) {
-                *a = b(i);
-            }
-            let mut p = 0usize;
-            for (c, words) in masks.chunks_exact(WORDS).enumerate() {
-                let xc = x[c];
-                for (w, &word) in words.iter().enumerate() {
-                    let mut bits = word;
-                    while bits != 0 {
-                        let i = (w * 64 + bits.trailing_zeros() as usize) % BLOCK_ROWS;
-                        bits &= bits - 1;
-                        acc[i] = madd(value(p), xc, acc[i]);
-                        p += 1;
-                    }
+        let o = r0 - first_row;
+        if widen {
+            block_product::<_, FUSED>(masks, &widened, x, cols, tp, nr, &b, out, o);
+        } else {
+            block_product::<_, FUSED>(masks, stored, x, cols, tp, nr, &b, out, o);
+        }
+    }
+}
+
+/// One block of [`blocked_rows`], its kept values in `vals` (column by column): its `nr` rows of
+/// `out` from row `out_row` on. One token: one walk with the block's accumulators in an array;
+/// more: tiles of 32 tokens (two 16-token slabs), then one of 16 if the count is odd.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn block_product<T: StorageFloat, const FUSED: bool>(
+    masks: &[u64],
+    vals: &[T],
+    x: &[f32],
+    cols: usize,
+    tp: usize,
+    nr: usize,
+    bias: &impl Fn(usize) -> f32,
+    out: &mut [f32],
+    out_row: usize,
+) {
+    if tp == 1 {
+        let madd = |a: f32, b: f32, c: f32| if FUSED { a.mul_add(b, c) } else { a * b + c };
+        let mut acc = [0.0f32; BLOCK_ROWS];
+        for (i, a) in acc.iter_mut().enumerate().take(nr) {
+            *a = bias(i);
+        }
+        let mut p = 0usize;
+        for (c, words) in masks.chunks_exact(WORDS).enumerate() {
+            let xc = x[c];
+            for (w, &word) in words.iter().enumerate() {
+                let mut bits = word;
+                while bits != 0 {
+                    let i = (w * 64 + bits.trailing_zeros() as usize) % BLOCK_ROWS;
+                    bits &= bits - 1;
+                    acc[i] = madd(vals[p].to_f32(), xc, acc[i]);
+                    p += 1;
                 }
             }
-            let o = &mut out[r0 - first_row..r0 - first_row + nr];
-            o.copy_from_slice(&acc[..nr]);
-            continue;
         }
-        // Tiles of 32 tokens (two 16-token slabs), then one of 16 if the count is odd.
-        let slabs = tp / 16;
-        let o = r0 - first_row;
-        let mut t = 0;
-        while t + 2 <= slabs {
-            if widen {
-                block_tile::<_, 32, FUSED>(masks, &widened, x, cols, t, nr, &b, out, o, tp);
-            } else {
-                block_tile::<_, 32, FUSED>(masks, stored, x, cols, t, nr, &b, out, o, tp);
-            }
-            t += 2;
-        }
-        if t < slabs {
-            if widen {
-                block_tile::<_, 16, FUSED>(masks, &widened, x, cols, t, nr, &b, out, o, tp);
-            } else {
-                block_tile::<_, 16, FUSED>(masks, stored, x, cols, t, nr, &b, out, o, tp);
-            }
-        }
+        out[out_row..out_row + nr].copy_from_slice(&acc[..nr]);
+        return;
+    }
+    let slabs = tp / 16;
+    let mut t = 0;
+    while t + 2 <= slabs {
+        block_tile::<_, 32, FUSED>(masks, vals, x, cols, t, nr, bias, out, out_row, tp);
+        t += 2;
+    }
+    if t < slabs {
+        block_tile::<_, 16, FUSED>(masks, vals, x, cols, t, nr, bias, out, out_row, tp);
     }
 }
 
