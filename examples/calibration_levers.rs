@@ -9,7 +9,7 @@
 //!     [--train-images N] [--cls-views N] [--cls-view-weight K[,K1,K2]] [--sparsifier gmp|rigl] \
 //!     [--distill-steps N] [--distill-images B] [--distill-lr LR[,LR...]] [--distill-views A[,A...]] \
 //!     [--distill-min-lr LR] [--distill-temperature T] [--score-every K] [--weight-decay WD] \
-//!     [--lr LR] [--batch-tokens B]
+//!     [--lr LR] [--batch-tokens B] [--min-lr LR] [--sparsity S] [--rigl-drop A] [--interval K]
 //! ```
 //!
 //! Holds out a seeded 20 % of the `calib/` images (never `eval/`); trains every DeiT-tiny group
@@ -37,7 +37,9 @@
 //! `--cls-view-weight K` tokens (default 1; a list gives each group its own); `independent` only.
 //! `--sparsifier gmp` trains with GMP instead of the image default (RigL). `--weight-decay`,
 //! `--lr` and `--batch-tokens` replace the `fips compress` defaults' AdamW decay, peak learning
-//! rate and tokens per step.
+//! rate and tokens per step; `--min-lr` the cosine decay's final rate, `--sparsity` the sparsity
+//! of the factors (the rank follows from the budget), `--rigl-drop` RigL's initial drop
+//! fraction and `--interval` the steps between sparsifier updates.
 //!
 //! `--distill-steps N` then distills all groups end to end (`fips::app::distill`) on the training
 //! images (`DistillParams::default()` unless given), once per learning rate × view setting
@@ -171,6 +173,10 @@ fn main() -> fips::Result<()> {
     let mut weight_decay = None;
     let mut learning_rate = None;
     let mut batch_tokens = None;
+    let mut sparsity = None;
+    let mut rigl_drop_fraction = None;
+    let mut sparsifier_interval = None;
+    let mut min_learning_rate = None;
     let mut cls_view_weights = vec![1usize];
     let mut distill_lrs = vec![distill.learning_rate];
     let mut distill_views: Vec<f64> = vec![distill.view_min_area.unwrap_or(0.0)];
@@ -210,6 +216,10 @@ fn main() -> fips::Result<()> {
             "--weight-decay" => v.parse().map(|k| weight_decay = Some(k)).is_ok(),
             "--lr" => v.parse().map(|k| learning_rate = Some(k)).is_ok(),
             "--batch-tokens" => v.parse().map(|k| batch_tokens = Some(k)).is_ok(),
+            "--sparsity" => v.parse().map(|k| sparsity = Some(k)).is_ok(),
+            "--rigl-drop" => v.parse().map(|k| rigl_drop_fraction = Some(k)).is_ok(),
+            "--interval" => v.parse().map(|k| sparsifier_interval = Some(k)).is_ok(),
+            "--min-lr" => v.parse().map(|k| min_learning_rate = Some(k)).is_ok(),
             _ => false,
         };
         if !parsed {
@@ -348,6 +358,10 @@ fn main() -> fips::Result<()> {
                 weight_decay,
                 learning_rate,
                 batch_tokens,
+                sparsity,
+                rigl_drop_fraction,
+                sparsifier_interval,
+                min_learning_rate,
                 ..MethodOptions::default()
             }
             .fips_params(&VIT_DEFAULTS)
