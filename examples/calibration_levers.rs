@@ -9,7 +9,8 @@
 //!     [--train-images N] [--cls-views N] [--cls-view-weight K[,K1,K2]] [--sparsifier gmp|rigl] \
 //!     [--distill-steps N] [--distill-images B] [--distill-lr LR[,LR...]] [--distill-views A[,A...]] \
 //!     [--distill-min-lr LR] [--distill-temperature T] [--score-every K] [--weight-decay WD] \
-//!     [--lr LR] [--batch-tokens B] [--min-lr LR] [--sparsity S] [--rigl-drop A] [--interval K]
+//!     [--lr LR] [--batch-tokens B] [--min-lr LR] [--sparsity S] [--rigl-drop A] [--interval K] \
+//!     [--noise C,S] [--mix C]
 //! ```
 //!
 //! Holds out a seeded 20 % of the `calib/` images (never `eval/`); trains every DeiT-tiny group
@@ -39,7 +40,10 @@
 //! `--lr` and `--batch-tokens` replace the `fips compress` defaults' AdamW decay, peak learning
 //! rate and tokens per step; `--min-lr` the cosine decay's final rate, `--sparsity` the sparsity
 //! of the factors (the rank follows from the budget), `--rigl-drop` RigL's initial drop
-//! fraction and `--interval` the steps between sparsifier updates.
+//! fraction and `--interval` the steps between sparsifier updates. `--noise C,S` adds to every
+//! block's calibration `C` copies of its training tokens with Gaussian noise of `S` times each
+//! channel's standard deviation, `--mix C` adds `C` random convex mixtures of two training tokens
+//! per token (targets: the dense block's outputs on them).
 //!
 //! `--distill-steps N` then distills all groups end to end (`fips::app::distill`) on the training
 //! images (`DistillParams::default()` unless given), once per learning rate × view setting
@@ -147,6 +151,47 @@ fn metrics(dense: &Array2<f32>, other: &Array2<f32>) -> (f64, f64, f64) {
     (agree / n, kl / n, (diff / norm).sqrt())
 }
 
+/// Extra MLP-input tokens made from the real ones (rows of `z`): `noise = (C, S)` adds `C` copies
+/// of every row with Gaussian noise of `S` times each channel's standard deviation; `mix = C`
+/// adds `C` convex mixtures `λ z_i + (1 − λ) z_j` per row (`j` random, `λ ~ U(0, 1)`). The
+/// targets are the dense block's outputs on them, as for every calibration token.
+fn augmented_tokens(
+    z: ndarray::ArrayView2<f32>,
+    noise: Option<(usize, f32)>,
+    mix: Option<usize>,
+    seed: u64,
+) -> Array2<f32> {
+    use rand::{Rng, SeedableRng};
+    use rand_distr::{Distribution, StandardNormal};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1000 + seed);
+    let (n, d) = z.dim();
+    let mut rows = Vec::new();
+    if let Some((copies, scale)) = noise {
+        let std = z.std_axis(Axis(0), 0.0);
+        for _ in 0..copies {
+            let mut c = z.to_owned();
+            for mut row in c.rows_mut() {
+                for (x, s) in row.iter_mut().zip(&std) {
+                    let e: f32 = StandardNormal.sample(&mut rng);
+                    *x += scale * s * e;
+                }
+            }
+            rows.push(c);
+        }
+    }
+    for _ in 0..mix.unwrap_or(0) {
+        let mut c = Array2::zeros((n, d));
+        for (i, mut row) in c.rows_mut().into_iter().enumerate() {
+            let j = rng.random_range(0..n);
+            let l: f32 = rng.random();
+            row.assign(&(&z.row(i) * l + &z.row(j) * (1.0 - l)));
+        }
+        rows.push(c);
+    }
+    let views: Vec<_> = rows.iter().map(|r| r.view()).collect();
+    concatenate(Axis(0), &views).unwrap_or_else(|_| Array2::zeros((0, d)))
+}
+
 fn main() -> fips::Result<()> {
     let data = PathBuf::from(std::env::var("FIPS_DATA_DIR").unwrap_or("../shared/data".into()));
     let mut modes = vec![
@@ -177,6 +222,8 @@ fn main() -> fips::Result<()> {
     let mut rigl_drop_fraction = None;
     let mut sparsifier_interval = None;
     let mut min_learning_rate = None;
+    let mut noise: Option<(usize, f32)> = None;
+    let mut mix: Option<usize> = None;
     let mut cls_view_weights = vec![1usize];
     let mut distill_lrs = vec![distill.learning_rate];
     let mut distill_views: Vec<f64> = vec![distill.view_min_area.unwrap_or(0.0)];
@@ -220,6 +267,11 @@ fn main() -> fips::Result<()> {
             "--rigl-drop" => v.parse().map(|k| rigl_drop_fraction = Some(k)).is_ok(),
             "--interval" => v.parse().map(|k| sparsifier_interval = Some(k)).is_ok(),
             "--min-lr" => v.parse().map(|k| min_learning_rate = Some(k)).is_ok(),
+            "--noise" => list::<f64>(&v)
+                .filter(|k| k.len() == 2)
+                .map(|k| noise = Some((k[0] as usize, k[1] as f32)))
+                .is_some(),
+            "--mix" => v.parse().map(|k| mix = Some(k)).is_ok(),
             _ => false,
         };
         if !parsed {
@@ -327,6 +379,11 @@ fn main() -> fips::Result<()> {
             if !view_cls.is_empty() {
                 for (z, &b) in inputs.iter_mut().zip(blocks) {
                     *z = cat(&[z.clone(), view_cls[b].clone()])?;
+                }
+            }
+            if noise.is_some() || mix.is_some() {
+                for (i, z) in inputs.iter_mut().enumerate() {
+                    *z = cat(&[z.clone(), augmented_tokens(z.view(), noise, mix, i as u64)])?;
                 }
             }
             let mut cal = Calibration::new(inputs)?;
