@@ -89,3 +89,75 @@ fn every_method_reports_the_error_on_held_out_tokens() {
     .unwrap_err();
     assert!(err.to_string().contains("early"), "{err}");
 }
+
+/// With images, a validation split holds out whole images: 10 % of 8 DeiT-tiny images is one
+/// image's 197 tokens (a split of the tokens would hold out 158 of 1,576), training sees the
+/// other seven, and the batch check counts the same training tokens before any work.
+#[cfg(feature = "images")]
+#[test]
+fn image_calibration_holds_out_whole_images() {
+    use fips::app::images::{load_pixels, read_labels, split};
+    use fips::app::pipeline::check_batch;
+    use fips::app::vit::VisionTransformer;
+    let Some(data) = common::data_dir("image_calibration_holds_out_whole_images") else {
+        return;
+    };
+    let ck = Checkpoint::open(data.join("deit-tiny/model.safetensors")).unwrap();
+    let layout = MlpLayout::detect(&ck).unwrap();
+    let vit = VisionTransformer::from_checkpoint(&ck, None).unwrap();
+    let calib = split(&read_labels(data.join("imagenet-sample")).unwrap(), "calib");
+    let pixels = load_pixels(&calib[..8]).unwrap();
+    let shapes: Vec<(usize, usize)> = layout
+        .block_tensors()
+        .iter()
+        .map(|b| (b.width, b.intermediate))
+        .collect();
+    let groups = BlockGroups::parse("0-1", &shapes).unwrap();
+    let calibration = CalibrationSource::Images {
+        vit: &vit,
+        pixels: pixels.view(),
+        class_token_weight: 1,
+    };
+    let validation = Validation::Holdout {
+        fraction: 0.1,
+        seed: 7,
+    };
+    let svd_llm = SvdLlmParams::new()
+        .budget(Budget::Fraction(0.5))
+        .check()
+        .unwrap();
+    let run = compress_checkpoint_validated(
+        &ck,
+        &layout,
+        &groups,
+        &svd_llm,
+        layout.default_activation(),
+        &calibration,
+        &validation,
+        &mut Silent,
+    )
+    .unwrap();
+    let report = &run.reports[0];
+    assert_eq!(report.calibration_tokens, 7 * 197);
+    assert_eq!(report.validation.as_ref().map(|v| v.tokens), Some(197));
+
+    let batch = |tokens| {
+        FipsParams::new()
+            .budget(Budget::Fraction(0.5))
+            .batch_tokens(tokens)
+            .check()
+            .unwrap()
+    };
+    check_batch(&batch(7 * 197), &calibration, &validation, groups.groups()).unwrap();
+    let err = check_batch(
+        &batch(7 * 197 + 1),
+        &calibration,
+        &validation,
+        groups.groups(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, fips::FipsError::BatchTooLarge { tokens: 1379, .. }),
+        "{err}"
+    );
+}

@@ -23,7 +23,7 @@ use crate::foundation::slicing::s;
 use crate::foundation::thread_plan;
 use crate::math::calibration::{Calibration, CalibrationReader};
 use crate::math::validation::{
-    ValidationSet, holdout, holdout_count, split_reader, split_tokens_at,
+    ValidationSet, holdout_count, holdout_runs, split_reader, split_tokens_at,
 };
 use crate::methods::{Compressor, MethodOutput, MethodReport, Progress};
 
@@ -84,7 +84,8 @@ pub enum Validation<'a> {
     #[default]
     None,
     /// Hold out a seeded fraction of each group's calibration tokens (the same token positions
-    /// for every block of the group).
+    /// for every block of the group); with images, a fraction of the images, each with all its
+    /// tokens ([`holdout_runs`]), so that no held-out image lends a token to training.
     Holdout {
         /// Fraction of the tokens held out, in (0, 1).
         fraction: f64,
@@ -105,6 +106,15 @@ impl CalibrationSource<'_> {
             }
             Self::File(file) => file.shape(block).map(|(tokens, _)| tokens),
             Self::Gaussian { tokens, .. } => Some(*tokens),
+        }
+    }
+
+    /// Tokens per image for images (a validation split holds out whole images); `None` for
+    /// the other sources, whose tokens are held out one by one.
+    fn tokens_per_image(&self) -> Option<usize> {
+        match *self {
+            Self::Images { vit, .. } => Some(vit.config().tokens()),
+            _ => None,
         }
     }
 
@@ -183,7 +193,11 @@ pub fn check_batch(
         };
         let training = match validation {
             Validation::Holdout { fraction, .. } if tokens >= 2 => {
-                tokens - holdout_count(tokens, *fraction)
+                let run = calibration
+                    .tokens_per_image()
+                    .filter(|&run| run > 0 && tokens.is_multiple_of(run) && tokens / run >= 2)
+                    .unwrap_or(1);
+                tokens - run * holdout_count(tokens / run, *fraction)
             }
             _ => tokens,
         };
@@ -394,7 +408,8 @@ pub fn compress_group(
                     run.compress(&weight_class_tokens(calib, None, class)?, None, observer)?
                 }
                 Validation::Holdout { fraction, seed } => {
-                    let (kept, held) = holdout(calib.tokens(), *fraction, *seed)?;
+                    let per_image = calibration.tokens_per_image().unwrap_or(1);
+                    let (kept, held) = holdout_runs(calib.tokens(), per_image, *fraction, *seed)?;
                     // The split consumes `calib` block by block: no second copy of the calibration.
                     let (train, held) = split_tokens_at(calib, &kept, &held)?;
                     let set = ValidationSet::new(&dense, &held)?;
@@ -662,7 +677,7 @@ pub fn mlp_parameters(layout: &MlpLayout, model: &CompressedModel) -> (usize, us
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::math::validation::split_tokens;
+    use crate::math::validation::{holdout, split_tokens};
 
     /// Row `t` of every block holds `t`, so the rows of a set name their capture positions.
     fn numbered(tokens: usize) -> Calibration<f32> {

@@ -203,6 +203,10 @@ pub struct HoldoutSettings {
     pub fraction: f64,
     /// Seed of the draw.
     pub seed: u64,
+    /// Whole images held out (image calibration); absent in settings written before images
+    /// were held out whole, whose split was by tokens, so such a work area is not reused.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub whole_images: bool,
 }
 
 impl HoldoutSettings {
@@ -210,7 +214,11 @@ impl HoldoutSettings {
     pub fn of(validation: &Validation<'_>) -> Result<Option<Self>> {
         match *validation {
             Validation::None => Ok(None),
-            Validation::Holdout { fraction, seed } => Ok(Some(Self { fraction, seed })),
+            Validation::Holdout { fraction, seed } => Ok(Some(Self {
+                fraction,
+                seed,
+                whole_images: false,
+            })),
             Validation::Source(_) => Err(FipsError::InvalidParameter {
                 name: "validation",
                 reason: "a resumable run holds out a fraction of its calibration tokens; \
@@ -273,6 +281,9 @@ impl RunSettings {
         let threads_given = parameters.get("threads").is_some_and(|t| t.is_u64());
         let cores = (!threads_given || blas_threads.is_none())
             .then(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let whole_images = matches!(calibration, CalibrationSettings::Images { .. });
+        let validation =
+            HoldoutSettings::of(validation)?.map(|h| HoldoutSettings { whole_images, ..h });
         Ok(Self {
             fips_version: env!("CARGO_PKG_VERSION").into(),
             checkpoint: InputFile::of(checkpoint_path)?,
@@ -281,7 +292,7 @@ impl RunSettings {
             groups: groups.groups().to_vec(),
             activation,
             calibration,
-            validation: HoldoutSettings::of(validation)?,
+            validation,
             cores,
             blas_threads,
         })
@@ -905,6 +916,33 @@ mod tests {
         for no in ["group-.json", "group-1.txt", "model.safetensors", "x.json"] {
             assert!(!is_work_file(no), "{no}");
         }
+    }
+
+    /// A split written before images were held out whole reads as a split by tokens, so it
+    /// differs from an image run's split now (the work area is not reused); a split by tokens
+    /// is written as before.
+    #[test]
+    fn holdout_by_tokens_and_by_images_differ() {
+        let old: HoldoutSettings =
+            serde_json::from_str(r#"{"fraction":0.05,"seed":2024}"#).unwrap();
+        assert!(!old.whole_images);
+        let images = HoldoutSettings {
+            whole_images: true,
+            ..old
+        };
+        assert_ne!(old, images);
+        let mut out = Vec::new();
+        differences(
+            "validation",
+            &serde_json::to_value(old).unwrap(),
+            &serde_json::to_value(images).unwrap(),
+            &mut out,
+        );
+        assert_eq!(out, ["validation.whole_images: null -> true"]);
+        assert_eq!(
+            serde_json::to_string(&old).unwrap(),
+            r#"{"fraction":0.05,"seed":2024}"#
+        );
     }
 
     #[test]

@@ -53,6 +53,32 @@ pub fn holdout(n: usize, fraction: f64, seed: u64) -> Result<(Vec<usize>, Vec<us
     Ok((kept, held))
 }
 
+/// Splits `0..n` into `(kept, held_out)` by whole runs of `run` consecutive items (the tokens of
+/// one image): [`holdout`] of the `n / run` runs, each run's items kept or held out together, so
+/// no held-out image lends a token to training. `run = 1` is [`holdout`].
+///
+/// Errors: `run` zero or not dividing `n`, fewer than two runs, or `fraction` outside `(0, 1)`.
+pub fn holdout_runs(
+    n: usize,
+    run: usize,
+    fraction: f64,
+    seed: u64,
+) -> Result<(Vec<usize>, Vec<usize>)> {
+    if run == 0 || !n.is_multiple_of(run) {
+        return Err(invalid(
+            "validation fraction",
+            format!("{n} tokens are not whole runs of {run}"),
+        ));
+    }
+    let (kept, held) = holdout(n / run, fraction, seed)?;
+    let items = |runs: Vec<usize>| -> Vec<usize> {
+        runs.into_iter()
+            .flat_map(|r| r * run..(r + 1) * run)
+            .collect()
+    };
+    Ok((items(kept), items(held)))
+}
+
 /// Splits a calibration set by tokens: the same seeded [`holdout`] of token positions for every
 /// block, returned as `(training, validation)`. Consumes the set block by block (each block's
 /// matrix is dropped once split), so the peak is the set plus one block, not two sets.
@@ -358,6 +384,35 @@ mod tests {
         assert!(holdout(1, 0.5, 0).is_err());
         assert!(holdout(10, 0.0, 0).is_err());
         assert!(holdout(10, 1.0, 0).is_err());
+    }
+
+    /// Whole runs are held out together, the runs drawn as `holdout` draws items, and a length
+    /// that is not whole runs is refused.
+    #[test]
+    fn holdout_runs_keeps_every_run_whole() {
+        let (run, runs) = (197, 250);
+        let (kept, held) = holdout_runs(run * runs, run, 0.05, 7).unwrap();
+        let (_, held_runs) = holdout(runs, 0.05, 7).unwrap();
+        assert_eq!(held.len(), 13 * run);
+        assert_eq!(kept.len() + held.len(), run * runs);
+        for r in 0..runs {
+            let in_held = held.iter().filter(|&&t| t / run == r).count();
+            let in_kept = kept.iter().filter(|&&t| t / run == r).count();
+            assert!(
+                (in_held, in_kept) == (run, 0) || (in_held, in_kept) == (0, run),
+                "run {r} split: {in_held} held, {in_kept} kept"
+            );
+            assert_eq!(in_held == run, held_runs.contains(&r));
+        }
+        assert!(kept.windows(2).all(|w| w[0] < w[1]));
+        assert!(held.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(
+            holdout_runs(50, 1, 0.2, 3).unwrap(),
+            holdout(50, 0.2, 3).unwrap()
+        );
+        assert!(holdout_runs(10, 3, 0.2, 0).is_err());
+        assert!(holdout_runs(10, 0, 0.2, 0).is_err());
+        assert!(holdout_runs(5, 5, 0.2, 0).is_err());
     }
 
     #[test]

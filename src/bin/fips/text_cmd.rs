@@ -226,8 +226,8 @@ pub struct TextCompressArgs {
     #[arg(long, requires = "model")]
     pub eval_text: Option<PathBuf>,
     /// Fraction of the calibration held out (seeded, never trained on) for the validation errors
-    /// (and early stopping): paragraphs with --model (also scored by perplexity), tokens of each
-    /// group otherwise; 0 holds out nothing.
+    /// (and early stopping): paragraphs with --model (also scored by perplexity), whole images
+    /// with --images, tokens of each group otherwise; 0 holds out nothing.
     #[arg(long, default_value_t = 0.05)]
     pub validation_fraction: f64,
     /// Memory in MiB a group's calibration may take to be read whole from an MLP-input file
