@@ -10,14 +10,8 @@ use fips::methods::Compressor;
 use fips::methods::params::SvdLlmParams;
 use fips::{Budget, Checkpoint, EarlyStopping, FipsParams, MlpLayout, ParamGuard};
 
-/// DeiT-tiny's first two blocks on Gaussian calibration with 10 % of the tokens held out: the
-/// reports of FiPS (with early stopping) and of SVD-LLM carry validation errors on exactly the
-/// held-out tokens; without a validation set they carry none.
-#[test]
-fn every_method_reports_the_error_on_held_out_tokens() {
-    let Some(data) = common::data_dir("every_method_reports_the_error_on_held_out_tokens") else {
-        return;
-    };
+/// DeiT-tiny's checkpoint, its MLP layout and one group of its first two blocks.
+fn first_two_deit_blocks(data: &std::path::Path) -> (Checkpoint, MlpLayout, BlockGroups) {
     let ck = Checkpoint::open(data.join("deit-tiny/model.safetensors")).unwrap();
     let layout = MlpLayout::detect(&ck).unwrap();
     let shapes: Vec<(usize, usize)> = layout
@@ -26,6 +20,18 @@ fn every_method_reports_the_error_on_held_out_tokens() {
         .map(|b| (b.width, b.intermediate))
         .collect();
     let groups = BlockGroups::parse("0-1", &shapes).unwrap();
+    (ck, layout, groups)
+}
+
+/// DeiT-tiny's first two blocks on Gaussian calibration with 10 % of the tokens held out: the
+/// reports of FiPS (with early stopping) and of SVD-LLM carry validation errors on exactly the
+/// held-out tokens; without a validation set they carry none.
+#[test]
+fn every_method_reports_the_error_on_held_out_tokens() {
+    let Some(data) = common::data_dir("every_method_reports_the_error_on_held_out_tokens") else {
+        return;
+    };
+    let (ck, layout, groups) = first_two_deit_blocks(&data);
     let calibration = CalibrationSource::Gaussian {
         tokens: 600,
         seed: 3,
@@ -102,17 +108,10 @@ fn image_calibration_holds_out_whole_images() {
     let Some(data) = common::data_dir("image_calibration_holds_out_whole_images") else {
         return;
     };
-    let ck = Checkpoint::open(data.join("deit-tiny/model.safetensors")).unwrap();
-    let layout = MlpLayout::detect(&ck).unwrap();
+    let (ck, layout, groups) = first_two_deit_blocks(&data);
     let vit = VisionTransformer::from_checkpoint(&ck, None).unwrap();
     let calib = split(&read_labels(data.join("imagenet-sample")).unwrap(), "calib");
     let pixels = load_pixels(&calib[..8]).unwrap();
-    let shapes: Vec<(usize, usize)> = layout
-        .block_tensors()
-        .iter()
-        .map(|b| (b.width, b.intermediate))
-        .collect();
-    let groups = BlockGroups::parse("0-1", &shapes).unwrap();
     let calibration = CalibrationSource::Images {
         vit: &vit,
         pixels: pixels.view(),

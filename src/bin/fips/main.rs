@@ -198,7 +198,7 @@ struct CompressArgs {
     #[arg(long, default_value_t = VIT_DEFAULTS.sparsifier_interval)]
     sparsifier_interval: usize,
     /// RigL's initial drop fraction: the share of kept entries of V swapped at its first update,
-    /// decaying to 0 by 3/4 of the steps [0.05 with --model, the text defaults].
+    /// decaying to 0 by 3/4 of the steps (also 0.05 with --model, the text defaults).
     #[arg(long, default_value_t = VIT_DEFAULTS.rigl_drop_fraction)]
     rigl_drop_fraction: f64,
     /// Consecutive blocks per group (groups never mix shapes).
