@@ -151,32 +151,33 @@ fn metrics(dense: &Array2<f32>, other: &Array2<f32>) -> (f64, f64, f64) {
     (agree / n, kl / n, (diff / norm).sqrt())
 }
 
-/// Extra MLP-input tokens made from the real ones (rows of `z`): `noise = (C, S)` adds `C` copies
-/// of every row with Gaussian noise of `S` times each channel's standard deviation; `mix = C`
-/// adds `C` convex mixtures `λ z_i + (1 − λ) z_j` per row (`j` random, `λ ~ U(0, 1)`). The
-/// targets are the dense block's outputs on them, as for every calibration token.
-fn augmented_tokens(
-    z: ndarray::ArrayView2<f32>,
+/// `z` (MLP-input tokens, one per row) followed by extra tokens made from them: `noise = (C, S)`
+/// adds `C` copies of every row with Gaussian noise of `S` times each channel's standard
+/// deviation; `mix = C` adds `C` convex mixtures `λ z_i + (1 − λ) z_j` per row (`j` random,
+/// `λ ~ U(0, 1)`). The targets are the dense block's outputs on them, as for every calibration
+/// token.
+fn with_augmented_tokens(
+    z: Array2<f32>,
     noise: Option<(usize, f32)>,
     mix: Option<usize>,
     seed: u64,
-) -> Array2<f32> {
+) -> fips::Result<Array2<f32>> {
     use rand::{Rng, SeedableRng};
     use rand_distr::{Distribution, StandardNormal};
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1000 + seed);
     let (n, d) = z.dim();
-    let mut rows = Vec::new();
+    let mut parts = Vec::new();
     if let Some((copies, scale)) = noise {
         let std = z.std_axis(Axis(0), 0.0);
         for _ in 0..copies {
-            let mut c = z.to_owned();
+            let mut c = z.clone();
             for mut row in c.rows_mut() {
                 for (x, s) in row.iter_mut().zip(&std) {
                     let e: f32 = StandardNormal.sample(&mut rng);
                     *x += scale * s * e;
                 }
             }
-            rows.push(c);
+            parts.push(c);
         }
     }
     for _ in 0..mix.unwrap_or(0) {
@@ -186,10 +187,10 @@ fn augmented_tokens(
             let l: f32 = rng.random();
             row.assign(&(&z.row(i) * l + &z.row(j) * (1.0 - l)));
         }
-        rows.push(c);
+        parts.push(c);
     }
-    let views: Vec<_> = rows.iter().map(|r| r.view()).collect();
-    concatenate(Axis(0), &views).unwrap_or_else(|_| Array2::zeros((0, d)))
+    parts.insert(0, z);
+    cat(&parts)
 }
 
 fn main() -> fips::Result<()> {
@@ -383,7 +384,8 @@ fn main() -> fips::Result<()> {
             }
             if noise.is_some() || mix.is_some() {
                 for (i, z) in inputs.iter_mut().enumerate() {
-                    *z = cat(&[z.clone(), augmented_tokens(z.view(), noise, mix, i as u64)])?;
+                    let real = std::mem::replace(z, Array2::zeros((0, 0)));
+                    *z = with_augmented_tokens(real, noise, mix, i as u64)?;
                 }
             }
             let mut cal = Calibration::new(inputs)?;

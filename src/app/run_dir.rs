@@ -210,14 +210,18 @@ pub struct HoldoutSettings {
 }
 
 impl HoldoutSettings {
-    /// The settings of `validation`; a held-out source of its own cannot be fingerprinted here.
-    pub fn of(validation: &Validation<'_>) -> Result<Option<Self>> {
+    /// The settings of `validation` of the tokens `calibration` gives (whole images held out
+    /// from images); a held-out source of its own cannot be fingerprinted here.
+    pub fn of(
+        validation: &Validation<'_>,
+        calibration: &CalibrationSettings,
+    ) -> Result<Option<Self>> {
         match *validation {
             Validation::None => Ok(None),
             Validation::Holdout { fraction, seed } => Ok(Some(Self {
                 fraction,
                 seed,
-                whole_images: false,
+                whole_images: matches!(calibration, CalibrationSettings::Images { .. }),
             })),
             Validation::Source(_) => Err(FipsError::InvalidParameter {
                 name: "validation",
@@ -281,9 +285,7 @@ impl RunSettings {
         let threads_given = parameters.get("threads").is_some_and(|t| t.is_u64());
         let cores = (!threads_given || blas_threads.is_none())
             .then(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-        let whole_images = matches!(calibration, CalibrationSettings::Images { .. });
-        let validation =
-            HoldoutSettings::of(validation)?.map(|h| HoldoutSettings { whole_images, ..h });
+        let validation = HoldoutSettings::of(validation, &calibration)?;
         Ok(Self {
             fips_version: env!("CARGO_PKG_VERSION").into(),
             checkpoint: InputFile::of(checkpoint_path)?,
