@@ -479,3 +479,149 @@ fn bad_input_gives_an_error_message_not_a_panic() {
         "{log}"
     );
 }
+
+/// End-to-end distillation follows the block-wise fits of `fips compress` (fips with `--images`):
+/// the manifest and the report record it, the parameter count is unchanged, a kept work area
+/// reuses it, `fips assemble` of a scattered run distils the same way to the same bytes, and a
+/// run that cannot distil refuses the flags before any work.
+#[test]
+fn distillation_follows_the_fits_resumes_and_assembles_to_the_same_bytes() {
+    let dir = TempDir(std::env::temp_dir().join(format!("fips-cli-distil-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let model = dir.0.join("model.safetensors");
+    write_tiny_vit(&model);
+    let images = dir.0.join("images");
+    write_images(&images);
+    let s = |p: &Path| p.to_string_lossy().into_owned();
+    let (model_s, images_s) = (s(&model), s(&images));
+    let compress = |out: &str, extra: &[&str]| {
+        let mut args = vec![
+            "compress",
+            "--checkpoint",
+            &model_s,
+            "--images",
+            &images_s,
+            "--heads",
+            "1",
+            "--steps",
+            "10",
+            "--batch-tokens",
+            "32",
+            "--groups",
+            "0-1,2-3",
+            "--sparsity",
+            "0.5",
+            "--no-eval",
+            "--out-dir",
+            out,
+        ];
+        args.extend_from_slice(extra);
+        fips(&args)
+    };
+    let report = |out: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap()
+    };
+    let compressed = |out: &Path| std::fs::read(out.join("compressed.safetensors")).unwrap();
+    let (a, b, c, d) = (
+        dir.0.join("a"),
+        dir.0.join("b"),
+        dir.0.join("c"),
+        dir.0.join("d"),
+    );
+    let (work1, work2) = (s(&dir.0.join("work1")), s(&dir.0.join("work2")));
+
+    let out = compress(&s(&a), &["--distill-steps", "4", "--work-dir", &work1]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("distilling every group"),
+        "{}",
+        text(&out)
+    );
+    let distilled = report(&a);
+    assert_eq!(distilled["distillation"]["steps"], 4);
+    assert_eq!(distilled["distillation"]["images"], 6);
+    assert!(distilled["distillation"]["last_loss"].as_f64().unwrap() >= 0.0);
+    let file = fips::Checkpoint::open(a.join("compressed.safetensors")).unwrap();
+    let manifest = fips::format::compact_file::read_manifest(&file).unwrap();
+    assert_eq!(
+        manifest.distillation.as_ref().unwrap()["learning_rate"],
+        3e-5
+    );
+    assert!(dir.0.join("work1/distilled.json").is_file());
+
+    // Without distillation: other values, the same parameter count, nothing recorded.
+    let out = compress(&s(&b), &["--distill-steps", "0"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let plain = report(&b);
+    assert!(plain.get("distillation").is_none(), "{plain}");
+    assert_eq!(
+        plain["mlp_weights_compressed"],
+        distilled["mlp_weights_compressed"]
+    );
+    assert!(
+        compressed(&a) != compressed(&b),
+        "distillation changed nothing"
+    );
+
+    // A rerun on the kept work area reuses the distilled model.
+    let out = compress(&s(&c), &["--distill-steps", "4", "--work-dir", &work1]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("is reused"), "{}", text(&out));
+    assert!(compressed(&a) == compressed(&c), "the reused model differs");
+    // Other distillation settings distil the same parts again (the parts are reused).
+    let out = compress(&s(&c), &["--distill-steps", "5", "--work-dir", &work1]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("distilling every group") && text(&out).contains("resuming from"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(report(&c)["distillation"]["steps"], 5);
+
+    // Scattered: the groups as separate jobs, then `fips assemble` distils from the recorded
+    // calibration images to the same bytes.
+    for k in ["0", "1"] {
+        let out = compress(
+            &s(&d),
+            &[
+                "--distill-steps",
+                "4",
+                "--work-dir",
+                &work2,
+                "--only-group",
+                k,
+            ],
+        );
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let out = fips(&["assemble", "--work-dir", &work2, "--out-dir", &s(&d)]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("distilling every group"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        compressed(&a) == compressed(&d),
+        "the assembled model differs"
+    );
+
+    // Refused before any work where it cannot run, or with bad settings.
+    for (extra, needle) in [
+        (
+            &["--method", "svd", "--distill-steps", "4"][..],
+            "distillation",
+        ),
+        (&["--distill-lr", "0"][..], "learning_rate"),
+        (
+            &["--distill-steps", "0", "--distill-lr", "1e-4"][..],
+            "distill-lr",
+        ),
+    ] {
+        let e = dir.0.join("e");
+        let out = compress(&s(&e), extra);
+        assert!(!out.status.success(), "{extra:?}: {}", text(&out));
+        assert!(text(&out).contains(needle), "{extra:?}: {}", text(&out));
+        assert!(!e.exists(), "{extra:?} left {}", e.display());
+    }
+}

@@ -15,9 +15,11 @@ use ndarray::{Array1, Array2, ArrayView2, ArrayView4, Axis, Zip, linalg::general
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
 
 use crate::app::augment::random_view;
 use crate::app::vit::{MAX_TAPE_VALUES, MlpGradient, VisionTransformer, preprocess};
+use crate::format::compressed::CompressedModel;
 use crate::foundation::activation::Activation;
 use crate::foundation::error::{FipsError, Result, invalid};
 use crate::foundation::kernels::RowSplit;
@@ -26,6 +28,7 @@ use crate::foundation::slicing::s;
 use crate::foundation::thread_plan;
 use crate::math::optim::{AdamW, AdamWStep, Moments};
 use crate::methods::guard::ParamGuard;
+use crate::repr::CompressedBlocks;
 use crate::repr::factors::{SharedBasis, SparseFactor};
 use crate::repr::shared_basis::SharedBasisGroup;
 
@@ -33,9 +36,10 @@ use crate::repr::shared_basis::SharedBasisGroup;
 pub const MAX_IMAGES_PER_STEP: usize = 256;
 
 /// Settings of end-to-end distillation. The defaults are the best of those tried on held-out
-/// DeiT-tiny calibration images (`docs/results.md`, "Where the agreement is lost"): 60 steps of 16
+/// DeiT-tiny calibration images (`docs/results.md`, "Where the agreement is lost" and "End-to-end
+/// distillation in `fips compress`"): 30 steps (60 gain no more) of 16
 /// fresh views (crops of at least 35 % of the area), learning rate 3e-5.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct DistillParams {
     /// Optimiser steps (0: no distillation).
     pub steps: usize,
@@ -58,7 +62,7 @@ pub struct DistillParams {
 impl Default for DistillParams {
     fn default() -> Self {
         Self {
-            steps: 60,
+            steps: 30,
             images_per_step: 16,
             learning_rate: 3e-5,
             min_learning_rate: 1e-6,
@@ -318,28 +322,13 @@ impl<'a> Distiller<'a> {
         pixels: ArrayView4<'a, u8>,
         params: DistillValidParams,
     ) -> Result<Self> {
+        check_teacher(teacher, &params)?;
         let DistillValidParams(params) = params;
         let n = pixels.len_of(Axis(0));
         if n == 0 {
             return Err(invalid("images", "distillation needs at least one image"));
         }
         let depth = teacher.config().depth;
-        // Every MLP of the teacher dense (the student's gradients need it), and a step's
-        // activations bounded, before any work.
-        for b in 0..depth {
-            teacher.mlp(b)?;
-        }
-        let tape = teacher.tape_values(params.images_per_step);
-        if tape.is_none_or(|v| v > MAX_TAPE_VALUES) {
-            return Err(invalid(
-                "images_per_step",
-                format!(
-                    "{} images of this model keep more than {MAX_TAPE_VALUES} activation values for \
-                     the backward pass (MAX_TAPE_VALUES); take fewer images per step",
-                    params.images_per_step
-                ),
-            ));
-        }
         let mut student = teacher.clone();
         let mut seen = vec![false; depth];
         for placed in &groups {
@@ -505,6 +494,115 @@ impl<'a> Distiller<'a> {
         }
         batch
     }
+}
+
+/// Checks, before any work, that `teacher` can be distilled from with `params`: every MLP of it
+/// dense (the student's gradients need them) and a step's activations within
+/// [`MAX_TAPE_VALUES`].
+pub fn check_teacher(teacher: &VisionTransformer, params: &DistillValidParams) -> Result<()> {
+    for b in 0..teacher.config().depth {
+        teacher.mlp(b)?;
+    }
+    let per_step = params.params().images_per_step;
+    if teacher
+        .tape_values(per_step)
+        .is_none_or(|v| v > MAX_TAPE_VALUES)
+    {
+        return Err(invalid(
+            "images_per_step",
+            format!(
+                "{per_step} images of this model keep more than {MAX_TAPE_VALUES} activation \
+                 values for the backward pass (MAX_TAPE_VALUES); take fewer images per step"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// What distilling a whole compressed model did ([`distill_model`]): its settings, how many
+/// images it drew from and the loss `L` of its first and last batch (no timings, so reruns
+/// write the same bytes). Recorded in the compressed file's manifest (`distillation`) and the
+/// run's report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DistillRecord {
+    /// The settings.
+    #[serde(flatten)]
+    pub params: DistillParams,
+    /// Images drawn from.
+    pub images: usize,
+    /// `L` of the first batch, before any step (`null` with no steps).
+    pub first_loss: Option<f64>,
+    /// `L` of the last batch, before the last step (`null` with no steps).
+    pub last_loss: Option<f64>,
+}
+
+/// Distils every group of `model` end to end in `teacher` (each placed at its manifest's
+/// blocks) on the images `pixels`, calling `on_step(done, steps, L)` after each step. Returns the
+/// model with the trained groups (masks, ranks and parameter counts unchanged; the manifest
+/// records the distillation under `distillation`) and the record. Every group must be a shared
+/// basis of two-matrix MLPs.
+pub fn distill_model(
+    teacher: &VisionTransformer,
+    model: &CompressedModel,
+    pixels: ArrayView4<'_, u8>,
+    params: DistillValidParams,
+    on_step: &mut dyn FnMut(usize, usize, f64),
+) -> Result<(CompressedModel, DistillRecord)> {
+    if model.manifest.groups.len() != model.groups.len() {
+        return Err(FipsError::ShapeMismatch {
+            what: "groups of the manifest and of the model".into(),
+            expected: vec![model.manifest.groups.len()],
+            got: vec![model.groups.len()],
+        });
+    }
+    let placed = model
+        .manifest
+        .groups
+        .iter()
+        .zip(&model.groups)
+        .enumerate()
+        .map(|(g, (manifest, blocks))| match blocks {
+            CompressedBlocks::SharedBasis(group) => Ok(PlacedGroup {
+                blocks: manifest.blocks.clone(),
+                group: group.clone(),
+            }),
+            _ => Err(invalid(
+                "method",
+                format!(
+                    "end-to-end distillation trains shared-basis (fips) groups; group {g} is \
+                     {}",
+                    manifest.representation
+                ),
+            )),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let steps = params.params().steps;
+    let mut distiller = Distiller::new(teacher, placed, pixels, params)?;
+    let (mut first_loss, mut last_loss) = (None, None);
+    while let Some(loss) = distiller.step()? {
+        first_loss.get_or_insert(loss);
+        last_loss = Some(loss);
+        on_step(distiller.steps_done(), steps, loss);
+    }
+    let record = DistillRecord {
+        params: *params.params(),
+        images: pixels.len_of(Axis(0)),
+        first_loss,
+        last_loss,
+    };
+    let mut distilled = CompressedModel {
+        manifest: model.manifest.clone(),
+        groups: distiller
+            .finish()?
+            .into_iter()
+            .map(|p| CompressedBlocks::SharedBasis(p.group))
+            .collect(),
+    };
+    distilled.manifest.distillation =
+        Some(serde_json::to_value(&record).map_err(|e| {
+            FipsError::Numerical(format!("cannot serialise the distillation: {e}"))
+        })?);
+    Ok((distilled, record))
 }
 
 /// `vit`'s logits of `pixels`, 32 images at a time (bounding the preprocessed copy).

@@ -105,8 +105,12 @@ pub struct RunReport {
     /// Time spent capturing or reading calibration activations (`calibration_seconds`).
     #[serde(rename = "calibration_seconds", serialize_with = "seconds")]
     pub calibration_time: Duration,
-    /// One entry per group.
+    /// One entry per group (the errors those of the block-wise fits, before any distillation).
     pub groups: Vec<GroupEntry>,
+    /// The end-to-end distillation after the block-wise fits, as the compressed file's manifest
+    /// records it (absent: none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub distillation: Option<serde_json::Value>,
     /// MLP weights of the dense model.
     pub mlp_weights_dense: usize,
     /// MLP weights after compression (uncompressed blocks at their dense size).
@@ -167,6 +171,7 @@ impl RunReport {
                     report: r.clone(),
                 })
                 .collect(),
+            distillation: run.model.manifest.distillation.clone(),
             mlp_weights_dense,
             mlp_weights_compressed,
             eval: None,
@@ -214,6 +219,21 @@ impl RunReport {
                 r.wall_time.as_secs_f64(),
                 r.details,
                 stopped
+            );
+        }
+        if let Some(d) = &self.distillation {
+            let loss = |key: &str| {
+                d[key]
+                    .as_f64()
+                    .map_or_else(|| "-".into(), |l| format!("{l:.4}"))
+            };
+            let _ = write!(
+                out,
+                "\nthen distilled end to end: {} steps, batch loss {} -> {} (the errors above are \
+                 the block-wise fits')",
+                d["steps"],
+                loss("first_loss"),
+                loss("last_loss")
             );
         }
         if self.groups.iter().any(|e| e.report.validation.is_some()) {

@@ -328,14 +328,31 @@ impl RunSettings {
     }
 }
 
-/// What a run records beside its settings without comparing it: how to find its inputs again.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// What a run records beside its settings without comparing it: how to find its inputs again,
+/// and what follows the parts (`fips assemble` does the same).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RunContext {
     /// The checkpoint's path as given (`fips assemble` opens it unless told otherwise).
     pub checkpoint: String,
     /// The calibration text's path as given, on the text path (`None` elsewhere).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text: Option<String>,
+    /// The image set and its calibration split, on the image path (`None` elsewhere).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub images: Option<ImageSetContext>,
+    /// The settings of the end-to-end distillation that follows the parts (`None`: none).
+    /// Not compared with an existing work area's: the parts do not depend on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distillation: Option<serde_json::Value>,
+}
+
+/// Where a run's calibration images are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageSetContext {
+    /// The image set's directory as given.
+    pub dir: String,
+    /// Its calibration split.
+    pub calib_split: String,
 }
 
 /// The content of `settings.json`.
@@ -405,10 +422,27 @@ pub const CAPTURE_FILES: [&str; 3] = [
     "capture.json",
 ];
 
-/// Whether `name` is a file a work area holds (its settings, parts, captures and their
-/// temporaries).
+/// The files of the model distilled end to end from a run's parts: its factors, then its record
+/// (written last).
+pub const DISTILLED_FILES: [&str; 2] = ["distilled.safetensors", "distilled.json"];
+
+/// The record of the distilled model, `distilled.json`: what it was distilled from and with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct DistilledRecord {
+    /// The fingerprint of the run's settings.
+    settings: String,
+    /// Each part's factors file, as it was when distilled.
+    parts: Vec<InputFile>,
+    /// The distillation's settings.
+    distillation: serde_json::Value,
+    /// The distilled model's file.
+    factors: InputFile,
+}
+
+/// Whether `name` is a file a work area holds (its settings, parts, captures, distilled model
+/// and their temporaries).
 fn is_work_file(name: &str) -> bool {
-    if name == SETTINGS_FILE || CAPTURE_FILES.contains(&name) {
+    if name == SETTINGS_FILE || CAPTURE_FILES.contains(&name) || DISTILLED_FILES.contains(&name) {
         return true;
     }
     let part = |n: &str| {
@@ -658,6 +692,97 @@ impl WorkArea {
             calibration_time: Duration::try_from_secs_f64(record.calibration_seconds)
                 .unwrap_or_default(),
         }))
+    }
+
+    /// The factors files of every part, as they are now.
+    fn part_files(&self) -> Result<Vec<InputFile>> {
+        (0..self.record.settings.groups.len())
+            .map(|g| InputFile::of(self.part_paths(g).0))
+            .collect()
+    }
+
+    /// Persists `model`, distilled end to end from the run's parts with the settings
+    /// `distillation`: its file, then its record (each atomically), replacing one distilled
+    /// with other settings. Every part must be there.
+    pub fn write_distilled(
+        &self,
+        distillation: &serde_json::Value,
+        model: &CompressedModel,
+    ) -> Result<()> {
+        self.ensure_settings()?;
+        let missing = self.missing();
+        if !missing.is_empty() {
+            return Err(FipsError::MissingParts {
+                dir: self.dir.clone(),
+                missing,
+            });
+        }
+        let (file, record_path) = (
+            self.dir.join(DISTILLED_FILES[0]),
+            self.dir.join(DISTILLED_FILES[1]),
+        );
+        // The old record goes first, so a crash in between leaves no record vouching for
+        // another file.
+        match std::fs::remove_file(&record_path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(io_error(&record_path)(e));
+            }
+            _ => {}
+        }
+        model.write(&file)?;
+        let record = DistilledRecord {
+            settings: self.record.fingerprint.clone(),
+            parts: self.part_files()?,
+            distillation: distillation.clone(),
+            factors: InputFile::of(&file)?,
+        };
+        let text = serde_json::to_string_pretty(&record)
+            .map_err(|e| FipsError::Numerical(format!("cannot serialise a record: {e}")))?;
+        write_atomically(&record_path, text.as_bytes())
+    }
+
+    /// The model distilled from the run's parts as they are now with the settings
+    /// `distillation`, if the work area holds it (`None` if not, or if it was distilled from
+    /// other parts or with other settings).
+    pub fn read_distilled(
+        &self,
+        distillation: &serde_json::Value,
+    ) -> Result<Option<CompressedModel>> {
+        let (file, record_path) = (
+            self.dir.join(DISTILLED_FILES[0]),
+            self.dir.join(DISTILLED_FILES[1]),
+        );
+        let text = match std::fs::read_to_string(&record_path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_error(&record_path)(e)),
+        };
+        let Ok(record) = serde_json::from_str::<DistilledRecord>(&text) else {
+            return Ok(None);
+        };
+        if record.settings != self.record.fingerprint
+            || &record.distillation != distillation
+            || !self.missing().is_empty()
+            || record.parts != self.part_files()?
+            || !file.is_file()
+            || InputFile::of(&file)? != record.factors
+        {
+            return Ok(None);
+        }
+        let model = CompressedModel::read(&file)?;
+        let expected: Vec<&Vec<usize>> = self.record.settings.groups.iter().collect();
+        let found: Vec<&Vec<usize>> = model.manifest.groups.iter().map(|g| &g.blocks).collect();
+        if found != expected {
+            return Err(FipsError::WorkArea {
+                dir: self.dir.clone(),
+                reason: format!(
+                    "{} describes other groups than the run's; remove it or start afresh \
+                     (--fresh)",
+                    file.display()
+                ),
+            });
+        }
+        Ok(Some(model))
     }
 
     /// The whole model from the parts, read back from disk (so every run, resumed or not, writes

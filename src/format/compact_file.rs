@@ -84,6 +84,10 @@ pub struct ManifestV2 {
     /// The BLAS thread count the factors were computed with (absent: the backend's default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blas_threads: Option<usize>,
+    /// The end-to-end distillation the groups went through after their block-wise fits
+    /// (absent: none; informative, no reader needs it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distillation: Option<serde_json::Value>,
     /// One entry per group.
     pub groups: Vec<GroupV2>,
 }
@@ -502,6 +506,7 @@ impl CompactModel {
                 data_free: m.data_free,
                 self_contained: false,
                 blas_threads: m.blas_threads,
+                distillation: m.distillation.clone(),
                 groups: described,
             },
             groups,

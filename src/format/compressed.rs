@@ -79,6 +79,10 @@ pub struct Manifest {
     /// counts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blas_threads: Option<usize>,
+    /// The end-to-end distillation the groups went through after their block-wise fits, as the
+    /// application records it (absent: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distillation: Option<serde_json::Value>,
     /// One entry per group.
     pub groups: Vec<GroupManifest>,
 }
@@ -168,6 +172,7 @@ impl Manifest {
             scheme: None,
             data_free: false,
             blas_threads: crate::foundation::blas::configured_threads(),
+            distillation: None,
             groups: Vec::new(),
         }
     }

@@ -502,6 +502,7 @@ fn prepare(
     let run_context = RunContext {
         checkpoint: model_dir.display().to_string(),
         text: Some(text_file.display().to_string()),
+        ..RunContext::default()
     };
     let work = WorkArea::open(work_dir, settings, run_context, options.resume)?;
     // As on the other paths, the settings record comes with the first part: a run that fails

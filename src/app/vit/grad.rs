@@ -168,7 +168,12 @@ impl VisionTransformer {
             block.norm2.scale(&mut mlp_input);
             let mut pre_activation = Array2::zeros((x.nrows(), fc1.out_features()));
             fc1.forward_into(mlp_input.view(), &mut pre_activation);
-            let hidden = pre_activation.mapv(|v| act.apply(v));
+            let mut hidden = pre_activation.clone();
+            match hidden.as_slice_mut() {
+                // The vectorised loop (a call per element does not vectorise).
+                Some(h) => act.apply_slice(h),
+                None => hidden.mapv_inplace(|v| act.apply(v)),
+            }
             let mut y = Array2::zeros((x.nrows(), d));
             fc2.forward_into(hidden.view(), &mut y);
             x += &y;
@@ -205,10 +210,14 @@ impl VisionTransformer {
             observe(b, dx.view());
             // The MLP: x ← x + fc2(act(fc1 z)). One pass gives the activation (recomputed, not
             // kept) and its slope, which replaces the pre-activation in the tape.
-            let mut hidden = Array2::<f32>::zeros(tape.pre_activation.raw_dim());
-            Zip::from(&mut hidden)
-                .and(&mut tape.pre_activation)
-                .for_each(|h, a| (*h, *a) = act.apply_with_derivative(*a));
+            let mut hidden = tape.pre_activation.clone();
+            match (hidden.as_slice_mut(), tape.pre_activation.as_slice_mut()) {
+                // The vectorised loop: `hidden ← act(a)`, `a ← act'(a)`.
+                (Some(h), Some(a)) => act.forward_slices(h, a),
+                _ => Zip::from(&mut hidden)
+                    .and(&mut tape.pre_activation)
+                    .for_each(|h, a| (*h, *a) = act.apply_with_derivative(*a)),
+            }
             let slope = &tape.pre_activation;
             let fc2_weight = dx.t().dot(&hidden);
             let fc2_bias = dx.sum_axis(Axis(0));

@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use fips::app::distill::{DistillParams, DistillValidParams, check_teacher, distill_model};
 use fips::app::images::decode_split;
 use fips::app::metrics::{Accuracy, agreement};
 use fips::app::pipeline::{
@@ -17,7 +18,8 @@ use fips::app::pipeline::{
 };
 use fips::app::report::{Evaluation, RunReport};
 use fips::app::run_dir::{
-    self, CalibrationSettings, OutputOptions, Resume, RunContext, RunSettings, WorkArea,
+    self, CalibrationSettings, ImageSetContext, OutputOptions, Resume, RunContext, RunSettings,
+    WorkArea,
 };
 use fips::app::vit::VisionTransformer;
 use fips::format::block_groups::DEFAULT_GROUP_SIZE;
@@ -33,7 +35,7 @@ use fips::methods::params::{
 };
 use fips::{
     Activation, AdamW, BlockGroups, Checkpoint, CompressedModel, ContractionOrder, FipsError,
-    InitMethod, MaskTiles, Method, MlpLayout,
+    InitMethod, MaskTiles, Method, MlpLayout, ParamGuard,
 };
 use ndarray::Array4;
 
@@ -274,6 +276,16 @@ struct CompressArgs {
     /// unused and are dropped from the file (it then holds about 95 % of the budget).
     #[arg(long)]
     keep_unused_rank: bool,
+    /// fips with --images: steps of end-to-end distillation after the block-wise fits (the
+    /// bases, the kept entries of every factor and the biases of all groups trained together so
+    /// that the compressed model's class probabilities match the dense model's on fresh random
+    /// views of the calibration images; masks and size unchanged). 0 skips it
+    /// [default: 30 with fips and --images].
+    #[arg(long)]
+    distill_steps: Option<usize>,
+    /// Peak learning rate of the distillation (cosine decay) [default: 3e-5].
+    #[arg(long)]
+    distill_lr: Option<f64>,
     /// Override the MLP activation (default: the naming scheme's).
     #[arg(long)]
     activation: Option<Activation>,
@@ -525,6 +537,7 @@ fn compress(args: CompressArgs, given: &[String]) -> Result<(), FipsError> {
             reason: "it weighs the class tokens of images captured with --images".into(),
         });
     }
+    let distillation = distill_params(&args)?;
     if let Some(model) = &args.text.model {
         let options = method_options(&args, given);
         let settings = text_cmd::CompressSettings {
@@ -639,6 +652,9 @@ fn compress(args: CompressArgs, given: &[String]) -> Result<(), FipsError> {
         Some(_) => Some(VisionTransformer::from_checkpoint(&checkpoint, args.heads)?),
         None => None,
     };
+    if let (Some(params), Some(vit)) = (&distillation, &vit) {
+        check_teacher(vit, params)?;
+    }
     let calib_pixels = match &args.images.images {
         Some(dir) => Some(decode(
             dir,
@@ -712,6 +728,15 @@ fn compress(args: CompressArgs, given: &[String]) -> Result<(), FipsError> {
     let context = RunContext {
         checkpoint: checkpoint_path.display().to_string(),
         text: None,
+        images: args.images.images.as_ref().map(|dir| ImageSetContext {
+            dir: dir.display().to_string(),
+            calib_split: args.images.calib_split.clone(),
+        }),
+        distillation: distillation
+            .as_ref()
+            .map(|p| serde_json::to_value(p.params()))
+            .transpose()
+            .map_err(|e| FipsError::Numerical(e.to_string()))?,
     };
     let work = WorkArea::open(&work_dir, settings, context, resume)?;
     let mut observer = bars.observer(groups.len());
@@ -739,7 +764,10 @@ fn compress(args: CompressArgs, given: &[String]) -> Result<(), FipsError> {
         }
         return Ok(());
     }
-    let run = work.assemble(start.elapsed())?;
+    let mut run = work.assemble(start.elapsed())?;
+    if let (Some(params), Some(vit), Some((pixels, _))) = (distillation, &vit, &calib_pixels) {
+        run.model = distill(&work, vit, &run.model, pixels.view(), params, &bars)?;
+    }
     let mut report = RunReport::new(checkpoint_path, &layout, compressor.as_ref(), &run);
     println!("{}", report.group_table());
     let written = write_run(
@@ -768,6 +796,88 @@ fn compress(args: CompressArgs, given: &[String]) -> Result<(), FipsError> {
     report.wall_time = start.elapsed();
     println!("{}", report.summary_line());
     Ok(())
+}
+
+/// The end-to-end distillation `fips compress` runs after the block-wise fits: with fips and
+/// `--images`, [`DistillParams::default`] unless `--distill-steps` or `--distill-lr` say
+/// otherwise (`--distill-steps 0`: none). Either flag on a run that cannot distil (another
+/// method, text, activations from a file, data-free) is refused, not ignored.
+fn distill_params(args: &CompressArgs) -> Result<Option<DistillValidParams>, FipsError> {
+    let given = args.distill_steps.is_some_and(|n| n > 0) || args.distill_lr.is_some();
+    let possible = args.method == MethodArg::Fips && args.images.images.is_some();
+    if !possible {
+        if given {
+            return Err(FipsError::InvalidParameter {
+                name: "distill-steps",
+                reason: "end-to-end distillation trains fips groups of a ViT/DeiT calibrated on \
+                         images (--images)"
+                    .into(),
+            });
+        }
+        return Ok(None);
+    }
+    let defaults = DistillParams::default();
+    let params = DistillParams {
+        steps: args.distill_steps.unwrap_or(defaults.steps),
+        learning_rate: args.distill_lr.unwrap_or(defaults.learning_rate),
+        min_learning_rate: defaults
+            .min_learning_rate
+            .min(args.distill_lr.unwrap_or(f64::INFINITY)),
+        seed: args.seed,
+        ..defaults
+    };
+    if params.steps == 0 {
+        if args.distill_lr.is_some() {
+            return Err(FipsError::InvalidParameter {
+                name: "distill-lr",
+                reason: "there is no distillation to apply it to (--distill-steps 0)".into(),
+            });
+        }
+        return Ok(None);
+    }
+    params.check().map(Some)
+}
+
+/// The model distilled end to end from `model` (the run's parts) on the calibration images
+/// `pixels`; reused from the work area when an earlier run distilled the same parts with the
+/// same settings, and kept there until the outputs are written.
+fn distill(
+    work: &WorkArea,
+    vit: &VisionTransformer,
+    model: &CompressedModel,
+    pixels: ndarray::ArrayView4<'_, u8>,
+    params: DistillValidParams,
+    bars: &Bars,
+) -> Result<CompressedModel, FipsError> {
+    let settings =
+        serde_json::to_value(params.params()).map_err(|e| FipsError::Numerical(e.to_string()))?;
+    if let Some(distilled) = work.read_distilled(&settings)? {
+        println!(
+            "distillation: the model distilled by an earlier run from the same parts with the \
+             same settings is reused"
+        );
+        return Ok(distilled);
+    }
+    let p = params.params();
+    println!(
+        "distilling every group end to end: {} steps of {} views of the {} calibration images, \
+         lr {:e}",
+        p.steps,
+        p.images_per_step,
+        pixels.len_of(ndarray::Axis(0)),
+        p.learning_rate
+    );
+    let start = Instant::now();
+    let (distilled, record) =
+        distill_model(vit, model, pixels, params, &mut bars.distill_progress())?;
+    work.write_distilled(&settings, &distilled)?;
+    println!(
+        "distilled in {:.1} s: batch loss {:.4} -> {:.4}",
+        start.elapsed().as_secs_f64(),
+        record.first_loss.unwrap_or(f64::NAN),
+        record.last_loss.unwrap_or(f64::NAN)
+    );
+    Ok(distilled)
 }
 
 /// Writes the output set of `run` into `out_dir`, evaluating it first on the `eval_split` images
@@ -844,6 +954,53 @@ fn pipeline_parts(
     Ok(())
 }
 
+/// The calibration images of the run in `work`, decoded again for its distillation: from its
+/// recorded image set (or `images`, when given) and split, checked to be the pixels its parts
+/// were made from.
+fn recorded_calibration(
+    work: &WorkArea,
+    images: Option<&Path>,
+    vit: &VisionTransformer,
+    bars: &Bars,
+) -> Result<Array4<u8>, FipsError> {
+    let refuse = |reason: String| FipsError::WorkArea {
+        dir: work.dir().to_path_buf(),
+        reason,
+    };
+    let (
+        Some(set),
+        CalibrationSettings::Images {
+            images: count,
+            class_token_weight,
+            ..
+        },
+    ) = (&work.context().images, &work.settings().calibration)
+    else {
+        return Err(refuse(
+            "its run distils on calibration images but records none".into(),
+        ));
+    };
+    let dir = images.map_or_else(|| PathBuf::from(&set.dir), Path::to_path_buf);
+    let (pixels, _) = decode(&dir, &set.calib_split, Some(*count), bars)?;
+    let found = CalibrationSettings::of(
+        &CalibrationSource::Images {
+            vit,
+            pixels: pixels.view(),
+            class_token_weight: *class_token_weight,
+        },
+        None,
+    )?;
+    if found != work.settings().calibration {
+        return Err(refuse(format!(
+            "the first {count} images of split {:?} in {} are not those its parts were \
+             calibrated on (give the image set with --images)",
+            set.calib_split,
+            dir.display()
+        )));
+    }
+    Ok(pixels)
+}
+
 /// `fips assemble`: the outputs of a scattered run from its work area.
 fn assemble(args: AssembleArgs) -> Result<(), FipsError> {
     let start = Instant::now();
@@ -913,13 +1070,31 @@ fn assemble(args: AssembleArgs) -> Result<(), FipsError> {
     }
     let checkpoint = Checkpoint::open(&checkpoint_path)?;
     let layout = MlpLayout::detect(&checkpoint)?;
-    let run = work.assemble(start.elapsed())?;
+    let distillation = work
+        .context()
+        .distillation
+        .as_ref()
+        .map(|settings| {
+            serde_json::from_value::<DistillParams>(settings.clone())
+                .map_err(|e| FipsError::WorkArea {
+                    dir: args.work_dir.clone(),
+                    reason: format!("its distillation settings are unreadable: {e}"),
+                })?
+                .check()
+        })
+        .transpose()?;
+    let vit = match (&args.images, &distillation) {
+        (None, None) => None,
+        _ => Some(VisionTransformer::from_checkpoint(&checkpoint, args.heads)?),
+    };
+    let mut run = work.assemble(start.elapsed())?;
+    if let (Some(params), Some(vit)) = (distillation, &vit) {
+        check_teacher(vit, &params)?;
+        let pixels = recorded_calibration(&work, args.images.as_deref(), vit, &bars)?;
+        run.model = distill(&work, vit, &run.model, pixels.view(), params, &bars)?;
+    }
     let mut report = work.report(&layout, &run)?;
     println!("{}", report.group_table());
-    let vit = match &args.images {
-        Some(_) => Some(VisionTransformer::from_checkpoint(&checkpoint, args.heads)?),
-        None => None,
-    };
     let written = write_run(
         &args.out_dir,
         &run,

@@ -40,6 +40,33 @@ impl Bars {
         }
     }
 
+    /// Shows end-to-end distillation: a bar with the batch loss, or (stderr not a terminal) a
+    /// line per tenth of the steps. Call with `(done, steps, loss)` after each step.
+    pub fn distill_progress(&self) -> impl FnMut(usize, usize, f64) {
+        let plain = !std::io::stderr().is_terminal();
+        let mut bar: Option<ProgressBar> = None;
+        move |done, steps, loss| {
+            let tenth = steps.div_ceil(10).max(1);
+            if plain && (done.is_multiple_of(tenth) || done == steps) {
+                eprintln!("distilling: step {done}/{steps} loss {loss:.4}");
+            }
+            let b = bar.get_or_insert_with(|| {
+                let b =
+                    ProgressBar::with_draw_target(Some(steps as u64), ProgressDrawTarget::stderr());
+                b.set_style(style(
+                    "{prefix:>18} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta} {msg}",
+                ));
+                b.set_prefix("distilling");
+                b
+            });
+            b.set_position(done as u64);
+            b.set_message(format!("loss {loss:.4}"));
+            if done == steps {
+                b.finish_and_clear();
+            }
+        }
+    }
+
     /// The observer of a classification pass.
     pub fn classify_observer(&self, label: &str) -> ClassifyBar {
         ClassifyBar {
