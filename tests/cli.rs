@@ -548,6 +548,12 @@ fn distillation_follows_the_fits_resumes_and_assembles_to_the_same_bytes() {
         3e-5
     );
     assert!(dir.0.join("work1/distilled.json").is_file());
+    let out = fips(&["inspect", &s(&a.join("compressed.safetensors"))]);
+    assert!(
+        text(&out).contains("distilled end to end after the block-wise fits: {"),
+        "{}",
+        text(&out)
+    );
 
     // Without distillation: other values, the same parameter count, nothing recorded.
     let out = compress(&s(&b), &["--distill-steps", "0"]);

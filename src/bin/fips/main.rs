@@ -1255,6 +1255,9 @@ fn inspect_compact(file: &Path, ck: &Checkpoint) -> Result<(), FipsError> {
             "MLPs only (needs the original checkpoint)"
         }
     );
+    if let Some(d) = &m.distillation {
+        println!("distilled end to end after the block-wise fits: {d}");
+    }
     for (g, gm) in m.groups.iter().enumerate() {
         println!(
             "group {g}: blocks {:?}, {} {} {}, d={} I={}, stored as {}{}",
