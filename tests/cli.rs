@@ -127,14 +127,30 @@ fn text(out: &Output) -> String {
     )
 }
 
-#[test]
-fn compress_inspect_densify_and_eval_a_tiny_vit() {
-    let dir = TempDir(std::env::temp_dir().join(format!("fips-cli-{}", std::process::id())));
+/// Two groups of two blocks of the tiny ViT, small batches, half-dense factors.
+const TWO_SMALL_GROUPS: [&str; 6] = [
+    "--batch-tokens",
+    "32",
+    "--groups",
+    "0-1,2-3",
+    "--sparsity",
+    "0.5",
+];
+
+/// A scratch directory `fips-{tag}-{pid}` holding the tiny ViT and its image set.
+fn tiny_vit_and_images(tag: &str) -> (TempDir, PathBuf, PathBuf) {
+    let dir = TempDir(std::env::temp_dir().join(format!("fips-{tag}-{}", std::process::id())));
     std::fs::create_dir_all(&dir.0).unwrap();
     let model = dir.0.join("model.safetensors");
     write_tiny_vit(&model);
     let images = dir.0.join("images");
     write_images(&images);
+    (dir, model, images)
+}
+
+#[test]
+fn compress_inspect_densify_and_eval_a_tiny_vit() {
+    let (dir, model, images) = tiny_vit_and_images("cli");
     let out_dir = dir.0.join("out");
     let s = |p: &Path| p.to_string_lossy().into_owned();
 
@@ -288,15 +304,10 @@ fn mask_tiles_reach_the_report_and_the_work_area_settings() {
             "--data-free",
             "--steps",
             "20",
-            "--batch-tokens",
-            "32",
-            "--groups",
-            "0-1,2-3",
-            "--sparsity",
-            "0.5",
             "--out-dir",
             &out_dir,
         ];
+        a.extend_from_slice(&TWO_SMALL_GROUPS);
         if tiles {
             a.extend(["--mask-tiles", "2x2"]);
         }
@@ -486,12 +497,7 @@ fn bad_input_gives_an_error_message_not_a_panic() {
 /// run that cannot distil refuses the flags before any work.
 #[test]
 fn distillation_follows_the_fits_resumes_and_assembles_to_the_same_bytes() {
-    let dir = TempDir(std::env::temp_dir().join(format!("fips-cli-distil-{}", std::process::id())));
-    std::fs::create_dir_all(&dir.0).unwrap();
-    let model = dir.0.join("model.safetensors");
-    write_tiny_vit(&model);
-    let images = dir.0.join("images");
-    write_images(&images);
+    let (dir, model, images) = tiny_vit_and_images("cli-distil");
     let s = |p: &Path| p.to_string_lossy().into_owned();
     let (model_s, images_s) = (s(&model), s(&images));
     let compress = |out: &str, extra: &[&str]| {
@@ -505,16 +511,11 @@ fn distillation_follows_the_fits_resumes_and_assembles_to_the_same_bytes() {
             "1",
             "--steps",
             "10",
-            "--batch-tokens",
-            "32",
-            "--groups",
-            "0-1,2-3",
-            "--sparsity",
-            "0.5",
             "--no-eval",
             "--out-dir",
             out,
         ];
+        args.extend_from_slice(&TWO_SMALL_GROUPS);
         args.extend_from_slice(extra);
         fips(&args)
     };
