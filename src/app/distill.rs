@@ -830,6 +830,93 @@ mod tests {
         assert!(after < 0.7 * before, "loss {before} -> {after}");
     }
 
+    /// A compressed model of one group placed at blocks 0 and 1 of [`tiny_vit`].
+    fn one_group_model(group: SharedBasisGroup<f32>) -> CompressedModel {
+        use crate::format::compressed::{GroupManifest, Manifest};
+        let blocks = CompressedBlocks::SharedBasis(group);
+        let originals = (0..2)
+            .flat_map(|b| {
+                ["fc1", "fc2"].map(|m| {
+                    let name = format!("blocks.{b}.mlp.{m}.weight");
+                    (name, None, vec![1, 1], safetensors::Dtype::F32)
+                })
+            })
+            .collect();
+        let described =
+            GroupManifest::describe(&blocks, &[0, 1], MlpKind::Standard, originals).unwrap();
+        let mut manifest = Manifest::with_parameters("fips", serde_json::json!({}));
+        manifest.groups.push(described);
+        CompressedModel {
+            manifest,
+            groups: vec![blocks],
+        }
+    }
+
+    #[test]
+    fn a_whole_model_is_distilled_with_its_masks_and_recorded() {
+        let teacher = tiny_vit(11);
+        let group = random_group(12, MlpKind::Standard);
+        let model = one_group_model(group.clone());
+        let px = pixels(13, 8);
+        let params = DistillParams {
+            steps: 5,
+            images_per_step: 8,
+            learning_rate: 1e-2,
+            view_min_area: None,
+            ..DistillParams::default()
+        }
+        .check()
+        .unwrap();
+        let mut calls = Vec::new();
+        let (distilled, record) = distill_model(
+            &teacher,
+            &model,
+            px.view(),
+            params,
+            &mut |done, steps, loss| calls.push((done, steps, loss)),
+        )
+        .unwrap();
+        // The same steps as the distiller run by hand.
+        let placed = vec![PlacedGroup {
+            blocks: vec![0, 1],
+            group: group.clone(),
+        }];
+        let mut by_hand = Distiller::new(&teacher, placed, px.view(), params).unwrap();
+        let mut losses = Vec::new();
+        while let Some(l) = by_hand.step().unwrap() {
+            losses.push(l);
+        }
+        let expected = by_hand.finish().unwrap().remove(0).group;
+        assert_eq!(
+            calls.iter().map(|c| c.0).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4, 5]
+        );
+        assert!(calls.iter().all(|c| c.1 == 5));
+        assert_eq!(calls.iter().map(|c| c.2).collect::<Vec<_>>(), losses);
+        assert_eq!(record.first_loss, losses.first().copied());
+        assert_eq!(record.last_loss, losses.last().copied());
+        assert_eq!(record.images, 8);
+        let CompressedBlocks::SharedBasis(trained) = &distilled.groups[0] else {
+            panic!("the distilled group is not a shared basis");
+        };
+        assert_eq!(trained, &expected);
+        assert_ne!(trained.basis(), group.basis());
+        for (after, before) in trained.factors().iter().zip(group.factors()) {
+            assert_eq!(after.mask(), before.mask());
+        }
+        assert_eq!(distilled.manifest.groups, model.manifest.groups);
+        let written = distilled.manifest.distillation.as_ref().unwrap();
+        assert_eq!(written["steps"], 5);
+        assert_eq!(written["last_loss"], serde_json::json!(record.last_loss));
+        // A manifest that does not describe the groups is refused.
+        let mut broken = model.clone();
+        broken.manifest.groups.clear();
+        assert!(matches!(
+            distill_model(&teacher, &broken, px.view(), params, &mut |_, _, _| {}),
+            Err(FipsError::ShapeMismatch { .. })
+        ));
+    }
+
     #[test]
     fn misplaced_groups_are_typed_errors() {
         let teacher = tiny_vit(11);

@@ -1037,10 +1037,18 @@ mod tests {
             "calibration.safetensors",
             "validation.safetensors",
             "capture.json",
+            "distilled.safetensors",
+            "distilled.json",
         ] {
             assert!(is_work_file(yes), "{yes}");
         }
-        for no in ["group-.json", "group-1.txt", "model.safetensors", "x.json"] {
+        for no in [
+            "group-.json",
+            "group-1.txt",
+            "model.safetensors",
+            "x.json",
+            "distilled.txt",
+        ] {
             assert!(!is_work_file(no), "{no}");
         }
     }
