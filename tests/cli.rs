@@ -500,7 +500,7 @@ fn distillation_follows_the_fits_resumes_and_assembles_to_the_same_bytes() {
     let (dir, model, images) = tiny_vit_and_images("cli-distil");
     let s = |p: &Path| p.to_string_lossy().into_owned();
     let (model_s, images_s) = (s(&model), s(&images));
-    let compress = |out: &str, extra: &[&str]| {
+    let compress = |out: &str, extra: &[&str]| -> Output {
         let mut args = vec![
             "compress",
             "--checkpoint",
@@ -515,6 +515,11 @@ fn distillation_follows_the_fits_resumes_and_assembles_to_the_same_bytes() {
             "--out-dir",
             out,
         ];
+        if !extra.contains(&"--validation-fraction") {
+            // Every image distilled on and nothing held out to check it: kept whatever the
+            // tiny model does (the check is tested below and in `distill::tests`).
+            args.extend_from_slice(&["--validation-fraction", "0"]);
+        }
         args.extend_from_slice(&TWO_SMALL_GROUPS);
         args.extend_from_slice(extra);
         fips(&args)
@@ -612,6 +617,23 @@ fn distillation_follows_the_fits_resumes_and_assembles_to_the_same_bytes() {
         compressed(&a) == compressed(&d),
         "the assembled model differs"
     );
+
+    // With the default validation split, the held-out image checks the distillation.
+    let checked = dir.0.join("checked");
+    let out = compress(
+        &s(&checked),
+        &["--distill-steps", "4", "--validation-fraction", "0.05"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("held-out KL"), "{}", text(&out));
+    let record = &report(&checked)["distillation"];
+    assert_eq!(record["images"], 5);
+    assert_eq!(record["held_out"]["images"], 1);
+    let (before, after) = (
+        record["held_out"]["kl_before"].as_f64().unwrap(),
+        record["held_out"]["kl_after"].as_f64().unwrap(),
+    );
+    assert_eq!(record["kept"], after <= before);
 
     // Refused before any work where it cannot run, or with bad settings.
     for (extra, needle) in [

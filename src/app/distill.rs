@@ -520,9 +520,9 @@ pub fn check_teacher(teacher: &VisionTransformer, params: &DistillValidParams) -
 }
 
 /// What distilling a whole compressed model did ([`distill_model`]): its settings, how many
-/// images it drew from and the loss `L` of its first and last batch (no timings, so reruns
-/// write the same bytes). Recorded in the compressed file's manifest (`distillation`) and the
-/// run's report.
+/// images it drew from, the loss `L` of its first and last batch, and the check on held-out
+/// images (no timings, so reruns write the same bytes). Recorded in the compressed file's
+/// manifest (`distillation`) and the run's report.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DistillRecord {
     /// The settings.
@@ -534,17 +534,36 @@ pub struct DistillRecord {
     pub first_loss: Option<f64>,
     /// `L` of the last batch, before the last step (`null` with no steps).
     pub last_loss: Option<f64>,
+    /// The check on images never distilled on (`null`: none were given).
+    pub held_out: Option<HeldOutCheck>,
+    /// Whether the distilled groups were kept: false when they raised the held-out KL, and the
+    /// block-wise fits were kept instead.
+    pub kept: bool,
+}
+
+/// Mean KL(dense ‖ compressed) of the class probabilities on held-out images, before and after
+/// the distillation.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct HeldOutCheck {
+    /// Held-out images.
+    pub images: usize,
+    /// KL with the block-wise fits.
+    pub kl_before: f64,
+    /// KL with the distilled groups.
+    pub kl_after: f64,
 }
 
 /// Distils every group of `model` end to end in `teacher` (each placed at its manifest's
-/// blocks) on the images `pixels`, calling `on_step(done, steps, L)` after each step. Returns the
-/// model with the trained groups (masks, ranks and parameter counts unchanged; the manifest
-/// records the distillation under `distillation`) and the record. Every group must be a shared
-/// basis of two-matrix MLPs.
+/// blocks) on the images `pixels`, calling `on_step(done, steps, L)` after each step, and checks
+/// the result on the images `held_out` (never distilled on; may be empty): when the distilled
+/// groups raise KL(dense ‖ compressed) there, the block-wise fits are kept. Returns the model
+/// (masks, ranks and parameter counts unchanged; the manifest records the distillation under
+/// `distillation`) and the record. Every group must be a shared basis of two-matrix MLPs.
 pub fn distill_model(
     teacher: &VisionTransformer,
     model: &CompressedModel,
     pixels: ArrayView4<'_, u8>,
+    held_out: ArrayView4<'_, u8>,
     params: DistillValidParams,
     on_step: &mut dyn FnMut(usize, usize, f64),
 ) -> Result<(CompressedModel, DistillRecord)> {
@@ -578,25 +597,51 @@ pub fn distill_model(
         .collect::<Result<Vec<_>>>()?;
     let steps = params.params().steps;
     let mut distiller = Distiller::new(teacher, placed, pixels, params)?;
+    let checked = held_out.len_of(Axis(0)) > 0;
+    let teacher_held = if checked {
+        Some(logits_of(teacher, held_out)?)
+    } else {
+        None
+    };
+    let held_out_kl = |student: &VisionTransformer| -> Result<f64> {
+        Ok(match &teacher_held {
+            Some(t) => distillation_loss(t.view(), logits_of(student, held_out)?.view(), 1.0).0,
+            None => 0.0,
+        })
+    };
+    let kl_before = held_out_kl(distiller.student())?;
     let (mut first_loss, mut last_loss) = (None, None);
     while let Some(loss) = distiller.step()? {
         first_loss.get_or_insert(loss);
         last_loss = Some(loss);
         on_step(distiller.steps_done(), steps, loss);
     }
+    let kl_after = held_out_kl(distiller.student())?;
+    let kept = kl_after <= kl_before;
     let record = DistillRecord {
         params: *params.params(),
         images: pixels.len_of(Axis(0)),
         first_loss,
         last_loss,
+        held_out: checked.then_some(HeldOutCheck {
+            images: held_out.len_of(Axis(0)),
+            kl_before,
+            kl_after,
+        }),
+        kept,
     };
-    let mut distilled = CompressedModel {
-        manifest: model.manifest.clone(),
-        groups: distiller
+    let groups = if kept {
+        distiller
             .finish()?
             .into_iter()
             .map(|p| CompressedBlocks::SharedBasis(p.group))
-            .collect(),
+            .collect()
+    } else {
+        model.groups.clone()
+    };
+    let mut distilled = CompressedModel {
+        manifest: model.manifest.clone(),
+        groups,
     };
     distilled.manifest.distillation =
         Some(serde_json::to_value(&record).map_err(|e| {
@@ -868,14 +913,20 @@ mod tests {
         .check()
         .unwrap();
         let mut calls = Vec::new();
+        // Checked on the training images themselves, where the loss falls.
         let (distilled, record) = distill_model(
             &teacher,
             &model,
+            px.view(),
             px.view(),
             params,
             &mut |done, steps, loss| calls.push((done, steps, loss)),
         )
         .unwrap();
+        let check = record.held_out.unwrap();
+        assert_eq!(check.images, 8);
+        assert!(check.kl_after < check.kl_before, "{check:?}");
+        assert!(record.kept);
         // The same steps as the distiller run by hand.
         let placed = vec![PlacedGroup {
             blocks: vec![0, 1],
@@ -908,11 +959,52 @@ mod tests {
         let written = distilled.manifest.distillation.as_ref().unwrap();
         assert_eq!(written["steps"], 5);
         assert_eq!(written["last_loss"], serde_json::json!(record.last_loss));
+        // Distillation that raises the held-out KL (a learning rate far too large) is not kept.
+        let wild = DistillParams {
+            learning_rate: 10.0,
+            ..*params.params()
+        }
+        .check()
+        .unwrap();
+        let held = pixels(14, 4);
+        let (undone, record) = distill_model(
+            &teacher,
+            &model,
+            px.view(),
+            held.view(),
+            wild,
+            &mut |_, _, _| {},
+        )
+        .unwrap();
+        let check = record.held_out.unwrap();
+        assert!(check.kl_after > check.kl_before, "{check:?}");
+        assert!(!record.kept);
+        assert_eq!(undone.groups, model.groups);
+        assert_eq!(undone.manifest.distillation.unwrap()["kept"], false);
+        // Without held-out images nothing is checked.
+        let empty = Array4::<u8>::zeros((0, 8, 8, 3));
+        let (_, record) = distill_model(
+            &teacher,
+            &model,
+            px.view(),
+            empty.view(),
+            params,
+            &mut |_, _, _| {},
+        )
+        .unwrap();
+        assert!(record.held_out.is_none() && record.kept);
         // A manifest that does not describe the groups is refused.
         let mut broken = model.clone();
         broken.manifest.groups.clear();
         assert!(matches!(
-            distill_model(&teacher, &broken, px.view(), params, &mut |_, _, _| {}),
+            distill_model(
+                &teacher,
+                &broken,
+                px.view(),
+                empty.view(),
+                params,
+                &mut |_, _, _| {}
+            ),
             Err(FipsError::ShapeMismatch { .. })
         ));
     }

@@ -227,10 +227,23 @@ impl RunReport {
                     .as_f64()
                     .map_or_else(|| "-".into(), |l| format!("{l:.4}"))
             };
+            let held = &d["held_out"];
+            let check = match (held["kl_before"].as_f64(), held["kl_after"].as_f64()) {
+                (Some(a), Some(b)) => format!(
+                    ", held-out KL {a:.4} -> {b:.4} on {} images: {}",
+                    held["images"],
+                    if d["kept"] == false {
+                        "not kept"
+                    } else {
+                        "kept"
+                    }
+                ),
+                _ => String::new(),
+            };
             let _ = write!(
                 out,
-                "\nthen distilled end to end: {} steps, batch loss {} -> {} (the errors above are \
-                 the block-wise fits')",
+                "\nthen distilled end to end: {} steps, batch loss {} -> {}{check} (the errors \
+                 above are the block-wise fits')",
                 d["steps"],
                 loss("first_loss"),
                 loss("last_loss")

@@ -28,6 +28,7 @@ use fips::format::compressed::{COMPRESSED_FORMAT, MANIFEST_KEY};
 use fips::format::mlp_inputs::{MlpInputs, write_mlp_inputs};
 use fips::foundation::thread_plan;
 use fips::math::budget::{DEFAULT_BUDGET_FRACTION, DEFAULT_SPARSITY};
+use fips::math::validation::holdout;
 use fips::methods::options::{DEFAULT_SEED, MethodOptions, SparsifierKind, VIT_DEFAULTS};
 use fips::methods::params::{
     DEFAULT_COLLAPSE_LAMBDA, DEFAULT_COLLAPSE_STEPS, DEFAULT_RANK_GRID, DEFAULT_RESIDUAL_RANK,
@@ -858,18 +859,35 @@ fn distill(
         );
         return Ok(distilled);
     }
+    // The images the block-wise fits held out for validation check the distillation too.
+    let images = pixels.len_of(ndarray::Axis(0));
+    let (train, held) = match work.settings().validation {
+        Some(h) if h.whole_images => holdout(images, h.fraction, h.seed)?,
+        _ => ((0..images).collect(), Vec::new()),
+    };
+    let (train, held) = (
+        pixels.select(ndarray::Axis(0), &train),
+        pixels.select(ndarray::Axis(0), &held),
+    );
     let p = params.params();
     println!(
-        "distilling every group end to end: {} steps of {} views of the {} calibration images, \
-         lr {:e}",
+        "distilling every group end to end: {} steps of {} views of {} calibration images, lr \
+         {:e}, checked on the {} held-out images",
         p.steps,
         p.images_per_step,
-        pixels.len_of(ndarray::Axis(0)),
-        p.learning_rate
+        train.len_of(ndarray::Axis(0)),
+        p.learning_rate,
+        held.len_of(ndarray::Axis(0))
     );
     let start = Instant::now();
-    let (distilled, record) =
-        distill_model(vit, model, pixels, params, &mut bars.distill_progress())?;
+    let (distilled, record) = distill_model(
+        vit,
+        model,
+        train.view(),
+        held.view(),
+        params,
+        &mut bars.distill_progress(),
+    )?;
     work.write_distilled(&settings, &distilled)?;
     println!(
         "distilled in {:.1} s: batch loss {:.4} -> {:.4}",
@@ -877,6 +895,18 @@ fn distill(
         record.first_loss.unwrap_or(f64::NAN),
         record.last_loss.unwrap_or(f64::NAN)
     );
+    if let Some(check) = record.held_out {
+        println!(
+            "held-out KL(dense || compressed) {:.4} -> {:.4}: {}",
+            check.kl_before,
+            check.kl_after,
+            if record.kept {
+                "the distilled groups are kept"
+            } else {
+                "distillation raised it, the block-wise fits are kept"
+            }
+        );
+    }
     Ok(distilled)
 }
 
