@@ -754,13 +754,7 @@ mod tests {
         let teacher = tiny_vit(11);
         let group = random_group(12, MlpKind::Standard);
         let px = pixels(13, 8);
-        let params = DistillParams {
-            steps: 40,
-            images_per_step: 8,
-            learning_rate: 1e-2,
-            view_min_area: None,
-            ..DistillParams::default()
-        };
+        let params = plain_params(40);
         let placed = vec![PlacedGroup {
             blocks: vec![0, 1],
             group: group.clone(),
@@ -857,11 +851,8 @@ mod tests {
         let teacher = tiny_vit(11);
         let px = pixels(13, 8);
         let params = DistillParams {
-            steps: 30,
-            images_per_step: 8,
-            learning_rate: 1e-2,
             view_min_area: Some(0.5),
-            ..DistillParams::default()
+            ..plain_params(30)
         };
         let placed = vec![PlacedGroup {
             blocks: vec![0, 1],
@@ -873,6 +864,17 @@ mod tests {
         while distiller.step().unwrap().is_some() {}
         let after = loss_on(&teacher, distiller.student(), &px);
         assert!(after < 0.7 * before, "loss {before} -> {after}");
+    }
+
+    /// `steps` steps of all 8 test images as they are, learning rate 10⁻².
+    fn plain_params(steps: usize) -> DistillParams {
+        DistillParams {
+            steps,
+            images_per_step: 8,
+            learning_rate: 1e-2,
+            view_min_area: None,
+            ..DistillParams::default()
+        }
     }
 
     /// A compressed model of one group placed at blocks 0 and 1 of [`tiny_vit`].
@@ -903,15 +905,7 @@ mod tests {
         let group = random_group(12, MlpKind::Standard);
         let model = one_group_model(group.clone());
         let px = pixels(13, 8);
-        let params = DistillParams {
-            steps: 5,
-            images_per_step: 8,
-            learning_rate: 1e-2,
-            view_min_area: None,
-            ..DistillParams::default()
-        }
-        .check()
-        .unwrap();
+        let params = plain_params(5).check().unwrap();
         let mut calls = Vec::new();
         // Checked on the training images themselves, where the loss falls.
         let (distilled, record) = distill_model(
