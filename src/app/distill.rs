@@ -541,6 +541,29 @@ pub struct DistillRecord {
     pub kept: bool,
 }
 
+impl DistillRecord {
+    /// One line for a run's log: steps, first and last batch loss, the held-out check.
+    pub fn summary(&self) -> String {
+        let loss = |l: Option<f64>| l.map_or_else(|| "-".into(), |l| format!("{l:.4}"));
+        let check = self.held_out.map_or_else(String::new, |c| {
+            format!(
+                ", held-out KL {:.4} -> {:.4} on {} images: {}",
+                c.kl_before,
+                c.kl_after,
+                c.images,
+                if self.kept { "kept" } else { "not kept" }
+            )
+        });
+        format!(
+            "distilled end to end: {} steps, batch loss {} -> {}{check} (the group errors are the \
+             block-wise fits')",
+            self.params.steps,
+            loss(self.first_loss),
+            loss(self.last_loss)
+        )
+    }
+}
+
 /// Mean KL(dense ‖ compressed) of the class probabilities on held-out images, before and after
 /// the distillation.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

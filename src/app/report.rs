@@ -221,34 +221,6 @@ impl RunReport {
                 stopped
             );
         }
-        if let Some(d) = &self.distillation {
-            let loss = |key: &str| {
-                d[key]
-                    .as_f64()
-                    .map_or_else(|| "-".into(), |l| format!("{l:.4}"))
-            };
-            let held = &d["held_out"];
-            let check = match (held["kl_before"].as_f64(), held["kl_after"].as_f64()) {
-                (Some(a), Some(b)) => format!(
-                    ", held-out KL {a:.4} -> {b:.4} on {} images: {}",
-                    held["images"],
-                    if d["kept"] == false {
-                        "not kept"
-                    } else {
-                        "kept"
-                    }
-                ),
-                _ => String::new(),
-            };
-            let _ = write!(
-                out,
-                "\nthen distilled end to end: {} steps, batch loss {} -> {}{check} (the errors \
-                 above are the block-wise fits')",
-                d["steps"],
-                loss("first_loss"),
-                loss("last_loss")
-            );
-        }
         if self.groups.iter().any(|e| e.report.validation.is_some()) {
             let _ = write!(
                 out,

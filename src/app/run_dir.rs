@@ -51,6 +51,7 @@ use crate::foundation::error::{FipsError, Result};
 use crate::foundation::fingerprint;
 use crate::foundation::output_set::StagedSet;
 use crate::foundation::safe_io::{TEMP_SUFFIX, write_atomically};
+use crate::math::validation::holdout;
 use crate::methods::{Compressor, MethodParams, MethodReport};
 
 /// The work area inside an output directory by default.
@@ -232,6 +233,17 @@ impl HoldoutSettings {
         }
     }
 
+    /// `(training, held out)` of `images` calibration images: with whole images held out, the
+    /// images whose tokens [`holdout_runs`](crate::math::validation::holdout_runs) holds out
+    /// (the same seeded draw over the images); otherwise every image for training.
+    pub fn image_split(&self, images: usize) -> Result<(Vec<usize>, Vec<usize>)> {
+        if self.whole_images {
+            holdout(images, self.fraction, self.seed)
+        } else {
+            Ok(((0..images).collect(), Vec::new()))
+        }
+    }
+
     /// The pipeline's form of `settings`.
     pub fn validation(settings: Option<Self>) -> Validation<'static> {
         settings.map_or(Validation::None, |h| Validation::Holdout {
@@ -304,6 +316,15 @@ impl RunSettings {
     pub fn fingerprint(&self) -> Result<String> {
         let text = serde_json::to_vec(self).map_err(|e| FipsError::Numerical(e.to_string()))?;
         Ok(fingerprint::of_bytes(&text))
+    }
+
+    /// `(training, held out)` of `images` calibration images
+    /// ([`HoldoutSettings::image_split`]; every image for training without a validation split).
+    pub fn held_out_images(&self, images: usize) -> Result<(Vec<usize>, Vec<usize>)> {
+        match self.validation {
+            Some(h) => h.image_split(images),
+            None => Ok(((0..images).collect(), Vec::new())),
+        }
     }
 
     /// The method's typed settings.
@@ -649,21 +670,11 @@ impl WorkArea {
 
     /// Group `g`'s part, checked against the settings (`None` if it is not there).
     pub fn read_part(&self, g: usize) -> Result<Option<GroupResult>> {
-        let (factors, record_path) = self.part_paths(g);
-        let text = match std::fs::read_to_string(&record_path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_error(&record_path)(e)),
+        let factors = self.part_paths(g).0;
+        let bad = |reason: String| self.bad_part(g, reason);
+        let Some(record) = self.part_record(g)? else {
+            return Ok(None);
         };
-        let bad = |reason: String| FipsError::WorkArea {
-            dir: self.dir.clone(),
-            reason: format!(
-                "the part of group {g} {reason}; remove {} or start afresh (--fresh)",
-                record_path.display()
-            ),
-        };
-        let record: PartRecord =
-            serde_json::from_str(&text).map_err(|e| bad(format!("is unreadable ({e})")))?;
         let expected = self.record.settings.groups.get(g);
         if record.settings != self.record.fingerprint
             || record.group != g
@@ -694,10 +705,42 @@ impl WorkArea {
         }))
     }
 
-    /// The factors files of every part, as they are now.
+    /// The error for group `g`'s part, naming its record.
+    fn bad_part(&self, g: usize, reason: String) -> FipsError {
+        FipsError::WorkArea {
+            dir: self.dir.clone(),
+            reason: format!(
+                "the part of group {g} {reason}; remove {} or start afresh (--fresh)",
+                self.part_paths(g).1.display()
+            ),
+        }
+    }
+
+    /// Group `g`'s record as written (`None` if it is not there), unchecked.
+    fn part_record(&self, g: usize) -> Result<Option<PartRecord>> {
+        let record_path = self.part_paths(g).1;
+        let text = match std::fs::read_to_string(&record_path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_error(&record_path)(e)),
+        };
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| self.bad_part(g, format!("is unreadable ({e})")))
+    }
+
+    /// The factors files of every part as their records give them (each checked against its
+    /// file by [`WorkArea::read_part`], which assembling runs first): no part is read again.
     fn part_files(&self) -> Result<Vec<InputFile>> {
         (0..self.record.settings.groups.len())
-            .map(|g| InputFile::of(self.part_paths(g).0))
+            .map(|g| {
+                self.part_record(g)?
+                    .map(|r| r.factors)
+                    .ok_or_else(|| FipsError::MissingParts {
+                        dir: self.dir.clone(),
+                        missing: vec![g],
+                    })
+            })
             .collect()
     }
 
@@ -1078,6 +1121,23 @@ mod tests {
             serde_json::to_string(&old).unwrap(),
             r#"{"fraction":0.05,"seed":2024}"#
         );
+        // The images held out are those whose tokens the pipeline holds out.
+        let (run, n) = (197, 250);
+        let (kept, held) = images.image_split(n).unwrap();
+        let (kept_tokens, held_tokens) =
+            crate::math::validation::holdout_runs(run * n, run, 0.05, 2024).unwrap();
+        let first_tokens = |ims: &[usize]| ims.iter().map(|i| i * run).collect::<Vec<_>>();
+        let starts = |tokens: &[usize]| {
+            tokens
+                .iter()
+                .copied()
+                .filter(|t| t % run == 0)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(held.len(), 13);
+        assert_eq!(first_tokens(&held), starts(&held_tokens));
+        assert_eq!(first_tokens(&kept), starts(&kept_tokens));
+        assert_eq!(old.image_split(4).unwrap(), (vec![0, 1, 2, 3], vec![]));
     }
 
     #[test]

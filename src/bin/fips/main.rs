@@ -10,7 +10,9 @@ use std::time::Instant;
 
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
-use fips::app::distill::{DistillParams, DistillValidParams, check_teacher, distill_model};
+use fips::app::distill::{
+    DistillParams, DistillRecord, DistillValidParams, check_teacher, distill_model,
+};
 use fips::app::images::decode_split;
 use fips::app::metrics::{Accuracy, agreement};
 use fips::app::pipeline::{
@@ -28,7 +30,6 @@ use fips::format::compressed::{COMPRESSED_FORMAT, MANIFEST_KEY};
 use fips::format::mlp_inputs::{MlpInputs, write_mlp_inputs};
 use fips::foundation::thread_plan;
 use fips::math::budget::{DEFAULT_BUDGET_FRACTION, DEFAULT_SPARSITY};
-use fips::math::validation::holdout;
 use fips::methods::options::{DEFAULT_SEED, MethodOptions, SparsifierKind, VIT_DEFAULTS};
 use fips::methods::params::{
     DEFAULT_COLLAPSE_LAMBDA, DEFAULT_COLLAPSE_STEPS, DEFAULT_RANK_GRID, DEFAULT_RESIDUAL_RANK,
@@ -818,12 +819,12 @@ fn distill_params(args: &CompressArgs) -> Result<Option<DistillValidParams>, Fip
         return Ok(None);
     }
     let defaults = DistillParams::default();
+    let learning_rate = args.distill_lr.unwrap_or(defaults.learning_rate);
     let params = DistillParams {
         steps: args.distill_steps.unwrap_or(defaults.steps),
-        learning_rate: args.distill_lr.unwrap_or(defaults.learning_rate),
-        min_learning_rate: defaults
-            .min_learning_rate
-            .min(args.distill_lr.unwrap_or(f64::INFINITY)),
+        learning_rate,
+        // The floor of the cosine decay never above the peak.
+        min_learning_rate: defaults.min_learning_rate.min(learning_rate),
         seed: args.seed,
         ..defaults
     };
@@ -857,14 +858,16 @@ fn distill(
             "distillation: the model distilled by an earlier run from the same parts with the \
              same settings is reused"
         );
+        if let Some(record) = &distilled.manifest.distillation {
+            let record: DistillRecord = serde_json::from_value(record.clone())
+                .map_err(|e| FipsError::Numerical(format!("unreadable distillation: {e}")))?;
+            println!("{}", record.summary());
+        }
         return Ok(distilled);
     }
-    // The images the block-wise fits held out for validation check the distillation too.
-    let images = pixels.len_of(ndarray::Axis(0));
-    let (train, held) = match work.settings().validation {
-        Some(h) if h.whole_images => holdout(images, h.fraction, h.seed)?,
-        _ => ((0..images).collect(), Vec::new()),
-    };
+    let (train, held) = work
+        .settings()
+        .held_out_images(pixels.len_of(ndarray::Axis(0)))?;
     let (train, held) = (
         pixels.select(ndarray::Axis(0), &train),
         pixels.select(ndarray::Axis(0), &held),
@@ -889,24 +892,8 @@ fn distill(
         &mut bars.distill_progress(),
     )?;
     work.write_distilled(&settings, &distilled)?;
-    println!(
-        "distilled in {:.1} s: batch loss {:.4} -> {:.4}",
-        start.elapsed().as_secs_f64(),
-        record.first_loss.unwrap_or(f64::NAN),
-        record.last_loss.unwrap_or(f64::NAN)
-    );
-    if let Some(check) = record.held_out {
-        println!(
-            "held-out KL(dense || compressed) {:.4} -> {:.4}: {}",
-            check.kl_before,
-            check.kl_after,
-            if record.kept {
-                "the distilled groups are kept"
-            } else {
-                "distillation raised it, the block-wise fits are kept"
-            }
-        );
-    }
+    println!("distilled in {:.1} s", start.elapsed().as_secs_f64());
+    println!("{}", record.summary());
     Ok(distilled)
 }
 
