@@ -580,6 +580,28 @@ fn distillation_follows_the_fits_resumes_and_assembles_to_the_same_bytes() {
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("is reused"), "{}", text(&out));
     assert!(compressed(&a) == compressed(&c), "the reused model differs");
+    // A damaged distilled stage is never trusted: a record that does not parse, or a file that
+    // differs from its record, is distilled again, to the same bytes.
+    let work1_dir = dir.0.join("work1");
+    for (name, damage) in [
+        ("distilled.json", b"{ not json".as_slice()),
+        ("distilled.safetensors", b"truncated".as_slice()),
+    ] {
+        let out = compress(&s(&c), &["--distill-steps", "4", "--work-dir", &work1]);
+        assert!(out.status.success(), "{}", text(&out));
+        std::fs::write(work1_dir.join(name), damage).unwrap();
+        let out = compress(&s(&c), &["--distill-steps", "4", "--work-dir", &work1]);
+        assert!(out.status.success(), "{name}: {}", text(&out));
+        assert!(
+            text(&out).contains("distilling every group"),
+            "{name}: {}",
+            text(&out)
+        );
+        assert!(
+            compressed(&a) == compressed(&c),
+            "{name}: the model differs"
+        );
+    }
     // Other distillation settings distil the same parts again (the parts are reused).
     let out = compress(&s(&c), &["--distill-steps", "5", "--work-dir", &work1]);
     assert!(out.status.success(), "{}", text(&out));
@@ -617,6 +639,21 @@ fn distillation_follows_the_fits_resumes_and_assembles_to_the_same_bytes() {
         compressed(&a) == compressed(&d),
         "the assembled model differs"
     );
+    // Unreadable distillation settings in the work area are a typed error, nothing written.
+    let settings_path = dir.0.join("work2/settings.json");
+    let mut record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&settings_path).unwrap()).unwrap();
+    record["context"]["distillation"] = serde_json::json!({"steps": "many"});
+    std::fs::write(&settings_path, record.to_string()).unwrap();
+    let refused = dir.0.join("refused");
+    let out = fips(&["assemble", "--work-dir", &work2, "--out-dir", &s(&refused)]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("distillation settings are unreadable"),
+        "{}",
+        text(&out)
+    );
+    assert!(!refused.join("compressed.safetensors").exists());
 
     // With the default validation split, the held-out image checks the distillation.
     let checked = dir.0.join("checked");
