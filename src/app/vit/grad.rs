@@ -225,14 +225,18 @@ impl VisionTransformer {
             dpre *= slope;
             let fc1_weight = dpre.t().dot(&tape.mlp_input);
             let fc1_bias = dpre.sum_axis(Axis(0));
-            let dz = dpre.dot(fc1.weight());
-            dx += &block.norm2.backward(&tape.normalised2, dz.view());
             gradients.push(MlpGradient {
                 fc1_weight,
                 fc1_bias,
                 fc2_weight,
                 fc2_bias,
             });
+            if b == 0 {
+                // Nothing below the first MLP is trained: its input gradient is not needed.
+                break;
+            }
+            let dz = dpre.dot(fc1.weight());
+            dx += &block.norm2.backward(&tape.normalised2, dz.view());
             // Attention: x ← x + proj(MHA(LN₁ x)).
             let dattended = dx.dot(block.proj.weight());
             let dqkv = self.attention_backward(&tape.qkv, &tape.probs, dattended.view());
