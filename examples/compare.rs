@@ -18,7 +18,7 @@ use std::time::Instant;
 use fips::ParamGuard;
 use fips::app::images::{load_pixels, read_labels, split};
 use fips::app::metrics::{Accuracy, agreement};
-use fips::app::pipeline::{self, CalibrationSource, ModelCompression, Silent};
+use fips::app::pipeline::{self, CalibrationSource, CaptureStreams, ModelCompression, Silent};
 use fips::app::svg::{LineChart, Series};
 use fips::app::vit::VisionTransformer;
 use fips::format::block_groups::BlockGroups;
@@ -72,6 +72,7 @@ impl Setup {
             vit: &self.vit,
             pixels: self.calib.view(),
             class_token_weight: pipeline::DEFAULT_CLASS_TOKEN_WEIGHT,
+            streams: Some(&CaptureStreams::new()),
         };
         let result = pipeline::compress_checkpoint(
             &self.checkpoint,

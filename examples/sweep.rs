@@ -14,7 +14,7 @@ use std::time::Instant;
 use fips::ParamGuard;
 use fips::app::images::{load_pixels, read_labels, split};
 use fips::app::metrics::{Accuracy, agreement};
-use fips::app::pipeline::{self, CalibrationSource, Silent};
+use fips::app::pipeline::{self, CalibrationSource, CaptureStreams, Silent};
 use fips::app::vit::VisionTransformer;
 use fips::format::block_groups::BlockGroups;
 use fips::format::checkpoint::{Checkpoint, write_atomically};
@@ -77,6 +77,7 @@ fn main() -> fips::Result<()> {
                 vit: &vit,
                 pixels: calib.view(),
                 class_token_weight: pipeline::DEFAULT_CLASS_TOKEN_WEIGHT,
+                streams: Some(&CaptureStreams::new()),
             };
             let result = pipeline::compress_checkpoint(
                 &checkpoint,

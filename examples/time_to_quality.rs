@@ -351,6 +351,7 @@ fn main() -> fips::Result<()> {
                 // Every token alike: the validation error here is a per-token mean (the class-token
                 // weight is a whole-model lever, scored by `calibration_levers`).
                 class_token_weight: 1,
+                streams: None,
             },
             g,
             blocks,
@@ -368,6 +369,7 @@ fn main() -> fips::Result<()> {
                     // Every token alike: the validation error here is a per-token mean (the class-token
                     // weight is a whole-model lever, scored by `calibration_levers`).
                     class_token_weight: 1,
+                    streams: None,
                 },
                 g,
                 blocks,

@@ -116,6 +116,7 @@ fn image_calibration_holds_out_whole_images() {
         vit: &vit,
         pixels: pixels.view(),
         class_token_weight: 1,
+        streams: None,
     };
     let validation = Validation::Holdout {
         fraction: 0.1,

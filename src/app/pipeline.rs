@@ -7,11 +7,12 @@
 //! chunk at a time (positioned reads), and only the held-out validation tokens are held in memory.
 
 use std::ops::ControlFlow;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use ndarray::{Array2, ArrayView4, Axis, concatenate};
 
-use crate::app::vit::{VisionTransformer, preprocess};
+use crate::app::vit::{CaptureStart, VisionTransformer, preprocess};
 use crate::format::block_groups::BlockGroups;
 use crate::format::compressed::{CompressedModel, GroupManifest, Manifest};
 use crate::format::hf::store::TensorStore;
@@ -63,6 +64,9 @@ pub enum CalibrationSource<'a> {
         /// Weight of each image's class token among the training tokens (1: every token alike;
         /// `w`: each class-token row appears `w` times, see [`DEFAULT_CLASS_TOKEN_WEIGHT`]).
         class_token_weight: usize,
+        /// Where each capture leaves the residual stream for the next group's to continue from
+        /// (`None`: every group's capture runs the blocks before it again).
+        streams: Option<&'a CaptureStreams>,
     },
     /// MLP inputs read from a file: by [`compress_group`] whole when the group fits the file's
     /// memory budget, a batch and a chunk at a time ([`MlpInputs::stream`]) otherwise
@@ -75,6 +79,91 @@ pub enum CalibrationSource<'a> {
         /// Seed of the draw.
         seed: u64,
     },
+}
+
+/// The residual streams of the calibration images where the last capture stopped (one
+/// `[images · tokens, d]` array in all, batch by batch), so that the next group's capture runs
+/// only its own blocks: capturing `G` groups of a model of `L` blocks one at a time then runs `L`
+/// blocks per image instead of up to `G · L`, for the same bits. Holds one block's worth of
+/// activations at most; a group that does not start at or after the stream's block, or a
+/// capture of another model or image set (told apart by their addresses and shape), starts from
+/// the images as before.
+#[derive(Debug, Default)]
+pub struct CaptureStreams {
+    state: Mutex<Option<Streams>>,
+}
+
+/// What [`CaptureStreams`] holds.
+#[derive(Debug)]
+struct Streams {
+    /// The model and images they come from: addresses (compared, never followed) and shape.
+    source: (usize, usize, Vec<usize>),
+    /// The block they enter.
+    block: usize,
+    /// One per batch of [`IMAGE_BATCH`] images.
+    streams: Vec<Array2<f32>>,
+}
+
+impl CaptureStreams {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The block the cached streams enter, if any.
+    pub fn block(&self) -> Option<usize> {
+        self.lock().as_ref().map(|s| s.block)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Streams>> {
+        // A panic elsewhere while the lock was held leaves a cache that is at worst stale in
+        // position, which `take_for` checks: recover the guard.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn source(vit: &VisionTransformer, pixels: ArrayView4<'_, u8>) -> (usize, usize, Vec<usize>) {
+        let vit: *const VisionTransformer = vit;
+        (
+            vit as usize,
+            pixels.as_ptr() as usize,
+            pixels.shape().to_vec(),
+        )
+    }
+
+    /// The streams of `vit` on `pixels`, taken out, if they enter block `first` or an earlier
+    /// one; with the block they enter.
+    fn take_for(
+        &self,
+        vit: &VisionTransformer,
+        pixels: ArrayView4<'_, u8>,
+        first: usize,
+    ) -> Option<(usize, Vec<Array2<f32>>)> {
+        let batches = pixels.len_of(Axis(0)).div_ceil(IMAGE_BATCH);
+        match self.lock().take() {
+            Some(s)
+                if s.source == Self::source(vit, pixels)
+                    && s.block <= first
+                    && s.streams.len() == batches =>
+            {
+                Some((s.block, s.streams))
+            }
+            _ => None,
+        }
+    }
+
+    fn store(
+        &self,
+        vit: &VisionTransformer,
+        pixels: ArrayView4<'_, u8>,
+        block: usize,
+        streams: Vec<Array2<f32>>,
+    ) {
+        *self.lock() = Some(Streams {
+            source: Self::source(vit, pixels),
+            block,
+            streams,
+        });
+    }
 }
 
 /// Where each group's held-out validation tokens (never trained on) come from.
@@ -261,7 +350,12 @@ pub fn group_calibration(
     observer: &mut dyn Observer,
 ) -> Result<Calibration<f32>> {
     match *data {
-        CalibrationSource::Images { vit, pixels, .. } => {
+        CalibrationSource::Images {
+            vit,
+            pixels,
+            streams,
+            ..
+        } => {
             let (first, last) = match (blocks.first(), blocks.last()) {
                 (Some(&a), Some(&b)) => (a, b),
                 _ => return Err(FipsError::EmptyGroup),
@@ -281,11 +375,57 @@ pub fn group_calibration(
             let total = pixels.len_of(Axis(0));
             let mut chunks: Vec<Vec<Array2<f32>>> = vec![Vec::new(); blocks.len()];
             observer.calibration(group, 0, total);
-            let batches = over_image_batches(
-                pixels,
-                |done| observer.calibration(group, done, total),
-                |batch| vit.forward_capture(preprocess(batch).view(), first..last + 1),
-            )?;
+            let range = first..last + 1;
+            let batches = match streams {
+                None => over_image_batches(
+                    pixels,
+                    |done| observer.calibration(group, done, total),
+                    |batch| vit.forward_capture(preprocess(batch).view(), range.clone()),
+                )?,
+                Some(cache) => {
+                    // Each batch continues from its cached stream when there is one.
+                    let count = total.div_ceil(IMAGE_BATCH);
+                    let mut starts: Vec<Option<(usize, Array2<f32>)>> =
+                        match cache.take_for(vit, pixels, first) {
+                            Some((block, cached)) => {
+                                cached.into_iter().map(|x| Some((block, x))).collect()
+                            }
+                            None => vec![None; count],
+                        };
+                    let mut results = Vec::with_capacity(count);
+                    let mut ends = Vec::with_capacity(count);
+                    thread_plan::map_in_rounds(
+                        (0..total).step_by(IMAGE_BATCH).zip(starts.iter_mut()),
+                        thread_plan::pass_workers(),
+                        |(start, cached)| {
+                            let from = match cached.take() {
+                                Some((block, stream)) => CaptureStart::Stream { stream, block },
+                                None => {
+                                    let end = (start + IMAGE_BATCH).min(total);
+                                    let batch = pixels.slice(s![start..end, .., .., ..]);
+                                    return vit.forward_capture_from(
+                                        CaptureStart::Images(preprocess(batch).view()),
+                                        range.clone(),
+                                    );
+                                }
+                            };
+                            vit.forward_capture_from(from, range.clone())
+                        },
+                        |(captured, end)| {
+                            results.push(captured);
+                            ends.push(end);
+                            observer.calibration(
+                                group,
+                                (results.len() * IMAGE_BATCH).min(total),
+                                total,
+                            );
+                            Ok(())
+                        },
+                    )?;
+                    cache.store(vit, pixels, last + 1, ends);
+                    results
+                }
+            };
             for captured in batches {
                 for (dst, z) in chunks.iter_mut().zip(captured) {
                     dst.push(z);
@@ -729,5 +869,100 @@ mod tests {
             positions(&weight_class_tokens(numbered(n), None, None).unwrap()),
             (0..n).collect::<Vec<_>>()
         );
+    }
+
+    /// Calibration of `blocks` from 30 random 8 × 8 images (two batches of [`IMAGE_BATCH`]).
+    fn tiny_capture(
+        vit: &VisionTransformer,
+        pixels: &ndarray::Array4<u8>,
+        blocks: &[usize],
+        streams: Option<&CaptureStreams>,
+    ) -> Calibration<f32> {
+        let source = CalibrationSource::Images {
+            vit,
+            pixels: pixels.view(),
+            class_token_weight: 1,
+            streams,
+        };
+        group_calibration(&source, 0, blocks, vit.config().width, &mut Silent).unwrap()
+    }
+
+    /// Each group's capture continues from the stream the previous one left, with the same bits
+    /// as a capture from the images; a group before the cached stream starts from the images.
+    #[test]
+    fn captures_continued_from_the_cached_streams_match_captures_from_the_images() {
+        use crate::app::vit::VitConfig;
+        use crate::app::vit::test_support::random_vit;
+        use rand::{Rng, SeedableRng};
+        let config = VitConfig {
+            width: 8,
+            depth: 5,
+            heads: 2,
+            patch_size: 4,
+            image_size: 8,
+            num_classes: 3,
+            layer_norm_eps: 1e-6,
+        };
+        let vit = random_vit(3, config, 12);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let pixels = ndarray::Array4::from_shape_fn((30, 8, 8, 3), |_| rng.random::<u8>());
+        assert!(pixels.len_of(Axis(0)) > IMAGE_BATCH);
+        let streams = CaptureStreams::new();
+        for (blocks, next) in [(vec![0, 1], 2), (vec![3], 4), (vec![4], 5), (vec![1, 2], 3)] {
+            let continued = tiny_capture(&vit, &pixels, &blocks, Some(&streams));
+            let fresh = tiny_capture(&vit, &pixels, &blocks, None);
+            assert_eq!(continued.inputs(), fresh.inputs(), "blocks {blocks:?}");
+            assert_eq!(continued.tokens(), 30 * 5);
+            assert_eq!(streams.block(), Some(next));
+        }
+        // The stream entering block 3 continues to block 4's capture (running block 3 whole).
+        let from_stream = tiny_capture(&vit, &pixels, &[4], Some(&streams));
+        assert_eq!(
+            from_stream.inputs(),
+            tiny_capture(&vit, &pixels, &[4], None).inputs()
+        );
+        // The cache is what the capture starts from: other streams, other inputs.
+        let zeros = vec![Array2::zeros((25 * 5, 8)), Array2::zeros((5 * 5, 8))];
+        streams.store(&vit, pixels.view(), 4, zeros);
+        let from_zeros = tiny_capture(&vit, &pixels, &[4], Some(&streams));
+        assert_ne!(from_zeros.inputs(), from_stream.inputs());
+        // A cache with the wrong number of batches, or of other images, is not used.
+        streams.store(&vit, pixels.view(), 4, vec![Array2::zeros((30 * 5, 8))]);
+        let recaptured = tiny_capture(&vit, &pixels, &[4], Some(&streams));
+        assert_eq!(recaptured.inputs(), from_stream.inputs());
+        let other = pixels.clone();
+        let zeros = vec![Array2::zeros((25 * 5, 8)), Array2::zeros((5 * 5, 8))];
+        streams.store(&vit, other.view(), 4, zeros);
+        let recaptured = tiny_capture(&vit, &pixels, &[4], Some(&streams));
+        assert_eq!(recaptured.inputs(), from_stream.inputs());
+    }
+
+    /// A stream that does not fit the model, or enters after the first block asked for, is an
+    /// error, not a wrong capture.
+    #[test]
+    fn a_stream_that_cannot_start_the_capture_is_refused() {
+        use crate::app::vit::CaptureStart;
+        use crate::app::vit::test_support::tiny_vit;
+        let vit = tiny_vit(1);
+        let d = vit.config().width;
+        let t = vit.config().tokens();
+        for (rows, width, block, blocks) in [
+            (2 * t, d + 1, 0, 0..1),
+            (2 * t + 1, d, 0, 0..1),
+            (0, d, 0, 0..1),
+            (2 * t, d, 1, 0..2),
+        ] {
+            let start = CaptureStart::Stream {
+                stream: Array2::zeros((rows, width)),
+                block,
+            };
+            assert!(vit.forward_capture_from(start, blocks).is_err());
+        }
+        let ok = CaptureStart::Stream {
+            stream: Array2::zeros((2 * t, d)),
+            block: 1,
+        };
+        let (captured, end) = vit.forward_capture_from(ok, 1..2).unwrap();
+        assert_eq!((captured.len(), end.dim()), (1, (2 * t, d)));
     }
 }

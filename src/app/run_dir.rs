@@ -164,6 +164,7 @@ impl CalibrationSettings {
                 vit,
                 pixels,
                 class_token_weight,
+                ..
             } => {
                 let mut f = fingerprint::Fingerprint::new();
                 match pixels.as_slice() {

@@ -158,6 +158,21 @@ fn linear(ck: &Checkpoint, prefix: &str, out: usize, input: usize) -> Result<Lin
     Linear::new(w, Some(vector(ck, &format!("{prefix}.bias"), out)?))
 }
 
+/// Where [`VisionTransformer::forward_capture_from`] starts.
+#[derive(Debug, Clone)]
+pub enum CaptureStart<'a> {
+    /// Normalised images `[B, 3, H, W]` (see [`preprocess`]): from the embedding.
+    Images(ArrayView4<'a, f32>),
+    /// The residual stream `[B · tokens, d]` entering block `block`, as an earlier capture
+    /// returned it.
+    Stream {
+        /// The stream.
+        stream: Array2<f32>,
+        /// The block it enters.
+        block: usize,
+    },
+}
+
 impl VisionTransformer {
     /// Loads a timm-named ViT/DeiT (`patch_embed.proj`, `cls_token`, `pos_embed`,
     /// `blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}`, `norm`, `head`). The number
@@ -398,6 +413,43 @@ impl VisionTransformer {
         self.capture(images, blocks, |z, x| (z, x.clone()))
     }
 
+    /// As [`Self::forward_capture`], continuing from where an earlier capture stopped:
+    /// `start` is the images or the residual stream entering some block, and the residual stream
+    /// after the last of `blocks` (its MLP included, `[B · tokens, d]`) comes back beside the
+    /// captures, ready to start the next group's capture. A capture continued this way gives the
+    /// same bits as one from the images (the same operations on the same rows).
+    pub fn forward_capture_from(
+        &self,
+        start: CaptureStart<'_>,
+        blocks: Range<usize>,
+    ) -> Result<(Vec<Array2<f32>>, Array2<f32>)> {
+        self.check_blocks(&blocks)?;
+        let (x, from) = match start {
+            CaptureStart::Images(images) => {
+                self.check_images(images)?;
+                (self.embed(images), 0)
+            }
+            CaptureStart::Stream { stream, block } => {
+                let t = self.config.tokens();
+                let (rows, width) = stream.dim();
+                if block > blocks.start || width != self.config.width || rows == 0 || rows % t != 0
+                {
+                    return Err(invalid(
+                        "stream",
+                        format!(
+                            "a [{rows}, {width}] stream entering block {block} cannot start a \
+                             capture of blocks {blocks:?} (needs [images · {t}, {}] entering \
+                             block {} at the latest)",
+                            self.config.width, blocks.start
+                        ),
+                    ));
+                }
+                (stream, block)
+            }
+        };
+        self.run_blocks(x, from, blocks, true, |z, _| z)
+    }
+
     /// Runs the blocks up to the last of `blocks` and keeps `keep(z, x)` for each block in
     /// `blocks`: its MLP input `z = LN₂ x` and the residual stream `x` after attention (only
     /// what `keep` takes is copied).
@@ -405,9 +457,15 @@ impl VisionTransformer {
         &self,
         images: ArrayView4<'_, f32>,
         blocks: Range<usize>,
-        mut keep: impl FnMut(Array2<f32>, &Array2<f32>) -> T,
+        keep: impl FnMut(Array2<f32>, &Array2<f32>) -> T,
     ) -> Result<Vec<T>> {
         self.check_images(images)?;
+        self.check_blocks(&blocks)?;
+        let (captured, _) = self.run_blocks(self.embed(images), 0, blocks, false, keep)?;
+        Ok(captured)
+    }
+
+    fn check_blocks(&self, blocks: &Range<usize>) -> Result<()> {
         if blocks.is_empty() || blocks.end > self.blocks.len() {
             return Err(invalid(
                 "blocks",
@@ -417,11 +475,24 @@ impl VisionTransformer {
                 ),
             ));
         }
-        let mut x = self.embed(images);
+        Ok(())
+    }
+
+    /// Blocks `from..blocks.end` on the residual stream `x` entering block `from`, keeping
+    /// `keep(z, x)` for the blocks in `blocks`; the last block's MLP runs only when `whole`
+    /// (the stream returned is then the one entering block `blocks.end`).
+    fn run_blocks<T>(
+        &self,
+        mut x: Array2<f32>,
+        from: usize,
+        blocks: Range<usize>,
+        whole: bool,
+        mut keep: impl FnMut(Array2<f32>, &Array2<f32>) -> T,
+    ) -> Result<(Vec<T>, Array2<f32>)> {
         let mut captured = Vec::with_capacity(blocks.len());
-        for (b, block) in self.blocks[..blocks.end].iter().enumerate() {
+        for (b, block) in self.blocks[..blocks.end].iter().enumerate().skip(from) {
             let z = self.attention_residual(block, &mut x);
-            let y = if b + 1 < blocks.end {
+            let y = if whole || b + 1 < blocks.end {
                 Some(block.mlp.forward(z.view())?)
             } else {
                 None
@@ -433,7 +504,7 @@ impl VisionTransformer {
                 x += &y;
             }
         }
-        Ok(captured)
+        Ok((captured, x))
     }
 
     fn check_images(&self, images: ArrayView4<'_, f32>) -> Result<()> {

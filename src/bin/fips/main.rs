@@ -16,7 +16,7 @@ use fips::app::distill::{
 use fips::app::images::decode_split;
 use fips::app::metrics::{Accuracy, agreement};
 use fips::app::pipeline::{
-    self, CALIB_SPLIT, CalibrationSource, DATA_FREE_TOKENS, EVAL_SPLIT, OUT_DIR,
+    self, CALIB_SPLIT, CalibrationSource, CaptureStreams, DATA_FREE_TOKENS, EVAL_SPLIT, OUT_DIR,
 };
 use fips::app::report::{Evaluation, RunReport};
 use fips::app::run_dir::{
@@ -675,6 +675,8 @@ fn compress(args: CompressArgs, given: &[String]) -> Result<(), FipsError> {
     if let Some(file) = &inputs_file {
         file.check_groups(groups.groups(), &shapes)?;
     }
+    // Each group's capture continues from where the previous group's stopped.
+    let streams = CaptureStreams::new();
     let calibration = match (&vit, &calib_pixels, &inputs_file) {
         (Some(vit), Some((pixels, _)), _) => CalibrationSource::Images {
             vit,
@@ -682,6 +684,7 @@ fn compress(args: CompressArgs, given: &[String]) -> Result<(), FipsError> {
             class_token_weight: args
                 .class_token_weight
                 .unwrap_or(pipeline::DEFAULT_CLASS_TOKEN_WEIGHT),
+            streams: Some(&streams),
         },
         (_, _, Some(file)) => CalibrationSource::File(file),
         _ if args.data_free => CalibrationSource::Gaussian {
@@ -1004,6 +1007,7 @@ fn recorded_calibration(
             vit,
             pixels: pixels.view(),
             class_token_weight: *class_token_weight,
+            streams: None,
         },
         None,
     )?;
@@ -1371,10 +1375,12 @@ fn capture(
         None => BlockGroups::consecutive(&shapes, shapes.len().max(1))?,
     };
     // The file holds every token once (a weight belongs to the run that trains on it).
+    let streams = CaptureStreams::new();
     let calibration = CalibrationSource::Images {
         vit: &vit,
         pixels: pixels.view(),
         class_token_weight: 1,
+        streams: Some(&streams),
     };
     let mut observer = bars.observer(groups.len());
     let mut captured = Vec::new();
