@@ -18,7 +18,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::app::augment::random_view;
-use crate::app::vit::{MAX_TAPE_VALUES, MlpGradient, VisionTransformer, preprocess};
+use crate::app::vit::{GradientTape, MAX_TAPE_VALUES, MlpGradient, VisionTransformer, preprocess};
 use crate::format::compressed::CompressedModel;
 use crate::foundation::activation::Activation;
 use crate::foundation::error::{FipsError, Result, invalid};
@@ -311,6 +311,8 @@ pub struct Distiller<'a> {
     next: usize,
     rng: ChaCha8Rng,
     step: usize,
+    /// One gradient tape per worker, kept between steps (allocated once).
+    tapes: Vec<GradientTape>,
 }
 
 impl<'a> Distiller<'a> {
@@ -383,6 +385,7 @@ impl<'a> Distiller<'a> {
             next: 0,
             rng,
             step: 0,
+            tapes: Vec::new(),
         })
     }
 
@@ -414,9 +417,13 @@ impl<'a> Distiller<'a> {
         let total = batch.len();
         let workers = thread_plan::pass_workers().clamp(1, total);
         let chunk = total.div_ceil(workers);
+        if self.tapes.len() < workers {
+            self.tapes.resize_with(workers, GradientTape::default);
+        }
         let parts: Vec<_> = (0..total)
             .step_by(chunk)
             .map(|start| start..(start + chunk).min(total))
+            .zip(self.tapes.iter_mut())
             .collect();
         let (student, teacher, stored) = (&self.student, self.teacher, &self.teacher_logits);
         let tau = self.params.temperature;
@@ -425,7 +432,7 @@ impl<'a> Distiller<'a> {
         thread_plan::map_in_rounds(
             parts,
             workers,
-            |range| {
+            |(range, tape)| {
                 let images = preprocess(pixels.slice(s![range.clone(), .., .., ..]));
                 let t = match stored {
                     Some(logits) => logits.select(Axis(0), &batch[range.clone()]),
@@ -433,7 +440,7 @@ impl<'a> Distiller<'a> {
                 };
                 let share = range.len() as f64 / total as f64;
                 let mut part_loss = 0.0;
-                let (_, g) = student.mlp_gradients(images.view(), |z| {
+                let (_, g) = student.mlp_gradients_with(tape, images.view(), |z| {
                     let (l, g) = distillation_loss(t.view(), z, tau);
                     part_loss = l * share;
                     Ok(g * share as f32)

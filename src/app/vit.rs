@@ -27,7 +27,7 @@ mod grad;
 pub(crate) mod test_support;
 
 pub use compact::BlockMlp;
-pub use grad::{MAX_TAPE_VALUES, MlpGradient};
+pub use grad::{GradientTape, MAX_TAPE_VALUES, MlpGradient};
 
 /// ImageNet channel means of `pixel / 255`.
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -87,8 +87,18 @@ impl LayerNorm {
 
     /// `x̂ = (x − mean) / √(var + ε)` along each row, and each row's `1 / √(var + ε)`.
     fn normalise(&self, x: ArrayView2<'_, f32>) -> (Array2<f32>, Array1<f32>) {
-        let mut out = x.to_owned();
-        let mut inverse = Array1::zeros(x.nrows());
+        let mut out = (Array2::zeros(x.raw_dim()), Array1::zeros(x.nrows()));
+        self.normalise_into(x, &mut out);
+        out
+    }
+
+    /// [`Self::normalise`] into `(x̂, 1/σ)` of `x`'s shape.
+    fn normalise_into(
+        &self,
+        x: ArrayView2<'_, f32>,
+        (out, inverse): &mut (Array2<f32>, Array1<f32>),
+    ) {
+        out.assign(&x);
         let n = x.ncols() as f32;
         for (mut row, inv_out) in out.rows_mut().into_iter().zip(inverse.iter_mut()) {
             let mean = row.sum() / n;
@@ -97,7 +107,6 @@ impl LayerNorm {
             row.mapv_inplace(|v| (v - mean) * inv);
             *inv_out = inv;
         }
-        (out, inverse)
     }
 
     /// `x̂ ← x̂ · w + b` along each row.
@@ -576,14 +585,32 @@ impl VisionTransformer {
             width: d, heads, ..
         } = self.config;
         let t = self.config.tokens();
+        let mut out = Attention {
+            qkv: Array2::zeros((h.nrows(), 3 * d)),
+            probs: Array3::zeros((h.nrows() / t * heads, t, t)),
+            attended: Array2::zeros((h.nrows(), d)),
+        };
+        self.attention_into(block, h, &mut out.qkv, &mut out.probs, &mut out.attended);
+        out
+    }
+
+    /// [`Self::attention`] into buffers of its shapes.
+    fn attention_into(
+        &self,
+        block: &Block,
+        h: ArrayView2<'_, f32>,
+        qkv: &mut Array2<f32>,
+        probs: &mut Array3<f32>,
+        attended: &mut Array2<f32>,
+    ) {
+        let VitConfig {
+            width: d, heads, ..
+        } = self.config;
+        let t = self.config.tokens();
         let dh = d / heads;
-        let mut qkv = Array2::zeros((h.nrows(), 3 * d));
-        block.qkv.forward_into(h, &mut qkv);
-        let images = h.nrows() / t;
-        let mut attended = Array2::<f32>::zeros((h.nrows(), d));
+        block.qkv.forward_into(h, qkv);
         // Scores of every (image, head) pair: the GEMMs run on this thread (BLAS parallelises
         // them), the softmax over all of them is split across threads.
-        let mut probs = Array3::<f32>::zeros((images * heads, t, t));
         let scale = 1.0 / (dh as f32).sqrt();
         let qkv_of = |b: usize, head: usize, part: usize| {
             let c = part * d + head * dh;
@@ -606,11 +633,6 @@ impl VisionTransformer {
             let (b, head) = (k / heads, k % heads);
             let mut out = attended.slice_mut(s![b * t..(b + 1) * t, head * dh..(head + 1) * dh]);
             general_mat_mul(1.0, &sc, &qkv_of(b, head, 2), 0.0, &mut out);
-        }
-        Attention {
-            qkv,
-            probs,
-            attended,
         }
     }
 }

@@ -14,7 +14,7 @@
 
 use ndarray::{Array1, Array2, Array3, ArrayView2, ArrayView4, Axis, Zip, linalg::general_mat_mul};
 
-use super::{Attention, LayerNorm, VisionTransformer, VitConfig};
+use super::{LayerNorm, VisionTransformer, VitConfig};
 use crate::foundation::error::{FipsError, Result, invalid};
 use crate::foundation::mlp::MlpKind;
 use crate::foundation::slicing::s;
@@ -46,7 +46,33 @@ impl MlpGradient {
     }
 }
 
+/// The buffers of [`VisionTransformer::mlp_gradients_with`]: what the forward pass keeps for
+/// the backward pass and the passes' temporaries, kept between calls so that a training loop
+/// allocates them once (a pass of another shape reallocates them).
+#[derive(Debug, Default)]
+pub struct GradientTape {
+    blocks: Vec<BlockTape>,
+    /// Temporaries `[B · T, d]`: `LN₁ x`, the heads' outputs, projections and gradients.
+    h: Array2<f32>,
+    attended: Array2<f32>,
+    projected: Array2<f32>,
+    /// Temporaries `[B · T, I]`: the activation and `∂L/∂(pre-activation)`.
+    hidden: Array2<f32>,
+    dpre: Array2<f32>,
+    /// `∂L/∂[q | k | v]`, `[B · T, 3d]`, and one head's `∂L/∂P`, `[T, T]`.
+    dqkv: Array2<f32>,
+    dp: Array2<f32>,
+}
+
+/// `a`, reallocated (zeros) when its shape is not `shape`.
+fn fit2(a: &mut Array2<f32>, shape: (usize, usize)) {
+    if a.dim() != shape {
+        *a = Array2::zeros(shape);
+    }
+}
+
 /// What one block keeps from the forward pass for the backward pass.
+#[derive(Debug, Default)]
 struct BlockTape {
     /// `x̂` of `norm1` and its rows' `1/σ`.
     normalised1: (Array2<f32>, Array1<f32>),
@@ -62,7 +88,52 @@ struct BlockTape {
     pre_activation: Array2<f32>,
 }
 
+impl BlockTape {
+    /// Buffers for `rows` tokens of `images` images, `heads` heads, `t` tokens per image, width
+    /// `d` and MLP width `i` (kept when they already have these shapes).
+    fn fit(&mut self, (rows, images, heads, t, d, i): (usize, usize, usize, usize, usize, usize)) {
+        for n in [&mut self.normalised1, &mut self.normalised2] {
+            fit2(&mut n.0, (rows, d));
+            if n.1.len() != rows {
+                n.1 = Array1::zeros(rows);
+            }
+        }
+        fit2(&mut self.qkv, (rows, 3 * d));
+        if self.probs.dim() != (images * heads, t, t) {
+            self.probs = Array3::zeros((images * heads, t, t));
+        }
+        fit2(&mut self.mlp_input, (rows, d));
+        fit2(&mut self.pre_activation, (rows, i));
+    }
+}
+
 impl LayerNorm {
+    /// `dx ← dx + ∂L/∂x`, from `∂L/∂y` for the rows normalised as `(x̂, 1/σ)`; `dy` is
+    /// overwritten.
+    fn backward_add(
+        &self,
+        (normalised, inverse): &(Array2<f32>, Array1<f32>),
+        dy: &mut Array2<f32>,
+        dx: &mut Array2<f32>,
+    ) {
+        let n = normalised.ncols() as f32;
+        for (((mut g_row, x_row), mut dx_row), &inv) in dy
+            .rows_mut()
+            .into_iter()
+            .zip(normalised.rows())
+            .zip(dx.rows_mut())
+            .zip(inverse)
+        {
+            g_row *= &self.weight;
+            let mean_g = g_row.sum() / n;
+            let mean_gx = g_row.iter().zip(x_row).map(|(&g, &x)| g * x).sum::<f32>() / n;
+            Zip::from(&mut dx_row)
+                .and(&g_row)
+                .and(&x_row)
+                .for_each(|d, &g, &x| *d += (g - mean_g - x * mean_gx) * inv);
+        }
+    }
+
     /// `∂L/∂x` from `∂L/∂y` for the rows normalised as `(x̂, 1/σ)`.
     fn backward(
         &self,
@@ -101,7 +172,23 @@ impl VisionTransformer {
         images: ArrayView4<'_, f32>,
         loss_gradient: impl FnOnce(ArrayView2<'_, f32>) -> Result<Array2<f32>>,
     ) -> Result<(Array2<f32>, Vec<MlpGradient>)> {
-        self.reverse_mode(images, loss_gradient, |_, _| {})
+        self.reverse_mode(
+            &mut GradientTape::default(),
+            images,
+            loss_gradient,
+            |_, _| {},
+        )
+    }
+
+    /// [`Self::mlp_gradients`] in the buffers of `tape` (the same bits): a loop that passes the
+    /// same tape to every call of the same shape allocates its activations once.
+    pub fn mlp_gradients_with(
+        &self,
+        tape: &mut GradientTape,
+        images: ArrayView4<'_, f32>,
+        loss_gradient: impl FnOnce(ArrayView2<'_, f32>) -> Result<Array2<f32>>,
+    ) -> Result<(Array2<f32>, Vec<MlpGradient>)> {
+        self.reverse_mode(tape, images, loss_gradient, |_, _| {})
     }
 
     /// [`Self::mlp_gradients`], handing `observe(b, ∂L/∂y_b)` the gradient with respect to block
@@ -113,12 +200,13 @@ impl VisionTransformer {
         loss_gradient: impl FnOnce(ArrayView2<'_, f32>) -> Result<Array2<f32>>,
         observe: impl FnMut(usize, ArrayView2<'_, f32>),
     ) -> Result<(Array2<f32>, Vec<MlpGradient>)> {
-        self.reverse_mode(images, loss_gradient, observe)
+        self.reverse_mode(&mut GradientTape::default(), images, loss_gradient, observe)
     }
 
     /// The forward pass with its tape, then the backward pass, calling `observe` per block.
     fn reverse_mode(
         &self,
+        tape: &mut GradientTape,
         images: ArrayView4<'_, f32>,
         loss_gradient: impl FnOnce(ArrayView2<'_, f32>) -> Result<Array2<f32>>,
         mut observe: impl FnMut(usize, ArrayView2<'_, f32>),
@@ -147,44 +235,52 @@ impl VisionTransformer {
                 ),
             ));
         }
-        let VitConfig { width: d, .. } = self.config;
+        let VitConfig {
+            width: d, heads, ..
+        } = self.config;
         let t = self.config.tokens();
         let mut x = self.embed(images);
-        let mut tapes = Vec::with_capacity(self.blocks.len());
-        for (block, &(fc1, fc2, act)) in self.blocks.iter().zip(&mlps) {
-            let normalised1 = block.norm1.normalise(x.view());
-            let mut h = normalised1.0.clone();
-            block.norm1.scale(&mut h);
-            let Attention {
-                qkv,
-                probs,
-                attended,
-            } = self.attention(block, h.view());
-            let mut projected = Array2::zeros((x.nrows(), d));
-            block.proj.forward_into(attended.view(), &mut projected);
-            x += &projected;
-            let normalised2 = block.norm2.normalise(x.view());
-            let mut mlp_input = normalised2.0.clone();
-            block.norm2.scale(&mut mlp_input);
-            let mut pre_activation = Array2::zeros((x.nrows(), fc1.out_features()));
-            fc1.forward_into(mlp_input.view(), &mut pre_activation);
-            let mut hidden = pre_activation.clone();
+        let rows = x.nrows();
+        let GradientTape {
+            blocks: tapes,
+            h,
+            attended,
+            projected,
+            hidden,
+            dpre,
+            dqkv,
+            dp,
+        } = tape;
+        tapes.resize_with(self.blocks.len(), BlockTape::default);
+        for a in [&mut *h, &mut *attended, &mut *projected] {
+            fit2(a, (rows, d));
+        }
+        fit2(dqkv, (rows, 3 * d));
+        fit2(dp, (t, t));
+        for ((block, &(fc1, fc2, act)), tape) in self.blocks.iter().zip(&mlps).zip(tapes.iter_mut())
+        {
+            let i = fc1.out_features();
+            tape.fit((rows, rows / t, heads, t, d, i));
+            block.norm1.normalise_into(x.view(), &mut tape.normalised1);
+            h.assign(&tape.normalised1.0);
+            block.norm1.scale(h);
+            self.attention_into(block, h.view(), &mut tape.qkv, &mut tape.probs, attended);
+            block.proj.forward_into(attended.view(), projected);
+            x += &*projected;
+            block.norm2.normalise_into(x.view(), &mut tape.normalised2);
+            tape.mlp_input.assign(&tape.normalised2.0);
+            block.norm2.scale(&mut tape.mlp_input);
+            fc1.forward_into(tape.mlp_input.view(), &mut tape.pre_activation);
+            fit2(hidden, (rows, i));
+            hidden.assign(&tape.pre_activation);
             match hidden.as_slice_mut() {
                 // The vectorised loop (a call per element does not vectorise).
-                Some(h) => act.apply_slice(h),
+                Some(v) => act.apply_slice(v),
                 None => hidden.mapv_inplace(|v| act.apply(v)),
             }
-            let mut y = Array2::zeros((x.nrows(), d));
-            fc2.forward_into(hidden.view(), &mut y);
-            x += &y;
-            tapes.push(BlockTape {
-                normalised1,
-                qkv,
-                probs,
-                normalised2,
-                mlp_input,
-                pre_activation,
-            });
+            // The MLP's output, in `projected`.
+            fc2.forward_into(hidden.view(), projected);
+            x += &*projected;
         }
         let normalised = self.norm.normalise(x.slice(s![..;t, ..]));
         let mut cls = normalised.0.clone();
@@ -204,25 +300,32 @@ impl VisionTransformer {
         let mut dx = Array2::<f32>::zeros(x.raw_dim());
         dx.slice_mut(s![..;t, ..]).assign(&dcls);
         let mut gradients = Vec::with_capacity(self.blocks.len());
-        for (b, ((block, &(fc1, fc2, act)), mut tape)) in
-            self.blocks.iter().zip(&mlps).zip(tapes).enumerate().rev()
+        for (b, ((block, &(fc1, fc2, act)), tape)) in self
+            .blocks
+            .iter()
+            .zip(&mlps)
+            .zip(tapes.iter_mut())
+            .enumerate()
+            .rev()
         {
             observe(b, dx.view());
             // The MLP: x ← x + fc2(act(fc1 z)). One pass gives the activation (recomputed, not
             // kept) and its slope, which replaces the pre-activation in the tape.
-            let mut hidden = tape.pre_activation.clone();
+            fit2(hidden, tape.pre_activation.dim());
+            hidden.assign(&tape.pre_activation);
             match (hidden.as_slice_mut(), tape.pre_activation.as_slice_mut()) {
                 // The vectorised loop: `hidden ← act(a)`, `a ← act'(a)`.
                 (Some(h), Some(a)) => act.forward_slices(h, a),
-                _ => Zip::from(&mut hidden)
+                _ => Zip::from(&mut *hidden)
                     .and(&mut tape.pre_activation)
                     .for_each(|h, a| (*h, *a) = act.apply_with_derivative(*a)),
             }
             let slope = &tape.pre_activation;
-            let fc2_weight = dx.t().dot(&hidden);
+            let fc2_weight = dx.t().dot(&*hidden);
             let fc2_bias = dx.sum_axis(Axis(0));
-            let mut dpre = dx.dot(fc2.weight());
-            dpre *= slope;
+            fit2(dpre, slope.dim());
+            general_mat_mul(1.0, &dx, fc2.weight(), 0.0, dpre);
+            *dpre *= slope;
             let fc1_weight = dpre.t().dot(&tape.mlp_input);
             let fc1_bias = dpre.sum_axis(Axis(0));
             gradients.push(MlpGradient {
@@ -235,13 +338,15 @@ impl VisionTransformer {
                 // Nothing below the first MLP is trained: its input gradient is not needed.
                 break;
             }
-            let dz = dpre.dot(fc1.weight());
-            dx += &block.norm2.backward(&tape.normalised2, dz.view());
-            // Attention: x ← x + proj(MHA(LN₁ x)).
-            let dattended = dx.dot(block.proj.weight());
-            let dqkv = self.attention_backward(&tape.qkv, &tape.probs, dattended.view());
-            let dh = dqkv.dot(block.qkv.weight());
-            dx += &block.norm1.backward(&tape.normalised1, dh.view());
+            // `∂L/∂z` in `h`, then through norm2 into the stream's gradient.
+            general_mat_mul(1.0, &*dpre, fc1.weight(), 0.0, h);
+            block.norm2.backward_add(&tape.normalised2, h, &mut dx);
+            // Attention: x ← x + proj(MHA(LN₁ x)); `∂L/∂(heads' outputs)` in `attended`,
+            // `∂L/∂h` in `h`.
+            general_mat_mul(1.0, &dx, block.proj.weight(), 0.0, attended);
+            self.attention_backward(&tape.qkv, &tape.probs, attended.view(), dqkv, dp);
+            general_mat_mul(1.0, &*dqkv, block.qkv.weight(), 0.0, h);
+            block.norm1.backward_add(&tape.normalised1, h, &mut dx);
         }
         gradients.reverse();
         Ok((logits, gradients))
@@ -265,21 +370,22 @@ impl VisionTransformer {
         total.checked_mul(tokens)?.checked_mul(images)
     }
 
-    /// `∂L/∂[q | k | v]` from `∂L/∂(heads' outputs)`, `[B · T, d]`.
+    /// `∂L/∂[q | k | v]` into `dqkv` from `∂L/∂(heads' outputs)`, `[B · T, d]` (`dp`: a
+    /// `[T, T]` buffer).
     fn attention_backward(
         &self,
         qkv: &Array2<f32>,
         probs: &Array3<f32>,
         dattended: ArrayView2<'_, f32>,
-    ) -> Array2<f32> {
+        dqkv: &mut Array2<f32>,
+        dp: &mut Array2<f32>,
+    ) {
         let VitConfig {
             width: d, heads, ..
         } = self.config;
         let t = self.config.tokens();
         let dh = d / heads;
         let scale = 1.0 / (dh as f32).sqrt();
-        let mut dqkv = Array2::<f32>::zeros(qkv.raw_dim());
-        let mut dp = Array2::<f32>::zeros((t, t));
         for (k, p) in probs.outer_iter().enumerate() {
             let (b, head) = (k / heads, k % heads);
             let rows = b * t..(b + 1) * t;
@@ -293,7 +399,7 @@ impl VisionTransformer {
                 0.0,
                 &mut dqkv.slice_mut(s![rows.clone(), cols(2)]),
             );
-            general_mat_mul(1.0, &da, &v.t(), 0.0, &mut dp);
+            general_mat_mul(1.0, &da, &v.t(), 0.0, dp);
             for (mut g, p_row) in dp.rows_mut().into_iter().zip(p.rows()) {
                 let dot = g.iter().zip(p_row).map(|(&g, &p)| g * p).sum::<f32>();
                 Zip::from(&mut g)
@@ -317,7 +423,6 @@ impl VisionTransformer {
                 &mut dqkv.slice_mut(s![rows, cols(1)]),
             );
         }
-        dqkv
     }
 }
 
