@@ -475,6 +475,24 @@ mod tests {
         out
     }
 
+    /// A tape kept between calls, of one shape and then of another, gives the bits of a fresh
+    /// pass every time (no value of an earlier pass leaks into a later one).
+    #[test]
+    fn a_reused_tape_gives_the_bits_of_a_fresh_pass() {
+        let vit = tiny_vit(3);
+        let mut rng = ChaCha8Rng::seed_from_u64(8);
+        let mut tape = GradientTape::default();
+        for (seed, n) in [(4, 2), (5, 2), (6, 3), (7, 3)] {
+            let x = images(seed, n);
+            let c = random(&mut rng, (n, CLASSES), 2.0);
+            let fresh = vit.mlp_gradients(x.view(), |_| Ok(c.clone())).unwrap();
+            let reused = vit
+                .mlp_gradients_with(&mut tape, x.view(), |_| Ok(c.clone()))
+                .unwrap();
+            assert_eq!(fresh, reused, "{n} images");
+        }
+    }
+
     #[test]
     fn forward_is_unchanged_by_the_gradient_pass() {
         let vit = tiny_vit(1);
