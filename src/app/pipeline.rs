@@ -85,9 +85,9 @@ pub enum CalibrationSource<'a> {
 /// `[images · tokens, d]` array in all, batch by batch), so that the next group's capture runs
 /// only its own blocks: capturing `G` groups of a model of `L` blocks one at a time then runs `L`
 /// blocks per image instead of up to `G · L`, for the same bits. Holds one block's worth of
-/// activations at most; a group that does not start at or after the stream's block, or a
-/// capture of another model or image set (told apart by their addresses and shape), starts from
-/// the images as before.
+/// activations at most, and nothing once a capture reaches the last block. A group that does not
+/// start at or after the stream's block, or a capture of another model or image set (told apart
+/// by their addresses and shape), starts from the images as before.
 #[derive(Debug, Default)]
 pub struct CaptureStreams {
     state: Mutex<Option<Streams>>,
@@ -422,7 +422,10 @@ pub fn group_calibration(
                             Ok(())
                         },
                     )?;
-                    cache.store(vit, pixels, last + 1, ends);
+                    // Past the last block no group can continue: the cache is left empty.
+                    if last + 1 < vit.config().depth {
+                        cache.store(vit, pixels, last + 1, ends);
+                    }
                     results
                 }
             };
@@ -908,12 +911,18 @@ mod tests {
         let pixels = ndarray::Array4::from_shape_fn((30, 8, 8, 3), |_| rng.random::<u8>());
         assert!(pixels.len_of(Axis(0)) > IMAGE_BATCH);
         let streams = CaptureStreams::new();
-        for (blocks, next) in [(vec![0, 1], 2), (vec![3], 4), (vec![4], 5), (vec![1, 2], 3)] {
+        // Past the last block (5) nothing is kept.
+        for (blocks, next) in [
+            (vec![0, 1], Some(2)),
+            (vec![3], Some(4)),
+            (vec![4], None),
+            (vec![1, 2], Some(3)),
+        ] {
             let continued = tiny_capture(&vit, &pixels, &blocks, Some(&streams));
             let fresh = tiny_capture(&vit, &pixels, &blocks, None);
             assert_eq!(continued.inputs(), fresh.inputs(), "blocks {blocks:?}");
             assert_eq!(continued.tokens(), 30 * 5);
-            assert_eq!(streams.block(), Some(next));
+            assert_eq!(streams.block(), next);
         }
         // The stream entering block 3 continues to block 4's capture (running block 3 whole).
         let from_stream = tiny_capture(&vit, &pixels, &[4], Some(&streams));
