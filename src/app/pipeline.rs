@@ -2,7 +2,9 @@
 //!
 //! Memory stays bounded by one group: calibration activations are captured (or read) for the
 //! blocks of one group, used, and dropped before the next group. With images, the model's forward
-//! pass stops after the group's last block. From an MLP-input file a group larger than the file's
+//! pass stops after the group's last block, and (with [`CaptureStreams`]) the next group's capture
+//! continues from the residual stream it stopped at, one block's worth of activations, instead of
+//! running the earlier blocks again. From an MLP-input file a group larger than the file's
 //! memory budget ([`MlpInputs::route`]) is not even held whole: FiPS and SVD read it a batch and a
 //! chunk at a time (positioned reads), and only the held-out validation tokens are held in memory.
 
