@@ -87,19 +87,20 @@ impl LayerNorm {
 
     /// `x̂ = (x − mean) / √(var + ε)` along each row, and each row's `1 / √(var + ε)`.
     fn normalise(&self, x: ArrayView2<'_, f32>) -> (Array2<f32>, Array1<f32>) {
-        let mut out = (Array2::zeros(x.raw_dim()), Array1::zeros(x.nrows()));
-        self.normalise_into(x, &mut out);
+        let mut out = (x.to_owned(), Array1::zeros(x.nrows()));
+        self.normalise_in_place(&mut out);
         out
     }
 
     /// [`Self::normalise`] into `(x̂, 1/σ)` of `x`'s shape.
-    fn normalise_into(
-        &self,
-        x: ArrayView2<'_, f32>,
-        (out, inverse): &mut (Array2<f32>, Array1<f32>),
-    ) {
-        out.assign(&x);
-        let n = x.ncols() as f32;
+    fn normalise_into(&self, x: ArrayView2<'_, f32>, out: &mut (Array2<f32>, Array1<f32>)) {
+        out.0.assign(&x);
+        self.normalise_in_place(out);
+    }
+
+    /// `(x, _) ← (x̂, 1/σ)`.
+    fn normalise_in_place(&self, (out, inverse): &mut (Array2<f32>, Array1<f32>)) {
+        let n = out.ncols() as f32;
         for (mut row, inv_out) in out.rows_mut().into_iter().zip(inverse.iter_mut()) {
             let mean = row.sum() / n;
             let var = row.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / n;
