@@ -387,7 +387,7 @@ pub fn group_calibration(
                 Some(cache) => {
                     // Each batch continues from its cached stream when there is one.
                     let count = total.div_ceil(IMAGE_BATCH);
-                    let mut starts: Vec<Option<(usize, Array2<f32>)>> =
+                    let starts: Vec<Option<(usize, Array2<f32>)>> =
                         match cache.take_for(vit, pixels, first) {
                             Some((block, cached)) => {
                                 cached.into_iter().map(|x| Some((block, x))).collect()
@@ -397,21 +397,21 @@ pub fn group_calibration(
                     let mut results = Vec::with_capacity(count);
                     let mut ends = Vec::with_capacity(count);
                     thread_plan::map_in_rounds(
-                        (0..total).step_by(IMAGE_BATCH).zip(starts.iter_mut()),
+                        (0..total).step_by(IMAGE_BATCH).zip(starts),
                         thread_plan::pass_workers(),
-                        |(start, cached)| {
-                            let from = match cached.take() {
-                                Some((block, stream)) => CaptureStart::Stream { stream, block },
-                                None => {
-                                    let end = (start + IMAGE_BATCH).min(total);
-                                    let batch = pixels.slice(s![start..end, .., .., ..]);
-                                    return vit.forward_capture_from(
-                                        CaptureStart::Images(preprocess(batch).view()),
-                                        range.clone(),
-                                    );
-                                }
-                            };
-                            vit.forward_capture_from(from, range.clone())
+                        |(start, cached)| match cached {
+                            Some((block, stream)) => vit.forward_capture_from(
+                                CaptureStart::Stream { stream, block },
+                                range.clone(),
+                            ),
+                            None => {
+                                let end = (start + IMAGE_BATCH).min(total);
+                                let batch = preprocess(pixels.slice(s![start..end, .., .., ..]));
+                                vit.forward_capture_from(
+                                    CaptureStart::Images(batch.view()),
+                                    range.clone(),
+                                )
+                            }
                         },
                         |(captured, end)| {
                             results.push(captured);
