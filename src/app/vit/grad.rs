@@ -137,28 +137,11 @@ impl LayerNorm {
     /// `∂L/∂x` from `∂L/∂y` for the rows normalised as `(x̂, 1/σ)`.
     fn backward(
         &self,
-        (normalised, inverse): &(Array2<f32>, Array1<f32>),
+        normalised: &(Array2<f32>, Array1<f32>),
         dy: ArrayView2<'_, f32>,
     ) -> Array2<f32> {
-        let n = normalised.ncols() as f32;
-        let mut dx = Array2::zeros(normalised.raw_dim());
-        for (((mut dx_row, x_row), dy_row), &inv) in dx
-            .rows_mut()
-            .into_iter()
-            .zip(normalised.rows())
-            .zip(dy.rows())
-            .zip(inverse)
-        {
-            Zip::from(&mut dx_row)
-                .and(&dy_row)
-                .and(&self.weight)
-                .for_each(|g, &d, &w| *g = d * w);
-            let mean_g = dx_row.sum() / n;
-            let mean_gx = dx_row.iter().zip(x_row).map(|(&g, &x)| g * x).sum::<f32>() / n;
-            Zip::from(&mut dx_row)
-                .and(&x_row)
-                .for_each(|g, &x| *g = (*g - mean_g - x * mean_gx) * inv);
-        }
+        let mut dx = Array2::zeros(normalised.0.raw_dim());
+        self.backward_add(normalised, &mut dy.to_owned(), &mut dx);
         dx
     }
 }
