@@ -393,7 +393,7 @@ impl VisionTransformer {
             let key = qkv.slice(s![rows.clone(), cols(1)]);
             general_mat_mul(
                 1.0,
-                &dp,
+                dp,
                 &key,
                 0.0,
                 &mut dqkv.slice_mut(s![rows.clone(), cols(0)]),
