@@ -386,44 +386,30 @@ pub fn group_calibration(
                 )?,
                 Some(cache) => {
                     // Each batch continues from its cached stream when there is one.
-                    let count = total.div_ceil(IMAGE_BATCH);
                     let starts: Vec<Option<(usize, Array2<f32>)>> =
                         match cache.take_for(vit, pixels, first) {
                             Some((block, cached)) => {
                                 cached.into_iter().map(|x| Some((block, x))).collect()
                             }
-                            None => vec![None; count],
+                            None => vec![None; total.div_ceil(IMAGE_BATCH)],
                         };
-                    let mut results = Vec::with_capacity(count);
-                    let mut ends = Vec::with_capacity(count);
-                    thread_plan::map_in_rounds(
-                        (0..total).step_by(IMAGE_BATCH).zip(starts),
-                        thread_plan::pass_workers(),
-                        |(start, cached)| match cached {
+                    let (results, ends): (Vec<_>, Vec<_>) = over_image_batches_with(
+                        pixels,
+                        starts,
+                        |done| observer.calibration(group, done, total),
+                        |batch, cached| match cached {
                             Some((block, stream)) => vit.forward_capture_from(
                                 CaptureStart::Stream { stream, block },
                                 range.clone(),
                             ),
-                            None => {
-                                let end = (start + IMAGE_BATCH).min(total);
-                                let batch = preprocess(pixels.slice(s![start..end, .., .., ..]));
-                                vit.forward_capture_from(
-                                    CaptureStart::Images(batch.view()),
-                                    range.clone(),
-                                )
-                            }
+                            None => vit.forward_capture_from(
+                                CaptureStart::Images(preprocess(batch).view()),
+                                range.clone(),
+                            ),
                         },
-                        |(captured, end)| {
-                            results.push(captured);
-                            ends.push(end);
-                            observer.calibration(
-                                group,
-                                (results.len() * IMAGE_BATCH).min(total),
-                                total,
-                            );
-                            Ok(())
-                        },
-                    )?;
+                    )?
+                    .into_iter()
+                    .unzip();
                     // Past the last block no group can continue: the cache is left empty.
                     if last + 1 < vit.config().depth {
                         cache.store(vit, pixels, last + 1, ends);
@@ -784,15 +770,31 @@ pub fn classify(
 /// ([`thread_plan::pass_workers`]: the ViT's GEMMs then whole on a core each).
 fn over_image_batches<T: Send>(
     pixels: ArrayView4<'_, u8>,
-    mut progress: impl FnMut(usize),
+    progress: impl FnMut(usize),
     work: impl Fn(ArrayView4<'_, u8>) -> Result<T> + Sync,
+) -> Result<Vec<T>> {
+    over_image_batches_with(pixels, std::iter::repeat(()), progress, |batch, ()| {
+        work(batch)
+    })
+}
+
+/// [`over_image_batches`] with an item of `items` handed to each batch's `work` beside its
+/// images, in order (`items` holds one per batch at least).
+fn over_image_batches_with<I: Send, T: Send>(
+    pixels: ArrayView4<'_, u8>,
+    items: impl IntoIterator<Item = I>,
+    mut progress: impl FnMut(usize),
+    work: impl Fn(ArrayView4<'_, u8>, I) -> Result<T> + Sync,
 ) -> Result<Vec<T>> {
     let total = pixels.len_of(Axis(0));
     let mut out = Vec::with_capacity(total.div_ceil(IMAGE_BATCH));
     thread_plan::map_in_rounds(
-        (0..total).step_by(IMAGE_BATCH),
+        (0..total).step_by(IMAGE_BATCH).zip(items),
         thread_plan::pass_workers(),
-        |start| work(pixels.slice(s![start..(start + IMAGE_BATCH).min(total), .., .., ..])),
+        |(start, item)| {
+            let end = (start + IMAGE_BATCH).min(total);
+            work(pixels.slice(s![start..end, .., .., ..]), item)
+        },
         |r| {
             out.push(r);
             progress((out.len() * IMAGE_BATCH).min(total));
