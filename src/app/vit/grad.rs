@@ -16,6 +16,7 @@ use ndarray::{Array1, Array2, Array3, ArrayView2, ArrayView4, Axis, Zip, linalg:
 
 use super::{LayerNorm, VisionTransformer, VitConfig};
 use crate::foundation::error::{FipsError, Result, invalid};
+use crate::foundation::kernels::RowSplit;
 use crate::foundation::mlp::MlpKind;
 use crate::foundation::slicing::s;
 
@@ -257,8 +258,8 @@ impl VisionTransformer {
             fit2(hidden, (rows, i));
             hidden.assign(&tape.pre_activation);
             match hidden.as_slice_mut() {
-                // The vectorised loop (a call per element does not vectorise).
-                Some(v) => act.apply_slice(v),
+                // The vectorised loop, compiled for the CPU's widest vectors, on this thread.
+                Some(v) => RowSplit::new(1).activate_values(act, v, i),
                 None => hidden.mapv_inplace(|v| act.apply(v)),
             }
             // The MLP's output, in `projected`.
@@ -298,7 +299,7 @@ impl VisionTransformer {
             hidden.assign(&tape.pre_activation);
             match (hidden.as_slice_mut(), tape.pre_activation.as_slice_mut()) {
                 // The vectorised loop: `hidden ← act(a)`, `a ← act'(a)`.
-                (Some(h), Some(a)) => act.forward_slices(h, a),
+                (Some(h), Some(a)) => RowSplit::new(1).activate(act, h, a, fc1.out_features()),
                 _ => Zip::from(&mut *hidden)
                     .and(&mut tape.pre_activation)
                     .for_each(|h, a| (*h, *a) = act.apply_with_derivative(*a)),
