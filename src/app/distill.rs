@@ -417,9 +417,7 @@ impl<'a> Distiller<'a> {
         let total = batch.len();
         let workers = thread_plan::pass_workers().clamp(1, total);
         let chunk = total.div_ceil(workers);
-        if self.tapes.len() < workers {
-            self.tapes.resize_with(workers, GradientTape::default);
-        }
+        self.tapes.resize_with(workers, GradientTape::default);
         let parts: Vec<_> = (0..total)
             .step_by(chunk)
             .map(|start| start..(start + chunk).min(total))
