@@ -411,7 +411,7 @@ pub fn group_calibration(
                     .into_iter()
                     .unzip();
                     // Past the last block no group can continue: the cache is left empty.
-                    if last + 1 < vit.config().depth {
+                    if let Some(ends) = ends.into_iter().collect::<Option<Vec<_>>>() {
                         cache.store(vit, pixels, last + 1, ends);
                     }
                     results
@@ -976,6 +976,14 @@ mod tests {
             block: 1,
         };
         let (captured, end) = vit.forward_capture_from(ok, 1..2).unwrap();
-        assert_eq!((captured.len(), end.dim()), (1, (2 * t, d)));
+        assert_eq!(captured.len(), 1);
+        // Block 1 is the last: no stream to continue from.
+        assert!(end.is_none());
+        let images = ndarray::Array4::zeros((2, 3, 8, 8));
+        let (captured, end) = vit
+            .forward_capture_from(CaptureStart::Images(images.view()), 0..1)
+            .unwrap();
+        assert_eq!(captured.len(), 1);
+        assert_eq!(end.map(|e| e.dim()), Some((2 * t, d)));
     }
 }

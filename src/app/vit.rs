@@ -425,14 +425,16 @@ impl VisionTransformer {
 
     /// As [`Self::forward_capture`], continuing from where an earlier capture stopped:
     /// `start` is the images or the residual stream entering some block, and the residual stream
-    /// after the last of `blocks` (its MLP included, `[B · tokens, d]`) comes back beside the
-    /// captures, ready to start the next group's capture. A capture continued this way gives the
-    /// same bits as one from the images (the same operations on the same rows).
+    /// entering block `blocks.end` (`[B · tokens, d]`, the last block's MLP included) comes back
+    /// beside the captures, ready to start the next group's capture; `None` when `blocks` ends
+    /// at the model's last block (no capture can continue, and that MLP is not run). A capture
+    /// continued this way gives the same bits as one from the images (the same operations on the
+    /// same rows).
     pub fn forward_capture_from(
         &self,
         start: CaptureStart<'_>,
         blocks: Range<usize>,
-    ) -> Result<(Vec<Array2<f32>>, Array2<f32>)> {
+    ) -> Result<(Vec<Array2<f32>>, Option<Array2<f32>>)> {
         self.check_blocks(&blocks)?;
         let (x, from) = match start {
             CaptureStart::Images(images) => {
@@ -457,7 +459,9 @@ impl VisionTransformer {
                 (stream, block)
             }
         };
-        self.run_blocks(x, from, blocks, true, |z, _| z)
+        let continues = blocks.end < self.blocks.len();
+        let (captured, x) = self.run_blocks(x, from, blocks, continues, |z, _| z)?;
+        Ok((captured, continues.then_some(x)))
     }
 
     /// Runs the blocks up to the last of `blocks` and keeps `keep(z, x)` for each block in
