@@ -183,6 +183,10 @@ pub enum CaptureStart<'a> {
     },
 }
 
+/// What [`VisionTransformer::forward_capture_from`] returns: the MLP inputs of the captured
+/// blocks, and the residual stream a next capture continues from (`None` past the last block).
+pub type ContinuedCapture = (Vec<Array2<f32>>, Option<Array2<f32>>);
+
 impl VisionTransformer {
     /// Loads a timm-named ViT/DeiT (`patch_embed.proj`, `cls_token`, `pos_embed`,
     /// `blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}`, `norm`, `head`). The number
@@ -434,7 +438,7 @@ impl VisionTransformer {
         &self,
         start: CaptureStart<'_>,
         blocks: Range<usize>,
-    ) -> Result<(Vec<Array2<f32>>, Option<Array2<f32>>)> {
+    ) -> Result<ContinuedCapture> {
         self.check_blocks(&blocks)?;
         let (x, from) = match start {
             CaptureStart::Images(images) => {
