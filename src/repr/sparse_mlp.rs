@@ -545,17 +545,17 @@ impl<S: StorageFloat> CompactGroup<S> {
         match self.kind {
             MlpKind::Standard => {
                 up_product(base, gate);
-                split.activate_values(act, &mut gate[..i * tp], tp);
+                split.activate_values(act, sized(gate, i * tp), tp);
             }
             MlpKind::Gated => {
                 up_product(base, gate);
                 up_product(base + 1, up);
-                split.activate_gated_values(act, &mut gate[..i * tp], &up[..i * tp], tp);
+                split.activate_gated_values(act, sized(gate, i * tp), sized(up, i * tp), tp);
             }
         }
         let jd = base + f - 1;
         let ct = sized(down, r * tp);
-        self.product(jd, &gate[..i * tp], tp, ct, None, inputs);
+        self.product(jd, sized(gate, i * tp), tp, ct, None, inputs);
         let ct = ArrayView2::from_shape((r, tp), &ct[..])
             .map_err(|e| FipsError::Numerical(format!("token-minor buffer: {e}")))?;
         let mut y = Array2::<f32>::zeros((t, d));
@@ -735,13 +735,18 @@ impl ForwardBuffers {
     }
 }
 
-/// `buf` grown (never shrunk) to at least `len` floats; its first `len`, with whatever values
-/// a previous call left (every user overwrites or zeroes what it reads).
+/// `len` floats of `buf` (grown, never shrunk), with whatever values a previous call left (every
+/// user overwrites or zeroes what it reads), starting on a 64-byte boundary: token-minor rows
+/// are multiples of 16 floats, so no vector load or store of a row then splits a cache line
+/// (large allocations start 16 bytes past one). Asked again for no more than it holds, the same
+/// floats: callers take a filled buffer again with it.
 fn sized(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
-    if buf.len() < len {
-        buf.resize(len, 0.0);
+    let need = len + 16;
+    if buf.len() < need {
+        buf.resize(need, 0.0);
     }
-    &mut buf[..len]
+    let skip = buf.as_ptr().align_offset(64).min(16);
+    &mut buf[skip..skip + len]
 }
 
 /// `dst = src` widened to `f32`, compiled for the vector extensions `pulp` detects (baseline
@@ -1053,12 +1058,9 @@ impl<S: StorageFloat> SplitProduct<S> for BlockedMatrix<S> {
 
     fn arrange<'a>(&self, x: &'a [f32], tp: usize, inputs: &'a mut Vec<f32>) -> &'a [f32] {
         if tp > TILE_TOKENS || many_tokens_pay(self.cols(), tp) {
-            // On a 64-byte boundary, so that no vector load of the register kernel splits a
-            // cache line (also when one tile holds all the tokens).
-            let len = tile_major_len(self.cols(), tp);
-            let buf = sized(inputs, len + 16);
-            let skip = buf.as_ptr().align_offset(64).min(16);
-            let tiles = &mut buf[skip..skip + len];
+            // On a 64-byte boundary (`sized`), so that no vector load of the register kernel
+            // splits a cache line (also when one tile holds all the tokens).
+            let tiles = sized(inputs, tile_major_len(self.cols(), tp));
             tile_major(x, self.cols(), tp, tiles);
             tiles
         } else {
@@ -1433,6 +1435,20 @@ mod tests {
     use ndarray::Array1;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
+
+    #[test]
+    fn sized_buffers_start_on_a_cache_line_and_keep_their_place() {
+        let mut buf = Vec::new();
+        for len in [0usize, 1, 5, 16, 1000, 70_000, 3] {
+            let s = sized(&mut buf, len);
+            assert_eq!(s.len(), len);
+            assert_eq!(s.as_ptr().align_offset(64), 0, "len {len}");
+            s.fill(len as f32);
+            // Asked again for no more, the same place: what a previous call left is there.
+            let again = sized(&mut buf, len);
+            assert!(again.iter().all(|&v| v == len as f32));
+        }
+    }
 
     /// A random group with masks of the given density (some rows and columns emptied).
     fn random_group(
