@@ -824,6 +824,144 @@ fn block_tile<T: StorageFloat, const L: usize, const FUSED: bool>(
     }
 }
 
+/// Whether [`column_walk_v4`] runs a product on `tp` tokens: 16 (one slab). Measured on the
+/// Intel Xeon of `docs/results.md` (DeiT-tiny and 7B shapes, density 0.25): 16 tokens 1.05–1.09
+/// of the dense block against 1.25–1.31 with [`blocked_rows`]; from 32 tokens on it was slower in
+/// two of three pairs (64 tokens 1.42 against 1.26), so the walk of [`blocked_rows`] stays there.
+pub(crate) fn column_walk_v4_pays(tp: usize) -> bool {
+    tp == 16
+}
+
+/// 16 tokens, AVX-512: the column walk of [`blocked_rows`] with each column's rows listed
+/// first by `vpcompressd` (per 16 rows, no branch on the bits) and then walked in one loop per
+/// column, instead of one loop per 64-row word: the end of each loop comes after an
+/// unpredictable count of entries, and those mispredicted branches were about 40 % of a
+/// 16-token pass; this halves them. Same sums in the same order (bias, then the kept entries
+/// by increasing column, fused): the bits of [`blocked_rows`] with `FUSED`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn column_walk_v4<S: StorageFloat>(
+    simd: pulp::x86::V4,
+    m: &BlockedMatrix<S>,
+    x: &[f32],
+    tp: usize,
+    out: &mut [f32],
+    bias: Option<&[S]>,
+    blocks: Range<usize>,
+) {
+    let cols = m.cols;
+    let first_row = blocks.start * BLOCK_ROWS;
+    let mut widened: Vec<f32> = Vec::new();
+    for k in blocks {
+        let (r0, nr, masks) = m.block(k);
+        let stored = &m.values[m.block_offsets[k]..m.block_offsets[k + 1]];
+        let b = |i: usize| bias.map_or(0.0, |b| b[r0 + i].to_f32());
+        let o = r0 - first_row;
+        if S::DTYPE == crate::repr::compact::StorageDtype::F32 {
+            walk_block_v4(simd, masks, stored, x, cols, tp, nr, &b, out, o);
+        } else {
+            widened.resize(stored.len(), 0.0);
+            S::widen(stored, &mut widened);
+            walk_block_v4(simd, masks, &widened, x, cols, tp, nr, &b, out, o);
+        }
+    }
+}
+
+/// One block of [`column_walk_v4`]: tiles of 32 tokens (two 16-token slabs), then one of 16 if
+/// the count is odd.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn walk_block_v4<T: StorageFloat>(
+    simd: pulp::x86::V4,
+    masks: &[u64],
+    vals: &[T],
+    x: &[f32],
+    cols: usize,
+    tp: usize,
+    nr: usize,
+    bias: &impl Fn(usize) -> f32,
+    out: &mut [f32],
+    out_row: usize,
+) {
+    let slabs = tp / 16;
+    let mut t = 0;
+    while t + 2 <= slabs {
+        walk_tile_v4::<T, 32>(simd, masks, vals, x, cols, t, nr, bias, out, out_row, tp);
+        t += 2;
+    }
+    if t < slabs {
+        walk_tile_v4::<T, 16>(simd, masks, vals, x, cols, t, nr, bias, out, out_row, tp);
+    }
+}
+
+/// One tile of [`column_walk_v4`] (slabs `t, t + L/16 − 1`).
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn walk_tile_v4<T: StorageFloat, const L: usize>(
+    simd: pulp::x86::V4,
+    masks: &[u64],
+    vals: &[T],
+    x: &[f32],
+    cols: usize,
+    t: usize,
+    nr: usize,
+    bias: &impl Fn(usize) -> f32,
+    out: &mut [f32],
+    out_row: usize,
+    tp: usize,
+) {
+    use std::arch::x86_64::__m512i;
+    let f = simd.avx512f;
+    let rows: [__m512i; BLOCK_ROWS / 16] = std::array::from_fn(|q| {
+        pulp::cast::<[u32; 16], __m512i>(std::array::from_fn(|l| (16 * q + l) as u32))
+    });
+    let mut acc = Aligned([[0.0f32; L]; BLOCK_ROWS]);
+    let acc = &mut acc.0;
+    for (i, a) in acc.iter_mut().enumerate().take(nr) {
+        *a = [bias(i); L];
+    }
+    let mut listed = Aligned([0u32; BLOCK_ROWS + 16]);
+    let listed = &mut listed.0;
+    let mut p = 0usize;
+    for (c, words) in masks.chunks_exact(WORDS).enumerate() {
+        let mut xr = [0.0f32; L];
+        for (h, part) in xr.chunks_exact_mut(16).enumerate() {
+            let s = slab_start(t + h, cols, tp, c);
+            if let Some(xs) = x.get(s..s + 16) {
+                part.copy_from_slice(xs);
+            }
+        }
+        let mut n = 0usize;
+        for (q, rows) in rows.iter().enumerate() {
+            let bits = (words[q / 4] >> (16 * (q % 4))) as u16;
+            let e = f._mm512_maskz_compress_epi32(bits, *rows);
+            if let Some(dst) = listed.get_mut(n..n + 16) {
+                dst.copy_from_slice(&pulp::cast::<__m512i, [u32; 16]>(e));
+            }
+            n += bits.count_ones() as usize;
+        }
+        let (Some(run), Some(rows)) = (vals.get(p..p + n), listed.get(..n)) else {
+            break;
+        };
+        p += n;
+        for (v, &i) in run.iter().zip(rows) {
+            let v = v.to_f32();
+            let a = &mut acc[i as usize % BLOCK_ROWS];
+            for l in 0..L {
+                a[l] = v.mul_add(xr[l], a[l]);
+            }
+        }
+    }
+    for (i, a) in acc.iter().enumerate().take(nr) {
+        let o = (out_row + i) * tp + t * 16;
+        if let Some(dst) = out.get_mut(o..o + L) {
+            dst.copy_from_slice(a);
+        }
+    }
+}
+
 /// A block's accumulators on a cache-line boundary, so that no access splits a line: on the
 /// stack they could start anywhere, and at 64 tokens (32-lane rows) split rows made the DeiT-tiny
 /// block 1.2× slower (1.56 → 1.30 of the dense block, Intel Xeon).

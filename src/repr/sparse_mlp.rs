@@ -50,7 +50,9 @@ use crate::repr::sparse_blocked::{
     many_tokens_pay, tile_major, tile_major_len,
 };
 #[cfg(target_arch = "x86_64")]
-use crate::repr::sparse_blocked::{one_token_v3, one_token_v4, slabs_pay, slabs_v4};
+use crate::repr::sparse_blocked::{
+    column_walk_v4, column_walk_v4_pays, one_token_v3, one_token_v4, slabs_pay, slabs_v4,
+};
 use crate::repr::sparse_tiled::{TiledMatrix, tiled_rows, window_major};
 
 /// Below this many multiply-adds per thread a sparse product stays on one thread (a scoped
@@ -1081,7 +1083,12 @@ impl<S: StorageFloat> SplitProduct<S> for BlockedMatrix<S> {
         // One token: the expand kernels (accumulators in registers, no scatter); from 128
         // tokens on, the register kernel (rows' accumulators in registers). AVX-512 first.
         #[cfg(target_arch = "x86_64")]
-        if FUSED && (tp == 1 || many_tokens_pay(self.cols(), tp) || slabs_pay(self, tp)) {
+        if FUSED
+            && (tp == 1
+                || many_tokens_pay(self.cols(), tp)
+                || slabs_pay(self, tp)
+                || column_walk_v4_pays(tp))
+        {
             if kernel == KernelChoice::Auto
                 && let Some(simd) = pulp::x86::V4::try_new()
             {
@@ -1153,6 +1160,8 @@ impl<S: StorageFloat> pulp::NullaryFnOnce for VectorKernel<'_, S, pulp::x86::V4>
             one_token_v4(simd, m, x, out, bias, units);
         } else if slabs_pay(m, tp) {
             slabs_v4(simd, m, x, tp, out, bias, units);
+        } else if column_walk_v4_pays(tp) {
+            column_walk_v4(simd, m, x, tp, out, bias, units);
         } else {
             many_tokens(simd, m, x, tp, out, bias, units);
         }
@@ -1792,6 +1801,7 @@ mod tests {
             assert!(
                 crate::repr::sparse_blocked::many_tokens_pay(cols, tp)
                     || crate::repr::sparse_blocked::slabs_pay(&b, tp)
+                    || column_walk_v4_pays(tp)
             );
             let x: Vec<f32> = (0..cols * tp)
                 .map(|_| rng.random_range(-1.0..1.0))
@@ -1859,6 +1869,24 @@ mod tests {
             check_vector_kernels::<f32>(rows, cols, density, seed, &[16, 48, 112]);
             check_vector_kernels::<half::bf16>(rows, cols, density, seed, &[16, 32]);
             check_vector_kernels::<half::f16>(rows, cols, density, seed, &[16, 32]);
+        }
+    }
+
+    #[test]
+    fn column_walk_with_listed_rows_agrees_exactly() {
+        // Below the slabs' density: the walk over each column's rows listed by `vpcompressd`
+        // (with AVX-512), against the generic walk. Ragged last blocks, empty columns.
+        for (rows, cols, density, seed) in [
+            (3, 5, 0.25, 11),
+            (130, 37, 0.05, 12),
+            (257, 300, 0.25, 13),
+            (200, 129, 0.29, 14),
+            (128, 1, 0.2, 15),
+            (240, 64, 0.0, 16),
+        ] {
+            check_vector_kernels::<f32>(rows, cols, density, seed, &[16]);
+            check_vector_kernels::<half::bf16>(rows, cols, density, seed, &[16]);
+            check_vector_kernels::<half::f16>(rows, cols, density, seed, &[16]);
         }
     }
 
