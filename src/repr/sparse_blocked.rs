@@ -235,6 +235,20 @@ pub(crate) fn blocked_rows<S: StorageFloat, const FUSED: bool>(
     bias: Option<&[S]>,
     blocks: Range<usize>,
 ) {
+    blocked_rows_with::<S, FUSED>(m, x, tp, out, bias, blocks, &mut BitWalk);
+}
+
+/// [`blocked_rows`], visiting each column's kept rows with `rows`.
+#[inline(always)]
+fn blocked_rows_with<S: StorageFloat, const FUSED: bool>(
+    m: &BlockedMatrix<S>,
+    x: &[f32],
+    tp: usize,
+    out: &mut [f32],
+    bias: Option<&[S]>,
+    blocks: Range<usize>,
+    rows: &mut impl ColumnRows,
+) {
     let cols = m.cols;
     let first_row = blocks.start * BLOCK_ROWS;
     let mut widened: Vec<f32> = Vec::new();
@@ -253,9 +267,9 @@ pub(crate) fn blocked_rows<S: StorageFloat, const FUSED: bool>(
         let b = |i: usize| bias.map_or(0.0, |b| b[r0 + i].to_f32());
         let o = r0 - first_row;
         if widen {
-            block_product::<_, FUSED>(masks, &widened, x, cols, tp, nr, &b, out, o);
+            block_product::<_, FUSED>(masks, &widened, x, cols, tp, nr, &b, out, o, rows);
         } else {
-            block_product::<_, FUSED>(masks, stored, x, cols, tp, nr, &b, out, o);
+            block_product::<_, FUSED>(masks, stored, x, cols, tp, nr, &b, out, o, rows);
         }
     }
 }
@@ -275,6 +289,7 @@ fn block_product<T: StorageFloat, const FUSED: bool>(
     bias: &impl Fn(usize) -> f32,
     out: &mut [f32],
     out_row: usize,
+    rows: &mut impl ColumnRows,
 ) {
     if tp == 1 {
         let madd = |a: f32, b: f32, c: f32| if FUSED { a.mul_add(b, c) } else { a * b + c };
@@ -301,11 +316,110 @@ fn block_product<T: StorageFloat, const FUSED: bool>(
     let slabs = tp / 16;
     let mut t = 0;
     while t + 2 <= slabs {
-        block_tile::<_, 32, FUSED>(masks, vals, x, cols, t, nr, bias, out, out_row, tp);
+        block_tile::<_, 32, FUSED>(masks, vals, x, cols, t, nr, bias, out, out_row, tp, rows);
         t += 2;
     }
     if t < slabs {
-        block_tile::<_, 16, FUSED>(masks, vals, x, cols, t, nr, bias, out, out_row, tp);
+        block_tile::<_, 16, FUSED>(masks, vals, x, cols, t, nr, bias, out, out_row, tp, rows);
+    }
+}
+
+/// How the column walk visits a column's kept rows: `f(i, v)` for each kept row `i` and its
+/// value `v`, rows increasing, the values from `vals[p..]`; the position after the column's
+/// values, or `None` when `vals` ends first.
+trait ColumnRows {
+    fn visit<T>(
+        &mut self,
+        words: &[u64],
+        vals: &[T],
+        p: usize,
+        f: impl FnMut(usize, &T),
+    ) -> Option<usize>;
+}
+
+/// Bit by bit, one loop per 64-row word.
+struct BitWalk;
+
+impl ColumnRows for BitWalk {
+    #[inline(always)]
+    fn visit<T>(
+        &mut self,
+        words: &[u64],
+        vals: &[T],
+        mut p: usize,
+        mut f: impl FnMut(usize, &T),
+    ) -> Option<usize> {
+        for (w, &word) in words.iter().enumerate() {
+            // One bounds check per word: its kept values are the next `count_ones` of `vals`.
+            let n = word.count_ones() as usize;
+            let run = vals.get(p..p + n)?;
+            p += n;
+            let mut bits = word;
+            for v in run {
+                let i = (w * 64 + bits.trailing_zeros() as usize) % BLOCK_ROWS;
+                bits &= bits.wrapping_sub(1);
+                f(i, v);
+            }
+        }
+        Some(p)
+    }
+}
+
+/// AVX-512: the column's rows listed first, per 16 rows one `vpcompressd` of the row numbers
+/// under the column's mask bits (no branch on the bits), then one loop over the column. The
+/// loop over a word ends after an unpredictable count of entries; this ends half as many loops.
+#[cfg(target_arch = "x86_64")]
+struct ListedRows {
+    simd: pulp::x86::V4,
+    /// Row numbers 16 q .. 16 q + 16.
+    numbers: [std::arch::x86_64::__m512i; BLOCK_ROWS / 16],
+    /// The column's kept rows, and 16 spare (each compress stores 16 lanes).
+    listed: Aligned<[u32; BLOCK_ROWS + 16]>,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl ListedRows {
+    #[inline(always)]
+    fn new(simd: pulp::x86::V4) -> Self {
+        let numbers = std::array::from_fn(|q| {
+            pulp::cast::<[u32; 16], std::arch::x86_64::__m512i>(std::array::from_fn(|l| {
+                (16 * q + l) as u32
+            }))
+        });
+        Self {
+            simd,
+            numbers,
+            listed: Aligned([0; BLOCK_ROWS + 16]),
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl ColumnRows for ListedRows {
+    #[inline(always)]
+    fn visit<T>(
+        &mut self,
+        words: &[u64],
+        vals: &[T],
+        p: usize,
+        mut f: impl FnMut(usize, &T),
+    ) -> Option<usize> {
+        let avx = self.simd.avx512f;
+        let listed = &mut self.listed.0;
+        let mut n = 0usize;
+        for (q, numbers) in self.numbers.iter().enumerate() {
+            let bits = (words.get(q / 4).copied().unwrap_or(0) >> (16 * (q % 4))) as u16;
+            let e = avx._mm512_maskz_compress_epi32(bits, *numbers);
+            if let Some(dst) = listed.get_mut(n..n + 16) {
+                dst.copy_from_slice(&pulp::cast::<std::arch::x86_64::__m512i, [u32; 16]>(e));
+            }
+            n += bits.count_ones() as usize;
+        }
+        let run = vals.get(p..p + n)?;
+        for (v, &i) in run.iter().zip(&listed[..n]) {
+            f(i as usize % BLOCK_ROWS, v);
+        }
+        Some(p + n)
     }
 }
 
@@ -781,6 +895,7 @@ fn block_tile<T: StorageFloat, const L: usize, const FUSED: bool>(
     out: &mut [f32],
     out_row: usize,
     tp: usize,
+    rows: &mut impl ColumnRows,
 ) {
     let madd = |a: f32, b: f32, c: f32| if FUSED { a.mul_add(b, c) } else { a * b + c };
     let mut acc = Aligned([[0.0f32; L]; BLOCK_ROWS]);
@@ -797,24 +912,17 @@ fn block_tile<T: StorageFloat, const L: usize, const FUSED: bool>(
                 part.copy_from_slice(xs);
             }
         }
-        for (w, &word) in words.iter().enumerate() {
-            // One bounds check per word: its kept values are the next `count_ones` of `vals`.
-            let n = word.count_ones() as usize;
-            let Some(run) = vals.get(p..p + n) else {
-                break;
-            };
-            p += n;
-            let mut bits = word;
-            for v in run {
-                let i = (w * 64 + bits.trailing_zeros() as usize) % BLOCK_ROWS;
-                bits &= bits.wrapping_sub(1);
-                let v = v.to_f32();
-                let a = &mut acc[i];
-                for l in 0..L {
-                    a[l] = madd(v, xr[l], a[l]);
-                }
+        let next = rows.visit(words, vals, p, |i, v| {
+            let v = v.to_f32();
+            let a = &mut acc[i];
+            for l in 0..L {
+                a[l] = madd(v, xr[l], a[l]);
             }
-        }
+        });
+        let Some(next) = next else {
+            break;
+        };
+        p = next;
     }
     for (i, a) in acc.iter().enumerate().take(nr) {
         let o = (out_row + i) * tp + t * 16;
@@ -849,117 +957,7 @@ pub(crate) fn column_walk_v4<S: StorageFloat>(
     bias: Option<&[S]>,
     blocks: Range<usize>,
 ) {
-    let cols = m.cols;
-    let first_row = blocks.start * BLOCK_ROWS;
-    let mut widened: Vec<f32> = Vec::new();
-    for k in blocks {
-        let (r0, nr, masks) = m.block(k);
-        let stored = &m.values[m.block_offsets[k]..m.block_offsets[k + 1]];
-        let b = |i: usize| bias.map_or(0.0, |b| b[r0 + i].to_f32());
-        let o = r0 - first_row;
-        if S::DTYPE == crate::repr::compact::StorageDtype::F32 {
-            walk_block_v4(simd, masks, stored, x, cols, tp, nr, &b, out, o);
-        } else {
-            widened.resize(stored.len(), 0.0);
-            S::widen(stored, &mut widened);
-            walk_block_v4(simd, masks, &widened, x, cols, tp, nr, &b, out, o);
-        }
-    }
-}
-
-/// One block of [`column_walk_v4`]: tiles of 32 tokens (two 16-token slabs), then one of 16 if
-/// the count is odd.
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn walk_block_v4<T: StorageFloat>(
-    simd: pulp::x86::V4,
-    masks: &[u64],
-    vals: &[T],
-    x: &[f32],
-    cols: usize,
-    tp: usize,
-    nr: usize,
-    bias: &impl Fn(usize) -> f32,
-    out: &mut [f32],
-    out_row: usize,
-) {
-    let slabs = tp / 16;
-    let mut t = 0;
-    while t + 2 <= slabs {
-        walk_tile_v4::<T, 32>(simd, masks, vals, x, cols, t, nr, bias, out, out_row, tp);
-        t += 2;
-    }
-    if t < slabs {
-        walk_tile_v4::<T, 16>(simd, masks, vals, x, cols, t, nr, bias, out, out_row, tp);
-    }
-}
-
-/// One tile of [`column_walk_v4`] (slabs `t, t + L/16 − 1`).
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn walk_tile_v4<T: StorageFloat, const L: usize>(
-    simd: pulp::x86::V4,
-    masks: &[u64],
-    vals: &[T],
-    x: &[f32],
-    cols: usize,
-    t: usize,
-    nr: usize,
-    bias: &impl Fn(usize) -> f32,
-    out: &mut [f32],
-    out_row: usize,
-    tp: usize,
-) {
-    use std::arch::x86_64::__m512i;
-    let f = simd.avx512f;
-    let rows: [__m512i; BLOCK_ROWS / 16] = std::array::from_fn(|q| {
-        pulp::cast::<[u32; 16], __m512i>(std::array::from_fn(|l| (16 * q + l) as u32))
-    });
-    let mut acc = Aligned([[0.0f32; L]; BLOCK_ROWS]);
-    let acc = &mut acc.0;
-    for (i, a) in acc.iter_mut().enumerate().take(nr) {
-        *a = [bias(i); L];
-    }
-    let mut listed = Aligned([0u32; BLOCK_ROWS + 16]);
-    let listed = &mut listed.0;
-    let mut p = 0usize;
-    for (c, words) in masks.chunks_exact(WORDS).enumerate() {
-        let mut xr = [0.0f32; L];
-        for (h, part) in xr.chunks_exact_mut(16).enumerate() {
-            let s = slab_start(t + h, cols, tp, c);
-            if let Some(xs) = x.get(s..s + 16) {
-                part.copy_from_slice(xs);
-            }
-        }
-        let mut n = 0usize;
-        for (q, rows) in rows.iter().enumerate() {
-            let bits = (words[q / 4] >> (16 * (q % 4))) as u16;
-            let e = f._mm512_maskz_compress_epi32(bits, *rows);
-            if let Some(dst) = listed.get_mut(n..n + 16) {
-                dst.copy_from_slice(&pulp::cast::<__m512i, [u32; 16]>(e));
-            }
-            n += bits.count_ones() as usize;
-        }
-        let (Some(run), Some(rows)) = (vals.get(p..p + n), listed.get(..n)) else {
-            break;
-        };
-        p += n;
-        for (v, &i) in run.iter().zip(rows) {
-            let v = v.to_f32();
-            let a = &mut acc[i as usize % BLOCK_ROWS];
-            for l in 0..L {
-                a[l] = v.mul_add(xr[l], a[l]);
-            }
-        }
-    }
-    for (i, a) in acc.iter().enumerate().take(nr) {
-        let o = (out_row + i) * tp + t * 16;
-        if let Some(dst) = out.get_mut(o..o + L) {
-            dst.copy_from_slice(a);
-        }
-    }
+    blocked_rows_with::<S, true>(m, x, tp, out, bias, blocks, &mut ListedRows::new(simd));
 }
 
 /// A block's accumulators on a cache-line boundary, so that no access splits a line: on the
