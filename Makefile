@@ -1,7 +1,8 @@
 # The two commands of the README, and a few more for developers.
 #   make demo   compress the bundled DeiT-tiny on real ImageNet images and evaluate it
 #   make test   run the test suite (what CI runs)
-# Both install the system LAPACK (libopenblas-dev) first if it is missing.
+# Both install the system LAPACK (libopenblas-dev) first if it is missing, and both run OpenBLAS's
+# kernels for this processor where the library is older than it (scripts/with-blas.sh).
 
 DATA ?= ../shared/data
 OUT ?= out/deit-tiny
@@ -32,8 +33,10 @@ demo-llm: lapack
 			|| exit 1; \
 	done
 
+# `with-blas.sh`: OpenBLAS's kernels for this processor also where the library does not know it
+# (the `fips` command checks that itself).
 test: lapack
-	FIPS_DATA_DIR=$(DATA) $(CARGO) test --features cli,text
+	FIPS_DATA_DIR=$(DATA) sh scripts/with-blas.sh $(CARGO) test --features cli,text
 
 # Formatting, lints, docs, the layering and the lean library, as reviewers (and CI) run them.
 check: lapack
@@ -52,4 +55,4 @@ lean:
 
 # Criterion benchmarks of the training step, the initialisation and a plain sgemm.
 bench: lapack
-	$(CARGO) bench --bench step
+	sh scripts/with-blas.sh $(CARGO) bench --bench step

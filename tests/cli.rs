@@ -691,3 +691,44 @@ fn distillation_follows_the_fits_resumes_and_assembles_to_the_same_bytes() {
         assert!(!e.exists(), "{extra:?} left {}", e.display());
     }
 }
+
+/// `fips` runs OpenBLAS's kernels for this processor even where the library does not know the
+/// processor and would pick its generic (SSE3) ones: the last kernel set OpenBLAS reports loading
+/// (`OPENBLAS_VERBOSE=2`) is never a generic one on a processor with AVX2 and FMA, and a set the
+/// user chose with `OPENBLAS_CORETYPE` is kept. (Skipped where the backend is not OpenBLAS.)
+#[test]
+fn fips_runs_openblas_kernels_for_this_processor() {
+    let run = |coretype: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fips"));
+        cmd.arg("--version")
+            .env("OPENBLAS_VERBOSE", "2")
+            .env_remove("OPENBLAS_CORETYPE");
+        if let Some(c) = coretype {
+            cmd.env("OPENBLAS_CORETYPE", c);
+        }
+        let out = cmd.output().expect("the fips binary runs");
+        assert!(out.status.success(), "{}", text(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let last = stderr
+            .lines()
+            .rev()
+            .find_map(fips::foundation::blas::reported_kernels)
+            .map(str::to_owned);
+        (last, stderr)
+    };
+    let (Some(last), stderr) = run(None) else {
+        eprintln!("SKIPPED: the BLAS backend reports no OpenBLAS kernel set");
+        return;
+    };
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        assert_eq!(
+            fips::foundation::blas::native_kernels(&last, true, true),
+            None,
+            "fips ran OpenBLAS's generic '{last}' kernels:\n{stderr}"
+        );
+    }
+    let (chosen, stderr) = run(Some("Haswell"));
+    assert_eq!(chosen.as_deref(), Some("Haswell"), "{stderr}");
+    assert!(!stderr.contains("note: OpenBLAS"), "{stderr}");
+}
