@@ -41,6 +41,15 @@ use pulp::{Arch, Simd, WithSimd};
 /// multiply-add latency on either vector unit).
 const CHAINS: usize = 16;
 
+/// The sum of every lane of `acc` (so that no loop's work can be dropped).
+#[inline(always)]
+fn sum_all<S: Simd>(simd: S, acc: &[S::f32s]) -> f32 {
+    let total = acc
+        .iter()
+        .fold(simd.splat_f32s(0.0), |s, v| simd.add_f32s(s, *v));
+    simd.reduce_sum_f32s(total)
+}
+
 /// `n` rounds of [`CHAINS`] multiply-adds on registers.
 struct InRegisters {
     n: usize,
@@ -61,10 +70,7 @@ impl WithSimd for InRegisters {
                 *v = simd.mul_add_f32s(*v, a, b);
             }
         }
-        let total = acc
-            .iter()
-            .fold(simd.splat_f32s(0.0), |s, v| simd.add_f32s(s, *v));
-        simd.reduce_sum_f32s(total)
+        sum_all(simd, &acc)
     }
 }
 
@@ -90,10 +96,7 @@ impl WithSimd for OneLoadEach<'_> {
                 }
             }
         }
-        let total = acc
-            .iter()
-            .fold(simd.splat_f32s(0.0), |s, v| simd.add_f32s(s, *v));
-        simd.reduce_sum_f32s(total)
+        sum_all(simd, &acc)
     }
 }
 
