@@ -300,15 +300,13 @@ fn block_product<T: StorageFloat, const FUSED: bool>(
         let mut p = 0usize;
         for (c, words) in masks.chunks_exact(WORDS).enumerate() {
             let xc = x[c];
-            for (w, &word) in words.iter().enumerate() {
-                let mut bits = word;
-                while bits != 0 {
-                    let i = (w * 64 + bits.trailing_zeros() as usize) % BLOCK_ROWS;
-                    bits &= bits - 1;
-                    acc[i] = madd(vals[p].to_f32(), xc, acc[i]);
-                    p += 1;
-                }
-            }
+            let next = rows.visit(words, vals, p, |i, v| {
+                acc[i] = madd(v.to_f32(), xc, acc[i]);
+            });
+            let Some(next) = next else {
+                break;
+            };
+            p = next;
         }
         out[out_row..out_row + nr].copy_from_slice(&acc[..nr]);
         return;
