@@ -166,11 +166,7 @@ fn read_logits(path: &Path, rows: usize) -> Res<Array2<f32>> {
 
 fn main() -> Res<()> {
     // OpenBLAS's kernels for this processor (it may not know it: `fips::foundation::blas`).
-    match fips::foundation::blas::run_with_native_kernels() {
-        Ok(Some(code)) => std::process::exit(code),
-        Ok(None) => {}
-        Err(e) => eprintln!("note: could not choose OpenBLAS's kernels: {e}"),
-    }
+    fips::foundation::blas::use_native_kernels();
     let args = Args::parse()?;
     if let Some(path) = args.get("path") {
         return run_one(&args, path);

@@ -126,11 +126,7 @@ fn from_file(path: &str, tokens: &[usize], rounds: usize) -> Result<()> {
 
 fn main() -> Result<()> {
     // OpenBLAS's kernels for this processor (it may not know it: `fips::foundation::blas`).
-    match fips::foundation::blas::run_with_native_kernels() {
-        Ok(Some(code)) => std::process::exit(code),
-        Ok(None) => {}
-        Err(e) => eprintln!("note: could not choose OpenBLAS's kernels: {e}"),
-    }
+    fips::foundation::blas::use_native_kernels();
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).is_some_and(|a| a == "file") {
         let path = args.get(2).map_or("compressed.safetensors", String::as_str);

@@ -130,6 +130,11 @@ pub fn run_with_native_kernels() -> std::io::Result<Option<i32>> {
     if std::env::var_os("OPENBLAS_CORETYPE").is_some() {
         return Ok(None);
     }
+    // Nothing better to ask for without AVX2: no probe.
+    let (avx512, avx2_fma) = vector_support();
+    if !avx512 && !avx2_fma {
+        return Ok(None);
+    }
     let exe = std::env::current_exe()?;
     let probe = Command::new(&exe)
         .env(PROBE_VARIABLE, "1")
@@ -140,7 +145,6 @@ pub fn run_with_native_kernels() -> std::io::Result<Option<i32>> {
     let Some(chosen) = reported_kernels(&stderr) else {
         return Ok(None);
     };
-    let (avx512, avx2_fma) = vector_support();
     let Some(kernels) = native_kernels(chosen, avx512, avx2_fma) else {
         return Ok(None);
     };
@@ -160,6 +164,17 @@ pub fn run_with_native_kernels() -> std::io::Result<Option<i32>> {
     #[cfg(not(unix))]
     {
         Ok(Some(again.status()?.code().unwrap_or(1)))
+    }
+}
+
+/// [`run_with_native_kernels`] as a program's `main` uses it: exits with the run's code where it
+/// ran the program again as a child, says on standard error why it could not choose, and
+/// otherwise returns (the program carries on, with the kernels chosen where they were generic).
+pub fn use_native_kernels() {
+    match run_with_native_kernels() {
+        Ok(Some(code)) => std::process::exit(code),
+        Ok(None) => {}
+        Err(e) => eprintln!("note: could not choose OpenBLAS's kernels for this processor: {e}"),
     }
 }
 

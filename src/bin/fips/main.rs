@@ -397,11 +397,7 @@ struct EvalArgs {
 fn main() -> ExitCode {
     // OpenBLAS's kernels for this processor, also where the library is older than the processor
     // (it picks them when it loads, so this may run the command again with them set).
-    match fips::foundation::blas::run_with_native_kernels() {
-        Ok(None) => {}
-        Ok(Some(code)) => return ExitCode::from(u8::try_from(code).unwrap_or(1)),
-        Err(e) => eprintln!("note: could not choose OpenBLAS's kernels for this processor: {e}"),
-    }
+    fips::foundation::blas::use_native_kernels();
     let matches = Cli::command().get_matches();
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
