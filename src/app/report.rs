@@ -177,7 +177,7 @@ impl RunReport {
             eval: None,
             wall_time: run.wall_time,
             fips_version: env!("CARGO_PKG_VERSION").into(),
-            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            cores: crate::foundation::thread_plan::available_threads(),
             blas_threads: crate::foundation::blas::configured_threads(),
         }
     }

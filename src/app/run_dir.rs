@@ -297,7 +297,7 @@ impl RunSettings {
         let blas_threads = crate::foundation::blas::configured_threads();
         let threads_given = parameters.get("threads").is_some_and(|t| t.is_u64());
         let cores = (!threads_given || blas_threads.is_none())
-            .then(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            .then(crate::foundation::thread_plan::available_threads);
         let validation = HoldoutSettings::of(validation, &calibration)?;
         Ok(Self {
             fips_version: env!("CARGO_PKG_VERSION").into(),

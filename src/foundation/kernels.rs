@@ -69,7 +69,7 @@ impl RowSplit {
 
     /// Splits over the available cores.
     pub(crate) fn available() -> Self {
-        Self::new(std::thread::available_parallelism().map_or(1, |n| n.get()))
+        Self::new(crate::foundation::thread_plan::available_threads())
     }
 
     /// `h ← act(h)` (value only).

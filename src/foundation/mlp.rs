@@ -347,6 +347,44 @@ mod tests {
         assert_abs_diff_eq!(y, array![[4.5, -1.75]], epsilon = 1e-12);
     }
 
+    /// This thread's read system calls so far (`syscr` of `/proc/thread-self/io`, Linux).
+    #[cfg(target_os = "linux")]
+    fn thread_reads() -> u64 {
+        let io = std::fs::read_to_string("/proc/thread-self/io").unwrap_or_default();
+        io.lines()
+            .find_map(|l| l.strip_prefix("syscr: "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_forward_pass_reads_no_files() {
+        // The standard library reads the cgroup's CPU quota on every
+        // `available_parallelism` call; asked once per activation, that was a third of a
+        // one-token DeiT-tiny pass. Reading the counter costs the same reads each time.
+        let fc1 = Linear::new(Array2::from_elem((32, 8), 0.1), Some(Array1::zeros(32))).unwrap();
+        let fc2 = Linear::new(Array2::from_elem((8, 32), 0.1), None).unwrap();
+        let mlp = DenseMlp::standard(fc1, fc2, Activation::Gelu).unwrap();
+        let x = Array2::from_elem((1, 8), 1.0);
+        mlp.forward(x.view()).unwrap();
+        let (a, b) = (thread_reads(), thread_reads());
+        if a == 0 {
+            eprintln!("skipped: no /proc/thread-self/io");
+            return;
+        }
+        for _ in 0..20 {
+            mlp.forward(x.view()).unwrap();
+        }
+        let c = thread_reads();
+        assert_eq!(
+            c - b,
+            b - a,
+            "20 forward passes made {} reads",
+            c - b - (b - a)
+        );
+    }
+
     #[test]
     fn gated_forward_matches_hand_computation() {
         let gate = Linear::new(array![[1.0], [-1.0]], None).unwrap();

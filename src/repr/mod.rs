@@ -9,6 +9,7 @@
 //! | low rank `A_j B_u(j)`, right factors possibly shared | [`LowRankGroup`] | SVD, SVD-LLM, basis sharing, mixed rank |
 //! | one linear map per block | [`CollapsedGroup`] | LayerCollapse |
 
+pub(crate) mod basis_product;
 pub mod collapsed;
 pub mod compact;
 pub mod factors;

@@ -12,7 +12,7 @@
 //! so that for inputs `x` (`T × d`), with every intermediate kept **token-minor** (`[rows, T]`):
 //!
 //! ```text
-//! Zᵀ = Uᵀ xᵀ                 (r × T)   BLAS sgemm / sgemv
+//! Zᵀ = Uᵀ xᵀ                 (r × T)   BLAS sgemm / sgemv; 16 or 32 tokens: basis_product
 //! Hᵀ_j = S_j Zᵀ + b_j        (I × T)   sparse: Hᵀ[i, :] = Σ_{k ∈ row i of S_j} S_j[i, k] Zᵀ[k, :]
 //! Aᵀ = act(Hᵀ_fc1)  or  act(Hᵀ_gate) ⊙ Hᵀ_up
 //! Cᵀ = S_down Aᵀ             (r × T)   sparse, same kernel
@@ -42,6 +42,7 @@ use crate::foundation::activation::Activation;
 use crate::foundation::error::{FipsError, Result};
 use crate::foundation::kernels::RowSplit;
 use crate::foundation::mlp::{MatrixRole, MlpKind};
+use crate::repr::basis_product::{BasisSide, basis_times, basis_times_pays};
 use crate::repr::compact::{CompactMatrix, PatternEncoding, StorageDtype, StorageFloat};
 use crate::repr::factors::{SharedBasis, SparseFactor};
 use crate::repr::shared_basis::CompressedGroup;
@@ -219,7 +220,7 @@ impl<S: StorageFloat> CompactGroup<S> {
             basis,
             factors: factors.into_iter().map(Factor::new).collect(),
             biases,
-            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            threads: crate::foundation::thread_plan::available_threads(),
             kernel: KernelChoice::Auto,
         })
     }
@@ -529,8 +530,18 @@ impl<S: StorageFloat> CompactGroup<S> {
             panel,
         } = buffers;
 
+        let small = S::as_f32_slice(&self.basis).filter(|u| basis_times_pays(u.len(), tp));
         let zt = sized(basis_inputs, r * tp);
-        {
+        if let Some(u) = small {
+            let xt = sized(panel, d * tp);
+            for (k, row) in xt.chunks_exact_mut(tp).take(d).enumerate() {
+                row.fill(0.0);
+                for (v, &xv) in row.iter_mut().zip(x.column(k)) {
+                    *v = xv;
+                }
+            }
+            basis_times(u, (d, r), BasisSide::Transposed, xt, tp, zt);
+        } else {
             let mut view = ArrayViewMut2::from_shape((r, tp), &mut zt[..])
                 .map_err(|e| FipsError::Numerical(format!("token-minor buffer: {e}")))?;
             view.slice_axis_mut(Axis(1), Slice::from(t..)).fill(0.0);
@@ -558,14 +569,24 @@ impl<S: StorageFloat> CompactGroup<S> {
         let jd = base + f - 1;
         let ct = sized(down, r * tp);
         self.product(jd, sized(gate, i * tp), tp, ct, None, inputs);
-        let ct = ArrayView2::from_shape((r, tp), &ct[..])
-            .map_err(|e| FipsError::Numerical(format!("token-minor buffer: {e}")))?;
         let mut y = Array2::<f32>::zeros((t, d));
-        self.times_basis_t(
-            ct.slice_axis(Axis(1), Slice::from(..t)),
-            y.view_mut(),
-            panel,
-        );
+        if let Some(u) = small {
+            let yt = sized(panel, d * tp);
+            basis_times(u, (d, r), BasisSide::AsStored, ct, tp, yt);
+            for (k, row) in yt.chunks_exact(tp).take(d).enumerate() {
+                for (y, &v) in y.column_mut(k).iter_mut().zip(row) {
+                    *y = v;
+                }
+            }
+        } else {
+            let ct = ArrayView2::from_shape((r, tp), &ct[..])
+                .map_err(|e| FipsError::Numerical(format!("token-minor buffer: {e}")))?;
+            self.times_basis_t(
+                ct.slice_axis(Axis(1), Slice::from(..t)),
+                y.view_mut(),
+                panel,
+            );
+        }
         if let Some(b) = &self.biases[jd] {
             for mut row in y.rows_mut() {
                 for (y, b) in row.iter_mut().zip(b) {

@@ -293,7 +293,7 @@ impl FipsValidParams {
     pub fn threads(&self) -> usize {
         self.0
             .threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .unwrap_or_else(crate::foundation::thread_plan::available_threads)
     }
     /// Early stopping on the validation error, if set.
     pub fn early_stop(&self) -> Option<EarlyStopping> {
