@@ -528,9 +528,19 @@ impl<S: StorageFloat> CompactGroup<S> {
             down,
             inputs,
             panel,
+            widened_basis,
         } = buffers;
 
-        let small = S::as_f32_slice(&self.basis).filter(|u| basis_times_pays(u.len(), tp));
+        // 16 or 32 tokens, a basis in the cache: `U` read in place (half precision: widened
+        // whole once per call, as the BLAS path widens it in panels).
+        let small = basis_times_pays(d * r, tp).then(|| match S::as_f32_slice(&self.basis) {
+            Some(u) => u,
+            None => {
+                let u = &mut sized(widened_basis, d * r)[..d * r];
+                widen_panel(&self.basis, u);
+                &*u
+            }
+        });
         let zt = sized(basis_inputs, r * tp);
         if let Some(u) = small {
             let xt = sized(panel, d * tp);
@@ -724,8 +734,9 @@ pub(crate) struct KernelPlan {
 
 /// Reusable scratch of [`CompactGroup::forward_with`]: the token-minor intermediates of one
 /// block (basis inputs `Uᵀxᵀ`, the up projections, the down projection's `Cᵀ`), the
-/// rearranged inputs of a sparse product and a half-precision basis panel. Starts empty;
-/// each buffer grows to the largest call it serves and keeps its size.
+/// rearranged inputs of a sparse product, a half-precision basis panel and (16 or 32 tokens) a
+/// small half-precision basis widened whole. Starts empty; each buffer grows to the largest call
+/// it serves and keeps its size.
 #[derive(Debug, Clone, Default)]
 pub struct ForwardBuffers {
     basis_inputs: Vec<f32>,
@@ -734,6 +745,7 @@ pub struct ForwardBuffers {
     down: Vec<f32>,
     inputs: Vec<f32>,
     panel: Vec<f32>,
+    widened_basis: Vec<f32>,
 }
 
 impl ForwardBuffers {
@@ -746,6 +758,7 @@ impl ForwardBuffers {
             &self.down,
             &self.inputs,
             &self.panel,
+            &self.widened_basis,
         ]
         .iter()
         .map(|b| b.len())
