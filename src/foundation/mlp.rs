@@ -350,7 +350,14 @@ mod tests {
     /// This thread's read system calls so far (`syscr` of `/proc/thread-self/io`, Linux).
     #[cfg(target_os = "linux")]
     fn thread_reads() -> u64 {
-        let io = std::fs::read_to_string("/proc/thread-self/io").unwrap_or_default();
+        use std::io::Read;
+        // One `read` per call whatever the counters' digits (`read_to_string` grows its buffer
+        // in steps, so its count of reads could change with the file's length).
+        let mut buf = [0u8; 4096];
+        let n = std::fs::File::open("/proc/thread-self/io")
+            .and_then(|mut f| f.read(&mut buf))
+            .unwrap_or(0);
+        let io = std::str::from_utf8(&buf[..n]).unwrap_or("");
         io.lines()
             .find_map(|l| l.strip_prefix("syscr: "))
             .and_then(|n| n.trim().parse().ok())

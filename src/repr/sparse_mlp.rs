@@ -543,10 +543,10 @@ impl<S: StorageFloat> CompactGroup<S> {
         });
         let zt = sized(basis_inputs, r * tp);
         if let Some(u) = small {
-            let xt = sized(panel, d * tp);
-            for (k, row) in xt.chunks_exact_mut(tp).take(d).enumerate() {
-                row.fill(0.0);
-                for (v, &xv) in row.iter_mut().zip(x.column(k)) {
+            let xt = &mut sized(panel, d * tp)[..d * tp];
+            xt.fill(0.0);
+            for (l, token) in x.rows().into_iter().enumerate() {
+                for (v, &xv) in xt[l..].iter_mut().step_by(tp).zip(token) {
                     *v = xv;
                 }
             }
@@ -583,8 +583,8 @@ impl<S: StorageFloat> CompactGroup<S> {
         if let Some(u) = small {
             let yt = sized(panel, d * tp);
             basis_times(u, (d, r), BasisSide::AsStored, ct, tp, yt);
-            for (k, row) in yt.chunks_exact(tp).take(d).enumerate() {
-                for (y, &v) in y.column_mut(k).iter_mut().zip(row) {
+            for (l, mut token) in y.rows_mut().into_iter().enumerate() {
+                for (y, &v) in token.iter_mut().zip(yt[l..].iter().step_by(tp)) {
                     *y = v;
                 }
             }
