@@ -79,25 +79,31 @@ pub(crate) fn basis_times(
     #[cfg(target_arch = "x86_64")]
     {
         if let Some(simd) = pulp::x86::V4::try_new() {
-            simd.vectorize(Product {
-                simd,
-                ops,
-                side,
-                tp,
-                out,
-            });
+            run_with(simd, ops, side, tp, out);
         } else if let Some(simd) = pulp::x86::V3::try_new() {
-            simd.vectorize(Product {
-                simd,
-                ops,
-                side,
-                tp,
-                out,
-            });
+            run_with(simd, ops, side, tp, out);
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (ops, side, tp, out);
+}
+
+/// The product compiled for `simd`'s instructions.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn run_with<V: pulp::Simd>(
+    simd: V,
+    ops: Operands<'_>,
+    side: BasisSide,
+    tp: usize,
+    out: &mut [f32],
+) {
+    simd.vectorize(Product {
+        simd,
+        ops,
+        side,
+        tp,
+        out,
+    });
 }
 
 /// Everything a product reads.
