@@ -27,6 +27,16 @@ pub(crate) enum BasisSide {
     AsStored,
 }
 
+impl BasisSide {
+    /// `(rows, depth)` of the product with a basis of `d × r`: output rows `m` and summed `k`.
+    fn shape(self, (d, r): (usize, usize)) -> (usize, usize) {
+        match self {
+            Self::Transposed => (r, d),
+            Self::AsStored => (d, r),
+        }
+    }
+}
+
 /// The largest basis (`d · r` values) [`basis_times`] takes: 1 MiB of `f32`, a basis that stays
 /// in the second-level cache between calls, where BLAS's copy of it is as long as the
 /// multiply-adds. (Llama-7B's, 88 MB, does not: there the tiles, reading `U` with a stride of a
@@ -64,10 +74,7 @@ pub(crate) fn basis_times(
     tp: usize,
     out: &mut [f32],
 ) {
-    let (rows, depth) = match side {
-        BasisSide::Transposed => (r, d),
-        BasisSide::AsStored => (d, r),
-    };
+    let (rows, depth) = side.shape((d, r));
     if d == 0 || r == 0 || u.len() < d * r || b.len() < depth * tp || out.len() < rows * tp {
         return;
     }
@@ -233,10 +240,7 @@ mod tests {
         b: &[f32],
         tp: usize,
     ) -> Vec<f32> {
-        let (rows, depth) = match side {
-            BasisSide::Transposed => (r, d),
-            BasisSide::AsStored => (d, r),
-        };
+        let (rows, depth) = side.shape((d, r));
         let mut out = vec![0.0f32; rows * tp];
         for m in 0..rows {
             for t in 0..tp {
@@ -266,10 +270,7 @@ mod tests {
         for (d, r) in [(5, 13), (24, 19), (16, 8), (1, 1)] {
             let u: Vec<f32> = (0..d * r).map(|_| rng.random_range(-1.0..1.0)).collect();
             for side in [BasisSide::Transposed, BasisSide::AsStored] {
-                let (rows, depth) = match side {
-                    BasisSide::Transposed => (r, d),
-                    BasisSide::AsStored => (d, r),
-                };
+                let (rows, depth) = side.shape((d, r));
                 for tp in [16, 32] {
                     let b: Vec<f32> = (0..depth * tp)
                         .map(|_| rng.random_range(-1.0..1.0))
