@@ -12,8 +12,9 @@
 //!
 //! Arguments: shape (`deit`: d = 192, I = 768, standard GELU; `7b`: d = 4096, I = 11008, gated
 //! SiLU; both groups of 4 at p = 0.5, s = 0.75, random weights as in the benchmark), token
-//! counts, rounds. Every round runs each case for 0.4 s (DeiT) or 2 s (7B), the cases one after
-//! the other; printed: the median over rounds of the CPU time per pass and of its ratio to the
+//! counts, rounds. Every round runs each case for 0.4 s (DeiT) or 2 s (7B; `FIPS_CASE_SECONDS`
+//! sets another time), the cases one after the other (`FIPS_ONLY_CASE=dense,compact-f32-buf`
+//! keeps the named ones); printed: the median over rounds of the CPU time per pass and of its ratio to the
 //! dense pass of the same round. One thread (sparse kernels; give BLAS one with
 //! `OPENBLAS_NUM_THREADS=1`). At one token the AVX2 kernel is also run on its own
 //! (`compact-*-v3`); `OPENBLAS_CORETYPE=Haswell` makes OpenBLAS use its AVX2 kernels as well.
@@ -38,6 +39,12 @@ fn cpu_ns() -> u64 {
         .unwrap_or(0)
 }
 
+/// Whether passes are timed by the wall clock (`FIPS_WALL_CLOCK=1`) instead of the thread's CPU
+/// time, which advances in scheduler ticks (4 ms here): for rounds of a few ms.
+fn wall_clock() -> bool {
+    std::env::var_os("FIPS_WALL_CLOCK").is_some()
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
@@ -45,21 +52,31 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 type Case<'a> = (&'static str, Box<dyn Fn() -> Result<()> + 'a>);
 
-/// Runs every case for `seconds` per round, `rounds` times, and prints the median CPU time per
-/// pass and the median ratio to the first case (dense) of the same round.
+/// Runs every case for `seconds` per round (at least one pass; each case's first pass, untimed,
+/// in the first round), `rounds` times, and prints the median CPU time per pass and the median
+/// ratio to the first case (dense) of the same round.
 fn measure(label: &str, t: usize, cases: &[Case<'_>], rounds: usize, seconds: f64) -> Result<()> {
     let mut per_pass: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
-    for _ in 0..rounds {
+    for round in 0..rounds {
         for (k, (_, run)) in cases.iter().enumerate() {
-            run()?;
+            if round == 0 {
+                run()?;
+            }
             let start = std::time::Instant::now();
             let c0 = cpu_ns();
             let mut n = 0u32;
-            while start.elapsed().as_secs_f64() < seconds {
+            loop {
                 run()?;
                 n += 1;
+                if start.elapsed().as_secs_f64() >= seconds {
+                    break;
+                }
             }
-            let ns = cpu_ns().saturating_sub(c0) as f64;
+            let ns = if wall_clock() {
+                start.elapsed().as_nanos() as f64
+            } else {
+                cpu_ns().saturating_sub(c0) as f64
+            };
             per_pass[k].push(ns / f64::from(n.max(1)) / 1e3);
         }
     }
@@ -73,8 +90,13 @@ fn measure(label: &str, t: usize, cases: &[Case<'_>], rounds: usize, seconds: f6
             .iter()
             .fold((f64::MAX, f64::MIN), |(l, h), &r| (l.min(r), h.max(r)));
         println!(
-            "{label} t={t:4} {name:16} CPU time per pass: median {:10.1} µs; ratio to dense: \
+            "{label} t={t:4} {name:16} {} per pass: median {:10.1} µs; ratio to dense: \
              median {:.3} (range {lo:.3}–{hi:.3})",
+            if wall_clock() {
+                "wall time"
+            } else {
+                "CPU time"
+            },
             median(per_pass[k].clone()),
             median(ratios),
         );
@@ -184,7 +206,10 @@ fn main() -> Result<()> {
     let cbf = support::to_storage::<half::bf16>(&c32)?.with_threads(1);
     let c32v3 = c32.clone().with_kernel(KernelChoice::V3);
     let cbfv3 = cbf.clone().with_kernel(KernelChoice::V3);
-    let seconds = if big { 2.0 } else { 0.4 };
+    let seconds = std::env::var("FIPS_CASE_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(if big { 2.0 } else { 0.4 });
     let buf32 = std::cell::RefCell::new(ForwardBuffers::default());
     let buf16 = std::cell::RefCell::new(ForwardBuffers::default());
     for &t in &tokens {
@@ -212,7 +237,7 @@ fn main() -> Result<()> {
             ));
         }
         if let Ok(only) = std::env::var("FIPS_ONLY_CASE") {
-            cases.retain(|(name, _)| *name == only);
+            cases.retain(|(name, _)| only.split(',').any(|o| o == *name));
         }
         let label = if big { "7b" } else { "deit-tiny" };
         measure(label, t, &cases, rounds, seconds)?;

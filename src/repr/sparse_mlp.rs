@@ -528,21 +528,13 @@ impl<S: StorageFloat> CompactGroup<S> {
             down,
             inputs,
             panel,
-            widened_basis,
+            basis_rows,
         } = buffers;
 
-        // 16 or 32 tokens, a basis in the cache: `U` read in place (half precision: widened
-        // whole once per call, as the BLAS path widens it in panels).
-        let small = basis_times_pays(d * r, tp).then(|| match S::as_f32_slice(&self.basis) {
-            Some(u) => u,
-            None => {
-                let u = &mut sized(widened_basis, d * r)[..d * r];
-                widen_panel(&self.basis, u);
-                &*u
-            }
-        });
+        // 16 or 32 tokens: `U` read in place, in its storage type, without BLAS's packing.
+        let direct = basis_times_pays(tp);
         let zt = sized(basis_inputs, r * tp);
-        if let Some(u) = small {
+        if direct {
             let xt = &mut sized(panel, d * tp)[..d * tp];
             xt.fill(0.0);
             for (l, token) in x.rows().into_iter().enumerate() {
@@ -550,7 +542,15 @@ impl<S: StorageFloat> CompactGroup<S> {
                     *v = xv;
                 }
             }
-            basis_times(u, (d, r), BasisSide::Transposed, xt, tp, zt);
+            basis_times(
+                &self.basis,
+                (d, r),
+                BasisSide::Transposed,
+                xt,
+                tp,
+                zt,
+                basis_rows,
+            );
         } else {
             let mut view = ArrayViewMut2::from_shape((r, tp), &mut zt[..])
                 .map_err(|e| FipsError::Numerical(format!("token-minor buffer: {e}")))?;
@@ -580,9 +580,17 @@ impl<S: StorageFloat> CompactGroup<S> {
         let ct = sized(down, r * tp);
         self.product(jd, sized(gate, i * tp), tp, ct, None, inputs);
         let mut y = Array2::<f32>::zeros((t, d));
-        if let Some(u) = small {
+        if direct {
             let yt = sized(panel, d * tp);
-            basis_times(u, (d, r), BasisSide::AsStored, ct, tp, yt);
+            basis_times(
+                &self.basis,
+                (d, r),
+                BasisSide::AsStored,
+                ct,
+                tp,
+                yt,
+                basis_rows,
+            );
             for (l, mut token) in y.rows_mut().into_iter().enumerate() {
                 for (y, &v) in token.iter_mut().zip(yt[l..].iter().step_by(tp)) {
                     *y = v;
@@ -735,8 +743,8 @@ pub(crate) struct KernelPlan {
 /// Reusable scratch of [`CompactGroup::forward_with`]: the token-minor intermediates of one
 /// block (basis inputs `Uᵀxᵀ`, the up projections, the down projection's `Cᵀ`), the
 /// rearranged inputs of a sparse product, a half-precision basis panel and (16 or 32 tokens) a
-/// small half-precision basis widened whole. Starts empty; each buffer grows to the largest call
-/// it serves and keeps its size.
+/// half-precision basis's rows widened a few at a time. Starts empty; each buffer grows to the
+/// largest call it serves and keeps its size.
 #[derive(Debug, Clone, Default)]
 pub struct ForwardBuffers {
     basis_inputs: Vec<f32>,
@@ -745,7 +753,7 @@ pub struct ForwardBuffers {
     down: Vec<f32>,
     inputs: Vec<f32>,
     panel: Vec<f32>,
-    widened_basis: Vec<f32>,
+    basis_rows: Vec<f32>,
 }
 
 impl ForwardBuffers {
@@ -758,7 +766,7 @@ impl ForwardBuffers {
             &self.down,
             &self.inputs,
             &self.panel,
-            &self.widened_basis,
+            &self.basis_rows,
         ]
         .iter()
         .map(|b| b.len())
