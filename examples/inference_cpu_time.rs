@@ -13,9 +13,10 @@
 //! Arguments: shape (`deit`: d = 192, I = 768, standard GELU; `7b`: d = 4096, I = 11008, gated
 //! SiLU; both groups of 4 at p = 0.5, s = 0.75, random weights as in the benchmark), token
 //! counts, rounds. Every round runs each case for 0.4 s (DeiT) or 2 s (7B; `FIPS_CASE_SECONDS`
-//! sets another time), the cases one after the other (`FIPS_ONLY_CASE=dense,compact-f32-buf`
-//! keeps the named ones); printed: the median over rounds of the CPU time per pass and of its ratio to the
-//! dense pass of the same round. One thread (sparse kernels; give BLAS one with
+//! sets another time, `0` one pass), the cases one after the other
+//! (`FIPS_ONLY_CASE=dense,compact-f32-buf` keeps the named ones); printed: the median over rounds
+//! of the CPU time per pass (`FIPS_WALL_CLOCK=1`: wall time) and of its ratio to the dense pass
+//! of the same round. One thread (sparse kernels; give BLAS one with
 //! `OPENBLAS_NUM_THREADS=1`). At one token the AVX2 kernel is also run on its own
 //! (`compact-*-v3`); `OPENBLAS_CORETYPE=Haswell` makes OpenBLAS use its AVX2 kernels as well.
 
@@ -53,8 +54,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 type Case<'a> = (&'static str, Box<dyn Fn() -> Result<()> + 'a>);
 
 /// Runs every case for `seconds` per round (at least one pass; each case's first pass, untimed,
-/// in the first round), `rounds` times, and prints the median CPU time per pass and the median
-/// ratio to the first case (dense) of the same round.
+/// in the first round), `rounds` times, and prints the median CPU (or wall) time per pass and the
+/// median ratio to the first case (dense) of the same round.
 fn measure(label: &str, t: usize, cases: &[Case<'_>], rounds: usize, seconds: f64) -> Result<()> {
     let mut per_pass: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
     for round in 0..rounds {
