@@ -57,6 +57,7 @@ type Case<'a> = (&'static str, Box<dyn Fn() -> Result<()> + 'a>);
 /// in the first round), `rounds` times, and prints the median CPU (or wall) time per pass and the
 /// median ratio to the first case (dense) of the same round.
 fn measure(label: &str, t: usize, cases: &[Case<'_>], rounds: usize, seconds: f64) -> Result<()> {
+    let wall = wall_clock();
     let mut per_pass: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
     for round in 0..rounds {
         for (k, (_, run)) in cases.iter().enumerate() {
@@ -73,7 +74,7 @@ fn measure(label: &str, t: usize, cases: &[Case<'_>], rounds: usize, seconds: f6
                     break;
                 }
             }
-            let ns = if wall_clock() {
+            let ns = if wall {
                 start.elapsed().as_nanos() as f64
             } else {
                 cpu_ns().saturating_sub(c0) as f64
@@ -93,11 +94,7 @@ fn measure(label: &str, t: usize, cases: &[Case<'_>], rounds: usize, seconds: f6
         println!(
             "{label} t={t:4} {name:16} {} per pass: median {:10.1} µs; ratio to dense: \
              median {:.3} (range {lo:.3}–{hi:.3})",
-            if wall_clock() {
-                "wall time"
-            } else {
-                "CPU time"
-            },
+            if wall { "wall time" } else { "CPU time" },
             median(per_pass[k].clone()),
             median(ratios),
         );

@@ -345,9 +345,10 @@ impl<T: StorageFloat> Operands<'_, T> {
     ) {
         let tp = N * V::F32_LANES;
         let depth = self.b.len() / tp;
+        let panel = panel_rows(tp);
         out.fill(0.0);
-        for (p, out) in out.chunks_mut(panel_rows(tp) * tp).enumerate() {
-            let m0 = p * panel_rows(tp);
+        for (p, out) in out.chunks_mut(panel * tp).enumerate() {
+            let m0 = p * panel;
             let mut k = 0;
             while k + DEPTH <= depth {
                 self.streamed_rows::<V, N, DEPTH>(simd, k, m0, out, scratch);
