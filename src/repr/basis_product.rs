@@ -36,8 +36,11 @@ const ROWS: usize = 8;
 /// at a row's stride) `Zᵀ` of the 7B basis took 24.6 / 18.4 ms against 11.3 ms, BLAS 19 ms.
 const PANEL_BYTES: usize = 512 << 10;
 /// Values of a row of `U` taken at a time: a half-precision basis's rows are widened by chunks of
-/// this many into a scratch that stays in the first-level cache.
-const CHUNK: usize = 512;
+/// this many into a scratch that stays in the first-level cache (4 KiB for [`DEPTH`] rows).
+/// Measured on Llama-7B's `bf16` basis, 16 tokens, one thread: `Zᵀ` 14.7–15.4 ms and `Yᵀ`
+/// 10.5–10.7 ms with chunks of 128, 17.0–17.9 and 13.2–15.1 ms with 512 (16 KiB), the `f32`
+/// basis 12.4–12.8 and 11.5–12.6 ms; 96 measured as 128, 256 as 512 (`docs/results.md`).
+const CHUNK: usize = 128;
 /// Rows of `U` per pass over a panel of the streamed product: each output row's sums are
 /// loaded and stored once per `DEPTH` multiply-adds.
 const DEPTH: usize = 8;
