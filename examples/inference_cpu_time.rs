@@ -13,8 +13,10 @@
 //! Arguments: shape (`deit`: d = 192, I = 768, standard GELU; `7b`: d = 4096, I = 11008, gated
 //! SiLU; both groups of 4 at p = 0.5, s = 0.75, random weights as in the benchmark), token
 //! counts, rounds. Every round runs each case for 0.4 s (DeiT) or 2 s (7B; `FIPS_CASE_SECONDS`
-//! sets another time, `0` one pass), the cases one after the other
-//! (`FIPS_ONLY_CASE=dense,compact-f32-buf` keeps the named ones); printed: the median over rounds
+//! sets another time, `0` one pass), the cases one after the other: `dense`, `compact-f32` and
+//! `compact-bf16` (fresh buffers per pass), `compact-f32-buf`, `compact-bf16-buf` and
+//! `compact-f16-buf` (buffers reused; `FIPS_ONLY_CASE=dense,compact-f32-buf` keeps the named
+//! ones); printed: the median over rounds
 //! of the CPU time per pass (`FIPS_WALL_CLOCK=1`: wall time) and of its ratio to the dense pass
 //! of the same round. One thread (sparse kernels; give BLAS one with
 //! `OPENBLAS_NUM_THREADS=1`). At one token the AVX2 kernel is also run on its own
@@ -202,6 +204,7 @@ fn main() -> Result<()> {
         .collect();
     let c32 = CompactGroup::new(kind, act, (d, rank), basis, factors, biases)?.with_threads(1);
     let cbf = support::to_storage::<half::bf16>(&c32)?.with_threads(1);
+    let cf16 = support::to_storage::<half::f16>(&c32)?.with_threads(1);
     let c32v3 = c32.clone().with_kernel(KernelChoice::V3);
     let cbfv3 = cbf.clone().with_kernel(KernelChoice::V3);
     let seconds = std::env::var("FIPS_CASE_SECONDS")
@@ -210,6 +213,7 @@ fn main() -> Result<()> {
         .unwrap_or(if big { 2.0 } else { 0.4 });
     let buf32 = std::cell::RefCell::new(ForwardBuffers::default());
     let buf16 = std::cell::RefCell::new(ForwardBuffers::default());
+    let buf_f16 = std::cell::RefCell::new(ForwardBuffers::default());
     for &t in &tokens {
         let x = Array2::from_shape_vec((t, d), support::random_values::<f32>(&mut rng, t * d, 1.0))
             .map_err(|e| FipsError::Numerical(e.to_string()))?;
@@ -225,6 +229,10 @@ fn main() -> Result<()> {
             (
                 "compact-bf16-buf",
                 Box::new(|| cbf.forward_with(0, x, &mut buf16.borrow_mut()).map(drop)),
+            ),
+            (
+                "compact-f16-buf",
+                Box::new(|| cf16.forward_with(0, x, &mut buf_f16.borrow_mut()).map(drop)),
             ),
         ];
         if t == 1 {

@@ -217,14 +217,49 @@ impl StorageFloat for half::f16 {
     }
     #[inline]
     fn widen(src: &[Self], dst: &mut [f32]) {
-        use half::slice::HalfFloatSliceExt;
         let n = src.len().min(dst.len());
-        // Uses the F16C conversion instructions where the processor has them.
-        src[..n].convert_to_f32_slice(&mut dst[..n]);
+        let (src, dst) = (&src[..n], &mut dst[..n]);
+        #[cfg(target_arch = "x86_64")]
+        if let Some(simd) = pulp::x86::V4::try_new() {
+            simd.vectorize(WidenF16 { simd, src, dst });
+            return;
+        }
+        // F16C, 8 values per call, where the processor has it.
+        use half::slice::HalfFloatSliceExt;
+        src.convert_to_f32_slice(dst);
     }
     #[inline]
     fn as_f32_slice(_: &[Self]) -> Option<&[f32]> {
         None
+    }
+}
+
+/// `f16` values widened 16 at a time by AVX-512's `vcvtph2ps` (exact: every `f16` is an `f32`).
+/// `half`'s slice conversion calls an F16C function per 8 values: on Llama-7B's basis in `f16`
+/// (16 tokens, `basis_product`) the products took 1.4–1.9× their time in `bf16`, now 1.0–1.5×.
+#[cfg(target_arch = "x86_64")]
+struct WidenF16<'a> {
+    simd: pulp::x86::V4,
+    src: &'a [half::f16],
+    dst: &'a mut [f32],
+}
+
+#[cfg(target_arch = "x86_64")]
+impl pulp::NullaryFnOnce for WidenF16<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn call(self) {
+        let mut src = self.src.chunks_exact(16);
+        let mut dst = self.dst.chunks_exact_mut(16);
+        for (s, d) in (&mut src).zip(&mut dst) {
+            let bits: [u16; 16] = std::array::from_fn(|i| s[i].to_bits());
+            let wide = self.simd.avx512f._mm512_cvtph_ps(pulp::cast(bits));
+            d.copy_from_slice(&pulp::cast::<_, [f32; 16]>(wide));
+        }
+        for (s, d) in src.remainder().iter().zip(dst.into_remainder()) {
+            *d = s.to_f32();
+        }
     }
 }
 
@@ -965,6 +1000,36 @@ mod tests {
         let t = m.transpose().unwrap();
         assert_eq!(t.to_dense(), dense.t());
         assert_eq!(t.transpose().unwrap().to_dense(), dense);
+    }
+
+    #[test]
+    fn every_f16_widens_to_its_exact_value() {
+        // All 65 536 bit patterns, from an offset so that both the 16-value vectors and the
+        // remainder run (fails if a lane, a vector or the remainder is misplaced).
+        let all: Vec<half::f16> = (0..=u16::MAX).map(half::f16::from_bits).collect();
+        for offset in [0, 3] {
+            let src = &all[offset..];
+            let mut dst = vec![0.0f32; src.len() + 2];
+            <half::f16 as StorageFloat>::widen(src, &mut dst);
+            for (i, (&h, &w)) in src.iter().zip(&dst).enumerate() {
+                // The exact value: sign, then significand times a power of two.
+                let bits = h.to_bits();
+                let (sign, exp, man) = (bits >> 15, (bits >> 10) & 0x1f, bits & 0x3ff);
+                let magnitude = match exp {
+                    0 => f64::from(man) * 2f64.powi(-24),
+                    31 if man == 0 => f64::INFINITY,
+                    31 => f64::NAN,
+                    e => f64::from(man | 0x400) * 2f64.powi(i32::from(e) - 25),
+                };
+                let want = if sign == 1 { -magnitude } else { magnitude };
+                if want.is_nan() {
+                    assert!(w.is_nan(), "{bits:#06x} at {i}");
+                } else {
+                    assert_eq!(f64::from(w).to_bits(), want.to_bits(), "{bits:#06x} at {i}");
+                }
+            }
+            assert_eq!(&dst[src.len()..], &[0.0, 0.0]);
+        }
     }
 
     #[test]
